@@ -1,0 +1,44 @@
+"""interp: find where a text-to-image diffusion model keeps a concept, with several methods checked against each other.
+
+Quick tour::
+
+    import interp
+    model = interp.load_model("concept-world")            # or a Stable Diffusion folder / hub id / pipeline
+    comps = model.components("neuron", family="ff", kind="ff.net.0")
+    df = interp.attribute("cad", model, "red", comps)     # tidy DataFrame, score > 0 = supports the concept
+
+Public names are imported lazily so that ``import interp`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "load_model": "interp.models",
+    "DiffusionModel": "interp.models",
+    "ModelLoadError": "interp.models",
+    "Component": "interp.components",
+    "ComponentSet": "interp.components",
+    "UnknownComponentError": "interp.components",
+    "Concept": "interp.concepts",
+    "world_concept": "interp.concepts",
+    "text_concept": "interp.concepts",
+    "Objective": "interp.objectives",
+    "ObjectiveConfig": "interp.objectives",
+    "NonFiniteObjectiveError": "interp.objectives",
+    "attribute": "interp.methods",
+    "REGISTRY": "interp.methods",
+    "generate": "interp.generation",
+    "Store": "interp.store",
+    "main_rows": "interp.results",
+    "OutOfVocabularyError": "interp.world.vocab",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'interp' has no attribute {name!r}")

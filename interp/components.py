@@ -1,0 +1,404 @@
+"""Component addresses: one grammar for every unit the methods attribute to.
+
+An address is the real module path inside the suite's model (``unet.`` or ``text_encoder.`` first) plus an optional
+index in brackets::
+
+    unet.mid_block.attentions.0.transformer_blocks.0.ff.net.0           layer   (the module's whole output)
+    unet.mid_block.attentions.0.transformer_blocks.0.ff.net.0[17]       neuron  (output feature 17 / conv channel 17)
+    unet.mid_block.attentions.0.transformer_blocks.0.attn2[3]           head    (head 3 of an attention module)
+    unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2.weight[5,17]  weight (one scalar parameter, CAD's unit)
+
+Addresses parse into the frozen :class:`Component` and print back identically. Which modules are components, and
+of which family, comes from a per-architecture table (:data:`FAMILY_TABLES`) keyed by the model class, matched on
+module paths: no attribute sniffing. For the UNet's GEGLU feed-forward, ``ff.net.0[j]`` is hidden unit ``j`` (the
+GEGLU output, i.e. input column ``j`` of ``ff.net.2``): the unit CAD's row sums and the anchors' "feed-forward
+neurons" refer to.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+GRANULARITIES = ("layer", "neuron", "head", "weight")
+
+
+@dataclass(frozen=True)
+class FamilyRule:
+    """One row of an architecture's family table."""
+
+    family: str
+    pattern: str  # regex on the module path relative to the model root; group "layer" is the layer container
+    kind: str  # what the module is, e.g. "ff.net.0"
+    granularities: tuple[str, ...]
+    site: str  # how neurons/heads are reached: "out_last" | "out_channel" | "heads" | "none"
+
+
+_TB = r"(?P<layer>(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+)"
+_RES = r"(?P<layer>(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.resnets\.\d+)"
+_TXT = r"(?P<layer>(?:text_model\.)?encoder\.layers\.\d+)"
+
+#: Family tables per architecture (keyed by the class name of the model the prefix points to).
+FAMILY_TABLES: dict[str, tuple[FamilyRule, ...]] = {
+    "UNet2DConditionModel": (
+        FamilyRule("block", _TB + r"$", "transformer_block", ("layer",), "none"),
+        FamilyRule("attn1", _TB + r"\.attn1$", "attn1", ("layer", "head"), "heads"),
+        FamilyRule("attn1", _TB + r"\.attn1\.(?P<k>to_q|to_k|to_v|to_out\.0)$", "attn1.{k}", ("layer", "neuron", "weight"), "out_last"),
+        FamilyRule("attn2", _TB + r"\.attn2$", "attn2", ("layer", "head"), "heads"),
+        FamilyRule("attn2", _TB + r"\.attn2\.(?P<k>to_q|to_k|to_v|to_out\.0)$", "attn2.{k}", ("layer", "neuron", "weight"), "out_last"),
+        FamilyRule("ff", _TB + r"\.ff$", "ff", ("layer",), "none"),
+        FamilyRule("ff", _TB + r"\.ff\.net\.0$", "ff.net.0", ("layer", "neuron"), "out_last"),
+        FamilyRule("ff", _TB + r"\.ff\.net\.0\.proj$", "ff.net.0.proj", ("layer", "neuron", "weight"), "out_last"),
+        FamilyRule("ff", _TB + r"\.ff\.net\.2$", "ff.net.2", ("layer", "neuron", "weight"), "out_last"),
+        FamilyRule("resnet", _RES + r"$", "resnet", ("layer",), "none"),
+        FamilyRule("resnet", _RES + r"\.(?P<k>conv1|conv2)$", "{k}", ("layer", "neuron", "weight"), "out_channel"),
+    ),
+    "CLIPTextModel": (
+        FamilyRule("text_layer", _TXT + r"$", "encoder_layer", ("layer",), "none"),
+        FamilyRule("text_attn", _TXT + r"\.self_attn$", "self_attn", ("layer", "head"), "heads"),
+        FamilyRule("text_attn", _TXT + r"\.self_attn\.(?P<k>q_proj|k_proj|v_proj|out_proj)$", "self_attn.{k}", ("layer", "neuron", "weight"), "out_last"),
+        FamilyRule("text_mlp", _TXT + r"\.mlp$", "mlp", ("layer",), "none"),
+        FamilyRule("text_mlp", _TXT + r"\.mlp\.(?P<k>fc1|fc2)$", "mlp.{k}", ("layer", "neuron", "weight"), "out_last"),
+    ),
+}
+
+_ADDRESS = re.compile(r"^(?P<path>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)(?:\[(?P<idx>\d+(?:,\d+)*)\])?$")
+
+
+class UnknownComponentError(KeyError):
+    """An address that names no component of the model."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True, order=True)
+class Component:
+    """A parsed component address. ``str(c)`` is the address; :meth:`ComponentSpace.parse` builds it."""
+
+    address: str
+    model: str = field(compare=False)  # "unet" | "text_encoder"
+    module: str = field(compare=False)  # full module path, e.g. "unet.mid_block....ff.net.0"
+    param: str | None = field(compare=False)  # "weight" | "bias" for weight granularity
+    unit: tuple[int, ...] | None = field(compare=False)
+    family: str = field(compare=False)
+    block: str = field(compare=False)  # stage: down_blocks.1 | mid_block | up_blocks.0 | text_encoder
+    layer: str = field(compare=False)  # container: a transformer block, resnet or text-encoder layer
+    depth: int = field(compare=False)  # execution order of the layer container within its model
+    kind: str = field(compare=False)
+    granularity: str = field(compare=False)
+
+    def __str__(self) -> str:
+        return self.address
+
+    @property
+    def index(self) -> int | None:
+        """The single unit index of a neuron or head."""
+        return None if self.unit is None else self.unit[0]
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    path: str  # full path with model prefix
+    model: str
+    rule: FamilyRule
+    kind: str
+    layer: str
+    block: str
+    depth: int
+    module: nn.Module = field(repr=False, compare=False)
+
+    @property
+    def n_units(self) -> int:
+        return unit_count(self.module, self.rule.site)
+
+
+def unit_count(module: nn.Module, site: str) -> int:
+    if site == "heads":
+        return _n_heads(module)
+    if site == "out_channel":
+        return module.out_channels
+    if site == "out_last":
+        if isinstance(module, nn.Linear):
+            return module.out_features
+        proj = getattr(module, "proj", None)  # GEGLU: half of its projection's outputs
+        if isinstance(proj, nn.Linear):
+            return proj.out_features // 2
+    raise TypeError(f"no unit count for {type(module).__name__} at site {site!r}")
+
+
+def _n_heads(module: nn.Module) -> int:
+    for name in ("heads", "num_heads"):
+        if isinstance(getattr(module, name, None), int):
+            return getattr(module, name)
+    raise TypeError(f"{type(module).__name__} has no head count")
+
+
+def head_dim(module: nn.Module) -> int:
+    out = module.to_out[0] if hasattr(module, "to_out") else module.out_proj
+    return out.in_features // _n_heads(module)
+
+
+def _stage(rel: str, model: str) -> str:
+    if model == "text_encoder":
+        return "text_encoder"
+    m = re.match(r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)", rel)
+    return m.group(1) if m else rel.split(".")[0]
+
+
+def short_layer(layer: str, model: str) -> str:
+    """A compact label for plots: ``down_blocks.1.attentions.0.transformer_blocks.0`` -> ``down1.a0.tb0``."""
+    s = layer.replace("text_model.", "").replace("encoder.layers.", "text.L").replace("down_blocks.", "down")
+    s = s.replace("up_blocks.", "up").replace("mid_block", "mid").replace(".attentions.", ".a")
+    s = s.replace(".transformer_blocks.", ".tb").replace(".resnets.", ".res")
+    return s
+
+
+class ComponentSpace:
+    """All components of a model, from its architecture's family tables.
+
+    ``models`` maps a prefix (``"unet"``, ``"text_encoder"``) to the module; ``order`` optionally maps full module
+    paths to their execution order (from one forward pass), used for depth and for nnsight's in-order access.
+    """
+
+    def __init__(self, models: dict[str, nn.Module], order: dict[str, int] | None = None):
+        self.models = models
+        self.modules: dict[str, ModuleInfo] = {}
+        layer_order: dict[tuple[str, str], int] = {}
+        order = order or {}
+        for prefix, root in models.items():
+            table = FAMILY_TABLES.get(type(root).__name__)
+            if table is None:
+                raise TypeError(
+                    f"no component family table for {type(root).__name__} ({prefix}); known architectures: "
+                    f"{sorted(FAMILY_TABLES)}"
+                )
+            found = []
+            for rel, mod in root.named_modules():
+                for rule in table:
+                    m = re.fullmatch(rule.pattern, rel)
+                    if m:
+                        kind = rule.kind.format(**{k: v for k, v in m.groupdict().items() if k != "layer"})
+                        found.append((rel, mod, rule, kind, m.group("layer")))
+                        break
+            layers = sorted({f[4] for f in found}, key=lambda l: order.get(f"{prefix}.{l}", 0))
+            for i, l in enumerate(layers):
+                layer_order[(prefix, l)] = i
+            for rel, mod, rule, kind, layer in found:
+                path = f"{prefix}.{rel}"
+                self.modules[path] = ModuleInfo(
+                    path, prefix, rule, kind, layer, _stage(rel, prefix), layer_order[(prefix, layer)], mod
+                )
+
+    # -- parsing -------------------------------------------------------------------------------------------
+    def parse(self, address: str | Component) -> Component:
+        """Parse and validate an address; unknown ones raise :class:`UnknownComponentError` with suggestions."""
+        if isinstance(address, Component):
+            return address
+        m = _ADDRESS.match(address.strip()) if isinstance(address, str) else None
+        if not m:
+            raise UnknownComponentError(
+                f"{address!r} is not a component address: write a module path with an optional [index], e.g. "
+                f"'unet.mid_block.attentions.0.transformer_blocks.0.ff.net.0[17]'"
+            )
+        path, idx = m.group("path"), m.group("idx")
+        unit = tuple(int(i) for i in idx.split(",")) if idx else None
+        param = None
+        if path not in self.modules and path.rsplit(".", 1)[-1] in ("weight", "bias"):
+            path, param = path.rsplit(".", 1)
+        info = self.modules.get(path)
+        if info is None:
+            raise UnknownComponentError(self._unknown_message(path))
+        rule = info.rule
+        if param is not None:
+            if "weight" not in rule.granularities:
+                raise UnknownComponentError(f"{path} has no scalar-weight components; its granularities are {rule.granularities}")
+            tensor = getattr(info.module, param, None)
+            if tensor is None:
+                raise UnknownComponentError(f"{path} has no parameter {param!r}")
+            if unit is None or len(unit) != tensor.dim() or any(not 0 <= u < s for u, s in zip(unit, tensor.shape)):
+                raise UnknownComponentError(
+                    f"{address!r}: a scalar of {path}.{param} needs {tensor.dim()} indices within shape {tuple(tensor.shape)}"
+                )
+            granularity = "weight"
+        elif unit is None:
+            granularity = "layer"
+        else:
+            granularity = "head" if rule.site == "heads" else "neuron"
+            if granularity not in rule.granularities:
+                raise UnknownComponentError(
+                    f"{path} ({info.kind}) has no {granularity} units; use it as a whole layer (no [index]) — "
+                    f"its granularities are {rule.granularities}"
+                )
+            n = info.n_units
+            if len(unit) != 1 or not 0 <= unit[0] < n:
+                raise UnknownComponentError(f"{address!r}: {path} has {n} {granularity}s, indices 0..{n - 1}")
+        canonical = path + (f".{param}" if param else "") + (f"[{','.join(map(str, unit))}]" if unit else "")
+        return Component(
+            canonical, info.model, path, param, unit, rule.family, info.block, short_layer(info.layer, info.model),
+            info.depth, info.kind, granularity,
+        )
+
+    def _unknown_message(self, path: str) -> str:
+        near = difflib.get_close_matches(path, list(self.modules), n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(near)}?" if near else ""
+        prefixes = ", ".join(f"'{p}.'" for p in self.models)
+        return f"unknown component {path!r}: no such module among this model's components (prefixes {prefixes}).{hint}"
+
+    # -- enumeration ---------------------------------------------------------------------------------------
+    def iter(
+        self,
+        granularity: str = "neuron",
+        family: str | Iterable[str] | None = None,
+        kind: str | Iterable[str] | None = None,
+        block: str | Iterable[str] | None = None,
+        layer: str | Iterable[str] | None = None,
+        model: str | Iterable[str] | None = None,
+    ) -> Iterator[Component]:
+        """Every component of one granularity matching all filters, in execution order of the layers."""
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {granularity!r}; choose from {GRANULARITIES}")
+        filters = {"family": family, "kind": kind, "block": block, "model": model}
+        sets = {k: ({v} if isinstance(v, str) else set(v)) for k, v in filters.items() if v is not None}
+        layer_set = None if layer is None else ({layer} if isinstance(layer, str) else set(layer))
+        self._check_filters(sets, layer_set)
+        infos = sorted(self.modules.values(), key=lambda i: (i.model != "text_encoder", i.depth, i.path))
+        for info in infos:
+            if any(getattr(info, k) not in v for k, v in sets.items() if k != "family") or (
+                "family" in sets and info.rule.family not in sets["family"]
+            ):
+                continue
+            if layer_set is not None and short_layer(info.layer, info.model) not in layer_set and info.layer not in layer_set:
+                continue
+            if granularity not in info.rule.granularities:
+                continue
+            if granularity == "layer":
+                yield self.parse(info.path)
+            elif granularity in ("neuron", "head"):
+                if (granularity == "head") != (info.rule.site == "heads"):
+                    continue
+                for u in range(info.n_units):
+                    yield self.parse(f"{info.path}[{u}]")
+            else:
+                for pname, p in info.module.named_parameters(recurse=False):
+                    for flat in range(p.numel()):
+                        idx = _unravel(flat, p.shape)
+                        yield self.parse(f"{info.path}.{pname}[{','.join(map(str, idx))}]")
+
+    def select(self, granularity: str = "neuron", **filters) -> "ComponentSet":
+        return ComponentSet(list(self.iter(granularity, **filters)))
+
+    def count(self, granularity: str = "neuron", **filters) -> int:
+        if granularity == "weight":  # counting scalars does not need their dataclasses
+            return sum(
+                p.numel()
+                for info in self.modules.values()
+                if "weight" in info.rule.granularities and self._matches(info, filters)
+                for p in info.module.parameters(recurse=False)
+            )
+        return sum(1 for _ in self.iter(granularity, **filters))
+
+    def _matches(self, info: ModuleInfo, filters: dict) -> bool:
+        for k, v in filters.items():
+            if v is None:
+                continue
+            vals = {v} if isinstance(v, str) else set(v)
+            have = {"family": info.rule.family, "kind": info.kind, "block": info.block, "model": info.model,
+                    "layer": short_layer(info.layer, info.model)}[k]
+            if have not in vals and not (k == "layer" and info.layer in vals):
+                return False
+        return True
+
+    def _check_filters(self, sets: dict, layer_set: set | None) -> None:
+        known = {
+            "family": {i.rule.family for i in self.modules.values()},
+            "kind": {i.kind for i in self.modules.values()},
+            "block": {i.block for i in self.modules.values()},
+            "model": set(self.models),
+        }
+        for k, vals in sets.items():
+            bad = vals - known[k]
+            if bad:
+                raise ValueError(f"unknown {k} {sorted(bad)}; this model's {k}s are {sorted(known[k])}")
+        if layer_set is not None:
+            layers = {short_layer(i.layer, i.model) for i in self.modules.values()} | {i.layer for i in self.modules.values()}
+            bad = layer_set - layers
+            if bad:
+                raise ValueError(f"unknown layer {sorted(bad)}; layers are {sorted(layers)}")
+
+    def families(self) -> list[str]:
+        return sorted({i.rule.family for i in self.modules.values()})
+
+    def layers(self, model: str | None = None) -> list[str]:
+        """Layer labels in execution order."""
+        seen: dict[str, tuple] = {}
+        for i in self.modules.values():
+            if model is None or i.model == model:
+                seen[short_layer(i.layer, i.model)] = (i.model != "text_encoder", i.depth)
+        return sorted(seen, key=seen.get)
+
+
+def _unravel(flat: int, shape) -> tuple[int, ...]:
+    idx = []
+    for s in reversed(shape):
+        idx.append(flat % s)
+        flat //= s
+    return tuple(reversed(idx))
+
+
+class ComponentSet(Sequence[Component]):
+    """An ordered, duplicate-free list of components: the columns of every mask matrix."""
+
+    def __init__(self, components: Iterable[Component]):
+        self._items = list(components)
+        if not self._items:
+            raise ValueError("the component set is empty: check the family/kind/layer filters")
+        addrs = [c.address for c in self._items]
+        if len(set(addrs)) != len(addrs):
+            dup = sorted({a for a in addrs if addrs.count(a) > 1})[:5]
+            raise ValueError(f"duplicate components in the set: {dup}")
+        self._pos = {a: i for i, a in enumerate(addrs)}
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return ComponentSet(self._items[i])
+        return self._items[i]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def index(self, c: Component | str) -> int:
+        return self._pos[str(c)]
+
+    @property
+    def addresses(self) -> list[str]:
+        return [c.address for c in self._items]
+
+    @property
+    def granularities(self) -> set[str]:
+        return {c.granularity for c in self._items}
+
+    def frame(self):
+        """The components as a DataFrame: the left columns of every result table."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            {
+                "component": [c.address for c in self._items],
+                "model_part": [c.model for c in self._items],
+                "family": [c.family for c in self._items],
+                "block": [c.block for c in self._items],
+                "layer": [c.layer for c in self._items],
+                "depth": [c.depth for c in self._items],
+                "kind": [c.kind for c in self._items],
+                "unit": [(-1 if c.unit is None else c.unit[0]) if c.granularity != "weight" else c.unit[-1] for c in self._items],
+                "granularity": [c.granularity for c in self._items],
+            }
+        )
+
+    def __repr__(self) -> str:
+        return f"ComponentSet({len(self)} components: {', '.join(self.addresses[:3])}{', ...' if len(self) > 3 else ''})"

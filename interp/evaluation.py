@@ -1,0 +1,344 @@
+"""Evaluation: turns tidy result frames (:mod:`interp.results`) into tables.
+
+Every function compares methods with a *reference* method, named by a parameter; the default ``"ablation"`` is true
+single-component ablation, the ground truth. Rows are matched between a method and the reference on
+``(concept, component)``; causal-tracing map rows (``timestep`` or ``token`` set) are dropped first with
+:func:`interp.results.main_rows`.
+
+- :func:`correlations` / :func:`correlations_by_layer`: Pearson, Spearman and Kendall correlation of each method's
+  scores with the reference's, with percentile bootstrap 95% confidence intervals (components resampled).
+- :func:`topk_agreement`: precision of a method's top-k (and bottom-k) components against the reference's.
+- :func:`lds` / :func:`lds_table`: the linear datamodel score: how well summed attributions predict the objective
+  after *joint* ablation of random component sets (held-out masks), as in COAR and datamodels.
+- :func:`cost_table`: forward/backward passes and wall time from the frames' metadata.
+- :func:`summary_sentences`: one plain sentence per concept naming the method that agrees best with the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .results import main_rows
+
+CORR_COLUMNS = [
+    "concept", "method", "n",
+    "pearson", "pearson_lo", "pearson_hi",
+    "spearman", "spearman_lo", "spearman_hi",
+    "kendall", "kendall_lo", "kendall_hi",
+]
+
+#: Display names for the summary sentences; other method names are shown as they are.
+METHOD_LABELS = {
+    "ablation": "true ablation", "cad": "CAD", "coar": "COAR", "tracing": "causal tracing", "atp": "AtP",
+    "ig": "integrated gradients",
+}
+
+_PART_ORDER = {"text_encoder": 0, "unet": 1}
+
+# Above this many shared components Kendall's bootstrap (one scipy call per resample, O(n log n) each) is cut to
+# _KENDALL_BOOT_CAP resamples so that a table stays a matter of seconds.
+_KENDALL_FULL_N = 5000
+_KENDALL_BOOT_CAP = 200
+# Resampled index matrices are processed in chunks of about this many entries to bound memory.
+_CHUNK_ENTRIES = 2_000_000
+
+
+# -- matching ------------------------------------------------------------------------------------------------------
+def _paired(df: pd.DataFrame, reference: str, keys: Sequence[str]) -> pd.DataFrame:
+    """Non-reference rows with the reference's score alongside (column ``ref``), matched on (concept, component)."""
+    rows = main_rows(df)
+    ref = rows.loc[rows["method"] == reference, ["concept", "component", "score"]]
+    if ref.empty:
+        raise ValueError(f"no rows of the reference method {reference!r}; methods present: "
+                         f"{sorted(rows['method'].unique())}")
+    if ref.duplicated(["concept", "component"]).any():
+        dup = ref.loc[ref.duplicated(["concept", "component"], keep=False), ["concept", "component"]].head(3)
+        raise ValueError(
+            f"reference {reference!r} has several rows for the same (concept, component), e.g. "
+            f"{list(map(tuple, dup.to_numpy()))}; give each variant its own method name"
+        )
+    other = rows[rows["method"] != reference]
+    # A component may appear once per group; several rows would be silently averaged or double-counted otherwise.
+    uniq = list(dict.fromkeys([*keys, "concept", "component"]))
+    if other.duplicated(uniq).any():
+        dup = other.loc[other.duplicated(uniq, keep=False), uniq].head(3)
+        raise ValueError(
+            f"several rows for the same {tuple(uniq)}, e.g. {list(map(tuple, dup.to_numpy()))}; give each variant "
+            f"its own method name or add the distinguishing column to `by`"
+        )
+    return other.merge(ref.rename(columns={"score": "ref"}), on=["concept", "component"], how="left")
+
+
+def _groups_with_pairs(paired: pd.DataFrame, keys: list[str]):
+    """Yield (key values, x = method scores, y = reference scores) per group; groups with no match give n = 0."""
+    for key, g in paired.groupby(keys, sort=True, dropna=False, observed=True):
+        g = g.dropna(subset=["ref"]).sort_values("component")
+        yield (key if isinstance(key, tuple) else (key,)), g["score"].to_numpy(float), g["ref"].to_numpy(float)
+
+
+# -- statistics ----------------------------------------------------------------------------------------------------
+def _rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson r of each row pair; a constant row gives NaN (not a warning or an exception)."""
+    xc = x - x.mean(axis=1, keepdims=True)
+    yc = y - y.mean(axis=1, keepdims=True)
+    den = np.sqrt((xc * xc).sum(axis=1) * (yc * yc).sum(axis=1))
+    num = (xc * yc).sum(axis=1)
+    out = np.full(len(x), np.nan)
+    ok = den > 0
+    out[ok] = np.clip(num[ok] / den[ok], -1.0, 1.0)
+    return out
+
+
+def _resampled_ranks(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Average ranks (as scipy.stats.rankdata) of ``values[idx]`` within each row, without sorting every row.
+
+    Each resampled value's rank is (number of drawn values strictly below it) + (its multiplicity + 1) / 2; the
+    counts come from one bincount over the original values' dense codes, so this is O(rows x n).
+    """
+    uniq, codes = np.unique(values, return_inverse=True)
+    m = len(uniq)
+    c = codes[idx]
+    offset = (np.arange(len(idx)) * m)[:, None]
+    counts = np.bincount((c + offset).ravel(), minlength=len(idx) * m).reshape(len(idx), m).astype(float)
+    below = np.cumsum(counts, axis=1) - counts
+    return np.take_along_axis(below + (counts + 1.0) / 2.0, c, axis=1)
+
+
+def _quiet(fn, *args):
+    """A scipy statistic that returns NaN instead of warning or raising on degenerate input."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return float(fn(*args)[0])
+        except ValueError:
+            return math.nan
+
+
+def _percentile_ci(values: np.ndarray, level: float) -> tuple[float, float]:
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return math.nan, math.nan
+    lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def _corr_with_ci(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int, level: float,
+                  n_boot_kendall: int | None) -> dict:
+    n = len(x)
+    out = {"n": n}
+    for name in ("pearson", "spearman", "kendall"):
+        out[name] = out[f"{name}_lo"] = out[f"{name}_hi"] = math.nan
+    if n < 3:
+        return out
+    out["pearson"] = _quiet(stats.pearsonr, x, y)
+    out["spearman"] = _quiet(stats.spearmanr, x, y)
+    out["kendall"] = _quiet(stats.kendalltau, x, y)
+    if n_boot <= 0:
+        return out
+    # One index matrix per group from the same seed: every method of a concept sees the same resamples.
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    pear, spear = np.empty(n_boot), np.empty(n_boot)
+    step = max(1, _CHUNK_ENTRIES // n)
+    for s in range(0, n_boot, step):
+        block = idx[s:s + step]
+        pear[s:s + step] = _rowwise_pearson(x[block], y[block])
+        spear[s:s + step] = _rowwise_pearson(_resampled_ranks(x, block), _resampled_ranks(y, block))
+    if n_boot_kendall is None:
+        n_boot_kendall = n_boot if n <= _KENDALL_FULL_N else min(n_boot, _KENDALL_BOOT_CAP)
+    kend = np.array([_quiet(stats.kendalltau, x[i], y[i]) for i in idx[:n_boot_kendall]])
+    for name, boot in (("pearson", pear), ("spearman", spear), ("kendall", kend)):
+        if math.isfinite(out[name]):
+            out[f"{name}_lo"], out[f"{name}_hi"] = _percentile_ci(boot, level)
+    return out
+
+
+# -- correlation tables --------------------------------------------------------------------------------------------
+def correlations(df: pd.DataFrame, reference: str = "ablation", by: Sequence[str] = ("concept", "method"),
+                 n_boot: int = 1000, seed: int = 0, *, ci: float = 0.95,
+                 n_boot_kendall: int | None = None) -> pd.DataFrame:
+    """Correlation of each group's scores with the reference's, over the components both scored.
+
+    Groups are the distinct values of ``by`` (the reference method itself excluded); Pearson, Spearman and Kendall
+    (tau-b) come from scipy.stats, each with a percentile bootstrap ``ci`` interval over ``n_boot`` resamples of the
+    components (with replacement; Pearson and Spearman vectorized over all resamples). Kendall's interval uses all
+    ``n_boot`` resamples up to 5,000 shared components and 200 above, unless ``n_boot_kendall`` says otherwise.
+    Fewer than 3 shared components, or constant scores, give NaN. A group sharing no component with the reference
+    is kept with ``n = 0``.
+    """
+    keys = list(dict.fromkeys(by))
+    paired = _paired(df, reference, keys)
+    records = []
+    for key, x, y in _groups_with_pairs(paired, keys):
+        records.append({**dict(zip(keys, key)), **_corr_with_ci(x, y, n_boot, seed, ci, n_boot_kendall)})
+    lead = [c for c in CORR_COLUMNS[:2] if c in keys] + [k for k in keys if k not in CORR_COLUMNS[:2]]
+    return pd.DataFrame(records, columns=lead + CORR_COLUMNS[2:])
+
+
+def correlations_by_layer(df: pd.DataFrame, reference: str = "ablation", level: str = "layer", n_boot: int = 200,
+                          seed: int = 0, **kwargs) -> pd.DataFrame:
+    """:func:`correlations` per layer (``level="layer"``) or per stage (``level="block"``).
+
+    Adds the ``level`` column plus ``model_part`` and ``depth`` (the smallest depth in the group) for ordering;
+    rows are sorted text encoder first, then UNet, each by depth.
+    """
+    if level not in ("layer", "block"):
+        raise ValueError(f"level must be 'layer' or 'block', not {level!r}")
+    out = correlations(df, reference, by=("concept", "method", level), n_boot=n_boot, seed=seed, **kwargs)
+    rows = main_rows(df)
+    where = rows.groupby(level, observed=True).agg(model_part=("model_part", "first"), depth=("depth", "min"))
+    out = out.merge(where.reset_index(), on=level, how="left")
+    out["_part"] = out["model_part"].map(_PART_ORDER).fillna(len(_PART_ORDER))
+    out = out.sort_values(["concept", "method", "_part", "depth", level], kind="stable").drop(columns="_part")
+    cols = ["concept", "method", level, "model_part", "depth"] + CORR_COLUMNS[2:]
+    return out[cols].reset_index(drop=True)
+
+
+# -- top-k agreement -----------------------------------------------------------------------------------------------
+def topk_agreement(df: pd.DataFrame, reference: str = "ablation",
+                   fractions: Sequence[float] = (0.01, 0.05, 0.10)) -> pd.DataFrame:
+    """Precision of each method's top-k components against the reference's top-k, per concept and fraction.
+
+    ``k = max(1, round(fraction * n))`` with n the components both scored. ``side="positive"`` compares the k
+    highest scores, ``side="negative"`` the k lowest (most negative). Ties are broken by component address so the
+    table is deterministic. ``chance`` is the expected precision of a random ranking, k / n.
+    """
+    paired = _paired(df, reference, ["concept", "method"])
+    records = []
+    for (concept, method), x, y in _groups_with_pairs(paired, ["concept", "method"]):
+        n = len(x)
+        for fraction in fractions:
+            k = max(1, int(round(fraction * n))) if n else 0
+            for side, sign in (("positive", -1.0), ("negative", 1.0)):
+                if n == 0:
+                    precision = math.nan
+                else:
+                    # components are sorted by address already; a stable sort keeps that order among ties
+                    top_m = set(np.argsort(sign * x, kind="stable")[:k])
+                    top_r = set(np.argsort(sign * y, kind="stable")[:k])
+                    precision = len(top_m & top_r) / k
+                records.append({"concept": concept, "method": method, "side": side, "fraction": fraction, "k": k,
+                                "n": n, "precision": precision, "chance": k / n if n else math.nan})
+    return pd.DataFrame(records, columns=["concept", "method", "side", "fraction", "k", "n", "precision", "chance"])
+
+
+# -- linear datamodel score ----------------------------------------------------------------------------------------
+def lds(scores: pd.Series, masks: np.ndarray, components: Sequence[str], j_true: np.ndarray,
+        j_intact: float) -> dict:
+    """Linear datamodel score of attributions on held-out joint ablations.
+
+    ``masks[i, c] = 1`` means component ``components[c]`` is ablated in mask i. Scores are positive when ablating a
+    component lowers J, so the linear prediction is ``j_hat = j_intact - masks @ scores``; the result holds the
+    Spearman and Pearson correlation (scipy.stats) of ``j_hat`` with the measured ``j_true`` across masks (NaN if
+    either is constant). Scores of components outside ``components`` are ignored (never ablated).
+    """
+    masks = np.asarray(masks, dtype=float)
+    j_true = np.asarray(j_true, dtype=float).reshape(-1)
+    components = [str(c) for c in components]
+    if masks.ndim != 2 or masks.shape[1] != len(components):
+        raise ValueError(f"masks have shape {masks.shape}; expected (n_masks, {len(components)}) for the components")
+    if len(j_true) != masks.shape[0]:
+        raise ValueError(f"{len(j_true)} values of J for {masks.shape[0]} masks")
+    if scores.index.has_duplicates:
+        raise ValueError("scores have duplicate components")
+    missing = pd.Index(components).difference(scores.index)
+    if len(missing):
+        raise ValueError(
+            f"scores lack {len(missing)} of the {len(components)} masked components, e.g. {list(missing[:3])}"
+        )
+    j_hat = float(j_intact) - masks @ scores.reindex(components).to_numpy(float)
+    return {"spearman": _quiet(stats.spearmanr, j_hat, j_true), "pearson": _quiet(stats.pearsonr, j_hat, j_true),
+            "n_masks": int(masks.shape[0])}
+
+
+def lds_table(df: pd.DataFrame, heldout: dict, *, methods: Sequence[str] | None = None,
+              missing: str = "raise") -> pd.DataFrame:
+    """:func:`lds` for every concept and method of ``df`` on the held-out masks of that concept.
+
+    ``heldout`` maps ``(concept, alpha)`` to ``dict(masks=..., components=[...], j=..., j_intact=...)``; concepts
+    without held-out masks are skipped. ``methods`` limits the methods (default: all, the reference included, whose
+    LDS is that of the sum of single-component effects). ``missing`` says what to do when a method did not score
+    some masked component: ``"raise"`` (ValueError), ``"zero"`` (it predicts no effect for them, e.g. CAD on
+    attention) or ``"skip"`` (leave that method out for that concept).
+    """
+    if missing not in ("raise", "zero", "skip"):
+        raise ValueError(f"missing must be 'raise', 'zero' or 'skip', not {missing!r}")
+    rows = main_rows(df)
+    records = []
+    for (concept, alpha), h in heldout.items():
+        sub = rows[rows["concept"] == concept]
+        for method in sorted(sub["method"].unique()) if methods is None else methods:
+            s = sub[sub["method"] == method]
+            if s.empty:
+                continue
+            scores = s.set_index(s["component"].astype(str))["score"]
+            absent = pd.Index([str(c) for c in h["components"]]).difference(scores.index)
+            if len(absent) and missing == "skip":
+                continue
+            if len(absent) and missing == "zero":
+                scores = pd.concat([scores, pd.Series(0.0, index=absent)])
+            r = lds(scores, h["masks"], h["components"], h["j"], h["j_intact"])
+            records.append({"concept": concept, "method": method, "alpha": alpha, "lds_spearman": r["spearman"],
+                            "lds_pearson": r["pearson"], "n_masks": r["n_masks"]})
+    return pd.DataFrame(records, columns=["concept", "method", "alpha", "lds_spearman", "lds_pearson", "n_masks"])
+
+
+# -- cost ----------------------------------------------------------------------------------------------------------
+def cost_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Forward passes, backward passes and seconds per (concept, method), from ``df.attrs["meta"]``.
+
+    The meta of a concatenated frame is keyed ``"method/concept"`` (:func:`interp.results.concat`); a single
+    method's frame carries its meta dict directly. Missing numbers are NaN.
+    """
+    meta = df.attrs.get("meta") or {}
+    pairs = main_rows(df)[["method", "concept"]].drop_duplicates()
+    known = {f"{m}/{c}": (m, c) for m, c in pairs.itertuples(index=False)}
+    if meta and not all(isinstance(v, dict) for v in meta.values()):
+        # a single frame's own meta, not keyed by method/concept
+        if len(known) != 1:
+            raise ValueError("df.attrs['meta'] is not keyed 'method/concept' but df holds several methods/concepts")
+        meta = {next(iter(known)): meta}
+    records = []
+    for key, m in meta.items():
+        # prefer the exact (method, concept) pair of the frame: a method name may itself contain "/"
+        method, concept = known.get(key) or (tuple(key.split("/", 1)) if "/" in key else (key, None))
+        records.append({"concept": concept, "method": method,
+                        **{f: _number(m.get(f)) for f in ("forward_evals", "backward_evals", "seconds")}})
+    out = pd.DataFrame(records, columns=["concept", "method", "forward_evals", "backward_evals", "seconds"])
+    return out.sort_values(["concept", "method"], kind="stable").reset_index(drop=True)
+
+
+def _number(v) -> float:
+    try:
+        return math.nan if v is None else float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+# -- sentences -----------------------------------------------------------------------------------------------------
+def summary_sentences(corr_table: pd.DataFrame, reference: str = "ablation",
+                      labels: dict | None = None) -> list[str]:
+    """One sentence per concept naming the method with the highest Spearman correlation with the reference.
+
+    ``labels`` maps method names to display names (default :data:`METHOD_LABELS`).
+    """
+    labels = {**METHOD_LABELS, **(labels or {})}
+    ref = labels.get(reference, reference)
+    out = []
+    for concept, g in corr_table.groupby("concept", sort=True):
+        g = g.dropna(subset=["spearman"])
+        if g.empty:
+            out.append(f"For concept '{concept}', no method has a defined correlation with {ref}.")
+            continue
+        best = g.loc[g["spearman"].idxmax()]
+        name = labels.get(best["method"], best["method"])
+        out.append(
+            f"For concept '{concept}', {name} agrees best with {ref}: Spearman r = {best['spearman']:.2f} "
+            f"[{best['spearman_lo']:.2f}, {best['spearman_hi']:.2f}] (Pearson {best['pearson']:.2f})."
+        )
+    return out

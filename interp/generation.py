@@ -1,0 +1,72 @@
+"""Generation under interventions: the shared denoising loop with nnsight ablations and patches in every UNet call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from . import diffusion
+from .interventions import Patch, Plan, run_text, run_unet
+
+
+def encode(model, prompts, plan: Plan | None = None, mult=None, means=None,
+           patches: Mapping[str, Patch] | None = None) -> torch.Tensor:
+    """Validated prompts -> text states (with interventions on the text encoder if any)."""
+    prompts = model.check_prompts(prompts)
+    ids = diffusion.tokenize(model.tokenizer, prompts, model.device)
+    return run_text(model, ids, plan, mult, means, patches)[0]
+
+
+def generate(
+    model,
+    prompts,
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 4.0,
+    plan: Plan | None = None,
+    mult: torch.Tensor | None = None,
+    means=None,
+    context: torch.Tensor | None = None,
+    latents: torch.Tensor | None = None,
+    unet_patches: Callable[[int], Mapping[str, Patch]] | None = None,
+    decode: bool = True,
+    record: list[str] | None = None,
+    recorded: dict | None = None,
+) -> torch.Tensor:
+    """Images in [0, 1] (or final latents with ``decode=False``) for ``prompts`` from seeded noise.
+
+    ``mult`` rows apply per prompt (one row per prompt, or one row for all). ``context`` overrides the encoded
+    prompts (causal tracing passes corrupted or restored states). ``unet_patches(step)`` gives patches for a step.
+    Runs with gradients if the caller enabled them.
+    """
+    prompts = model.check_prompts(prompts)
+    n = len(prompts)
+    if mult is not None and mult.shape[0] not in (1, n):
+        raise ValueError(f"{mult.shape[0]} multiplier rows for {n} prompts")
+    if mult is not None and mult.shape[0] == 1:
+        mult = mult.expand(n, -1)
+    ids = diffusion.tokenize(model.tokenizer, prompts, model.device)
+    uncond_ids = diffusion.tokenize(model.tokenizer, [""] * n, model.device)
+    if context is None:
+        context = run_text(model, ids, plan, mult, means)[0]
+    uncond = run_text(model, uncond_ids, plan, mult, means)[0]
+    if latents is None:
+        gen = torch.Generator().manual_seed(seed)
+        latents = diffusion.initial_noise(model.unet, n, gen, model.dtype, model.device)
+    scheduler = model.scheduler.__class__.from_config(model.scheduler.config)  # never mutate the model's own
+    guided = guidance != 1.0
+    rows = torch.cat([mult, mult]) if (mult is not None and guided) else mult
+
+    def unet_fn(x, t, ctx, step):
+        patches = dict(unet_patches(step)) if unet_patches is not None else None
+        if patches and guided:  # patches are given for the conditional rows; the unconditional rows keep theirs
+            patches = {k: Patch(torch.cat([p.clean, p.clean]), torch.cat([p.where, torch.zeros_like(p.where)]))
+                       for k, p in patches.items()}
+        eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=record or ())
+        if record:
+            recorded[step] = {k: v[:n] for k, v in saved.items()}
+        return eps
+
+    out = diffusion.denoise(unet_fn, scheduler, latents, context, uncond, steps, guidance)
+    return diffusion.decode(out, model.vae) if decode else out

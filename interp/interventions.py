@@ -1,0 +1,270 @@
+"""Interventions on components, all through nnsight: ablation by per-row multipliers, patching, saving.
+
+The one mechanism every method uses is a **multiplier per component and per batch row**: a unit's activation ``h``
+becomes ``m * h + (1 - m) * mu``, with ``m = 1`` intact, ``m = 0`` ablated, and ``mu = 0`` (zero-ablation) or the
+unit's mean over a reference set (mean-ablation). A matrix of B masks is therefore B different ablations in one
+batched forward pass, and since ``m`` is a tensor, ``dJ/dm`` is one backward pass away (the mask gradients of the
+beyond-first-order estimators, and CAD's neuron scores). Nothing here edits a weight: interventions act on module
+outputs (neurons, layers) or on the input of an attention module's output projection (heads). The one exception,
+scalar-weight ablation for ground truth at weight granularity, runs in :func:`weights_ablated`, which restores the
+weights bitwise in ``finally``.
+
+Patching replaces a module's output with a saved clean one at chosen rows (and, for the text encoder, chosen token
+positions); the denoising loop decides at which timesteps a patch applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .components import Component, ComponentSet, head_dim
+
+ABLATIONS = ("zero", "mean")
+
+
+@dataclass
+class Site:
+    """Where a group of components is reached: one module, at its output or (heads) its output projection's input."""
+
+    path: str  # module path the trace touches
+    event: str  # "in" | "out"
+    axis: int  # feature axis (-1 for tokens x features, 1 for conv channels); None-like 0 for whole-layer scaling
+    n_features: int
+    features: torch.Tensor  # feature indices touched
+    columns: torch.Tensor  # column of the multiplier matrix for each touched feature
+    whole: bool = False  # layer granularity: one multiplier scales the whole output
+
+
+@dataclass
+class Plan:
+    """Compiled interventions for one component set, in the model's execution order."""
+
+    components: ComponentSet
+    sites: dict[str, list[Site]] = field(default_factory=dict)  # "unet" | "text_encoder" -> sites in order
+
+    @property
+    def parts(self) -> set[str]:
+        return {p for p, s in self.sites.items() if s}
+
+
+def compile_plan(model, components: ComponentSet | Sequence[Component | str]) -> Plan:
+    """Group a component set by the module each is reached at, ordered by execution."""
+    if not isinstance(components, ComponentSet):
+        components = ComponentSet([model.space.parse(c) for c in components])
+    if "weight" in components.granularities:
+        raise ValueError(
+            "scalar weights are not ablated through activations; use weights_ablated() for them, or CAD, "
+            "which attributes weights by gradient"
+        )
+    groups: dict[tuple[str, str], dict] = {}
+    for col, c in enumerate(components):
+        mod = model.module(c.module)
+        if c.granularity == "head":
+            out = mod.to_out[0] if hasattr(mod, "to_out") else mod.out_proj
+            suffix = ".to_out.0" if hasattr(mod, "to_out") else ".out_proj"
+            key = (c.module + suffix, "in")
+            d = head_dim(mod)
+            g = groups.setdefault(key, {"axis": -1, "n": out.in_features, "f": [], "c": [], "whole": False})
+            g["f"].extend(range(c.index * d, (c.index + 1) * d))
+            g["c"].extend([col] * d)
+        elif c.granularity == "neuron":
+            axis = 1 if isinstance(mod, torch.nn.Conv2d) else -1
+            n = mod.out_channels if axis == 1 else (mod.out_features if hasattr(mod, "out_features") else mod.proj.out_features // 2)
+            g = groups.setdefault((c.module, "out"), {"axis": axis, "n": n, "f": [], "c": [], "whole": False})
+            g["f"].append(c.index)
+            g["c"].append(col)
+        else:  # layer
+            key = (c.module, "out")
+            if key in groups:
+                raise ValueError(f"{c.module} appears both as a layer and through its units in one component set")
+            groups[key] = {"axis": 0, "n": 1, "f": [0], "c": [col], "whole": True}
+    plan = Plan(components, {"text_encoder": [], "unet": []})
+    for (path, event), g in sorted(groups.items(), key=lambda kv: model.events[(kv[0][1], kv[0][0])]):
+        site = Site(path, event, g["axis"], g["n"], torch.tensor(g["f"]), torch.tensor(g["c"]), g["whole"])
+        plan.sites[path.split(".", 1)[0]].append(site)
+    return plan
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _replace_first(old, new):
+    return (new, *old[1:]) if isinstance(old, tuple) else new
+
+
+def _site_scale(site: Site, mult: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per-row scale broadcastable to ``h`` from the multiplier rows ``mult`` (N, n_components)."""
+    n = mult.shape[0]
+    if site.whole:
+        return mult[:, site.columns[0]].reshape(n, *([1] * (h.dim() - 1))).to(h.dtype)
+    scale = torch.ones(n, site.n_features, dtype=h.dtype, device=h.device)
+    scale = scale.index_copy(1, site.features.to(h.device), mult[:, site.columns].to(h.dtype))
+    if site.axis == 1:
+        return scale.reshape(n, site.n_features, *([1] * (h.dim() - 2)))
+    return scale.reshape(n, *([1] * (h.dim() - 2)), site.n_features)
+
+
+def apply_site(site: Site, h: torch.Tensor, mult: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
+    """``m * h + (1 - m) * mu`` for the units of ``site``; other features pass through unchanged."""
+    if mult.shape[0] != h.shape[0]:
+        if h.shape[0] % mult.shape[0]:
+            raise ValueError(f"{mult.shape[0]} multiplier rows do not divide a batch of {h.shape[0]} at {site.path}")
+        mult = mult.repeat_interleave(h.shape[0] // mult.shape[0], dim=0)
+    s = _site_scale(site, mult, h)
+    out = h * s
+    if mean is not None:
+        if mean.dim() == h.dim() and mean.shape[0] not in (1, h.shape[0]):  # per-row values (causal tracing)
+            mean = mean.repeat(h.shape[0] // mean.shape[0], *([1] * (h.dim() - 1)))
+        out = out + (1 - s) * mean.to(h.dtype)
+    return out
+
+
+@dataclass
+class Patch:
+    """Replace a module's output by ``clean`` where ``where`` is true (broadcast over the output)."""
+
+    clean: torch.Tensor
+    where: torch.Tensor  # bool, broadcastable to the output, e.g. (N, 1, 1, 1) or (N, T, 1)
+
+
+def _intervene(root_envoy, model, sites: Sequence[Site], mult, means, patches, saves, store):
+    """The body shared by every trace: visit all touched modules in execution order."""
+    todo = [(model.events[(s.event, s.path)], "site", s) for s in sites]
+    todo += [(model.events[("out", p)], "patch", p) for p in patches]
+    todo += [(model.events[("out", p)], "save", p) for p in saves]
+    for _, what, x in sorted(todo, key=lambda t: (t[0], t[1] != "save")):
+        if what == "site":
+            env = model.envoy(x.path)
+            if x.event == "in":
+                env.input = apply_site(x, env.input, mult, None if means is None else means.get(x.path))
+            else:
+                old = env.output
+                new = apply_site(x, _first(old), mult, None if means is None else means.get(x.path))
+                env.output = _replace_first(old, new)
+        elif what == "patch":
+            env = model.envoy(x)
+            old = env.output
+            p = patches[x]
+            env.output = _replace_first(old, torch.where(p.where, p.clean.to(_first(old).dtype), _first(old)))
+        else:
+            store[x] = _first(model.envoy(x).output).save()
+
+
+def run_text(model, ids: torch.Tensor, plan: Plan | None = None, mult: torch.Tensor | None = None,
+             means: Mapping[str, torch.Tensor] | None = None, patches: Mapping[str, Patch] | None = None,
+             saves: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
+    """Text encoder forward (``last_hidden_state``) with interventions; returns ``(states, saved)``."""
+    sites = plan.sites["text_encoder"] if plan is not None else []
+    patches = dict(patches or {})
+    if not sites and not patches and not saves:
+        return model.text_encoder(ids)[0], {}
+    store: dict = {}
+    with model.nn_text.trace(ids):
+        _intervene(model.nn_text, model, sites, mult, means, patches, list(saves), store)
+        out = model.nn_text.output[0].save()
+    return out, store
+
+
+def run_unet(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, plan: Plan | None = None,
+             mult: torch.Tensor | None = None, means: Mapping[str, torch.Tensor] | None = None,
+             patches: Mapping[str, Patch] | None = None, saves: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
+    """UNet forward (noise prediction) with interventions; returns ``(eps, saved)``."""
+    sites = plan.sites["unet"] if plan is not None else []
+    patches = dict(patches or {})
+    t = t.expand(x.shape[0]) if t.dim() == 0 else t
+    model.counters["unet_rows"] += x.shape[0]
+    if torch.is_grad_enabled():
+        model.counters["unet_rows_grad"] += x.shape[0]
+    if not sites and not patches and not saves:
+        return model.unet(x, t, encoder_hidden_states=context, return_dict=False)[0], {}
+    store: dict = {}
+    with model.nn_unet.trace(x, t, encoder_hidden_states=context, return_dict=False):
+        _intervene(model.nn_unet, model, sites, mult, means, patches, list(saves), store)
+        out = model.nn_unet.output[0].save()
+    return out, store
+
+
+@torch.no_grad()
+def unit_means(model, plan: Plan, ids: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean activation of every site over a reference batch, for mean-ablation.
+
+    Units (neurons, head features) get their mean over rows and positions; whole layers their mean over rows.
+    """
+    saves_t = [s.path for s in plan.sites["text_encoder"] if s.event == "out"]
+    saves_u = [s.path for s in plan.sites["unet"] if s.event == "out"]
+    ctx, st = run_text(model, ids, saves=saves_t)
+    _, su = run_unet(model, x, t, ctx, saves=saves_u)
+    saved = {**st, **su}
+    # heads are reached at an input: read it through a plain forward pre-hook-free path by saving the projection's input
+    ins = [s for part in ("text_encoder", "unet") for s in plan.sites[part] if s.event == "in"]
+    if ins:
+        saved.update(_save_inputs(model, [s.path for s in ins], ids, x, t))
+    means = {}
+    for part in ("text_encoder", "unet"):
+        for s in plan.sites[part]:
+            h = saved[s.path]
+            if s.whole:
+                means[s.path] = h.mean(0, keepdim=True)
+            elif s.axis == 1:
+                means[s.path] = h.mean(dim=[d for d in range(h.dim()) if d != 1]).reshape(1, -1, *([1] * (h.dim() - 2)))
+            else:
+                means[s.path] = h.reshape(-1, h.shape[-1]).mean(0)
+    return means
+
+
+def _save_inputs(model, paths: Sequence[str], ids, x, t) -> dict[str, torch.Tensor]:
+    out = {}
+    text_paths = [p for p in paths if p.startswith("text_encoder.")]
+    unet_paths = [p for p in paths if p.startswith("unet.")]
+    saved_t: dict = {}
+    with model.nn_text.trace(ids):
+        for p in sorted(text_paths, key=lambda p: model.events[("in", p)]):
+            saved_t[p] = model.envoy(p).input.save()
+        ctx = model.nn_text.output[0].save()
+    out.update(saved_t)
+    if unet_paths:
+        saved_u: dict = {}
+        with model.nn_unet.trace(x, t, encoder_hidden_states=ctx, return_dict=False):
+            for p in sorted(unet_paths, key=lambda p: model.events[("in", p)]):
+                saved_u[p] = model.envoy(p).input.save()
+        out.update(saved_u)
+    return out
+
+
+@contextlib.contextmanager
+def weights_ablated(model, weights: Sequence[Component | str], value: float = 0.0):
+    """Set scalar weights to ``value`` inside the block; restore them bitwise afterwards, also on error."""
+    comps = [model.space.parse(w) for w in weights]
+    saved = []
+    try:
+        with torch.no_grad():
+            for c in comps:
+                if c.granularity != "weight":
+                    raise ValueError(f"{c} is not a scalar weight")
+                p = getattr(model.module(c.module), c.param)
+                saved.append((p, c.unit, p[c.unit].clone()))
+                p[c.unit] = value
+        yield
+    finally:
+        with torch.no_grad():
+            for p, idx, old in reversed(saved):
+                p[idx] = old
+
+
+@contextlib.contextmanager
+def parameters_requiring_grad(params: Sequence[torch.nn.Parameter]):
+    """Temporarily make ``params`` require grad (the suite keeps weights frozen otherwise)."""
+    before = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, b in zip(params, before):
+            p.requires_grad_(b)
+            p.grad = None

@@ -1,0 +1,180 @@
+"""What every attribution method shares: the interface, the run bookkeeping and the registry.
+
+Like captum's ``attribute``, every method is called the same way and returns the same thing::
+
+    df = interp.attribute("cad", model, "red", components, objective=ObjectiveConfig(kind="erase"))
+
+and ``df`` is the tidy frame of :mod:`interp.results`: one row per component, ``score > 0`` when the component
+supports the concept. Each method declares capability flags (granularities it handles, whether it uses gradients,
+whether its scores are exact ablation effects) so callers can pick methods without trying them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..components import ComponentSet
+from ..objectives import Objective, ObjectiveConfig
+from ..results import make_frame
+from ..store import Store
+
+REGISTRY: dict[str, type["Method"]] = {}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    granularities: tuple[str, ...] = ("layer", "neuron", "head")
+    gradients: bool = False
+    exact: bool = False  # scores are measured ablation effects, not estimates
+    text_encoder: bool = True
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's frozen config."""
+
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def register(cls):
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+class Method:
+    """Base class: subclasses set ``name``, ``Config``, ``capabilities`` and implement :meth:`_scores`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, config: MethodConfig | None = None, **overrides):
+        if config is not None and overrides:
+            raise TypeError("pass either a config object or keyword overrides, not both")
+        try:
+            self.config = config or self.Config(**overrides)
+        except TypeError as err:
+            fields = ", ".join(self.Config.__dataclass_fields__)
+            raise TypeError(f"{self.name}: {err}. Its options are: {fields}") from None
+
+    # -- the interface ---------------------------------------------------------------------------------------
+    def attribute(self, model, concept, components, *, objective: ObjectiveConfig | Objective | None = None,
+                  store: Store | str | None = None, progress: bool = False) -> pd.DataFrame:
+        """Attribute ``concept``'s objective to ``components``; returns the tidy result frame."""
+        obj = objective if isinstance(objective, Objective) else Objective(model, concept, objective)
+        comps = as_component_set(model, components)
+        bad = comps.granularities - set(self.capabilities.granularities)
+        if bad:
+            raise ValueError(f"{self.name} does not handle {sorted(bad)} granularity; it handles "
+                             f"{self.capabilities.granularities}")
+        if not self.capabilities.text_encoder and any(c.model == "text_encoder" for c in comps):
+            raise ValueError(f"{self.name} does not attribute text-encoder components")
+        store = store if isinstance(store, Store) else Store(store)
+        key = {
+            "method": self.name, "method_config": self.config.to_dict(), "objective": obj.config.to_dict(),
+            "model": model_fingerprint(obj.model), "concept": asdict(obj.concept),
+            "components": components_hash(comps),
+        }
+        entry = store.entry(f"{self.name}-{obj.concept.name}", key)
+        if entry.complete:
+            return entry.load()
+        counters_before = Counter(obj.model.counters)
+        t0 = time.perf_counter()
+        out = self._scores(obj, comps, entry, progress)
+        seconds = time.perf_counter() - t0
+        used = Counter(obj.model.counters)
+        used.subtract(counters_before)
+        meta = {
+            "method": self.name, "config": self.config.to_dict(), "objective": obj.describe(),
+            "capabilities": asdict(self.capabilities), "seconds": seconds,
+            "forward_evals": used["unet_rows"] / obj.rows_per_eval,
+            "backward_evals": used["unet_rows_grad"] / obj.rows_per_eval,
+            "n_components": len(comps), "versions": versions(), "machine": platform.machine(),
+            "threads": torch.get_num_threads(), **out.get("meta", {}),
+        }
+        frames = [make_frame(
+            comps, out["score"], out.get("stderr"), method=self.name, model=obj.model.name, concept=obj.concept.name,
+            objective=obj.config.kind, n_samples=obj.n_samples, seed=self.config.seed, config_hash=entry.hash,
+        )]
+        for extra in out.get("extra_frames", []):
+            frames.append(make_frame(
+                extra["components"], extra["score"], extra.get("stderr"), method=extra.get("method", self.name),
+                model=obj.model.name,
+                concept=obj.concept.name, objective=obj.config.kind, n_samples=obj.n_samples, seed=self.config.seed,
+                config_hash=entry.hash, timestep=extra.get("timestep"), token=extra.get("token"),
+            ))
+        df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        return entry.save(df, meta)
+
+    def _scores(self, obj: Objective, comps: ComponentSet, entry, progress: bool) -> dict:
+        raise NotImplementedError
+
+
+def as_component_set(model, components) -> ComponentSet:
+    """Accept a ComponentSet, a list of addresses/Components, or a dict of filters for ``model.components``."""
+    if isinstance(components, ComponentSet):
+        return components
+    if isinstance(components, dict):
+        return model.components(**components)
+    if isinstance(components, str):
+        components = [components]
+    return ComponentSet([model.space.parse(c) for c in components])
+
+
+def components_hash(comps: ComponentSet) -> str:
+    return hashlib.sha256("\n".join(comps.addresses).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model) -> str:
+    """A cheap identity of a model's weights: shapes plus a few values of every parameter."""
+    h = hashlib.sha256(model.name.encode())
+    for name, p in model.parameters():
+        flat = p.detach().reshape(-1)
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(flat[:8].double().cpu().numpy().tobytes() + flat[-8:].double().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def versions() -> dict:
+    import diffusers
+    import nnsight
+    import transformers
+
+    from importlib.metadata import version
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "nnsight": version("nnsight"), "python": platform.python_version()}
+
+
+def stderr_over(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Standard error of the mean along ``dim`` (0 when there is one value)."""
+    n = x.shape[dim]
+    if n < 2:
+        return torch.zeros_like(x.select(dim, 0))
+    return x.std(dim=dim) / np.sqrt(n)
+
+
+def get(name: str) -> type[Method]:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown method {name!r}; registered methods are {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def attribute(method: str, model, concept, components, *, objective=None, store=None, progress=False,
+              **config) -> pd.DataFrame:
+    """Run a registered method by name: ``attribute("cad", model, "red", components, objective=..., **options)``."""
+    return get(method)(**config).attribute(model, concept, components, objective=objective, store=store,
+                                           progress=progress)

@@ -1,0 +1,105 @@
+"""CAD: gradient x weight attribution (Nguyen, Phan, Doan 2024, "Unveiling Concept Attribution in Diffusion
+Models", arXiv 2412.02542).
+
+A scalar weight's score is ``w * dJ/dw``: the first-order Taylor estimate of how much J drops when ``w`` is set to
+zero (``J(w=0) - J ~ -w dJ/dw``). It costs one forward and one backward pass over the evaluation set, for every
+weight at once. CAD scores individual weights of the UNet's feed-forward layers; this module scores any weights
+and aggregates them to the suite's components exactly as ablating the component would zero them: a Linear
+output neuron is its weight row plus bias (row sum, as CAD's code does), a GEGLU hidden unit is the matching
+column of ``ff.net.2``, an attention head the matching input columns of its output projection, a conv channel its
+filter and bias, a Linear/attention/feed-forward layer all of its (output) weights. For containers whose output
+is not the output of one weight matrix (a whole transformer block, a ResNet block, a text-encoder layer) the score
+is the gradient with respect to a multiplier on their output, i.e. activation x gradient, the same first-order
+quantity. Gradients are float32 (float64 with the objective's ``dtype``), never float16.
+
+CAD uses the erase objective for positive components (ablating them erases the concept) and the denoising loss
+on concept images for negative ones (ablating them amplifies it); choose with ``ObjectiveConfig(kind=...)``.
+Differences from the paper: our evaluation set is forward-noised renders at a few timesteps instead of every step
+of 50-step DDIM trajectories, and the anchor branch is a choice of the objective (see :mod:`interp.objectives`).
+The standard error is over ``n_groups`` disjoint groups of evaluation samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..components import Component, head_dim
+from ..interventions import compile_plan, parameters_requiring_grad
+from .base import Capabilities, Method, MethodConfig, register, stderr_over
+
+
+@dataclass(frozen=True)
+class CADConfig(MethodConfig):
+    n_groups: int = 8
+
+
+def weight_slices(model, c: Component) -> list[tuple[torch.nn.Parameter, tuple]] | None:
+    """The weights that ablating component ``c`` zeroes, as (parameter, index) pairs; None if it is no weight set."""
+    mod = model.module(c.module)
+    if c.granularity == "weight":
+        return [(getattr(mod, c.param), c.unit)]
+    if c.kind.endswith("ff.net.0") and c.kind == "ff.net.0":  # GEGLU hidden unit -> a column of ff.net.2
+        out = model.module(c.module[: -len(".0")] + ".2")
+        return [(out.weight, (slice(None), c.index if c.granularity == "neuron" else slice(None)))]
+    if c.granularity == "head":
+        out = mod.to_out[0] if hasattr(mod, "to_out") else mod.out_proj
+        d = head_dim(mod)
+        return [(out.weight, (slice(None), slice(c.index * d, (c.index + 1) * d)))]
+    if c.granularity == "neuron":
+        sl = [(mod.weight, (c.index,))]
+        return sl + ([(mod.bias, (c.index,))] if mod.bias is not None else [])
+    # layer granularity: the module whose output is the layer's output
+    target = {"attn1": "to_out.0", "attn2": "to_out.0", "self_attn": "out_proj", "ff": "net.2", "mlp": "fc2"}.get(
+        c.kind)
+    if target is not None:
+        mod = mod.get_submodule(target)
+    if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+        sl = [(mod.weight, (slice(None),))]
+        return sl + ([(mod.bias, (slice(None),))] if mod.bias is not None else [])
+    return None  # a container: use the output-multiplier gradient
+
+
+@register
+class CAD(Method):
+    name = "cad"
+    Config = CADConfig
+    capabilities = Capabilities(granularities=("layer", "neuron", "head", "weight"), gradients=True)
+
+    def _scores(self, obj, comps, entry, progress):
+        slices = [weight_slices(obj.model, c) for c in comps]
+        fallback = [i for i, s in enumerate(slices) if s is None]
+        params = list({id(p): p for s in slices if s for p, _ in s}.values())
+        plan = compile_plan(obj.model, [comps[i] for i in fallback]) if fallback else None
+        text = any(c.model == "text_encoder" for c in comps)
+        groups = torch.arange(obj.n_samples).tensor_split(min(self.config.n_groups, obj.n_samples))
+        per_group = []
+        with parameters_requiring_grad(params):
+            for g in groups:
+                mult = torch.ones(1, len(fallback), dtype=obj.model.dtype, requires_grad=True) if fallback else None
+                J = obj.values(plan, mult, samples=g, recompute_text=text).mean()
+                grads = torch.autograd.grad(J, params + ([mult] if fallback else []))
+                gmap = {id(p): gr for p, gr in zip(params, grads)}
+                scores = torch.empty(len(comps), dtype=torch.float64)
+                for i, s in enumerate(slices):
+                    if s is not None:
+                        scores[i] = sum((p.detach()[idx] * gmap[id(p)][idx]).sum() for p, idx in s).double()
+                if fallback:
+                    scores[fallback] = grads[-1][0].double()
+                per_group.append(scores)
+        # Groups are equal-sized up to one sample: the mean of group means is the full-set mean.
+        G = torch.stack(per_group, dim=1)
+        return {"score": G.mean(1), "stderr": stderr_over(G, 1),
+                "meta": {"n_groups": len(groups), "n_params": sum(p.numel() for p in params),
+                         "multiplier_gradient_components": len(fallback)}}
+
+
+def weight_scores(obj, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """CAD's raw per-scalar scores ``w * dJ/dw`` for named parameters (the input of CAD-Erase's selection)."""
+    plist = list(params.values())
+    text = any(n.startswith("text_encoder.") for n in params)
+    with parameters_requiring_grad(plist):
+        J = obj.values(recompute_text=text).mean()
+        grads = torch.autograd.grad(J, plist)
+    return {n: (p.detach() * g).detach() for (n, p), g in zip(params.items(), grads)}

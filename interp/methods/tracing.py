@@ -1,0 +1,314 @@
+"""Causal tracing (Basu et al., "Localizing and Editing Knowledge in Text-to-Image Generative Models", ICLR 2024,
+after ROME's causal mediation analysis, Meng et al. 2022).
+
+Corrupt the concept's subject tokens (Gaussian noise of ``noise_scale`` x the standard deviation of the token
+embeddings, ``n_noise`` draws, as ROME), then restore the clean state of one component at a time and measure how
+much of the concept comes back: ``score = (J_restored - J_corrupted) / (J_clean - J_corrupted)``, the fraction of the
+clean-vs-corrupted difference that the component's clean state recovers (1 = fully restores the concept). With
+the erase or amplify objective J is the single-step denoising objective at every timestep of the evaluation set;
+with the ``classifier`` objective it is the concept classifier's probability on images generated end to end, with
+the state restored at every denoising step.
+
+Besides one score per component (restored at all timesteps and token positions), the method writes two maps as
+extra rows of the same frame: UNet layers x timestep (``timestep`` set; the training-schedule timestep of the
+evaluation sample, or the denoising step index for the classifier objective) and text-encoder layers x token
+position (``token`` set, counted relative to the last subject token: 0 is that token, -1 the one before, 1 the one
+after). On Stable Diffusion's CLIP text encoder the paper finds a single causal state: layer 0 at the last subject
+token.
+
+Scope: components at layer or neuron granularity (restoring a head's state needs the input of the output
+projection; not done here). The restored state of a component is its clean value on the same sample; the scores'
+standard error is over noise draws.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import diffusion
+from ..components import ComponentSet
+from ..generation import generate
+from ..interventions import Patch, compile_plan, run_text, run_unet
+from .base import Capabilities, Method, MethodConfig, register, stderr_over
+
+
+@dataclass(frozen=True)
+class TracingConfig(MethodConfig):
+    noise_scale: float = 3.0
+    n_noise: int = 3
+    maps: bool = True
+    chunk: int = 64
+
+    def __post_init__(self):
+        if self.noise_scale < 0 or self.n_noise < 1:
+            raise ValueError("noise_scale must be >= 0 and n_noise >= 1")
+
+
+def embedding_path(model) -> str:
+    emb = model.text_encoder.get_input_embeddings()
+    for n, m in model.text_encoder.named_modules():
+        if m is emb:
+            return f"text_encoder.{n}"
+    raise RuntimeError("the text encoder's token embedding is not among its modules")
+
+
+def subject_positions(model, obj) -> list[list[int]]:
+    """Token positions of the concept's subject in every target prompt (all its tokens; the last one is the 'last
+    subject token')."""
+    words = obj.concept.value or obj.concept.name
+    sub = model.tokenizer(words, add_special_tokens=False).input_ids
+    out = []
+    for i, ids in enumerate(obj.target_ids.tolist()):
+        hits = [p for p in range(len(ids) - len(sub) + 1) if ids[p : p + len(sub)] == sub]
+        if not hits:
+            raise ValueError(f"the subject {words!r} does not occur in target prompt {obj.concept.target_prompts[i]!r}")
+        out.append(list(range(hits[-1], hits[-1] + len(sub))))
+    return out
+
+
+class _Tracer:
+    """The clean, corrupted and restored runs of one objective."""
+
+    def __init__(self, obj, cfg: TracingConfig):
+        self.obj, self.cfg, self.model = obj, cfg, obj.model
+        m = self.model
+        self.emb_path = embedding_path(m)
+        self.subj = subject_positions(m, obj)
+        ids = obj.target_ids
+        P, L = ids.shape
+        with torch.no_grad():
+            emb = m.text_encoder.get_input_embeddings()
+            self.emb_clean = emb(ids)
+            sd = emb.weight.std()
+        self.subject_mask = torch.zeros(P, L, 1, dtype=torch.bool)
+        for i, pos in enumerate(self.subj):
+            self.subject_mask[i, pos] = True
+        gen = torch.Generator().manual_seed(cfg.seed + 12345)
+        self.noises = [torch.randn(self.emb_clean.shape, generator=gen, dtype=self.emb_clean.dtype) * sd * cfg.noise_scale
+                       for _ in range(cfg.n_noise)]
+        self.kind = obj.config.kind
+        if self.kind != "classifier":
+            idx = obj.image_index
+            with torch.no_grad():
+                self.eps_anchor = (obj.eps_anchor if obj.config.anchor == "frozen" else
+                                   run_unet(m, obj.x_t, obj.t, obj.ctx_anchor[idx])[0])
+
+    def corruption(self, k: int, rows: int) -> dict[str, Patch]:
+        """The embedding patch of noise draw ``k`` for ``rows`` repetitions of the prompts."""
+        bad = (self.emb_clean + self.noises[k]).repeat(rows, 1, 1)
+        return {self.emb_path: Patch(bad, self.subject_mask.repeat(rows, 1, 1))}
+
+    def J(self, ctx_prompts: torch.Tensor, r: int, unet_patches=None, plan=None, mult=None, means=None) -> torch.Tensor:
+        """J for ``r`` row blocks; ``ctx_prompts`` is (r * P, L, D) target contexts."""
+        obj, m = self.obj, self.model
+        P = obj.target_ids.shape[0]
+        if self.kind == "classifier":
+            images = generate(m, list(obj.concept.target_prompts) * r, steps=obj.config.gen_steps,
+                              guidance=obj.config.guidance, context=ctx_prompts, latents=obj.noise0.repeat(r, 1, 1, 1),
+                              unet_patches=unet_patches, plan=plan,
+                              mult=None if mult is None else mult.repeat_interleave(P, 0), means=means)
+            p = m.classifier.concept_probability(images, obj.concept.attribute, obj.concept.value)
+            return p.reshape(r, P)
+        idx = obj.image_index
+        S = obj.n_samples
+        ctx = ctx_prompts.reshape(r, P, *ctx_prompts.shape[1:])[:, idx].reshape(r * S, *ctx_prompts.shape[1:])
+        rows = None if mult is None else mult.repeat_interleave(S, 0)
+        eps = run_unet(m, obj.x_t.repeat(r, 1, 1, 1), obj.t.repeat(r), ctx, plan, rows, means,
+                       unet_patches(0) if unet_patches else None)[0]
+        eps = eps.reshape(r, S, *eps.shape[1:])
+        dims = tuple(range(2, eps.dim()))
+        if self.kind == "erase":
+            return (eps - self.eps_anchor[None]).pow(2).mean(dim=dims)
+        return -(eps - obj.noise[None]).pow(2).mean(dim=dims)
+
+    def text(self, ids_rows, patches, plan=None, mult=None, means=None):
+        return run_text(self.model, ids_rows, plan, mult, means, patches)
+
+
+def _frac(j_rest, j_corr, j_clean, groups=None):
+    """Restored fraction per row; with ``groups`` (list of sample index tensors) one column per group."""
+    if groups is None:
+        groups = [torch.arange(j_rest.shape[1])]
+    cols = []
+    for g in groups:
+        den = j_clean[g].mean() - j_corr[g].mean()
+        num = j_rest[:, g].mean(1) - j_corr[g].mean()
+        if den.abs() > 0:
+            cols.append(num / den)
+        else:  # the corruption changed nothing (e.g. zero noise): a run equal to the clean one restores 100%
+            cols.append(torch.where(num == 0, torch.ones_like(num), torch.full_like(num, float("nan"))))
+    return torch.stack(cols, 1)
+
+
+@register
+class CausalTracing(Method):
+    name = "tracing"
+    Config = TracingConfig
+    capabilities = Capabilities(granularities=("layer", "neuron"))
+
+    def _scores(self, obj, comps, entry, progress):
+        cfg, m = self.config, obj.model
+        tr = _Tracer(obj, cfg)
+        with torch.no_grad():
+            j_clean = tr.J(obj.ctx_target, 1)[0]
+            ctx_corr = [tr.text(obj.target_ids, tr.corruption(k, 1))[0] for k in range(cfg.n_noise)]
+            j_corr = [tr.J(c, 1)[0] for c in ctx_corr]
+            scores = self._components(tr, comps, j_clean, j_corr, ctx_corr, entry, progress)
+            extra = self._maps(tr, j_clean, j_corr, ctx_corr) if cfg.maps else []
+        meta = {"j_clean": float(j_clean.mean()), "j_corrupted": [float(j.mean()) for j in j_corr],
+                "subject_positions": tr.subj, "noise_scale": cfg.noise_scale}
+        return {"score": scores.mean(1), "stderr": stderr_over(scores, 1), "extra_frames": extra, "meta": meta}
+
+    def _components(self, tr, comps, j_clean, j_corr, ctx_corr, entry, progress):
+        obj, m, cfg = tr.obj, tr.model, self.config
+        n = len(comps)
+        text_idx = [i for i, c in enumerate(comps) if c.model == "text_encoder"]
+        unet_idx = [i for i, c in enumerate(comps) if c.model == "unet"]
+        out = torch.empty(n, cfg.n_noise, dtype=torch.float64)
+        for part, idx in (("text_encoder", text_idx), ("unet", unet_idx)):
+            if not idx:
+                continue
+            sub = ComponentSet([comps[i] for i in idx])
+            plan = compile_plan(m, sub)
+            clean = self._clean_states(tr, plan, part)
+            for k in range(cfg.n_noise):
+                for start in tqdm(range(0, len(sub), cfg.chunk), desc=f"tracing {part} draw {k}", disable=not progress):
+                    stop = min(start + cfg.chunk, len(sub))
+
+                    def compute(start=start, stop=stop, k=k):
+                        r = stop - start
+                        M = torch.ones(r, len(sub), dtype=m.dtype)
+                        M[torch.arange(r), torch.arange(start, stop)] = 0  # 0 = take the clean value
+                        if part == "text_encoder":
+                            ctx = tr.text(obj.target_ids.repeat(r, 1), tr.corruption(k, r), plan,
+                                          M, clean)[0]
+                            J = tr.J(ctx, r)
+                        elif tr.kind == "classifier":
+                            J = tr.J(ctx_corr[k].repeat(r, 1, 1), r, unet_patches=_unit_patches(plan, M, clean, obj),
+                                     )
+                        else:
+                            J = tr.J(ctx_corr[k].repeat(r, 1, 1), r, plan=plan, mult=M, means=clean)
+                        return {"frac": _frac(J, j_corr[k], j_clean)[:, 0]}
+
+                    res = compute() if entry is None else entry.chunk(f"trace-{part}-{k}-{start:07d}", compute)
+                    out[[idx[i] for i in range(start, stop)], k] = res["frac"].double()
+        return out
+
+    def _clean_states(self, tr, plan, part):
+        """Clean values at every site of ``plan`` (per prompt for text, per sample or per step for the UNet)."""
+        obj, m = tr.obj, tr.model
+        paths = [s.path for s in plan.sites[part]]
+        if part == "text_encoder":
+            return run_text(m, obj.target_ids, saves=paths)[1]
+        if tr.kind == "classifier":
+            rec: dict = {}
+            generate(m, list(obj.concept.target_prompts), steps=obj.config.gen_steps, guidance=obj.config.guidance,
+                     latents=obj.noise0, record=paths, recorded=rec)
+            return rec
+        return run_unet(m, obj.x_t, obj.t, obj.ctx_target[obj.image_index], saves=paths)[1]
+
+    def _maps(self, tr, j_clean, j_corr, ctx_corr):
+        obj, m, cfg = tr.obj, tr.model, self.config
+        frames = []
+        # UNet layers x timestep: restore one layer's clean output; read each timestep's samples separately.
+        layers = m.components("layer", family=("block", "resnet"))
+        plan = compile_plan(m, layers)
+        clean = self._clean_states(tr, plan, "unet")
+        r = len(layers)
+        M = torch.ones(r, r, dtype=m.dtype) - torch.eye(r, dtype=m.dtype)
+        if tr.kind == "classifier":
+            steps = obj.config.gen_steps
+            vals = torch.empty(r, steps, cfg.n_noise, dtype=torch.float64)
+            for k in range(cfg.n_noise):
+                for s in range(steps):
+                    J = tr.J(ctx_corr[k].repeat(r, 1, 1), r, unet_patches=_unit_patches(plan, M, clean, obj, only_step=s))
+                    vals[:, s, k] = _frac(J, j_corr[k], j_clean)[:, 0].double()
+            labels = list(range(steps))
+        else:
+            ts = sorted(set(obj.t.tolist()))
+            groups = [torch.nonzero(obj.t == t).flatten() for t in ts]
+            vals = torch.empty(r, len(ts), cfg.n_noise, dtype=torch.float64)
+            for k in range(cfg.n_noise):
+                J = tr.J(ctx_corr[k].repeat(r, 1, 1), r, plan=plan, mult=M, means=clean)
+                vals[:, :, k] = _frac(J, j_corr[k], j_clean, groups).double()
+            labels = ts
+        for j, lab in enumerate(labels):
+            frames.append({"components": layers, "score": vals[:, j].mean(1).numpy(),
+                           "stderr": stderr_over(vals[:, j], 1).numpy(), "timestep": lab})
+        # Text-encoder layers x token position (relative to the last subject token).
+        tlayers = m.components("layer", family="text_layer")
+        paths = [c.module for c in tlayers]
+        clean_t = run_text(m, obj.target_ids, saves=paths)[1]
+        P, L = obj.target_ids.shape
+        lengths = (obj.target_ids != m.tokenizer.pad_token_id).sum(1).tolist()
+        last = [pos[-1] for pos in tr.subj]
+        offsets = range(-max(last), max(l - 1 - s for l, s in zip(lengths, last)) + 1)
+        table = {}
+        for k in range(cfg.n_noise):
+            for li, path in enumerate(paths):
+                R = L  # one row block per absolute position
+                where = torch.zeros(R, P, L, 1, dtype=torch.bool)
+                for p in range(L):
+                    where[p, :, p] = True
+                patches = tr.corruption(k, R)
+                patches[path] = Patch(clean_t[path].repeat(R, 1, 1), where.reshape(R * P, L, 1))
+                ctx = tr.text(obj.target_ids.repeat(R, 1), patches)[0]
+                J = tr.J(ctx, R)  # (R, S) per absolute position
+                if tr.kind == "classifier":
+                    per_prompt = J
+                else:
+                    per_prompt = torch.stack([J[:, obj.image_index == i].mean(1) for i in range(P)], 1)
+                    jc = torch.stack([j_clean[obj.image_index == i].mean() for i in range(P)])
+                    jk = torch.stack([j_corr[k][obj.image_index == i].mean() for i in range(P)])
+                if tr.kind == "classifier":
+                    jc, jk = j_clean, j_corr[k]
+                for off in offsets:
+                    num, den = [], []
+                    for i in range(P):
+                        p = last[i] + off
+                        if 0 <= p < lengths[i]:
+                            num.append(per_prompt[p, i] - jk[i])
+                            den.append(jc[i] - jk[i])
+                    if num:
+                        d = torch.stack(den).sum()
+                        table.setdefault((li, off), []).append(float(torch.stack(num).sum() / d) if d.abs() > 0 else float("nan"))
+        for off in offsets:
+            vals_t = np.array([np.mean(table.get((li, off), [np.nan])) for li in range(len(paths))])
+            errs = np.array([np.std(table.get((li, off), [np.nan])) / np.sqrt(max(1, len(table.get((li, off), [])) - 0))
+                             for li in range(len(paths))])
+            if np.isfinite(vals_t).any():
+                frames.append({"components": tlayers, "score": np.nan_to_num(vals_t), "stderr": errs, "token": off})
+        return frames
+
+
+def _unit_patches(plan, M, clean_by_step, obj, only_step=None):
+    """Per-step patches that restore, for row i, the clean value of the units whose multiplier is 0 in ``M[i]``."""
+    P = obj.target_ids.shape[0]
+
+    def fn(step):
+        if only_step is not None and step != only_step:
+            return {}
+        patches = {}
+        for s in plan.sites["unet"]:
+            clean = clean_by_step[step][s.path]
+            h_shape = clean.shape
+            keep = torch.ones(M.shape[0], s.n_features, dtype=torch.bool)
+            if s.whole:
+                keep = (M[:, s.columns[0]] != 0)[:, None].expand(-1, s.n_features)
+            else:
+                keep[:, s.features] = M[:, s.columns] != 0
+            where = ~keep.repeat_interleave(P, 0)
+            if s.whole:
+                where = where[:, :1].reshape(-1, *([1] * (len(h_shape) - 1)))
+            elif s.axis == 1:
+                where = where.reshape(where.shape[0], s.n_features, *([1] * (len(h_shape) - 2)))
+            else:
+                where = where.reshape(where.shape[0], *([1] * (len(h_shape) - 2)), s.n_features)
+            patches[s.path] = Patch(clean.repeat(M.shape[0], *([1] * (len(h_shape) - 1))), where)
+        return patches
+
+    return fn

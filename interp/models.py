@@ -1,0 +1,222 @@
+"""Loading a text-to-image diffusion model into the suite, with its UNet and text encoder behind nnsight.
+
+:func:`load_model` accepts ``"concept-world"`` (the shipped default), a local folder of a diffusers pipeline
+(Stable Diffusion 1.x/2.x or a concept-world checkpoint), a hub id, or a pipeline object, and returns a
+:class:`DiffusionModel`: the pipeline's parts, their nnsight wrappers, the component space of the architecture,
+and, for the concept world, the concept classifier that judges generated images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from nnsight import NNsight
+
+from .components import ComponentSpace
+from .world.vocab import check_prompts
+
+ASSETS = Path(__file__).parent / "world" / "assets"
+SHIPPED = {"concept-world": ASSETS / "concept-world"}
+
+
+class ModelLoadError(ValueError):
+    """A model spec that names nothing loadable."""
+
+
+@dataclass(eq=False)
+class DiffusionModel:
+    """A loaded model: pipeline parts, their nnsight wrappers and the component space."""
+
+    name: str
+    unet: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    scheduler: object
+    vae: nn.Module | None = None
+    classifier: nn.Module | None = None
+    is_concept_world: bool = False
+    pipeline: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        for m in (self.unet, self.text_encoder, self.vae, self.classifier):
+            if m is not None:
+                m.eval().requires_grad_(False)
+        self.counters: Counter = Counter()  # UNet rows run (and with gradients): the methods' cost accounting
+        self.nn_unet = NNsight(self.unet)
+        self.nn_text = NNsight(self.text_encoder)
+        self.events = _event_order({"unet": self.unet, "text_encoder": self.text_encoder}, self)
+        order = {p: i for (kind, p), i in self.events.items() if kind == "in"}
+        self.space = ComponentSpace({"text_encoder": self.text_encoder, "unet": self.unet}, order)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def modules(self):
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def module(self, path: str) -> nn.Module:
+        prefix, _, rel = path.partition(".")
+        return self.modules()[prefix].get_submodule(rel)
+
+    def envoy(self, path: str):
+        prefix, _, rel = path.partition(".")
+        root = self.nn_unet if prefix == "unet" else self.nn_text
+        return root.get(rel) if rel else root
+
+    def check_prompts(self, prompts):
+        """Validate prompts: non-empty list; for word-level tokenizers (the concept world), every word known."""
+        if self.is_concept_world:
+            return check_prompts(prompts, self.tokenizer.get_vocab())
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("the prompt list is empty: pass at least one prompt (use '' for the unconditional one)")
+        return prompts
+
+    def parameters(self):
+        """All weights the suite might touch (for bitwise-unchanged checks)."""
+        for prefix, m in self.modules().items():
+            for n, p in m.named_parameters():
+                yield f"{prefix}.{n}", p
+
+    def state_fingerprint(self) -> dict[str, torch.Tensor]:
+        """A copy of every weight, to compare bitwise after an analysis."""
+        return {n: p.detach().clone() for n, p in self.parameters()}
+
+    def components(self, granularity: str = "neuron", **filters):
+        return self.space.select(granularity, **filters)
+
+
+def _event_order(models: dict[str, nn.Module], owner: DiffusionModel) -> dict[tuple[str, str], int]:
+    """Execution order of every module's input and output events, from one forward pass with plain hooks.
+
+    nnsight must be asked for modules in the order they run (``named_modules`` lists the UNet's up blocks before
+    its mid block, but the mid block runs first).
+    """
+    events: dict[tuple[str, str], int] = {}
+    handles = []
+
+    def pre(name):
+        def hook(mod, args):
+            events.setdefault(("in", name), len(events))
+        return hook
+
+    def post(name):
+        def hook(mod, args, out):
+            events.setdefault(("out", name), len(events))
+        return hook
+
+    try:
+        for prefix, root in models.items():
+            for n, m in root.named_modules():
+                name = f"{prefix}.{n}" if n else prefix
+                handles.append(m.register_forward_pre_hook(pre(name)))
+                handles.append(m.register_forward_hook(post(name)))
+        with torch.no_grad():
+            ids = torch.full((1, owner.tokenizer.model_max_length), owner.tokenizer.pad_token_id or 0, dtype=torch.long)
+            ctx = owner.text_encoder(ids.to(owner.device))[0]
+            from .diffusion import latent_shape
+
+            x = torch.zeros(latent_shape(owner.unet, 1), dtype=owner.unet.dtype, device=owner.device)
+            owner.unet(x, torch.tensor([1], device=owner.device), encoder_hidden_states=ctx.to(owner.unet.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    return events
+
+
+def _is_concept_world_dir(path: Path) -> bool:
+    return (path / "pipeline" / "model_index.json").exists() and (path / "classifier.safetensors").exists()
+
+
+def load_model(spec="concept-world", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionModel:
+    """Load a model into the suite.
+
+    ``spec``: ``"concept-world"``; a folder written by the concept-world trainer or by ``save_pretrained`` of a
+    diffusers text-to-image pipeline; a hub id (``"org/name"``, needs the weights in the local cache here); or a
+    pipeline object. Raises :class:`FileNotFoundError` for a missing folder and :class:`ModelLoadError` for a name
+    that is neither shipped, nor a folder, nor a hub id.
+    """
+    from diffusers import DiffusionPipeline
+
+    from .world.classifier import ConceptClassifier
+    from .world.model import ConceptWorldPipeline
+
+    if isinstance(spec, DiffusionPipeline):
+        pipe, name, folder = spec, type(spec).__name__, None
+    elif isinstance(spec, (str, os.PathLike)):
+        text = str(spec)
+        if text in SHIPPED:
+            folder = SHIPPED[text]
+            if not _is_concept_world_dir(folder):
+                raise FileNotFoundError(
+                    f"the shipped {text!r} checkpoint is missing from {folder}; reinstall the package or retrain it "
+                    f"with `python -m analyses.train_world`"
+                )
+        else:
+            folder = Path(text).expanduser()
+        name = text
+        if folder.exists():
+            if _is_concept_world_dir(folder):
+                pipe = ConceptWorldPipeline.from_pretrained(folder / "pipeline", torch_dtype=dtype)
+            elif (folder / "model_index.json").exists():
+                index = json.loads((folder / "model_index.json").read_text())
+                cls = ConceptWorldPipeline if index.get("_class_name") == "ConceptWorldPipeline" else DiffusionPipeline
+                pipe = cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+            else:
+                raise ModelLoadError(
+                    f"{folder} is not a diffusers pipeline folder (no model_index.json): point at the folder that "
+                    f"`save_pretrained` wrote"
+                )
+        elif re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/", "~")):
+            try:
+                pipe = DiffusionPipeline.from_pretrained(text, torch_dtype=dtype)
+            except Exception as err:  # the hub is out of reach or the id is wrong: say both fixes
+                raise ModelLoadError(
+                    f"could not load hub id {text!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+                    f"Without network access, download the pipeline elsewhere and pass its folder."
+                ) from err
+            folder = None
+        elif any(sep in text for sep in ("/", "\\")) or text.startswith((".", "~")):
+            raise FileNotFoundError(f"model folder {text!r} does not exist")
+        else:
+            raise ModelLoadError(
+                f"unknown model {text!r}: use one of {sorted(SHIPPED)}, a folder written by save_pretrained, "
+                f"or a hub id like 'org/name'"
+            )
+    else:
+        raise TypeError(f"load_model takes a name, a folder or a DiffusionPipeline, not {type(spec).__name__}")
+
+    for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        if getattr(pipe, part, None) is None:
+            raise ModelLoadError(f"the pipeline has no {part}: the suite needs a text-conditioned UNet pipeline")
+    classifier = None
+    is_world = isinstance(pipe, ConceptWorldPipeline)
+    if is_world and folder is not None and (Path(folder) / "classifier.safetensors").exists():
+        classifier = ConceptClassifier.load(folder)
+    if pipe.unet.dtype != dtype or pipe.unet.device != torch.device(device):
+        pipe.to(device=device, dtype=dtype)
+    if classifier is not None:
+        classifier.to(device=device, dtype=dtype)
+    return DiffusionModel(
+        name=name,
+        unet=pipe.unet,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=pipe.scheduler,
+        vae=getattr(pipe, "vae", None),
+        classifier=classifier,
+        is_concept_world=is_world,
+        pipeline=pipe,
+    )

@@ -1,0 +1,240 @@
+"""Objectives J and the fixed evaluation set every method attributes.
+
+Every method in the suite explains the same function: J of a concept, averaged over one seeded evaluation set
+(images x noises x timesteps) built once per (model, concept, config). Three objectives:
+
+``erase``
+    CAD's erase objective (Nguyen et al. 2024): ``J = mean (eps(z_t, c) - eps(z_t, c_anchor))^2``, how differently
+    the model denoises with and without the concept in the prompt. CAD stops the gradient through the anchor
+    branch; whether the anchor branch is *also ablated* when a component is ablated is a real choice (see
+    ``shared/notes/anchors.md``): ``anchor="shared"`` (default) runs the anchor through the same intervened model,
+    so J stays a measure of the concept's effect, and gradients flow through both branches; ``anchor="frozen"``
+    keeps the anchor's prediction of the intact model, which is CAD's stop-gradient taken literally.
+``amplify``
+    The negative denoising loss on images of the concept, ``J = -mean (eps(z_t, c) - eps)^2`` (CAD's amplify
+    objective, signed so that higher J = the concept is modeled better).
+``classifier``
+    End to end: the concept classifier's probability of the concept on images generated from the target prompts
+    and fixed noises (concept world only).
+
+In the concept world ``z_t`` are forward-noised renders of the target scenes (the images the prompts describe); on
+other models they are forward-noised samples the model generates for its target prompts. Means are over pixels, so
+J's scale does not depend on the resolution. All methods share the sign convention: a component's score is
+positive when ablating it lowers J.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+
+from . import diffusion
+from .concepts import Concept, resolve
+from .generation import generate
+from .interventions import Plan, run_text, run_unet
+from .world.render import ConceptWorld
+
+KINDS = ("erase", "amplify", "classifier")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Which J, on which evaluation set. Frozen; :meth:`hash` keys caches."""
+
+    kind: str = "erase"
+    anchor: str = "shared"
+    n_images: int = 8
+    timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
+    seed: int = 0
+    gen_steps: int = 10
+    guidance: float = 4.0
+    dtype: str = "float32"
+    max_batch: int = 640
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown objective {self.kind!r}; objectives are {KINDS}")
+        if self.anchor not in ("shared", "frozen"):
+            raise ValueError(f"anchor must be 'shared' or 'frozen', got {self.anchor!r}")
+        if self.n_images <= 0 or not self.timesteps:
+            raise ValueError("the evaluation set is empty: n_images must be positive and timesteps non-empty")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+class NonFiniteObjectiveError(FloatingPointError):
+    """J came out NaN or infinite."""
+
+
+class Objective:
+    """J of one concept on one model over its fixed evaluation set.
+
+    ``values(plan, mult)`` returns J per mask row and per sample, shape ``(R, S)``; ``intact`` is ``(S,)``.
+    Gradients flow when the caller enables them (``mult`` may require grad).
+    """
+
+    def __init__(self, model, concept: str | Concept, config: ObjectiveConfig | None = None):
+        self.config = cfg = config or ObjectiveConfig()
+        if model.dtype != DTYPES[cfg.dtype]:
+            model = as_dtype(model, DTYPES[cfg.dtype])
+        self.model = model
+        self.concept = resolve(model, concept, n=cfg.n_images, seed=cfg.seed)
+        if cfg.kind == "classifier" and (model.classifier is None or self.concept.attribute is None):
+            raise ValueError(
+                "the classifier objective needs a concept classifier and a concept-world concept; "
+                "use kind='erase' or 'amplify' on this model"
+            )
+        if len(self.concept.target_prompts) != cfg.n_images:
+            raise ValueError(f"concept has {len(self.concept.target_prompts)} prompts, config asks {cfg.n_images}")
+        self._build()
+
+    # -- the evaluation set ----------------------------------------------------------------------------------
+    def _build(self):
+        cfg, model, c = self.config, self.model, self.concept
+        dev, dt = model.device, model.dtype
+        self.target_ids = diffusion.tokenize(model.tokenizer, model.check_prompts(list(c.target_prompts)), dev)
+        self.anchor_ids = diffusion.tokenize(model.tokenizer, model.check_prompts(list(c.anchor_prompts)), dev)
+        with torch.no_grad():
+            self.ctx_target = run_text(model, self.target_ids)[0]
+            self.ctx_anchor = run_text(model, self.anchor_ids)[0]
+        if cfg.kind == "classifier":
+            gen = torch.Generator().manual_seed(cfg.seed)
+            self.noise0 = diffusion.initial_noise(model.unet, cfg.n_images, gen, dt, dev)
+            self.n_samples = cfg.n_images
+            self.branches = 1
+            self.rows_per_eval = cfg.n_images * cfg.gen_steps * (2 if cfg.guidance != 1 else 1)
+            self.label = c.value
+        else:
+            if model.is_concept_world and c.scenes_seed is not None:
+                world = ConceptWorld(cfg.n_images, seed=c.scenes_seed, **{c.attribute: c.value})
+                x0 = torch.stack([world[i]["image"] for i in range(cfg.n_images)]).to(dev, dt) * 2 - 1
+            else:
+                with torch.no_grad():
+                    x0 = generate(model, list(c.target_prompts), seed=cfg.seed, steps=cfg.gen_steps,
+                                  guidance=cfg.guidance, decode=False)
+            n_t = len(cfg.timesteps)
+            gen = torch.Generator().manual_seed(cfg.seed + 1)
+            self.image_index = torch.arange(cfg.n_images).repeat_interleave(n_t)
+            self.t = torch.tensor(cfg.timesteps * cfg.n_images, device=dev)
+            self.noise = torch.randn((cfg.n_images * n_t, *x0.shape[1:]), generator=gen, dtype=dt).to(dev)
+            self.x_t = model.scheduler.add_noise(x0[self.image_index], self.noise, self.t.cpu()).to(dt)
+            self.n_samples = len(self.t)
+            shared = cfg.kind == "erase" and cfg.anchor == "shared"
+            self.branches = 2 if shared else 1
+            self.rows_per_eval = self.n_samples * self.branches
+            if cfg.kind == "erase" and cfg.anchor == "frozen":
+                with torch.no_grad():
+                    self.eps_anchor = run_unet(model, self.x_t, self.t, self.ctx_anchor[self.image_index])[0]
+        with torch.no_grad():
+            self.intact = self.values()[0]
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    def values(self, plan: Plan | None = None, mult: torch.Tensor | None = None, means=None,
+               target_context: torch.Tensor | None = None, unet_patches=None,
+               samples: torch.Tensor | None = None, recompute_text: bool = False) -> torch.Tensor:
+        """J per mask row and sample, ``(R, S)``; ``R = 1`` without masks. Chunks rows to ``max_batch``.
+
+        ``samples`` restricts the evaluation set to those sample indices (CAD's per-group gradients);
+        ``recompute_text`` runs the text encoder inside the call (so gradients reach its weights).
+        """
+        if mult is not None and plan is None:
+            raise ValueError("multipliers need a compiled plan")
+        if mult is not None and plan is not None and mult.shape[-1] != len(plan.components):
+            raise ValueError(f"multipliers have {mult.shape[-1]} columns for {len(plan.components)} components")
+        R = 1 if mult is None else mult.shape[0]
+        S = self.n_samples if samples is None else len(samples)
+        per_row = S * (self.branches if self.config.kind != "classifier" else 2)
+        chunk = max(1, self.config.max_batch // per_row)
+        outs = [self._chunk(plan, None if mult is None else mult[s : s + chunk], means, target_context, unet_patches,
+                            samples, recompute_text)
+                for s in range(0, R, chunk)]
+        J = torch.cat(outs)
+        if not torch.isfinite(J).all():
+            raise NonFiniteObjectiveError(
+                f"objective {self.config.kind!r} of concept {self.concept.name!r} is not finite "
+                f"({int((~torch.isfinite(J)).sum())} of {J.numel()} values): check the model's weights and dtype "
+                f"(float16 overflows; use float32 or float64)"
+            )
+        return J
+
+    def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False) -> torch.Tensor:
+        model, cfg = self.model, self.config
+        r = 1 if mult is None else mult.shape[0]
+        sel = torch.arange(self.n_samples) if samples is None else torch.as_tensor(samples)
+        S = len(sel)
+        if cfg.kind == "classifier":
+            prompts = [self.concept.target_prompts[i] for i in sel.tolist()] * r
+            rows = None if mult is None else mult.repeat_interleave(S, 0)
+            ctx = None if target_context is None else target_context[sel].repeat(r, 1, 1)
+            images = generate(model, prompts, steps=cfg.gen_steps, guidance=cfg.guidance, plan=plan, mult=rows,
+                              means=means, context=ctx, latents=self.noise0[sel].repeat(r, 1, 1, 1),
+                              unet_patches=unet_patches)
+            p = model.classifier.concept_probability(images.to(model.classifier.trunk[0].weight.dtype),
+                                                      self.concept.attribute, self.concept.value)
+            return p.reshape(r, S)
+        B = self.branches
+        idx = self.image_index[sel]
+        has_text = (plan is not None and plan.sites["text_encoder"]) or recompute_text
+        if has_text:
+            ids = torch.cat([self.target_ids[idx], self.anchor_ids[idx]][:B])
+            text_rows = None if mult is None else mult.repeat_interleave(B * S, 0)
+            ctx = run_text(model, ids.repeat(r, 1), plan, text_rows, means)[0]
+        else:
+            tctx = self.ctx_target[idx] if target_context is None else target_context[idx]
+            ctx = torch.cat([tctx, self.ctx_anchor[idx]][:B]).repeat(r, 1, 1)
+        x = self.x_t[sel].repeat(r * B, 1, 1, 1)
+        t = self.t[sel].repeat(r * B)
+        rows = None if mult is None else mult.repeat_interleave(B * S, 0)
+        patches = unet_patches(0) if unet_patches is not None else None
+        eps = run_unet(model, x, t, ctx, plan, rows, means, patches)[0]
+        eps = eps.reshape(r, B, S, *eps.shape[1:])
+        dims = tuple(range(2, eps.dim() - 1))
+        if cfg.kind == "erase":
+            anchor = eps[:, 1] if B == 2 else self.eps_anchor[sel][None]
+            return (eps[:, 0] - anchor).pow(2).mean(dim=dims)
+        return -(eps[:, 0] - self.noise[sel][None]).pow(2).mean(dim=dims)
+
+    def mean(self, plan=None, mult=None, means=None) -> torch.Tensor:
+        """J averaged over the evaluation set, per mask row."""
+        return self.values(plan, mult, means).mean(1)
+
+    def describe(self) -> dict:
+        return {"objective": self.config.kind, "anchor": self.config.anchor, "n_samples": self.n_samples,
+                "objective_hash": self.config.hash(), **{f"objective_{k}": v for k, v in self.config.to_dict().items()}}
+
+
+def as_dtype(model, dtype: torch.dtype):
+    """A copy of ``model`` in another dtype (float64 ground truth); the user's model is untouched."""
+    import copy
+
+    from .models import DiffusionModel
+
+    parts = {k: copy.deepcopy(getattr(model, k)) for k in ("unet", "text_encoder", "vae", "classifier")}
+    for v in parts.values():
+        if v is not None:
+            v.to(dtype)
+    sched = model.scheduler.__class__.from_config(model.scheduler.config)
+    return DiffusionModel(model.name, parts["unet"], parts["text_encoder"], model.tokenizer, sched, parts["vae"],
+                          parts["classifier"], model.is_concept_world)
+
+
+def reference_means(obj: Objective, plan: Plan) -> dict[str, torch.Tensor]:
+    """Per-unit means of ``plan``'s sites over the objective's own evaluation inputs (for mean-ablation)."""
+    from .interventions import unit_means
+
+    if obj.config.kind == "classifier":
+        raise ValueError("mean-ablation needs a denoising objective's evaluation set (erase or amplify)")
+    idx = obj.image_index
+    return unit_means(obj.model, plan, obj.target_ids[idx], obj.x_t, obj.t)

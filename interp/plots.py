@@ -1,0 +1,248 @@
+"""Figures from tidy result frames (:mod:`interp.results`) and evaluation tables (:mod:`interp.evaluation`).
+
+Every function returns a :class:`matplotlib.figure.Figure` and never shows or saves it. Figures are built as plain
+``Figure`` objects (not through pyplot's figure manager), so they work under any backend, Agg included, and do not
+pile up in pyplot's state; :func:`fig_to_base64_png` turns one into a data URI for the HTML report.
+
+Layers are ordered by ``depth`` within each ``model_part``: text encoder first, then UNet, and labelled with
+:func:`interp.components.short_layer`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import sys
+import warnings
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from scipy import stats
+
+from .components import short_layer
+from .results import main_rows
+
+_PART_ORDER = {"text_encoder": 0, "unet": 1}
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+def _layer_index(df: pd.DataFrame, extra: str | None = None) -> pd.DataFrame:
+    """The distinct (model_part, layer[, extra]) rows of ``df`` in plotting order, with a ``label`` column."""
+    keys = ["model_part", "layer"] + ([extra] if extra else [])
+    idx = df.groupby(keys, observed=True)["depth"].min().reset_index()
+    idx["_part"] = idx["model_part"].map(_PART_ORDER).fillna(len(_PART_ORDER))
+    idx = idx.sort_values(["_part", "depth"] + keys, kind="stable").drop(columns="_part").reset_index(drop=True)
+    labels = [short_layer(str(l), str(p)) for p, l in zip(idx["model_part"], idx["layer"])]
+    if extra:
+        labels = [f"{lab} {e}" for lab, e in zip(labels, idx[extra])]
+    idx["label"] = labels
+    return idx
+
+
+def _empty(message: str, figsize=(6, 2)) -> Figure:
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot()
+    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
+    ax.set_axis_off()
+    return fig
+
+
+def _height(n_rows: int) -> float:
+    return min(40.0, max(3.0, 0.28 * n_rows + 1.5))
+
+
+def _corr(x, y, fn) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return float(fn(x, y)[0]) if len(x) >= 3 else math.nan
+        except ValueError:
+            return math.nan
+
+
+# -- localization --------------------------------------------------------------------------------------------------
+def localization_heatmap(df: pd.DataFrame, method: str) -> Figure:
+    """Where a method puts each concept: layer x concept heatmaps of positive and of negative attribution mass.
+
+    Left: sum of positive scores per layer; right: |sum of negative scores|. Each concept's column is divided by
+    the concept's total absolute mass (sum of |score| over all components) so concepts are comparable; the two
+    panels of a concept together sum to 1.
+    """
+    rows = main_rows(df)
+    rows = rows[rows["method"] == method]
+    if rows.empty:
+        return _empty(f"no rows for method {method!r}")
+    rows = rows.assign(pos=rows["score"].clip(lower=0), neg=-rows["score"].clip(upper=0), mass=rows["score"].abs())
+    total = rows.groupby("concept", observed=True)["mass"].sum()
+    per = rows.groupby(["model_part", "layer", "concept"], observed=True)[["pos", "neg"]].sum().reset_index()
+    # .to_numpy(float): mapping over a pyarrow-backed string column would give pyarrow doubles, which heatmaps reject
+    per["denom"] = per["concept"].map(total).to_numpy(float)
+    per.loc[per["denom"] == 0, "denom"] = np.nan
+    order = _layer_index(rows)
+    concepts = sorted(rows["concept"].unique())
+    fig = Figure(figsize=(2 * (2.6 + 0.8 * len(concepts)) + 1.5, _height(len(order)) + 0.6), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    # one colour scale for both panels, so supporting and opposing mass compare by eye
+    shares = per[["pos", "neg"]].to_numpy(float) / per[["denom"]].to_numpy(float)
+    vmax = float(shares[np.isfinite(shares)].max(initial=0.0)) or 1.0
+    for ax, col, cmap, label in (
+        (axes[0], "pos", "Reds", "positive mass / total |score|"),
+        (axes[1], "neg", "Blues", "|negative mass| / total |score|"),
+    ):
+        grid = per.assign(v=per[col] / per["denom"]).pivot_table(
+            index=["model_part", "layer"], columns="concept", values="v", aggfunc="sum", observed=True
+        )
+        grid = grid.reindex(pd.MultiIndex.from_frame(order[["model_part", "layer"]]))[concepts]
+        grid = grid.astype(float).set_axis(order["label"].to_numpy(), axis=0)
+        sns.heatmap(grid, ax=ax, cmap=cmap, vmin=0, vmax=vmax, cbar_kws={"label": label}, linewidths=0.3,
+                    linecolor="white", yticklabels=True)
+        ax.set_xlabel("concept")
+        ax.set_ylabel("layer" if ax is axes[0] else "")
+        ax.tick_params(axis="y", labelrotation=0)
+        ax.set_title("score > 0 (supports)" if col == "pos" else "score < 0 (opposes)")
+    fig.suptitle(f"{method}: attribution mass per layer\n(each concept divided by its total |score|)")
+    return fig
+
+
+# -- agreement with the reference ----------------------------------------------------------------------------------
+def scatter_vs_reference(df: pd.DataFrame, concept: str, reference: str = "ablation") -> Figure:
+    """One panel per method: its score (y) against the reference's (x) on shared components, with r and rho."""
+    rows = main_rows(df)
+    rows = rows[rows["concept"] == concept]
+    ref = rows.loc[rows["method"] == reference, ["component", "score"]].rename(columns={"score": "ref"})
+    others = sorted(m for m in rows["method"].unique() if m != reference)
+    # methods sharing no component with the reference (e.g. tracing's whole layers vs single units) get no panel
+    methods = [m for m in others if rows.loc[rows["method"] == m, "component"].isin(ref["component"]).any()]
+    if ref.empty or not methods:
+        return _empty(f"concept {concept!r}: no method shares components with {reference!r}")
+    ncol = min(3, len(methods))
+    nrow = math.ceil(len(methods) / ncol)
+    fig = Figure(figsize=(4.2 * ncol, 3.8 * nrow), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False)).ravel()
+    families = sorted(rows["family"].dropna().unique())
+    palette = dict(zip(families, sns.color_palette("tab10", len(families))))
+    for ax, method in zip(axes, methods):
+        pair = rows[rows["method"] == method].merge(ref, on="component")
+        x, y = pair["ref"].to_numpy(float), pair["score"].to_numpy(float)
+        sns.scatterplot(data=pair.astype({"family": object}), x="ref", y="score", hue="family", palette=palette,
+                        s=12, alpha=0.6, linewidth=0, ax=ax, legend=ax is axes[0])
+        ax.axhline(0, color="0.7", lw=0.6, zorder=0)
+        ax.axvline(0, color="0.7", lw=0.6, zorder=0)
+        r, rho = _corr(x, y, stats.pearsonr), _corr(x, y, stats.spearmanr)
+        ax.set_title(f"{method}: Pearson r = {r:.2f}, Spearman \u03c1 = {rho:.2f} (n = {len(pair)})", fontsize=9)
+        ax.set_xlabel(f"{reference} score")
+        ax.set_ylabel(f"{method} score")
+    for ax in axes[len(methods):]:
+        ax.set_axis_off()
+    skipped = [m for m in others if m not in methods]
+    note = f"\n(no shared components: {', '.join(skipped)})" if skipped else ""
+    fig.suptitle(f"concept '{concept}': each method against {reference}{note}")
+    return fig
+
+
+# -- causal tracing maps -------------------------------------------------------------------------------------------
+def _trace_rows(df, concept, method, part, axis):
+    rows = df[(df["method"] == method) & (df["concept"] == concept) & (df["model_part"] == part)]
+    return rows[rows[axis].notna()]
+
+
+def _trace_grid(rows: pd.DataFrame, axis: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    # Several traced modules in one layer (attn1, attn2, ff) get a row each; units of a module are averaged.
+    extra = "kind" if rows.groupby("layer", observed=True)["kind"].nunique().max() > 1 else None
+    order = _layer_index(rows, extra)
+    keys = ["model_part", "layer"] + ([extra] if extra else [])
+    grid = rows.astype({axis: "int64"}).pivot_table(index=keys, columns=axis, values="score", aggfunc="mean",
+                                                    observed=True)
+    grid = grid.reindex(pd.MultiIndex.from_frame(order[keys]))
+    grid = grid.astype(float).set_axis(order["label"].to_numpy(), axis=0)
+    grid.columns = [int(c) for c in grid.columns]
+    return grid, order
+
+
+def trace_map_unet(df: pd.DataFrame, concept: str, method: str = "tracing") -> Figure:
+    """Causal tracing in the UNet: restored fraction (score) per layer x timestep, in denoising order."""
+    rows = _trace_rows(df, concept, method, "unet", "timestep")
+    if rows.empty:
+        return _empty(f"no UNet tracing rows with a timestep for concept {concept!r}")
+    grid, order = _trace_grid(rows, "timestep")
+    grid = grid[sorted(grid.columns, reverse=True)]  # sampling runs from high (noisy) to low timesteps
+    fig = Figure(figsize=(max(5.0, 0.45 * grid.shape[1] + 3), _height(len(order))), layout="constrained")
+    ax = fig.add_subplot()
+    sns.heatmap(grid, ax=ax, cmap="viridis", cbar_kws={"label": "restored fraction"}, yticklabels=True)
+    ax.tick_params(axis="y", labelrotation=0)
+    ax.set_xlabel("timestep (denoising order: noisy \u2192 clean)")
+    ax.set_ylabel("layer")
+    ax.set_title(f"causal tracing, UNet, concept '{concept}'")
+    return fig
+
+
+def trace_map_text(df: pd.DataFrame, concept: str, tokens: list[str] | None = None,
+                   method: str = "tracing") -> Figure:
+    """Causal tracing in the text encoder: restored fraction per layer x token position.
+
+    ``tokens`` (optional) are the prompt's token strings, indexed by position, used as x tick labels.
+    """
+    rows = _trace_rows(df, concept, method, "text_encoder", "token")
+    if rows.empty:
+        return _empty(f"no text-encoder tracing rows with a token for concept {concept!r}")
+    grid, order = _trace_grid(rows, "token")
+    grid = grid[sorted(grid.columns)]
+    fig = Figure(figsize=(max(5.0, 0.55 * grid.shape[1] + 3), _height(len(order))), layout="constrained")
+    ax = fig.add_subplot()
+    sns.heatmap(grid, ax=ax, cmap="viridis", cbar_kws={"label": "restored fraction"}, yticklabels=True)
+    ax.tick_params(axis="y", labelrotation=0)
+    if tokens is not None:
+        ax.set_xticks(np.arange(grid.shape[1]) + 0.5)
+        ax.set_xticklabels([tokens[p] if 0 <= p < len(tokens) else str(p) for p in grid.columns], rotation=45,
+                           ha="right")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("layer")
+    ax.set_title(f"causal tracing, text encoder, concept '{concept}'")
+    return fig
+
+
+# -- accuracy vs cost ----------------------------------------------------------------------------------------------
+def accuracy_vs_cost(table: pd.DataFrame, cost: str = "forward_evals", accuracy: str = "lds_spearman") -> Figure:
+    """LDS against cost in forward-pass equivalents (log x), one panel per ablation rate alpha, hue = method.
+
+    ``table`` needs columns ``method, alpha`` and the ``accuracy`` and ``cost`` columns; several rows of a method
+    in a panel (e.g. budgets or concepts) are joined by a line in order of cost. Rows without a positive cost are
+    left out (a log axis cannot show them).
+    """
+    t = table.dropna(subset=[cost, accuracy])
+    t = t[t[cost] > 0]
+    if t.empty:
+        return _empty("no rows with both a cost and an accuracy")
+    alphas = sorted(t["alpha"].unique())
+    methods = sorted(t["method"].unique())
+    palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    fig = Figure(figsize=(4.2 * len(alphas) + 1.5, 3.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(alphas), sharey=True, squeeze=False)).ravel()
+    for i, (ax, alpha) in enumerate(zip(axes, alphas)):
+        sub = t[t["alpha"] == alpha].astype({"method": object}).sort_values(cost)
+        sns.lineplot(data=sub, x=cost, y=accuracy, hue="method", style="method", palette=palette, hue_order=methods,
+                     style_order=methods, markers=True,
+                     dashes=False, markersize=8, estimator=None, sort=True, ax=ax, legend=i == len(alphas) - 1)
+        ax.set_xscale("log")
+        ax.set_title(f"\u03b1 = {alpha:g}")
+        ax.set_xlabel("forward-pass equivalents (log scale)")
+        ax.set_ylabel("LDS (Spearman)" if accuracy == "lds_spearman" else accuracy)
+        ax.grid(True, which="major", color="0.9")
+    if axes[-1].get_legend() is not None:
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    fig.suptitle("accuracy on held-out joint ablations vs cost")
+    return fig
+
+
+# -- export --------------------------------------------------------------------------------------------------------
+def fig_to_base64_png(fig: Figure, dpi: int = 110) -> str:
+    """The figure as a ``data:image/png;base64,...`` URI; the figure is closed afterwards."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    if "matplotlib.pyplot" in sys.modules:  # only a pyplot-made figure is held by pyplot; release it
+        sys.modules["matplotlib.pyplot"].close(fig)
+    fig.clear()
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
