@@ -84,7 +84,14 @@ def main(argv=None) -> int:
     except (ValueError, KeyError, FileNotFoundError, TypeError) as err:
         parser.exit(2, f"error: {err}\n")
     corr = result["tables"]["correlations"]
-    logging.info("\n%s", corr[["concept", "method", "n", "pearson", "spearman", "kendall"]].to_string(index=False))
+    logging.info("\ncorrelation with true ablation:\n%s",
+                 corr[["concept", "method", "n", "pearson", "spearman", "kendall"]].to_string(index=False))
+    lds = result["tables"]["lds"].pivot_table(index=["concept", "method"], columns="alpha", values="lds_spearman")
+    logging.info("\nLDS (Spearman) on held-out joint ablations, by ablation rate:\n%s", lds.round(3).to_string())
+    for key, m in result["meta"]["methods"].items():
+        if key.startswith("coar/"):
+            logging.info("COAR %s: held-out LDS on its own %d test masks: Spearman %.3f, Pearson %.3f",
+                         key.split("/", 1)[1], m["n_test"], m["lds_spearman"], m["lds_pearson"])
     logging.info("report: %s", (out / "index.html").resolve())
     return 0
 

@@ -86,7 +86,8 @@ class CompareConfig:
         return {
             "coar": {"n_masks": coar_m, "alpha": self.coar_alpha, "seed": self.seed,
                      "curve": tuple(sorted({max(10, int(coar_m * 0.8 * f)) for f in (0.125, 0.25, 0.5)}))},
-            "maskgrad": {"n_masks": self.maskgrad_masks, "alpha": self.maskgrad_alpha, "seed": self.seed},
+            "maskgrad": {"n_masks": self.maskgrad_masks, "alpha": self.maskgrad_alpha, "seed": self.seed,
+                         "extra_alphas": tuple(a for a in self.lds_alphas if a != self.maskgrad_alpha)},
             "midpoint": {"alpha": self.maskgrad_alpha, "seed": self.seed},
             "tracing": {"n_noise": self.tracing_noise, "seed": self.seed},
         }.get(method, {"seed": self.seed})
@@ -162,7 +163,7 @@ def build_tables(results: pd.DataFrame, heldout: dict, cfg: CompareConfig) -> di
     for key, meta in results.attrs["meta"].items():
         for name, point in (meta.get("curve") or {}).items():
             curve_rows.append({"concept": key.split("/", 1)[1], "method": name, "forward_evals": point["forward_evals"],
-                               "backward_evals": 0.0, "seconds": np.nan})
+                               "backward_evals": point.get("backward_evals", 0.0), "seconds": np.nan})
     if curve_rows:
         cost = pd.concat([cost, pd.DataFrame(curve_rows)], ignore_index=True)
     cost["forward_equivalents"] = cost["forward_evals"] + 2 * cost["backward_evals"]

@@ -294,6 +294,10 @@ class ComponentSpace:
 
     def count(self, granularity: str = "neuron", **filters) -> int:
         if granularity == "weight":  # counting scalars does not need their dataclasses
+            sets = {k: ({v} if isinstance(v, str) else set(v)) for k, v in filters.items()
+                    if v is not None and k != "layer"}
+            layer = filters.get("layer")
+            self._check_filters(sets, None if layer is None else ({layer} if isinstance(layer, str) else set(layer)))
             return sum(
                 p.numel()
                 for info in self.modules.values()

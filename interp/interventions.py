@@ -74,6 +74,8 @@ def compile_plan(model, components: ComponentSet | Sequence[Component | str]) ->
         elif c.granularity == "neuron":
             axis = 1 if isinstance(mod, torch.nn.Conv2d) else -1
             n = mod.out_channels if axis == 1 else (mod.out_features if hasattr(mod, "out_features") else mod.proj.out_features // 2)
+            if groups.get((c.module, "out"), {}).get("whole"):
+                raise ValueError(f"{c.module} appears both as a layer and through its units in one component set")
             g = groups.setdefault((c.module, "out"), {"axis": axis, "n": n, "f": [], "c": [], "whole": False})
             g["f"].append(c.index)
             g["c"].append(col)

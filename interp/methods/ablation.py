@@ -36,6 +36,8 @@ def single_ablation_deltas(obj, comps, mode="zero", entry=None, chunk=64, progre
     """``J(ablated) - J(intact)`` per component and sample, shape (n, S)."""
     n = len(comps)
     if "weight" in comps.granularities:
+        if mode != "zero":
+            raise ValueError("scalar weights are only zero-ablated; use mode='zero' for weight components")
         rows = []
         for c in tqdm(comps, desc="ablation", disable=not progress):
             with weights_ablated(obj.model, [c]), torch.no_grad():

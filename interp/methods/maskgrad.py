@@ -42,8 +42,11 @@ class MaskGradConfig(MethodConfig):
     alpha: float = 0.05
     mode: str = "zero"
     batch: int = 4  # masks per forward+backward pass
+    extra_alphas: tuple[float, ...] = ()  # also estimate at these ablation rates; rows appear as "maskgrad@<alpha>"
 
     def __post_init__(self):
+        if any(not 0 < a < 1 for a in self.extra_alphas):
+            raise ValueError(f"extra_alphas must be in (0, 1), got {self.extra_alphas}")
         if not 0 < self.alpha < 1 or self.n_masks < 1:
             raise ValueError(f"need 0 < alpha < 1 and n_masks >= 1, got alpha={self.alpha}, n_masks={self.n_masks}")
 
@@ -82,9 +85,20 @@ class MaskGrad(Method):
 
     def _scores(self, obj, comps, entry, progress):
         cfg = self.config
-        Z = random_masks(cfg.n_masks, len(comps), cfg.alpha, cfg.seed + 777)
-        G = multiplier_gradients(obj, comps, (~Z).double(), cfg.mode, cfg.batch, progress, "maskgrad")
-        return {"score": G.mean(0), "stderr": stderr_over(G, 0), "meta": {"alpha": cfg.alpha, "n_masks": cfg.n_masks}}
+        out = {}
+        for alpha in (cfg.alpha, *cfg.extra_alphas):
+            Z = random_masks(cfg.n_masks, len(comps), alpha, cfg.seed + 777)
+            out[alpha] = multiplier_gradients(obj, comps, (~Z).double(), cfg.mode, cfg.batch, progress, "maskgrad")
+        G = out[cfg.alpha]
+        extra = [{"components": comps, "score": out[a].mean(0), "stderr": stderr_over(out[a], 0),
+                  "method": f"maskgrad@{a:g}"} for a in cfg.extra_alphas]
+        per = float(cfg.n_masks)  # each estimate: n_masks forward + n_masks backward passes over the evaluation set
+        curve = {f"maskgrad@{a:g}": {"forward_evals": per, "backward_evals": per} for a in cfg.extra_alphas}
+        return {"score": G.mean(0), "stderr": stderr_over(G, 0), "extra_frames": extra,
+                "meta": {"alpha": cfg.alpha, "n_masks": cfg.n_masks, "curve": curve,
+                         # the cost of this estimate alone; the run also paid for the extra alphas' estimates
+                         "forward_evals": per, "backward_evals": per,
+                         "forward_evals_all_alphas": per * (1 + len(cfg.extra_alphas))}}
 
 
 @register

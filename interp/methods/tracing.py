@@ -137,10 +137,10 @@ def _frac(j_rest, j_corr, j_clean, groups=None):
     for g in groups:
         den = j_clean[g].mean() - j_corr[g].mean()
         num = j_rest[:, g].mean(1) - j_corr[g].mean()
-        if den.abs() > 0:
-            cols.append(num / den)
-        else:  # the corruption changed nothing (e.g. zero noise): a run equal to the clean one restores 100%
-            cols.append(torch.where(num == 0, torch.ones_like(num), torch.full_like(num, float("nan"))))
+        # Below this the corruption changed J by no more than batch-size rounding (e.g. zero noise): every run
+        # equals the clean one up to rounding, i.e. restores 100%.
+        tol = 1e-5 * j_clean[g].abs().mean() + torch.finfo(j_clean.dtype).tiny
+        cols.append(num / den if den.abs() > tol else torch.ones_like(num))
     return torch.stack(cols, 1)
 
 

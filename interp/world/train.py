@@ -39,7 +39,7 @@ class TrainConfig:
     steps: int = 4000
     batch_size: int = 128
     lr: float = 1.5e-3
-    warmup: int = 200
+    warmup: int = 100
     weight_decay: float = 0.01
     ema_decay: float = 0.999
     caption_dropout: float = 0.1

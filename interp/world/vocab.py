@@ -95,10 +95,10 @@ def caption(attrs: dict[str, str | None], template: int = 0) -> str:
     values = {k: (v or "") for k, v in attrs.items()}
     if not values.get("shape"):
         values["shape"] = "shape"
-    text = TEMPLATES[template].format(**values)
+    text = " ".join(TEMPLATES[template].format(**values).split())
     if not attrs.get("background"):
-        text = re.sub(r" on (a )?\s*( background)?$", "", text.rstrip())
-    return " ".join(text.split())
+        text = re.sub(r" on( a)?( background)?$", "", text)
+    return text
 
 
 def build_tokenizer():

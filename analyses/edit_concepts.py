@@ -1,0 +1,256 @@
+"""Erase concepts with edits built from attributions and judge them on held-out prompts and seeds.
+
+    python -m analyses.edit_concepts                                   # red and circle, the default edits
+    python -m analyses.edit_concepts --concepts blue --edits cad-erase ablate:ablation --k 4 16
+
+Edits (``--edits``): cad-erase, cad-amplify (CAD's per-weight rule, swept over ``--ratios``), cad-erase-neurons,
+cad-amplify-neurons (CAD's scores of whole GEGLU units, swept over ``--k``), diff-quickfix (closed form, no budget),
+coar-edit (Welch t of per-sample CAD attributions, target vs the other values of its attribute, swept over ``--k``),
+and ablate:<method> for any registered attribution method (its top-k positive GEGLU units). Every edit is judged by
+the concept classifier: the target's rate before/after, the other values' rates (retained rate), an image-quality
+proxy (Frechet distance of classifier features to renders) and the edit's wall time.
+
+Writes a run folder (default reports/edit-<hash>/): tables/*.csv, edits.json, figures/*.png, meta.json and a
+self-contained index.html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+EDIT_CHOICES = ("cad-erase", "cad-amplify", "cad-erase-neurons", "cad-amplify-neurons", "diff-quickfix", "coar-edit")
+DEFAULT_EDITS = ("cad-erase", "diff-quickfix", "coar-edit", "ablate:maskgrad")
+DEFAULT_K = (16, 64, 256)
+DEFAULT_RATIOS = (0.02, 0.05, 0.1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analyses.edit_concepts", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="concept-world",
+                   help="'concept-world' (shipped) or a concept-world folder with a classifier (default %(default)s)")
+    p.add_argument("--concepts", nargs="+", default=["red", "circle"],
+                   help="concept words to erase (attribute values: red, circle, striped, ...; default %(default)s)")
+    p.add_argument("--edits", nargs="+", default=list(DEFAULT_EDITS),
+                   help=f"edits: {', '.join(EDIT_CHOICES)}, or ablate:<method> (default %(default)s)")
+    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_K),
+                   help="numbers of ablated components swept by the ablation edits (default %(default)s)")
+    p.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS),
+                   help="CAD per-row ratios swept by cad-erase / cad-amplify (default %(default)s)")
+    p.add_argument("--images", type=int, default=96,
+                   help="held-out images per evaluation: 1/4 target prompts, 1/12 target alone, the rest other "
+                        "values (default %(default)s)")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps of the evaluation (default %(default)s)")
+    p.add_argument("--attr-images", type=int, default=8,
+                   help="images of the attribution objective (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attributions and the held-out stream offset")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default reports/edit-<config hash>)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
+    return p
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse bad arguments before anything loads: unknown concept words or edits, empty or invalid sweeps."""
+    from interp.methods import REGISTRY
+    from interp.world.vocab import attribute_of
+
+    for c in args.concepts:
+        try:
+            attribute_of(c)
+        except KeyError as err:
+            parser.exit(2, f"error: {err.args[0]}\n")
+    if len(set(args.concepts)) != len(args.concepts):
+        parser.exit(2, f"error: duplicate concepts in {args.concepts}\n")
+    for e in args.edits:
+        if e.startswith("ablate:"):
+            if e.split(":", 1)[1] not in REGISTRY:
+                parser.exit(2, f"error: unknown method in edit {e!r}; registered methods are {sorted(REGISTRY)}\n")
+        elif e not in EDIT_CHOICES:
+            parser.exit(2, f"error: unknown edit {e!r}; edits are {', '.join(EDIT_CHOICES)} or ablate:<method> "
+                           f"with a method of {sorted(REGISTRY)}\n")
+    if any(k < 0 for k in args.k) or not args.k:
+        parser.exit(2, f"error: --k values must be non-negative integers, got {args.k}\n")
+    if any(not 0 <= r <= 1 for r in args.ratios) or not args.ratios:
+        parser.exit(2, f"error: --ratios must lie in [0, 1], got {args.ratios}\n")
+    if args.images < 3 or args.steps < 1 or args.attr_images < 1:
+        parser.exit(2, "error: --images must be >= 3, --steps and --attr-images >= 1\n")
+
+
+def make_edits(model, concept: str, spec: str, args, objective):
+    """The edits of one spec for one concept, one per budget of its sweep."""
+    from dataclasses import replace
+
+    from interp import editing as ed
+
+    if spec == "cad-erase":
+        ws = ed.cad_weight_scores(model, concept, "erase", objective)
+        return [ws.edit(r) for r in args.ratios]
+    if spec == "cad-amplify":
+        ws = ed.cad_weight_scores(model, concept, "amplify", replace(objective, kind="amplify"))
+        return [ws.edit(r) for r in args.ratios]
+    if spec == "diff-quickfix":
+        return [ed.diff_quickfix(model, concept, seed=ed.EDIT_SEED + args.seed)]
+    if spec == "cad-erase-neurons":
+        ranking = ed.rank_components(model, concept, "cad", objective=objective, name=spec)
+    elif spec == "cad-amplify-neurons":
+        ranking = ed.rank_components(model, concept, "cad", objective=replace(objective, kind="amplify"),
+                                     side="negative", name=spec)
+    elif spec == "coar-edit":
+        ranking = ed.coar_edit_ranking(model, concept, objective=objective)
+    else:
+        ranking = ed.rank_components(model, concept, spec.split(":", 1)[1], objective=objective, name=spec,
+                                     seed=args.seed)
+    return [ranking.top(k) for k in args.k]
+
+
+def run(args, out: Path, log) -> dict:
+    import pandas as pd
+    import torch
+
+    import interp
+    from interp import editing as ed
+    from interp.methods.base import versions
+    from interp.objectives import ObjectiveConfig
+    from interp.plots import fig_to_base64_png
+    from interp.report import render_report
+
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "index.html").unlink(missing_ok=True)  # never leave a finished-looking report of an older run
+    model = interp.load_model(args.model)
+    if model.classifier is None:
+        raise ValueError(f"model {args.model!r} has no concept classifier; editing is judged by it")
+    fingerprint = model.state_fingerprint()
+    objective = ObjectiveConfig(kind="erase", n_images=args.attr_images, seed=args.seed)
+    cfg = ed.EvalConfig.from_total(args.images, steps=args.steps, seed=ed.EVAL_SEED + args.seed)
+    evaluations, records, grids = [], [], {}
+    for concept in args.concepts:
+        t0 = time.perf_counter()
+        base = ed.baseline(model, concept, cfg)
+        bt = base.judged.table
+        rate = float((bt.loc[bt["set"] == "target", f"pred_{base.held.attribute}"] == concept).mean())
+        log(f"{concept}: baseline of {cfg.n_images} held-out images in {time.perf_counter() - t0:.1f} s "
+            f"(target rate {rate:.2f})")
+        strongest = []
+        for spec in args.edits:
+            t0 = time.perf_counter()
+            edits = make_edits(model, concept, spec, args, objective)
+            log(f"{concept}: {spec} computed in {time.perf_counter() - t0:.1f} s")
+            evs = []
+            for e in edits:
+                ev = ed.evaluate_edit(model, e, concept, cfg, base)
+                s = ev.summary.iloc[0]
+                log(f"  {e.label}: target {s['target_before']:.2f} -> {s['target_after']:.2f}, retained "
+                    f"{s['retained_rate']:.2f}, FD {s['fd_before']:.2f} -> {s['fd_after']:.2f}")
+                rec = e.record()
+                rec.update(label=e.label, target=concept)
+                records.append(rec)
+                evs.append(ev)
+            evaluations.extend(evs)
+            strongest.append(evs[-1])
+        grids[concept] = ed.image_grid(strongest, n=8)
+    changed = [n for n, p in model.parameters() if not torch.equal(p, fingerprint[n])]
+    if changed:  # the edits' contract: the user's model is bitwise the same after every edit
+        raise RuntimeError(f"weights changed by the edits: {changed[:3]}")
+    table = ed.sweep_table(evaluations)
+    per_value = pd.concat([e.per_value for e in evaluations], ignore_index=True)
+    edits_table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("components", "scores", "weights")}
+                                for r in records])
+    tables = {"tradeoff": table, "per_value": per_value, "edits": edits_table}
+    figures = {"tradeoff": ed.tradeoff_plot(table), **{f"grid-{c}": g for c, g in grids.items()}}
+    (out / "tables").mkdir(exist_ok=True)
+    (out / "figures").mkdir(exist_ok=True)
+    for name, df in tables.items():
+        df.to_csv(out / "tables" / f"{name}.csv", index=False)
+    (out / "edits.json").write_text(json.dumps(records, indent=1, default=str))
+    uris = {}
+    for name, fig in figures.items():  # rendered once: the PNG file is the report's embedded image
+        uris[name] = fig_to_base64_png(fig)
+        (out / "figures" / f"{name}.png").write_bytes(base64.b64decode(uris[name].split(",", 1)[1]))
+    wall = time.perf_counter() - t_start
+    meta = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "eval_config": cfg.to_dict(), "objective": objective.to_dict(), "versions": versions(),
+            "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+            "wall_seconds": wall, "model_unchanged": not changed}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    render_report(out, title="Concept editing from attributions", summary=summary_sentences(table),
+                  sections=report_sections(tables, uris, cfg, args), config=meta)
+    return {"tables": tables, "meta": meta}
+
+
+def summary_sentences(table) -> list[str]:
+    """One sentence per (concept, edit) at the edit's strongest budget."""
+    out = []
+    for (concept, edit), g in table.groupby(["concept", "edit"], sort=False):
+        r = g.iloc[-1]
+        out.append(
+            f"Erasing '{concept}' with {r['label']}: its rate on held-out prompts went from {r['target_before']:.2f} "
+            f"to {r['target_after']:.2f} (alone: {r['target_alone_before']:.2f} to {r['target_alone_after']:.2f}); "
+            f"other values kept {r['retained_rate']:.2f} of their rate ({r['retained_same_attribute']:.2f} within "
+            f"its attribute); feature Frechet distance to renders {r['fd_before']:.2f} to {r['fd_after']:.2f}; "
+            f"computed in {r['edit_seconds']:.1f} s."
+        )
+    return out
+
+
+def report_sections(tables, uris, cfg, args) -> list[dict]:
+    def figs(prefix):
+        return [(k, v) for k, v in uris.items() if k.startswith(prefix)]
+
+    cols = ["concept", "label", "n_components", "n_weights", "target_before", "target_after", "target_alone_before",
+            "target_alone_after", "retained_rate", "retained_same_attribute", "retained_other_attributes",
+            "cooccurring_retained", "fd_before", "fd_after", "edit_seconds", "eval_seconds"]
+    return [
+        {"title": "Trade-off: erasing the target vs keeping everything else",
+         "text": f"Every edit at every budget, judged on {cfg.n_images} held-out images per concept ({cfg.n_target} "
+                 f"full captions with the target, {cfg.n_alone} naming the target alone, {cfg.n_other} asking for "
+                 f"other values), {cfg.steps} denoising steps, same prompts and initial noises before and after. "
+                 "Target rate = fraction of images the classifier judges to show the target value. Retained rate = "
+                 "mean over the other values of (rate after / rate before). fd = Frechet distance between classifier "
+                 "features of generated images and of renders of the same scenes (lower is better; compare after "
+                 "with before).",
+         "tables": [("Trade-off table", tables["tradeoff"][cols])], "figures": figs("tradeoff")},
+        {"title": "Before and after",
+         "text": "The same prompts and seeds: the first row is the unedited model, then each edit at its largest "
+                 "budget. Left half: prompts with the target; right half: prompts without it.",
+         "tables": [], "figures": figs("grid-")},
+        {"title": "Per value", "text": "Rate of every other attribute value before and after each edit; "
+                                       "'with_target' rows are the other attributes inside the target prompts.",
+         "tables": [("Per-value rates", tables["per_value"])], "figures": []},
+        {"title": "What each edit changed",
+         "text": "Mechanism, ranking method, number of ablated components or changed weights, and wall time to "
+                 "compute the edit. Full component lists are in edits.json.",
+         "tables": [("Edits", tables["edits"])], "figures": []},
+    ]
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    import torch
+
+    from interp.store import config_hash
+
+    torch.set_num_threads(args.threads)
+    key = {k: v for k, v in vars(args).items() if k not in ("out", "threads")}
+    out = args.out or Path("reports") / f"edit-{config_hash(key)[:10]}"
+    t0 = time.perf_counter()
+    try:
+        run(args, out, logging.info)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        parser.exit(2, f"error: {err}\n")
+    logging.info("wall time %.1f s; report: %s", time.perf_counter() - t0, (out / "index.html").resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

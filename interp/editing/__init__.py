@@ -1,0 +1,66 @@
+"""Concept editing from attributions: CAD-Erase/Amplify (Nguyen et al. 2024), Diff-QuickFix (Basu et al., ICLR 2024),
+COAR-Edit (Shah et al., ICML 2024) and ablation of any method's top components, with a held-out evaluation.
+
+    from interp.editing import cad_erase, diff_quickfix, evaluate_edit
+    edit = cad_erase(model, "red")                    # a frozen record of what to change
+    with edit.apply(model) as edited:                 # the user's model is bitwise the same afterwards
+        images = edited.generate(["a photo of a red circle"])
+    result = evaluate_edit(model, edit)               # target and retained rates on held-out prompts and seeds
+
+See :mod:`interp.editing.edits` and :mod:`interp.editing.evaluate`.
+"""
+
+from .edits import (
+    CAD_DEFAULT_RATIO,
+    EDIT_SEED,
+    QUICKFIX_LAMBDA,
+    AblationEdit,
+    Edit,
+    EditedModel,
+    QuickFixSolution,
+    Ranking,
+    WeightEdit,
+    WeightScores,
+    WeightUpdate,
+    cad_amplify,
+    cad_amplify_neurons,
+    cad_erase,
+    cad_erase_neurons,
+    cad_weight_scores,
+    coar_edit,
+    coar_edit_ranking,
+    default_edit_components,
+    diff_quickfix,
+    diff_quickfix_solution,
+    per_row_count,
+    quickfix_solve,
+    rank_components,
+    select_per_row,
+    welch_t,
+)
+from .evaluate import (
+    EVAL_SEED,
+    PER_VALUE_COLUMNS,
+    SUMMARY_COLUMNS,
+    Baseline,
+    EditEvaluation,
+    EvalConfig,
+    baseline,
+    evaluate_edit,
+    frechet_distance,
+    heldout_set,
+    image_grid,
+    judge,
+    sweep_table,
+    tradeoff_plot,
+)
+
+__all__ = [
+    "CAD_DEFAULT_RATIO", "EDIT_SEED", "EVAL_SEED", "PER_VALUE_COLUMNS", "QUICKFIX_LAMBDA", "SUMMARY_COLUMNS",
+    "AblationEdit", "Baseline", "Edit", "EditEvaluation", "EditedModel", "EvalConfig", "QuickFixSolution", "Ranking",
+    "WeightEdit", "WeightScores", "WeightUpdate", "baseline", "cad_amplify", "cad_amplify_neurons", "cad_erase",
+    "cad_erase_neurons", "cad_weight_scores", "coar_edit", "coar_edit_ranking", "default_edit_components",
+    "diff_quickfix", "diff_quickfix_solution", "evaluate_edit", "frechet_distance", "heldout_set", "image_grid",
+    "judge", "per_row_count", "quickfix_solve", "rank_components", "select_per_row", "sweep_table", "tradeoff_plot",
+    "welch_t",
+]

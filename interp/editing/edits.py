@@ -1,0 +1,672 @@
+"""Concept edits built from attributions: erase (or amplify) a concept by ablating or rewriting the components that
+carry it, without ever changing the user's copy of the model.
+
+An edit is a frozen dataclass with two methods: ``apply(model)``, a context manager inside which generation through
+the suite sees the edited model, and ``record()``, a plain dict of what was changed, how much, and which method
+ranked it. Two mechanisms:
+
+:class:`AblationEdit`
+    zero-ablates a set of components (neurons, heads, layers) through the engine's multipliers: a compiled
+    :class:`~interp.interventions.Plan` and one multiplier row of zeros, passed to
+    :func:`~interp.generation.generate` as ``plan``/``mult``. No weight is touched, so there is nothing to restore;
+    the edited model is reached through the :class:`EditedModel` handle the context yields.
+:class:`WeightEdit`
+    writes new values into weights inside the context and restores the saved originals bitwise in ``finally`` (also
+    when the block raises). Everything the suite runs inside the block sees the new weights.
+
+The edits of the literature, each as its paper does it unless noted:
+
+CAD-Erase / CAD-Amplify (Nguyen, Phan, Doan 2024, arXiv 2412.02542): :func:`cad_erase`, :func:`cad_amplify`.
+    Score every scalar weight of the UNet's feed-forward matrices (``ff.net.0.proj``, ``ff.net.2``) by
+    ``w * dJ/dw`` (:func:`interp.methods.cad.weight_scores`), and per *output row* of each matrix zero the top
+    ``floor(ratio * in_features)`` entries: the most positive ones on the erase objective (only entries with a
+    positive score), the most negative ones on the amplify objective (only negative scores). Ranking is never
+    global across rows or layers. The paper's ratio is 0.001, which on Stable Diffusion zeroes 1-5 weights per row
+    (``in_features`` 320-5120); on the concept world ``in_features`` is 64 and 256 and ``floor(0.001 * in)`` is 0,
+    so nothing would change. The default here, :data:`CAD_DEFAULT_RATIO` = 0.05, zeroes 3 and 12 entries per row
+    (about 5% of the feed-forward weights at most): the smallest round ratio at which erasing "red" measurably
+    lowered the classifier's red rate on the shipped model. The neuron variants (:func:`cad_erase_neurons`,
+    :func:`cad_amplify_neurons`) rank whole GEGLU hidden units (``ff.net.0[j]``) instead and ablate the top k.
+Diff-QuickFix (Basu et al., "Localizing and Editing Knowledge in Text-to-Image Generative Models", ICLR 2024):
+    :func:`diff_quickfix`. A closed-form rewrite of the text encoder's layer-0 self-attention output projection,
+    ``W* = (lambda W0 + sum_i v_i k_i^T)(lambda I + sum_i k_i k_i^T)^-1`` with ``lambda = 0.01``: the keys ``k_i``
+    are the projection's inputs for prompts with the concept, at the last subject token and every later position;
+    the values ``v_i`` what the *unedited* projection writes for the anchor prompts (the concept word left out, or
+    replaced) at the matching positions. Solved in float64 (:func:`quickfix_solve`). The bias is left alone, so
+    ``v_i`` is the anchor's output minus the bias. ``preserve`` (not in the paper, default 0) adds keys of prompts
+    without the concept mapped to their own unedited outputs: on a text encoder as narrow as the concept world's
+    (64 features) the concept keys span most of the input space, and the paper's edit then rewrites the
+    projection for every prompt.
+COAR-Edit (Shah, Ilyas, Madry, ICML 2024): :func:`coar_edit`. Per component, a Welch t-statistic of its
+    attributions on the target concept's samples against the reference concepts' samples; ablate the k
+    components with the largest t (large support of the target, little of the references). COAR fits one linear
+    model per example; here the per-sample attributions are summarized by each method's result frame (mean score
+    and its standard error), from which Welch's t follows exactly when the standard error is over the frame's
+    ``n_samples`` evaluation samples: true for ``ablation``, ``coar`` and for ``cad`` run with one group per sample,
+    which is what :func:`coar_edit` asks CAD for (the default attribution, since COAR's own regression needs
+    thousands of masked passes per concept). The reference concepts default to the other values of the target's
+    attribute.
+Any registry method: :func:`rank_components` turns a method's scores into a :class:`Ranking`, whose ``top(k)`` is
+    an :class:`AblationEdit` (``side="positive"`` erases, ``"negative"`` amplifies);
+    :meth:`AblationEdit.from_frame` does the same for a result frame already computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..components import ComponentSet
+from ..concepts import DEFAULT_TEMPLATES
+from ..generation import generate
+from ..interventions import Plan, compile_plan
+from ..objectives import Objective, ObjectiveConfig
+from ..results import main_rows
+
+#: CAD-Erase's ratio on the concept world (the paper's 0.001 zeroes nothing when in_features < 1000).
+CAD_DEFAULT_RATIO = 0.05
+#: Diff-QuickFix's regularizer, as in the paper's notebook.
+QUICKFIX_LAMBDA = 0.01
+#: Seed stream of the prompts the edits are computed from (the evaluation uses another, see evaluate.py).
+EDIT_SEED = 30_000
+#: The feed-forward matrices CAD edits (module kinds of the component tables).
+CAD_KINDS = ("ff.net.0.proj", "ff.net.2")
+SIDES = ("positive", "negative")
+
+
+# -- the edited model --------------------------------------------------------------------------------------------
+@dataclass
+class EditedModel:
+    """What ``edit.apply(model)`` yields: the model plus the interventions generation must apply.
+
+    For a weight edit ``plan`` and ``mult`` are None (the weights themselves are edited); for an ablation edit they
+    carry the zeroed components. Use :meth:`generate` (or pass :attr:`intervention` to the suite's functions) so
+    that both kinds of edit are seen.
+    """
+
+    model: object
+    edit: object
+    plan: Plan | None = None
+    mult: torch.Tensor | None = None
+
+    @property
+    def intervention(self) -> dict:
+        """Keyword arguments for :func:`interp.generation.generate` and the engine's run functions."""
+        return {"plan": self.plan, "mult": self.mult}
+
+    def generate(self, prompts, seed: int = 0, steps: int = 20, guidance: float = 4.0, **kwargs) -> torch.Tensor:
+        """:func:`interp.generation.generate` on the edited model."""
+        return generate(self.model, prompts, seed=seed, steps=steps, guidance=guidance, **self.intervention, **kwargs)
+
+
+class Edit:
+    """Interface of every edit (frozen dataclasses below): ``apply(model)``, ``record()``, ``label``."""
+
+    name: str
+
+    def apply(self, model) -> contextlib.AbstractContextManager[EditedModel]:
+        raise NotImplementedError
+
+    def record(self) -> dict:
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
+# -- ablation edits ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AblationEdit(Edit):
+    """Zero-ablate ``components`` (addresses) through the multiplier mechanism; weights are never touched."""
+
+    components: tuple[str, ...]
+    name: str = "ablation-edit"
+    method: str | None = None  # which method ranked the components
+    concept: str | None = None
+    side: str = "positive"
+    scores: tuple[float, ...] = ()  # the ranking scores of the chosen components, same order
+    objective: str | None = None
+    seconds: float = 0.0  # wall time of computing the edit (attribution + selection)
+    budget: float | None = None  # the swept quantity (k)
+
+    def __post_init__(self):
+        object.__setattr__(self, "components", tuple(str(c) for c in self.components))
+        if len(set(self.components)) != len(self.components):
+            raise ValueError("an ablation edit lists a component twice")
+        if self.side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {self.side!r}")
+
+    @property
+    def k(self) -> int:
+        return len(self.components)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (k={self.k})"
+
+    @contextlib.contextmanager
+    def apply(self, model) -> Iterator[EditedModel]:
+        if not self.components:  # nothing to ablate: the intact model, with no trace overhead
+            yield EditedModel(model, self)
+            return
+        plan = compile_plan(model, list(self.components))
+        yield EditedModel(model, self, plan, torch.zeros(1, len(self.components), dtype=model.dtype,
+                                                        device=model.device))
+
+    def record(self) -> dict:
+        return {
+            "edit": self.name, "mechanism": "ablation (multipliers, zero)", "method": self.method,
+            "concept": self.concept, "side": self.side, "objective": self.objective, "budget": self.budget,
+            "n_components": self.k, "n_weights": None, "components": list(self.components),
+            "scores": list(self.scores), "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame, k: int, side: str = "positive", name: str | None = None,
+                   concept: str | None = None) -> "AblationEdit":
+        """The top ``k`` components of a tidy result frame (positive side = largest scores)."""
+        return Ranking.from_frame(df, side=side, name=name, concept=concept).top(k)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Components ordered for ablation (most effective first), with the scores that ordered them."""
+
+    components: tuple[str, ...]
+    scores: tuple[float, ...]
+    method: str
+    name: str
+    concept: str | None = None
+    side: str = "positive"
+    objective: str | None = None
+    seconds: float = 0.0
+    info: Mapping = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {self.side!r}")
+        if len(self.components) != len(self.scores):
+            raise ValueError(f"{len(self.scores)} scores for {len(self.components)} components")
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame, side: str = "positive", name: str | None = None,
+                   concept: str | None = None, seconds: float | None = None) -> "Ranking":
+        """Order a result frame's components: largest score first (``positive``) or most negative first."""
+        rows = main_rows(df)
+        if concept is not None:
+            rows = rows[rows["concept"] == concept]
+        methods = rows["method"].unique()
+        if len(methods) != 1 or rows["component"].duplicated().any():
+            raise ValueError(
+                f"rank one method's scores for one concept at a time (got methods {list(methods)}, "
+                f"{int(rows['component'].duplicated().sum())} repeated components); filter the frame first"
+            )
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        s = rows["score"].to_numpy(float)
+        order = np.argsort(-s if side == "positive" else s, kind="stable")
+        meta = df.attrs.get("meta", {}) or {}
+        return cls(
+            components=tuple(rows["component"].to_numpy()[order].astype(str)), scores=tuple(s[order].tolist()),
+            method=str(methods[0]), name=name or f"ablate:{methods[0]}",
+            concept=str(rows["concept"].iat[0]) if len(rows) else concept, side=side,
+            objective=str(rows["objective"].iat[0]) if len(rows) else None,
+            seconds=float(meta.get("seconds", 0.0) if seconds is None else seconds),
+        )
+
+    def top(self, k: int) -> AblationEdit:
+        """Ablate the first ``k`` components (only those on the ranking's side: a positive ranking never ablates a
+        component with a negative score, just as CAD never erases one)."""
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        on_side = [i for i, s in enumerate(self.scores[:k]) if (s > 0 if self.side == "positive" else s < 0)]
+        return AblationEdit(
+            components=tuple(self.components[i] for i in on_side), name=self.name, method=self.method,
+            concept=self.concept, side=self.side, scores=tuple(self.scores[i] for i in on_side),
+            objective=self.objective, seconds=self.seconds, budget=k,
+        )
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"rank": np.arange(len(self.components)), "component": list(self.components),
+                             "score": list(self.scores), "method": self.method, "edit": self.name})
+
+
+def default_edit_components(model) -> ComponentSet:
+    """The UNet's GEGLU hidden units (``ff.net.0[j]``): the feed-forward neurons CAD's weights feed."""
+    return model.components("neuron", family="ff", kind="ff.net.0", model="unet")
+
+
+def rank_components(model, concept, method: str, components=None, *, objective: ObjectiveConfig | Objective | None = None,
+                    side: str = "positive", name: str | None = None, **options) -> Ranking:
+    """Rank ``components`` by a registry method's scores for ``concept`` (default: the UNet's GEGLU units)."""
+    from ..methods import attribute
+
+    comps = default_edit_components(model) if components is None else components
+    t0 = time.perf_counter()
+    df = attribute(method, model, concept, comps, objective=objective, **options)
+    return Ranking.from_frame(df, side=side, name=name or f"ablate:{method}", seconds=time.perf_counter() - t0)
+
+
+def cad_erase_neurons(model, concept, k: int, components=None, objective: ObjectiveConfig | None = None,
+                      method: str = "cad", **options) -> AblationEdit:
+    """CAD-Erase at neuron level: ablate the ``k`` GEGLU hidden units with the largest positive scores."""
+    objective = objective or ObjectiveConfig(kind="erase")
+    return rank_components(model, concept, method, components, objective=objective, side="positive",
+                           name="cad-erase-neurons", **options).top(k)
+
+
+def cad_amplify_neurons(model, concept, k: int, components=None, objective: ObjectiveConfig | None = None,
+                        method: str = "cad", **options) -> AblationEdit:
+    """CAD-Amplify at neuron level: ablate the ``k`` GEGLU hidden units with the most negative amplify scores."""
+    objective = objective or ObjectiveConfig(kind="amplify")
+    return rank_components(model, concept, method, components, objective=objective, side="negative",
+                           name="cad-amplify-neurons", **options).top(k)
+
+
+# -- COAR-Edit ---------------------------------------------------------------------------------------------------
+def welch_t(target: pd.DataFrame, references: Sequence[pd.DataFrame]) -> pd.Series:
+    """Per component, Welch's t of the target's per-sample attributions against the pooled reference samples.
+
+    Each frame gives, per component, the mean attribution over its ``n_samples`` samples (``score``) and its
+    standard error (``stderr``); the reference samples of several concepts are pooled (mean of means, total
+    variance = within + between). Returns a Series indexed by component.
+    """
+    if not references:
+        raise ValueError("COAR-Edit needs at least one reference concept")
+
+    def stats(df):
+        rows = main_rows(df).set_index("component")
+        n = rows["n_samples"].astype(float)
+        se = rows["stderr"].fillna(0.0).astype(float)
+        return rows["score"].astype(float), se, n
+
+    m_t, se_t, _ = stats(target)
+    refs = [stats(r) for r in references]
+    comps = m_t.index
+    means = np.stack([r[0].reindex(comps).to_numpy() for r in refs])
+    var = np.stack([(r[1].reindex(comps) ** 2 * r[2].reindex(comps)).to_numpy() for r in refs])  # per-sample var
+    n = np.stack([r[2].reindex(comps).to_numpy() for r in refs])
+    if np.isnan(means).any():
+        raise ValueError("the reference frames do not cover the target's components")
+    total_n = n.sum(0)
+    pooled_mean = (means * n).sum(0) / total_n
+    pooled_var = ((var + (means - pooled_mean) ** 2) * n).sum(0) / total_n
+    den = np.sqrt(se_t.to_numpy() ** 2 + pooled_var / total_n)
+    diff = m_t.to_numpy() - pooled_mean
+    t = np.divide(diff, den, out=np.zeros_like(diff), where=den > 0)
+    return pd.Series(t, index=comps, name="t")
+
+
+def default_references(concept: str) -> list[str]:
+    """The other values of the concept's attribute (concept world): what a specific edit must leave alone."""
+    from ..world.vocab import ATTRIBUTES, attribute_of
+
+    return [v for v in ATTRIBUTES[attribute_of(concept)] if v != concept]
+
+
+def coar_edit_ranking(model, concept: str, references: Sequence[str] | None = None, method: str = "cad",
+                      components=None, objective: ObjectiveConfig | None = None, **options) -> Ranking:
+    """COAR-Edit's ranking: components ordered by Welch t (target vs references) of ``method``'s attributions."""
+    from ..methods import attribute
+
+    objective = objective or ObjectiveConfig(kind="erase")
+    references = list(default_references(concept) if references is None else references)
+    if concept in references:
+        raise ValueError(f"the target {concept!r} is among its own references")
+    if method == "cad" and "n_groups" not in options:
+        # one group per sample: CAD's stderr is then over samples, and Welch's t is the per-sample t-test
+        options["n_groups"] = objective.n_images * len(objective.timesteps)
+    comps = default_edit_components(model) if components is None else components
+    t0 = time.perf_counter()
+    target = attribute(method, model, concept, comps, objective=objective, **options)
+    refs = [attribute(method, model, r, comps, objective=objective, **options) for r in references]
+    t = welch_t(target, refs)
+    order = np.argsort(-t.to_numpy(), kind="stable")
+    return Ranking(
+        components=tuple(t.index.to_numpy()[order].astype(str)), scores=tuple(t.to_numpy()[order].tolist()),
+        method=f"welch-t({method})", name="coar-edit", concept=concept, side="positive", objective=objective.kind,
+        seconds=time.perf_counter() - t0, info={"references": references, "attribution": method},
+    )
+
+
+def coar_edit(model, concept: str, k: int, references: Sequence[str] | None = None, method: str = "cad",
+              components=None, objective: ObjectiveConfig | None = None, **options) -> AblationEdit:
+    """COAR-Edit: ablate the ``k`` components with the largest t-statistic (see :func:`coar_edit_ranking`)."""
+    return coar_edit_ranking(model, concept, references, method, components, objective, **options).top(k)
+
+
+# -- weight edits ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class WeightUpdate:
+    """New values for one parameter: at flat indices ``index`` (or the whole tensor when ``index`` is None)."""
+
+    param: str  # full name as in model.parameters(), e.g. "unet.mid_block....ff.net.2.weight"
+    values: torch.Tensor
+    index: torch.Tensor | None = None
+
+    @property
+    def n_changed(self) -> int:
+        return int(self.values.numel())
+
+
+@dataclass(frozen=True, eq=False)
+class WeightEdit(Edit):
+    """Write ``updates`` into the model's weights inside the context; restore them bitwise afterwards."""
+
+    updates: tuple[WeightUpdate, ...]
+    name: str = "weight-edit"
+    method: str | None = None
+    concept: str | None = None
+    objective: str | None = None
+    seconds: float = 0.0
+    budget: float | None = None
+    info: Mapping = field(default_factory=dict)
+
+    @property
+    def n_changed(self) -> int:
+        return sum(u.n_changed for u in self.updates)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.budget is None else f"{self.name} ({self.budget:g})"
+
+    @contextlib.contextmanager
+    def apply(self, model) -> Iterator[EditedModel]:
+        params = dict(model.parameters())
+        for u in self.updates:  # validate everything before writing anything
+            if u.param not in params:
+                raise KeyError(f"the edit changes {u.param!r}, which this model does not have")
+            p = params[u.param]
+            need = p.numel() if u.index is None else u.index.numel()
+            if u.values.numel() != need:
+                raise ValueError(f"{u.param}: {u.values.numel()} new values for {need} entries")
+        saved = []
+        try:
+            with torch.no_grad():
+                for u in self.updates:
+                    p = params[u.param]
+                    saved.append((p, p.detach().clone()))
+                    vals = u.values.to(device=p.device, dtype=p.dtype)
+                    if u.index is None:
+                        p.copy_(vals.reshape(p.shape))
+                    else:
+                        p.view(-1)[u.index.to(p.device)] = vals.reshape(-1)
+            yield EditedModel(model, self)
+        finally:
+            with torch.no_grad():
+                for p, old in reversed(saved):  # reversed: a parameter updated twice ends at its first copy
+                    p.copy_(old)
+
+    def record(self) -> dict:
+        return {
+            "edit": self.name, "mechanism": "weights (restored on exit)", "method": self.method,
+            "concept": self.concept, "side": self.info.get("side"), "objective": self.objective,
+            "budget": self.budget, "n_components": None, "n_weights": self.n_changed,
+            "weights": {u.param: u.n_changed for u in self.updates}, "seconds": self.seconds,
+            **{k: v for k, v in self.info.items() if k != "side"},
+        }
+
+
+def per_row_count(ratio: float, in_features: int) -> int:
+    """CAD's entries per row, ``floor(ratio * in_features)`` (a 1e-9 guard keeps 0.07 * 100 at 7, not 6)."""
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    return int(math.floor(ratio * in_features + 1e-9))
+
+
+def select_per_row(scores: torch.Tensor, count: int, side: str = "positive") -> torch.Tensor:
+    """Boolean mask of the top ``count`` entries of every row of a 2-D score matrix, on ``side`` only.
+
+    ``positive``: the largest scores, and only scores > 0; ``negative``: the most negative, only scores < 0.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"per-row selection needs a matrix, got shape {tuple(scores.shape)}")
+    signed = scores if side == "positive" else -scores
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    count = min(count, scores.shape[1])
+    if count == 0:
+        return mask
+    vals, idx = signed.topk(count, dim=1)
+    mask.scatter_(1, idx, vals > 0)
+    return mask
+
+
+@dataclass(frozen=True, eq=False)
+class WeightScores:
+    """CAD's per-weight scores ``w * dJ/dw`` of the feed-forward matrices, ready for per-row selection."""
+
+    scores: Mapping[str, torch.Tensor]
+    concept: str
+    objective: str
+    side: str
+    name: str
+    seconds: float = 0.0
+
+    def edit(self, ratio: float = CAD_DEFAULT_RATIO) -> WeightEdit:
+        """Zero the top ``floor(ratio * in_features)`` entries of every row (only entries on the side)."""
+        t0 = time.perf_counter()
+        updates = []
+        for pname, s in self.scores.items():
+            mask = select_per_row(s, per_row_count(ratio, s.shape[1]), self.side)
+            idx = torch.nonzero(mask.reshape(-1)).reshape(-1)
+            updates.append(WeightUpdate(pname, torch.zeros(len(idx), dtype=s.dtype), idx))
+        return WeightEdit(tuple(updates), name=self.name, method="cad (w * dJ/dw per weight)", concept=self.concept,
+                          objective=self.objective, seconds=self.seconds + time.perf_counter() - t0, budget=ratio,
+                          info={"side": self.side, "ratio": ratio, "rule": "top floor(ratio * in_features) per row"})
+
+
+def cad_weight_scores(model, concept, kind: str = "erase", objective: ObjectiveConfig | None = None,
+                      kinds: Sequence[str] = CAD_KINDS) -> WeightScores:
+    """Score every weight of the UNet's feed-forward matrices with CAD on the erase or amplify objective."""
+    from ..methods.cad import weight_scores
+
+    objective = objective or ObjectiveConfig(kind=kind)
+    if objective.kind != kind:
+        raise ValueError(f"objective kind {objective.kind!r} does not match {kind!r}")
+    t0 = time.perf_counter()
+    obj = Objective(model, concept, objective)
+    params = {}
+    for path, info in obj.model.space.modules.items():
+        if info.model == "unet" and info.kind in kinds:
+            params[f"{path}.weight"] = info.module.weight
+    if not params:
+        raise ValueError(f"the model has no UNet modules of kinds {list(kinds)}")
+    scores = weight_scores(obj, params)
+    side = "positive" if kind == "erase" else "negative"
+    return WeightScores({n: s.double() for n, s in scores.items()}, obj.concept.name, kind, side,
+                        f"cad-{'erase' if kind == 'erase' else 'amplify'}", time.perf_counter() - t0)
+
+
+def cad_erase(model, concept, ratio: float = CAD_DEFAULT_RATIO, objective: ObjectiveConfig | None = None) -> WeightEdit:
+    """CAD-Erase: per row of every UNet feed-forward matrix, zero the top ``floor(ratio * in)`` positive weights."""
+    return cad_weight_scores(model, concept, "erase", objective).edit(ratio)
+
+
+def cad_amplify(model, concept, ratio: float = CAD_DEFAULT_RATIO, objective: ObjectiveConfig | None = None) -> WeightEdit:
+    """CAD-Amplify: per row, zero the ``floor(ratio * in)`` most negative weights on the amplify objective."""
+    return cad_weight_scores(model, concept, "amplify", objective).edit(ratio)
+
+
+# -- Diff-QuickFix -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class QuickFixSolution:
+    """The pieces of the closed-form edit: ``W_star (lam I + K K^T) = lam W0 + V K^T`` (float64)."""
+
+    W_star: torch.Tensor  # (out, in)
+    W0: torch.Tensor  # (out, in)
+    K: torch.Tensor  # (in, N) keys as columns
+    V: torch.Tensor  # (out, N) values as columns
+    lam: float
+
+    def residual(self) -> float:
+        """Largest absolute violation of the normal equations, relative to the right-hand side's scale."""
+        eye = torch.eye(self.K.shape[0], dtype=self.K.dtype)
+        lhs = self.W_star @ (self.lam * eye + self.K @ self.K.T)
+        rhs = self.lam * self.W0 + self.V @ self.K.T
+        return float((lhs - rhs).abs().max() / rhs.abs().max().clamp_min(1e-300))
+
+
+def quickfix_solve(W0: torch.Tensor, K: torch.Tensor, V: torch.Tensor, lam: float = QUICKFIX_LAMBDA) -> QuickFixSolution:
+    """``W* = (lam W0 + V K^T)(lam I + K K^T)^-1`` in float64, through a linear solve (never an explicit inverse).
+
+    ``A = lam I + K K^T`` is symmetric, so ``W* A = B`` is ``A W*^T = B^T``.
+    """
+    if lam <= 0:
+        raise ValueError(f"lambda must be positive (it keeps the system invertible), got {lam}")
+    W0, K, V = (x.detach().to(torch.float64) for x in (W0, K, V))
+    if K.shape[0] != W0.shape[1] or V.shape[0] != W0.shape[0] or K.shape[1] != V.shape[1]:
+        raise ValueError(f"shapes do not match: W0 {tuple(W0.shape)}, K {tuple(K.shape)}, V {tuple(V.shape)}")
+    A = lam * torch.eye(K.shape[0], dtype=torch.float64) + K @ K.T
+    B = lam * W0 + V @ K.T
+    W_star = torch.linalg.solve(A, B.T).T
+    return QuickFixSolution(W_star, W0, K, V, lam)
+
+
+def quickfix_module_path(model, layer: int = 0) -> str:
+    """The text encoder's layer-``layer`` self-attention output projection (``text_model.`` prefix or not)."""
+    pattern = re.compile(rf"^text_encoder\.(?:text_model\.)?encoder\.layers\.{layer}\.self_attn\.out_proj$")
+    hits = [p for p in model.space.modules if pattern.match(p)]
+    if len(hits) != 1:
+        raise ValueError(f"found {len(hits)} text-encoder layer-{layer} self-attention output projections; "
+                         f"Diff-QuickFix needs a CLIP-style text encoder")
+    return hits[0]
+
+
+def quickfix_prompts(model, concept: str, anchor: str | None = None, n_per_template: int = 2,
+                     seed: int = EDIT_SEED) -> list[tuple[str, str]]:
+    """(concept prompt, anchor prompt) pairs that differ only in the concept word.
+
+    Concept world: every caption template, ``n_per_template`` scenes with the concept's value (other attributes
+    drawn from the edit seed stream) plus one caption naming the concept alone; the anchor prompt leaves the word
+    out (``anchor=None``) or puts ``anchor`` in its place. Other models: the default templates around the concept
+    phrase and the anchor phrase (empty by default, as CAD's anchor).
+    """
+    if model.is_concept_world:
+        from ..world.render import ConceptWorld
+        from ..world.vocab import ATTRIBUTES, TEMPLATES, attribute_of, caption
+
+        attribute = attribute_of(concept)
+        if anchor is not None and attribute_of(anchor) != attribute:
+            raise ValueError(f"anchor {anchor!r} is not a {attribute} like {concept!r}")
+        pairs = []
+        for t in range(len(TEMPLATES)):
+            world = ConceptWorld(n_per_template, seed=seed + t, **{attribute: concept})
+            scenes = [world.scene(i).attributes() for i in range(n_per_template)] + [{**dict.fromkeys(ATTRIBUTES), attribute: concept}]
+            for attrs in scenes:
+                pairs.append((caption(attrs, t), caption({**attrs, attribute: anchor}, t)))
+        return pairs
+    return [(" ".join(t.format(concept).split()), " ".join(t.format(anchor or "").split())) for t in DEFAULT_TEMPLATES]
+
+
+def _real_length(tokenizer, prompt: str) -> int:
+    return len(tokenizer(prompt).input_ids)
+
+
+def quickfix_keys_values(model, pairs: Sequence[tuple[str, str]], concept: str, layer: int = 0,
+                         preserve_prompts: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Keys (in, N), values (out, N) and W0 for Diff-QuickFix, float64.
+
+    For each pair: the concept prompt's inputs of the output projection at the last subject token and every later
+    position (padding included: the UNet attends to every position), and the unedited projection's output minus
+    bias (``W0 k``) for the anchor prompt at the matching position. Positions match counting from the end of the
+    subject: the anchor's position is shifted by the difference of the two prompts' token counts (-1 when the word
+    is left out). ``preserve_prompts`` add their keys at every position with values ``W0 k`` (keep their outputs).
+    """
+    from .. import diffusion
+
+    path = quickfix_module_path(model, layer)
+    W0 = model.module(path).weight.detach().to(torch.float64)
+    tok = model.tokenizer
+    subject = tok(concept, add_special_tokens=False).input_ids
+    concept_prompts = model.check_prompts([c for c, _ in pairs])
+    anchor_prompts = model.check_prompts([a for _, a in pairs])
+
+    def inputs(prompts):
+        ids = diffusion.tokenize(tok, prompts, model.device)
+        with torch.no_grad(), model.nn_text.trace(ids):
+            x = model.envoy(path).input.save()
+        return ids, x.detach().to(torch.float64)
+
+    ids_c, x_c = inputs(concept_prompts)
+    _, x_a = inputs(anchor_prompts)
+    L = ids_c.shape[1]
+    keys, vals, n_positions = [], [], []
+    for i, (cp, ap) in enumerate(zip(concept_prompts, anchor_prompts)):
+        row = ids_c[i].tolist()
+        hits = [p for p in range(L - len(subject) + 1) if row[p : p + len(subject)] == subject]
+        if not hits:
+            raise ValueError(f"the concept {concept!r} does not occur in prompt {cp!r}")
+        last = hits[-1] + len(subject) - 1
+        shift = _real_length(tok, ap) - _real_length(tok, cp)
+        pos = [p for p in range(last, L) if 0 <= p + shift < L]
+        keys.append(x_c[i, pos])
+        vals.append(x_a[i, [p + shift for p in pos]] @ W0.T)
+        n_positions.append(len(pos))
+    n_concept_keys = sum(n_positions)
+    if preserve_prompts:
+        _, x_p = inputs(model.check_prompts(list(preserve_prompts)))
+        kp = x_p.reshape(-1, x_p.shape[-1])
+        keys.append(kp)
+        vals.append(kp @ W0.T)
+    K = torch.cat(keys).T.contiguous()
+    V = torch.cat(vals).T.contiguous()
+    return K, V, W0, {"module": path, "n_keys": K.shape[1], "n_concept_keys": n_concept_keys,
+                      "n_preserve_keys": K.shape[1] - n_concept_keys}
+
+
+def _preserve_prompts(model, concept: str, n: int, seed: int) -> list[str]:
+    """Captions of scenes without the concept (concept world), for the optional preservation keys."""
+    if n <= 0:
+        return []
+    if not model.is_concept_world:
+        return [t.format("a thing") for t in DEFAULT_TEMPLATES][:n]
+    from ..world.render import random_caption, random_scene
+    from ..world.vocab import attribute_of
+
+    attribute = attribute_of(concept)
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, 77, i])
+        scene = random_scene(rng)
+        while getattr(scene, attribute) == concept:
+            scene = random_scene(rng)
+        out.append(random_caption(rng, scene))
+    return out
+
+
+def diff_quickfix_solution(model, concept: str, anchor: str | None = None, lam: float = QUICKFIX_LAMBDA,
+                           n_per_template: int = 2, preserve: int = 0, layer: int = 0,
+                           seed: int = EDIT_SEED) -> tuple[QuickFixSolution, dict]:
+    """Diff-QuickFix's solution and its bookkeeping (module, prompts, key counts)."""
+    pairs = quickfix_prompts(model, concept, anchor, n_per_template, seed)
+    keep = _preserve_prompts(model, concept, preserve, seed)
+    K, V, W0, info = quickfix_keys_values(model, pairs, concept, layer, keep)
+    sol = quickfix_solve(W0, K, V, lam)
+    info = {**info, "pairs": pairs, "preserve_prompts": keep, "lambda": lam, "anchor": anchor,
+            "key_rank": int(torch.linalg.matrix_rank(K)), "in_features": K.shape[0]}
+    return sol, info
+
+
+def diff_quickfix(model, concept: str, anchor: str | None = None, lam: float = QUICKFIX_LAMBDA,
+                  n_per_template: int = 2, preserve: int = 0, layer: int = 0, seed: int = EDIT_SEED) -> WeightEdit:
+    """Diff-QuickFix: rewrite the layer-0 self-attention output projection so the concept reads as the anchor."""
+    t0 = time.perf_counter()
+    sol, info = diff_quickfix_solution(model, concept, anchor, lam, n_per_template, preserve, layer, seed)
+    update = WeightUpdate(f"{info['module']}.weight", sol.W_star.reshape(-1).clone())
+    rel = float((sol.W_star - sol.W0).norm() / sol.W0.norm())
+    return WeightEdit((update,), name="diff-quickfix", method="closed form (no attribution)", concept=concept,
+                      objective=None, seconds=time.perf_counter() - t0, budget=None,
+                      info={"module": info["module"], "lambda": lam, "anchor": anchor or "(word left out)",
+                            "n_keys": info["n_keys"], "n_preserve_keys": info["n_preserve_keys"],
+                            "key_rank": info["key_rank"], "in_features": info["in_features"],
+                            "relative_change": rel, "normal_equation_residual": sol.residual(),
+                            "n_prompt_pairs": len(info["pairs"])})

@@ -1,0 +1,47 @@
+"""Shared fixtures of the model-level tests (world, components, interventions, methods).
+
+Every fixture name starts with ``tiny_`` so that it cannot collide with fixtures other test files define. The
+machine runs other CPU-heavy work: torch is limited to one thread here, before any test builds a model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def _build_tiny_world_model(seed: int = 0):
+    import interp
+    from interp.world.model import ModelConfig, build_pipeline
+
+    return interp.load_model(build_pipeline(ModelConfig.tiny(), seed=seed))
+
+
+@pytest.fixture(scope="session")
+def tiny_world_model():
+    """The tiny concept-world model (random weights, no classifier), shared by the whole session: tests must leave
+    its weights untouched (several of them check exactly that)."""
+    return _build_tiny_world_model()
+
+
+@pytest.fixture
+def tiny_world_model_factory():
+    """Build a fresh tiny concept-world model (for tests that edit weights)."""
+    return _build_tiny_world_model
+
+
+@pytest.fixture(scope="session")
+def tiny_objective_config():
+    from interp.objectives import ObjectiveConfig
+
+    return ObjectiveConfig(n_images=2, timesteps=(300, 700))
+
+
+@pytest.fixture(scope="session")
+def tiny_red_objective(tiny_world_model, tiny_objective_config):
+    """The erase objective of "red" on the tiny model: 2 images x 2 timesteps = 4 samples."""
+    from interp.objectives import Objective
+
+    return Objective(tiny_world_model, "red", tiny_objective_config)

@@ -1,0 +1,148 @@
+"""The main job end to end on a tiny concept-world checkpoint: outputs and schemas, the report in a browser, cache
+reuse, and a run killed midway that resumes to the same tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from interp.results import COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory) -> Path:
+    """A concept-world folder (pipeline + classifier) of the tiny architecture, random weights."""
+    from interp.world.classifier import ConceptClassifier
+    from interp.world.model import ModelConfig, build_pipeline
+
+    d = tmp_path_factory.mktemp("tinyworld")
+    build_pipeline(ModelConfig.tiny(), seed=0).save_pretrained(d / "pipeline")
+    torch.manual_seed(0)
+    clf = ConceptClassifier(width=4)
+    clf(torch.zeros(1, 3, 16, 16))
+    clf.save(d)
+    return d
+
+
+def args_for(world: Path, out: Path) -> list[str]:
+    return ["--model", str(world), "--concepts", "red", "circle", "--images", "2", "--timesteps", "300",
+            "--blocks", "mid_block", "--heldout-masks", "16", "--maskgrad-masks", "4", "--out", str(out),
+            "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_world, tmp_path_factory) -> Path:
+    from analyses.compare_methods import main
+
+    out = tmp_path_factory.mktemp("cmp") / "run"
+    assert main(args_for(tiny_world, out)) == 0
+    return out
+
+
+def test_outputs_and_schemas(run_dir):
+    for f in ("index.html", "results.parquet", "meta.json", "status.json"):
+        assert (run_dir / f).exists(), f
+    df = pd.read_parquet(run_dir / "results.parquet")
+    assert list(df.columns) == COLUMNS
+    assert {"ablation", "cad", "coar", "maskgrad", "ig", "midpoint", "tracing"} <= set(df["method"])
+    assert set(df["concept"]) == {"red", "circle"}
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["config"]["concepts"] == ["red", "circle"]
+    assert {"torch", "diffusers", "nnsight"} <= set(meta["versions"])
+    for key, m in meta["methods"].items():
+        assert m["seconds"] >= 0 and m["forward_evals"] >= 0, key
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "complete"
+    tables = {p.stem: pd.read_csv(p) for p in (run_dir / "tables").glob("*.csv")}
+    assert set(tables) == {"correlations", "correlations_by_layer", "topk", "lds", "cost", "accuracy_vs_cost"}
+    corr = tables["correlations"]
+    for col in ("pearson", "pearson_lo", "pearson_hi", "spearman", "kendall"):
+        assert col in corr
+    assert set(corr["method"]) >= {"cad", "coar", "maskgrad", "tracing"}
+    assert set(tables["lds"]["alpha"]) == {0.01, 0.05, 0.2}
+    assert set(tables["topk"]["fraction"]) == {0.01, 0.05, 0.1}
+    assert (tables["cost"]["forward_equivalents"] > 0).all()
+    figures = {p.stem for p in (run_dir / "figures").glob("*.png")}
+    assert {"accuracy-vs-cost", "scatter-red", "trace-unet-red", "trace-text-circle", "localization-cad"} <= figures
+    html = (run_dir / "index.html").read_text()
+    assert "agrees best with true ablation" in html and "http://" not in html and "https://" not in html
+
+
+def test_report_in_browser(run_dir, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from browser import SKIP_REASON, find_chromium, open_page
+
+    if find_chromium() is None:
+        pytest.skip(SKIP_REASON)
+    page = open_page(run_dir / "index.html", screenshot_to=tmp_path / "report.png")
+    assert page["images"] and all(i["complete"] and i["natural_width"] > 0 for i in page["images"])
+    assert page["tables"] and all(n > 0 for n in page["tables"])
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_rerun_reuses_cache(run_dir, tiny_world):
+    from analyses.compare_methods import main
+
+    before = pd.read_parquet(run_dir / "results.parquet")
+    t0 = time.perf_counter()
+    assert main(args_for(tiny_world, run_dir)) == 0
+    meta = json.loads((run_dir / "meta.json").read_text())
+    # Cached methods report their original cost; nothing was recomputed, so this run's method time is tiny.
+    assert sum(meta["seconds_this_run"].values()) < 5.0, meta["seconds_this_run"]
+    pd.testing.assert_frame_equal(before, pd.read_parquet(run_dir / "results.parquet"))
+    assert time.perf_counter() - t0 < 120
+
+
+def test_bad_arguments_exit_nonzero(tiny_world, tmp_path, capsys):
+    from analyses.compare_methods import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tiny_world), "--concepts", "magenta", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
+    assert "magenta" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--methods", "cad", "--out", str(tmp_path / "y")])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "z")])
+    assert e.value.code == 2
+
+
+def test_killed_run_resumes_to_the_same_tables(tiny_world, run_dir, tmp_path):
+    """Kill a run once some work is cached; the resumed run's tables equal the uninterrupted run's."""
+    from analyses.compare_methods import main
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "analyses.compare_methods", *args_for(tiny_world, out)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            cache = out / "cache"
+            done = list(cache.glob("*/result.parquet")) if cache.exists() else []
+            if len(done) >= 3 or proc.poll() is not None:
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode != 0, "the run finished before it could be killed: make the configuration bigger"
+    assert not (out / "index.html").exists() and not (out / "results.parquet").exists()
+    assert json.loads((out / "status.json").read_text())["status"] == "running"
+    assert main(args_for(tiny_world, out)) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "results.parquet"), pd.read_parquet(out / "results.parquet"))
+    for name in ("correlations", "lds", "topk", "correlations_by_layer"):
+        pd.testing.assert_frame_equal(pd.read_csv(run_dir / "tables" / f"{name}.csv"),
+                                      pd.read_csv(out / "tables" / f"{name}.csv"))
