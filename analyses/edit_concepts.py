@@ -3,11 +3,14 @@
     python -m analyses.edit_concepts                                   # red and circle, the default edits
     python -m analyses.edit_concepts --concepts blue --edits cad-erase ablate:ablation --k 4 16
 
-Edits (``--edits``): cad-erase, cad-amplify (CAD's per-weight rule, swept over ``--ratios``), cad-erase-neurons,
-cad-amplify-neurons (CAD's scores of whole GEGLU units, swept over ``--k``), diff-quickfix (closed form, no budget),
-coar-edit (Welch t of per-sample CAD attributions, target vs the other values of its attribute, swept over ``--k``),
-and ablate:<method> for any registered attribution method (its top-k positive GEGLU units). Every edit is judged by
-the concept classifier: the target's rate before/after, the other values' rates (retained rate), an image-quality
+Edits (``--edits``): cad-erase, cad-amplify (CAD's per-weight rule on the UNet's feed-forward matrices, swept over
+``--ratios``); diff-quickfix (the paper's closed form, no budget) and diff-quickfix-preserve (the same plus keys of
+32 prompts without the concept that keep their outputs; not in the paper); and the ablation edits, swept over
+``--k`` on the ``--components`` (default: the GEGLU hidden units of every UNet feed-forward and the value neurons
+of every cross-attention): cad-erase-neurons, cad-amplify-neurons (CAD's scores of whole units), coar-edit (Welch t
+of per-sample CAD attributions, target vs the other values of its attribute), and ablate:<method> for any
+registered attribution method (its top-k positive components). Every edit is judged by the concept classifier:
+the target's rate before/after, the other values' rates (retained rate), an image-quality
 proxy (Frechet distance of classifier features to renders) and the edit's wall time.
 
 Writes a run folder (default reports/edit-<hash>/): tables/*.csv, edits.json, figures/*.png, meta.json and a
@@ -25,10 +28,13 @@ import sys
 import time
 from pathlib import Path
 
-EDIT_CHOICES = ("cad-erase", "cad-amplify", "cad-erase-neurons", "cad-amplify-neurons", "diff-quickfix", "coar-edit")
-DEFAULT_EDITS = ("cad-erase", "diff-quickfix", "coar-edit", "ablate:maskgrad")
-DEFAULT_K = (16, 64, 256)
-DEFAULT_RATIOS = (0.02, 0.05, 0.1)
+EDIT_CHOICES = ("cad-erase", "cad-amplify", "cad-erase-neurons", "cad-amplify-neurons", "diff-quickfix",
+                "diff-quickfix-preserve", "coar-edit")
+DEFAULT_EDITS = ("cad-erase", "diff-quickfix", "diff-quickfix-preserve", "coar-edit", "ablate:maskgrad")
+DEFAULT_K = (32, 128, 512)
+DEFAULT_COMPONENTS = ("ff", "attn2")
+PRESERVE_PROMPTS = 32  # diff-quickfix-preserve: prompts without the concept whose outputs the edit keeps
+DEFAULT_RATIOS = (0.05, 0.1, 0.2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,13 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"edits: {', '.join(EDIT_CHOICES)}, or ablate:<method> (default %(default)s)")
     p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_K),
                    help="numbers of ablated components swept by the ablation edits (default %(default)s)")
+    p.add_argument("--components", nargs="+", default=list(DEFAULT_COMPONENTS),
+                   help="component sets the ablation edits rank: ff (GEGLU hidden units), attn2 (cross-attention "
+                        "value neurons), attn2-heads, text-mlp (default %(default)s)")
     p.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS),
                    help="CAD per-row ratios swept by cad-erase / cad-amplify (default %(default)s)")
     p.add_argument("--images", type=int, default=96,
                    help="held-out images per evaluation: 1/4 target prompts, 1/12 target alone, the rest other "
                         "values (default %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps of the evaluation (default %(default)s)")
-    p.add_argument("--attr-images", type=int, default=8,
+    p.add_argument("--attr-images", type=int, default=4,
                    help="images of the attribution objective (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attributions and the held-out stream offset")
     p.add_argument("--out", type=Path, default=None, help="run folder (default reports/edit-<config hash>)")
@@ -75,6 +84,11 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         elif e not in EDIT_CHOICES:
             parser.exit(2, f"error: unknown edit {e!r}; edits are {', '.join(EDIT_CHOICES)} or ablate:<method> "
                            f"with a method of {sorted(REGISTRY)}\n")
+    from interp.editing import COMPONENT_PRESETS
+
+    bad = [c for c in args.components if c not in COMPONENT_PRESETS]
+    if bad:
+        parser.exit(2, f"error: unknown component set(s) {bad}; choose from {sorted(COMPONENT_PRESETS)}\n")
     if any(k < 0 for k in args.k) or not args.k:
         parser.exit(2, f"error: --k values must be non-negative integers, got {args.k}\n")
     if any(not 0 <= r <= 1 for r in args.ratios) or not args.ratios:
@@ -83,7 +97,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.exit(2, "error: --images must be >= 3, --steps and --attr-images >= 1\n")
 
 
-def make_edits(model, concept: str, spec: str, args, objective):
+def make_edits(model, concept: str, spec: str, args, objective, comps):
     """The edits of one spec for one concept, one per budget of its sweep."""
     from dataclasses import replace
 
@@ -95,17 +109,18 @@ def make_edits(model, concept: str, spec: str, args, objective):
     if spec == "cad-amplify":
         ws = ed.cad_weight_scores(model, concept, "amplify", replace(objective, kind="amplify"))
         return [ws.edit(r) for r in args.ratios]
-    if spec == "diff-quickfix":
-        return [ed.diff_quickfix(model, concept, seed=ed.EDIT_SEED + args.seed)]
+    if spec in ("diff-quickfix", "diff-quickfix-preserve"):
+        preserve = PRESERVE_PROMPTS if spec.endswith("preserve") else 0
+        return [replace(ed.diff_quickfix(model, concept, preserve=preserve, seed=ed.EDIT_SEED + args.seed), name=spec)]
     if spec == "cad-erase-neurons":
-        ranking = ed.rank_components(model, concept, "cad", objective=objective, name=spec)
+        ranking = ed.rank_components(model, concept, "cad", comps, objective=objective, name=spec)
     elif spec == "cad-amplify-neurons":
-        ranking = ed.rank_components(model, concept, "cad", objective=replace(objective, kind="amplify"),
+        ranking = ed.rank_components(model, concept, "cad", comps, objective=replace(objective, kind="amplify"),
                                      side="negative", name=spec)
     elif spec == "coar-edit":
-        ranking = ed.coar_edit_ranking(model, concept, objective=objective)
+        ranking = ed.coar_edit_ranking(model, concept, components=comps, objective=objective)
     else:
-        ranking = ed.rank_components(model, concept, spec.split(":", 1)[1], objective=objective, name=spec,
+        ranking = ed.rank_components(model, concept, spec.split(":", 1)[1], comps, objective=objective, name=spec,
                                      seed=args.seed)
     return [ranking.top(k) for k in args.k]
 
@@ -130,6 +145,7 @@ def run(args, out: Path, log) -> dict:
     fingerprint = model.state_fingerprint()
     objective = ObjectiveConfig(kind="erase", n_images=args.attr_images, seed=args.seed)
     cfg = ed.EvalConfig.from_total(args.images, steps=args.steps, seed=ed.EVAL_SEED + args.seed)
+    comps = ed.edit_components(model, args.components)
     evaluations, records, grids = [], [], {}
     for concept in args.concepts:
         t0 = time.perf_counter()
@@ -141,7 +157,7 @@ def run(args, out: Path, log) -> dict:
         strongest = []
         for spec in args.edits:
             t0 = time.perf_counter()
-            edits = make_edits(model, concept, spec, args, objective)
+            edits = make_edits(model, concept, spec, args, objective, comps)
             log(f"{concept}: {spec} computed in {time.perf_counter() - t0:.1f} s")
             evs = []
             for e in edits:
@@ -164,7 +180,8 @@ def run(args, out: Path, log) -> dict:
     edits_table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("components", "scores", "weights")}
                                 for r in records])
     tables = {"tradeoff": table, "per_value": per_value, "edits": edits_table}
-    figures = {"tradeoff": ed.tradeoff_plot(table), **{f"grid-{c}": g for c, g in grids.items()}}
+    figures = {"tradeoff": ed.tradeoff_plot(table), "tradeoff-drawn": ed.tradeoff_plot(table, x="retained_drawn"),
+               **{f"grid-{c}": g for c, g in grids.items()}}
     (out / "tables").mkdir(exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
     for name, df in tables.items():
@@ -180,7 +197,10 @@ def run(args, out: Path, log) -> dict:
             "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
             "wall_seconds": wall, "model_unchanged": not changed}
     (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    render_report(out, title="Concept editing from attributions", summary=summary_sentences(table),
+    summary = summary_sentences(table) + [
+        f"{len(evaluations)} edits evaluated on {len(args.concepts)} concept(s) in {wall:.0f} s of wall time "
+        f"({torch.get_num_threads()} thread(s)); the model's weights were bitwise unchanged afterwards."]
+    render_report(out, title="Concept editing from attributions", summary=summary,
                   sections=report_sections(tables, uris, cfg, args), config=meta)
     return {"tables": tables, "meta": meta}
 
@@ -193,8 +213,9 @@ def summary_sentences(table) -> list[str]:
         out.append(
             f"Erasing '{concept}' with {r['label']}: its rate on held-out prompts went from {r['target_before']:.2f} "
             f"to {r['target_after']:.2f} (alone: {r['target_alone_before']:.2f} to {r['target_alone_after']:.2f}); "
-            f"other values kept {r['retained_rate']:.2f} of their rate ({r['retained_same_attribute']:.2f} within "
-            f"its attribute); feature Frechet distance to renders {r['fd_before']:.2f} to {r['fd_after']:.2f}; "
+            f"other values kept {r['retained_rate']:.2f} of their rate ({r['retained_drawn']:.2f} over the values the "
+            f"model draws reliably, {r['retained_same_attribute']:.2f} within its attribute); feature Frechet "
+            f"distance to renders {r['fd_before']:.2f} to {r['fd_after']:.2f}; "
             f"computed in {r['edit_seconds']:.1f} s."
         )
     return out
@@ -205,15 +226,19 @@ def report_sections(tables, uris, cfg, args) -> list[dict]:
         return [(k, v) for k, v in uris.items() if k.startswith(prefix)]
 
     cols = ["concept", "label", "n_components", "n_weights", "target_before", "target_after", "target_alone_before",
-            "target_alone_after", "retained_rate", "retained_same_attribute", "retained_other_attributes",
-            "cooccurring_retained", "fd_before", "fd_after", "edit_seconds", "eval_seconds"]
+            "target_alone_after", "retained_rate", "retained_drawn", "retained_same_attribute",
+            "retained_other_attributes", "cooccurring_retained", "fd_before", "fd_after", "edit_seconds",
+            "eval_seconds"]
     return [
         {"title": "Trade-off: erasing the target vs keeping everything else",
          "text": f"Every edit at every budget, judged on {cfg.n_images} held-out images per concept ({cfg.n_target} "
                  f"full captions with the target, {cfg.n_alone} naming the target alone, {cfg.n_other} asking for "
                  f"other values), {cfg.steps} denoising steps, same prompts and initial noises before and after. "
                  "Target rate = fraction of images the classifier judges to show the target value. Retained rate = "
-                 "mean over the other values of (rate after / rate before). fd = Frechet distance between classifier "
+                 "mean over the other values of (rate after / rate before); retained_drawn the same over the values "
+                 "the unedited model draws at least half of the time (ratios of rarely drawn values are noisy and "
+                 "can exceed 1 when the classifier reads damaged images as them). "
+                 "fd = Frechet distance between classifier "
                  "features of generated images and of renders of the same scenes (lower is better; compare after "
                  "with before).",
          "tables": [("Trade-off table", tables["tradeoff"][cols])], "figures": figs("tradeoff")},

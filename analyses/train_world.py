@@ -37,9 +37,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
-    from interp.models import load_model
-    from interp.world.classifier import ConceptClassifier, train_classifier
-    from interp.world.fidelity import GRID_PROMPTS, measure_fidelity, sample_grid
+    from interp.world.classifier import train_classifier
     from interp.world.model import ModelConfig
     from interp.world.train import TrainConfig, save_model, train
 
@@ -52,14 +50,23 @@ def main(argv=None) -> int:
     cfg = TrainConfig(model=ModelConfig(), steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     pipe, history = train(cfg, out, progress=not args.no_progress)
     save_model(pipe, out, cfg, history)
-    model = load_model(out)
-    summary, per_image = measure_fidelity(model, n=args.fidelity_images, progress=not args.no_progress)
-    summary["classifier_accuracy"] = json.loads((out / "classifier.json").read_text())["metrics"]["heldout_accuracy"]
-    (out / "fidelity.json").write_text(json.dumps(summary, indent=1))
-    fig = sample_grid(model, GRID_PROMPTS)
-    fig.savefig(out / "samples.png", dpi=100)
+    summary = evaluate_checkpoint(out, args.fidelity_images, progress=not args.no_progress)
     logging.info("fidelity: %s", summary["accuracy"])
     return 0
+
+
+def evaluate_checkpoint(out: Path, n_images: int = 360, progress: bool = True) -> dict:
+    """Measure the fidelity of the checkpoint in ``out`` (fidelity.json) and draw its sample grid (samples.png)."""
+    from interp.models import load_model
+    from interp.world.fidelity import GRID_PROMPTS, measure_fidelity, sample_grid
+
+    model = load_model(out)
+    summary, per_image = measure_fidelity(model, n=n_images, progress=progress)
+    summary["classifier_accuracy"] = json.loads((out / "classifier.json").read_text())["metrics"]["heldout_accuracy"]
+    summary["targets"] = {"color": 0.95, "shape": 0.90, "texture": 0.85, "background": 0.95}
+    (out / "fidelity.json").write_text(json.dumps(summary, indent=1))
+    sample_grid(model, GRID_PROMPTS).savefig(out / "samples.png", dpi=100)
+    return summary
 
 
 if __name__ == "__main__":

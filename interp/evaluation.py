@@ -36,7 +36,8 @@ CORR_COLUMNS = [
 #: Display names for the summary sentences; other method names are shown as they are.
 METHOD_LABELS = {
     "ablation": "true ablation", "cad": "CAD", "coar": "COAR", "tracing": "causal tracing", "atp": "AtP",
-    "ig": "integrated gradients",
+    "ig": "integrated gradients", "maskgrad": "the mask-averaged gradient", "midpoint": "the midpoint gradient",
+    "screen": "screen-then-verify",
 }
 
 _PART_ORDER = {"text_encoder": 0, "unet": 1}

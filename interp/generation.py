@@ -23,7 +23,7 @@ def generate(
     prompts,
     seed: int = 0,
     steps: int = 20,
-    guidance: float = 4.0,
+    guidance: float | None = None,
     plan: Plan | None = None,
     mult: torch.Tensor | None = None,
     means=None,
@@ -42,6 +42,7 @@ def generate(
     """
     prompts = model.check_prompts(prompts)
     n = len(prompts)
+    guidance = model.default_guidance if guidance is None else guidance
     if mult is not None and mult.shape[0] not in (1, n):
         raise ValueError(f"{mult.shape[0]} multiplier rows for {n} prompts")
     if mult is not None and mult.shape[0] == 1:

@@ -43,8 +43,14 @@ class DiffusionModel:
     classifier: nn.Module | None = None
     is_concept_world: bool = False
     pipeline: object = field(default=None, repr=False)
+    #: Classifier-free guidance scale used when a caller gives none. The concept world samples best unguided
+    #: (measured: guidance 1.5 already costs 15 points of color fidelity, 4 makes samples unusable); Stable
+    #: Diffusion's usual 7.5 otherwise.
+    default_guidance: float | None = None
 
     def __post_init__(self):
+        if self.default_guidance is None:
+            self.default_guidance = 1.0 if self.is_concept_world else 7.5
         for m in (self.unet, self.text_encoder, self.vae, self.classifier):
             if m is not None:
                 m.eval().requires_grad_(False)

@@ -5,14 +5,16 @@ Every method in the suite explains the same function: J of a concept, averaged o
 
 ``erase``
     CAD's erase objective (Nguyen et al. 2024): ``J = mean (eps(z_t, c) - eps(z_t, c_anchor))^2``, how differently
-    the model denoises with and without the concept in the prompt. CAD stops the gradient through the anchor
+    the model denoises with and without the concept in the prompt (``eps`` is the UNet's output: the noise for
+    epsilon models such as SD 1.x, the velocity for v-prediction models such as SD 2.x and the concept world). CAD stops the gradient through the anchor
     branch; whether the anchor branch is *also ablated* when a component is ablated is a real choice (see
     ``shared/notes/anchors.md``): ``anchor="shared"`` (default) runs the anchor through the same intervened model,
     so J stays a measure of the concept's effect, and gradients flow through both branches; ``anchor="frozen"``
     keeps the anchor's prediction of the intact model, which is CAD's stop-gradient taken literally.
 ``amplify``
-    The negative denoising loss on images of the concept, ``J = -mean (eps(z_t, c) - eps)^2`` (CAD's amplify
-    objective, signed so that higher J = the concept is modeled better).
+    The negative denoising loss on images of the concept, ``J = -mean (eps(z_t, c) - target)^2`` (CAD's amplify
+    objective, signed so that higher J = the concept is modeled better; the target is the noise or the velocity,
+    whichever the model predicts).
 ``classifier``
     End to end: the concept classifier's probability of the concept on images generated from the target prompts
     and fixed noises (concept world only).
@@ -52,7 +54,7 @@ class ObjectiveConfig:
     timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
     seed: int = 0
     gen_steps: int = 10
-    guidance: float = 4.0
+    guidance: float | None = None  # None: the model's default (1.0 for the concept world, 7.5 otherwise)
     dtype: str = "float32"
     max_batch: int = 640
 
@@ -114,7 +116,8 @@ class Objective:
             self.noise0 = diffusion.initial_noise(model.unet, cfg.n_images, gen, dt, dev)
             self.n_samples = cfg.n_images
             self.branches = 1
-            self.rows_per_eval = cfg.n_images * cfg.gen_steps * (2 if cfg.guidance != 1 else 1)
+            g = cfg.guidance if cfg.guidance is not None else model.default_guidance
+            self.rows_per_eval = cfg.n_images * cfg.gen_steps * (2 if g != 1 else 1)
             self.label = c.value
         else:
             if model.is_concept_world and c.scenes_seed is not None:
@@ -130,6 +133,11 @@ class Objective:
             self.t = torch.tensor(cfg.timesteps * cfg.n_images, device=dev)
             self.noise = torch.randn((cfg.n_images * n_t, *x0.shape[1:]), generator=gen, dtype=dt).to(dev)
             self.x_t = model.scheduler.add_noise(x0[self.image_index], self.noise, self.t.cpu()).to(dt)
+            # What the UNet predicts: the noise (epsilon models, SD 1.x) or the velocity (v models, SD 2.x, ours).
+            if model.scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
+                self.target = model.scheduler.get_velocity(x0[self.image_index], self.noise, self.t.cpu()).to(dt)
+            else:
+                self.target = self.noise
             self.n_samples = len(self.t)
             shared = cfg.kind == "erase" and cfg.anchor == "shared"
             self.branches = 2 if shared else 1
@@ -143,11 +151,14 @@ class Objective:
     # -- evaluation ------------------------------------------------------------------------------------------
     def values(self, plan: Plan | None = None, mult: torch.Tensor | None = None, means=None,
                target_context: torch.Tensor | None = None, unet_patches=None,
-               samples: torch.Tensor | None = None, recompute_text: bool = False) -> torch.Tensor:
+               samples: torch.Tensor | None = None, recompute_text: bool = False,
+               record: dict | None = None) -> torch.Tensor:
         """J per mask row and sample, ``(R, S)``; ``R = 1`` without masks. Chunks rows to ``max_batch``.
 
         ``samples`` restricts the evaluation set to those sample indices (CAD's per-group gradients);
         ``recompute_text`` runs the text encoder inside the call (so gradients reach its weights).
+        ``record``: a dict whose keys are module paths; their outputs (rows as in the batch: mask row, branch,
+        sample) are stored in it (one chunk only; use with a single mask row).
         """
         if mult is not None and plan is None:
             raise ValueError("multipliers need a compiled plan")
@@ -157,8 +168,12 @@ class Objective:
         S = self.n_samples if samples is None else len(samples)
         per_row = S * (self.branches if self.config.kind != "classifier" else 2)
         chunk = max(1, self.config.max_batch // per_row)
+        if record is not None and R > chunk:
+            raise ValueError("record works on one chunk of mask rows; pass fewer rows")
+        if record is not None and any(k.startswith("text_encoder.") for k in record):
+            recompute_text = True
         outs = [self._chunk(plan, None if mult is None else mult[s : s + chunk], means, target_context, unet_patches,
-                            samples, recompute_text)
+                            samples, recompute_text, record)
                 for s in range(0, R, chunk)]
         J = torch.cat(outs)
         if not torch.isfinite(J).all():
@@ -169,7 +184,8 @@ class Objective:
             )
         return J
 
-    def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False) -> torch.Tensor:
+    def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False,
+               record=None) -> torch.Tensor:
         model, cfg = self.model, self.config
         r = 1 if mult is None else mult.shape[0]
         sel = torch.arange(self.n_samples) if samples is None else torch.as_tensor(samples)
@@ -190,7 +206,9 @@ class Objective:
         if has_text:
             ids = torch.cat([self.target_ids[idx], self.anchor_ids[idx]][:B])
             text_rows = None if mult is None else mult.repeat_interleave(B * S, 0)
-            ctx = run_text(model, ids.repeat(r, 1), plan, text_rows, means)[0]
+            tpaths = [k for k in (record or {}) if k.startswith("text_encoder.")]
+            ctx, saved = run_text(model, ids.repeat(r, 1), plan, text_rows, means, saves=tpaths)
+            record.update(saved) if record is not None else None
         else:
             tctx = self.ctx_target[idx] if target_context is None else target_context[idx]
             ctx = torch.cat([tctx, self.ctx_anchor[idx]][:B]).repeat(r, 1, 1)
@@ -198,13 +216,16 @@ class Objective:
         t = self.t[sel].repeat(r * B)
         rows = None if mult is None else mult.repeat_interleave(B * S, 0)
         patches = unet_patches(0) if unet_patches is not None else None
-        eps = run_unet(model, x, t, ctx, plan, rows, means, patches)[0]
+        upaths = [k for k in (record or {}) if k.startswith("unet.")]
+        eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=upaths)
+        if record is not None:
+            record.update(saved)
         eps = eps.reshape(r, B, S, *eps.shape[1:])
         dims = tuple(range(2, eps.dim() - 1))
         if cfg.kind == "erase":
             anchor = eps[:, 1] if B == 2 else self.eps_anchor[sel][None]
             return (eps[:, 0] - anchor).pow(2).mean(dim=dims)
-        return -(eps[:, 0] - self.noise[sel][None]).pow(2).mean(dim=dims)
+        return -(eps[:, 0] - self.target[sel][None]).pow(2).mean(dim=dims)
 
     def mean(self, plan=None, mult=None, means=None) -> torch.Tensor:
         """J averaged over the evaluation set, per mask row."""
@@ -224,10 +245,36 @@ def as_dtype(model, dtype: torch.dtype):
     parts = {k: copy.deepcopy(getattr(model, k)) for k in ("unet", "text_encoder", "vae", "classifier")}
     for v in parts.values():
         if v is not None:
-            v.to(dtype)
+            torch.nn.Module.to(v, dtype)  # diffusers' own .to() warns about fp32-pinned modules; none here
     sched = model.scheduler.__class__.from_config(model.scheduler.config)
     return DiffusionModel(model.name, parts["unet"], parts["text_encoder"], model.tokenizer, sched, parts["vae"],
                           parts["classifier"], model.is_concept_world)
+
+
+def gradients(obj: Objective, params: dict[str, torch.nn.Parameter] | None = None,
+              activations: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """dJ/d(parameter) and dJ/d(activation) of the mean objective, through the same nnsight layer.
+
+    ``activations`` are module paths (``"unet.mid_block...ff.net.2"``, ``"text_encoder.encoder.layers.0"``); their
+    gradients have the batch layout of the evaluation (branch, sample). Gradients are in the objective's dtype
+    (float32, or float64 with ``ObjectiveConfig(dtype="float64")``); weights are left as they were.
+    """
+    from .interventions import parameters_requiring_grad
+
+    params = dict(params or {})
+    record = {p: None for p in (activations or [])}
+    for p in record:
+        obj.model.space.parse(p)  # a clear error for an unknown path
+    text = any(n.startswith("text_encoder.") for n in params)
+    # Activations only join the autograd graph if something upstream requires grad: let every weight do so for
+    # this call (restored afterwards); autograd.grad then computes only what was asked.
+    every = [p for _, p in obj.model.parameters()] if record else list(params.values())
+    with parameters_requiring_grad(every), torch.enable_grad():
+        J = obj.values(record=record if record else None, recompute_text=text).mean()
+        targets = list(params.values()) + [record[p] for p in record]
+        grads = torch.autograd.grad(J, targets, allow_unused=True)
+    names = list(params) + list(record)
+    return {n: (torch.zeros_like(t) if g is None else g) for n, t, g in zip(names, targets, grads)}
 
 
 def reference_means(obj: Objective, plan: Plan) -> dict[str, torch.Tensor]:

@@ -192,15 +192,17 @@ def test_main_writes_every_output(folder, tmp_path):
     from analyses.edit_concepts import main
 
     out = tmp_path / "run"
-    code = main(["--model", str(folder), "--concepts", "red", "--edits", "cad-erase", "diff-quickfix", "coar-edit",
-                 "ablate:maskgrad", "--k", "3", "--ratios", "0.1", "--images", "6", "--steps", "2",
-                 "--attr-images", "1", "--out", str(out)])
+    code = main(["--model", str(folder), "--concepts", "red", "--edits", "cad-erase", "diff-quickfix",
+                 "diff-quickfix-preserve", "coar-edit", "ablate:maskgrad", "--k", "3", "--ratios", "0.1",
+                 "--components", "ff", "attn2", "--images", "6", "--steps", "2", "--attr-images", "1",
+                 "--out", str(out)])
     assert code == 0
     for f in ("index.html", "meta.json", "edits.json", "tables/tradeoff.csv", "tables/per_value.csv",
-              "tables/edits.csv", "figures/tradeoff.png", "figures/grid-red.png"):
+              "tables/edits.csv", "figures/tradeoff.png", "figures/tradeoff-drawn.png", "figures/grid-red.png"):
         assert (out / f).exists() and (out / f).stat().st_size > 0, f
     table = pd.read_csv(out / "tables" / "tradeoff.csv")
-    assert set(table["edit"]) == {"cad-erase", "diff-quickfix", "coar-edit", "ablate:maskgrad"}
+    assert set(table["edit"]) == {"cad-erase", "diff-quickfix", "diff-quickfix-preserve", "coar-edit",
+                                  "ablate:maskgrad"}
     assert json.loads((out / "meta.json").read_text())["model_unchanged"] is True
     html = (out / "index.html").read_text()
     assert html.count("data:image/png;base64,") >= 2 and "Trade-off" in html
@@ -211,6 +213,7 @@ def test_main_writes_every_output(folder, tmp_path):
     (["--edits", "erase-everything"], "unknown edit"),
     (["--edits", "ablate:nonsense"], "unknown method"),
     (["--k", "-1"], "--k"),
+    (["--components", "everything"], "unknown component set"),
 ])
 def test_main_rejects_bad_arguments(argv, message, capsys, tmp_path):
     from analyses.edit_concepts import main

@@ -335,3 +335,32 @@ def test_shipped_classifier_accuracy():
     clf = ConceptClassifier.load(folder)
     acc = accuracy(clf, ConceptWorld(300, seed=4242))
     assert all(v >= 0.98 for v in acc.values()), acc
+
+
+def test_shipped_checkpoint_loads_and_its_fidelity_is_what_it_claims():
+    """The shipped model loads by name; its fidelity JSON is reproduced on a sample of the same held-out prompts.
+
+    Targets of the foundation issue: color >= 0.95, shape >= 0.90, texture >= 0.85, background >= 0.95. The shipped
+    model reaches all but shape (measured ~0.51: the small pixel-space UNet confuses circle/square/diamond/cross
+    outlines at 16x16); that shortfall is asserted as what it is, not hidden.
+    """
+    import json
+
+    import interp
+    from interp.models import ASSETS
+    from interp.world.fidelity import measure_fidelity
+
+    folder = ASSETS / "concept-world"
+    if not (folder / "fidelity.json").exists():
+        pytest.skip(f"no shipped checkpoint at {folder}")
+    claimed = json.loads((folder / "fidelity.json").read_text())
+    acc = claimed["accuracy"]
+    assert acc["color"] >= 0.95 and acc["texture"] >= 0.85 and acc["background"] >= 0.95
+    assert 0.40 <= acc["shape"] < 0.90  # the known shortfall (README, issue note); update when the model improves
+    model = interp.load_model("concept-world")
+    assert model.is_concept_world and model.classifier is not None
+    # The first 60 of the same held-out prompts, seeds and sampler: the same images as the JSON's first batch.
+    again, _ = measure_fidelity(model, n=60, seed=claimed["seed"], steps=claimed["steps"],
+                                guidance=claimed["guidance"], batch=60)
+    for a in ("color", "texture", "background"):
+        assert again["accuracy"][a] >= acc[a] - 0.1, (a, again["accuracy"][a], acc[a])

@@ -29,7 +29,9 @@ from .edits import (
     cad_weight_scores,
     coar_edit,
     coar_edit_ranking,
+    COMPONENT_PRESETS,
     default_edit_components,
+    edit_components,
     diff_quickfix,
     diff_quickfix_solution,
     per_row_count,
@@ -39,6 +41,7 @@ from .edits import (
     welch_t,
 )
 from .evaluate import (
+    DRAWN,
     EVAL_SEED,
     PER_VALUE_COLUMNS,
     SUMMARY_COLUMNS,
@@ -60,6 +63,7 @@ __all__ = [
     "AblationEdit", "Baseline", "Edit", "EditEvaluation", "EditedModel", "EvalConfig", "QuickFixSolution", "Ranking",
     "WeightEdit", "WeightScores", "WeightUpdate", "baseline", "cad_amplify", "cad_amplify_neurons", "cad_erase",
     "cad_erase_neurons", "cad_weight_scores", "coar_edit", "coar_edit_ranking", "default_edit_components",
+    "edit_components", "COMPONENT_PRESETS", "DRAWN",
     "diff_quickfix", "diff_quickfix_solution", "evaluate_edit", "frechet_distance", "heldout_set", "image_grid",
     "judge", "per_row_count", "quickfix_solve", "rank_components", "select_per_row", "sweep_table", "tradeoff_plot",
     "welch_t",

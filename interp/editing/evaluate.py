@@ -19,8 +19,11 @@ Measured (:func:`evaluate_edit`, one summary row, columns :data:`SUMMARY_COLUMNS
   asks for) on the ``other`` images that ask for it, before and after (:data:`PER_VALUE_COLUMNS`).
   ``retained_rate`` is the mean over these non-target values of after / before (1 = untouched; values with a
   before-rate of 0 are left out), split into the target's own attribute (``retained_same_attribute``, e.g. the
-  other colors when erasing red) and the other attributes. ``cooccurring_retained`` is the same ratio for the
-  other attributes *within* the target prompts (is the circle still drawn when red is erased from "red circle"?).
+  other colors when erasing red) and the other attributes. A ratio over a value the model rarely draws is noisy
+  and can be far above 1 (a damaged image the classifier happens to call "hollow" turns a before-rate of 0.1 into
+  0.8), so ``retained_drawn`` averages only over values with a before-rate of at least :data:`DRAWN` (0.5).
+  ``cooccurring_retained`` is the same ratio for the other attributes *within* the target prompts (is the circle
+  still drawn when red is erased from "red circle"?).
 - image quality: the Frechet distance between the classifier trunk's features (``model.classifier.trunk``) of the
   generated ``target`` + ``other`` images and of renders of the same scenes (FID's formula on a concept-world
   feature space; with ~100 images against 128 features it is a biased, relative measure: compare ``fd_after``
@@ -47,14 +50,17 @@ from .. import diffusion
 from ..world.render import ConceptWorld, Scene, random_caption, random_scene, render
 from ..world.vocab import ATTRIBUTES, TEMPLATES, attribute_of, caption
 
+#: Before-rate from which a value counts as drawn by the model (for ``retained_drawn``).
+DRAWN = 0.5
 #: Seed stream of the held-out scenes and noises (the attributions use 0.., edits 30,000, fidelity 10,000).
 EVAL_SEED = 20_000
 
 SUMMARY_COLUMNS = [
     "edit", "label", "concept", "attribute", "budget", "n_components", "n_weights",
     "target_before", "target_after", "target_alone_before", "target_alone_after",
-    "retained_rate", "retained_same_attribute", "retained_other_attributes", "cooccurring_retained",
-    "other_before", "other_after", "fd_before", "fd_after", "edit_seconds", "eval_seconds", "n_images",
+    "retained_rate", "retained_drawn", "retained_same_attribute", "retained_other_attributes",
+    "cooccurring_retained", "other_before", "other_after", "fd_before", "fd_after", "edit_seconds", "eval_seconds",
+    "n_images",
 ]
 PER_VALUE_COLUMNS = ["edit", "label", "concept", "budget", "set", "attribute", "value", "n", "before", "after",
                      "ratio"]
@@ -68,7 +74,7 @@ class EvalConfig:
     n_alone: int = 8
     n_other: int = 64
     steps: int = 10
-    guidance: float = 4.0
+    guidance: float | None = None
     seed: int = EVAL_SEED
     batch: int = 64
 
@@ -295,6 +301,7 @@ def evaluate_edit(model, edit, concept: str | None = None, config: EvalConfig = 
     other = pv[pv["set"] == "other"]
     same = other[other["attribute"] == attribute]
     diff = other[other["attribute"] != attribute]
+    drawn = other[other["before"] >= DRAWN]
     co = pv[pv["set"] == "with_target"]
     full = tb["set"].isin(["target", "other"]).to_numpy()
     rec = edit.record() if edit is not None else {"edit": "none", "seconds": 0.0, "budget": None}
@@ -305,6 +312,7 @@ def evaluate_edit(model, edit, concept: str | None = None, config: EvalConfig = 
         "target_alone_before": _rate(tb, is_a, attribute, concept),
         "target_alone_after": _rate(ta, is_a, attribute, concept),
         "retained_rate": float(np.nanmean(other["ratio"])) if other["ratio"].notna().any() else np.nan,
+        "retained_drawn": float(np.nanmean(drawn["ratio"])) if drawn["ratio"].notna().any() else np.nan,
         "retained_same_attribute": float(np.nanmean(same["ratio"])) if same["ratio"].notna().any() else np.nan,
         "retained_other_attributes": float(np.nanmean(diff["ratio"])) if diff["ratio"].notna().any() else np.nan,
         "cooccurring_retained": float(np.nanmean(co["ratio"])) if co["ratio"].notna().any() else np.nan,
@@ -328,9 +336,16 @@ def sweep_table(evaluations: Sequence[EditEvaluation]) -> pd.DataFrame:
     return df.sort_values(["concept", "edit", "budget"], kind="stable", na_position="first").reset_index(drop=True)
 
 
-def tradeoff_plot(table: pd.DataFrame) -> Figure:
+def tradeoff_plot(table: pd.DataFrame, x: str = "retained_rate") -> Figure:
     """Target rate after the edit (y) against the retained rate of the other values (x), one panel per concept,
-    one line per edit through its budgets (labelled), the unedited model at (1, target_before)."""
+    one line per edit through its budgets (labelled), the unedited model at (1, target_before).
+
+    ``x`` is any retained-rate column of :data:`SUMMARY_COLUMNS`, e.g. ``"retained_drawn"`` (only the values the
+    unedited model draws reliably).
+    """
+    if x not in table.columns:
+        raise ValueError(f"no column {x!r} in the table; retained-rate columns are "
+                         f"{[c for c in SUMMARY_COLUMNS if 'retained' in c]}")
     import seaborn as sns
 
     concepts = list(dict.fromkeys(table["concept"]))
@@ -347,17 +362,19 @@ def tradeoff_plot(table: pd.DataFrame) -> Figure:
         sub = table[table["concept"] == c].astype({"edit": str})
         for e, g in sub.groupby("edit", sort=True):
             g = g.sort_values("budget", na_position="first")
-            ax.plot(g["retained_rate"], g["target_after"], marker="o", color=palette[e], label=e)
+            ax.plot(g[x], g["target_after"], marker="o", color=palette[e], label=e)
             for _, r in g.iterrows():
                 if pd.notna(r["budget"]):
-                    ax.annotate(f"{r['budget']:g}", (r["retained_rate"], r["target_after"]), fontsize=7,
+                    ax.annotate(f"{r['budget']:g}", (r[x], r["target_after"]), fontsize=7,
                                 xytext=(3, 3), textcoords="offset points", color=palette[e])
         before = float(sub["target_before"].mean())
         ax.scatter([1.0], [before], marker="*", s=140, color="black", zorder=5, label="unedited")
-        ax.set_xlabel("retained rate of the other values (after / before)")
+        ax.set_xlabel(f"{x} of the other values (after / before)")
         ax.set_ylabel(f"rate of '{c}' on its own prompts")
         ax.set_ylim(-0.03, 1.03)
-        ax.set_xlim(min(0.0, float(np.nanmin(sub["retained_rate"].to_numpy(float), initial=1.0))) - 0.03, 1.1)
+        lo = float(np.nanmin(sub[x].to_numpy(float), initial=1.0))
+        hi = float(np.nanmax(sub[x].to_numpy(float), initial=1.0))
+        ax.set_xlim(min(0.5, lo) - 0.05, max(1.1, hi + 0.05))
         ax.grid(True, color="0.9")
         ax.set_title(f"erasing '{c}': lower-right is better")
         if i == len(concepts) - 1:

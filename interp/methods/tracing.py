@@ -123,7 +123,7 @@ class _Tracer:
         dims = tuple(range(2, eps.dim()))
         if self.kind == "erase":
             return (eps - self.eps_anchor[None]).pow(2).mean(dim=dims)
-        return -(eps - obj.noise[None]).pow(2).mean(dim=dims)
+        return -(eps - obj.target[None]).pow(2).mean(dim=dims)
 
     def text(self, ids_rows, patches, plan=None, mult=None, means=None):
         return run_text(self.model, ids_rows, plan, mult, means, patches)

@@ -18,7 +18,7 @@ HELDOUT_SEED = 10_000
 
 
 @torch.no_grad()
-def measure_fidelity(model, n: int = 360, seed: int = HELDOUT_SEED, steps: int = 25, guidance: float = 4.0,
+def measure_fidelity(model, n: int = 360, seed: int = HELDOUT_SEED, steps: int = 25, guidance: float | None = None,
                      batch: int = 120, progress: bool = False) -> tuple[dict, pd.DataFrame]:
     """Generate ``n`` images of held-out scenes with full captions; returns (summary dict, per-image frame)."""
     from tqdm.auto import tqdm
@@ -48,14 +48,14 @@ def measure_fidelity(model, n: int = 360, seed: int = HELDOUT_SEED, steps: int =
         "accuracy": {a: float((df[a] == df[f"pred_{a}"]).mean()) for a in ATTRIBUTES},
         "per_value": {a: {v: float((g[a] == g[f"pred_{a}"]).mean()) for v, g in df.groupby(a)} for a in ATTRIBUTES},
         "all_four": float(np.mean([all(r[a] == r[f"pred_{a}"] for a in ATTRIBUTES) for _, r in df.iterrows()])),
-        "n_images": n, "seed": seed, "steps": steps, "guidance": guidance,
+        "n_images": n, "seed": seed, "steps": steps, "guidance": model.default_guidance if guidance is None else guidance,
     }
     return summary, df
 
 
 @torch.no_grad()
 def sample_grid(model, prompts: list[str], n_seeds: int = 6, seed: int = HELDOUT_SEED, steps: int = 25,
-                guidance: float = 4.0):
+                guidance: float | None = None):
     """A matplotlib figure: one row per prompt, ``n_seeds`` samples each, the prompt written beside the row."""
     import matplotlib
 

@@ -37,6 +37,10 @@ class ModelConfig:
     text_intermediate: int = 128
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
+    # v-prediction (as Stable Diffusion 2.x): its loss weighs high-noise steps, where the global layout (background,
+    # shape) is decided, by 1 + 1/SNR relative to epsilon-prediction, and low-noise steps as epsilon does. With
+    # epsilon-prediction the first model ignored the background word entirely (see the README).
+    prediction_type: str = "v_prediction"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,13 +85,15 @@ def build_text_encoder(cfg: ModelConfig) -> CLIPTextModel:
 
 
 def train_scheduler(cfg: ModelConfig) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         prediction_type=cfg.prediction_type)
 
 
 def sample_scheduler(cfg: ModelConfig) -> DDIMScheduler:
     return DDIMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
         clip_sample=True,
         set_alpha_to_one=False,
         steps_offset=1,
@@ -95,7 +101,8 @@ def sample_scheduler(cfg: ModelConfig) -> DDIMScheduler:
 
 
 class ConceptWorldPipeline(DiffusionPipeline):
-    """Text-to-image pipeline of the concept world (pixel space, classifier-free guidance)."""
+    """Text-to-image pipeline of the concept world (pixel space; classifier-free guidance available, trained with
+    caption dropout, but the model samples best unguided, so ``guidance_scale`` defaults to 1)."""
 
     model_cpu_offload_seq = "text_encoder->unet"
 
@@ -108,7 +115,7 @@ class ConceptWorldPipeline(DiffusionPipeline):
         self,
         prompt: str | list[str],
         num_inference_steps: int = 25,
-        guidance_scale: float = 4.0,
+        guidance_scale: float = 1.0,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:

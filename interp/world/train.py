@@ -1,9 +1,11 @@
 """Training the concept-world model and its concept classifier from scratch, seeded and resumable.
 
-The diffusion model learns epsilon-prediction on freshly rendered images every step (the renderer is the data set),
-with 10% caption dropout for classifier-free guidance, Min-SNR-5 loss weighting (Hang et al. 2023, which speeds up
-convergence of small diffusion models markedly), AdamW with warmup and cosine decay, and an EMA of the weights that
-becomes the shipped model. A training state is written every ``save_every`` steps, so an interrupted run resumes
+The diffusion model learns v-prediction (Salimans & Ho 2022, as Stable Diffusion 2.x) on freshly rendered images
+every step (the renderer is the data set), with 10% caption dropout for classifier-free guidance, AdamW with warmup
+and cosine decay, and an EMA of the weights that becomes the shipped model. A first model trained with
+epsilon-prediction and Min-SNR-5 weighting learned color but ignored the background word entirely and left speckle
+noise: epsilon's loss carries little signal at the high-noise steps where the global layout is decided, and
+Min-SNR down-weights the low-noise steps that remove the last noise. v-prediction weighs both. A training state is written every ``save_every`` steps, so an interrupted run resumes
 where it stopped. The shipped weights are stored in float16 (halving the repository's size) and always loaded and
 evaluated in float32; the fidelity written next to them is measured on exactly those rounded weights.
 """
@@ -36,7 +38,7 @@ class TrainConfig:
     """Everything that determines a trained concept-world model."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    steps: int = 4000
+    steps: int = 2400
     batch_size: int = 128
     lr: float = 1.5e-3
     warmup: int = 100
@@ -44,7 +46,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     p_omit: float = 0.12
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float = 0.0  # 0: the plain loss of the prediction type
     seed: int = 0
     log_every: int = 100
     save_every: int = 250
@@ -62,18 +64,20 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def diffusion_loss(pipe, noise_sched, images, captions, generator, min_snr_gamma=5.0) -> torch.Tensor:
-    """Per-sample epsilon-prediction loss on clean images in [0, 1] (Min-SNR weighted when gamma > 0)."""
+def diffusion_loss(pipe, noise_sched, images, captions, generator, min_snr_gamma=0.0) -> torch.Tensor:
+    """Per-sample loss of the scheduler's prediction type (epsilon or v) on clean images in [0, 1]."""
     x0 = images * 2 - 1
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(x0),), generator=generator)
     xt = noise_sched.add_noise(x0, noise, t)
     ctx = diffusion.encode_ids(pipe.text_encoder, diffusion.tokenize(pipe.tokenizer, captions))
     eps = pipe.unet(xt, t, encoder_hidden_states=ctx, return_dict=False)[0]
-    loss = F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))
-    if min_snr_gamma > 0:
+    v = noise_sched.config.prediction_type == "v_prediction"
+    target = noise_sched.get_velocity(x0, noise, t) if v else noise
+    loss = F.mse_loss(eps, target, reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma > 0:  # Min-SNR-gamma (Hang et al. 2023), in its epsilon or v form
         snr = compute_snr(noise_sched, t)
-        loss = loss * torch.clamp(snr, max=min_snr_gamma) / snr
+        loss = loss * torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if v else snr)
     return loss
 
 
