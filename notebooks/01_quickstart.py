@@ -89,7 +89,7 @@ print(type(model.scheduler).__name__, "| concept classifier:", type(model.classi
 # The model is small and was trained from scratch on a CPU, so it is not perfect: where the classifier's
 # verdict differs from the prompt, the model got that attribute wrong. Its measured fidelity per attribute and per
 # value (on held-out captions) is stored next to its weights, in `interp/world/assets/concept-world/fidelity.json`.
-# Colors are what it draws most reliably, which is why the notebooks use "red" as their running example.
+# Colors are among what it draws most reliably, which is why the notebooks use "red" as their running example.
 
 # %%
 prompts = ["a red solid circle on black", "a blue striped square on white", "a photo of a yellow hollow triangle"]
