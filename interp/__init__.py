@@ -38,7 +38,13 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+_SUBMODULES = {"plots", "evaluation", "editing", "methods", "components", "interventions", "objectives", "results",
+               "store", "compare", "concepts", "models", "generation", "diffusion", "report", "world"}
+
+
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:  # interp.plots etc. work after a plain ``import interp``
+        return importlib.import_module(f"interp.{name}")
     raise AttributeError(f"module 'interp' has no attribute {name!r}")

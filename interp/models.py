@@ -175,11 +175,11 @@ def load_model(spec="concept-world", device: str | torch.device = "cpu", dtype: 
         name = text
         if folder.exists():
             if _is_concept_world_dir(folder):
-                pipe = ConceptWorldPipeline.from_pretrained(folder / "pipeline", torch_dtype=dtype)
+                pipe = ConceptWorldPipeline.from_pretrained(folder / "pipeline", dtype=dtype)
             elif (folder / "model_index.json").exists():
                 index = json.loads((folder / "model_index.json").read_text())
                 cls = ConceptWorldPipeline if index.get("_class_name") == "ConceptWorldPipeline" else DiffusionPipeline
-                pipe = cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+                pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
             else:
                 raise ModelLoadError(
                     f"{folder} is not a diffusers pipeline folder (no model_index.json): point at the folder that "
@@ -187,10 +187,11 @@ def load_model(spec="concept-world", device: str | torch.device = "cpu", dtype: 
                 )
         elif re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/", "~")):
             try:
-                pipe = DiffusionPipeline.from_pretrained(text, torch_dtype=dtype)
+                pipe = DiffusionPipeline.from_pretrained(text, dtype=dtype)
             except Exception as err:  # the hub is out of reach or the id is wrong: say both fixes
+                reason = " ".join(str(err).split())[:600]
                 raise ModelLoadError(
-                    f"could not load hub id {text!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+                    f"could not load hub id {text!r} ({type(err).__name__}: {reason}). "
                     f"Without network access, download the pipeline elsewhere and pass its folder."
                 ) from err
             folder = None

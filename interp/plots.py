@@ -183,7 +183,8 @@ def trace_map_text(df: pd.DataFrame, concept: str, tokens: list[str] | None = No
                    method: str = "tracing") -> Figure:
     """Causal tracing in the text encoder: restored fraction per layer x token position.
 
-    ``tokens`` (optional) are the prompt's token strings, indexed by position, used as x tick labels.
+    Columns are token offsets relative to the last subject token. ``tokens`` (optional) labels them: a list
+    indexed by offset + its first offset is not supported; pass labels for offsets 0, 1, ... only when they align.
     """
     rows = _trace_rows(df, concept, method, "text_encoder", "token")
     if rows.empty:
@@ -198,7 +199,7 @@ def trace_map_text(df: pd.DataFrame, concept: str, tokens: list[str] | None = No
         ax.set_xticks(np.arange(grid.shape[1]) + 0.5)
         ax.set_xticklabels([tokens[p] if 0 <= p < len(tokens) else str(p) for p in grid.columns], rotation=45,
                            ha="right")
-    ax.set_xlabel("token position")
+    ax.set_xlabel("token offset from the last subject token (0 = that token)")
     ax.set_ylabel("layer")
     ax.set_title(f"causal tracing, text encoder, concept '{concept}'")
     return fig

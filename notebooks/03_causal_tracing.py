@@ -122,7 +122,7 @@ ax.set_xticks(x + width * (len(CONCEPTS) - 1) / 2, g["layer"], rotation=60, ha="
 ax.axhline(1, color="0.6", lw=0.8, ls="--")
 ax.set_ylabel("restored fraction")
 ax.set_title("restoring one layer's clean output (all timesteps, all positions)")
-ax.legend()
+ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
 fig.tight_layout()
 plt.show()
 
@@ -131,9 +131,9 @@ plt.show()
 #
 # Each cell restores one text-encoder layer's clean output **at one token position** only. Positions are counted
 # relative to the last subject token: **0 is the concept's (last) token**, -1 the token before it, +1 the one after,
-# and so on (prompts differ in length and in where the concept sits, so absolute positions would not line up). The
-# text encoder is causal: a token only sees the tokens before it, so positions before the concept were never
-# corrupted and restore nothing.
+# and so on (prompts differ in length and in where the concept sits, so absolute positions would not line up; the
+# x axis of the maps shows these relative positions). The text encoder is causal: a token only sees the tokens
+# before it, so positions before the concept were never corrupted and restore nothing.
 
 # %%
 for concept in CONCEPTS:
@@ -179,11 +179,11 @@ for name in CONCEPTS:
 #   what Basu et al. found for Stable Diffusion's CLIP text encoder: essentially **one causal state, layer 0 at the
 #   last subject token**, which is why their Diff-QuickFix edit (notebook 4) rewrites only that layer's attention
 #   output. If no single cell restores much, the later tokens have already read the corrupted word in the first
-#   layer and carry the concept *together*: restoring one of them is not enough. In the concept world, compare the
-#   color word (followed by texture and shape words that can each absorb it) with the shape word.
-# - **Offsets after the concept** restore when the information has been copied forward: the token right after the
-#   concept ("on", the end-of-text token) has attended to it, and the UNet's cross-attention reads the final state
-#   of every position, not only the concept's.
+#   layer and carry the concept *together*: restoring one of them is not enough.
+# - **Offsets after the concept** restore when the information has been copied forward: later tokens (the next
+#   attribute word, "on", the end-of-text token) attend to the concept's token, and the UNet's cross-attention reads
+#   the final state of every position, not only the concept's. Several cells near 1 mean redundancy: each of those
+#   states alone is enough for the UNet to draw the concept.
 # - **UNet depth.** The rows where restoration becomes large mark where the concept's text information is read into
 #   the image. Different concepts need not enter at the same depth or resolution (here `down1` and `up1` work at
 #   8x8 pixels, `down2`, `mid` and `up0` at 4x4): compare the two concepts' maps. The timestep columns say at which

@@ -198,9 +198,9 @@ editing.tradeoff_plot(table, x="retained_drawn")
 # The opposite edit: CAD-Amplify scores the weights on the **amplify** objective (the negative denoising loss on
 # images of the concept: higher = the concept is modelled better) and zeroes the most negative ones, the weights
 # that work *against* drawing it. There is only room for it where the model draws the concept unreliably: shapes
-# are the shipped model's weak point (its `fidelity.json`), so we amplify "cross". Watch the "alone" prompts ("a photo of a cross"),
-# where nothing else in the prompt helps, and the image-quality proxy (`fd_after` against `fd_before`): zeroing
-# weights can also just damage the images.
+# are the shipped model's weak point (see its `fidelity.json`), so we amplify "cross". Watch the "alone" prompts
+# ("a photo of a cross"), where nothing else in the prompt helps, and the image-quality proxy (`fd_after` against
+# `fd_before`): zeroing weights can also just damage the images.
 
 # %%
 AMPLIFY = "cross"

@@ -29,9 +29,8 @@ CAD-Erase / CAD-Amplify (Nguyen, Phan, Doan 2024, arXiv 2412.02542): :func:`cad_
     ratios 0.05 / 0.1 / 0.2 lowered the classifier's rate of "red" from 0.96 to 0.79 / 0.67 / 0.46 while the other
     values kept 0.79 / 0.69 / 0.48 of their rates; 0.1 is the middle of that sweep. Which weights the per-row rule
     picks depends strongly on the attribution set (more objective images can change the result a lot); the
-    analysis sweeps the ratio. The neuron variants
-    (:func:`cad_erase_neurons`, :func:`cad_amplify_neurons`) rank whole units (by default the GEGLU hidden units
-    ``ff.net.0[j]``) instead and ablate the top k.
+    analysis sweeps the ratio. The neuron variants (:func:`cad_erase_neurons`, :func:`cad_amplify_neurons`) rank
+    whole units (by default the GEGLU hidden units ``ff.net.0[j]``) instead and ablate the top k.
 Diff-QuickFix (Basu et al., "Localizing and Editing Knowledge in Text-to-Image Generative Models", ICLR 2024):
     :func:`diff_quickfix`. A closed-form rewrite of the text encoder's layer-0 self-attention output projection,
     ``W* = (lambda W0 + sum_i v_i k_i^T)(lambda I + sum_i k_i k_i^T)^-1`` with ``lambda = 0.01``: the keys ``k_i``
@@ -109,8 +108,9 @@ class EditedModel:
         """Keyword arguments for :func:`interp.generation.generate` and the engine's run functions."""
         return {"plan": self.plan, "mult": self.mult}
 
-    def generate(self, prompts, seed: int = 0, steps: int = 20, guidance: float | None = None, **kwargs) -> torch.Tensor:
-        """:func:`interp.generation.generate` on the edited model."""
+    def generate(self, prompts, seed: int = 0, steps: int = 20, guidance: float | None = None,
+                 **kwargs) -> torch.Tensor:
+        """:func:`interp.generation.generate` on the edited model (``guidance=None``: the model's default)."""
         return generate(self.model, prompts, seed=seed, steps=steps, guidance=guidance, **self.intervention, **kwargs)
 
 

@@ -57,17 +57,15 @@ def measure_fidelity(model, n: int = 360, seed: int = HELDOUT_SEED, steps: int =
 def sample_grid(model, prompts: list[str], n_seeds: int = 6, seed: int = HELDOUT_SEED, steps: int = 25,
                 guidance: float | None = None):
     """A matplotlib figure: one row per prompt, ``n_seeds`` samples each, the prompt written beside the row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from ..generation import generate
 
     rep = [p for p in prompts for _ in range(n_seeds)]
     latents = torch.randn((len(rep), 3, 16, 16), generator=torch.Generator().manual_seed(seed))
     images = generate(model, rep, steps=steps, guidance=guidance, latents=latents.to(model.dtype))
-    fig, axes = plt.subplots(len(prompts), n_seeds, figsize=(1.1 * n_seeds + 3.2, 1.1 * len(prompts)), squeeze=False)
+    fig = Figure(figsize=(1.1 * n_seeds + 3.2, 1.1 * len(prompts)))  # no pyplot: never touches the backend
+    axes = fig.subplots(len(prompts), n_seeds, squeeze=False)
     for i, p in enumerate(prompts):
         for j in range(n_seeds):
             ax = axes[i][j]
