@@ -216,7 +216,8 @@ class LinearFF(Objective):
         self.block, self.v = block, v
         super().__init__(model, concept, config)
 
-    def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False):
+    def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False,
+               record=None):
         r = 1 if mult is None else mult.shape[0]
         sel = torch.arange(self.n_samples) if samples is None else torch.as_tensor(samples)
         S = len(sel)
