@@ -398,3 +398,61 @@ def test_mean_ablation_of_weights_is_not_silently_zero_ablation(tiny_world_model
         return  # refusing mean-ablation of scalar weights is a fine answer
     assert mean.attrs["meta"]["mode"] == "mean"
     assert not np.array_equal(mean["score"].to_numpy(), zero["score"].to_numpy())
+
+
+class ProductFF(LinearFF):
+    """``J = L1 * L2`` with ``L_i`` linear readouts of one block's ff.net.2 output: a known pairwise interaction of the
+    GEGLU units' multipliers (``dJ/dm_a = g1_a L2 + g2_a L1``)."""
+
+    def __init__(self, model, concept, config, block, v1, v2):
+        self.v2 = v2
+        super().__init__(model, concept, config, block, v1)
+
+    def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False,
+               record=None):
+        l1 = super()._chunk(plan, mult, means, target_context, unet_patches, samples, recompute_text, record)
+        v1, self.v = self.v, self.v2
+        try:
+            l2 = super()._chunk(plan, mult, means, target_context, unet_patches, samples, recompute_text, record)
+        finally:
+            self.v = v1
+        return l1 * l2 * 1e3
+
+
+def test_maskgrad_equals_its_analytic_expectation_on_an_interaction(tiny_world_model):
+    """With J = L1 * L2 (L linear in the multipliers m), E[dJ/dm_a] over Bernoulli(alpha) masks is
+    g1_a E[L2] + g2_a E[L1], E[L_i] = c_i + (1 - alpha) sum_j g_ij: the mask-averaged score must match it within
+    its standard error, while CAD (the gradient at m = 1) differs from it."""
+    gen = torch.Generator().manual_seed(5)
+    out = tiny_world_model.module(f"{MID}.ff.net.2").out_features
+    v1, v2 = torch.randn(out, generator=gen), torch.randn(out, generator=gen)
+    cfg = ObjectiveConfig(kind="amplify", n_images=1, timesteps=(300,), dtype="float64")  # one sample: J = L1 L2 exactly
+    obj = ProductFF(tiny_world_model, "red", cfg, MID, v1, v2)
+    comps = interp.ComponentSet(list(obj.model.components("neuron", kind="ff.net.0", layer="mid.a0.tb0"))[:6])
+    plan = compile_plan(obj.model, comps)
+    alpha = 0.3
+
+    # The linear readouts' coefficients, measured from single ablations of the (exactly linear) L_i.
+    def readouts(M):
+        with torch.no_grad():
+            l1 = LinearFF._chunk(obj, plan, M, None, None, None).mean(1)
+            obj.v, v = obj.v2, obj.v
+            try:
+                l2 = LinearFF._chunk(obj, plan, M, None, None, None).mean(1)
+            finally:
+                obj.v = v
+        return l1, l2
+
+    n = len(comps)
+    M = torch.ones(n + 1, n, dtype=torch.float64)
+    M[torch.arange(1, n + 1), torch.arange(n)] = 0
+    l1, l2 = readouts(M)
+    g1, g2 = l1[0] - l1[1:], l2[0] - l2[1:]  # L(m) = c + sum_j g_j m_j, so ablating j removes g_j
+    c1, c2 = l1[0] - g1.sum(), l2[0] - g2.sum()
+    e1, e2 = c1 + (1 - alpha) * g1.sum(), c2 + (1 - alpha) * g2.sum()
+    expected = (g1 * e2 + g2 * e1) * 1e3
+    df = run("maskgrad", obj.model, obj, comps, n_masks=400, alpha=alpha, batch=50)
+    score, se = df["score"].to_numpy(), df["stderr"].to_numpy()
+    assert (np.abs(score - expected.numpy()) <= 4 * se + 1e-12).all(), (score, expected, se)
+    cad = run("cad", obj.model, obj, comps)["score"].to_numpy()
+    assert not np.allclose(cad, expected.numpy(), rtol=0.05)
