@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"], help="compute dtype (default %(default)s)")
     p.add_argument("--coar-masks", type=int, default=d.coar_masks,
                    help="COAR's random masks (default: twice the number of components)")
-    p.add_argument("--maskgrad-masks", type=int, default=d.maskgrad_masks, help="masks of the mask-averaged gradient")
+    p.add_argument("--maskgrad-masks", type=int, default=d.maskgrad_masks,
+                   help="random masks K of the mask-averaged gradient (default %(default)s)")
+    p.add_argument("--maskgrad-curve", type=int, nargs="*", default=list(d.maskgrad_curve),
+                   help="also report the mask-averaged gradient from its first K masks, for each K (free; "
+                        "default %(default)s)")
     p.add_argument("--heldout-masks", type=int, default=d.heldout_masks,
                    help="held-out joint-ablation masks per ablation rate for the LDS (default %(default)s)")
     p.add_argument("--lds-alphas", type=float, nargs="+", default=list(d.lds_alphas),
@@ -76,7 +80,8 @@ def main(argv=None) -> int:
             granularity=args.granularity, families=tuple(args.families), kinds=tuple(args.kinds),
             blocks=tuple(args.blocks), objective=args.objective, anchor=args.anchor, n_images=args.images,
             timesteps=tuple(args.timesteps), dtype=args.dtype, coar_masks=args.coar_masks,
-            maskgrad_masks=args.maskgrad_masks, heldout_masks=args.heldout_masks,
+            maskgrad_masks=args.maskgrad_masks, maskgrad_curve=tuple(args.maskgrad_curve),
+            heldout_masks=args.heldout_masks,
             lds_alphas=tuple(args.lds_alphas), seed=args.seed,
         )
         out = args.out or Path("reports") / f"compare-{config_hash(cfg.to_dict())[:10]}"

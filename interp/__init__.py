@@ -33,13 +33,14 @@ _EXPORTS = {
     "Store": "interp.store",
     "main_rows": "interp.results",
     "OutOfVocabularyError": "interp.world.vocab",
+    "notebook_setup": "interp.notebook",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
 _SUBMODULES = {"plots", "evaluation", "editing", "methods", "components", "interventions", "objectives", "results",
-               "store", "compare", "concepts", "models", "generation", "diffusion", "report", "world"}
+               "store", "compare", "concepts", "models", "generation", "diffusion", "report", "world", "notebook"}
 
 
 def __getattr__(name):

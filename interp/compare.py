@@ -11,8 +11,10 @@ but is not.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +56,7 @@ class CompareConfig:
     coar_alpha: float = 0.05
     maskgrad_masks: int = 16
     maskgrad_alpha: float = 0.05
+    maskgrad_curve: tuple[int, ...] = (4, 8)  # also report the estimate from its first K masks (free)
     tracing_noise: int = 2
     lds_alphas: tuple[float, ...] = (0.01, 0.05, 0.2)
     heldout_masks: int = 64
@@ -87,7 +90,8 @@ class CompareConfig:
             "coar": {"n_masks": coar_m, "alpha": self.coar_alpha, "seed": self.seed,
                      "curve": tuple(sorted({max(10, int(coar_m * 0.8 * f)) for f in (0.125, 0.25, 0.5)}))},
             "maskgrad": {"n_masks": self.maskgrad_masks, "alpha": self.maskgrad_alpha, "seed": self.seed,
-                         "extra_alphas": tuple(a for a in self.lds_alphas if a != self.maskgrad_alpha)},
+                         "extra_alphas": tuple(a for a in self.lds_alphas if a != self.maskgrad_alpha),
+                         "curve": tuple(k for k in self.maskgrad_curve if k < self.maskgrad_masks)},
             "midpoint": {"alpha": self.maskgrad_alpha, "seed": self.seed},
             "tracing": {"n_noise": self.tracing_noise, "seed": self.seed},
         }.get(method, {"seed": self.seed})
@@ -140,8 +144,7 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
         for alpha in cfg.lds_alphas:
             heldout[(concept, alpha)] = heldout_ablations(obj, comps, alpha, cfg.heldout_masks, cfg.seed, store, progress)
     results = concat(frames)
-    tables = build_tables(results, heldout, cfg)
-    figures = build_figures(results, tables, cfg)
+    tables, figures = derived_outputs(results, heldout, cfg, store)
     meta = {
         "config": cfg.to_dict(), "config_hash": config_hash(cfg.to_dict()), "versions": versions(),
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "threads": torch.get_num_threads()},
@@ -150,6 +153,44 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
     }
     write_outputs(out, results, tables, figures, meta, cfg)
     return {"results": results, "tables": tables, "meta": meta}
+
+
+#: Bump when tables or figures change shape, so cached derived outputs of older code are not reused.
+DERIVED_VERSION = 1
+
+
+def derived_outputs(results: pd.DataFrame, heldout: dict, cfg: CompareConfig, store: Store):
+    """Tables (with their bootstrap intervals) and figures (PNG bytes) of a run, cached under a hash of the run's
+    configuration and of the exact results they are made from: a re-run of a finished run loads them instead of
+    recomputing bootstraps and re-drawing figures (which is most of a cached run's time otherwise)."""
+    h = hashlib.sha256(pd.util.hash_pandas_object(results, index=False).values.tobytes())
+    h.update(json.dumps(results.attrs.get("meta", {}), sort_keys=True, default=str).encode())
+    for k in sorted(heldout, key=str):
+        h.update(repr(k).encode())
+        for part in ("masks", "j"):
+            h.update(np.ascontiguousarray(heldout[k][part]).tobytes())
+    key = {"config": cfg.to_dict(), "content": h.hexdigest(), "version": DERIVED_VERSION}
+    folder = None if store.root is None else store.root / f"derived-{config_hash(key)}"
+    if folder is not None and (folder / "done.json").exists():
+        done = json.loads((folder / "done.json").read_text())
+        if done.get("key") == json.loads(json.dumps(key, default=str)):
+            tables = {n: pd.read_parquet(folder / "tables" / f"{n}.parquet") for n in done["tables"]}
+            figures = {n: (folder / "figures" / f"{n}.png").read_bytes() for n in done["figures"]}
+            return tables, figures
+    tables = build_tables(results, heldout, cfg)
+    figures = {name: plots.fig_to_png(fig) for name, fig in build_figures(results, tables, cfg).items()}
+    if folder is not None:
+        for sub in ("tables", "figures"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        for name, df in tables.items():
+            df.to_parquet(folder / "tables" / f"{name}.parquet")
+        for name, png in figures.items():
+            (folder / "figures" / f"{name}.png").write_bytes(png)
+        done = {"key": key, "tables": list(tables), "figures": list(figures)}
+        tmp = folder / "done.json.tmp"
+        tmp.write_text(json.dumps(done, default=str))
+        tmp.replace(folder / "done.json")  # written last: a folder without it is recomputed
+    return tables, figures
 
 
 def build_tables(results: pd.DataFrame, heldout: dict, cfg: CompareConfig) -> dict[str, pd.DataFrame]:
@@ -169,7 +210,16 @@ def build_tables(results: pd.DataFrame, heldout: dict, cfg: CompareConfig) -> di
     cost["forward_equivalents"] = cost["forward_evals"] + 2 * cost["backward_evals"]
     t["cost"] = cost
     acc = t["lds"].merge(cost[["concept", "method", "forward_equivalents"]], on=["concept", "method"], how="left")
-    t["accuracy_vs_cost"] = acc.rename(columns={"forward_equivalents": "forward_evals"})
+    acc = acc.rename(columns={"forward_equivalents": "forward_evals"})
+
+    def estimator(method: str) -> str:  # budget variants of one estimator form one curve in the plot
+        if method.startswith("coar@"):
+            return "coar"
+        base = re.sub(r"-K\d+$", "", method)
+        return "maskgrad" if base == f"maskgrad@{cfg.maskgrad_alpha:g}" else base
+
+    acc.insert(acc.columns.get_loc("method") + 1, "estimator", acc["method"].map(estimator))
+    t["accuracy_vs_cost"] = acc
     return t
 
 
@@ -193,9 +243,9 @@ def write_outputs(out: Path, results, tables, figures, meta, cfg: CompareConfig)
     for name, df in tables.items():
         df.to_csv(out / "tables" / f"{name}.csv", index=False)
     uris = {}
-    for name, fig in figures.items():
-        fig.savefig(out / "figures" / f"{name}.png", dpi=110, bbox_inches="tight")
-        uris[name] = plots.fig_to_base64_png(fig)
+    for name, png in figures.items():
+        (out / "figures" / f"{name}.png").write_bytes(png)
+        uris[name] = plots.png_to_data_uri(png)
     sections = report_sections(tables, uris, cfg)
     summary = evaluation.summary_sentences(tables["correlations"])
     tmp = out / "results.parquet.tmp"

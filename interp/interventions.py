@@ -135,11 +135,15 @@ class Patch:
 
 
 def _intervene(root_envoy, model, sites: Sequence[Site], mult, means, patches, saves, store):
-    """The body shared by every trace: visit all touched modules in execution order."""
+    """The body shared by every trace: visit all touched modules in execution order.
+
+    At one module, ablation comes first, then patching, then saving: a saved output is the value that flowed
+    downstream in this run (after its interventions)."""
+    order = {"site": 0, "patch": 1, "save": 2}
     todo = [(model.events[(s.event, s.path)], "site", s) for s in sites]
     todo += [(model.events[("out", p)], "patch", p) for p in patches]
     todo += [(model.events[("out", p)], "save", p) for p in saves]
-    for _, what, x in sorted(todo, key=lambda t: (t[0], t[1] != "save")):
+    for _, what, x in sorted(todo, key=lambda t: (t[0], order[t[1]])):
         if what == "site":
             env = model.envoy(x.path)
             if x.event == "in":

@@ -210,7 +210,8 @@ def accuracy_vs_cost(table: pd.DataFrame, cost: str = "forward_evals", accuracy:
     """LDS against cost in forward-pass equivalents (log x), one panel per ablation rate alpha, hue = method.
 
     ``table`` needs columns ``method, alpha`` and the ``accuracy`` and ``cost`` columns; several rows of a method
-    in a panel (e.g. budgets or concepts) are joined by a line in order of cost. Rows without a positive cost are
+    (or, when the table has an ``estimator`` column, of an estimator: e.g. COAR at several mask counts) in a panel
+    are joined by a line in order of cost. Rows without a positive cost are
     left out (a log axis cannot show them).
     """
     t = table.dropna(subset=[cost, accuracy])
@@ -218,13 +219,14 @@ def accuracy_vs_cost(table: pd.DataFrame, cost: str = "forward_evals", accuracy:
     if t.empty:
         return _empty("no rows with both a cost and an accuracy")
     alphas = sorted(t["alpha"].unique())
-    methods = sorted(t["method"].unique())
-    palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    group = "estimator" if "estimator" in t else "method"  # budget variants of one estimator share a line
+    methods = sorted(t[group].unique())
+    palette = dict(zip(methods, sns.color_palette("tab10" if len(methods) <= 10 else "tab20", len(methods))))
     fig = Figure(figsize=(4.2 * len(alphas) + 1.5, 3.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(alphas), sharey=True, squeeze=False)).ravel()
     for i, (ax, alpha) in enumerate(zip(axes, alphas)):
-        sub = t[t["alpha"] == alpha].astype({"method": object}).sort_values(cost)
-        sns.lineplot(data=sub, x=cost, y=accuracy, hue="method", style="method", palette=palette, hue_order=methods,
+        sub = t[t["alpha"] == alpha].astype({group: object}).sort_values(cost)
+        sns.lineplot(data=sub, x=cost, y=accuracy, hue=group, style=group, palette=palette, hue_order=methods,
                      style_order=methods, markers=True,
                      dashes=False, markersize=8, estimator=None, sort=True, ax=ax, legend=i == len(alphas) - 1)
         ax.set_xscale("log")
@@ -239,11 +241,20 @@ def accuracy_vs_cost(table: pd.DataFrame, cost: str = "forward_evals", accuracy:
 
 
 # -- export --------------------------------------------------------------------------------------------------------
-def fig_to_base64_png(fig: Figure, dpi: int = 110) -> str:
-    """The figure as a ``data:image/png;base64,...`` URI; the figure is closed afterwards."""
+def fig_to_png(fig: Figure, dpi: int = 110) -> bytes:
+    """The figure as PNG bytes; the figure is closed afterwards."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     if "matplotlib.pyplot" in sys.modules:  # only a pyplot-made figure is held by pyplot; release it
         sys.modules["matplotlib.pyplot"].close(fig)
     fig.clear()
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def png_to_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def fig_to_base64_png(fig: Figure, dpi: int = 110) -> str:
+    """The figure as a ``data:image/png;base64,...`` URI; the figure is closed afterwards."""
+    return png_to_data_uri(fig_to_png(fig, dpi))

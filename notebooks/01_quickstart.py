@@ -26,27 +26,16 @@
 # seconds; without it the sizes are what you would use, and it still runs in about a minute on a laptop CPU.
 
 # %%
-import os
-
-SMALL = os.environ.get("INTERP_NOTEBOOK_SMALL") == "1"
-
 # %matplotlib inline
-import warnings
+import interp
 
-warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices of the libraries underneath
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
-import diffusers
-import transformers
-
-diffusers.utils.logging.disable_progress_bar()  # no "Loading pipeline components" bars
-transformers.utils.logging.disable_progress_bar()
+SMALL = interp.notebook_setup()  # quiet library chatter; the tests set a small configuration
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 
-import interp
 import interp.plots
 from interp.objectives import ObjectiveConfig
 from interp.world.render import ConceptWorld

@@ -32,27 +32,17 @@
 # `python -m analyses.compare_methods`), which takes about two minutes on a laptop CPU.
 
 # %%
-import os
-
-SMALL = os.environ.get("INTERP_NOTEBOOK_SMALL") == "1"
-
 # %matplotlib inline
 import time
-import warnings
 
-warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices of the libraries underneath
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
-import diffusers
-import transformers
+import interp
 
-diffusers.utils.logging.disable_progress_bar()
-transformers.utils.logging.disable_progress_bar()
+SMALL = interp.notebook_setup()  # quiet library chatter; the tests set a small configuration
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-import interp
 import interp.editing
 import interp.evaluation
 import interp.plots

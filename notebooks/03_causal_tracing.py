@@ -32,27 +32,16 @@
 # 5 timesteps and 3 noise draws per concept, for two concepts (about two minutes on a laptop CPU).
 
 # %%
-import os
-
-SMALL = os.environ.get("INTERP_NOTEBOOK_SMALL") == "1"
-
 # %matplotlib inline
-import warnings
+import interp
 
-warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices of the libraries underneath
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
-import diffusers
-import transformers
-
-diffusers.utils.logging.disable_progress_bar()
-transformers.utils.logging.disable_progress_bar()
+SMALL = interp.notebook_setup()  # quiet library chatter; the tests set a small configuration
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from IPython.display import display
 
-import interp
 import interp.plots
 from interp.objectives import ObjectiveConfig
 

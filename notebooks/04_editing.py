@@ -34,27 +34,17 @@
 # per evaluation and a sweep of budgets (a few minutes on a laptop CPU).
 
 # %%
-import os
+# %matplotlib inline
 from dataclasses import replace
 
-SMALL = os.environ.get("INTERP_NOTEBOOK_SMALL") == "1"
+import interp
 
-# %matplotlib inline
-import warnings
-
-warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices of the libraries underneath
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
-import diffusers
-import transformers
-
-diffusers.utils.logging.disable_progress_bar()
-transformers.utils.logging.disable_progress_bar()
+SMALL = interp.notebook_setup()  # quiet library chatter; the tests set a small configuration
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-import interp
 import interp.editing as editing
 from interp.objectives import ObjectiveConfig
 from interp.world.vocab import attribute_of

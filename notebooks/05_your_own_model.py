@@ -38,17 +38,18 @@ WORKDIR = Path(tempfile.mkdtemp(prefix="interp-own-model-"))
 os.environ["HF_HUB_CACHE"] = str(WORKDIR / "hub-cache")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-SMALL = os.environ.get("INTERP_NOTEBOOK_SMALL") == "1"
-
 # %matplotlib inline
 import json
 import shutil
+
+import interp
+
+SMALL = interp.notebook_setup()  # quiet library chatter; the tests set a small configuration
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-import interp
 import interp.evaluation
 import interp.plots
 from interp.objectives import ObjectiveConfig

@@ -37,7 +37,8 @@ def tiny_world(tmp_path_factory) -> Path:
 
 def args_for(world: Path, out: Path) -> list[str]:
     return ["--model", str(world), "--concepts", "red", "circle", "--images", "2", "--timesteps", "300",
-            "--blocks", "mid_block", "--heldout-masks", "16", "--maskgrad-masks", "4", "--out", str(out),
+            "--blocks", "mid_block", "--heldout-masks", "16", "--maskgrad-masks", "4", "--maskgrad-curve", "2",
+            "--out", str(out),
             "--no-progress", "--threads", "1"]
 
 
@@ -72,6 +73,13 @@ def test_outputs_and_schemas(run_dir):
     assert set(tables["lds"]["alpha"]) == {0.01, 0.05, 0.2}
     assert set(tables["topk"]["fraction"]) == {0.01, 0.05, 0.1}
     assert (tables["cost"]["forward_equivalents"] > 0).all()
+    acc = tables["accuracy_vs_cost"]
+    # Budget variants form one estimator's curve: COAR at several mask counts, the mask-averaged gradient at K = 2, 4.
+    est = acc.drop_duplicates("method").set_index("method")["estimator"]
+    assert est["maskgrad@0.05-K2"] == est["maskgrad"] == "maskgrad" and est["maskgrad@0.2-K2"] == "maskgrad@0.2"
+    assert (est[[m for m in est.index if m.startswith("coar")]] == "coar").all()
+    k2 = acc[(acc["method"] == "maskgrad@0.2-K2")]["forward_evals"]
+    assert (k2 == 2 + 2 * 2).all()  # 2 forward + 2 backward passes (a backward counts as two forwards)
     figures = {p.stem for p in (run_dir / "figures").glob("*.png")}
     assert {"accuracy-vs-cost", "scatter-red", "trace-unet-red", "trace-text-circle", "localization-cad"} <= figures
     html = (run_dir / "index.html").read_text()
@@ -94,12 +102,15 @@ def test_rerun_reuses_cache(run_dir, tiny_world):
     from analyses.compare_methods import main
 
     before = pd.read_parquet(run_dir / "results.parquet")
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     assert main(args_for(tiny_world, run_dir)) == 0
     meta = json.loads((run_dir / "meta.json").read_text())
     # Cached methods report their original cost; nothing was recomputed, so this run's method time is tiny.
     assert sum(meta["seconds_this_run"].values()) < 5.0, meta["seconds_this_run"]
     pd.testing.assert_frame_equal(before, pd.read_parquet(run_dir / "results.parquet"))
+    # Tables and figures came from the derived-output cache too: still one entry, written by the first run.
+    derived = list((run_dir / "cache").glob("derived-*/done.json"))
+    assert len(derived) == 1 and derived[0].stat().st_mtime < wall0, derived
     assert time.perf_counter() - t0 < 120
 
 

@@ -378,6 +378,18 @@ def test_weights_bitwise_unchanged_after_interventions_and_errors(tiny_world_mod
     torch.testing.assert_close(again, base, rtol=0, atol=1e-6)
 
 
+def test_a_saved_module_that_is_also_ablated_records_what_flowed_downstream(tiny_world_model, tiny_red_objective):
+    m = tiny_world_model
+    x, t, ctx, _ = inputs(tiny_red_objective)
+    path = f"{MID}.ff.net.2"
+    plan = compile_plan(m, [f"{path}[0]", f"{path}[3]"])
+    with torch.no_grad():
+        _, clean = run_unet(m, x, t, ctx, saves=[path])
+        _, saved = run_unet(m, x, t, ctx, plan, torch.zeros(1, 2), saves=[path])
+    assert (saved[path][..., [0, 3]] == 0).all()
+    assert torch.equal(saved[path][..., 1], clean[path][..., 1])
+
+
 # -- (f) memory -------------------------------------------------------------------------------------------------
 def test_memory_stays_flat_over_many_traces(tiny_world_model, tiny_red_objective):
     psutil = pytest.importorskip("psutil")

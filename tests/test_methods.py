@@ -4,6 +4,8 @@ right attribution is known exactly."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -456,3 +458,37 @@ def test_maskgrad_equals_its_analytic_expectation_on_an_interaction(tiny_world_m
     assert (np.abs(score - expected.numpy()) <= 4 * se + 1e-12).all(), (score, expected, se)
     cad = run("cad", obj.model, obj, comps)["score"].to_numpy()
     assert not np.allclose(cad, expected.numpy(), rtol=0.05)
+
+
+def test_maskgrad_curve_rows_equal_runs_with_fewer_masks(tiny_world_model, tiny_red_objective):
+    """'maskgrad@<alpha>-K<k>' is the estimate of the first k masks: the same scores as a run with n_masks = k, and
+    its cost is counted as k masks."""
+    obj = tiny_red_objective
+    comps = interp.ComponentSet(list(obj.model.components("neuron", kind="ff.net.2", layer="mid.a0.tb0"))[:8])
+    full = run("maskgrad", obj.model, obj, comps, n_masks=6, alpha=0.2, extra_alphas=(0.05,), curve=(2, 3))
+    methods = set(full["method"])
+    assert {"maskgrad", "maskgrad@0.05", "maskgrad@0.2-K2", "maskgrad@0.2-K3", "maskgrad@0.05-K2",
+            "maskgrad@0.05-K3"} <= methods, methods
+    small = run("maskgrad", obj.model, obj, comps, n_masks=3, alpha=0.2, extra_alphas=(0.05,))
+    for mine, theirs in (("maskgrad@0.2-K3", "maskgrad"), ("maskgrad@0.05-K3", "maskgrad@0.05")):
+        a = full[full["method"] == mine].sort_values("component")["score"].to_numpy()
+        b = small[small["method"] == theirs].sort_values("component")["score"].to_numpy()
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+    k2 = full[full["method"] == "maskgrad@0.2-K2"]["score"].to_numpy()
+    assert not np.allclose(k2, full[full["method"] == "maskgrad"]["score"].to_numpy(), rtol=1e-3, atol=0)
+    curve = full.attrs["meta"]["curve"]
+    assert curve["maskgrad@0.2-K2"] == {"forward_evals": 2.0, "backward_evals": 2.0}
+    with pytest.raises(ValueError, match="curve"):
+        run("maskgrad", obj.model, obj, comps, n_masks=4, curve=(4,))
+
+
+def test_tracing_warns_when_a_corruption_barely_moves_the_objective():
+    """Restored fractions divide by the clean-minus-corrupted gap; a tiny gap is named instead of blowing up silently."""
+    j_clean = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    strong, weak = j_clean - 0.5, j_clean - 0.005
+    rest = torch.tensor([[0.75, 0.75]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tracing_mod._frac(rest, strong, j_clean).item() == pytest.approx(0.5)
+    with pytest.warns(RuntimeWarning, match="noise_scale"):
+        tracing_mod._frac(torch.tensor([[0.9975, 0.9975]], dtype=torch.float64), weak, j_clean)

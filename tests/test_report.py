@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 from html import unescape
 
@@ -142,6 +143,9 @@ def test_incomplete_banner_and_file_target(tmp_path):
                         complete=False)
     assert out == tmp_path / "sub" / "partial.html"
     assert 'id="incomplete-banner"' in out.read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file the user writes, not 0600
 
 
 def test_figure_must_be_embedded(tmp_path):

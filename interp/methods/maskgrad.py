@@ -43,8 +43,13 @@ class MaskGradConfig(MethodConfig):
     mode: str = "zero"
     batch: int = 4  # masks per forward+backward pass
     extra_alphas: tuple[float, ...] = ()  # also estimate at these ablation rates; rows appear as "maskgrad@<alpha>"
+    #: Also report the estimate from the first K masks, for each K here (free: the same masks' running average),
+    #: as rows "maskgrad@<alpha>-K<K>": the accuracy-vs-cost curve of this method.
+    curve: tuple[int, ...] = ()
 
     def __post_init__(self):
+        if any(not 1 <= k < self.n_masks for k in self.curve):
+            raise ValueError(f"curve mask counts must be in [1, n_masks={self.n_masks}), got {self.curve}")
         if any(not 0 < a < 1 for a in self.extra_alphas):
             raise ValueError(f"extra_alphas must be in (0, 1), got {self.extra_alphas}")
         if not 0 < self.alpha < 1 or self.n_masks < 1:
@@ -94,6 +99,11 @@ class MaskGrad(Method):
                   "method": f"maskgrad@{a:g}"} for a in cfg.extra_alphas]
         per = float(cfg.n_masks)  # each estimate: n_masks forward + n_masks backward passes over the evaluation set
         curve = {f"maskgrad@{a:g}": {"forward_evals": per, "backward_evals": per} for a in cfg.extra_alphas}
+        for a in (cfg.alpha, *cfg.extra_alphas):
+            for k in sorted(cfg.curve):  # the masks are i.i.d., so the first k of them are a K = k estimate
+                extra.append({"components": comps, "score": out[a][:k].mean(0), "stderr": stderr_over(out[a][:k], 0),
+                              "method": f"maskgrad@{a:g}-K{k}"})
+                curve[f"maskgrad@{a:g}-K{k}"] = {"forward_evals": float(k), "backward_evals": float(k)}
         return {"score": G.mean(0), "stderr": stderr_over(G, 0), "extra_frames": extra,
                 "meta": {"alpha": cfg.alpha, "n_masks": cfg.n_masks, "curve": curve,
                          # the cost of this estimate alone; the run also paid for the extra alphas' estimates

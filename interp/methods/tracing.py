@@ -23,6 +23,7 @@ standard error is over noise draws.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,6 +130,10 @@ class _Tracer:
         return run_text(self.model, ids_rows, plan, mult, means, patches)
 
 
+#: A corruption that moves J by less than this fraction of its clean value makes restored fractions unstable.
+WEAK_CORRUPTION = 0.02
+
+
 def _frac(j_rest, j_corr, j_clean, groups=None):
     """Restored fraction per row; with ``groups`` (list of sample index tensors) one column per group."""
     if groups is None:
@@ -139,7 +144,13 @@ def _frac(j_rest, j_corr, j_clean, groups=None):
         num = j_rest[:, g].mean(1) - j_corr[g].mean()
         # Below this the corruption changed J by no more than batch-size rounding (e.g. zero noise): every run
         # equals the clean one up to rounding, i.e. restores 100%.
-        tol = 1e-5 * j_clean[g].abs().mean() + torch.finfo(j_clean.dtype).tiny
+        scale = j_clean[g].abs().mean()
+        tol = 1e-5 * scale + torch.finfo(j_clean.dtype).tiny
+        if tol < den.abs() < WEAK_CORRUPTION * scale:
+            warnings.warn(
+                f"causal tracing: a corruption moved J by only {float(den.abs() / scale):.1%} of its clean value, so "
+                f"restored fractions (divided by that gap) are unstable; raise noise_scale or n_noise",
+                RuntimeWarning, stacklevel=2)
         cols.append(num / den if den.abs() > tol else torch.ones_like(num))
     return torch.stack(cols, 1)
 

@@ -101,6 +101,9 @@ def render_report(path, *, title: str, summary: list[str], sections: list[dict],
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(html)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private (0600); a report is for readers
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
