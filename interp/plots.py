@@ -211,8 +211,9 @@ def accuracy_vs_cost(table: pd.DataFrame, cost: str = "forward_evals", accuracy:
 
     ``table`` needs columns ``method, alpha`` and the ``accuracy`` and ``cost`` columns; several rows of a method
     (or, when the table has an ``estimator`` column, of an estimator: e.g. COAR at several mask counts) in a panel
-    are joined by a line in order of cost. Rows without a positive cost are
-    left out (a log axis cannot show them).
+    are joined by a line in order of cost. With several concepts, a point is the mean over concepts (at the
+    method's mean cost) and its bar spans the worst to the best concept. Rows without a positive cost are left
+    out (a log axis cannot show them).
     """
     t = table.dropna(subset=[cost, accuracy])
     t = t[t[cost] > 0]
@@ -225,10 +226,13 @@ def accuracy_vs_cost(table: pd.DataFrame, cost: str = "forward_evals", accuracy:
     fig = Figure(figsize=(4.2 * len(alphas) + 1.5, 3.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(alphas), sharey=True, squeeze=False)).ravel()
     for i, (ax, alpha) in enumerate(zip(axes, alphas)):
-        sub = t[t["alpha"] == alpha].astype({group: object}).sort_values(cost)
+        sub = t[t["alpha"] == alpha].astype({group: object})
+        # one x per method, so seaborn aggregates its concepts into one point (costs can differ slightly)
+        sub = sub.assign(**{cost: sub.groupby("method")[cost].transform("mean")}).sort_values(cost)
         sns.lineplot(data=sub, x=cost, y=accuracy, hue=group, style=group, palette=palette, hue_order=methods,
-                     style_order=methods, markers=True,
-                     dashes=False, markersize=8, estimator=None, sort=True, ax=ax, legend=i == len(alphas) - 1)
+                     style_order=methods, markers=True, dashes=False, markersize=8, estimator="mean",
+                     errorbar=lambda v: (v.min(), v.max()), err_style="bars", sort=True, ax=ax,
+                     legend=i == len(alphas) - 1)
         ax.set_xscale("log")
         ax.set_title(f"\u03b1 = {alpha:g}")
         ax.set_xlabel("forward-pass equivalents (log scale)")
@@ -236,7 +240,9 @@ def accuracy_vs_cost(table: pd.DataFrame, cost: str = "forward_evals", accuracy:
         ax.grid(True, which="major", color="0.9")
     if axes[-1].get_legend() is not None:
         sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
-    fig.suptitle("accuracy on held-out joint ablations vs cost")
+    several = "concept" in t and t["concept"].nunique() > 1
+    fig.suptitle("accuracy on held-out joint ablations vs cost"
+                 + (" (mean over concepts; bars: worst to best concept)" if several else ""))
     return fig
 
 

@@ -79,3 +79,15 @@ def open_page(path, screenshot_to=None, *, width: int = 1280, height: int = 900,
         if own_profile:
             shutil.rmtree(profile, ignore_errors=True)
     return {"images": images, "tables": tables, "title": title}
+
+
+if __name__ == "__main__":  # the README's screenshot: python tests/browser.py reports/default/index.html docs/report.png
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python tests/browser.py PAGE.html SCREENSHOT.png")
+    seen = open_page(sys.argv[1], screenshot_to=sys.argv[2])
+    broken = [i["src_prefix"] for i in seen["images"] if not i["natural_width"]]
+    print(f"{seen['title']}: {len(seen['images'])} images ({len(broken)} broken), {len(seen['tables'])} tables "
+          f"-> {sys.argv[2]}")
+    sys.exit(1 if broken else 0)
