@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maskgrad-curve", type=int, nargs="*", default=list(d.maskgrad_curve),
                    help="also report the mask-averaged gradient from its first K masks, for each K (free; "
                         "default %(default)s)")
+    p.add_argument("--screen-fraction", type=float, default=d.screen_fraction,
+                   help="screen-then-verify: share of components, ranked by the mask-averaged gradient, whose true "
+                        "ablation effect is measured (default %(default)s)")
     p.add_argument("--heldout-masks", type=int, default=d.heldout_masks,
                    help="held-out joint-ablation masks per ablation rate for the LDS (default %(default)s)")
     p.add_argument("--lds-alphas", type=float, nargs="+", default=list(d.lds_alphas),
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
             blocks=tuple(args.blocks), objective=args.objective, anchor=args.anchor, n_images=args.images,
             timesteps=tuple(args.timesteps), dtype=args.dtype, coar_masks=args.coar_masks,
             maskgrad_masks=args.maskgrad_masks, maskgrad_curve=tuple(args.maskgrad_curve),
-            heldout_masks=args.heldout_masks,
+            screen_fraction=args.screen_fraction, heldout_masks=args.heldout_masks,
             lds_alphas=tuple(args.lds_alphas), seed=args.seed,
         )
         out = args.out or Path("reports") / f"compare-{config_hash(cfg.to_dict())[:10]}"

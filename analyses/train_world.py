@@ -22,7 +22,7 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="python -m analyses.train_world", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=SHIPPED["concept-world"], help="output folder (default: the shipped checkpoint's)")
-    p.add_argument("--steps", type=int, default=2400, help="diffusion training steps (default 2400, ~36 min on 2 idle cores)")
+    p.add_argument("--steps", type=int, default=3600, help="diffusion training steps (default 3600, ~40 min on 2 idle cores)")
     p.add_argument("--batch-size", type=int, default=128, help="images per training step")
     p.add_argument("--classifier-steps", type=int, default=1500, help="concept-classifier training steps")
     p.add_argument("--retrain-classifier", action="store_true", help="retrain the classifier even if one exists in --out")

@@ -80,7 +80,7 @@ n = len(comps)
 options = {
     "ablation": {},
     "cad": {},
-    "maskgrad": {"n_masks": 8 if SMALL else 16, "alpha": 0.05},
+    "maskgrad": {"n_masks": 8 if SMALL else 12, "alpha": 0.05},
     "coar": {"n_masks": 100 if SMALL else 2 * n, "alpha": 0.05},
     "tracing": {"n_noise": 1 if SMALL else 2, "maps": False},
 }

@@ -86,7 +86,7 @@ ratios = (0.1,) if SMALL else (0.02, 0.05, 0.1)
 ks = (16, 64) if SMALL else (16, 64, 256)
 
 weight_scores = editing.cad_weight_scores(model, CONCEPT, "erase", acfg)
-ranking = editing.rank_components(model, CONCEPT, "maskgrad", objective=acfg, n_masks=4 if SMALL else 16)
+ranking = editing.rank_components(model, CONCEPT, "maskgrad", objective=acfg, n_masks=4 if SMALL else 12)
 edits = [weight_scores.edit(r) for r in ratios]
 edits += [ranking.top(k) for k in ks]
 edits += [editing.diff_quickfix(model, CONCEPT)]
@@ -187,13 +187,13 @@ editing.tradeoff_plot(table, x="retained_drawn")
 #
 # The opposite edit: CAD-Amplify scores the weights on the **amplify** objective (the negative denoising loss on
 # images of the concept: higher = the concept is modelled better) and zeroes the most negative ones, the weights
-# that work *against* drawing it. There is only room for it where the model draws the concept unreliably: shapes
-# are the shipped model's weak point (see its `fidelity.json`), so we amplify "cross". Watch the "alone" prompts
-# ("a photo of a cross"), where nothing else in the prompt helps, and the image-quality proxy (`fd_after` against
-# `fd_before`): zeroing weights can also just damage the images.
+# that work *against* drawing it. There is only room for it where the model draws the concept unreliably: diamond
+# is the shipped model's weakest value (86% in its `fidelity.json`), so we amplify "diamond". Watch the "alone"
+# prompts ("a photo of a diamond"), where nothing else in the prompt helps, and the image-quality proxy (`fd_after`
+# against `fd_before`): zeroing weights can also just damage the images.
 
 # %%
-AMPLIFY = "cross"
+AMPLIFY = "diamond"
 amp_cfg = ObjectiveConfig(kind="amplify", n_images=acfg.n_images, timesteps=acfg.timesteps)
 amp_base = editing.baseline(model, AMPLIFY, ecfg)
 amp_scores = editing.cad_weight_scores(model, AMPLIFY, "amplify", amp_cfg)

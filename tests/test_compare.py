@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -56,7 +57,7 @@ def test_outputs_and_schemas(run_dir):
         assert (run_dir / f).exists(), f
     df = pd.read_parquet(run_dir / "results.parquet")
     assert list(df.columns) == COLUMNS
-    assert {"ablation", "cad", "coar", "maskgrad", "ig", "midpoint", "tracing"} <= set(df["method"])
+    assert {"ablation", "cad", "coar", "maskgrad", "ig", "midpoint", "screen", "tracing"} <= set(df["method"])
     assert set(df["concept"]) == {"red", "circle"}
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["config"]["concepts"] == ["red", "circle"]
@@ -65,7 +66,13 @@ def test_outputs_and_schemas(run_dir):
         assert m["seconds"] >= 0 and m["forward_evals"] >= 0, key
     assert json.loads((run_dir / "status.json").read_text())["status"] == "complete"
     tables = {p.stem: pd.read_csv(p) for p in (run_dir / "tables").glob("*.csv")}
-    assert set(tables) == {"correlations", "correlations_by_layer", "topk", "lds", "cost", "accuracy_vs_cost"}
+    assert set(tables) == {"correlations", "correlations_by_layer", "topk", "lds", "lds_vs_coar", "cost",
+                           "accuracy_vs_cost"}
+    vs = tables["lds_vs_coar"]
+    assert set(vs["baseline"]) == {"coar"} and "coar" not in set(vs["method"]) and "maskgrad@0.2" in set(vs["method"])
+    assert (vs["difference_lo"] <= vs["difference_hi"]).all()
+    assert np.allclose(vs["difference"], vs["lds_spearman"] - vs["baseline_lds_spearman"])
+    assert len(vs) == len(tables["lds"][tables["lds"]["method"] != "coar"])
     corr = tables["correlations"]
     for col in ("pearson", "pearson_lo", "pearson_hi", "spearman", "kendall"):
         assert col in corr
@@ -84,6 +91,7 @@ def test_outputs_and_schemas(run_dir):
     assert {"accuracy-vs-cost", "scatter-red", "trace-unet-red", "trace-text-circle", "localization-cad"} <= figures
     html = (run_dir / "index.html").read_text()
     assert "agrees best with true ablation" in html and "http://" not in html and "https://" not in html
+    assert "screen-then-verify agrees best" not in html  # its top scores are the reference's own (summary_sentences)
 
 
 def test_report_in_browser(run_dir, tmp_path):

@@ -205,6 +205,29 @@ def test_lds_table_per_concept_and_alpha():
     assert len(zero) == 2 and (zero["lds_pearson"] > 0).all()
 
 
+def test_lds_versus_is_a_paired_bootstrap_of_the_difference():
+    rng = np.random.default_rng(5)
+    comp = components(20)
+    names = list(comp["component"])
+    effect = rng.normal(size=20)
+    noisy = effect + 0.3 * rng.normal(size=20)
+    df = concat([frame(comp, effect, "exact"), frame(comp, noisy, "coar"), frame(comp, noisy.copy(), "same"),
+                 frame(comp.iloc[:10], effect[:10], "half")])
+    masks = rng.random((200, 20)) < 0.2
+    heldout = {("red", 0.2): {"masks": masks, "components": names, "j": 1.0 - masks @ effect, "j_intact": 1.0}}
+    out = ev.lds_versus(df, heldout, "coar", n_boot=300)
+    assert set(out["method"]) == {"exact", "same"}  # the baseline itself and partial scorers are left out
+    lds = ev.lds_table(df, heldout, missing="skip").set_index("method")["lds_spearman"]
+    ex, same = out.set_index("method").loc["exact"], out.set_index("method").loc["same"]
+    assert ex["difference"] == pytest.approx(lds["exact"] - lds["coar"]) and ex["lds_spearman"] == pytest.approx(1.0)
+    assert 0 < ex["difference_lo"] <= ex["difference"] <= ex["difference_hi"]  # exact beats noisy, clearly
+    # identical predictions: the pairing makes every resampled difference exactly 0
+    assert same["difference"] == 0 and same["difference_lo"] == 0 and same["difference_hi"] == 0
+    # the vectorized Spearman is scipy's
+    a, b = rng.normal(size=(3, 50)), rng.normal(size=(3, 50))
+    assert np.allclose(ev._row_spearman(a, b), [stats.spearmanr(x, y)[0] for x, y in zip(a, b)])
+
+
 def test_cost_table_reads_meta(world):
     df, _, _ = world
     table = ev.cost_table(df)
@@ -227,3 +250,9 @@ def test_summary_sentences_pick_best_spearman():
     assert out[1] == ("For concept 'red', CAD agrees best with true ablation: Spearman r = 0.91 [0.88, 0.93] "
                       "(Pearson 0.95).")
     assert "circle" in out[0] and "no method" in out[0]
+    # budget variants and screen-then-verify (whose top scores are true ablation's own) do not compete
+    more = pd.concat([table, pd.DataFrame({
+        "concept": ["red", "red"], "method": ["screen", "coar@10"], "n": [10, 10], "pearson": [0.99, 0.99],
+        "spearman": [0.99, 0.98], "spearman_lo": [0.9, 0.9], "spearman_hi": [1.0, 1.0]})], ignore_index=True)
+    assert ev.summary_sentences(more)[1] == out[1]
+    assert "screen-then-verify agrees best" in ev.summary_sentences(more, exclude=())[1]

@@ -38,7 +38,7 @@ class TrainConfig:
     """Everything that determines a trained concept-world model."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    steps: int = 2400
+    steps: int = 3600
     batch_size: int = 128
     lr: float = 1.5e-3
     warmup: int = 100
