@@ -54,7 +54,7 @@ class CompareConfig:
     dtype: str = "float32"
     coar_masks: int = 0  # 0: twice the number of components
     coar_alpha: float = 0.05
-    maskgrad_masks: int = 12  # LDS >= 0.98 at alpha 20% for every default concept (MaskGradConfig)
+    maskgrad_masks: int = 12  # measured choice: see MaskGradConfig's docstring
     maskgrad_alpha: float = 0.05
     maskgrad_curve: tuple[int, ...] = (4, 8)  # also report the estimate from its first K masks (free)
     screen_fraction: float = 0.1  # screen-then-verify: true-ablate this top fraction of the maskgrad ranking
