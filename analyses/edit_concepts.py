@@ -5,11 +5,14 @@
 
 Edits (``--edits``): cad-erase, cad-amplify (CAD's per-weight rule on the UNet's feed-forward matrices, swept over
 ``--ratios``); diff-quickfix (the paper's closed form, no budget) and diff-quickfix-preserve (the same plus keys of
-32 prompts without the concept that keep their outputs; not in the paper); and the ablation edits, swept over
+32 prompts without the concept that keep their outputs; not in the paper); uce (Unified Concept Editing,
+Gandikota et al. WACV 2024: closed-form edit of every cross-attention's key and value projections, 32 preserved
+prompts); and the ablation edits, swept over
 ``--k`` on the ``--components`` (default: the GEGLU hidden units of every UNet feed-forward and the value neurons
 of every cross-attention): cad-erase-neurons, cad-amplify-neurons (CAD's scores of whole units), coar-edit (Welch t
 of per-sample CAD attributions, target vs the other values of its attribute), and ablate:<method> for any
-registered attribution method (its top-k positive components). Every edit is judged by the concept classifier:
+registered attribution method (its top-k positive components). Every edit is judged by an image judge
+(--judge: the concept classifier by default; CLIP zero-shot on any model, with --alternatives there):
 the target's rate before/after, the other values' rates (retained rate), an image-quality
 proxy (Frechet distance of classifier features to renders) and the edit's wall time.
 
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import logging
 import platform
 import sys
@@ -29,7 +31,7 @@ import time
 from pathlib import Path
 
 EDIT_CHOICES = ("cad-erase", "cad-amplify", "cad-erase-neurons", "cad-amplify-neurons", "diff-quickfix",
-                "diff-quickfix-preserve", "coar-edit")
+                "diff-quickfix-preserve", "coar-edit", "uce")
 DEFAULT_EDITS = ("cad-erase", "diff-quickfix", "diff-quickfix-preserve", "coar-edit", "ablate:maskgrad")
 DEFAULT_K = (32, 128, 512)
 DEFAULT_COMPONENTS = ("ff", "attn2")
@@ -41,9 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analyses.edit_concepts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="concept-world",
-                   help="'concept-world' (shipped) or a concept-world folder with a classifier (default %(default)s)")
+                   help="'concept-world' (shipped), a concept-world folder, or a Stable Diffusion folder / hub id "
+                        "(then give --judge and --alternatives; default %(default)s)")
     p.add_argument("--concepts", nargs="+", default=["red", "circle"],
                    help="concept words to erase (attribute values: red, circle, striped, ...; default %(default)s)")
+    p.add_argument("--judge", default=None,
+                   help="image judge of the evaluation: 'classifier' (the concept world's, the default there), "
+                        "'concept-world-clip', a CLIPModel folder or a hub id (required on other models)")
+    p.add_argument("--alternatives", nargs="+", default=None,
+                   help="models other than the concept world: phrases each concept is weighed against, whose "
+                        "retention is measured and which coar-edit uses as references (default: the other --concepts)")
     p.add_argument("--edits", nargs="+", default=list(DEFAULT_EDITS),
                    help=f"edits: {', '.join(EDIT_CHOICES)}, or ablate:<method> (default %(default)s)")
     p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_K),
@@ -61,20 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images of the attribution objective (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attributions and the held-out stream offset")
     p.add_argument("--out", type=Path, default=None, help="run folder (default reports/edit-<config hash>)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="device: auto (CUDA, else MPS, else CPU), cpu, cuda or mps (default %(default)s)")
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
+                   help="precision of the model's forward passes (default %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads, >= 1 (default %(default)s)")
     return p
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> None:
     """Refuse bad arguments before anything loads: unknown concept words or edits, empty or invalid sweeps."""
+    from interp.compare import check_concept_words
     from interp.methods import REGISTRY
-    from interp.world.vocab import attribute_of
 
-    for c in args.concepts:
-        try:
-            attribute_of(c)
-        except KeyError as err:
-            parser.exit(2, f"error: {err.args[0]}\n")
+    if any(not c.strip() for c in args.concepts):
+        parser.exit(2, f"error: concept words must be non-empty, got {args.concepts}\n")
+    try:
+        check_concept_words(args.model, args.concepts)
+    except KeyError as err:
+        parser.exit(2, f"error: {err.args[0]}\n")
     if len(set(args.concepts)) != len(args.concepts):
         parser.exit(2, f"error: duplicate concepts in {args.concepts}\n")
     for e in args.edits:
@@ -95,6 +109,22 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.exit(2, f"error: --ratios must lie in [0, 1], got {args.ratios}\n")
     if args.images < 3 or args.steps < 1 or args.attr_images < 1:
         parser.exit(2, "error: --images must be >= 3, --steps and --attr-images >= 1\n")
+    if args.threads < 1 or args.seed < 0:
+        parser.exit(2, f"error: --threads must be >= 1 and --seed >= 0, got {args.threads} and {args.seed}\n")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.exit(2, f"error: --out {args.out} is an existing file, not a folder: pass a folder path\n")
+
+
+def alternatives_for(model, concept: str, args) -> list[str] | None:
+    """Concept world: None (the other values of the attribute). Other models: --alternatives, else the other
+    --concepts; a clear error when there are none."""
+    if model.is_concept_world:
+        return None
+    alts = [a for a in (args.alternatives or args.concepts) if a != concept]
+    if not alts:
+        raise ValueError(f"on {args.model!r} (not the concept world) give --alternatives: the phrases {concept!r} is "
+                         f"weighed against, whose retention is measured and which coar-edit uses as references")
+    return alts
 
 
 def make_edits(model, concept: str, spec: str, args, objective, comps):
@@ -112,36 +142,62 @@ def make_edits(model, concept: str, spec: str, args, objective, comps):
     if spec in ("diff-quickfix", "diff-quickfix-preserve"):
         preserve = PRESERVE_PROMPTS if spec.endswith("preserve") else 0
         return [replace(ed.diff_quickfix(model, concept, preserve=preserve, seed=ed.EDIT_SEED + args.seed), name=spec)]
+    if spec == "uce":  # Unified Concept Editing: cross-attention keys/values, 32 preserved prompts
+        from interp.editing.uce import uce
+
+        return [uce(model, concept, preserve=PRESERVE_PROMPTS, seed=ed.EDIT_SEED + args.seed)]
     if spec == "cad-erase-neurons":
         ranking = ed.rank_components(model, concept, "cad", comps, objective=objective, name=spec)
     elif spec == "cad-amplify-neurons":
         ranking = ed.rank_components(model, concept, "cad", comps, objective=replace(objective, kind="amplify"),
                                      side="negative", name=spec)
     elif spec == "coar-edit":
-        ranking = ed.coar_edit_ranking(model, concept, components=comps, objective=objective)
+        ranking = ed.coar_edit_ranking(model, concept, alternatives_for(model, concept, args), components=comps,
+                                       objective=objective)
     else:
         ranking = ed.rank_components(model, concept, spec.split(":", 1)[1], comps, objective=objective, name=spec,
                                      seed=args.seed)
     return [ranking.top(k) for k in args.k]
 
 
+def run_config(args) -> dict:
+    """What an edit run depends on (its hash names the default folder)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "threads")}
+
+
 def run(args, out: Path, log) -> dict:
+    """The edit job in its run folder (:class:`interp.runs.Run`: status, traceback on failure, atomic writes)."""
+    from interp.runs import Run
+
+    with Run(out, run_config(args), "edit") as r:
+        result = _run(args, r, log)
+        r.complete()
+    return result
+
+
+def _run(args, r, log) -> dict:
+    import numpy as np
     import pandas as pd
     import torch
 
     import interp
     from interp import editing as ed
+    from interp.diffusion import latent_shape
     from interp.methods.base import versions
     from interp.objectives import ObjectiveConfig
     from interp.plots import fig_to_base64_png
     from interp.report import render_report
+    from interp.runs import check_finite_weights, check_memory
 
     t_start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "index.html").unlink(missing_ok=True)  # never leave a finished-looking report of an older run
-    model = interp.load_model(args.model)
-    if model.classifier is None:
-        raise ValueError(f"model {args.model!r} has no concept classifier; editing is judged by it")
+    out = r.out
+    model = interp.load_model(args.model, device=args.device, dtype=args.precision)
+    check_finite_weights(model, args.model)
+    judge = ed.resolve_judge(model, args.judge)  # a clear error (naming --judge) when the model has no classifier
+    # held-out images of one evaluation (generated, judged, kept with their features) and the attribution samples
+    per_image = int(np.prod(latent_shape(model.unet, 1))) * 4 * 8
+    check_memory((args.images + args.attr_images) * per_image * 3, f"--images {args.images}",
+                 "pass fewer --images")
     fingerprint = model.state_fingerprint()
     objective = ObjectiveConfig(kind="erase", n_images=args.attr_images, seed=args.seed)
     cfg = ed.EvalConfig.from_total(args.images, steps=args.steps, seed=ed.EVAL_SEED + args.seed)
@@ -149,7 +205,7 @@ def run(args, out: Path, log) -> dict:
     evaluations, records, grids = [], [], {}
     for concept in args.concepts:
         t0 = time.perf_counter()
-        base = ed.baseline(model, concept, cfg)
+        base = ed.baseline(model, concept, cfg, judge, alternatives_for(model, concept, args))
         bt = base.judged.table
         rate = float((bt.loc[bt["set"] == "target", f"pred_{base.held.attribute}"] == concept).mean())
         log(f"{concept}: baseline of {cfg.n_images} held-out images in {time.perf_counter() - t0:.1f} s "
@@ -182,26 +238,29 @@ def run(args, out: Path, log) -> dict:
     tables = {"tradeoff": table, "per_value": per_value, "edits": edits_table}
     figures = {"tradeoff": ed.tradeoff_plot(table), "tradeoff-drawn": ed.tradeoff_plot(table, x="retained_drawn"),
                **{f"grid-{c}": g for c, g in grids.items()}}
-    (out / "tables").mkdir(exist_ok=True)
-    (out / "figures").mkdir(exist_ok=True)
     for name, df in tables.items():
-        df.to_csv(out / "tables" / f"{name}.csv", index=False)
-    (out / "edits.json").write_text(json.dumps(records, indent=1, default=str))
+        r.write_csv(f"tables/{name}.csv", df)
+    r.write_json("edits.json", records)
     uris = {}
     for name, fig in figures.items():  # rendered once: the PNG file is the report's embedded image
         uris[name] = fig_to_base64_png(fig)
-        (out / "figures" / f"{name}.png").write_bytes(base64.b64decode(uris[name].split(",", 1)[1]))
+        r.write_bytes(f"figures/{name}.png", base64.b64decode(uris[name].split(",", 1)[1]))
     wall = time.perf_counter() - t_start
     meta = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "eval_config": cfg.to_dict(), "objective": objective.to_dict(), "versions": versions(),
             "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
             "wall_seconds": wall, "model_unchanged": not changed}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    summary = summary_sentences(table) + [
+    r.write_json("meta.json", meta)
+    from interp.report import settings_rows
+    from interp.report.findings import edit_findings
+
+    summary = edit_findings(table) + [
         f"{len(evaluations)} edits evaluated on {len(args.concepts)} concept(s) in {wall:.0f} s of wall time "
         f"({torch.get_num_threads()} thread(s)); the model's weights were bitwise unchanged afterwards."]
     render_report(out, title="Concept editing from attributions", summary=summary,
-                  sections=report_sections(tables, uris, cfg, args), config=meta)
+                  headline=[("Target rate after each edit against the other values' retained rate, every budget "
+                             "(the unedited model is the star; lower right is better)", uris["tradeoff"])],
+                  sections=report_sections(tables, uris, cfg, args), config=meta, settings=settings_rows(meta))
     return {"tables": tables, "meta": meta}
 
 
@@ -229,30 +288,45 @@ def report_sections(tables, uris, cfg, args) -> list[dict]:
             "target_alone_after", "retained_rate", "retained_drawn", "retained_same_attribute",
             "retained_other_attributes", "cooccurring_retained", "fd_before", "fd_after", "edit_seconds",
             "eval_seconds"]
+    short = ["concept", "label", "target_before", "target_after", "retained_rate", "retained_drawn", "fd_before",
+             "fd_after", "edit_seconds"]
+    grids = [(f"'{k[len('grid-'):]}': the unedited model (first row), then each edit at its largest budget", v)
+             for k, v in figs("grid-")]
     return [
         {"title": "Trade-off: erasing the target vs keeping everything else",
          "text": f"Every edit at every budget, judged on {cfg.n_images} held-out images per concept ({cfg.n_target} "
                  f"full captions with the target, {cfg.n_alone} naming the target alone, {cfg.n_other} asking for "
                  f"other values), {cfg.steps} denoising steps, same prompts and initial noises before and after. "
-                 "Target rate = fraction of images the classifier judges to show the target value. Retained rate = "
+                 "Target rate = fraction of images the judge says show the target value. Retained rate = "
                  "mean over the other values of (rate after / rate before); retained_drawn the same over the values "
                  "the unedited model draws at least half of the time (ratios of rarely drawn values are noisy and "
                  "can exceed 1 when the classifier reads damaged images as them). "
                  "fd = Frechet distance between classifier "
                  "features of generated images and of renders of the same scenes (lower is better; compare after "
                  "with before).",
-         "tables": [("Trade-off table", tables["tradeoff"][cols])], "figures": figs("tradeoff")},
+         "tables": [("Trade-off: every edit and budget",
+                     tables["tradeoff"][[c for c in short if c in tables["tradeoff"]]])],
+         "details": [
+             {"title": "Each edit at its strongest budget, in words",
+              "text": "\n\n".join(summary_sentences(tables["tradeoff"]))},
+             {"title": "Trade-off over the values the unedited model draws reliably",
+              "figures": figs("tradeoff-drawn")},
+             {"title": "Full trade-off table (alone / same-attribute / co-occurring retention, wall times)",
+              "tables": [("Trade-off table", tables["tradeoff"][[c for c in cols if c in tables["tradeoff"]]])]},
+         ]},
         {"title": "Before and after",
          "text": "The same prompts and seeds: the first row is the unedited model, then each edit at its largest "
                  "budget. Left half: prompts with the target; right half: prompts without it.",
-         "tables": [], "figures": figs("grid-")},
+         "figures": grids[:1],
+         "details": [{"title": "Before and after: the other concepts", "figures": grids[1:]}] if len(grids) > 1 else []},
         {"title": "Per value", "text": "Rate of every other attribute value before and after each edit; "
                                        "'with_target' rows are the other attributes inside the target prompts.",
-         "tables": [("Per-value rates", tables["per_value"])], "figures": []},
+         "details": [{"title": f"Per-value rates ({len(tables['per_value'])} rows)",
+                      "tables": [("Per-value rates", tables["per_value"])]}]},
         {"title": "What each edit changed",
          "text": "Mechanism, ranking method, number of ablated components or changed weights, and wall time to "
                  "compute the edit. Full component lists are in edits.json.",
-         "tables": [("Edits", tables["edits"])], "figures": []},
+         "details": [{"title": f"Edits ({len(tables['edits'])} rows)", "tables": [("Edits", tables["edits"])]}]},
     ]
 
 
@@ -263,16 +337,20 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     import torch
 
+    from interp.runs import user_message
     from interp.store import config_hash
 
     torch.set_num_threads(args.threads)
-    key = {k: v for k, v in vars(args).items() if k not in ("out", "threads")}
-    out = args.out or Path("reports") / f"edit-{config_hash(key)[:10]}"
+    out = args.out or Path("reports") / f"edit-{config_hash(run_config(args))[:10]}"
     t0 = time.perf_counter()
     try:
         run(args, out, logging.info)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        parser.exit(2, f"error: {err}\n")
+    except Exception as err:  # expected failures: one line (the traceback is in the run folder); bugs: traceback
+        msg = user_message(err)
+        if msg is None:
+            raise
+        where = f" (traceback: {out / 'traceback.txt'})" if (out / "traceback.txt").exists() else ""
+        parser.exit(2, f"error: {msg}{where}\n")
     logging.info("wall time %.1f s; report: %s", time.perf_counter() - t0, (out / "index.html").resolve())
     return 0
 

@@ -34,13 +34,18 @@ _EXPORTS = {
     "main_rows": "interp.results",
     "OutOfVocabularyError": "interp.world.vocab",
     "notebook_setup": "interp.notebook",
+    "Judge": "interp.judges",
+    "load_judge": "interp.judges",
+    "resolve_device": "interp.models",
+    "plan_comparison": "interp.plan",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
 _SUBMODULES = {"plots", "evaluation", "editing", "methods", "components", "interventions", "objectives", "results",
-               "store", "compare", "concepts", "models", "generation", "diffusion", "report", "world", "notebook"}
+               "store", "compare", "concepts", "models", "generation", "diffusion", "report", "world", "notebook",
+               "judges", "engine", "runs", "compare_config", "plan", "testing"}
 
 
 def __getattr__(name):

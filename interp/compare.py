@@ -12,191 +12,158 @@ but is not.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import platform
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from . import evaluation, plots
-from .methods import REGISTRY, attribute
-from .methods.base import versions
-from .methods.coar import masked_values, random_masks
-from .objectives import Objective, ObjectiveConfig
-from .report import render_report
-from .results import concat, main_rows
-from .store import Store, config_hash
-
-#: Methods of the default run and the options they get (n = number of components).
-DEFAULT_METHODS = ("ablation", "cad", "coar", "maskgrad", "ig", "midpoint", "screen", "tracing")
-
-
-@dataclass(frozen=True)
-class CompareConfig:
-    """Everything a comparison run depends on; its hash names the cache entries."""
-
-    model: str = "concept-world"
-    concepts: tuple[str, ...] = ("red", "blue", "circle", "square", "striped")
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    granularity: str = "neuron"
-    families: tuple[str, ...] = ("ff",)
-    kinds: tuple[str, ...] = ("ff.net.2",)
-    blocks: tuple[str, ...] = ()
-    objective: str = "erase"
-    anchor: str = "shared"
-    n_images: int = 4
-    timesteps: tuple[int, ...] = (250, 600)
-    dtype: str = "float32"
-    coar_masks: int = 0  # 0: twice the number of components
-    coar_alpha: float = 0.05
-    maskgrad_masks: int = 12  # measured choice: see MaskGradConfig's docstring
-    maskgrad_alpha: float = 0.05
-    maskgrad_curve: tuple[int, ...] = (4, 8)  # also report the estimate from its first K masks (free)
-    screen_fraction: float = 0.1  # screen-then-verify: true-ablate this top fraction of the maskgrad ranking
-    tracing_noise: int = 2
-    lds_alphas: tuple[float, ...] = (0.01, 0.05, 0.2)
-    heldout_masks: int = 64
-    n_boot: int = 1000
-    seed: int = 0
-
-    def __post_init__(self):
-        unknown = [m for m in self.methods if m not in REGISTRY]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; registered methods are {sorted(REGISTRY)}")
-        if "ablation" not in self.methods:
-            raise ValueError("the comparison needs 'ablation' (true ablation is the reference of every table)")
-        if not self.concepts:
-            raise ValueError("no concepts given")
-        if len(set(self.concepts)) != len(self.concepts):
-            raise ValueError(f"duplicate concepts in {self.concepts}")
-        if not 0 < self.screen_fraction <= 1:
-            raise ValueError(f"screen fraction must be in (0, 1], got {self.screen_fraction}")
-        for a in self.lds_alphas:
-            if not 0 < a < 1:
-                raise ValueError(f"LDS ablation rates must be in (0, 1), got {a}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def objective_config(self) -> ObjectiveConfig:
-        return ObjectiveConfig(kind=self.objective, anchor=self.anchor, n_images=self.n_images,
-                               timesteps=self.timesteps, seed=self.seed, dtype=self.dtype)
-
-    def method_options(self, method: str, n: int) -> dict:
-        coar_m = self.coar_masks or 2 * n
-        return {
-            "coar": {"n_masks": coar_m, "alpha": self.coar_alpha, "seed": self.seed,
-                     "curve": tuple(sorted({max(10, int(coar_m * 0.8 * f)) for f in (0.125, 0.25, 0.5)}))},
-            "maskgrad": {"n_masks": self.maskgrad_masks, "alpha": self.maskgrad_alpha, "seed": self.seed,
-                         "extra_alphas": tuple(a for a in self.lds_alphas if a != self.maskgrad_alpha),
-                         "curve": tuple(k for k in self.maskgrad_curve if k < self.maskgrad_masks)},
-            "midpoint": {"alpha": self.maskgrad_alpha, "seed": self.seed},
-            # screened by the same mask-averaged gradient the run reports, so the two rows differ only by the
-            # verified components
-            "screen": {"fraction": self.screen_fraction, "seed": self.seed, "screen": "maskgrad",
-                       "screen_options": (("n_masks", self.maskgrad_masks), ("alpha", self.maskgrad_alpha))},
-            "tracing": {"n_noise": self.tracing_noise, "seed": self.seed},
-        }.get(method, {"seed": self.seed})
+from .compare_config import DEFAULT_METHODS, CompareConfig  # noqa: F401  (re-exported)
+from .methods.base import components_hash, get, model_fingerprint
+from .engine import masked_values, random_masks
+from .objectives import Objective
+from .report import render_report, settings_rows
+from .report.findings import compare_findings
+from .results import concat
+from .runs import Run, check_finite_weights, check_memory
+from .store import Store, atomic_write_bytes, atomic_write_text, frame_to_parquet_bytes
 
 
 def select_components(model, cfg: CompareConfig):
+    if getattr(cfg, "components", ()):  # named addresses (unknown ones fail with the nearest valid ones)
+        from .components import ComponentSet
+
+        return ComponentSet([model.space.parse(a) for a in cfg.components])
     filters = {"family": list(cfg.families) or None, "kind": list(cfg.kinds) or None,
                "block": list(cfg.blocks) or None}
     return model.components(cfg.granularity, **{k: v for k, v in filters.items() if v})
 
 
 def heldout_ablations(obj, comps, alpha: float, n_masks: int, seed: int, store: Store, progress=False) -> dict:
-    """J under fresh random joint ablations at rate ``alpha`` (never seen by any method): the LDS test set."""
+    """J under fresh random joint ablations at rate ``alpha`` (never seen by any method): the LDS test set.
+
+    Cached under everything J depends on: the model's weights, the full component list, the objective and its
+    evaluation set (the concept's prompts), the masks' rate, count and seed."""
     masks = random_masks(n_masks, len(comps), alpha, seed + 99_991 + int(round(alpha * 10_000)))
     key = {"heldout": alpha, "n": n_masks, "seed": seed, "objective": obj.config.to_dict(),
-           "concept": obj.concept.name, "components": comps.addresses[:3] + [len(comps)]}
+           "concept": asdict(obj.concept), "components": components_hash(comps), "n_components": len(comps),
+           "model": model_fingerprint(obj.model)}
     entry = store.entry(f"heldout-{obj.concept.name}", key)
     J = masked_values(obj, comps, masks, entry=entry, chunk=32, progress=progress, tag=f"heldout a={alpha}")
     return {"masks": masks.numpy().astype(float), "components": comps.addresses, "j": J.double().mean(1).numpy(),
             "j_intact": float(obj.intact.double().mean())}
 
 
+def check_concept_words(model: str, concepts) -> None:
+    """On a concept-world model (by name or folder), refuse unknown concept words before the model loads."""
+    from .models import SHIPPED, _is_concept_world_dir
+    from .world.vocab import attribute_of
+
+    folder = SHIPPED.get(model, Path(model).expanduser())
+    world = _is_concept_world_dir(folder)
+    if not world and (folder / "model_index.json").is_file():
+        try:
+            world = json.loads((folder / "model_index.json").read_text()).get("_class_name") == "ConceptWorldPipeline"
+        except (OSError, ValueError, AttributeError):
+            world = False  # a malformed index is reported, with its file named, when the model loads
+    if world:
+        for c in concepts:
+            attribute_of(c)  # a KeyError naming the word and listing the known ones
+
+
+def estimate_memory(cfg: CompareConfig, n: int, sample_numel: int) -> dict[str, float]:
+    """Bytes the largest allocations of a run need, by part (an estimate, to refuse hopeless configurations early)."""
+    C, A = len(cfg.concepts), len(cfg.lds_alphas)
+    coar_m = cfg.coar_masks or 2 * n
+    samples = cfg.n_images * len(cfg.timesteps)
+    return {
+        # float64 masks kept for every (concept, rate), plus the float32 draw, bool mask and a float64 copy while built
+        "held-out masks (--heldout-masks x components)": cfg.heldout_masks * n * (8 * C * A + 21),
+        # float32 draw, bool mask, float64 design matrix and its train/test copies, the least-squares matrix
+        "COAR masks (--coar-masks x components)": coar_m * n * 29 if "coar" in cfg.methods else 0,
+        # renders, noise, noised images and targets of the evaluation set, and the prompts
+        "evaluation set (--images x timesteps)": samples * sample_numel * 4 * 6 + cfg.n_images * 400,
+    }
+
+
 def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = True, log=None) -> dict:
-    """Run the comparison and write the run folder; returns the frames and tables."""
+    """Run the comparison and write the run folder; returns the frames and tables.
+
+    Everything that can be checked before work is: the config on construction, the concept words before the model
+    loads, then the weights (finite), the component selection (non-empty), the memory the configuration needs, every
+    method's options and the objective (timesteps in the scheduler's range) before any method runs."""
+    from .diffusion import latent_shape
     from .models import load_model
 
     say = log or (lambda msg: None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("index.html", "results.parquet", "meta.json"):
-        (out / stale).unlink(missing_ok=True)
-    (out / "status.json").write_text(json.dumps({"status": "running", "config": cfg.to_dict()}, indent=1))
-    t_start = time.perf_counter()
-    store = Store(out / "cache")
-    model = load_model(cfg.model)
-    comps = select_components(model, cfg)
-    say(f"{len(comps)} components ({cfg.granularity}, kinds {list(cfg.kinds)}), {len(cfg.concepts)} concepts, "
-        f"methods {list(cfg.methods)}")
-    frames, heldout, seconds = [], {}, {}
-    ocfg = cfg.objective_config()
-    for concept in cfg.concepts:
-        obj = Objective(model, concept, ocfg)
-        for method in cfg.methods:
-            t0 = time.perf_counter()
-            df = attribute(method, model, concept, comps, objective=obj, store=store, progress=progress,
-                           **cfg.method_options(method, len(comps)))
-            seconds[f"{method}/{concept}"] = time.perf_counter() - t0
-            frames.append(df)
-            say(f"{concept}: {method} done in {seconds[f'{method}/{concept}']:.1f} s")
-        for alpha in cfg.lds_alphas:
-            heldout[(concept, alpha)] = heldout_ablations(obj, comps, alpha, cfg.heldout_masks, cfg.seed, store, progress)
-    results = concat(frames)
-    tables, figures = derived_outputs(results, heldout, cfg, store)
-    meta = {
-        "config": cfg.to_dict(), "config_hash": config_hash(cfg.to_dict()), "versions": versions(),
-        "machine": {"platform": platform.platform(), "processor": platform.machine(), "threads": torch.get_num_threads()},
-        "n_components": len(comps), "wall_seconds_this_run": time.perf_counter() - t_start,
-        "seconds_this_run": seconds, "methods": results.attrs["meta"],
-    }
-    write_outputs(out, results, tables, figures, meta, cfg)
+    check_concept_words(cfg.model, cfg.concepts)
+    with Run(out_dir, cfg.to_dict(), "compare") as run:
+        store = Store(run.cache)
+        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        check_finite_weights(model, cfg.model)
+        comps = select_components(model, cfg)
+        if len(comps) == 0:
+            raise ValueError(f"no {cfg.granularity} components match families {list(cfg.families)}, kinds "
+                             f"{list(cfg.kinds)}, blocks {list(cfg.blocks)}: widen --families/--kinds/--blocks")
+        parts = estimate_memory(cfg, len(comps), int(np.prod(latent_shape(model.unet, 1))))
+        biggest = max(parts, key=parts.get)
+        check_memory(sum(parts.values()), f"this configuration ({len(comps)} components; most for the {biggest})",
+                     "lower the counts named there")
+        methods = {m: get(m)(**cfg.method_options(m, len(comps))) for m in cfg.methods}  # options checked now
+        say(f"{len(comps)} components ({cfg.granularity}, kinds {list(cfg.kinds)}), {len(cfg.concepts)} concepts, "
+            f"methods {list(cfg.methods)}")
+        frames, heldout, seconds = [], {}, {}
+        ocfg = cfg.objective_config()
+        objectives = {c: Objective(model, c, ocfg) for c in cfg.concepts}  # every evaluation set checked first
+        for concept, obj in objectives.items():
+            for method, m in methods.items():
+                t0 = time.perf_counter()
+                df = m.attribute(model, concept, comps, objective=obj, store=store, progress=progress)
+                seconds[f"{method}/{concept}"] = time.perf_counter() - t0
+                frames.append(df)
+                say(f"{concept}: {method} done in {seconds[f'{method}/{concept}']:.1f} s")
+            for alpha in cfg.lds_alphas:
+                heldout[(concept, alpha)] = heldout_ablations(obj, comps, alpha, cfg.heldout_masks, cfg.seed, store,
+                                                              progress)
+        results = concat(frames)
+        tables, figures = derived_outputs(results, heldout, cfg, store)
+        meta = run.metadata(n_components=len(comps), seconds_this_run=seconds, methods=results.attrs["meta"])
+        meta["wall_seconds_this_run"] = meta.pop("wall_seconds")
+        write_outputs(run.out, results, tables, figures, meta, cfg)
+        run.complete()
     return {"results": results, "tables": tables, "meta": meta}
 
 
 #: Bump when tables or figures change shape, so cached derived outputs of older code are not reused.
-DERIVED_VERSION = 3
+DERIVED_VERSION = 5
 
 
 def derived_outputs(results: pd.DataFrame, heldout: dict, cfg: CompareConfig, store: Store):
-    """Tables (with their bootstrap intervals) and figures (PNG bytes) of a run, cached under a hash of the run's
-    configuration and of the exact results they are made from: a re-run of a finished run loads them instead of
-    recomputing bootstraps and re-drawing figures (which is most of a cached run's time otherwise)."""
+    """Tables (with their bootstrap intervals) and figures (PNG bytes) of a run, cached in the run's store under a
+    hash of the run's configuration and of the exact results they are made from: a re-run of a finished run loads
+    them instead of recomputing bootstraps and re-drawing figures (which is most of a cached run's time otherwise)."""
     h = hashlib.sha256(pd.util.hash_pandas_object(results, index=False).values.tobytes())
     h.update(json.dumps(results.attrs.get("meta", {}), sort_keys=True, default=str).encode())
     for k in sorted(heldout, key=str):
         h.update(repr(k).encode())
         for part in ("masks", "j"):
             h.update(np.ascontiguousarray(heldout[k][part]).tobytes())
-    key = {"config": cfg.to_dict(), "content": h.hexdigest(), "version": DERIVED_VERSION}
-    folder = None if store.root is None else store.root / f"derived-{config_hash(key)}"
-    if folder is not None and (folder / "done.json").exists():
-        done = json.loads((folder / "done.json").read_text())
-        if done.get("key") == json.loads(json.dumps(key, default=str)):
-            tables = {n: pd.read_parquet(folder / "tables" / f"{n}.parquet") for n in done["tables"]}
-            figures = {n: (folder / "figures" / f"{n}.png").read_bytes() for n in done["figures"]}
-            return tables, figures
+    entry = store.entry("derived", {"config": cfg.to_dict(), "content": h.hexdigest(), "version": DERIVED_VERSION})
+    files = entry.load_files()
+    if files is not None:
+        tables = {rel[len("tables/"):-len(".parquet")]: pd.read_parquet(io.BytesIO(b))
+                  for rel, b in files.items() if rel.startswith("tables/")}
+        figures = {rel[len("figures/"):-len(".png")]: b for rel, b in files.items() if rel.startswith("figures/")}
+        return tables, figures
     tables = build_tables(results, heldout, cfg)
     figures = {name: plots.fig_to_png(fig) for name, fig in build_figures(results, tables, cfg).items()}
-    if folder is not None:
-        for sub in ("tables", "figures"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-        for name, df in tables.items():
-            df.to_parquet(folder / "tables" / f"{name}.parquet")
-        for name, png in figures.items():
-            (folder / "figures" / f"{name}.png").write_bytes(png)
-        done = {"key": key, "tables": list(tables), "figures": list(figures)}
-        tmp = folder / "done.json.tmp"
-        tmp.write_text(json.dumps(done, default=str))
-        tmp.replace(folder / "done.json")  # written last: a folder without it is recomputed
+    entry.save_files({**{f"tables/{n}.parquet": frame_to_parquet_bytes(df) for n, df in tables.items()},
+                      **{f"figures/{n}.png": png for n, png in figures.items()}})
     return tables, figures
 
 
@@ -233,67 +200,153 @@ def build_tables(results: pd.DataFrame, heldout: dict, cfg: CompareConfig) -> di
 
 
 def build_figures(results: pd.DataFrame, tables: dict, cfg: CompareConfig) -> dict[str, object]:
+    """The report's figures: the headline (accuracy vs cost; localization of the reference beside the estimator
+    trusted for joint ablations), small multiples of the main methods (budget and rate variants apart, for the
+    collapsed evidence), every method's localization on one colour scale, and the tracing maps of all concepts."""
+    from .report.findings import is_variant, joint_trust
+
     figs = {}
-    methods = [m for m in results["method"].unique() if "@" not in m]
-    for m in methods:
+    present = list(results["method"].unique())
+    main = [m for m in present if not is_variant(m)]
+    variants = [m for m in present if is_variant(m)]
+    figs["accuracy-vs-cost"] = plots.accuracy_vs_cost(tables["accuracy_vs_cost"])
+    trusted = joint_trust(tables["accuracy_vs_cost"]).get("trusted")
+    pair = ["ablation"] + ([trusted] if trusted and trusted != "ablation" else [])
+    figs["localization-headline"] = plots.localization_grid(
+        results, pair, title="where the concept lives: true ablation"
+        + (f" beside {trusted}, trusted for joint ablations" if len(pair) > 1 else "") + " (share of |score| per layer)")
+    figs["localization-all"] = plots.localization_grid(results, [m for m in main if m != "tracing"] +
+                                                       (["tracing"] if "tracing" in main else []))
+    for m in main:  # one file per method for reuse outside the report (the page shows localization-all)
         figs[f"localization-{m}"] = plots.localization_heatmap(results, m)
     for c in cfg.concepts:
-        figs[f"scatter-{c}"] = plots.scatter_vs_reference(results, c)
+        figs[f"scatter-{c}"] = plots.scatter_vs_reference(results, c, methods=main)
+        if variants:
+            figs[f"scatter-variants-{c}"] = plots.scatter_vs_reference(results, c, methods=variants)
         if "tracing" in cfg.methods:
             figs[f"trace-unet-{c}"] = plots.trace_map_unet(results, c)
             figs[f"trace-text-{c}"] = plots.trace_map_text(results, c)
-    figs["accuracy-vs-cost"] = plots.accuracy_vs_cost(tables["accuracy_vs_cost"])
+    if "tracing" in cfg.methods:
+        figs["trace-unet"] = plots.trace_maps(results, cfg.concepts, "unet")
+        figs["trace-text"] = plots.trace_maps(results, cfg.concepts, "text_encoder")
     return figs
 
 
 def write_outputs(out: Path, results, tables, figures, meta, cfg: CompareConfig) -> None:
-    (out / "tables").mkdir(exist_ok=True)
-    (out / "figures").mkdir(exist_ok=True)
+    """Write the run's files atomically, the report last (the run layer then marks the run complete)."""
     for name, df in tables.items():
-        df.to_csv(out / "tables" / f"{name}.csv", index=False)
+        atomic_write_text(out / "tables" / f"{name}.csv", df.to_csv(index=False))
     uris = {}
     for name, png in figures.items():
-        (out / "figures" / f"{name}.png").write_bytes(png)
+        atomic_write_bytes(out / "figures" / f"{name}.png", png)
         uris[name] = plots.png_to_data_uri(png)
     sections = report_sections(tables, uris, cfg)
-    summary = evaluation.summary_sentences(tables["correlations"])
-    tmp = out / "results.parquet.tmp"
-    results.to_parquet(tmp, index=False)
-    tmp.replace(out / "results.parquet")
-    (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    summary = compare_findings(tables, n_components=meta.get("n_components"))
+    atomic_write_bytes(out / "results.parquet", frame_to_parquet_bytes(results))
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1, default=str))
     render_report(out, title="Where does the model keep each concept? Methods vs true ablation",
-                  summary=summary, sections=sections, config=meta)
-    (out / "status.json").write_text(json.dumps({"status": "complete", "config": cfg.to_dict()}, indent=1))
+                  summary=summary, sections=sections, config=meta,
+                  headline=[(cap, uris[k]) for k, cap in (
+                      ("accuracy-vs-cost", "Accuracy on held-out joint ablations against cost, every method and "
+                                           "variant (lines join budgets of one estimator)"),
+                      ("localization-headline", "Where each concept lives, by the reference and by the estimator "
+                                                "trusted for joint ablations (one colour scale)")) if k in uris],
+                  settings=settings_rows(meta, skip=("methods", "seconds_this_run")),
+                  settings_text="Per-method metadata and per-method wall times are in the raw JSON below and in "
+                                "meta.json.")
 
 
 def report_sections(tables, uris, cfg: CompareConfig) -> list[dict]:
-    def figs(prefix):
-        return [(k, v) for k, v in uris.items() if k.startswith(prefix)]
+    """Sections after the findings and headline figures: the main methods in the main tables and figures, budget and
+    rate variants (``coar@m``, ``maskgrad@a``, ``-K``) and the full tidy tables in collapsed blocks."""
+    from .report import tables as rt
+    from .report.findings import is_variant, joint_trust
 
-    return [
-        {"title": "Agreement with true ablation",
-         "text": "Correlation of each method's component scores with the measured effect of ablating each component "
-                 "alone (true ablation), with bootstrap 95% confidence intervals over components.",
-         "tables": [("Correlation with true ablation", tables["correlations"])], "figures": figs("scatter-")},
-        {"title": "Top-k agreement", "text": "Precision of each method's top-k components against the true top-k.",
-         "tables": [("Top-k precision", tables["topk"])], "figures": []},
-        {"title": "Joint ablations: linear datamodeling score",
-         "text": "How well each method's summed scores predict J after ablating random sets of components together "
-                 "(held-out masks at each ablation rate alpha; Spearman and Pearson). 'ablation' is the sum of "
-                 "single-ablation effects; 'coar@m' is COAR fitted on its first m masks.",
-         "tables": [("LDS on held-out joint ablations", tables["lds"])]
-                   + ([("LDS minus COAR's on the same masks, with a paired bootstrap 95% interval over masks "
-                        "(an interval containing 0 is a tie)", tables["lds_vs_coar"])] if "lds_vs_coar" in tables else []),
-         "figures": figs("accuracy-vs-cost")},
-        {"title": "Where the concept lives",
-         "text": "Per method, the share of each concept's attribution mass in every layer, positive (supporting) and "
-                 "negative (suppressing) components separately.",
-         "tables": [("Correlation per layer", tables["correlations_by_layer"])], "figures": figs("localization-")},
-        {"title": "Causal tracing maps",
-         "text": "Fraction of the concept restored by the clean state of one layer: UNet layers x timestep, and "
-                 "text-encoder layers x token position (0 = the last subject token).",
-         "tables": [], "figures": figs("trace-")},
-        {"title": "Cost", "text": "Forward and backward passes over the evaluation set (a backward counts as two "
-                                  "forwards in 'forward_equivalents') and wall time of each method.",
-         "tables": [("Cost per method", tables["cost"])], "figures": []},
-    ]
+    def fig(name, caption):
+        return [(caption, uris[name])] if name in uris else []
+
+    corr, acc, cost = tables["correlations"], tables["accuracy_vs_cost"], tables["cost"]
+    methods = list(dict.fromkeys(list(corr["method"]) + list(acc["method"])))
+    main = [m for m in methods if not is_variant(m)]
+    variants = [m for m in methods if is_variant(m)]
+    trusted = joint_trust(acc).get("trusted")
+    joint_main = main + ([trusted] if trusted in variants else [])
+    scatter = [f for c in cfg.concepts for f in fig(f"scatter-{c}", f"'{c}': the main methods against true ablation")]
+    scatter_v = [f for c in cfg.concepts for f in fig(f"scatter-variants-{c}", f"'{c}': budget and rate variants")]
+    single = {
+        "title": "Single ablations: agreement with true ablation",
+        "text": "Spearman correlation of each method's component scores with the measured effect of ablating each "
+                "component alone (true ablation), with a bootstrap 95% interval over components, and the method's "
+                "cost per concept in forward-pass equivalents over the evaluation set (a backward pass counts as "
+                "two).",
+        "tables": [("Spearman correlation with true ablation [95% CI], main methods",
+                    rt.correlation_pivot(corr, [m for m in main if m != "ablation"], cost))],
+        "figures": scatter[:1],
+        "details": [
+            {"title": f"Scatter plots of the main methods, every concept ({len(scatter)})", "figures": scatter[1:],
+             "text": "Each panel shares its axes with the others of its concept: every method estimates the same "
+                     "effect on J."} if len(scatter) > 1 else None,
+            {"title": "Per concept: the method that agrees best",
+             "text": "\n\n".join(evaluation.summary_sentences(corr))},
+            {"title": f"Budget and rate variants ({len(variants)})",
+             "tables": [("Spearman correlation with true ablation [95% CI], variants",
+                         rt.correlation_pivot(corr, variants, cost))], "figures": scatter_v} if variants else None,
+            {"title": "Full correlation table (Pearson, Spearman, Kendall with 95% CIs; every method)",
+             "tables": [("Correlation with true ablation", corr)]},
+            {"title": "Correlation per layer", "tables": [("Correlation per layer", tables["correlations_by_layer"])]},
+            {"title": "Top-k agreement", "text": "Precision of each method's top-k components against the true top-k.",
+             "tables": [("Top-k precision", tables["topk"])]},
+        ],
+    }
+    vs = tables.get("lds_vs_coar")
+    joint = {
+        "title": "Joint ablations: linear datamodeling score",
+        "text": "How well each method's summed scores predict J after ablating random sets of components together "
+                f"(the linear datamodeling score, LDS: Spearman over {cfg.heldout_masks} held-out masks per concept "
+                "at each ablation rate \u03b1, never seen by any method). 'ablation' is the sum of single-ablation "
+                "effects. The accuracy-vs-cost figure at the top plots these rows with their variants.",
+        "tables": [("LDS: mean over concepts (lowest concept), main methods"
+                    + (f" and {trusted}" if trusted in variants else ""), rt.lds_pivot(acc, joint_main))]
+                  + ([(f"{trusted}'s LDS minus COAR's on the same masks [paired bootstrap 95% interval]; an "
+                       "interval containing 0 is a tie", rt.versus_pivot(vs, trusted))]
+                     if vs is not None and trusted in set(vs["method"]) else []),
+        "details": [
+            {"title": f"Budget and rate variants ({len(variants)})",
+             "text": "'coar@m' is COAR fitted on its first m masks; 'maskgrad@a' averages gradients over masks drawn "
+                     "at ablation rate a, '-K4' over its first 4 masks.",
+             "tables": [("LDS of the variants: mean over concepts (lowest concept)", rt.lds_pivot(acc, variants))]}
+            if variants else None,
+            {"title": "Full LDS table (every concept, method and rate; Spearman and Pearson)",
+             "tables": [("LDS on held-out joint ablations", tables["lds"])]},
+            {"title": "LDS minus COAR's, every method",
+             "tables": [("LDS minus COAR's on the same masks, paired bootstrap 95% interval over masks", vs)]}
+            if vs is not None else None,
+        ],
+    }
+    where = {
+        "title": "Where the concept lives",
+        "text": "Per method, the share of each concept's attribution mass in every layer: positive (supporting) "
+                "and negative (suppressing) components separately, all methods on one colour scale.",
+        "figures": fig("localization-all", "Attribution mass per layer x concept, every main method"),
+        "details": [],
+    }
+    tracing = {
+        "title": "Causal tracing maps",
+        "text": "Fraction of the concept restored by the clean state of one layer after the subject tokens are "
+                "corrupted: UNet layers x timestep, and text-encoder layers x token position (0 = the last subject "
+                "token); all concepts on one colour scale.",
+        "details": [{"title": "The tracing maps: UNet layer x timestep, text-encoder layer x token",
+                     "figures": fig("trace-unet", "Causal tracing in the UNet")
+                     + fig("trace-text", "Causal tracing in the text encoder")}],
+    }
+    cost_section = {
+        "title": "Cost",
+        "text": "Forward and backward passes over the evaluation set (a backward counts as two forwards in "
+                "'forward_equivalents') and wall time, mean over concepts.",
+        "tables": [("Cost per method, main methods: mean per concept", rt.cost_pivot(cost, main))],
+        "details": [{"title": "Cost of every method and variant, per concept", "tables": [("Cost", cost)]}],
+    }
+    sections = [single, joint, where] + ([tracing] if tracing["details"][0]["figures"] else []) + [cost_section]
+    for s in sections:
+        s["details"] = [d for d in s.get("details", []) if d]
+    return sections

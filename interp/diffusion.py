@@ -1,17 +1,32 @@
-"""The sampling loop shared by the concept-world pipeline and the component engine.
+"""The sampling loop shared by the concept-world pipeline and the component engine, for any diffusers scheduler.
 
-Classifier-free guided denoising with any diffusers scheduler, written once with the UNet call passed in as a
-function, so the engine can run the same loop with nnsight interventions inside each UNet call. Works in pixel
-space (no VAE, the concept world) and in latent space (Stable Diffusion, with a VAE).
+Classifier-free guided denoising written once with the UNet call passed in as a function, so the engine can run the
+same loop with nnsight interventions inside each UNet call. Works in pixel space (no VAE, the concept world) and in
+latent space (Stable Diffusion, with a VAE), with every scheduler a Stable Diffusion pipeline ships or a user swaps
+in (DDIM, DDPM, PNDM, LMS, Euler, Euler ancestral, DPM-Solver++, UniPC, Heun, ...): options are passed to
+``scheduler.step`` only when its signature takes them, and stochastic schedulers draw their noise from a seeded
+generator.
+
+Precision: the loop keeps latents in float32 (float64 for a float64 model) and casts to the UNet's dtype only at the
+UNet call, so a bfloat16 or float16 model changes the precision of the forward passes and nothing else. Random
+draws are made in float32 on a CPU generator and then cast and moved, so the same seed gives the same noise on every
+device and in every precision.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
 
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype objective values, latents and statistics are kept in: float64 for float64 models, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def tokenize(tokenizer, prompts: Sequence[str], device=None) -> torch.Tensor:
@@ -34,8 +49,74 @@ def latent_shape(unet, batch: int) -> tuple[int, ...]:
     return (batch, unet.config.in_channels, *size)
 
 
+def randn(shape, generator: torch.Generator | None, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Standard normal noise drawn in float32 on the CPU, then cast and moved: the same draw in every precision and
+    on every device (CPU ``randn`` gives different numbers for different dtypes)."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
 def initial_noise(unet, batch: int, generator: torch.Generator | None, dtype=torch.float32, device="cpu"):
-    return torch.randn(latent_shape(unet, batch), generator=generator, dtype=dtype).to(device)
+    return randn(latent_shape(unet, batch), generator, dtype, device)
+
+
+def training_schedule(scheduler):
+    """The model's training noise schedule (a ``DDPMScheduler`` with the same betas and prediction type).
+
+    Forward noising ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps`` at a training timestep, and the v-prediction target,
+    are properties of how the UNet was trained, not of the sampler the pipeline ships: sigma-based samplers (Euler,
+    LMS, Heun, DPM-Solver) define ``add_noise`` only on their own inference timesteps. Built once per config.
+    """
+    return _training_schedule(_config_key(scheduler.config))
+
+
+def _config_key(config) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in dict(config).items()
+                        if not k.startswith("_")))
+
+
+@functools.lru_cache(maxsize=16)
+def _training_schedule(key: tuple):
+    from diffusers import DDPMScheduler
+
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in key}
+    keep = set(inspect.signature(DDPMScheduler.__init__).parameters)
+    return DDPMScheduler(**{k: v for k, v in config.items() if k in keep})
+
+
+def num_train_timesteps(scheduler) -> int:
+    return int(scheduler.config.get("num_train_timesteps", 1000))
+
+
+def prediction_type(scheduler) -> str:
+    return scheduler.config.get("prediction_type", "epsilon")
+
+
+def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x_t`` at training timesteps ``t`` under the model's training schedule (any sampler)."""
+    return training_schedule(scheduler).add_noise(x0, noise, t.cpu()).to(x0.dtype)
+
+
+def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet predicts: the noise (epsilon models, SD 1.x) or the velocity (v models, SD 2.x, the world)."""
+    kind = prediction_type(scheduler)
+    if kind == "v_prediction":
+        return training_schedule(scheduler).get_velocity(x0, noise, t.cpu()).to(x0.dtype)
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return x0
+    raise ValueError(f"unsupported prediction_type {kind!r} in the scheduler config; expected epsilon, v_prediction "
+                     f"or sample")
+
+
+def fresh_scheduler(scheduler):
+    """A new scheduler of the same class and config: multistep schedulers (PNDM, DPM-Solver, UniPC, Heun) keep
+    state between steps, so a loop never reuses the model's own instance."""
+    return scheduler.__class__.from_config(scheduler.config)
+
+
+def _accepts(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
 
 
 def denoise(
@@ -49,30 +130,39 @@ def denoise(
     generator: torch.Generator | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Run the reverse process from ``latents``; ``unet_fn(x, t, context, step) -> eps``.
+    """Run the reverse process from ``latents`` (unit-variance noise); ``unet_fn(x, t, context, step) -> eps``.
 
     With ``guidance_scale != 1`` the conditional and unconditional branches run as one batch (cond rows first),
-    exactly as diffusers' pipelines do.
+    exactly as diffusers' pipelines do. ``scheduler`` is used as given (pass :func:`fresh_scheduler`'s copy);
+    ``generator`` seeds stochastic schedulers (DDPM, Euler ancestral, SDE solvers) and is ignored by the others.
     """
-    scheduler.set_timesteps(num_inference_steps)
-    latents = latents * scheduler.init_noise_sigma
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    kwargs = {"device": latents.device} if _accepts(scheduler.set_timesteps, "device") else {}
+    scheduler.set_timesteps(num_inference_steps, **kwargs)
+    step_kwargs = {"return_dict": False}
+    if generator is not None and _accepts(scheduler.step, "generator"):
+        step_kwargs["generator"] = generator
+    acc = accumulation_dtype(latents.dtype)
+    latents = latents.to(acc) * scheduler.init_noise_sigma
     guided = uncond is not None and guidance_scale != 1.0
     context = torch.cat([cond, uncond]) if guided else cond
     for step, t in enumerate(scheduler.timesteps):
         x = torch.cat([latents, latents]) if guided else latents
         x = scheduler.scale_model_input(x, t)
-        eps = unet_fn(x, t, context, step)
+        eps = unet_fn(x, t, context, step).to(acc)
         if guided:
             eps_c, eps_u = eps.chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
-        latents = scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
+        latents = scheduler.step(eps, t, latents, **step_kwargs)[0].to(acc)
         if callback is not None:
             callback(step, t, latents)
     return latents
 
 
 def decode(latents: torch.Tensor, vae=None) -> torch.Tensor:
-    """Latents to images in [0, 1]: through the VAE if there is one, else the latents are pixels in [-1, 1]."""
+    """Latents to images in [0, 1] (float32): through the VAE if there is one, else the latents are pixels in [-1, 1]."""
     if vae is not None:
-        latents = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-    return (latents / 2 + 0.5).clamp(0, 1)
+        z = (latents / vae.config.scaling_factor).to(vae.dtype)
+        latents = vae.decode(z, return_dict=False)[0]
+    return (latents.float() / 2 + 0.5).clamp(0, 1)

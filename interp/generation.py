@@ -10,14 +10,6 @@ from . import diffusion
 from .interventions import Patch, Plan, run_text, run_unet
 
 
-def encode(model, prompts, plan: Plan | None = None, mult=None, means=None,
-           patches: Mapping[str, Patch] | None = None) -> torch.Tensor:
-    """Validated prompts -> text states (with interventions on the text encoder if any)."""
-    prompts = model.check_prompts(prompts)
-    ids = diffusion.tokenize(model.tokenizer, prompts, model.device)
-    return run_text(model, ids, plan, mult, means, patches)[0]
-
-
 def generate(
     model,
     prompts,
@@ -52,10 +44,10 @@ def generate(
     if context is None:
         context = run_text(model, ids, plan, mult, means)[0]
     uncond = run_text(model, uncond_ids, plan, mult, means)[0]
+    gen = torch.Generator().manual_seed(seed)  # CPU: the same draws on every device
     if latents is None:
-        gen = torch.Generator().manual_seed(seed)
-        latents = diffusion.initial_noise(model.unet, n, gen, model.dtype, model.device)
-    scheduler = model.scheduler.__class__.from_config(model.scheduler.config)  # never mutate the model's own
+        latents = diffusion.initial_noise(model.unet, n, gen, diffusion.accumulation_dtype(model.dtype), model.device)
+    scheduler = diffusion.fresh_scheduler(model.scheduler)  # never mutate the model's own
     guided = guidance != 1.0
     rows = torch.cat([mult, mult]) if (mult is not None and guided) else mult
 
@@ -69,5 +61,7 @@ def generate(
             recorded[step] = {k: v[:n] for k, v in saved.items()}
         return eps
 
-    out = diffusion.denoise(unet_fn, scheduler, latents, context, uncond, steps, guidance)
+    # Stochastic schedulers (DDPM, Euler ancestral, ...) draw from a generator seeded apart from the initial noise.
+    step_gen = torch.Generator().manual_seed(seed + 7_919)
+    out = diffusion.denoise(unet_fn, scheduler, latents, context, uncond, steps, guidance, generator=step_gen)
     return diffusion.decode(out, model.vae) if decode else out

@@ -23,9 +23,6 @@ import torch
 
 from .components import Component, ComponentSet, head_dim
 
-ABLATIONS = ("zero", "mean")
-
-
 @dataclass
 class Site:
     """Where a group of components is reached: one module, at its output or (heads) its output projection's input."""
@@ -161,12 +158,27 @@ def _intervene(root_envoy, model, sites: Sequence[Site], mult, means, patches, s
             store[x] = _first(model.envoy(x).output).save()
 
 
+def _on_device(model, mult, means, patches):
+    """Multipliers, means and patches moved to the model's device (masks stay in their own dtype, so gradients
+    with respect to them are float32 even when the forward pass runs in bfloat16)."""
+    dev = model.device
+    if mult is not None:
+        mult = mult.to(dev)
+    if means is not None:
+        means = {k: v.to(dev) for k, v in means.items()}
+    if patches:
+        patches = {k: Patch(p.clean.to(dev), p.where.to(dev)) for k, p in patches.items()}
+    return mult, means, patches
+
+
 def run_text(model, ids: torch.Tensor, plan: Plan | None = None, mult: torch.Tensor | None = None,
              means: Mapping[str, torch.Tensor] | None = None, patches: Mapping[str, Patch] | None = None,
              saves: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
     """Text encoder forward (``last_hidden_state``) with interventions; returns ``(states, saved)``."""
     sites = plan.sites["text_encoder"] if plan is not None else []
     patches = dict(patches or {})
+    ids = ids.to(model.device)
+    mult, means, patches = _on_device(model, mult, means, patches)
     if not sites and not patches and not saves:
         return model.text_encoder(ids)[0], {}
     store: dict = {}
@@ -182,6 +194,11 @@ def run_unet(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pla
     """UNet forward (noise prediction) with interventions; returns ``(eps, saved)``."""
     sites = plan.sites["unet"] if plan is not None else []
     patches = dict(patches or {})
+    # Forward passes run in the model's dtype on its device, whatever the caller keeps its tensors in.
+    x = x.to(device=model.device, dtype=model.dtype)
+    context = context.to(device=model.device, dtype=model.dtype)
+    t = torch.as_tensor(t, device=model.device)
+    mult, means, patches = _on_device(model, mult, means, patches)
     t = t.expand(x.shape[0]) if t.dim() == 0 else t
     model.counters["unet_rows"] += x.shape[0]
     if torch.is_grad_enabled():

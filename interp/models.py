@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,19 +143,102 @@ def _event_order(models: dict[str, nn.Module], owner: DiffusionModel) -> dict[tu
     return events
 
 
+def _looks_like_hub_id(text: str) -> bool:
+    """``org/name`` whose first part is not a local folder (a missing ``runs/model`` is a missing path, not a hub
+    id)."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text) or text.startswith((".", "/", "~")):
+        return False
+    return not Path(text.split("/")[0]).exists()
+
+
+def broken_file(folder: Path) -> tuple[Path, str] | None:
+    """The first JSON or safetensors file under ``folder`` that does not parse (truncated, random bytes), if any."""
+    from safetensors import safe_open
+
+    for f in sorted(folder.rglob("*")):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text())
+            elif f.suffix == ".safetensors":
+                with safe_open(str(f), "pt") as st:
+                    list(st.keys())
+        except Exception as err:  # json, safetensors and OS errors alike mean this file is unusable
+            return f, " ".join(str(err).split())[:200]
+    return None
+
+
+@contextmanager
+def _naming_broken_files(folder: Path):
+    """Turn a failure to load from ``folder`` into a ModelLoadError naming the broken file (libraries often don't)."""
+    try:
+        yield
+    except Exception as err:
+        found = broken_file(Path(folder))
+        if found is None:
+            raise
+        raise ModelLoadError(f"{found[0]} is corrupt ({found[1]}): re-save the model with save_pretrained or copy "
+                             f"that file again") from err
+
+
 def _is_concept_world_dir(path: Path) -> bool:
     return (path / "pipeline" / "model_index.json").exists() and (path / "classifier.safetensors").exists()
 
 
-def load_model(spec="concept-world", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionModel:
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+              "float64": torch.float64}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` (or None) -> CUDA if available, else Apple's MPS, else the CPU; other names are checked to exist."""
+    if isinstance(device, torch.device):
+        return device
+    name = "auto" if device is None else str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    kind = name.split(":")[0]
+    if kind not in DEVICES:
+        raise ValueError(f"unknown device {name!r}: use one of {list(DEVICES)} (or 'cuda:N')")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but this torch has no CUDA device; use --device cpu or auto")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ValueError(f"device {name!r} was asked for but MPS is not available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """A precision name (``float32``, ``bfloat16``, ``float16``, ``float64``) or torch dtype -> torch dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in PRECISIONS.values():
+            raise ValueError(f"unsupported dtype {dtype}; use one of {list(PRECISIONS)}")
+        return dtype
+    if str(dtype) not in PRECISIONS:
+        raise ValueError(f"unknown precision {dtype!r}; use one of {list(PRECISIONS)}")
+    return PRECISIONS[str(dtype)]
+
+
+def load_model(spec="concept-world", device: str | torch.device | None = "auto",
+               dtype: str | torch.dtype | None = torch.float32) -> DiffusionModel:
     """Load a model into the suite.
 
     ``spec``: ``"concept-world"``; a folder written by the concept-world trainer or by ``save_pretrained`` of a
     diffusers text-to-image pipeline; a hub id (``"org/name"``, needs the weights in the local cache here); or a
-    pipeline object. Raises :class:`FileNotFoundError` for a missing folder and :class:`ModelLoadError` for a name
-    that is neither shipped, nor a folder, nor a hub id.
+    pipeline object. ``device``: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda[:N]"`` or ``"mps"``;
+    ``dtype``: the precision of the forward passes (``float32``, ``bfloat16``, ``float16``, or ``float64`` for ground
+    truth); objective values and statistics are accumulated in float32 whatever it is. Raises
+    :class:`FileNotFoundError` for a missing folder and :class:`ModelLoadError` for a name that is neither shipped,
+    nor a folder, nor a hub id.
     """
     from diffusers import DiffusionPipeline
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype)
 
     from .world.classifier import ConceptClassifier
     from .world.model import ConceptWorldPipeline
@@ -175,28 +259,32 @@ def load_model(spec="concept-world", device: str | torch.device = "cpu", dtype: 
         name = text
         if folder.exists():
             if _is_concept_world_dir(folder):
-                pipe = ConceptWorldPipeline.from_pretrained(folder / "pipeline", dtype=dtype)
+                with _naming_broken_files(folder):
+                    pipe = ConceptWorldPipeline.from_pretrained(folder / "pipeline", dtype=dtype)
             elif (folder / "model_index.json").exists():
-                index = json.loads((folder / "model_index.json").read_text())
-                cls = ConceptWorldPipeline if index.get("_class_name") == "ConceptWorldPipeline" else DiffusionPipeline
-                pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
+                with _naming_broken_files(folder):
+                    index = json.loads((folder / "model_index.json").read_text())
+                    cls = ConceptWorldPipeline if index.get("_class_name") == "ConceptWorldPipeline" else DiffusionPipeline
+                    pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
             else:
                 raise ModelLoadError(
                     f"{folder} is not a diffusers pipeline folder (no model_index.json): point at the folder that "
                     f"`save_pretrained` wrote"
                 )
-        elif re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/", "~")):
+        elif _looks_like_hub_id(text):
             try:
                 pipe = DiffusionPipeline.from_pretrained(text, dtype=dtype)
             except Exception as err:  # the hub is out of reach or the id is wrong: say both fixes
-                reason = " ".join(str(err).split())[:600]
+                reason = " ".join(str(err).split())[:300]
                 raise ModelLoadError(
-                    f"could not load hub id {text!r} ({type(err).__name__}: {reason}). "
-                    f"Without network access, download the pipeline elsewhere and pass its folder."
+                    f"no folder {text!r} exists under {Path.cwd()}, and as a hub id it could not be loaded "
+                    f"({type(err).__name__}: {reason}); pass an existing save_pretrained folder, or download the "
+                    f"pipeline where there is network access"
                 ) from err
             folder = None
         elif any(sep in text for sep in ("/", "\\")) or text.startswith((".", "~")):
-            raise FileNotFoundError(f"model folder {text!r} does not exist")
+            raise FileNotFoundError(f"model folder {text!r} does not exist (looked under {Path.cwd()}); pass the folder "
+                                    f"that save_pretrained wrote")
         else:
             raise ModelLoadError(
                 f"unknown model {text!r}: use one of {sorted(SHIPPED)}, a folder written by save_pretrained, "
@@ -211,7 +299,8 @@ def load_model(spec="concept-world", device: str | torch.device = "cpu", dtype: 
     classifier = None
     is_world = isinstance(pipe, ConceptWorldPipeline)
     if is_world and folder is not None and (Path(folder) / "classifier.safetensors").exists():
-        classifier = ConceptClassifier.load(folder)
+        with _naming_broken_files(folder):
+            classifier = ConceptClassifier.load(folder)
     if pipe.unet.dtype != dtype or pipe.unet.device != torch.device(device):
         pipe.to(device=device, dtype=dtype)
     if classifier is not None:

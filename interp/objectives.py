@@ -16,8 +16,9 @@ Every method in the suite explains the same function: J of a concept, averaged o
     objective, signed so that higher J = the concept is modeled better; the target is the noise or the velocity,
     whichever the model predicts).
 ``classifier``
-    End to end: the concept classifier's probability of the concept on images generated from the target prompts
-    and fixed noises (concept world only).
+    End to end: an image judge's probability of the concept on images generated from the target prompts and fixed
+    noises (:mod:`interp.judges`: the concept world's classifier by default, or CLIP zero-shot on any model;
+    ``ObjectiveConfig.judge`` or ``Objective(..., judge=...)``).
 
 In the concept world ``z_t`` are forward-noised renders of the target scenes (the images the prompts describe); on
 other models they are forward-noised samples the model generates for its target prompts. Means are over pixels, so
@@ -28,8 +29,9 @@ positive when ablating it lowers J.
 from __future__ import annotations
 
 import hashlib
+import warnings
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -41,7 +43,9 @@ from .interventions import Plan, run_text, run_unet
 from .world.render import ConceptWorld
 
 KINDS = ("erase", "amplify", "classifier")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Precision of the forward passes. Objective values, gradients with respect to multipliers and statistics are
+#: accumulated in float32 (float64 for a float64 objective, the ground-truth setting), whatever the forward precision.
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -57,14 +61,27 @@ class ObjectiveConfig:
     guidance: float | None = None  # None: the model's default (1.0 for the concept world, 7.5 otherwise)
     dtype: str = "float32"
     max_batch: int = 640
+    #: The image judge of the ``classifier`` objective (:func:`interp.judges.load_judge`): "classifier" (the concept
+    #: world's), "concept-world-clip", a CLIP folder or hub id. Unused by erase and amplify.
+    judge: str = "classifier"
 
     def __post_init__(self):
+        def whole(name, v, low):  # an int (not a bool, not a float) >= low
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise ValueError(f"ObjectiveConfig.{name} must be an integer >= {low}, got {v!r}")
+
         if self.kind not in KINDS:
             raise ValueError(f"unknown objective {self.kind!r}; objectives are {KINDS}")
         if self.anchor not in ("shared", "frozen"):
             raise ValueError(f"anchor must be 'shared' or 'frozen', got {self.anchor!r}")
-        if self.n_images <= 0 or not self.timesteps:
-            raise ValueError("the evaluation set is empty: n_images must be positive and timesteps non-empty")
+        if isinstance(self.timesteps, (str, int)) or not self.timesteps:
+            raise ValueError(f"timesteps must be a non-empty sequence of integers, got {self.timesteps!r}")
+        for t in self.timesteps:
+            whole("timesteps", t, 0)  # the upper bound is the scheduler's: checked by Objective
+        for name, low in (("n_images", 1), ("seed", 0), ("gen_steps", 1), ("max_batch", 1)):
+            whole(name, getattr(self, name), low)
+        if self.guidance is not None and not (isinstance(self.guidance, (int, float)) and 0 <= self.guidance < 1e4):
+            raise ValueError(f"guidance must be None (the model's default) or a scale >= 0, got {self.guidance!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
@@ -87,27 +104,50 @@ class Objective:
     Gradients flow when the caller enables them (``mult`` may require grad).
     """
 
-    def __init__(self, model, concept: str | Concept, config: ObjectiveConfig | None = None):
+    def __init__(self, model, concept: str | Concept, config: ObjectiveConfig | str | None = None, judge=None):
+        if isinstance(config, str):  # objective="erase": the kind alone
+            config = ObjectiveConfig(kind=config)
+        if config is not None and not isinstance(config, ObjectiveConfig):
+            raise TypeError(f"objective must be an ObjectiveConfig, an Objective or a kind {KINDS}, not "
+                            f"{type(config).__name__}")
         self.config = cfg = config or ObjectiveConfig()
+        n_train = int(model.scheduler.config.get("num_train_timesteps", 1000))
+        bad = [t for t in cfg.timesteps if not 0 <= t < n_train]
+        if bad:  # the UNet would be told t while the images are noised as at another step
+            raise ValueError(f"timesteps {bad} are outside the scheduler's training range 0..{n_train - 1} "
+                             f"({type(model.scheduler).__name__}): use timesteps in that range")
         if model.dtype != DTYPES[cfg.dtype]:
             model = as_dtype(model, DTYPES[cfg.dtype])
         self.model = model
+        #: values, x_t and targets live in this dtype; the UNet runs in the model's (possibly lower) precision
+        self.dtype = diffusion.accumulation_dtype(model.dtype)
         self.concept = resolve(model, concept, n=cfg.n_images, seed=cfg.seed)
-        if cfg.kind == "classifier" and (model.classifier is None or self.concept.attribute is None):
-            raise ValueError(
-                "the classifier objective needs a concept classifier and a concept-world concept; "
-                "use kind='erase' or 'amplify' on this model"
-            )
-        if len(self.concept.target_prompts) != cfg.n_images:
-            raise ValueError(f"concept has {len(self.concept.target_prompts)} prompts, config asks {cfg.n_images}")
+        #: The image judge (classifier objective only): ``judge`` (a Judge or a spec) overrides ``cfg.judge``.
+        self.judge = None
+        if cfg.kind == "classifier":
+            from .judges import load_judge
+
+            self.judge = load_judge(cfg.judge if judge is None else judge, model=model)
+            if self.judge.name != cfg.judge:  # the config names the judge used, so caches and metadata see it
+                self.config = cfg = replace(cfg, judge=self.judge.name)
+            self.judge.check(self.concept)  # a concept the judge cannot score fails here, before any generation
+        if len(self.concept.target_prompts) > cfg.n_images:
+            warnings.warn(
+                f"concept {self.concept.name!r} has {len(self.concept.target_prompts)} prompts but the evaluation set "
+                f"has {cfg.n_images} images, so only the first {cfg.n_images} prompts are used; set "
+                f"ObjectiveConfig(n_images={len(self.concept.target_prompts)}) to use them all", UserWarning, stacklevel=2)
+        # Image i is generated from prompt i mod k (k prompts), each image from its own noise.
+        self.prompt_index = [i % len(self.concept.target_prompts) for i in range(cfg.n_images)]
         self._build()
 
     # -- the evaluation set ----------------------------------------------------------------------------------
     def _build(self):
         cfg, model, c = self.config, self.model, self.concept
-        dev, dt = model.device, model.dtype
-        self.target_ids = diffusion.tokenize(model.tokenizer, model.check_prompts(list(c.target_prompts)), dev)
-        self.anchor_ids = diffusion.tokenize(model.tokenizer, model.check_prompts(list(c.anchor_prompts)), dev)
+        dev, dt = model.device, self.dtype
+        self.target_prompts = [c.target_prompts[i] for i in self.prompt_index]
+        self.anchor_prompts = [c.anchor_prompts[i] for i in self.prompt_index]
+        self.target_ids = diffusion.tokenize(model.tokenizer, model.check_prompts(self.target_prompts), dev)
+        self.anchor_ids = diffusion.tokenize(model.tokenizer, model.check_prompts(self.anchor_prompts), dev)
         with torch.no_grad():
             self.ctx_target = run_text(model, self.target_ids)[0]
             self.ctx_anchor = run_text(model, self.anchor_ids)[0]
@@ -125,26 +165,25 @@ class Objective:
                 x0 = torch.stack([world[i]["image"] for i in range(cfg.n_images)]).to(dev, dt) * 2 - 1
             else:
                 with torch.no_grad():
-                    x0 = generate(model, list(c.target_prompts), seed=cfg.seed, steps=cfg.gen_steps,
+                    x0 = generate(model, self.target_prompts, seed=cfg.seed, steps=cfg.gen_steps,
                                   guidance=cfg.guidance, decode=False)
+            x0 = x0.to(dt)
             n_t = len(cfg.timesteps)
             gen = torch.Generator().manual_seed(cfg.seed + 1)
             self.image_index = torch.arange(cfg.n_images).repeat_interleave(n_t)
             self.t = torch.tensor(cfg.timesteps * cfg.n_images, device=dev)
-            self.noise = torch.randn((cfg.n_images * n_t, *x0.shape[1:]), generator=gen, dtype=dt).to(dev)
-            self.x_t = model.scheduler.add_noise(x0[self.image_index], self.noise, self.t.cpu()).to(dt)
-            # What the UNet predicts: the noise (epsilon models, SD 1.x) or the velocity (v models, SD 2.x, ours).
-            if model.scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
-                self.target = model.scheduler.get_velocity(x0[self.image_index], self.noise, self.t.cpu()).to(dt)
-            else:
-                self.target = self.noise
+            # Drawn once in float32 and cast: float32 and float64 evaluation sets differ only by rounding.
+            self.noise = diffusion.randn((cfg.n_images * n_t, *x0.shape[1:]), gen, dt, dev)
+            # Forward noising and the prediction target follow the training schedule, whatever sampler ships.
+            self.x_t = diffusion.add_noise(model.scheduler, x0[self.image_index], self.noise, self.t)
+            self.target = diffusion.denoising_target(model.scheduler, x0[self.image_index], self.noise, self.t)
             self.n_samples = len(self.t)
             shared = cfg.kind == "erase" and cfg.anchor == "shared"
             self.branches = 2 if shared else 1
             self.rows_per_eval = self.n_samples * self.branches
             if cfg.kind == "erase" and cfg.anchor == "frozen":
                 with torch.no_grad():
-                    self.eps_anchor = run_unet(model, self.x_t, self.t, self.ctx_anchor[self.image_index])[0]
+                    self.eps_anchor = run_unet(model, self.x_t, self.t, self.ctx_anchor[self.image_index])[0].to(dt)
         with torch.no_grad():
             self.intact = self.values()[0]
 
@@ -152,9 +191,14 @@ class Objective:
     def values(self, plan: Plan | None = None, mult: torch.Tensor | None = None, means=None,
                target_context: torch.Tensor | None = None, unet_patches=None,
                samples: torch.Tensor | None = None, recompute_text: bool = False,
-               record: dict | None = None) -> torch.Tensor:
+               record: dict | None = None, intervene_anchor: bool = True) -> torch.Tensor:
         """J per mask row and sample, ``(R, S)``; ``R = 1`` without masks. Chunks rows to ``max_batch``.
 
+        The one place J is computed: every method, causal tracing included, calls it.
+        ``target_context`` replaces the target prompts' text states: ``(P, L, D)`` for every row, or ``(R * P, L, D)``
+        one block of ``P = n_images`` per row (causal tracing's corrupted and restored runs; then ``R`` may come
+        from it). ``intervene_anchor=False`` keeps the erase objective's anchor branch at the intact model (the
+        interventions, patches and contexts act on the target branch only), as causal tracing needs.
         ``samples`` restricts the evaluation set to those sample indices (CAD's per-group gradients);
         ``recompute_text`` runs the text encoder inside the call (so gradients reach its weights).
         ``record``: a dict whose keys are module paths; their outputs (rows as in the batch: mask row, branch,
@@ -164,7 +208,14 @@ class Objective:
             raise ValueError("multipliers need a compiled plan")
         if mult is not None and plan is not None and mult.shape[-1] != len(plan.components):
             raise ValueError(f"multipliers have {mult.shape[-1]} columns for {len(plan.components)} components")
+        P = self.config.n_images
         R = 1 if mult is None else mult.shape[0]
+        per_row_context = target_context is not None and target_context.shape[0] != P
+        if per_row_context:
+            if target_context.shape[0] % P or (mult is not None and target_context.shape[0] != R * P):
+                raise ValueError(f"target_context has {target_context.shape[0]} rows: give {P} (one per image) or "
+                                 f"{P} per mask row")
+            R = target_context.shape[0] // P
         S = self.n_samples if samples is None else len(samples)
         per_row = S * (self.branches if self.config.kind != "classifier" else 2)
         chunk = max(1, self.config.max_batch // per_row)
@@ -172,9 +223,11 @@ class Objective:
             raise ValueError("record works on one chunk of mask rows; pass fewer rows")
         if record is not None and any(k.startswith("text_encoder.") for k in record):
             recompute_text = True
-        outs = [self._chunk(plan, None if mult is None else mult[s : s + chunk], means, target_context, unet_patches,
-                            samples, recompute_text, record)
-                for s in range(0, R, chunk)]
+        outs = []
+        for s in range(0, R, chunk):
+            ctx = target_context[s * P : (s + chunk) * P] if per_row_context else target_context
+            outs.append(self._chunk(plan, None if mult is None else mult[s : s + chunk], means, ctx, unet_patches,
+                                    samples, recompute_text, record, intervene_anchor))
         J = torch.cat(outs)
         if not torch.isfinite(J).all():
             raise NonFiniteObjectiveError(
@@ -184,23 +237,44 @@ class Objective:
             )
         return J
 
+    def target_contexts(self, target_context: torch.Tensor | None, sel: torch.Tensor, r: int) -> torch.Tensor:
+        """Target-branch text states for ``r`` row blocks of the samples ``sel``: ``(r * len(sel), L, D)``."""
+        per_image = self.image_index[sel] if self.config.kind != "classifier" else sel
+        if target_context is None:
+            return self.ctx_target[per_image].repeat(r, 1, 1)
+        P = self.config.n_images
+        if target_context.shape[0] == P:
+            return target_context[per_image].repeat(r, 1, 1)
+        blocks = target_context.reshape(-1, P, *target_context.shape[1:])  # (r, P, L, D)
+        return blocks[:, per_image].reshape(-1, *target_context.shape[1:])
+
+    def _intact_anchor(self) -> torch.Tensor:
+        """The anchor branch's prediction of the intact model (frozen anchor, or ``intervene_anchor=False``)."""
+        if getattr(self, "eps_anchor", None) is None:
+            with torch.no_grad():
+                self.eps_anchor = run_unet(self.model, self.x_t, self.t,
+                                           self.ctx_anchor[self.image_index])[0].to(self.dtype)
+        return self.eps_anchor
+
     def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False,
-               record=None) -> torch.Tensor:
+               record=None, intervene_anchor: bool = True) -> torch.Tensor:
         model, cfg = self.model, self.config
-        r = 1 if mult is None else mult.shape[0]
         sel = torch.arange(self.n_samples) if samples is None else torch.as_tensor(samples)
         S = len(sel)
+        r = 1 if mult is None else mult.shape[0]
+        if mult is None and target_context is not None and target_context.shape[0] != cfg.n_images:
+            r = target_context.shape[0] // cfg.n_images
         if cfg.kind == "classifier":
-            prompts = [self.concept.target_prompts[i] for i in sel.tolist()] * r
+            prompts = [self.target_prompts[i] for i in sel.tolist()] * r
             rows = None if mult is None else mult.repeat_interleave(S, 0)
-            ctx = None if target_context is None else target_context[sel].repeat(r, 1, 1)
+            ctx = None if target_context is None else self.target_contexts(target_context, sel, r)
             images = generate(model, prompts, steps=cfg.gen_steps, guidance=cfg.guidance, plan=plan, mult=rows,
                               means=means, context=ctx, latents=self.noise0[sel].repeat(r, 1, 1, 1),
                               unet_patches=unet_patches)
-            p = model.classifier.concept_probability(images.to(model.classifier.trunk[0].weight.dtype),
-                                                      self.concept.attribute, self.concept.value)
+            p = self.judge.probability(images, self.concept)
             return p.reshape(r, S)
-        B = self.branches
+        # With intervene_anchor=False the anchor branch is not run here: it is the intact model's (cached).
+        B = self.branches if intervene_anchor else 1
         idx = self.image_index[sel]
         has_text = (plan is not None and plan.sites["text_encoder"]) or recompute_text
         if has_text:
@@ -210,8 +284,11 @@ class Objective:
             ctx, saved = run_text(model, ids.repeat(r, 1), plan, text_rows, means, saves=tpaths)
             record.update(saved) if record is not None else None
         else:
-            tctx = self.ctx_target[idx] if target_context is None else target_context[idx]
-            ctx = torch.cat([tctx, self.ctx_anchor[idx]][:B]).repeat(r, 1, 1)
+            tctx = self.target_contexts(target_context, sel, r).reshape(r, S, *self.ctx_target.shape[1:])
+            if B == 2:
+                actx = self.ctx_anchor[idx][None].expand(r, -1, -1, -1)
+                tctx = torch.stack([tctx, actx], 1)  # (r, branch, S, L, D)
+            ctx = tctx.reshape(-1, *self.ctx_target.shape[1:])
         x = self.x_t[sel].repeat(r * B, 1, 1, 1)
         t = self.t[sel].repeat(r * B)
         rows = None if mult is None else mult.repeat_interleave(B * S, 0)
@@ -220,10 +297,10 @@ class Objective:
         eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=upaths)
         if record is not None:
             record.update(saved)
-        eps = eps.reshape(r, B, S, *eps.shape[1:])
+        eps = eps.to(self.dtype).reshape(r, B, S, *eps.shape[1:])
         dims = tuple(range(2, eps.dim() - 1))
         if cfg.kind == "erase":
-            anchor = eps[:, 1] if B == 2 else self.eps_anchor[sel][None]
+            anchor = eps[:, 1] if B == 2 else self._intact_anchor()[sel][None]
             return (eps[:, 0] - anchor).pow(2).mean(dim=dims)
         return -(eps[:, 0] - self.target[sel][None]).pow(2).mean(dim=dims)
 

@@ -50,6 +50,20 @@ def _empty(message: str, figsize=(6, 2)) -> Figure:
     return fig
 
 
+def _tidy_ticks(ax, x: bool = True, y: bool = True, nbins: int = 4) -> None:
+    """Few ticks, and an offset / power-of-ten label at the axis end instead of long tick labels that collide
+    (effects of single components are ~1e-5)."""
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+    for on, axis in ((x, ax.xaxis), (y, ax.yaxis)):
+        if not on:
+            continue
+        axis.set_major_locator(MaxNLocator(nbins=nbins))
+        fmt = ScalarFormatter(useMathText=True)
+        fmt.set_powerlimits((-2, 3))
+        axis.set_major_formatter(fmt)
+
+
 def _height(n_rows: int) -> float:
     return min(40.0, max(3.0, 0.28 * n_rows + 1.5))
 
@@ -64,82 +78,117 @@ def _corr(x, y, fn) -> float:
 
 
 # -- localization --------------------------------------------------------------------------------------------------
-def localization_heatmap(df: pd.DataFrame, method: str) -> Figure:
-    """Where a method puts each concept: layer x concept heatmaps of positive and of negative attribution mass.
-
-    Left: sum of positive scores per layer; right: |sum of negative scores|. Each concept's column is divided by
-    the concept's total absolute mass (sum of |score| over all components) so concepts are comparable; the two
-    panels of a concept together sum to 1.
-    """
+def localization_shares(df: pd.DataFrame, method: str) -> pd.DataFrame:
+    """Per (model_part, layer, concept): positive and |negative| attribution mass of ``method`` as shares of the
+    concept's total |score| (columns ``pos``, ``neg``; the two sum to 1 over a concept's layers)."""
     rows = main_rows(df)
     rows = rows[rows["method"] == method]
     if rows.empty:
-        return _empty(f"no rows for method {method!r}")
+        return pd.DataFrame(columns=["model_part", "layer", "concept", "pos", "neg"])
     rows = rows.assign(pos=rows["score"].clip(lower=0), neg=-rows["score"].clip(upper=0), mass=rows["score"].abs())
     total = rows.groupby("concept", observed=True)["mass"].sum()
     per = rows.groupby(["model_part", "layer", "concept"], observed=True)[["pos", "neg"]].sum().reset_index()
     # .to_numpy(float): mapping over a pyarrow-backed string column would give pyarrow doubles, which heatmaps reject
-    per["denom"] = per["concept"].map(total).to_numpy(float)
-    per.loc[per["denom"] == 0, "denom"] = np.nan
-    order = _layer_index(rows)
-    concepts = sorted(rows["concept"].unique())
-    fig = Figure(figsize=(2 * (2.6 + 0.8 * len(concepts)) + 1.5, _height(len(order)) + 0.6), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
-    # one colour scale for both panels, so supporting and opposing mass compare by eye
-    shares = per[["pos", "neg"]].to_numpy(float) / per[["denom"]].to_numpy(float)
-    vmax = float(shares[np.isfinite(shares)].max(initial=0.0)) or 1.0
-    for ax, col, cmap, label in (
-        (axes[0], "pos", "Reds", "positive mass / total |score|"),
-        (axes[1], "neg", "Blues", "|negative mass| / total |score|"),
-    ):
-        grid = per.assign(v=per[col] / per["denom"]).pivot_table(
-            index=["model_part", "layer"], columns="concept", values="v", aggfunc="sum", observed=True
-        )
-        grid = grid.reindex(pd.MultiIndex.from_frame(order[["model_part", "layer"]]))[concepts]
-        grid = grid.astype(float).set_axis(order["label"].to_numpy(), axis=0)
-        sns.heatmap(grid, ax=ax, cmap=cmap, vmin=0, vmax=vmax, cbar_kws={"label": label}, linewidths=0.3,
-                    linecolor="white", yticklabels=True)
-        ax.set_xlabel("concept")
-        ax.set_ylabel("layer" if ax is axes[0] else "")
-        ax.tick_params(axis="y", labelrotation=0)
-        ax.set_title("score > 0 (supports)" if col == "pos" else "score < 0 (opposes)")
-    fig.suptitle(f"{method}: attribution mass per layer\n(each concept divided by its total |score|)")
+    denom = per["concept"].map(total).to_numpy(float, copy=True)
+    denom[denom == 0] = np.nan
+    per["pos"] = per["pos"].to_numpy(float) / denom
+    per["neg"] = per["neg"].to_numpy(float) / denom
+    return per
+
+
+def localization_grid(df: pd.DataFrame, methods, titles: dict | None = None, title: str | None = None) -> Figure:
+    """Where each method puts each concept, side by side on one colour scale: a layer x concept heatmap per method
+    (columns) of the positive (top row, supports the concept) and |negative| (bottom row, opposes it) attribution
+    mass, each concept's column divided by the concept's total |score|. Layers are shared across panels (a method
+    that scores no component of a layer leaves it blank)."""
+    methods = [m for m in methods if m in set(main_rows(df)["method"])]
+    if not methods:
+        return _empty("no rows for the requested methods")
+    shares = {m: localization_shares(df, m) for m in methods}
+    rows = main_rows(df)
+    order = _layer_index(rows[rows["method"].isin(methods)])
+    concepts = sorted(rows.loc[rows["method"].isin(methods), "concept"].unique())
+    vmax = max(float(np.nanmax(sh[["pos", "neg"]].to_numpy(float), initial=0.0)) for sh in shares.values()) or 1.0
+    panel_w = 0.32 * len(concepts) + 0.5
+    label_w = 0.075 * max(len(str(x)) for x in order["label"]) + 0.6
+    fig = Figure(figsize=(label_w + panel_w * len(methods) + 1.0, 2 * (0.2 * len(order) + 0.9) + 0.5),
+                 layout="constrained")
+    axes = fig.subplots(2, len(methods), sharex=True, sharey=True, squeeze=False)
+    mesh = None
+    for j, m in enumerate(methods):
+        for i, (col, cmap) in enumerate((("pos", "Reds"), ("neg", "Blues"))):
+            ax = axes[i, j]
+            grid = shares[m].pivot_table(index=["model_part", "layer"], columns="concept", values=col,
+                                         aggfunc="sum", observed=True)
+            grid = grid.reindex(pd.MultiIndex.from_frame(order[["model_part", "layer"]])).reindex(columns=concepts)
+            grid = grid.astype(float).set_axis(order["label"].to_numpy(), axis=0)
+            sns.heatmap(grid, ax=ax, cmap=cmap, vmin=0, vmax=vmax, cbar=False, linewidths=0.3, linecolor="white",
+                        yticklabels=True, square=False)
+            ax.tick_params(axis="y", labelleft=j == 0)  # shared rows: labels once (yticklabels=False would clear all)
+            ax.set_xlabel("")
+            ax.set_ylabel(("supports (score > 0)" if col == "pos" else "opposes (score < 0)") if j == 0 else "")
+            ax.tick_params(axis="y", labelrotation=0, labelsize=8)
+            ax.tick_params(axis="x", labelrotation=90, labelsize=8)
+            if i == 0:
+                ax.set_title((titles or {}).get(m, m), fontsize=9)
+            if j == len(methods) - 1:
+                mesh = ax.collections[0]
+                fig.colorbar(mesh, ax=axes[i, :].tolist(), shrink=0.9, pad=0.01,
+                             label="share of |score|" if i == 0 else "share of |score|")
+    fig.suptitle(title or "attribution mass per layer, one colour scale (each concept divided by its total |score|)",
+                 fontsize=10)
     return fig
 
 
+def localization_heatmap(df: pd.DataFrame, method: str) -> Figure:
+    """One method's :func:`localization_grid`: layer x concept shares of positive and |negative| mass."""
+    if main_rows(df).query("method == @method").empty:
+        return _empty(f"no rows for method {method!r}")
+    return localization_grid(df, [method], title=f"{method}: attribution mass per layer "
+                                                 "(each concept divided by its total |score|)")
+
+
 # -- agreement with the reference ----------------------------------------------------------------------------------
-def scatter_vs_reference(df: pd.DataFrame, concept: str, reference: str = "ablation") -> Figure:
-    """One panel per method: its score (y) against the reference's (x) on shared components, with r and rho."""
+def scatter_vs_reference(df: pd.DataFrame, concept: str, reference: str = "ablation", methods=None,
+                         ncol: int = 7) -> Figure:
+    """Small multiples: each method's score (y) against the reference's (x) on shared components, with Pearson r and
+    Spearman rho and the line y = x. The x axis (the reference) is shared; each y axis keeps its own range, so that
+    one method on another scale (causal tracing's restored fractions) does not flatten the others. ``methods`` picks
+    the panels (default every method sharing components with the reference)."""
     rows = main_rows(df)
     rows = rows[rows["concept"] == concept]
     ref = rows.loc[rows["method"] == reference, ["component", "score"]].rename(columns={"score": "ref"})
-    others = sorted(m for m in rows["method"].unique() if m != reference)
+    others = sorted(m for m in rows["method"].unique() if m != reference) if methods is None else \
+        [m for m in methods if m != reference]
     # methods sharing no component with the reference (e.g. tracing's whole layers vs single units) get no panel
-    methods = [m for m in others if rows.loc[rows["method"] == m, "component"].isin(ref["component"]).any()]
-    if ref.empty or not methods:
+    shared = [m for m in others if rows.loc[rows["method"] == m, "component"].isin(ref["component"]).any()]
+    if ref.empty or not shared:
         return _empty(f"concept {concept!r}: no method shares components with {reference!r}")
-    ncol = min(3, len(methods))
-    nrow = math.ceil(len(methods) / ncol)
-    fig = Figure(figsize=(4.2 * ncol, 3.8 * nrow), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False)).ravel()
+    ncol = min(ncol, len(shared))
+    nrow = math.ceil(len(shared) / ncol)
+    fig = Figure(figsize=(1.75 * ncol + 0.9, 1.9 * nrow + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False, sharex=True)).ravel()
     families = sorted(rows["family"].dropna().unique())
     palette = dict(zip(families, sns.color_palette("tab10", len(families))))
-    for ax, method in zip(axes, methods):
+    for k, (ax, method) in enumerate(zip(axes, shared)):
         pair = rows[rows["method"] == method].merge(ref, on="component")
         x, y = pair["ref"].to_numpy(float), pair["score"].to_numpy(float)
         sns.scatterplot(data=pair.astype({"family": object}), x="ref", y="score", hue="family", palette=palette,
-                        s=12, alpha=0.6, linewidth=0, ax=ax, legend=ax is axes[0])
-        ax.axhline(0, color="0.7", lw=0.6, zorder=0)
-        ax.axvline(0, color="0.7", lw=0.6, zorder=0)
+                        s=8, alpha=0.6, linewidth=0, ax=ax, legend=len(families) > 1 and k == 0)
+        ax.axline((0, 0), slope=1, color="0.6", lw=0.6, ls="--", zorder=0)  # y = x: a perfect estimate
+        ax.axhline(0, color="0.85", lw=0.5, zorder=0)
+        ax.axvline(0, color="0.85", lw=0.5, zorder=0)
         r, rho = _corr(x, y, stats.pearsonr), _corr(x, y, stats.spearmanr)
-        ax.set_title(f"{method}: Pearson r = {r:.2f}, Spearman \u03c1 = {rho:.2f} (n = {len(pair)})", fontsize=9)
-        ax.set_xlabel(f"{reference} score")
-        ax.set_ylabel(f"{method} score")
-    for ax in axes[len(methods):]:
+        ax.set_title(f"{method}\n\u03c1 = {rho:.2f}, r = {r:.2f}", fontsize=8.5)
+        ax.set_xlabel(f"{reference}" if k >= len(shared) - ncol else "", fontsize=8)
+        ax.set_ylabel("score" if k % ncol == 0 else "", fontsize=8)
+        ax.tick_params(labelsize=7)
+        _tidy_ticks(ax, nbins=3)
+    for ax in axes[len(shared):]:
         ax.set_axis_off()
-    skipped = [m for m in others if m not in methods]
-    note = f"\n(no shared components: {', '.join(skipped)})" if skipped else ""
-    fig.suptitle(f"concept '{concept}': each method against {reference}{note}")
+    skipped = [m for m in others if m not in shared]
+    note = f" (no shared components: {', '.join(skipped)})" if skipped else ""
+    fig.suptitle(f"'{concept}': score against {reference}'s (dashed: y = x){note}", fontsize=9.5)
     return fig
 
 
@@ -205,6 +254,40 @@ def trace_map_text(df: pd.DataFrame, concept: str, tokens: list[str] | None = No
     return fig
 
 
+def trace_maps(df: pd.DataFrame, concepts, part: str = "unet", method: str = "tracing") -> Figure:
+    """Causal tracing for several concepts side by side on one colour scale: restored fraction per layer x timestep
+    (``part="unet"``, noisy to clean) or per layer x token offset (``part="text_encoder"``)."""
+    axis = "timestep" if part == "unet" else "token"
+    grids = {}
+    for c in concepts:
+        rows = _trace_rows(df, c, method, part, axis)
+        if not rows.empty:
+            g, _ = _trace_grid(rows, axis)
+            grids[c] = g[sorted(g.columns, reverse=axis == "timestep")]
+    if not grids:
+        return _empty(f"no {part} tracing rows with a {axis}")
+    values = np.concatenate([g.to_numpy(float).ravel() for g in grids.values()])
+    vmin, vmax = float(np.nanmin(values)), float(np.nanmax(values))
+    n_rows = max(len(g) for g in grids.values())
+    n_cols = max(g.shape[1] for g in grids.values())
+    label_w = 0.075 * max(len(str(x)) for g in grids.values() for x in g.index) + 0.6
+    fig = Figure(figsize=(label_w + len(grids) * (0.3 * n_cols + 0.5) + 1.0, 0.15 * n_rows + 1.6),
+                 layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(grids), sharey=True, squeeze=False)).ravel()
+    for j, (ax, (c, g)) in enumerate(zip(axes, grids.items())):
+        sns.heatmap(g, ax=ax, cmap="viridis", vmin=vmin, vmax=vmax, cbar=j == len(grids) - 1,
+                    cbar_kws={"label": "restored fraction"}, yticklabels=True)
+        ax.tick_params(axis="y", labelleft=j == 0)
+        ax.set_title(f"'{c}'", fontsize=9)
+        ax.set_xlabel("timestep (noisy \u2192 clean)" if axis == "timestep" else "token offset", fontsize=8)
+        ax.set_ylabel("layer" if j == 0 else "")
+        ax.tick_params(axis="y", labelrotation=0, labelsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+    where = "UNet layer x timestep" if axis == "timestep" else "text-encoder layer x token offset (0 = last subject token)"
+    fig.suptitle(f"causal tracing, {where}: fraction of the concept restored", fontsize=9.5)
+    return fig
+
+
 # -- accuracy vs cost ----------------------------------------------------------------------------------------------
 def accuracy_vs_cost(table: pd.DataFrame, cost: str = "forward_evals", accuracy: str = "lds_spearman") -> Figure:
     """LDS against cost in forward-pass equivalents (log x), one panel per ablation rate alpha, hue = method.
@@ -223,8 +306,8 @@ def accuracy_vs_cost(table: pd.DataFrame, cost: str = "forward_evals", accuracy:
     group = "estimator" if "estimator" in t else "method"  # budget variants of one estimator share a line
     methods = sorted(t[group].unique())
     palette = dict(zip(methods, sns.color_palette("tab10" if len(methods) <= 10 else "tab20", len(methods))))
-    fig = Figure(figsize=(4.2 * len(alphas) + 1.5, 3.8), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(alphas), sharey=True, squeeze=False)).ravel()
+    fig = Figure(figsize=(2.7 * len(alphas) + 2.3, 3.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(alphas), sharey=True, sharex=True, squeeze=False)).ravel()
     for i, (ax, alpha) in enumerate(zip(axes, alphas)):
         sub = t[t["alpha"] == alpha].astype({group: object})
         # one x per method, so seaborn aggregates its concepts into one point (costs can differ slightly)
@@ -234,15 +317,17 @@ def accuracy_vs_cost(table: pd.DataFrame, cost: str = "forward_evals", accuracy:
                      errorbar=lambda v: (v.min(), v.max()), err_style="bars", sort=True, ax=ax,
                      legend=i == len(alphas) - 1)
         ax.set_xscale("log")
-        ax.set_title(f"\u03b1 = {alpha:g}")
-        ax.set_xlabel("forward-pass equivalents (log scale)")
-        ax.set_ylabel("LDS (Spearman)" if accuracy == "lds_spearman" else accuracy)
+        ax.set_title(f"joint ablation of {alpha:.0%} (\u03b1 = {alpha:g})", fontsize=9.5)
+        ax.set_xlabel("forward-pass equivalents (log)", fontsize=8.5)
+        ax.set_ylabel(("LDS (Spearman)" if accuracy == "lds_spearman" else accuracy) if i == 0 else "", fontsize=8.5)
+        ax.tick_params(labelsize=8)
         ax.grid(True, which="major", color="0.9")
     if axes[-1].get_legend() is not None:
-        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False, fontsize=8,
+                        title=None)
     several = "concept" in t and t["concept"].nunique() > 1
     fig.suptitle("accuracy on held-out joint ablations vs cost"
-                 + (" (mean over concepts; bars: worst to best concept)" if several else ""))
+                 + (" (mean over concepts; bars: worst to best concept)" if several else ""), fontsize=10)
     return fig
 
 

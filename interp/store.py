@@ -1,22 +1,48 @@
-"""Results cached on disk under a hash of their configuration, checked on reuse, resumable.
+"""One content-addressed cache for every computed item, checked on reuse, resumable.
 
-Layout: ``<root>/<name>-<hash>/`` holds ``result.parquet`` + ``meta.json`` once a computation is complete, and
-``chunks/`` while it runs. Long computations are split into chunks; each finished chunk is written atomically, so a
-killed run resumes from the chunks it finished. The final table is written last, atomically: a folder without
-``result.parquet`` is never a complete result.
+Every item is keyed by a hash of everything it depends on, given by the caller as a JSON-able ``config`` (for a
+method: the model's weight fingerprint, the full component list, the objective and its evaluation set, the method's
+config), plus :data:`FORMAT_VERSION`, the version of the on-disk format and of the code that reads it. Layout:
+``<root>/<name>-<hash>/`` holds the item's files and ``meta.json``, a manifest with the item's metadata, its config
+and the sha256 of every file. The manifest is written last, atomically: a folder without a valid manifest is not a
+finished item. Long computations are split into chunks (``chunks/<key>.pt``), each written atomically with a digest
+of its values and the cost (model evaluations) it took, so a killed run resumes from its finished chunks and still
+reports the cost of an uninterrupted run.
+
+A missing, truncated, unreadable, stale or checksum-failing item or chunk is never used: it is recomputed, with a
+:class:`CacheWarning` naming the file (content addressing and checksums follow the usual build-cache design, e.g.
+Bazel's content-addressable storage; atomic replace is POSIX ``rename``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
+
+#: Bump when the layout of cached items or the meaning of their contents changes: older items are then not reused.
+FORMAT_VERSION = 2
+
+
+class CacheWarning(UserWarning):
+    """A cached item could not be used (missing, truncated, unreadable, stale or corrupted) and is recomputed."""
+
+
+class StaleCacheError(RuntimeError):
+    """Kept for callers of earlier versions: stale items are now recomputed with a :class:`CacheWarning`."""
+
+
+def canonical(config) -> object:
+    """``config`` as plain JSON values (tuples become lists, unknown objects their ``str``)."""
+    return json.loads(json.dumps(config, sort_keys=True, default=str))
 
 
 def config_hash(config: dict) -> str:
@@ -24,60 +50,182 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class StaleCacheError(RuntimeError):
-    """A cached result whose metadata does not match the configuration that asked for it."""
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk fails here, before the old file is replaced
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def frame_to_parquet_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def tensor_digest(obj, h=None) -> str:
+    """A digest of a nest of dicts, lists, tensors and plain values (dtype, shape and bytes of every tensor)."""
+    top = h is None
+    h = h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(b"D")
+        for k in sorted(obj, key=str):
+            h.update(repr(k).encode())
+            tensor_digest(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            tensor_digest(v, h)
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest() if top else ""
+
+
+def _warn(path: Path, problem: str) -> None:
+    warnings.warn(f"cached item {path} {problem}; recomputing it", CacheWarning, stacklevel=3)
 
 
 class Entry:
-    """One cached computation."""
+    """One cached item: a result frame and/or named files, plus the chunks of its computation."""
 
     def __init__(self, root: Path, name: str, config: dict):
         self.config = config
-        self.hash = config_hash(config)
+        self.key = canonical({"format": FORMAT_VERSION, "config": config})
+        self.hash = config_hash(self.key)
         self.dir = Path(root) / f"{name}-{self.hash}"
+        self._manifest: dict | None | bool = False  # False: not checked yet
+        self._source: Counter | None = None
+        #: Cost recorded by the chunks loaded from disk (work a killed run did): added to the cost of this run.
+        self.replayed: Counter = Counter()
+
+    def track(self, counters: Counter) -> None:
+        """Record, with each chunk computed from now on, how much ``counters`` grew while computing it."""
+        self._source = counters
+
+    # -- the finished item ---------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / "meta.json"
+
+    def _check(self) -> dict | None:
+        """The manifest if every file it lists is present and intact, else None (with a warning if it is broken)."""
+        path = self.manifest_path
+        if not path.exists():
+            return None
+        try:
+            manifest = json.loads(path.read_text())
+            files = manifest["files"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            _warn(path, f"is unreadable ({type(err).__name__})")
+            return None
+        if manifest.get("key") != self.key:
+            _warn(path, "was made for another configuration or format")
+            return None
+        for rel, digest in files.items():
+            f = self.dir / rel
+            try:
+                data = f.read_bytes()
+            except OSError:
+                _warn(f, "is missing or unreadable")
+                return None
+            if sha256_bytes(data) != digest:
+                _warn(f, "fails its checksum (truncated or changed)")
+                return None
+        return manifest
+
+    def manifest(self) -> dict | None:
+        if self._manifest is False:
+            self._manifest = self._check()
+        return self._manifest
 
     @property
     def complete(self) -> bool:
-        return (self.dir / "result.parquet").exists() and (self.dir / "meta.json").exists()
+        return self.manifest() is not None and "result.parquet" in self.manifest()["files"]
 
     def load(self) -> pd.DataFrame:
-        meta = json.loads((self.dir / "meta.json").read_text())
-        if meta.get("config") != json.loads(json.dumps(self.config, sort_keys=True, default=str)):
-            raise StaleCacheError(
-                f"cached result in {self.dir} was made with another configuration; delete the folder to recompute"
-            )
+        manifest = self.manifest()
+        if manifest is None:
+            raise FileNotFoundError(f"no intact cached result in {self.dir}")
         df = pd.read_parquet(self.dir / "result.parquet")
-        df.attrs["meta"] = meta
+        df.attrs["meta"] = manifest["meta"]
         return df
 
     def save(self, df: pd.DataFrame, meta: dict) -> pd.DataFrame:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta = {**meta, "config": json.loads(json.dumps(self.config, sort_keys=True, default=str))}
-        tmp = self.dir / f"result.parquet.tmp{os.getpid()}"
-        df.to_parquet(tmp, index=False)
-        _atomic_write_bytes(self.dir / "meta.json", json.dumps(meta, indent=1, default=str).encode())
-        tmp.replace(self.dir / "result.parquet")
+        meta = {**canonical(meta), "config": canonical(self.config)}
+        self.save_files({"result.parquet": frame_to_parquet_bytes(df)}, meta)
         df.attrs["meta"] = meta
         return df
 
-    # -- chunks ------------------------------------------------------------------------------------------
+    def save_files(self, files: dict[str, bytes], meta: dict | None = None) -> None:
+        """Write named files (relative paths) and then the manifest that makes them a finished item."""
+        for rel, data in files.items():
+            atomic_write_bytes(self.dir / rel, data)
+        manifest = {"key": self.key, "meta": canonical(meta or {}),
+                    "files": {rel: sha256_bytes(data) for rel, data in files.items()}}
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1))
+        self._manifest = manifest
+
+    def load_files(self) -> dict[str, bytes] | None:
+        """The item's files if it is finished and intact, else None."""
+        manifest = self.manifest()
+        if manifest is None:
+            return None
+        return {rel: (self.dir / rel).read_bytes() for rel in manifest["files"]}
+
+    # -- chunks --------------------------------------------------------------------------------------------
     def chunk(self, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Return chunk ``key`` from disk, or compute and store it atomically."""
+        """Return chunk ``key`` from disk if it is intact, or compute and store it atomically."""
         path = self.dir / "chunks" / f"{key}.pt"
         if path.exists():
-            return torch.load(path, weights_only=True)
+            got = self._read_chunk(path, key)
+            if got is not None:
+                self.replayed.update(got["counters"])
+                return got["data"]
+        before = Counter(self._source) if self._source is not None else Counter()
         out = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        torch.save(out, tmp)
-        tmp.replace(path)
+        used = {k: int(v - before.get(k, 0)) for k, v in (self._source or {}).items() if v != before.get(k, 0)}
+        record = {"format": FORMAT_VERSION, "item": self.hash, "key": key, "data": out, "counters": used}
+        record["digest"] = tensor_digest({k: v for k, v in record.items()})
+        buf = io.BytesIO()
+        torch.save(record, buf)
+        atomic_write_bytes(path, buf.getvalue())
         return out
+
+    def _read_chunk(self, path: Path, key: str) -> dict | None:
+        try:
+            record = torch.load(path, weights_only=True)
+        except Exception as err:  # truncated or foreign bytes: torch and zipfile raise many types
+            _warn(path, f"is unreadable ({type(err).__name__})")
+            return None
+        if not isinstance(record, dict) or "digest" not in record:
+            _warn(path, "has an old or foreign format")
+            return None
+        digest = record.pop("digest")
+        if record.get("item") != self.hash or record.get("key") != key or tensor_digest(record) != digest:
+            _warn(path, "fails its checksum (its values were changed)")
+            return None
+        return record
 
     def finished_chunks(self) -> int:
         d = self.dir / "chunks"
@@ -101,7 +249,11 @@ class MemoryEntry:
 
     def __init__(self, config: dict):
         self.config = config
-        self.hash = config_hash(config)
+        self.hash = config_hash(canonical({"format": FORMAT_VERSION, "config": config}))
+        self.replayed: Counter = Counter()
+
+    def track(self, counters) -> None:
+        pass
 
     def chunk(self, key, compute):
         return compute()
@@ -110,9 +262,11 @@ class MemoryEntry:
         df.attrs["meta"] = {**meta, "config": self.config}
         return df
 
+    def save_files(self, files, meta=None) -> None:
+        pass
+
+    def load_files(self):
+        return None
+
     def finished_chunks(self) -> int:
         return 0
-
-
-def to_numpy(t) -> np.ndarray:
-    return t.detach().cpu().double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)

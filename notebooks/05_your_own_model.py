@@ -21,8 +21,9 @@
 #
 # This notebook has to run offline and in seconds, so instead of downloading Stable Diffusion it builds a **tiny
 # Stable Diffusion pipeline with random weights from the real classes** (`UNet2DConditionModel`, `CLIPTextModel`,
-# `CLIPTokenizer`, `AutoencoderKL`, `DDIMScheduler`, `StableDiffusionPipeline`), saves it the way a checkpoint is
-# distributed, and loads it back. The images it draws are noise (it was never trained); the point is that every
+# `CLIPTokenizer`, `AutoencoderKL`, `PNDMScheduler`, `StableDiffusionPipeline`), laid out as Stable Diffusion 1.5 is
+# (the PNDM scheduler it ships, a CLIP tokenizer that pads with its end-of-text token), saves it the way a checkpoint
+# is distributed, and loads it back. The images it draws are noise (it was never trained); the point is that every
 # call is exactly the one you would make on a real checkpoint. The last cell shows those calls.
 #
 # `SMALL` (set by the test suite) shrinks the evaluation set and the component set so the notebook runs in seconds.
@@ -100,10 +101,12 @@ print(tokenizer.convert_ids_to_tokens(ids))
 # %% [markdown]
 # Now the models: a UNet with two resolution levels (cross-attention transformer blocks in the down, mid and up
 # paths, as in Stable Diffusion), a 2-layer CLIP text encoder, a small VAE (a factor 2 instead of Stable Diffusion's
-# 8), the DDIM scheduler with Stable Diffusion's beta schedule, and the pipeline without a safety checker.
+# 8), the PNDM scheduler with Stable Diffusion 1.5's settings, and the pipeline without a safety checker. Any other
+# diffusers scheduler (DDIM, Euler, DPM-Solver++, UniPC, Heun, ...) can be swapped in; the suite passes each one only
+# the options its `step` takes.
 
 # %%
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 torch.manual_seed(0)
@@ -121,8 +124,8 @@ vae = AutoencoderKL(
     up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
     norm_num_groups=4, sample_size=16,
 )
-scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
+scheduler = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
+                          steps_offset=1)  # as in Stable Diffusion 1.5's scheduler_config.json
 pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                requires_safety_checker=False)
@@ -138,7 +141,8 @@ print(json.loads((folder / "model_index.json").read_text())["_class_name"])
 
 # %%
 model = interp.load_model(folder)
-print(type(model.pipeline).__name__, "| concept world:", model.is_concept_world, "| VAE:", type(model.vae).__name__)
+print(type(model.pipeline).__name__, "| scheduler:", type(model.scheduler).__name__, "| VAE:", type(model.vae).__name__)
+print("pad token:", tokenizer.pad_token, "= end-of-text:", tokenizer.pad_token_id == tokenizer.eos_token_id)
 
 # %% [markdown]
 # A hub id goes through the same call: `load_model("org/name")` uses the weights in the local Hugging Face cache
@@ -186,8 +190,8 @@ print(model.space.parse(str(c)) == c)
 #
 # On a general model a concept is a phrase; `interp.text_concept` puts it into a few prompt templates and uses the
 # empty prompt as the anchor, as CAD does. The objective's evaluation set is built from images the model generates
-# for those prompts (the concept world uses renders instead). The number of prompts must equal the objective's
-# `n_images`.
+# for those prompts (the concept world uses renders instead). The objective's `n_images` images cycle through the
+# concept's prompts, each from its own noise.
 
 # %%
 cfg = ObjectiveConfig(kind="erase", n_images=2 if SMALL else 4, timesteps=(300, 700) if SMALL else (200, 400, 600, 800),
@@ -231,6 +235,23 @@ interp.plots.scatter_vs_reference(results, "van gogh style")
 interp.evaluation.correlations(results, n_boot=200)
 
 # %% [markdown]
+# ## Causal tracing in the text encoder
+#
+# Basu et al. corrupt the subject's tokens and restore one clean text-encoder state at one token position: the map
+# below (text layers x position relative to the last subject token, 0) covers the tokens before the subject, the
+# subject, and the end-of-text and padding positions after it, where whatever the subject passes on is carried.
+# (This tokenizer pads with the end-of-text token, as SD 1.x's does, so those positions are found from the
+# attention mask, not from the pad token.) On random weights the map shows nothing in particular; the layout is
+# the point.
+
+# %%
+tracing = interp.attribute("tracing", model, concept, model.components("layer", family="text_layer"),
+                           objective=cfg, n_noise=1 if SMALL else 3)
+print("end-of-text at offsets", tracing.attrs["meta"]["end_of_text_offsets"], "after the last subject token")
+print("positions in the map:", sorted(tracing["token"].dropna().astype(int).unique()))
+interp.plots.trace_map_text(tracing, "van gogh style")
+
+# %% [markdown]
 # The loaded models live in memory, so the temporary folder (the saved pipeline and the private hub cache) can go:
 
 # %%
@@ -251,7 +272,7 @@ shutil.rmtree(WORKDIR, ignore_errors=True)
 # import interp.plots
 # from interp.objectives import ObjectiveConfig
 #
-# model = interp.load_model("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cuda")  # or a local folder
+# model = interp.load_model("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cuda", dtype="bfloat16")
 # cfg = ObjectiveConfig(kind="erase", n_images=4, timesteps=(250, 600), gen_steps=25)
 # concept = interp.text_concept("Van Gogh style", n=cfg.n_images)
 # comps = model.components("neuron", family="ff", kind="ff.net.0", block="mid_block")
@@ -260,6 +281,7 @@ shutil.rmtree(WORKDIR, ignore_errors=True)
 # interp.plots.scatter_vs_reference(pd.concat([cad, truth]), "Van Gogh style")
 # ```
 #
-# Keep the model in float32 (the objectives run in float32 or float64; a float16 model is copied up). `store=`
+# `dtype` sets the precision of the forward passes; objective values, gradients and statistics are accumulated in
+# float32 whatever it is (the README says which precision to trust for what). `store=`
 # caches results on disk under a hash of their configuration, so an interrupted ablation resumes. The classifier
 # objective needs a concept classifier and exists only on the concept world; `erase` and `amplify` work anywhere.

@@ -96,10 +96,9 @@ def test_outputs_and_schemas(run_dir):
 
 def test_report_in_browser(run_dir, tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
-    from browser import SKIP_REASON, find_chromium, open_page
+    from browser import open_page, require_chromium
 
-    if find_chromium() is None:
-        pytest.skip(SKIP_REASON)
+    require_chromium()  # skips locally without a browser, fails under CI=true
     page = open_page(run_dir / "index.html", screenshot_to=tmp_path / "report.png")
     assert page["images"] and all(i["complete"] and i["natural_width"] > 0 for i in page["images"])
     assert page["tables"] and all(n > 0 for n in page["tables"])
@@ -117,7 +116,7 @@ def test_rerun_reuses_cache(run_dir, tiny_world):
     assert sum(meta["seconds_this_run"].values()) < 5.0, meta["seconds_this_run"]
     pd.testing.assert_frame_equal(before, pd.read_parquet(run_dir / "results.parquet"))
     # Tables and figures came from the derived-output cache too: still one entry, written by the first run.
-    derived = list((run_dir / "cache").glob("derived-*/done.json"))
+    derived = list((run_dir / "cache").glob("derived-*/meta.json"))
     assert len(derived) == 1 and derived[0].stat().st_mtime < wall0, derived
     assert time.perf_counter() - t0 < 120
 
@@ -137,6 +136,7 @@ def test_bad_arguments_exit_nonzero(tiny_world, tmp_path, capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_tables(tiny_world, run_dir, tmp_path):
     """Kill a run once some work is cached; the resumed run's tables equal the uninterrupted run's."""
     from analyses.compare_methods import main
@@ -162,6 +162,13 @@ def test_killed_run_resumes_to_the_same_tables(tiny_world, run_dir, tmp_path):
     assert json.loads((out / "status.json").read_text())["status"] == "running"
     assert main(args_for(tiny_world, out)) == 0
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "results.parquet"), pd.read_parquet(out / "results.parquet"))
-    for name in ("correlations", "lds", "topk", "correlations_by_layer"):
-        pd.testing.assert_frame_equal(pd.read_csv(run_dir / "tables" / f"{name}.csv"),
-                                      pd.read_csv(out / "tables" / f"{name}.csv"))
+    # Every table byte for byte, the cost too (forward and backward passes of work done before the kill count):
+    # only the cost's wall-clock seconds column differs between any two runs.
+    names = sorted(p.name for p in (run_dir / "tables").glob("*.csv"))
+    assert names == sorted(p.name for p in (out / "tables").glob("*.csv")) and "cost.csv" in names
+    for name in names:
+        a, b = (run_dir / "tables" / name).read_text(), (out / "tables" / name).read_text()
+        if name == "cost.csv":
+            a, b = (pd.read_csv(d / "tables" / name).drop(columns="seconds").to_csv(index=False) for d in (run_dir, out))
+        assert a == b, name
+    assert json.loads((out / "status.json").read_text())["status"] == "complete"

@@ -174,7 +174,10 @@ def test_cache_is_reused_without_recomputing(method, tiny_conformance_frames, ti
     # another configuration is another entry
     run(method, tiny_world_model, tiny_red_objective, comps, store=tmp_path, seed=1)
     assert tiny_world_model.counters["unet_rows"] > counters["unet_rows"]
-    assert len([d for d in tmp_path.iterdir() if d.is_dir()]) == 2
+    entries = [d.name for d in tmp_path.iterdir() if d.is_dir()]
+    # screen-then-verify stores its screening method's result next to its own (one entry per seed each)
+    assert len([e for e in entries if e.startswith(f"{method}-")]) == 2
+    assert len(entries) == (4 if method == "screen" else 2)
 
 
 # -- sign convention and independent checks -------------------------------------------------------------------------
@@ -219,11 +222,13 @@ class LinearFF(Objective):
         super().__init__(model, concept, config)
 
     def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False,
-               record=None):
+               record=None, intervene_anchor=True):
         r = 1 if mult is None else mult.shape[0]
+        if target_context is not None and target_context.shape[0] != self.config.n_images:  # causal tracing's rows
+            r = target_context.shape[0] // self.config.n_images
         sel = torch.arange(self.n_samples) if samples is None else torch.as_tensor(samples)
         S = len(sel)
-        ctx = self.ctx_target[self.image_index[sel]].repeat(r, 1, 1)
+        ctx = self.target_contexts(target_context, sel, r)
         x, t = self.x_t[sel].repeat(r, 1, 1, 1), self.t[sel].repeat(r)
         rows = None if mult is None else mult.repeat_interleave(S, 0)
         path = f"{self.block}.ff.net.2"
@@ -286,20 +291,21 @@ def _planted_model(factory):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_planted_unit_is_ranked_first(method, tiny_world_model_factory):
-    if method == "tracing":
-        pytest.skip("causal tracing does not evaluate the objective's J: it builds its own clean / corrupted / "
-                    "restored runs of the denoising objective (interp.methods.tracing._Tracer.J), so a planted "
-                    "objective cannot be handed to it; its known answers are tested separately below")
     m, star, v = _planted_model(tiny_world_model_factory)
     obj = LinearFF(m, "red", LINEAR_CFG, MID, v)
     comps = obj.model.components("neuron", kind="ff.net.0", layer="mid.a0.tb0")
     opts = {"n_masks": 100, "alpha": 0.2} if method == "coar" else {}
+    if method == "tracing":  # restoring the planted unit's clean state restores all of J; no other unit reaches J
+        opts = {"maps": False}
     score = run(method, obj.model, obj, comps, **opts)["score"].to_numpy()
     assert int(np.argmax(score)) == star
     assert score[star] > 0  # ablating it lowers J: positive by the suite's sign convention
     others = np.delete(score, star)
     if method == "coar":  # a regression: zero up to the least-squares solve
         assert np.abs(others).max() < 1e-6 * score[star]
+    elif method == "tracing":  # restored fractions: the planted unit restores everything, others nothing
+        assert score[star] == pytest.approx(1.0, abs=1e-6)
+        assert np.abs(others).max() < 1e-6
     else:  # no other unit can reach J at all: exact zeros, measured or by gradient
         assert (others == 0).all()
 
@@ -411,7 +417,7 @@ class ProductFF(LinearFF):
         super().__init__(model, concept, config, block, v1)
 
     def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False,
-               record=None):
+               record=None, intervene_anchor=True):
         l1 = super()._chunk(plan, mult, means, target_context, unet_patches, samples, recompute_text, record)
         v1, self.v = self.v, self.v2
         try:
@@ -492,3 +498,22 @@ def test_tracing_warns_when_a_corruption_barely_moves_the_objective():
         assert tracing_mod._frac(rest, strong, j_clean).item() == pytest.approx(0.5)
     with pytest.warns(RuntimeWarning, match="noise_scale"):
         tracing_mod._frac(torch.tensor([[0.9975, 0.9975]], dtype=torch.float64), weak, j_clean)
+
+
+def test_screen_reuses_the_cached_screening_result(tiny_world_model, tiny_red_objective, tmp_path):
+    """Screen-then-verify asks the store for its screener's result: after the screener ran, only the verification
+    is computed, and the recorded cost is the screener's plus the verification's either way."""
+    comps = tiny_world_model.components("neuron", family="ff", kind="ff.net.2", block="mid_block")
+    opts = {"n_masks": 4, "alpha": 0.1}
+    fresh = run("screen", tiny_world_model, tiny_red_objective, comps, screen_options=tuple(opts.items()),
+                fraction=0.25)
+    mg = run("maskgrad", tiny_world_model, tiny_red_objective, comps, store=tmp_path, **opts)
+    before = tiny_world_model.counters["unet_rows"]
+    sc = run("screen", tiny_world_model, tiny_red_objective, comps, store=tmp_path,
+             screen_options=tuple(opts.items()), fraction=0.25)
+    k = len(sc.attrs["meta"]["verified"])
+    used = tiny_world_model.counters["unet_rows"] - before
+    assert used == k * tiny_red_objective.rows_per_eval  # the verification only: no maskgrad pass
+    assert sc.attrs["meta"]["forward_evals"] == mg.attrs["meta"]["forward_evals"] + k
+    assert sc.attrs["meta"]["forward_evals"] == fresh.attrs["meta"]["forward_evals"]
+    np.testing.assert_array_equal(sc["score"].to_numpy(), fresh["score"].to_numpy())

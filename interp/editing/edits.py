@@ -348,6 +348,11 @@ def coar_edit_ranking(model, concept: str, references: Sequence[str] | None = No
     from ..methods import attribute
 
     objective = objective or ObjectiveConfig(kind="erase")
+    if references is None and not model.is_concept_world:  # the world's colour words mean nothing to another model
+        raise ValueError(
+            f"coar_edit on {model.name!r} (not the concept world) needs the references argument: the concepts the "
+            f"edit must leave alone, e.g. references=['a dog', 'a car'] (only the concept world has defaults)"
+        )
     references = list(default_references(concept) if references is None else references)
     if concept in references:
         raise ValueError(f"the target {concept!r} is among its own references")

@@ -1,4 +1,4 @@
-"""Judging a concept edit on held-out prompts and seeds with the concept classifier.
+"""Judging a concept edit on held-out prompts and seeds with an image judge (:mod:`interp.judges`).
 
 An edit computed from one set of prompts must be judged on others: every prompt here comes from scenes of a seed
 stream (:data:`EVAL_SEED`) that neither the objectives (seed 0 and up), the edits' own prompts
@@ -10,24 +10,36 @@ sets (:func:`heldout_set`):
 ``alone``   captions naming only the target ("a photo of a red shape");
 ``other``   full captions of scenes *without* the target value: the specificity set.
 
+The judge is the concept classifier by default (concept world) or any :class:`~interp.judges.Judge`, e.g. CLIP
+zero-shot (``judge="concept-world-clip"``, a CLIP folder or hub id). On the concept world every judge is asked the
+same question, each attribute's value among all its values. On another model (Stable Diffusion) there are no scenes:
+the concept is a phrase with ``alternatives`` (the concepts an edit should leave alone, which the judge weighs it
+against), and the sets are ``target`` (the phrase in held-out templates, :data:`HELDOUT_TEMPLATES`, none of the
+templates the edits and objectives use), ``alone`` (the bare phrase) and ``other`` (each alternative in the same
+templates). One pseudo-attribute ``"concept"`` takes the values ``(concept, *alternatives)``: the target rate is the
+share of target images the judge assigns to the concept (argmax among concept and alternatives), and the retained
+rate is the mean over the alternatives of (share of the alternative's images still assigned to it, after / before).
+There are no renders to compare with, so the Frechet distance is measured between the judge's features of the
+images after the edit and of the unedited model's images of the same prompts and seeds (``fd_before`` is then 0).
+
 Measured (:func:`evaluate_edit`, one summary row, columns :data:`SUMMARY_COLUMNS`):
 
-- ``target_before`` / ``target_after``: the fraction of ``target`` images the classifier judges to show the
-  target value (argmax of ``model.classifier.predict`` for its attribute), before and after the edit;
+- ``target_before`` / ``target_after``: the fraction of ``target`` images the judge says show the
+  target value (argmax of the judge's ``predict`` for its attribute), before and after the edit;
   ``target_alone_*`` the same on ``alone``.
-- specificity: for every other value of every attribute, its rate (the classifier predicts the value the prompt
+- specificity: for every other value of every attribute, its rate (the judge predicts the value the prompt
   asks for) on the ``other`` images that ask for it, before and after (:data:`PER_VALUE_COLUMNS`).
   ``retained_rate`` is the mean over these non-target values of after / before (1 = untouched; values with a
   before-rate of 0 are left out), split into the target's own attribute (``retained_same_attribute``, e.g. the
   other colors when erasing red) and the other attributes. A ratio over a value the model rarely draws is noisy
-  and can be far above 1 (a damaged image the classifier happens to call "hollow" turns a before-rate of 0.1 into
+  and can be far above 1 (a damaged image the judge happens to call "hollow" turns a before-rate of 0.1 into
   0.8), so ``retained_drawn`` averages only over values with a before-rate of at least :data:`DRAWN` (0.5).
   ``cooccurring_retained`` is the same ratio for the other attributes *within* the target prompts (is the circle
   still drawn when red is erased from "red circle"?).
-- image quality: the Frechet distance between the classifier trunk's features (``model.classifier.trunk``) of the
-  generated ``target`` + ``other`` images and of renders of the same scenes (FID's formula on a concept-world
-  feature space; with ~100 images against 128 features it is a biased, relative measure: compare ``fd_after``
-  with ``fd_before``, not with FID numbers elsewhere).
+- image quality: the Frechet distance between the judge's features (``Judge.features``: the classifier trunk's
+  output, or CLIP's image embedding) of the generated ``target`` + ``other`` images and of renders of the same
+  scenes (FID's formula on a concept-world feature space; with ~100 images against 128 features it is a biased,
+  relative measure: compare ``fd_after`` with ``fd_before``, not with FID numbers elsewhere).
 - cost: the edit's wall time (``edit_seconds``, computing it) and the evaluation's (``eval_seconds``).
 
 :func:`sweep_table`, :func:`tradeoff_plot` and :func:`image_grid` turn several evaluations into the trade-off table,
@@ -47,6 +59,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .. import diffusion
+from ..judges import Judge, load_judge
 from ..world.render import ConceptWorld, Scene, random_caption, random_scene, render
 from ..world.vocab import ATTRIBUTES, TEMPLATES, attribute_of, caption
 
@@ -54,6 +67,11 @@ from ..world.vocab import ATTRIBUTES, TEMPLATES, attribute_of, caption
 DRAWN = 0.5
 #: Seed stream of the held-out scenes and noises (the attributions use 0.., edits 30,000, fidelity 10,000).
 EVAL_SEED = 20_000
+#: Prompt templates of the held-out sets on a model other than the concept world (none is a template of
+#: :data:`interp.concepts.DEFAULT_TEMPLATES`, which the objectives and edits use).
+HELDOUT_TEMPLATES = ("a rendering of {}", "a close up photo of {}", "a drawing of {}", "a detailed picture of {}")
+#: The pseudo-attribute of held-out sets on a model other than the concept world.
+TEXT_ATTRIBUTE = "concept"
 
 SUMMARY_COLUMNS = [
     "edit", "label", "concept", "attribute", "budget", "n_components", "n_weights",
@@ -79,8 +97,17 @@ class EvalConfig:
     batch: int = 64
 
     def __post_init__(self):
+        for name in ("n_target", "n_alone", "n_other", "steps", "seed", "batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"EvalConfig.{name} must be an integer, got {v!r}")
         if min(self.n_target, self.n_other) < 1 or self.n_alone < 0 or self.steps < 1 or self.batch < 1:
             raise ValueError(f"an evaluation needs n_target, n_other, steps, batch >= 1 (got {self})")
+        if self.seed < 0:
+            raise ValueError(f"EvalConfig.seed must be >= 0, got {self.seed}")
+        if self.guidance is not None and not (isinstance(self.guidance, (int, float)) and 0 <= self.guidance < 1e4):
+            raise ValueError(f"EvalConfig.guidance must be None (the model's default) or a scale >= 0, got "
+                             f"{self.guidance!r}")
 
     @classmethod
     def from_total(cls, n_images: int, **kw) -> "EvalConfig":
@@ -105,12 +132,20 @@ class HeldoutSet:
     concept: str
     attribute: str
     prompts: pd.DataFrame  # set, prompt, and per attribute the value the prompt asks for (None if not named)
-    scenes: tuple[Scene, ...]
+    scenes: tuple[Scene, ...]  # concept world only (empty otherwise)
     latents: torch.Tensor
+    values: dict = field(default_factory=lambda: dict(ATTRIBUTES))  # attribute -> the values the judge chooses among
 
 
-def heldout_set(model, concept: str, config: EvalConfig = EvalConfig()) -> HeldoutSet:
-    """Build the three prompt sets for ``concept`` from the held-out seed stream (see the module docstring)."""
+def heldout_set(model, concept: str, config: EvalConfig = EvalConfig(),
+                alternatives: Sequence[str] | None = None) -> HeldoutSet:
+    """Build the three prompt sets for ``concept`` from the held-out seed stream (see the module docstring).
+
+    ``alternatives``: on a model other than the concept world, the phrases the concept is weighed against and whose
+    retention is measured (required there); on the concept world they are the other values of the attribute.
+    """
+    if not model.is_concept_world:
+        return _text_heldout_set(model, concept, config, alternatives)
     attribute = attribute_of(concept)  # a clear error for a word that is no concept-world value
     rows, scenes = [], []
     target = ConceptWorld(config.n_target, seed=config.seed, **{attribute: concept})
@@ -138,33 +173,52 @@ def heldout_set(model, concept: str, config: EvalConfig = EvalConfig()) -> Heldo
     return HeldoutSet(concept, attribute, prompts, tuple(scenes), latents)
 
 
+def _text_heldout_set(model, concept: str, config: EvalConfig, alternatives) -> HeldoutSet:
+    if not isinstance(concept, str) or not concept.strip():
+        raise ValueError(f"the concept must be a non-empty phrase, got {concept!r}")
+    alternatives = tuple(alternatives or ())
+    if not alternatives:
+        raise ValueError(
+            f"evaluating an edit of {concept!r} on {model.name!r} (not the concept world) needs alternatives: the "
+            f"concepts it is weighed against and whose retention is measured (alternatives=[...]; --alternatives)"
+        )
+    if concept in alternatives or len(set(alternatives)) != len(alternatives):
+        raise ValueError(f"alternatives {list(alternatives)} must be distinct and must not contain {concept!r}")
+    T = HELDOUT_TEMPLATES
+    rows = [{"set": "target", "prompt": T[i % len(T)].format(concept), TEXT_ATTRIBUTE: concept}
+            for i in range(config.n_target)]
+    rows += [{"set": "alone", "prompt": concept, TEXT_ATTRIBUTE: concept} for _ in range(config.n_alone)]
+    rows += [{"set": "other", "prompt": T[(i // len(alternatives)) % len(T)].format(alt), TEXT_ATTRIBUTE: alt}
+             for i in range(config.n_other) for alt in [alternatives[i % len(alternatives)]]]
+    prompts = pd.DataFrame(rows)
+    model.check_prompts(list(prompts["prompt"]))
+    gen = torch.Generator().manual_seed(config.seed)
+    latents = diffusion.initial_noise(model.unet, len(prompts), gen, model.dtype, model.device)
+    return HeldoutSet(concept, TEXT_ATTRIBUTE, prompts, (), latents, {TEXT_ATTRIBUTE: (concept, *alternatives)})
+
+
 @dataclass(frozen=True, eq=False)
 class Judged:
-    """Images generated for a held-out set (under an edit or not) and the classifier's verdicts."""
+    """Images generated for a held-out set (under an edit or not) and the judge's verdicts."""
 
     table: pd.DataFrame  # the prompt frame + pred_<attribute> and p_<attribute> (probability of the asked value)
     images: torch.Tensor
-    features: np.ndarray  # classifier trunk features, one row per image
+    features: np.ndarray  # the judge's image features, one row per image
     seconds: float
 
 
-def _classifier_dtype(model):
-    return next(model.classifier.parameters()).dtype
+def resolve_judge(model, judge: Judge | str | None = None) -> Judge:
+    """The judge of an evaluation: ``judge`` (a Judge or a spec for :func:`~interp.judges.load_judge`), by default
+    the model's concept classifier (a clear error naming the fix when it has none)."""
+    return load_judge("classifier" if judge is None else judge, model=model)
 
 
-def trunk_features(model, images: torch.Tensor) -> np.ndarray:
-    """The concept classifier's trunk output (its own input normalization applied), float64 numpy."""
-    with torch.no_grad():
-        x = images.to(_classifier_dtype(model)) * 2 - 1  # as ConceptClassifier.forward feeds its trunk
-        return model.classifier.trunk(x).double().cpu().numpy()
-
-
-def judge(model, edit, held: HeldoutSet, config: EvalConfig = EvalConfig()) -> Judged:
-    """Generate every held-out image with ``edit`` applied (None: the unedited model) and classify it."""
+def judge_images(model, edit, held: HeldoutSet, config: EvalConfig = EvalConfig(),
+                 judge: Judge | str | None = None) -> Judged:
+    """Generate every held-out image with ``edit`` applied (None: the unedited model) and let the judge name them."""
     from ..generation import generate
 
-    if model.classifier is None:
-        raise ValueError("evaluating an edit needs the concept classifier: load a concept-world model with one")
+    judge = resolve_judge(model, judge)
     t0 = time.perf_counter()
     prompts = list(held.prompts["prompt"])
     chunks = []
@@ -179,15 +233,20 @@ def judge(model, edit, held: HeldoutSet, config: EvalConfig = EvalConfig()) -> J
                 chunks.append(edited.generate(prompts[s : s + config.batch], steps=config.steps,
                                               guidance=config.guidance, latents=lat))
     images = torch.cat(chunks).float().cpu()
-    probs = model.classifier.predict(images.to(_classifier_dtype(model)))
+    probs = judge.predict(images, held.values)
     table = held.prompts.copy()
-    for a, values in ATTRIBUTES.items():
+    for a, values in held.values.items():
+        values = list(values)
         pred = probs[a].argmax(-1).cpu().numpy()
         table[f"pred_{a}"] = [values[i] for i in pred]
         asked = table[a].to_numpy()
         table[f"p_{a}"] = [float(probs[a][j, values.index(v)]) if isinstance(v, str) else np.nan
                            for j, v in enumerate(asked)]
-    return Judged(table, images, trunk_features(model, images), time.perf_counter() - t0)
+    return Judged(table, images, judge.features(images), time.perf_counter() - t0)
+
+
+#: The former name of :func:`judge_images`.
+judge = judge_images
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -212,11 +271,14 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
 
 
-def reference_features(model, held: HeldoutSet, sets: Sequence[str] = ("target", "other")) -> np.ndarray:
-    """Trunk features of ground-truth renders of the held-out scenes (full-caption sets only)."""
+def reference_features(model, held: HeldoutSet, sets: Sequence[str] = ("target", "other"),
+                       judge: Judge | str | None = None) -> np.ndarray:
+    """The judge's features of ground-truth renders of the held-out scenes (concept world; full-caption sets)."""
+    if not held.scenes:
+        raise ValueError("only concept-world held-out sets have scenes to render")
     keep = held.prompts["set"].isin(sets).to_numpy()
     renders = torch.from_numpy(np.stack([render(s) for s, k in zip(held.scenes, keep) if k]))
-    return trunk_features(model, renders)
+    return resolve_judge(model, judge).features(renders)
 
 
 def _hit(table: pd.DataFrame, attribute: str, value: str) -> np.ndarray:
@@ -237,7 +299,7 @@ def per_value_table(before: Judged, after: Judged, held: HeldoutSet) -> pd.DataF
     tb, ta = before.table, after.table
     for set_name, source in (("other", "other"), ("with_target", "target")):
         in_set = (tb["set"] == source).to_numpy()
-        for a, values in ATTRIBUTES.items():
+        for a, values in held.values.items():
             if set_name == "with_target" and a == held.attribute:
                 continue
             for v in values:
@@ -270,29 +332,42 @@ class Baseline:
 
     held: HeldoutSet
     judged: Judged
-    reference: np.ndarray  # trunk features of the renders
+    reference: np.ndarray  # the judge's features of the renders (concept world) or of the unedited images (else)
     config: EvalConfig
+    judge: Judge | None = None  # None: the model's concept classifier
 
 
-def baseline(model, concept: str, config: EvalConfig = EvalConfig()) -> Baseline:
-    """Held-out set, unedited images and render features for ``concept``."""
-    held = heldout_set(model, concept, config)
-    return Baseline(held, judge(model, None, held, config), reference_features(model, held), config)
+def baseline(model, concept: str, config: EvalConfig = EvalConfig(), judge: Judge | str | None = None,
+             alternatives: Sequence[str] | None = None) -> Baseline:
+    """Held-out set, unedited images and reference features for ``concept`` (see the module docstring)."""
+    judge = resolve_judge(model, judge)
+    held = heldout_set(model, concept, config, alternatives)
+    judged = judge_images(model, None, held, config, judge)
+    if held.scenes:
+        reference = reference_features(model, held, judge=judge)
+    else:  # no renders: the unedited model's images of the same prompts and seeds are the reference
+        reference = judged.features[held.prompts["set"].isin(["target", "other"]).to_numpy()]
+    return Baseline(held, judged, reference, config, judge)
 
 
 def evaluate_edit(model, edit, concept: str | None = None, config: EvalConfig = EvalConfig(),
-                  base: Baseline | None = None) -> EditEvaluation:
-    """Judge ``edit`` (None: no edit) for its target ``concept`` on held-out prompts and seeds."""
+                  base: Baseline | None = None, judge: Judge | str | None = None,
+                  alternatives: Sequence[str] | None = None) -> EditEvaluation:
+    """Judge ``edit`` (None: no edit) for its target ``concept`` on held-out prompts and seeds.
+
+    ``judge``: the concept classifier by default; ``alternatives``: see :func:`heldout_set` (both come from ``base``
+    when it is given).
+    """
     concept = concept or getattr(edit, "concept", None)
     if concept is None:
         raise ValueError("name the edit's target concept")
     if base is None:
-        base = baseline(model, concept, config)
+        base = baseline(model, concept, config, judge, alternatives)
     elif base.held.concept != concept:
         raise ValueError(f"the baseline is for {base.held.concept!r}, the edit targets {concept!r}")
     config = base.config
     held = base.held
-    after = judge(model, edit, held, config) if edit is not None else base.judged
+    after = judge_images(model, edit, held, config, base.judge) if edit is not None else base.judged
     before = base.judged
     attribute = held.attribute
     tb, ta = before.table, after.table

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from tqdm.auto import tqdm
 
-from ..interventions import compile_plan, weights_ablated
-from ..objectives import reference_means
+from ..engine import single_ablation_deltas
 from .base import Capabilities, Method, MethodConfig, register, stderr_over
 
 
@@ -28,36 +25,9 @@ class AblationConfig(MethodConfig):
     chunk: int = 64  # components per cached chunk
 
     def __post_init__(self):
+        super().__post_init__()
         if self.mode not in ("zero", "mean"):
             raise ValueError(f"ablation mode must be 'zero' or 'mean', got {self.mode!r}")
-
-
-def single_ablation_deltas(obj, comps, mode="zero", entry=None, chunk=64, progress=False) -> torch.Tensor:
-    """``J(ablated) - J(intact)`` per component and sample, shape (n, S)."""
-    n = len(comps)
-    if "weight" in comps.granularities:
-        if mode != "zero":
-            raise ValueError("scalar weights are only zero-ablated; use mode='zero' for weight components")
-        rows = []
-        for c in tqdm(comps, desc="ablation", disable=not progress):
-            with weights_ablated(obj.model, [c]), torch.no_grad():
-                rows.append(obj.values()[0] - obj.intact)
-        return torch.stack(rows)
-    plan = compile_plan(obj.model, comps)
-    means = reference_means(obj, plan) if mode == "mean" else None
-    out = []
-    for start in tqdm(range(0, n, chunk), desc="ablation", disable=not progress):
-        stop = min(start + chunk, n)
-
-        def compute(start=start, stop=stop):
-            M = torch.ones(stop - start, n, dtype=obj.model.dtype)
-            M[torch.arange(stop - start), torch.arange(start, stop)] = 0
-            with torch.no_grad():
-                return {"delta": obj.values(plan, M, means) - obj.intact[None]}
-
-        res = compute() if entry is None else entry.chunk(f"ablate-{start:07d}", compute)
-        out.append(res["delta"])
-    return torch.cat(out)
 
 
 @register
@@ -70,3 +40,10 @@ class Ablation(Method):
         delta = single_ablation_deltas(obj, comps, self.config.mode, entry, self.config.chunk, progress)
         return {"score": -delta.double().mean(1), "stderr": stderr_over(delta.double(), 1),
                 "meta": {"mode": self.config.mode, "j_intact": float(obj.intact.mean())}}
+
+    @classmethod
+    def planned_rows(cls, config, comps, shape):
+        """UNet rows of a run (see :mod:`interp.plan`): one evaluation of J per component."""
+        if "weight" in comps.granularities:
+            return shape.values(1) * len(comps)
+        return shape.means(comps, config.mode) + shape.values(len(comps))

@@ -12,11 +12,10 @@ whether its scores are exact ablation effects) so callers can pick methods witho
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -44,6 +43,24 @@ class MethodConfig:
     """Base of every method's frozen config."""
 
     seed: int = 0
+
+    #: Fields every method config may have, checked by name on construction: counts, rates and the ablation mode.
+    COUNTS: ClassVar[tuple[str, ...]] = ("chunk", "batch", "steps", "n_groups", "n_masks", "n_noise")
+    RATES: ClassVar[tuple[str, ...]] = ("alpha",)
+
+    def __post_init__(self):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"{type(self).__name__}: seed must be an integer >= 0, got {self.seed!r}")
+        for name in self.COUNTS:
+            v = getattr(self, name, 1)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be an integer >= 1, got {v!r}")
+        for name in self.RATES:
+            v = getattr(self, name, 0.5)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise ValueError(f"{type(self).__name__}: {name} is an ablation rate and must be in (0, 1), got {v!r}")
+        if getattr(self, "mode", "zero") not in ("zero", "mean"):
+            raise ValueError(f"{type(self).__name__}: mode must be 'zero' or 'mean', got {self.mode!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,11 +109,14 @@ class Method:
         if entry.complete:
             return entry.load()
         counters_before = Counter(obj.model.counters)
+        entry.track(obj.model.counters)  # chunks record their cost, so a resumed run reports the whole cost
+        self.store = store  # a method that builds on another method's result asks the same store for it
         t0 = time.perf_counter()
         out = self._scores(obj, comps, entry, progress)
         seconds = time.perf_counter() - t0
         used = Counter(obj.model.counters)
         used.subtract(counters_before)
+        used.update(entry.replayed)
         meta = {
             "method": self.name, "config": self.config.to_dict(), "objective": obj.describe(),
             "capabilities": asdict(self.capabilities), "seconds": seconds,
@@ -122,16 +142,28 @@ class Method:
     def _scores(self, obj: Objective, comps: ComponentSet, entry, progress: bool) -> dict:
         raise NotImplementedError
 
+    @classmethod
+    def recorded_rows(cls, config, comps, shape):
+        """The UNet rows the result records as its cost (:mod:`interp.plan`); by default all it runs."""
+        return cls.planned_rows(config, comps, shape)
+
 
 def as_component_set(model, components) -> ComponentSet:
     """Accept a ComponentSet, a list of addresses/Components, or a dict of filters for ``model.components``."""
+    if isinstance(components, dict) and not components:
+        raise ValueError("components={} selects nothing: pass filters such as {'family': 'ff'}, a ComponentSet or "
+                         "a list of addresses")
     if isinstance(components, ComponentSet):
-        return components
-    if isinstance(components, dict):
-        return model.components(**components)
-    if isinstance(components, str):
-        components = [components]
-    return ComponentSet([model.space.parse(c) for c in components])
+        comps = components
+    elif isinstance(components, dict):
+        comps = model.components(**components)
+    else:
+        comps = ComponentSet([model.space.parse(c) for c in ([components] if isinstance(components, str)
+                                                              else components)])
+    if len(comps) == 0:
+        raise ValueError("the component selection is empty: widen the filters (family, kind, block) or pass "
+                         "component addresses")
+    return comps
 
 
 def components_hash(comps: ComponentSet) -> str:
@@ -154,13 +186,14 @@ def model_fingerprint(model) -> str:
     for name, p in params:
         flat = p.detach().reshape(-1).cpu()
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update((flat if total <= FULL_HASH_LIMIT else flat[::101]).contiguous().numpy().tobytes())
+        # a strided 1-element slice counts as contiguous but cannot be viewed as bytes: copy to stride 1
+        h.update((flat if total <= FULL_HASH_LIMIT else flat[::101]).clone(memory_format=torch.contiguous_format)
+                 .view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 def versions() -> dict:
     import diffusers
-    import nnsight
     import transformers
 
     from importlib.metadata import version

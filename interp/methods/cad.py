@@ -77,14 +77,16 @@ class CAD(Method):
         per_group = []
         with parameters_requiring_grad(params):
             for g in groups:
-                mult = torch.ones(1, len(fallback), dtype=obj.model.dtype, requires_grad=True) if fallback else None
+                mult = torch.ones(1, len(fallback), dtype=obj.dtype, requires_grad=True) if fallback else None
                 J = obj.values(plan, mult, samples=g, recompute_text=text).mean()
                 grads = torch.autograd.grad(J, params + ([mult] if fallback else []))
                 gmap = {id(p): gr for p, gr in zip(params, grads)}
                 scores = torch.empty(len(comps), dtype=torch.float64)
                 for i, s in enumerate(slices):
                     if s is not None:
-                        scores[i] = sum((p.detach()[idx] * gmap[id(p)][idx]).sum() for p, idx in s).double()
+                        # products and sums in float32/64 even when the weights and their gradients are bfloat16
+                        scores[i] = sum((p.detach()[idx].to(obj.dtype) * gmap[id(p)][idx].to(obj.dtype)).sum()
+                                        for p, idx in s).double()
                 if fallback:
                     scores[fallback] = grads[-1][0].double()
                 per_group.append(scores)
@@ -94,6 +96,11 @@ class CAD(Method):
                 "meta": {"n_groups": len(groups), "n_params": sum(p.numel() for p in params),
                          "multiplier_gradient_components": len(fallback)}}
 
+    @classmethod
+    def planned_rows(cls, config, comps, shape):
+        """UNet rows of a run (see :mod:`interp.plan`): the evaluation set once, in groups, with gradients."""
+        return shape.values(1, grad=True)
+
 
 def weight_scores(obj, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     """CAD's raw per-scalar scores ``w * dJ/dw`` for named parameters (the input of CAD-Erase's selection)."""
@@ -102,4 +109,4 @@ def weight_scores(obj, params: dict[str, torch.nn.Parameter]) -> dict[str, torch
     with parameters_requiring_grad(plist):
         J = obj.values(recompute_text=text).mean()
         grads = torch.autograd.grad(J, plist)
-    return {n: (p.detach() * g).detach() for (n, p), g in zip(params.items(), grads)}
+    return {n: (p.detach().to(obj.dtype) * g.to(obj.dtype)).detach() for (n, p), g in zip(params.items(), grads)}

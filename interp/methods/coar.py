@@ -22,10 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy import stats
-from tqdm.auto import tqdm
 
-from ..interventions import compile_plan
-from ..objectives import reference_means
+from ..engine import masked_values, random_masks
 from .base import Capabilities, Method, MethodConfig, register, stderr_over
 
 
@@ -40,35 +38,15 @@ class COARConfig(MethodConfig):
     curve: tuple[int, ...] = ()  # also fit on the first m training masks; rows appear as method "coar@m"
 
     def __post_init__(self):
+        super().__post_init__()
+        if self.ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
         if not 0 < self.heldout < 1:
             raise ValueError(f"heldout must be in (0, 1), got {self.heldout}")
         if self.n_masks < 10:
             raise ValueError(f"COAR needs at least 10 masks, got {self.n_masks}")
-
-
-def random_masks(n_masks: int, n: int, alpha: float, seed: int) -> torch.Tensor:
-    """Bernoulli(alpha) ablation masks, (n_masks, n) bool, 1 = ablated; a pure function of its arguments."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(n_masks, n, generator=gen) < alpha
-
-
-def masked_values(obj, comps, masks: torch.Tensor, mode="zero", entry=None, chunk=256, progress=False,
-                  tag="masks", plan=None) -> torch.Tensor:
-    """J per mask and sample, (n_masks, S), cached chunk by chunk."""
-    plan = plan or compile_plan(obj.model, comps)
-    means = reference_means(obj, plan) if mode == "mean" else None
-    out = []
-    for start in tqdm(range(0, len(masks), chunk), desc=tag, disable=not progress):
-        Z = masks[start : start + chunk]
-
-        def compute(Z=Z):
-            with torch.no_grad():
-                return {"J": obj.values(plan, (~Z).to(obj.model.dtype), means)}
-
-        out.append((compute() if entry is None else entry.chunk(f"{tag}-{start:07d}", compute))["J"])
-    return torch.cat(out)
 
 
 def fit_linear(Z: np.ndarray, Y: np.ndarray, ridge: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -126,3 +104,8 @@ class COAR(Method):
                      "lds_pearson_per_sample": float(np.nanmean([d["pearson"] for d in per_sample])),
                      "j_intact": float(obj.intact.mean()), "curve": curve},
         }
+
+    @classmethod
+    def planned_rows(cls, config, comps, shape):
+        """UNet rows of a run (see :mod:`interp.plan`): one evaluation of J per random mask."""
+        return shape.means(comps, config.mode) + shape.values(config.n_masks)

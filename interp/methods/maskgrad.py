@@ -33,12 +33,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from ..interventions import compile_plan
-from ..objectives import reference_means
+from ..engine import multiplier_gradients, random_masks
 from .base import Capabilities, Method, MethodConfig, register, stderr_over
-from .coar import random_masks
 
 
 @dataclass(frozen=True)
@@ -53,6 +50,7 @@ class MaskGradConfig(MethodConfig):
     curve: tuple[int, ...] = ()
 
     def __post_init__(self):
+        super().__post_init__()
         if any(not 1 <= k < self.n_masks for k in self.curve):
             raise ValueError(f"curve mask counts must be in [1, n_masks={self.n_masks}), got {self.curve}")
         if any(not 0 < a < 1 for a in self.extra_alphas):
@@ -73,18 +71,6 @@ class IGConfig(MethodConfig):
 class MidpointConfig(MethodConfig):
     alpha: float = 0.05
     mode: str = "zero"
-
-
-def multiplier_gradients(obj, comps, M: torch.Tensor, mode="zero", batch=4, progress=False, desc="grad") -> torch.Tensor:
-    """``dJ/dm`` at every row of multipliers ``M`` (K, n), J = mean over the evaluation set; returns (K, n)."""
-    plan = compile_plan(obj.model, comps)
-    means = reference_means(obj, plan) if mode == "mean" else None
-    out = []
-    for s in tqdm(range(0, len(M), batch), desc=desc, disable=not progress):
-        m = M[s : s + batch].clone().to(obj.model.dtype).requires_grad_(True)
-        J = obj.values(plan, m, means).mean(1).sum()  # rows are independent: one backward gives every row's grad
-        out.append(torch.autograd.grad(J, m)[0].detach())
-    return torch.cat(out).double()
 
 
 @register
@@ -115,6 +101,16 @@ class MaskGrad(Method):
                          "forward_evals": per, "backward_evals": per,
                          "forward_evals_all_alphas": per * (1 + len(cfg.extra_alphas))}}
 
+    @classmethod
+    def planned_rows(cls, config, comps, shape):
+        """UNet rows of a run (see :mod:`interp.plan`): K masks, forward and backward, at every ablation rate."""
+        return cls.recorded_rows(config, comps, shape) * (1 + len(config.extra_alphas))
+
+    @classmethod
+    def recorded_rows(cls, config, comps, shape):
+        """The cost the result records as its own: one rate's K masks (the extra rates are separate estimates)."""
+        return shape.means(comps, config.mode) + shape.values(config.n_masks, grad=True)
+
 
 @register
 class IntegratedGradients(Method):
@@ -130,6 +126,11 @@ class IntegratedGradients(Method):
         G = multiplier_gradients(obj, comps, M, cfg.mode, cfg.batch, progress, "ig") * (1 - cfg.path_end)
         return {"score": G.mean(0), "stderr": stderr_over(G, 0), "meta": {"steps": cfg.steps, "path_end": cfg.path_end}}
 
+    @classmethod
+    def planned_rows(cls, config, comps, shape):
+        """UNet rows of a run (see :mod:`interp.plan`): one forward and backward pass per step."""
+        return shape.means(comps, config.mode) + shape.values(config.steps, grad=True)
+
 
 @register
 class Midpoint(Method):
@@ -142,3 +143,8 @@ class Midpoint(Method):
         M = torch.full((1, len(comps)), 1 - cfg.alpha / 2, dtype=torch.float64)
         G = multiplier_gradients(obj, comps, M, cfg.mode, 1, progress, "midpoint")
         return {"score": G[0], "stderr": None, "meta": {"alpha": cfg.alpha}}
+
+    @classmethod
+    def planned_rows(cls, config, comps, shape):
+        """UNet rows of a run (see :mod:`interp.plan`): one forward and backward pass."""
+        return shape.means(comps, config.mode) + shape.values(1, grad=True)

@@ -7,13 +7,13 @@ error), the others keep the screening method's estimate (no standard error). ``m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..components import ComponentSet
-from .ablation import single_ablation_deltas
+from ..engine import single_ablation_deltas
 from .base import Capabilities, Method, MethodConfig, get, register, stderr_over
 
 
@@ -26,6 +26,7 @@ class ScreenConfig(MethodConfig):
     screen_options: tuple = ()  # ((key, value), ...) passed to the screening method
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.by not in ("abs", "positive", "negative"):
@@ -40,15 +41,42 @@ class ScreenThenVerify(Method):
 
     def _scores(self, obj, comps, entry, progress):
         cfg = self.config
+        # The screening method's result comes from the same store: a run that also reports that method (the
+        # default comparison) computes it once.
         screener = get(cfg.screen)(**dict(cfg.screen_options), seed=cfg.seed)
-        est = screener._scores(obj, comps, None, progress)
-        score = np.asarray(est["score"], dtype=np.float64).copy()
+        est = screener.attribute(obj.model, obj.concept, comps, objective=obj, store=self.store, progress=progress)
+        screened = est.attrs["meta"]
+        rows = est[est["method"] == cfg.screen].set_index("component")["score"]
+        score = rows.loc[comps.addresses].to_numpy(dtype=np.float64).copy()
         key = {"abs": np.abs(score), "positive": score, "negative": -score}[cfg.by]
         k = max(1, int(round(cfg.fraction * len(comps))))
         top = np.argsort(-key, kind="stable")[:k]
+        before = Counter(obj.model.counters)
         delta = single_ablation_deltas(obj, ComponentSet([comps[i] for i in top]), cfg.mode, entry, 64, progress)
+        verified = Counter(obj.model.counters)
+        verified.subtract(before)
+        verified.update(entry.replayed)
         stderr = np.full(len(comps), np.nan)
         score[top] = (-delta.double().mean(1)).numpy()
         stderr[top] = stderr_over(delta.double(), 1).numpy()
+        # Cost: the screening method's (as it recorded it, computed now or earlier) plus the verification.
         return {"score": score, "stderr": stderr,
-                "meta": {"screen": cfg.screen, "fraction": cfg.fraction, "verified": [comps[i].address for i in top]}}
+                "meta": {"screen": cfg.screen, "fraction": cfg.fraction, "verified": [comps[i].address for i in top],
+                         "forward_evals": screened["forward_evals"] + verified["unet_rows"] / obj.rows_per_eval,
+                         "backward_evals": screened["backward_evals"]
+                         + verified["unet_rows_grad"] / obj.rows_per_eval}}
+
+    @classmethod
+    def planned_rows(cls, config, comps, shape):
+        """UNet rows the result records (see :mod:`interp.plan`): the screening method's recorded cost, then one
+        evaluation per verified component."""
+        k = max(1, int(round(config.fraction * len(comps))))
+        verified = ComponentSet(list(comps)[:k])  # only the count and kinds matter here
+        return cls.screener_rows(config, comps, shape)[0] + shape.means(verified, config.mode) + shape.values(k)
+
+    @classmethod
+    def screener_rows(cls, config, comps, shape):
+        """(recorded, run) rows of the screening method: what its result records, and what computing it runs."""
+        screener = get(config.screen)
+        sc = screener.Config(**dict(config.screen_options), seed=config.seed)
+        return screener.recorded_rows(sc, comps, shape), screener.planned_rows(sc, comps, shape)

@@ -6,8 +6,9 @@ embeddings, ``n_noise`` draws, as ROME), then restore the clean state of one com
 much of the concept comes back: ``score = (J_restored - J_corrupted) / (J_clean - J_corrupted)``, the fraction of the
 clean-vs-corrupted difference that the component's clean state recovers (1 = fully restores the concept). With
 the erase or amplify objective J is the single-step denoising objective at every timestep of the evaluation set;
-with the ``classifier`` objective it is the concept classifier's probability on images generated end to end, with
-the state restored at every denoising step.
+with the ``classifier`` objective it is the image judge's probability of the concept (the concept classifier, or
+CLIP zero-shot: :mod:`interp.judges`) on images generated end to end, with the state restored at every denoising
+step.
 
 Besides one score per component (restored at all timesteps and token positions), the method writes two maps as
 extra rows of the same frame: UNet layers x timestep (``timestep`` set; the training-schedule timestep of the
@@ -28,10 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import diffusion
 from ..components import ComponentSet
+from ..engine import sweep
 from ..generation import generate
 from ..interventions import Patch, compile_plan, run_text, run_unet
 from .base import Capabilities, Method, MethodConfig, register, stderr_over
@@ -45,6 +46,7 @@ class TracingConfig(MethodConfig):
     chunk: int = 64
 
     def __post_init__(self):
+        super().__post_init__()
         if self.noise_scale < 0 or self.n_noise < 1:
             raise ValueError("noise_scale must be >= 0 and n_noise >= 1")
 
@@ -66,9 +68,17 @@ def subject_positions(model, obj) -> list[list[int]]:
     for i, ids in enumerate(obj.target_ids.tolist()):
         hits = [p for p in range(len(ids) - len(sub) + 1) if ids[p : p + len(sub)] == sub]
         if not hits:
-            raise ValueError(f"the subject {words!r} does not occur in target prompt {obj.concept.target_prompts[i]!r}")
+            raise ValueError(f"the subject {words!r} does not occur in target prompt {obj.target_prompts[i]!r}")
         out.append(list(range(hits[-1], hits[-1] + len(sub))))
     return out
+
+
+def end_of_text_offsets(model, obj, subj) -> list[int]:
+    """Per target prompt, the end-of-text token's position relative to the last subject token (from the attention
+    mask: the last attended position; padding follows it)."""
+    mask = model.tokenizer(list(obj.target_prompts), padding="max_length", max_length=obj.target_ids.shape[1],
+                           truncation=True).attention_mask
+    return [int(sum(row)) - 1 - pos[-1] for row, pos in zip(mask, subj)]
 
 
 class _Tracer:
@@ -89,14 +99,9 @@ class _Tracer:
         for i, pos in enumerate(self.subj):
             self.subject_mask[i, pos] = True
         gen = torch.Generator().manual_seed(cfg.seed + 12345)
-        self.noises = [torch.randn(self.emb_clean.shape, generator=gen, dtype=self.emb_clean.dtype) * sd * cfg.noise_scale
-                       for _ in range(cfg.n_noise)]
+        self.noises = [diffusion.randn(self.emb_clean.shape, gen, self.emb_clean.dtype, self.emb_clean.device)
+                       * sd * cfg.noise_scale for _ in range(cfg.n_noise)]
         self.kind = obj.config.kind
-        if self.kind != "classifier":
-            idx = obj.image_index
-            with torch.no_grad():
-                self.eps_anchor = (obj.eps_anchor if obj.config.anchor == "frozen" else
-                                   run_unet(m, obj.x_t, obj.t, obj.ctx_anchor[idx])[0])
 
     def corruption(self, k: int, rows: int) -> dict[str, Patch]:
         """The embedding patch of noise draw ``k`` for ``rows`` repetitions of the prompts."""
@@ -104,27 +109,12 @@ class _Tracer:
         return {self.emb_path: Patch(bad, self.subject_mask.repeat(rows, 1, 1))}
 
     def J(self, ctx_prompts: torch.Tensor, r: int, unet_patches=None, plan=None, mult=None, means=None) -> torch.Tensor:
-        """J for ``r`` row blocks; ``ctx_prompts`` is (r * P, L, D) target contexts."""
-        obj, m = self.obj, self.model
-        P = obj.target_ids.shape[0]
-        if self.kind == "classifier":
-            images = generate(m, list(obj.concept.target_prompts) * r, steps=obj.config.gen_steps,
-                              guidance=obj.config.guidance, context=ctx_prompts, latents=obj.noise0.repeat(r, 1, 1, 1),
-                              unet_patches=unet_patches, plan=plan,
-                              mult=None if mult is None else mult.repeat_interleave(P, 0), means=means)
-            p = m.classifier.concept_probability(images, obj.concept.attribute, obj.concept.value)
-            return p.reshape(r, P)
-        idx = obj.image_index
-        S = obj.n_samples
-        ctx = ctx_prompts.reshape(r, P, *ctx_prompts.shape[1:])[:, idx].reshape(r * S, *ctx_prompts.shape[1:])
-        rows = None if mult is None else mult.repeat_interleave(S, 0)
-        eps = run_unet(m, obj.x_t.repeat(r, 1, 1, 1), obj.t.repeat(r), ctx, plan, rows, means,
-                       unet_patches(0) if unet_patches else None)[0]
-        eps = eps.reshape(r, S, *eps.shape[1:])
-        dims = tuple(range(2, eps.dim()))
-        if self.kind == "erase":
-            return (eps - self.eps_anchor[None]).pow(2).mean(dim=dims)
-        return -(eps - obj.target[None]).pow(2).mean(dim=dims)
+        """J for ``r`` row blocks of target contexts ``ctx_prompts`` (r * P, L, D): the objective's own J, with the
+        anchor branch at the intact model (only the target prompt is corrupted and restored)."""
+        if ctx_prompts.shape[0] != r * self.obj.config.n_images:
+            raise ValueError(f"{ctx_prompts.shape[0]} contexts for {r} row blocks")
+        return self.obj.values(plan, mult, means, target_context=ctx_prompts, unet_patches=unet_patches,
+                               intervene_anchor=False)
 
     def text(self, ids_rows, patches, plan=None, mult=None, means=None):
         return run_text(self.model, ids_rows, plan, mult, means, patches)
@@ -171,7 +161,8 @@ class CausalTracing(Method):
             scores = self._components(tr, comps, j_clean, j_corr, ctx_corr, entry, progress)
             extra = self._maps(tr, j_clean, j_corr, ctx_corr) if cfg.maps else []
         meta = {"j_clean": float(j_clean.mean()), "j_corrupted": [float(j.mean()) for j in j_corr],
-                "subject_positions": tr.subj, "noise_scale": cfg.noise_scale}
+                "subject_positions": tr.subj, "noise_scale": cfg.noise_scale,
+                "end_of_text_offsets": end_of_text_offsets(m, obj, tr.subj)}
         return {"score": scores.mean(1), "stderr": stderr_over(scores, 1), "extra_frames": extra, "meta": meta}
 
     def _components(self, tr, comps, j_clean, j_corr, ctx_corr, entry, progress):
@@ -187,26 +178,22 @@ class CausalTracing(Method):
             plan = compile_plan(m, sub)
             clean = self._clean_states(tr, plan, part)
             for k in range(cfg.n_noise):
-                for start in tqdm(range(0, len(sub), cfg.chunk), desc=f"tracing {part} draw {k}", disable=not progress):
-                    stop = min(start + cfg.chunk, len(sub))
 
-                    def compute(start=start, stop=stop, k=k):
-                        r = stop - start
-                        M = torch.ones(r, len(sub), dtype=m.dtype)
-                        M[torch.arange(r), torch.arange(start, stop)] = 0  # 0 = take the clean value
-                        if part == "text_encoder":
-                            ctx = tr.text(obj.target_ids.repeat(r, 1), tr.corruption(k, r), plan,
-                                          M, clean)[0]
-                            J = tr.J(ctx, r)
-                        elif tr.kind == "classifier":
-                            J = tr.J(ctx_corr[k].repeat(r, 1, 1), r, unet_patches=_unit_patches(plan, M, clean, obj),
-                                     )
-                        else:
-                            J = tr.J(ctx_corr[k].repeat(r, 1, 1), r, plan=plan, mult=M, means=clean)
-                        return {"frac": _frac(J, j_corr[k], j_clean)[:, 0]}
+                def compute(start, stop, k=k):
+                    r = stop - start
+                    M = torch.ones(r, len(sub), dtype=obj.dtype)
+                    M[torch.arange(r), torch.arange(start, stop)] = 0  # 0 = take the clean value
+                    if part == "text_encoder":
+                        ctx = tr.text(obj.target_ids.repeat(r, 1), tr.corruption(k, r), plan, M, clean)[0]
+                        J = tr.J(ctx, r)
+                    elif tr.kind == "classifier":
+                        J = tr.J(ctx_corr[k].repeat(r, 1, 1), r, unet_patches=_unit_patches(plan, M, clean, obj))
+                    else:
+                        J = tr.J(ctx_corr[k].repeat(r, 1, 1), r, plan=plan, mult=M, means=clean)
+                    return {"frac": _frac(J, j_corr[k], j_clean)[:, 0]}
 
-                    res = compute() if entry is None else entry.chunk(f"trace-{part}-{k}-{start:07d}", compute)
-                    out[[idx[i] for i in range(start, stop)], k] = res["frac"].double()
+                fracs = sweep(entry, len(sub), cfg.chunk, compute, f"trace-{part}-{k}", progress)
+                out[idx, k] = torch.cat([f["frac"] for f in fracs]).double()
         return out
 
     def _clean_states(self, tr, plan, part):
@@ -217,7 +204,7 @@ class CausalTracing(Method):
             return run_text(m, obj.target_ids, saves=paths)[1]
         if tr.kind == "classifier":
             rec: dict = {}
-            generate(m, list(obj.concept.target_prompts), steps=obj.config.gen_steps, guidance=obj.config.guidance,
+            generate(m, list(obj.target_prompts), steps=obj.config.gen_steps, guidance=obj.config.guidance,
                      latents=obj.noise0, record=paths, recorded=rec)
             return rec
         return run_unet(m, obj.x_t, obj.t, obj.ctx_target[obj.image_index], saves=paths)[1]
@@ -230,7 +217,7 @@ class CausalTracing(Method):
         plan = compile_plan(m, layers)
         clean = self._clean_states(tr, plan, "unet")
         r = len(layers)
-        M = torch.ones(r, r, dtype=m.dtype) - torch.eye(r, dtype=m.dtype)
+        M = torch.ones(r, r, dtype=obj.dtype) - torch.eye(r, dtype=obj.dtype)
         if tr.kind == "classifier":
             steps = obj.config.gen_steps
             vals = torch.empty(r, steps, cfg.n_noise, dtype=torch.float64)
@@ -255,7 +242,10 @@ class CausalTracing(Method):
         paths = [c.module for c in tlayers]
         clean_t = run_text(m, obj.target_ids, saves=paths)[1]
         P, L = obj.target_ids.shape
-        lengths = (obj.target_ids != m.tokenizer.pad_token_id).sum(1).tolist()
+        # Every position of the context counts: the subject, the tokens before it, and the end-of-text and padding
+        # positions after it (where Basu et al. look for what the subject passes on). Not found from pad_token_id:
+        # CLIP's pad token IS the end-of-text token in SD 1.x.
+        lengths = [L] * P
         last = [pos[-1] for pos in tr.subj]
         offsets = range(-max(last), max(l - 1 - s for l, s in zip(lengths, last)) + 1)
         table = {}
@@ -294,6 +284,26 @@ class CausalTracing(Method):
             if np.isfinite(vals_t).any():
                 frames.append({"components": tlayers, "score": np.nan_to_num(vals_t), "stderr": errs, "token": off})
         return frames
+
+    @classmethod
+    def planned_rows(cls, config, comps, shape):
+        """UNet rows of a run (see :mod:`interp.plan`), all without gradients: the clean and corrupted runs, one
+        restored run per component and noise draw, and the layer x timestep and layer x token maps."""
+        from collections import Counter
+
+        k = config.n_noise
+        rows = shape.target_j(1) * (1 + k)  # J clean, J corrupted per draw
+        if shape.kind == "erase" and shape.anchor != "frozen":
+            rows = rows + shape.target_j(1)  # the intact anchor branch, computed once (erase only)
+        parts = Counter(c.model for c in comps)
+        if parts["unet"]:
+            rows = rows + shape.clean_states()
+        rows = rows + shape.target_j(len(comps)) * k
+        if config.maps:
+            per_step = shape.gen_steps if shape.kind == "classifier" else 1  # classifier: one map column per step
+            rows = rows + shape.clean_states() + shape.target_j(shape.trace_unet_layers) * (k * per_step)
+            rows = rows + shape.target_j(shape.text_length) * (k * shape.trace_text_layers)
+        return rows
 
 
 def _unit_patches(plan, M, clean_by_step, obj, only_step=None):

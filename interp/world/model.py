@@ -128,10 +128,11 @@ class ConceptWorldPipeline(DiffusionPipeline):
             latents = diffusion.initial_noise(self.unet, len(prompts), generator, self.unet.dtype, device)
 
         def unet_fn(x, t, context, step):
-            return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+            return self.unet(x.to(self.unet.dtype), t, encoder_hidden_states=context.to(self.unet.dtype),
+                             return_dict=False)[0]
 
         out = diffusion.denoise(
-            unet_fn, self.scheduler, latents, cond, uncond, num_inference_steps, guidance_scale, generator
+            unet_fn, diffusion.fresh_scheduler(self.scheduler), latents, cond, uncond, num_inference_steps, guidance_scale, generator
         )
         return diffusion.decode(out)
 

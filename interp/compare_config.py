@@ -1,0 +1,209 @@
+"""The main job's configuration, in a module that imports no torch: the command line is generated from it and its
+``--help`` stays fast. Every field is validated on construction; what needs the model (timesteps against the
+scheduler, component counts, memory) is checked by :func:`interp.compare.run_comparison` before any method runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import numbers
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+#: Methods of the default run.
+DEFAULT_METHODS = ("ablation", "cad", "coar", "maskgrad", "ig", "midpoint", "screen", "tracing")
+OBJECTIVES = ("erase", "amplify", "classifier")
+GRANULARITIES = ("layer", "neuron", "head")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("float32", "bfloat16", "float16", "float64")
+MIN_HELDOUT_MASKS = 10  # an LDS (a rank correlation) over fewer held-out masks is noise
+
+
+def opt(default, help: str, **cli):
+    """A config field with its command-line help (and optional ``flags``, ``choices``, ``nargs``)."""
+    kw = {"default_factory": (lambda d=default: d)} if isinstance(default, (list, dict)) else {"default": default}
+    return field(**kw, metadata={"help": help, **cli})
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Everything a comparison run depends on; its hash names the run folder and keys the caches."""
+
+    model: str = opt("concept-world", "'concept-world' (shipped), a folder written by save_pretrained, or a hub id")
+    concepts: tuple[str, ...] = opt(("red", "blue", "circle", "square", "striped"),
+                                    "concept words (concept world: attribute values such as red, circle, striped)")
+    methods: tuple[str, ...] = opt(DEFAULT_METHODS, "methods to run; 'ablation' is always needed as the reference")
+    granularity: str = opt("neuron", "component granularity", choices=GRANULARITIES)
+    families: tuple[str, ...] = opt(("ff",), "component families: ff attn1 attn2 resnet text_attn text_mlp ...",
+                                    nargs="*", metavar="FAMILY")
+    kinds: tuple[str, ...] = opt(("ff.net.2",), "module kinds within the families, e.g. ff.net.0 (hidden units) or "
+                                                "ff.net.2 (outputs); empty for all", nargs="*")
+    blocks: tuple[str, ...] = opt((), "UNet stages to include, e.g. mid_block up_blocks.0 (empty: all)", nargs="*")
+    components: tuple[str, ...] = opt((), "explicit component addresses, e.g. "
+                                          "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2[5]; when given, "
+                                          "granularity/families/kinds/blocks are not used", nargs="*")
+    objective: str = opt("erase", "objective J", choices=OBJECTIVES)
+    judge: str = opt("classifier", "image judge of the classifier objective: 'classifier' (the concept world's), "
+                                   "'concept-world-clip' (shipped), or a CLIPModel folder or hub id")
+    anchor: str = opt("shared", "erase objective: ablate the anchor branch too (shared) or keep it intact (frozen, "
+                                "CAD's stop-gradient literally)", choices=("shared", "frozen"))
+    n_images: int = opt(4, "evaluation images per concept", flags=("--images", "--n-images"))
+    timesteps: tuple[int, ...] = opt((250, 600), "diffusion timesteps of the evaluation set, within the "
+                                                 "scheduler's training range")
+    dtype: str = opt("float32", "precision of the forward passes (statistics are accumulated in float32; float64 "
+                                "for ground truth)", choices=PRECISIONS, flags=("--precision", "--dtype"))
+    device: str = opt("auto", "device: auto (CUDA, else MPS, else CPU), cpu, cuda or mps", choices=DEVICES)
+    coar_masks: int = opt(0, "COAR's random masks (0: twice the number of components; otherwise at least 10)")
+    coar_alpha: float = opt(0.05, "COAR's ablation rate, in (0, 1)")
+    maskgrad_masks: int = opt(12, "random masks K of the mask-averaged gradient (measured choice: see "
+                                  "MaskGradConfig)")
+    maskgrad_alpha: float = opt(0.05, "ablation rate of the mask-averaged gradient and the midpoint gradient, in "
+                                      "(0, 1)")
+    maskgrad_curve: tuple[int, ...] = opt((4, 8), "also report the mask-averaged gradient from its first K masks, "
+                                                  "for each K (free)", nargs="*")
+    screen_fraction: float = opt(0.1, "screen-then-verify: share of components, ranked by the mask-averaged "
+                                      "gradient, whose true ablation effect is measured, in (0, 1]")
+    tracing_noise: int = opt(2, "causal tracing: noise draws per corrupted run")
+    lds_alphas: tuple[float, ...] = opt((0.01, 0.05, 0.2), "ablation rates of the held-out masks, each in (0, 1)")
+    heldout_masks: int = opt(64, f"held-out joint-ablation masks per ablation rate for the LDS (at least "
+                                 f"{MIN_HELDOUT_MASKS})")
+    n_boot: int = opt(1000, "bootstrap resamples of the confidence intervals (at least 100)")
+    seed: int = opt(0, "seed of every random choice (>= 0)")
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            tp = _field_type(f)
+            if tp[0] == "tuple":
+                if isinstance(value, str) or not isinstance(value, typing.Iterable):
+                    raise ValueError(f"{f.name} must be a sequence of {tp[1].__name__} values, got {value!r}"
+                                     + (f"; write ({value!r},)" if isinstance(value, str) else ""))
+                value = tuple(value)
+                for v in value:
+                    _check_type(f.name, v, tp[1])
+                object.__setattr__(self, f.name, tuple(float(v) if tp[1] is float else v for v in value))
+            else:
+                _check_type(f.name, value, tp[1])
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {list(choices)}, got {value!r}")
+        if not self.model.strip():
+            raise ValueError("model is empty: pass 'concept-world', a pipeline folder or a hub id")
+        if not self.concepts:
+            raise ValueError("no concepts given")
+        if any(not c.strip() for c in self.concepts):
+            raise ValueError(f"concept words must be non-empty, got {self.concepts}")
+        if len(set(self.concepts)) != len(self.concepts):
+            raise ValueError(f"duplicate concepts in {self.concepts}")
+        if not self.methods:
+            raise ValueError("no methods given")
+        from .methods import REGISTRY  # imported here, not at module level: --help must not load torch
+
+        unknown = [m for m in self.methods if m not in REGISTRY]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; registered methods are {sorted(REGISTRY)}")
+        if "ablation" not in self.methods:
+            raise ValueError("the comparison needs 'ablation' (true ablation is the reference of every table)")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"duplicate methods in {self.methods}")
+        if self.n_images < 1:
+            raise ValueError(f"n_images (--images) must be >= 1, got {self.n_images}")
+        if not self.timesteps or any(t < 0 for t in self.timesteps):
+            raise ValueError(f"timesteps must be non-empty and >= 0, got {self.timesteps}")
+        if self.coar_masks != 0 and self.coar_masks < 10:
+            raise ValueError(f"coar_masks (--coar-masks) must be 0 (twice the components) or >= 10, got "
+                             f"{self.coar_masks}")
+        for name in ("coar_alpha", "maskgrad_alpha"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.maskgrad_masks < 1:
+            raise ValueError(f"maskgrad_masks must be >= 1, got {self.maskgrad_masks}")
+        if any(k < 1 for k in self.maskgrad_curve):
+            raise ValueError(f"maskgrad_curve values must be >= 1, got {self.maskgrad_curve}")
+        if not 0 < self.screen_fraction <= 1:
+            raise ValueError(f"screen fraction must be in (0, 1], got {self.screen_fraction}")
+        if self.tracing_noise < 1:
+            raise ValueError(f"tracing_noise must be >= 1, got {self.tracing_noise}")
+        if not self.lds_alphas:
+            raise ValueError("lds_alphas is empty: give at least one ablation rate in (0, 1)")
+        for a in self.lds_alphas:
+            if not 0 < a < 1:
+                raise ValueError(f"LDS ablation rates must be in (0, 1), got {a}")
+        if self.heldout_masks < MIN_HELDOUT_MASKS:
+            raise ValueError(f"heldout_masks (--heldout-masks) must be >= {MIN_HELDOUT_MASKS} for a meaningful LDS, "
+                             f"got {self.heldout_masks}")
+        if self.n_boot < 100:
+            raise ValueError(f"n_boot must be >= 100 for a 95% interval, got {self.n_boot}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def objective_config(self):
+        from .objectives import ObjectiveConfig
+
+        return ObjectiveConfig(kind=self.objective, anchor=self.anchor, n_images=self.n_images,
+                               timesteps=self.timesteps, seed=self.seed, dtype=self.dtype, judge=self.judge)
+
+    def method_options(self, method: str, n: int) -> dict:
+        coar_m = self.coar_masks or 2 * n
+        n_train = coar_m - max(1, int(round(0.2 * coar_m)))  # COARConfig.heldout = 0.2 of the masks are its test set
+        maskgrad = {"n_masks": self.maskgrad_masks, "alpha": self.maskgrad_alpha, "seed": self.seed,
+                    "extra_alphas": tuple(a for a in self.lds_alphas if a != self.maskgrad_alpha),
+                    "curve": tuple(k for k in self.maskgrad_curve if k < self.maskgrad_masks)}
+        return {
+            # the budget curve at 1/8, 1/4, 1/2 of the training masks, where at least 10 masks are left to fit
+            "coar": {"n_masks": coar_m, "alpha": self.coar_alpha, "seed": self.seed,
+                     "curve": tuple(sorted({m for f in (0.125, 0.25, 0.5)
+                                            if 10 <= (m := max(10, int(coar_m * 0.8 * f))) < n_train}))},
+            "maskgrad": maskgrad,
+            "midpoint": {"alpha": self.maskgrad_alpha, "seed": self.seed},
+            # screened by the same mask-averaged gradient the run reports (the same options, so the same cached
+            # result): the two rows differ only by the verified components
+            "screen": {"fraction": self.screen_fraction, "seed": self.seed, "screen": "maskgrad",
+                       "screen_options": tuple((k, v) for k, v in maskgrad.items() if k != "seed")},
+            "tracing": {"n_noise": self.tracing_noise, "seed": self.seed},
+        }.get(method, {"seed": self.seed})
+
+
+# -- the command line, generated from the dataclass ----------------------------------------------------------------
+_SCALARS = {"str": str, "int": int, "float": float}
+
+
+def _field_type(f) -> tuple[str, type]:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    t = t.replace(" ", "")
+    if t.startswith("tuple[") and t.endswith(",...]"):
+        return "tuple", _SCALARS[t[len("tuple["):-len(",...]")]]
+    return "scalar", _SCALARS[t]
+
+
+def _check_type(name: str, v, tp: type) -> None:
+    ok = (isinstance(v, str) if tp is str else
+          isinstance(v, numbers.Integral) and not isinstance(v, bool) if tp is int else
+          isinstance(v, numbers.Real) and not isinstance(v, bool))
+    if not ok:
+        raise ValueError(f"{name} must be {'a' if tp is not int else 'an'} {tp.__name__}, got {v!r} "
+                         f"({type(v).__name__})")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One option per field of dataclass ``cls``, typed and documented from the field (its default in the help)."""
+    for f in fields(cls):
+        kind, tp = _field_type(f)
+        flags = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kw = {"dest": f.name, "type": tp, "default": list(default) if kind == "tuple" else default,
+              "help": f.metadata.get("help", "") + " (default: %(default)s)"}
+        if "choices" in f.metadata:
+            kw["choices"] = list(f.metadata["choices"])
+        if kind == "tuple":
+            kw["nargs"] = f.metadata.get("nargs", "+")
+            kw["metavar"] = f.metadata.get("metavar") or (f.name.upper()[:-1] if tp is str else tp.__name__.upper())
+        parser.add_argument(*flags, **kw)
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: (tuple(v) if isinstance(v, list) else v)
+                  for f in fields(cls) if (v := getattr(args, f.name)) is not None})

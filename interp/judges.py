@@ -1,0 +1,352 @@
+"""Image judges: what says whether a generated image shows a concept.
+
+One interface (:class:`Judge`) behind everything in the suite that looks at images: the ``classifier`` objective,
+causal tracing's end-to-end score and edit evaluation. Images are ``(N, 3, H, W)`` in ``[0, 1]`` of any size (the
+judge resizes them); every method is differentiable where it can be (the classifier objective takes gradients
+through the judge).
+
+``probability(images, concept)``
+    ``(N,)``: how sure the judge is that each image shows the concept.
+``predict(images, {attribute: [values]})``
+    per attribute, ``(N, n_values)`` class probabilities over the given values (edit evaluation's rates).
+``features(images)``
+    an image embedding, for the Frechet distance of edit evaluation.
+
+Two judges:
+
+:class:`ClassifierJudge`
+    the concept world's concept classifier (:mod:`interp.world.classifier`): one softmax head per attribute.
+:class:`CLIPJudge`
+    zero-shot scoring with any transformers ``CLIPModel`` (Radford et al., ICML 2021), the judge Stable Diffusion
+    erasure papers use: each class is the mean of the normalized text embeddings of a few prompt templates
+    ("a photo of {value}", ...; CLIP's prompt ensembling), and the probabilities are the softmax of the model's
+    logit scale times the cosine similarity between image and class embeddings. ``probability`` weighs the concept
+    against its alternatives (:attr:`interp.concepts.Concept.alternatives`: the other values of a concept-world
+    attribute, or what the user gives for a text concept); without any it uses :data:`GENERIC_ALTERNATIVES`, a
+    weak fallback (the number then says "more like the concept than like something else", nothing finer).
+    A folder may carry a ``judge.json`` with its own templates per attribute (the shipped concept-world CLIP does:
+    its vocabulary only knows the world's words) and a ``preprocessor_config.json`` with the image mean and std.
+
+:func:`load_judge` turns a spec into a judge: ``"classifier"`` (the model's own, concept world),
+``"concept-world-clip"`` (the small CLIP the suite trains on concept-world renders, :mod:`interp.world.clip`),
+a folder, or a hub id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ASSETS = Path(__file__).parent / "world" / "assets"
+SHIPPED_JUDGES = {"concept-world-clip": ASSETS / "concept-world-clip"}
+#: Zero-shot templates of a CLIP folder without a ``judge.json``.
+DEFAULT_TEMPLATES = ("a photo of {}", "a picture of {}", "an image of {}", "a rendering of {}")
+#: What a concept without alternatives is weighed against by a CLIP judge (a weak fallback; see the docstring).
+GENERIC_ALTERNATIVES = ("something else",)
+#: CLIP's own image normalization (used when a folder has no preprocessor_config.json).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class JudgeLoadError(ValueError):
+    """A judge spec that names nothing loadable."""
+
+
+def concept_target(concept) -> tuple[str, str | None, tuple[str, ...]]:
+    """``(value, attribute, alternatives)`` of a :class:`~interp.concepts.Concept` or a plain word."""
+    if isinstance(concept, str):
+        return concept, None, ()
+    value = concept.value or concept.name
+    return value, concept.attribute, tuple(concept.alternatives)
+
+
+class Judge(ABC):
+    """An image judge (see the module docstring)."""
+
+    name: str = "judge"
+
+    @abstractmethod
+    def probability(self, images: torch.Tensor, concept) -> torch.Tensor:
+        """``(N,)`` probability that each image shows ``concept`` (a Concept or a word); differentiable."""
+
+    @abstractmethod
+    def predict(self, images: torch.Tensor, attribute_values: Mapping[str, Sequence[str]]) -> dict[str, torch.Tensor]:
+        """Per attribute, ``(N, n_values)`` probabilities over the given values (rows sum to 1)."""
+
+    @abstractmethod
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        """``(N, D)`` float64 image features (for Frechet distances between image sets)."""
+
+    @abstractmethod
+    def to(self, device) -> "Judge":
+        """Move the judge to ``device``; returns itself."""
+
+    def check(self, concept) -> None:
+        """Raise a clear ``ValueError`` if the judge cannot score ``concept`` (cheap; no image needed)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"a judge takes images of shape (N, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    down = images.shape[-2] > size[0] or images.shape[-1] > size[1]
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=down)
+
+
+class ClassifierJudge(Judge):
+    """The concept world's concept classifier as a judge; images are resized to its 16x16 input."""
+
+    def __init__(self, classifier, name: str = "classifier", size: int = 16):
+        self.classifier, self.name, self.size = classifier, name, size
+
+    def _dtype(self):
+        return next(self.classifier.parameters()).dtype
+
+    def _device(self):
+        return next(self.classifier.parameters()).device
+
+    def _prep(self, images):
+        return _resize(images, (self.size, self.size)).to(self._device(), self._dtype())
+
+    def check(self, concept):
+        from .world.vocab import attribute_of
+
+        value, attribute, _ = concept_target(concept)
+        try:
+            return attribute or attribute_of(value)
+        except KeyError as err:
+            raise ValueError(f"the concept classifier cannot judge {value!r}: {err.args[0]}. On another model use "
+                             f"a CLIP judge (judge='concept-world-clip', a CLIPModel folder or a hub id)") from None
+
+    def probability(self, images, concept):
+        value = concept_target(concept)[0]
+        return self.classifier.concept_probability(self._prep(images), self.check(concept), value)
+
+    def predict(self, images, attribute_values):
+        from .world.vocab import ATTRIBUTES
+
+        with torch.no_grad():
+            probs = self.classifier.predict(self._prep(images))
+        out = {}
+        for a, values in attribute_values.items():
+            if a not in ATTRIBUTES:
+                raise ValueError(f"the concept classifier has no attribute {a!r}; it judges {list(ATTRIBUTES)}")
+            unknown = [v for v in values if v not in ATTRIBUTES[a]]
+            if unknown:
+                raise ValueError(f"the concept classifier knows no {a} {unknown}; its {a}s are {ATTRIBUTES[a]}")
+            if tuple(values) == ATTRIBUTES[a]:
+                out[a] = probs[a]
+            else:  # a subset or another order: the classifier's distribution restricted to those values
+                p = probs[a][:, [ATTRIBUTES[a].index(v) for v in values]]
+                out[a] = p / p.sum(1, keepdim=True).clamp_min(1e-12)
+        return out
+
+    def features(self, images):
+        with torch.no_grad():  # the trunk's output, with the classifier's own input normalization
+            return self.classifier.trunk(self._prep(images) * 2 - 1).double().cpu().numpy()
+
+    def to(self, device):
+        self.classifier.to(device)
+        return self
+
+
+class CLIPJudge(Judge):
+    """Zero-shot judge with a transformers ``CLIPModel`` (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, name: str = "clip", templates: Mapping[str, Sequence[str]] | None = None,
+                 image_mean=CLIP_MEAN, image_std=CLIP_STD):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer, self.name = tokenizer, name
+        self.templates = {k: tuple(v) for k, v in (templates or {"default": DEFAULT_TEMPLATES}).items()}
+        if "default" not in self.templates:
+            self.templates["default"] = DEFAULT_TEMPLATES
+        for k, ts in self.templates.items():
+            if not ts or any("{}" not in t for t in ts):
+                raise ValueError(f"templates for {k!r} must be non-empty strings with a '{{}}' slot, got {ts}")
+        size = model.config.vision_config.image_size
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.max_length = min(int(tokenizer.model_max_length), model.config.text_config.max_position_embeddings)
+        self._classes: dict[tuple[str, str | None], torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, spec: str | os.PathLike, name: str | None = None, device=None) -> "CLIPJudge":
+        """A CLIP judge from a folder written by ``save_pretrained`` (model + tokenizer) or a hub id."""
+        from transformers import AutoTokenizer, CLIPModel
+
+        local = Path(spec).exists()
+        # HF_HUB_OFFLINE read at call time (huggingface_hub reads it once, at import): no network retries offline
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        kw = {"local_files_only": True} if local or offline else {}
+        model = CLIPModel.from_pretrained(str(spec), dtype=torch.float32, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(str(spec), **kw)
+        templates, mean, std = None, CLIP_MEAN, CLIP_STD
+        if local:
+            folder = Path(spec)
+            if (folder / "judge.json").exists():
+                templates = json.loads((folder / "judge.json").read_text()).get("templates")
+            if (folder / "preprocessor_config.json").exists():
+                pre = json.loads((folder / "preprocessor_config.json").read_text())
+                mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
+        else:
+            from transformers import CLIPImageProcessor
+
+            try:
+                pre = CLIPImageProcessor.from_pretrained(str(spec))
+                mean, std = pre.image_mean, pre.image_std
+            except OSError:
+                pass
+        judge = cls(model, tokenizer, name or str(spec), templates, mean, std)
+        return judge.to(device) if device is not None else judge
+
+    # -- text side ---------------------------------------------------------------------------------------------
+    def prompts(self, value: str, attribute: str | None = None) -> list[str]:
+        return [t.format(value) for t in self.templates.get(attribute or "default", self.templates["default"])]
+
+    def _check_vocabulary(self, prompts: list[str]) -> None:
+        """Word-level tokenizers without an unknown token (the concept world's) refuse unknown words by name."""
+        backend = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "model", None)
+        if getattr(self.tokenizer, "unk_token", None) is not None or type(backend).__name__ != "WordLevel":
+            return
+        vocab = self.tokenizer.get_vocab()
+        from .world.vocab import words_of
+
+        unknown = sorted({w for p in prompts for w in words_of(p) if w not in vocab})
+        if unknown:
+            raise ValueError(
+                f"the judge {self.name!r} does not know the word(s) {unknown}: its vocabulary is "
+                f"{sorted(w for w in vocab if not w.startswith('<'))}; give concepts and alternatives in those words"
+            )
+
+    def class_embedding(self, value: str, attribute: str | None = None) -> torch.Tensor:
+        """Unit-norm mean of the unit-norm text embeddings of ``value``'s prompts (cached)."""
+        key = (value, attribute)
+        if key not in self._classes:
+            prompts = self.prompts(value, attribute)
+            self._check_vocabulary(prompts)
+            enc = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                                 return_tensors="pt")
+            dev = self.model.logit_scale.device
+            with torch.no_grad():
+                out = self.model.get_text_features(input_ids=enc.input_ids.to(dev),
+                                                   attention_mask=enc.attention_mask.to(dev))
+            emb = out if isinstance(out, torch.Tensor) else out.pooler_output
+            emb = F.normalize(F.normalize(emb.float(), dim=-1).mean(0), dim=-1)
+            self._classes[key] = emb
+        return self._classes[key]
+
+    # -- image side --------------------------------------------------------------------------------------------
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        dev = self.model.logit_scale.device
+        x = _resize(images, self.size).to(dev, torch.float32)
+        x = (x - self.mean.to(dev)) / self.std.to(dev)
+        out = self.model.get_image_features(pixel_values=x)
+        emb = out if isinstance(out, torch.Tensor) else out.pooler_output
+        return F.normalize(emb, dim=-1)
+
+    def logits(self, images: torch.Tensor, classes: Sequence[tuple[str, str | None]]) -> torch.Tensor:
+        """``(N, K)``: logit scale x cosine similarity of each image with each (value, attribute) class."""
+        text = torch.stack([self.class_embedding(v, a) for v, a in classes])
+        return self.model.logit_scale.exp() * self.image_embeddings(images) @ text.T
+
+    def _classes_of(self, concept) -> list[tuple[str, str | None]]:
+        value, attribute, alternatives = concept_target(concept)
+        alternatives = alternatives or GENERIC_ALTERNATIVES
+        if value in alternatives:
+            raise ValueError(f"the concept {value!r} is among its own alternatives {alternatives}")
+        return [(value, attribute)] + [(v, attribute) for v in alternatives]
+
+    def check(self, concept):
+        for v, a in self._classes_of(concept):
+            self.class_embedding(v, a)  # refuses words a word-level vocabulary does not know
+
+    def probability(self, images, concept):
+        p = self.logits(images, self._classes_of(concept)).softmax(-1)[:, 0]
+        return p.to(images.device, images.dtype if images.is_floating_point() else torch.float32)
+
+    def predict(self, images, attribute_values):
+        out = {}
+        with torch.no_grad():
+            for a, values in attribute_values.items():
+                if len(values) < 2:
+                    raise ValueError(f"attribute {a!r} needs at least two values to choose from, got {values}")
+                out[a] = self.logits(images, [(v, a) for v in values]).softmax(-1).cpu()
+        return out
+
+    def features(self, images):
+        with torch.no_grad():
+            return self.image_embeddings(images).double().cpu().numpy()
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+
+_CACHE: dict[tuple[str, str], Judge] = {}
+
+
+def load_judge(spec: str | os.PathLike | Judge = "classifier", device=None, model=None) -> Judge:
+    """A judge from a spec: a :class:`Judge` (returned as is); ``"classifier"``: ``model``'s concept classifier (or,
+    without a model, the shipped concept world's); ``"concept-world-clip"``: the shipped small CLIP; a folder (a
+    ``CLIPModel`` saved with ``save_pretrained``, or a concept-world folder with ``classifier.safetensors``); a hub id
+    of a CLIP model. ``device`` defaults to the model's (else the CPU). Loaded CLIP judges are cached per spec.
+    """
+    if isinstance(spec, Judge):
+        return spec.to(device) if device is not None else spec
+    device = torch.device(device) if device is not None else (model.device if model is not None else torch.device("cpu"))
+    text = str(spec)
+    if text == "classifier":
+        if model is not None:
+            if getattr(model, "classifier", None) is None:
+                raise ValueError(
+                    f"model {model.name!r} has no concept classifier to judge images with: pass a CLIP judge "
+                    f"(judge='concept-world-clip', a CLIPModel folder or a hub id; --judge on the command line)"
+                )
+            return ClassifierJudge(model.classifier)
+        text = str(ASSETS / "concept-world")
+    folder = SHIPPED_JUDGES.get(text, Path(text).expanduser())
+    key = (str(folder), str(device))
+    if key in _CACHE:
+        return _CACHE[key]
+    if folder.exists():
+        if (folder / "classifier.safetensors").exists():
+            from .world.classifier import ConceptClassifier
+
+            judge: Judge = ClassifierJudge(ConceptClassifier.load(folder), name=text).to(device)
+        elif (folder / "config.json").exists():
+            judge = CLIPJudge.from_pretrained(folder, name=text, device=device)
+        else:
+            raise JudgeLoadError(f"{folder} holds no judge: point at a CLIPModel folder written by save_pretrained "
+                                 f"(config.json) or a concept-world folder with classifier.safetensors")
+    elif text in SHIPPED_JUDGES:
+        raise FileNotFoundError(f"the shipped judge {text!r} is missing from {folder}; rebuild it with "
+                                f"`python -m analyses.train_clip`")
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/", "~")):
+        try:
+            judge = CLIPJudge.from_pretrained(text, device=device)
+        except Exception as err:  # the hub is out of reach or the id is wrong
+            reason = " ".join(str(err).split())[:300]
+            raise JudgeLoadError(
+                f"could not load judge hub id {text!r} ({type(err).__name__}: {reason}); without network access, "
+                f"download the CLIP model elsewhere and pass its folder"
+            ) from err
+    elif any(sep in text for sep in ("/", "\\")) or text.startswith((".", "~")):
+        raise FileNotFoundError(f"judge folder {text!r} does not exist")
+    else:
+        raise JudgeLoadError(f"unknown judge {text!r}: use 'classifier', {', '.join(map(repr, SHIPPED_JUDGES))}, "
+                             f"a CLIPModel folder or a hub id like 'openai/clip-vit-base-patch32'")
+    _CACHE[key] = judge
+    return judge

@@ -1,0 +1,418 @@
+"""What a comparison will cost, before it runs: passes counted, one batched pass measured, wall time projected.
+
+:func:`plan_comparison` reads a :class:`~interp.compare.CompareConfig`, counts the UNet rows every method and every
+held-out LDS set will run (each method declares its cost with a ``planned_rows`` classmethod, written next to the
+loop it describes), measures one batched forward pass and one forward+backward pass on the actual model (time, peak
+resident memory, FLOPs), and projects the wall time of every method. Nothing of the comparison itself runs.
+
+Counting follows the engine's own accounting (:meth:`interp.methods.base.Method.attribute`): a "forward evaluation"
+is one pass of the whole evaluation set through the UNet (``Objective.rows_per_eval`` rows: images x timesteps x
+erase branches), a "backward evaluation" one such pass with gradients; the planned counts equal those a run records
+in its metadata (tested on the concept world for every registered method).
+
+FLOPs are counted with :class:`torch.utils.flop_counter.FlopCounterMode` on a copy of the UNet built on the ``meta``
+device (no memory, no compute), with a multiplier at every ablation site so that the backward pass has the graph of
+the engine's (gradients with respect to multipliers, frozen weights). On the meta device attention decomposes into
+counted matrix products; on a CPU the fused attention kernel is invisible to the counter, so a count taken there is
+lower. Time and memory are measured on the real model, after a warm-up pass at the smallest latent size the UNet
+accepts (nnsight reads its trace code on the first call). The batch of the measured passes is the engine's batch,
+capped so that one pass stays near :data:`FLOP_BUDGET`: on a model of Stable Diffusion's size at 64x64 latents
+that is one row. The projection is linear in rows at the measured batch; it covers the UNet passes only (text
+encoder passes, regression fits, bootstrap intervals, figures and model loading are not included).
+
+Peak memory is the resident-set high-water mark of the process during the pass (Linux ``/proc/self/status``
+``VmHWM``, reset through ``/proc/self/clear_refs``; on CUDA ``torch.cuda.max_memory_allocated``): the weights plus
+the activations of the measured batch.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+#: FLOPs one measured pass may cost (a fraction of a second on an idle 2-core CPU).
+FLOP_BUDGET = 5e10
+
+#: Masks per forward+backward pass of the gradient methods (their default ``batch``): the measured grad batch.
+GRAD_MASKS = 4
+
+
+# -- counting ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rows:
+    """UNet rows a piece of work runs: all of them, and those run with gradients (forward + backward)."""
+
+    total: int = 0
+    grad: int = 0
+
+    def __add__(self, other: "Rows") -> "Rows":
+        return Rows(self.total + other.total, self.grad + other.grad)
+
+    def __mul__(self, k: int) -> "Rows":
+        return Rows(self.total * k, self.grad * k)
+
+    __rmul__ = __mul__
+
+    @property
+    def nograd(self) -> int:
+        return self.total - self.grad
+
+
+@dataclass(frozen=True)
+class EvalShape:
+    """The shape of one objective's evaluation set, known without running the model: what each engine call costs in
+    UNet rows. Mirrors :class:`interp.objectives.Objective` (the test of this module holds the two together)."""
+
+    kind: str
+    anchor: str
+    n_images: int
+    n_samples: int  # S: images x timesteps (denoising objectives) or images (classifier)
+    branches: int  # erase with a shared anchor runs both branches through the intervened UNet
+    rows_per_eval: int  # Objective.rows_per_eval: the unit of forward_evals / backward_evals
+    unet_calls: int  # UNet calls of one generation (the scheduler's timesteps for gen_steps)
+    gen_steps: int
+    guided: bool  # classifier-free guidance doubles the rows of every generation call
+    concept_world: bool
+    text_length: int  # tokens per prompt (padded to the tokenizer's context)
+    trace_unet_layers: int  # causal tracing's UNet map: transformer blocks and resnets
+    trace_text_layers: int  # causal tracing's text-encoder map: encoder layers
+    max_batch: int
+
+    @property
+    def cfg_factor(self) -> int:
+        return 2 if self.guided else 1
+
+    def generation(self, prompts: int, grad: bool = False) -> Rows:
+        """One generation of ``prompts`` images."""
+        n = prompts * self.unet_calls * self.cfg_factor
+        return Rows(n, n if grad else 0)
+
+    def values(self, masks: int = 1, grad: bool = False) -> Rows:
+        """``Objective.values`` with ``masks`` multiplier rows over the whole evaluation set."""
+        if self.kind == "classifier":
+            return self.generation(masks * self.n_samples, grad)
+        n = masks * self.n_samples * self.branches
+        return Rows(n, n if grad else 0)
+
+    def target_j(self, blocks: int) -> Rows:
+        """Causal tracing's J: the target branch only, ``blocks`` row blocks, no gradients."""
+        if self.kind == "classifier":
+            return self.generation(blocks * self.n_images)
+        return Rows(blocks * self.n_samples)
+
+    def clean_states(self) -> Rows:
+        """One clean run of the target prompts that saves states (causal tracing)."""
+        return self.target_j(1)
+
+    def means(self, comps, mode: str) -> Rows:
+        """Reference means for mean-ablation (``interventions.unit_means``): a target-branch pass, and a second one
+        to read the inputs of output projections when heads of the UNet are among the components."""
+        if mode != "mean":
+            return Rows()
+        heads = any(c.model == "unet" and c.granularity == "head" for c in comps)
+        return Rows(self.n_samples * (2 if heads else 1))
+
+    def setup(self) -> Rows:
+        """Building the objective: samples generated (models other than the concept world), the frozen anchor's
+        prediction, and J of the intact model."""
+        rows = Rows()
+        if self.kind != "classifier" and not self.concept_world:
+            rows += self.generation(self.n_images)
+        if self.kind == "erase" and self.anchor == "frozen":
+            rows += Rows(self.n_samples)
+        return rows + self.values(1)
+
+
+def eval_shape(model, ocfg) -> EvalShape:
+    """The :class:`EvalShape` of ``ObjectiveConfig`` ``ocfg`` on ``model``, without a forward pass."""
+    from .diffusion import fresh_scheduler
+
+    sched = fresh_scheduler(model.scheduler)
+    sched.set_timesteps(ocfg.gen_steps)
+    calls = len(sched.timesteps)
+    g = ocfg.guidance if ocfg.guidance is not None else model.default_guidance
+    if ocfg.kind == "classifier":
+        S, B = ocfg.n_images, 1
+        rows_per_eval = ocfg.n_images * ocfg.gen_steps * (2 if g != 1 else 1)
+    else:
+        S = ocfg.n_images * len(ocfg.timesteps)
+        B = 2 if (ocfg.kind == "erase" and ocfg.anchor == "shared") else 1
+        rows_per_eval = S * B
+    return EvalShape(
+        kind=ocfg.kind, anchor=ocfg.anchor, n_images=ocfg.n_images, n_samples=S, branches=B,
+        rows_per_eval=rows_per_eval, unet_calls=calls, gen_steps=ocfg.gen_steps, guided=g != 1,
+        concept_world=bool(model.is_concept_world), text_length=int(model.tokenizer.model_max_length),
+        trace_unet_layers=len(model.components("layer", family=("block", "resnet"))),
+        trace_text_layers=len(model.components("layer", family="text_layer")), max_batch=ocfg.max_batch,
+    )
+
+
+def planned_rows(method: str, options: dict, comps, shape: EvalShape) -> Rows:
+    """The UNet rows ``method`` with ``options`` will run on ``comps``: its class's ``planned_rows``."""
+    from .methods import get
+
+    cls = get(method)
+    if not hasattr(cls, "planned_rows"):
+        raise NotImplementedError(f"method {method!r} declares no planned cost (a planned_rows classmethod)")
+    return cls.planned_rows(cls.Config(**options), comps, shape)
+
+
+# -- measuring --------------------------------------------------------------------------------------------------------
+def _rss_peak_reset() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the VmHWM high-water mark (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(r"VmHWM:\s+(\d+)\s+kB", f.read())
+        return int(m.group(1)) * 1024 if m else None
+    except OSError:
+        return None
+
+
+def _min_size(unet) -> int:
+    """The smallest latent side the UNet accepts: one pixel after every downsampling."""
+    return 2 ** (len(unet.config.block_out_channels) - 1)
+
+
+def _meta_flops(model, comps, rows: int = 1) -> tuple[float, float]:
+    """FLOPs of a forward pass and of a forward+backward pass (gradients with respect to multipliers at the
+    components' sites, weights frozen) for ``rows`` rows, counted on a meta-device copy of the UNet."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .diffusion import latent_shape
+    from .interventions import compile_plan
+
+    unet = model.unet
+    with torch.device("meta"):
+        meta = type(unet).from_config(unet.config)
+    meta.requires_grad_(False).to(unet.dtype)
+    sites = compile_plan(model, comps).sites["unet"] if len(comps) else []
+    ctx_dim = unet.config.cross_attention_dim
+    ctx_dim = ctx_dim if isinstance(ctx_dim, int) else ctx_dim[0]
+    L = model.tokenizer.model_max_length
+    out = []
+    for grad in (False, True):
+        mults = []
+
+        def hook(mod, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            m = torch.ones(h.shape[0], *([1] * (h.dim() - 1)), device="meta", dtype=h.dtype, requires_grad=grad)
+            mults.append(m)
+            h = h * m
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        handles = [meta.get_submodule(s.path.split(".", 1)[1]).register_forward_hook(hook) for s in sites]
+        ctx = torch.zeros(rows, L, ctx_dim, device="meta", dtype=unet.dtype, requires_grad=grad and not sites)
+        x = torch.zeros(latent_shape(unet, rows), device="meta", dtype=unet.dtype)
+        t = torch.zeros(rows, device="meta", dtype=torch.long)
+        try:
+            with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as fc:
+                eps = meta(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+                if grad:
+                    eps.float().pow(2).mean().backward()
+        finally:
+            for h in handles:
+                h.remove()
+        out.append(float(fc.get_total_flops()))
+    return out[0], out[1]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_pass(model, plan, rows: int, grad: bool, size: int | None = None) -> dict:
+    """One batched UNet pass through the engine (nnsight, multipliers at every site), timed."""
+    from .diffusion import latent_shape, tokenize
+    from .interventions import run_text, run_unet
+
+    dev, dt = model.device, model.dtype
+    shape = list(latent_shape(model.unet, rows))
+    if size is not None:
+        shape[-2:] = [size, size]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(dev, dt)
+    t = torch.full((rows,), 500, device=dev)
+    with torch.no_grad():
+        ctx = run_text(model, tokenize(model.tokenizer, [""], dev))[0].expand(rows, -1, -1)
+    n = 0 if plan is None else len(plan.components)
+    mult = torch.ones(rows, n, dtype=torch.float32, requires_grad=grad) if n else None
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    reset = _rss_peak_reset()
+    _sync(dev)
+    t0 = time.perf_counter()
+    with torch.set_grad_enabled(grad):
+        if grad and not n:
+            ctx = ctx.detach().requires_grad_(True)  # gradients reach the text states (text-encoder components)
+        eps = run_unet(model, x, t, ctx, plan if n else None, mult)[0]
+        if grad:
+            loss = eps.float().pow(2).mean()
+            torch.autograd.grad(loss, mult if n else ctx)  # gradients with respect to the multipliers, as the engine
+    _sync(dev)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else (_rss_peak() if reset else None)
+    return {"rows": rows, "seconds": seconds, "peak_bytes": peak}
+
+
+def measure_passes(model, comps, shape: EvalShape, budget: float = FLOP_BUDGET) -> dict:
+    """Time, peak memory and FLOPs of one batched forward pass and one forward+backward pass at the engine's batch
+    (capped by ``budget`` FLOPs); per-row figures for the projection. The model's counters are left as they were."""
+    from .diffusion import latent_shape
+    from .interventions import compile_plan
+
+    in_unet = [c for c in comps if c.model == "unet"]
+    unet_comps = type(comps)(in_unet) if in_unet else []
+    f_fwd, f_grad = _meta_flops(model, unet_comps)
+    per_mask = shape.rows_per_eval if shape.kind != "classifier" else shape.n_samples * shape.cfg_factor
+    engine_fwd = max(1, shape.max_batch // max(1, shape.n_samples * shape.branches)) * per_mask
+    engine_grad = GRAD_MASKS * per_mask
+    b_fwd = max(1, min(engine_fwd, int(budget // max(f_fwd, 1.0))))
+    b_grad = max(1, min(engine_grad, int(budget // max(f_grad, 1.0))))
+    plan = compile_plan(model, unet_comps) if len(unet_comps) else None  # text-only sets: a plain UNet pass
+    saved = dict(model.counters)
+    try:
+        small = _min_size(model.unet)
+        for grad in (False, True):  # warm-up: nnsight reads its trace source on the first call
+            _timed_pass(model, plan, 1, grad, size=small)
+        fwd = _timed_pass(model, plan, b_fwd, False)
+        bwd = _timed_pass(model, plan, b_grad, True)
+    finally:
+        model.counters.clear()
+        model.counters.update(saved)
+    return {
+        "forward": {**fwd, "flops": f_fwd * b_fwd, "engine_batch": engine_fwd},
+        "grad": {**bwd, "flops": f_grad * b_grad, "engine_batch": engine_grad},
+        "flops_per_row": f_fwd, "flops_per_grad_row": f_grad,
+        "seconds_per_row": fwd["seconds"] / fwd["rows"], "seconds_per_grad_row": bwd["seconds"] / bwd["rows"],
+        "threads": torch.get_num_threads(), "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+        "latent": list(latent_shape(model.unet, 1)[1:]),
+    }
+
+
+# -- the plan ---------------------------------------------------------------------------------------------------------
+@dataclass
+class ComparisonPlan:
+    """Counted passes per method, concept and held-out set (``table``), the measured passes (``passes``)."""
+
+    table: pd.DataFrame
+    passes: dict | None
+    model: str
+    n_components: int
+    shape: EvalShape
+    notes: list[str] = field(default_factory=list)
+
+    def totals(self) -> pd.DataFrame:
+        """The table summed over concepts, one row per method (and held-out set), with a total."""
+        cols = ["forward_evals", "backward_evals", "unet_rows", "flops", "seconds"]
+        t = self.table.groupby("method", sort=False)[cols].sum()
+        t.insert(0, "concepts", self.table.groupby("method", sort=False)["concept"].nunique())
+        t.loc["TOTAL"] = [self.table["concept"].nunique(), *self.table[cols].sum().tolist()]
+        return t
+
+    def format(self) -> str:
+        s = self.shape
+        lines = [f"Plan: {self.model}, {self.n_components} components, evaluation set of {s.rows_per_eval} UNet rows "
+                 f"({s.kind} objective, {s.n_samples} samples x {s.branches} branch(es))"]
+        p = self.passes
+        if p:
+            for key, label in (("forward", "forward pass"), ("grad", "forward+backward pass")):
+                q = p[key]
+                mem = f", peak RSS {q['peak_bytes'] / 2**30:.2f} GiB" if q.get("peak_bytes") else ""
+                lines.append(
+                    f"measured {label}: {q['rows']} rows (engine batch {q['engine_batch']}) at latent {p['latent']} in "
+                    f"{q['seconds']:.3f} s, {q['flops'] / 1e9:.1f} GFLOP -> {q['flops'] / q['seconds'] / 1e9:.1f} "
+                    f"GFLOP/s{mem} ({p['threads']} threads, {p['device']}, {p['dtype']})")
+        t = self.totals()
+        show = pd.DataFrame({
+            "concepts": t["concepts"].astype(int),
+            "fwd evals": t["forward_evals"].map(lambda v: f"{v:,.6g}"),
+            "bwd evals": t["backward_evals"].map(lambda v: f"{v:,.6g}"),
+            "UNet rows": t["unet_rows"].map(lambda v: f"{int(v):,}"),
+            "TFLOP": t["flops"].map(lambda v: f"{v / 1e12:,.2f}"),
+            "projected": t["seconds"].map(_duration),
+        })
+        lines.append("per method, summed over concepts (evals are per concept x concepts):")
+        lines.append(show.to_string())
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+def _duration(s: float) -> str:
+    if s != s:  # NaN: not measured
+        return "-"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    if s < 2 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
+
+
+def plan_comparison(cfg, model=None, measure: bool = True) -> ComparisonPlan:
+    """The cost plan of :func:`interp.compare.run_comparison` for ``cfg``: counts, and with ``measure`` one measured
+    forward and one forward+backward pass projected to seconds. ``model``: an already loaded model (else
+    ``cfg.model`` is loaded)."""
+    from .compare import select_components
+    from .objectives import DTYPES
+
+    if model is None:
+        from .models import load_model
+
+        kwargs = {"dtype": DTYPES[cfg.dtype]}
+        if getattr(cfg, "device", None):
+            kwargs["device"] = cfg.device
+        model = load_model(cfg.model, **kwargs)
+    comps = select_components(model, cfg)
+    if not len(comps):
+        raise ValueError("the component selection is empty: widen --families/--kinds/--blocks")
+    shape = eval_shape(model, cfg.objective_config())
+    n = len(comps)
+    # (name, rows the result records as its cost, rows this run executes): they differ where a method reuses
+    # another's cached result (screen-then-verify screens with the run's own mask-averaged gradient).
+    work: list[tuple[str, Rows, Rows]] = [("(evaluation set)", shape.setup(), shape.setup())]
+    done: set[tuple[str, str]] = set()
+    for method in cfg.methods:
+        options = cfg.method_options(method, n)
+        recorded = planned_rows(method, options, comps, shape)
+        run = recorded
+        if method == "screen":
+            from .methods import get
+
+            cls = get("screen")
+            sc = cls.Config(**options)
+            rec, full = cls.screener_rows(sc, comps, shape)
+            screener_key = (sc.screen, repr(sorted({**dict(sc.screen_options), "seed": sc.seed}.items())))
+            run = Rows(recorded.total - rec.total, recorded.grad - rec.grad)
+            if screener_key not in done:
+                run = run + full
+        done.add((method, repr(sorted(options.items()))))
+        work.append((method, recorded, run))
+    for alpha in cfg.lds_alphas:  # compare.heldout_ablations: zero-ablation masks through the same engine
+        r = shape.values(cfg.heldout_masks)
+        work.append((f"heldout@{alpha:g}", r, r))
+    passes = measure_passes(model, comps, shape) if measure else None
+    rows = []
+    for concept in cfg.concepts:
+        for name, rec, r in work:
+            flops = (r.nograd * passes["flops_per_row"] + r.grad * passes["flops_per_grad_row"]) if passes else float("nan")
+            secs = (r.nograd * passes["seconds_per_row"] + r.grad * passes["seconds_per_grad_row"]) if passes else float("nan")
+            rows.append({"method": name, "concept": concept, "forward_evals": rec.total / shape.rows_per_eval,
+                         "backward_evals": rec.grad / shape.rows_per_eval, "unet_rows": r.total,
+                         "unet_rows_grad": r.grad, "flops": flops, "seconds": secs})
+    notes = ["'(evaluation set)': building each concept's objective (its J of the intact model, and generated "
+             "samples on models other than the concept world); projected time covers UNet passes only."]
+    return ComparisonPlan(pd.DataFrame(rows), passes, str(cfg.model), n, shape, notes)

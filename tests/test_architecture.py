@@ -1,0 +1,42 @@
+"""The house rules that keep the code base navigable, checked on the import graph (no import is executed)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "interp"
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute module names a file imports (relative imports resolved against its package)."""
+    tree = ast.parse(path.read_text())
+    package = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts[:-1])
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)
+    return out
+
+
+def test_no_method_imports_another_method():
+    methods = {p.stem for p in (ROOT / "methods").glob("*.py")} - {"__init__", "base"}
+    for path in (ROOT / "methods").glob("*.py"):
+        if path.stem in ("__init__", "base"):
+            continue
+        others = {f"interp.methods.{m}" for m in methods - {path.stem}}
+        bad = imports_of(path) & others
+        assert not bad, f"{path.name} imports {sorted(bad)}: shared work belongs in interp.engine"
+
+
+def test_the_engine_imports_no_method():
+    bad = {m for m in imports_of(ROOT / "engine.py") if m.startswith("interp.methods")}
+    assert not bad

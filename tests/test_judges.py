@@ -1,0 +1,327 @@
+"""Image judges: the concept classifier and CLIP zero-shot behind one interface, the shipped concept-world CLIP's
+claims re-checked, and the judge wired into the classifier objective, causal tracing and edit evaluation on the
+concept world and on a tiny Stable Diffusion pipeline."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import interp
+from interp import editing as ed
+from interp.judges import (GENERIC_ALTERNATIVES, SHIPPED_JUDGES, ClassifierJudge, CLIPJudge, JudgeLoadError,
+                           load_judge)
+from interp.objectives import Objective, ObjectiveConfig
+from interp.world.classifier import ConceptClassifier
+from interp.world.model import ModelConfig, build_pipeline
+from interp.world.vocab import ATTRIBUTES
+
+torch.set_num_threads(1)
+
+CLIP_DIR = SHIPPED_JUDGES["concept-world-clip"]
+needs_clip = pytest.mark.skipif(not (CLIP_DIR / "metrics.json").exists(),
+                                reason=f"no shipped CLIP judge at {CLIP_DIR} (build it: python -m analyses.train_clip)")
+WORDS = ["a", "photo", "image", "picture", "painting", "rendering", "drawing", "of", "red", "blue", "green", "circle"]
+
+
+# -- fixtures: a tiny concept-world folder (with a random classifier) and a tiny SD pipeline folder -----------------
+@pytest.fixture(scope="module")
+def world_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-world")
+    build_pipeline(ModelConfig.tiny()).save_pretrained(path / "pipeline")
+    torch.manual_seed(0)
+    clf = ConceptClassifier(width=4)
+    clf(torch.zeros(1, 3, 16, 16))
+    clf.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(world_folder):
+    return interp.load_model(str(world_folder))
+
+
+def write_clip_vocab(folder: Path, words: list[str]) -> None:
+    """vocab.json + merges.txt of a CLIP BPE tokenizer that knows every letter and assembles ``words`` whole."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for ch in "abcdefghijklmnopqrstuvwxyz":
+            vocab[ch + suffix] = len(vocab)
+    merges = []
+    for w in words:
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        prefix = parts[0]
+        for p in parts[1:]:
+            if (prefix, p) not in merges:
+                merges.append((prefix, p))
+            vocab.setdefault(prefix + p, len(vocab))
+            prefix = prefix + p
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    """A tiny random Stable Diffusion pipeline of the real classes (BPE CLIPTokenizer, VAE), saved."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = tmp_path_factory.mktemp("tiny-sd")
+    write_clip_vocab(root, WORDS)
+    tok = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
+                                        eos_token_id=1, pad_token_id=1))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "sd")
+    return root / "sd"
+
+
+@pytest.fixture(scope="module")
+def sd(sd_folder):
+    return interp.load_model(str(sd_folder))
+
+
+@pytest.fixture(scope="module")
+def clip():
+    if not (CLIP_DIR / "config.json").exists():
+        pytest.skip(f"no shipped CLIP judge at {CLIP_DIR}")
+    return load_judge("concept-world-clip")
+
+
+def renders(n=6, size=16, seed=3):
+    from interp.world.render import ConceptWorld
+
+    w = ConceptWorld(n, seed=seed, size=size)
+    return torch.stack([w[i]["image"] for i in range(n)]), [w[i]["attributes"] for i in range(n)]
+
+
+# -- the interface --------------------------------------------------------------------------------------------------
+def test_classifier_judge_is_the_classifier(world):
+    judge = load_judge("classifier", model=world)
+    assert isinstance(judge, ClassifierJudge) and judge.name == "classifier"
+    x, _ = renders()
+    clf = world.classifier
+    assert torch.equal(judge.probability(x, interp.world_concept("red", n=2)), clf.concept_probability(x, "color", "red"))
+    full = judge.predict(x, {a: list(v) for a, v in ATTRIBUTES.items()})
+    for a, p in clf.predict(x).items():
+        assert torch.equal(full[a], p)
+    sub = judge.predict(x, {"color": ["blue", "red"]})["color"]  # a subset: restricted and renormalized
+    ref = clf.predict(x)["color"][:, [2, 0]]
+    torch.testing.assert_close(sub, ref / ref.sum(1, keepdim=True))
+    big = torch.nn.functional.interpolate(x, size=(48, 48), mode="nearest")  # any size: the judge resizes
+    assert judge.probability(big, "red").shape == (6,)
+    assert judge.features(x).shape[0] == 6
+    with pytest.raises(ValueError, match="cannot judge 'zebra'"):
+        judge.check("zebra")
+    with pytest.raises(ValueError, match="has no attribute"):
+        judge.predict(x, {"mood": ["happy", "sad"]})
+
+
+def test_clip_judge_interface(clip):
+    x, attrs = renders(8)
+    red = interp.world_concept("red", n=2)
+    assert red.alternatives == tuple(v for v in ATTRIBUTES["color"] if v != "red")
+    xg = x.clone().requires_grad_(True)
+    p = clip.probability(xg, red)
+    assert p.shape == (8,) and ((p >= 0) & (p <= 1)).all()
+    p.sum().backward()  # the classifier objective takes gradients through the judge
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    probs = clip.predict(x, {a: list(v) for a, v in ATTRIBUTES.items()})
+    for a, v in ATTRIBUTES.items():
+        assert probs[a].shape == (8, len(v))
+        torch.testing.assert_close(probs[a].sum(1), torch.ones(8))
+    # a world concept's probability is the softmax over its attribute's values, the same question predict answers
+    torch.testing.assert_close(p.detach(), probs["color"][:, 0])
+    big = torch.nn.functional.interpolate(x, size=(64, 64), mode="nearest")
+    torch.testing.assert_close(clip.predict(big, {"color": list(ATTRIBUTES["color"])})["color"],
+                               probs["color"], atol=0.05, rtol=0)
+    assert clip.features(x).shape == (8, clip.model.config.projection_dim)
+    with pytest.raises(ValueError, match="does not know the word"):
+        clip.probability(x, "zebra")
+    with pytest.raises(ValueError, match="among its own alternatives"):
+        clip.probability(x, interp.Concept("red", ("a red shape",), ("a shape",), alternatives=("red", "blue")))
+    # a text concept without alternatives is weighed against the generic default; that phrase is not in this
+    # vocabulary, and the error says so
+    with pytest.raises(ValueError, match="something"):
+        clip.probability(x, interp.text_concept("red", n=1))
+    assert GENERIC_ALTERNATIVES
+
+
+def test_load_judge_specs_and_errors(world, tmp_path, monkeypatch):
+    assert load_judge("classifier", model=world).classifier is world.classifier
+    assert isinstance(load_judge(str(Path(world.name))), ClassifierJudge)  # a concept-world folder
+    with pytest.raises(ValueError, match="--judge"):
+        load_judge("classifier", model=interp.load_model(build_pipeline(ModelConfig.tiny())))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_judge(str(tmp_path / "nothing" / "here"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(JudgeLoadError, match="holds no judge"):
+        load_judge(str(tmp_path / "empty"))
+    with pytest.raises(JudgeLoadError, match="unknown judge"):
+        load_judge("oracle")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(JudgeLoadError) as err:
+        load_judge("nobody/not-a-cached-clip")
+    assert "pass its folder" in str(err.value) and "\n" not in str(err.value)
+
+
+# -- the shipped CLIP's claims ------------------------------------------------------------------------------------
+@needs_clip
+def test_shipped_clip_zero_shot_accuracy_matches_its_claim(clip):
+    """Regenerate the first 120 of the claimed held-out renders and re-measure: within 3 binomial standard errors."""
+    from interp.world.clip import heldout_renders, zero_shot_accuracy
+
+    metrics = json.loads((CLIP_DIR / "metrics.json").read_text())
+    claim = metrics["zero_shot_heldout"]["accuracy"]
+    n = 120
+    images, truth = heldout_renders(n, seed=metrics["zero_shot_heldout"]["seed"])
+    acc = zero_shot_accuracy(clip, images, truth)
+    for a in ATTRIBUTES:
+        tol = 3 * math.sqrt(max(claim[a] * (1 - claim[a]), 0.01) / n) + 1 / n
+        assert abs(acc[a] - claim[a]) <= tol, (a, acc[a], claim[a])
+    size = sum(f.stat().st_size for f in CLIP_DIR.iterdir())
+    assert size < 2_000_000, f"the shipped CLIP folder is {size} bytes"
+
+
+@needs_clip
+def test_shipped_clip_agreement_on_generated_images_matches_its_claim(clip):
+    """The first 96 of the claimed generated images, regenerated: agreement with the classifier near the claim."""
+    from interp.world.clip import agreement_on_generated
+
+    metrics = json.loads((CLIP_DIR / "metrics.json").read_text())["generated"]
+    model = interp.load_model("concept-world")
+    n = 96
+    got, _ = agreement_on_generated(model, {"clip": clip, "classifier": ClassifierJudge(model.classifier)}, n=n,
+                                    steps=metrics["steps"], seed=metrics["seed"])
+    for a in ATTRIBUTES:
+        c = metrics["agreement"]["clip~classifier"][a]
+        tol = 3 * math.sqrt(max(c * (1 - c), 0.01) / n) + 1 / n
+        assert abs(got["agreement"]["clip~classifier"][a] - c) <= tol, a
+
+
+# -- wired in: objective, tracing, evaluation, coar-edit, the CLI ----------------------------------------------------
+def test_classifier_objective_uses_the_judge(world, sd, clip):
+    cfg = ObjectiveConfig(kind="classifier", n_images=2, gen_steps=2, timesteps=(500,))
+    obj = Objective(world, "red", cfg)
+    assert obj.judge.name == "classifier" and obj.config.judge == "classifier"
+    images = interp.generate(world, list(obj.target_prompts), steps=2, latents=obj.noise0)
+    torch.testing.assert_close(obj.intact, world.classifier.concept_probability(images, "color", "red"))
+    by_clip = Objective(world, "red", cfg, judge="concept-world-clip")
+    assert by_clip.config.judge == "concept-world-clip" and by_clip.config.hash() != obj.config.hash()
+    torch.testing.assert_close(by_clip.intact, clip.probability(images, obj.concept), atol=1e-5, rtol=1e-4)
+    # on Stable Diffusion: no classifier, a CLIP judge and a text concept with alternatives
+    with pytest.raises(ValueError, match="judge"):
+        Objective(sd, "red", cfg)
+    concept = interp.text_concept("red", n=2, alternatives=("blue", "green"))
+    sd_obj = Objective(sd, concept, ObjectiveConfig(kind="classifier", n_images=2, gen_steps=2, timesteps=(500,),
+                                                    judge="concept-world-clip"))
+    assert sd_obj.intact.shape == (2,) and ((sd_obj.intact >= 0) & (sd_obj.intact <= 1)).all()
+    with pytest.raises(ValueError, match="does not know the word"):
+        Objective(sd, interp.text_concept("red", n=2, alternatives=("magenta",)), sd_obj.config)
+
+
+def test_tracing_end_to_end_score_uses_the_judge(sd):
+    before = sd.state_fingerprint()
+    concept = interp.text_concept("red", n=1, alternatives=("blue",))
+    comps = sd.components("layer", family="ff")[:2]
+    cfg = ObjectiveConfig(kind="classifier", n_images=1, gen_steps=2, timesteps=(500,), judge="concept-world-clip")
+    df = interp.attribute("tracing", sd, concept, comps, objective=cfg, n_noise=1, maps=False)
+    assert len(df) == 2 and np.isfinite(df["score"]).all()
+    assert all(torch.equal(p, before[n]) for n, p in sd.parameters())
+
+
+def test_world_evaluation_is_the_same_with_the_classifier_judge(world, clip):
+    cfg = ed.EvalConfig(n_target=3, n_alone=1, n_other=4, steps=2)
+    base = ed.baseline(world, "red", cfg)
+    explicit = ed.baseline(world, "red", cfg, judge=ClassifierJudge(world.classifier))
+    pd.testing.assert_frame_equal(base.judged.table, explicit.judged.table)
+    probs = world.classifier.predict(base.judged.images)  # what the evaluation reported before judges existed
+    pred = [ATTRIBUTES["color"][i] for i in probs["color"].argmax(-1).tolist()]
+    assert list(base.judged.table["pred_color"]) == pred
+    by_clip = ed.evaluate_edit(world, ed.diff_quickfix(world, "red"), "red", cfg, judge=clip)
+    row = by_clip.summary.iloc[0]
+    assert row["attribute"] == "color" and 0 <= row["target_after"] <= 1 and np.isfinite(row["fd_after"])
+
+
+def test_sd_evaluation_with_a_clip_judge(sd, clip):
+    cfg = ed.EvalConfig(n_target=2, n_alone=1, n_other=4, steps=2)
+    with pytest.raises(ValueError, match="alternatives"):
+        ed.baseline(sd, "red", cfg, judge=clip)
+    with pytest.raises(ValueError, match="--judge"):
+        ed.baseline(sd, "red", cfg, alternatives=["blue"])
+    ev = ed.evaluate_edit(sd, ed.AblationEdit((), concept="red"), "red", cfg, judge=clip,
+                          alternatives=["blue", "green"])
+    row = ev.summary.iloc[0]
+    assert row["attribute"] == ed.evaluate.TEXT_ATTRIBUTE and row["target_after"] == row["target_before"]
+    assert row["fd_before"] == pytest.approx(0.0, abs=1e-6) and row["n_images"] == 7
+    assert set(ev.per_value["value"]) <= {"blue", "green"}
+    prompts = ev.before.table["prompt"]
+    assert not any(p.startswith(("a photo of", "an image of")) for p in prompts)  # held-out templates only
+
+
+def test_coar_edit_asks_for_references_off_the_concept_world(sd):
+    with pytest.raises(ValueError, match="references"):
+        ed.coar_edit(sd, "red", k=2, objective=ObjectiveConfig(n_images=1, timesteps=(500,), gen_steps=2))
+
+
+def test_edit_concepts_on_stable_diffusion_with_the_clip_judge(sd_folder, tmp_path):
+    from analyses.edit_concepts import main
+
+    out = tmp_path / "run"
+    code = main(["--model", str(sd_folder), "--judge", str(CLIP_DIR) if CLIP_DIR.exists() else "concept-world-clip",
+                 "--concepts", "red", "--alternatives", "blue", "green", "--edits", "diff-quickfix", "coar-edit",
+                 "--k", "2", "--components", "ff", "--images", "6", "--steps", "2", "--attr-images", "1",
+                 "--threads", "1", "--out", str(out)])
+    assert code == 0
+    for f in ("index.html", "meta.json", "tables/tradeoff.csv", "tables/per_value.csv", "figures/grid-red.png"):
+        assert (out / f).exists() and (out / f).stat().st_size > 0, f
+    table = pd.read_csv(out / "tables" / "tradeoff.csv")
+    assert set(table["edit"]) == {"diff-quickfix", "coar-edit"} and (table["attribute"] == "concept").all()
+    assert json.loads((out / "meta.json").read_text())["model_unchanged"] is True
+
+
+def test_train_clip_cli_writes_a_loadable_judge(tmp_path):
+    from analyses.train_clip import main
+
+    out = tmp_path / "clip"
+    assert main(["--out", str(out), "--steps", "2", "--batch-size", "8", "--heldout", "12", "--generated", "0",
+                 "--threads", "1", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["zero_shot_heldout"]["accuracy"]) == set(ATTRIBUTES) and metrics["config"]["steps"] == 2
+    judge = load_judge(str(out))
+    assert isinstance(judge, CLIPJudge) and judge.size == (16, 16)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # shipped small: float16 on disk
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in list(f.keys())[:5])
+    x, _ = renders(3)
+    assert judge.probability(x, interp.world_concept("blue", n=1)).shape == (3,)
+
+
+def test_contrastive_targets_treat_consistent_captions_as_positives():
+    from interp.world.clip import consistency, contrastive_loss
+
+    labels = torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0]])
+    named = torch.tensor([[True, False, False, False], [False, False, False, False]])  # "a red shape", "a shape"
+    C = consistency(labels, named)
+    assert C.tolist() == [[True, True], [False, True]]
+    perfect = torch.where(C, 10.0, -10.0)
+    assert contrastive_loss(perfect, C) < contrastive_loss(-perfect, C)

@@ -1,0 +1,113 @@
+"""The cost plan (interp.plan): its counts equal what a run records, for every registered method, and it prints in
+seconds."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import interp
+import interp.models
+from interp.compare import CompareConfig, run_comparison
+from interp.methods import REGISTRY
+from interp.plan import plan_comparison
+
+
+@pytest.fixture(scope="module")
+def tiny_world_folder(tmp_path_factory) -> Path:
+    """A concept-world folder (pipeline + classifier) of the tiny architecture, random weights."""
+    from interp.world.classifier import ConceptClassifier
+    from interp.world.model import ModelConfig, build_pipeline
+
+    d = tmp_path_factory.mktemp("planworld")
+    build_pipeline(ModelConfig.tiny(), seed=0).save_pretrained(d / "pipeline")
+    torch.manual_seed(0)
+    clf = ConceptClassifier(width=4)
+    clf(torch.zeros(1, 3, 16, 16))
+    clf.save(d)
+    return d
+
+
+def tiny_config(folder: Path, **kw) -> CompareConfig:
+    base = dict(model=str(folder), concepts=("red",), methods=tuple(sorted(REGISTRY, key=lambda m: m != "ablation")),
+                n_images=2, timesteps=(300,), blocks=("mid_block",), heldout_masks=12, maskgrad_masks=3,
+                maskgrad_curve=(2,), lds_alphas=(0.05, 0.2), n_boot=100)
+    base.update(kw)
+    return CompareConfig(**base)
+
+
+@pytest.mark.parametrize("objective,anchor", [("erase", "shared"),
+                                              pytest.param("amplify", "shared", marks=pytest.mark.slow),
+                                              pytest.param("erase", "frozen", marks=pytest.mark.slow)])
+def test_planned_counts_equal_the_runs_recorded_counts(tiny_world_folder, tmp_path, monkeypatch, objective, anchor):
+    cfg = tiny_config(tiny_world_folder, objective=objective, anchor=anchor)
+    model = interp.load_model(cfg.model)
+    plan = plan_comparison(cfg, model=model, measure=True)
+    assert model.counters["unet_rows"] == 0, "the plan's measured passes must not count as work"
+    # the shape the plan assumes is the objective's
+    from interp.objectives import Objective
+
+    obj = Objective(model, "red", cfg.objective_config())
+    assert (plan.shape.rows_per_eval, plan.shape.n_samples, plan.shape.branches) == \
+        (obj.rows_per_eval, obj.n_samples, obj.branches)
+    model.counters.clear()
+
+    monkeypatch.setattr(interp.models, "load_model", lambda *a, **k: model)  # read the run's counters afterwards
+    result = run_comparison(cfg, tmp_path / "run", progress=False)
+    recorded = result["meta"]["methods"]
+    t = plan.table.set_index(["method", "concept"])
+    assert set(REGISTRY) <= set(cfg.methods)
+    for method in cfg.methods:
+        meta = recorded[f"{method}/red"]
+        planned = t.loc[(method, "red")]
+        if "forward_evals_all_alphas" in meta:  # maskgrad records the cost of one rate's estimate as its forward_evals
+            assert planned["forward_evals"] == pytest.approx(meta["forward_evals_all_alphas"], abs=1e-12), method
+            assert planned["backward_evals"] == pytest.approx(meta["forward_evals_all_alphas"], abs=1e-12), method
+            n_rates = 1 + len(cfg.method_options(method, plan.n_components)["extra_alphas"])
+            assert planned["forward_evals"] == pytest.approx(meta["forward_evals"] * n_rates, abs=1e-12)
+        else:
+            assert planned["forward_evals"] == pytest.approx(meta["forward_evals"], abs=1e-12), method
+            assert planned["backward_evals"] == pytest.approx(meta["backward_evals"], abs=1e-12), method
+    # everything the run did through the UNet (objective setup and held-out sets included) was planned, row for row
+    assert model.counters["unet_rows"] == plan.table["unet_rows"].sum()
+    assert model.counters["unet_rows_grad"] == plan.table["unet_rows_grad"].sum()
+
+
+def test_plan_prints_in_seconds_on_the_shipped_world():
+    t0 = time.perf_counter()
+    plan = plan_comparison(CompareConfig())
+    seconds = time.perf_counter() - t0
+    text = plan.format()
+    assert seconds < 60, f"the plan took {seconds:.1f} s"  # about 5 s on an idle 2-core machine
+    assert "TOTAL" in text and "GFLOP/s" in text
+    totals = plan.totals()
+    n = plan.n_components
+    assert totals.loc["ablation", "forward_evals"] == 5 * n  # five concepts, one evaluation per component
+    assert totals.loc["coar", "forward_evals"] == 5 * 2 * n  # twice as many masks as components
+    assert (plan.table["seconds"] > 0).all() and (plan.table["flops"] > 0).all()
+    for key in ("forward", "grad"):
+        p = plan.passes[key]
+        assert p["rows"] >= 1 and p["seconds"] > 0 and p["flops"] > 0
+        assert p["peak_bytes"] is None or p["peak_bytes"] > 0
+
+
+def test_meta_flop_count_matches_a_real_pass(tiny_world_model):
+    """FLOPs counted on the meta copy equal those of a real pass (the tiny model's attention is counted on both
+    paths only when the math kernel runs, so compare with SDPA's math backend)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from interp.diffusion import latent_shape
+    from interp.plan import _meta_flops
+
+    m = tiny_world_model
+    per_row, _ = _meta_flops(m, m.components("neuron", kind="ff.net.2"))
+    x = torch.randn(latent_shape(m.unet, 3))
+    ctx = m.text_encoder(torch.zeros(3, m.tokenizer.model_max_length, dtype=torch.long))[0]
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        m.unet(x, torch.full((3,), 10), encoder_hidden_states=ctx, return_dict=False)
+    assert fc.get_total_flops() == pytest.approx(3 * per_row, rel=1e-6)
+

@@ -1,0 +1,199 @@
+"""Stable Diffusion as a first-class target: tiny random SD 1.x-style (PNDM, conv projections, pad = end-of-text)
+and SD 2.x-style (v-prediction, DDIM, linear projections, per-block heads, upcast attention) pipelines of the real
+classes, saved and loaded offline, with every scheduler swapped in."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import interp
+from interp.objectives import Objective, ObjectiveConfig
+from interp.testing import SCHEDULERS, tiny_stable_diffusion
+
+STYLES = ("sd1", "sd2")
+
+
+@pytest.fixture(scope="module")
+def sd_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    return {style: tiny_stable_diffusion(root / style, style) for style in STYLES}
+
+
+@pytest.fixture(scope="module")
+def sd_models(sd_folders):
+    return {style: interp.load_model(folder, device="cpu") for style, folder in sd_folders.items()}
+
+
+def test_styles_are_what_they_claim(sd_models):
+    sd1, sd2 = sd_models["sd1"], sd_models["sd2"]
+    assert type(sd1.scheduler).__name__ == "PNDMScheduler"
+    assert sd1.tokenizer.pad_token_id == sd1.tokenizer.eos_token_id  # CLIP's SD 1.x tokenizer pads with end-of-text
+    assert sd2.scheduler.config.prediction_type == "v_prediction"
+    assert sd2.tokenizer.pad_token_id != sd2.tokenizer.eos_token_id
+    assert sd2.unet.config.use_linear_projection and sd2.unet.config.upcast_attention
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_scheduler_samples_and_builds_the_evaluation_set(tmp_path, style, scheduler):
+    model = interp.load_model(tiny_stable_diffusion(tmp_path / "m", style, scheduler=scheduler), device="cpu")
+    assert type(model.scheduler).__name__ == scheduler
+    state = repr(model.scheduler.__dict__)
+    a = interp.generate(model, ["a photo of red", "a photo of blue"], steps=3, seed=1)
+    b = interp.generate(model, ["a photo of red", "a photo of blue"], steps=3, seed=1)
+    c = interp.generate(model, ["a photo of red", "a photo of blue"], steps=3, seed=2)
+    assert a.shape == (2, 3, 16, 16) and torch.isfinite(a).all()
+    assert torch.equal(a, b), "seeded sampling must be reproducible (stochastic schedulers included)"
+    assert not torch.equal(a, c)
+    for kind in ("erase", "amplify"):
+        obj = Objective(model, interp.text_concept("red"), ObjectiveConfig(kind=kind, n_images=2, gen_steps=3,
+                                                                          timesteps=(100, 700)))
+        assert obj.intact.shape == (4,) and torch.isfinite(obj.intact).all()
+    # the model's own scheduler is never stepped (multistep schedulers keep state)
+    assert repr(model.scheduler.__dict__) == state
+
+
+def test_text_concept_default_agrees_with_the_default_objective(sd_models):
+    """The README's example: ``text_concept("red")`` (4 prompts) with the default config (8 images) works; images
+    cycle through the prompts."""
+    obj = Objective(sd_models["sd1"], interp.text_concept("red"), ObjectiveConfig(gen_steps=2, timesteps=(500,)))
+    assert len(obj.target_prompts) == 8 and obj.target_prompts[:4] == obj.target_prompts[4:]
+    with pytest.warns(UserWarning, match="n_images=4"):
+        obj = Objective(sd_models["sd1"], interp.text_concept("red", n=4), ObjectiveConfig(n_images=2, gen_steps=2,
+                                                                                          timesteps=(500,)))
+    assert len(obj.target_prompts) == 2
+
+
+def test_float32_and_float64_evaluation_sets_agree_up_to_rounding(sd_models, tiny_world_model):
+    for model, concept in ((tiny_world_model, "red"), (sd_models["sd2"], interp.text_concept("red"))):
+        cfg = ObjectiveConfig(n_images=2, gen_steps=2, timesteps=(100, 700))
+        o32 = Objective(model, concept, cfg)
+        o64 = Objective(model, concept, ObjectiveConfig(**{**cfg.to_dict(), "dtype": "float64"}))
+        assert torch.equal(o64.noise, o32.noise.double())  # the same draw, cast
+        torch.testing.assert_close(o64.x_t, o32.x_t.double(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(o64.intact, o32.intact.double(), rtol=1e-3, atol=1e-7)
+
+
+def test_bfloat16_forward_passes_accumulate_in_float32(sd_models):
+    model = sd_models["sd1"]
+    cfg = ObjectiveConfig(n_images=2, gen_steps=2, timesteps=(100, 700))
+    o32 = Objective(model, interp.text_concept("red"), cfg)
+    obf = Objective(model, interp.text_concept("red"), ObjectiveConfig(**{**cfg.to_dict(), "dtype": "bfloat16"}))
+    assert obf.model.dtype == torch.bfloat16 and obf.intact.dtype == torch.float32
+    assert model.dtype == torch.float32  # the user's model is untouched
+    torch.testing.assert_close(obf.intact, o32.intact, rtol=0.1, atol=1e-6)
+    comps = model.components("neuron", family="ff", kind="ff.net.2")[:8]
+    df = interp.attribute("cad", model, interp.text_concept("red"), comps, objective=obf)
+    assert df["score"].notna().all()
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_your_own_model_calls_run_unchanged(sd_models, style):
+    """The README's "Your own model" calls, on both families."""
+    model = sd_models[style]
+    comps = model.components("neuron", family="ff", kind="ff.net.2", block="down_blocks.0")
+    cfg = ObjectiveConfig(n_images=2, gen_steps=2, timesteps=(300, 700))
+    concept = interp.text_concept("van gogh style")
+    before = model.state_fingerprint()
+    for method in ("cad", "ablation", "maskgrad", "tracing"):
+        df = interp.attribute(method, model, concept, comps, objective=cfg, **({"n_noise": 1} if method == "tracing" else {}))
+        assert len(interp.main_rows(df)) == len(comps)
+    after = model.state_fingerprint()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_text_tracing_map_covers_positions_after_the_subject(sd_models, style):
+    """End-of-text and padding positions after the subject are in the layer x token map (SD 1.x pads with the
+    end-of-text token, so they cannot be found from pad_token_id)."""
+    model = sd_models[style]
+    comps = model.components("layer", family="text_layer")
+    df = interp.attribute("tracing", model, interp.text_concept("red"), comps, n_noise=1,
+                          objective=ObjectiveConfig(n_images=2, gen_steps=2, timesteps=(500,)))
+    tokens = df["token"].dropna().astype(int)
+    L = model.tokenizer.model_max_length
+    eot = df.attrs["meta"]["end_of_text_offsets"]
+    assert tokens.min() < 0 and tokens.max() > 0
+    assert max(eot) in set(tokens) and tokens.max() > max(eot)  # end-of-text and the padding after it
+    subj = df.attrs["meta"]["subject_positions"]
+    assert tokens.max() == L - 1 - min(p[-1] for p in subj)
+
+
+def test_a_word_split_into_letters_is_warned_about(sd_models):
+    with pytest.warns(UserWarning, match="single characters"):
+        Objective(sd_models["sd1"], "zebra", ObjectiveConfig(n_images=2, gen_steps=2, timesteps=(500,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        interp.concepts.check_tokenization(sd_models["sd1"].tokenizer, "van gogh style")
+
+
+def test_missing_local_paths_are_reported_as_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        interp.load_model("runs/missing-model")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        interp.load_model("./nothing/here")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_results_match_cpu(sd_folders):
+    cpu = interp.load_model(sd_folders["sd1"], device="cpu")
+    gpu = interp.load_model(sd_folders["sd1"], device="cuda")
+    cfg = ObjectiveConfig(n_images=2, gen_steps=2, timesteps=(300, 700))
+    comps = cpu.components("neuron", family="ff", kind="ff.net.2", block="down_blocks.0")
+    for method in ("ablation", "cad"):
+        a = interp.attribute(method, cpu, interp.text_concept("red"), comps, objective=cfg)
+        b = interp.attribute(method, gpu, interp.text_concept("red"), comps, objective=cfg)
+        torch.testing.assert_close(torch.tensor(b["score"].to_numpy()), torch.tensor(a["score"].to_numpy()),
+                                   rtol=1e-3, atol=1e-7)
+
+
+def test_device_names_are_checked():
+    from interp.models import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+def _compare_on(folder, out):
+    from analyses import compare_methods
+
+    argv = ["--model", str(folder), "--concepts", "red", "--blocks", "down_blocks.0", "--images", "2",
+            "--timesteps", "300", "700", "--heldout-masks", "12", "--coar-masks", "48", "--tracing-noise", "1",
+            "--lds-alphas", "0.05", "0.2", "--no-progress", "--threads", "1", "--out", str(out)]
+    assert compare_methods.main(argv) == 0
+    import json
+
+    import pandas as pd
+
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "complete"
+    results = pd.read_parquet(out / "results.parquet")
+    assert set(results["method"]) >= {"ablation", "cad", "coar", "maskgrad", "tracing"}
+    assert (out / "index.html").stat().st_size > 10_000
+    corr = pd.read_csv(out / "tables" / "correlations.csv")
+    assert corr["spearman"].notna().any()
+    return results
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_compare_methods_runs_on_a_stable_diffusion_folder(sd_folders, tmp_path, style):
+    """`compare_methods --model <folder>` on the SD 1.x-style (PNDM) and SD 2.x-style (v-prediction) pipelines."""
+    _compare_on(sd_folders[style], tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", [s for s in SCHEDULERS if s != "PNDMScheduler"])
+def test_compare_methods_runs_with_every_scheduler_swapped_in(tmp_path, scheduler):
+    folder = tiny_stable_diffusion(tmp_path / "m", "sd1", scheduler=scheduler)
+    _compare_on(folder, tmp_path / "run")
