@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: --threads must be >= 1, got {args.threads}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from interp.compare_config import CompareConfig, config_from_args
-    from interp.runs import user_message
+    from analyses._cli import run_or_exit
     from interp.store import config_hash
 
     try:
@@ -53,27 +53,15 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     if args.plan:
-        try:
-            from interp.plan import plan_comparison
+        from interp.plan import plan_comparison
 
-            print(plan_comparison(cfg).format())
-        except Exception as err:
-            msg = user_message(err)
-            if msg is None:
-                raise
-            parser.exit(2, f"error: {msg}\n")
+        print(run_or_exit(parser, None, lambda: plan_comparison(cfg)).format())
         return 0
     from interp.compare import run_comparison
 
     out = args.out or Path("reports") / f"compare-{config_hash(cfg.to_dict())[:10]}"
-    try:
-        result = run_comparison(cfg, out, progress=not args.no_progress, log=logging.info)
-    except Exception as err:  # expected failures: one line (the traceback is in the run folder); bugs: traceback
-        msg = user_message(err)
-        if msg is None:
-            raise
-        where = f" (traceback: {out / 'traceback.txt'})" if (out / "traceback.txt").exists() else ""
-        parser.exit(2, f"error: {msg}{where}\n")
+    result = run_or_exit(parser, out, lambda: run_comparison(cfg, out, progress=not args.no_progress,
+                                                             log=logging.info))
     corr = result["tables"]["correlations"]
     logging.info("\ncorrelation with true ablation:\n%s",
                  corr[["concept", "method", "n", "pearson", "spearman", "kendall"]].to_string(index=False))

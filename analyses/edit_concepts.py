@@ -337,20 +337,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     import torch
 
-    from interp.runs import user_message
+    from analyses._cli import run_or_exit
     from interp.store import config_hash
 
     torch.set_num_threads(args.threads)
     out = args.out or Path("reports") / f"edit-{config_hash(run_config(args))[:10]}"
     t0 = time.perf_counter()
-    try:
-        run(args, out, logging.info)
-    except Exception as err:  # expected failures: one line (the traceback is in the run folder); bugs: traceback
-        msg = user_message(err)
-        if msg is None:
-            raise
-        where = f" (traceback: {out / 'traceback.txt'})" if (out / "traceback.txt").exists() else ""
-        parser.exit(2, f"error: {msg}{where}\n")
+    run_or_exit(parser, out, lambda: run(args, out, logging.info))
     logging.info("wall time %.1f s; report: %s", time.perf_counter() - t0, (out / "index.html").resolve())
     return 0
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from interp.models import SHIPPED
+from interp.world.plugin import ASSETS
 
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m analyses.train_world", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=SHIPPED["concept-world"], help="output folder (default: the shipped checkpoint's)")
+    p.add_argument("--out", type=Path, default=ASSETS / "concept-world", help="output folder (default: the shipped checkpoint's)")
     p.add_argument("--steps", type=int, default=3600, help="diffusion training steps (default 3600, ~40 min on 2 idle cores)")
     p.add_argument("--batch-size", type=int, default=128, help="images per training step")
     p.add_argument("--classifier-steps", type=int, default=1500, help="concept-classifier training steps")

@@ -60,20 +60,13 @@ def heldout_ablations(obj, comps, alpha: float, n_masks: int, seed: int, store: 
 
 
 def check_concept_words(model: str, concepts) -> None:
-    """On a concept-world model (by name or folder), refuse unknown concept words before the model loads."""
-    from .models import SHIPPED, _is_concept_world_dir
-    from .world.vocab import attribute_of
+    """On a model kind with its own concepts (the concept world, by name or folder), refuse unknown concept words
+    before the model loads."""
+    from .models import model_kind
 
-    folder = SHIPPED.get(model, Path(model).expanduser())
-    world = _is_concept_world_dir(folder)
-    if not world and (folder / "model_index.json").is_file():
-        try:
-            world = json.loads((folder / "model_index.json").read_text()).get("_class_name") == "ConceptWorldPipeline"
-        except (OSError, ValueError, AttributeError):
-            world = False  # a malformed index is reported, with its file named, when the model loads
-    if world:
-        for c in concepts:
-            attribute_of(c)  # a KeyError naming the word and listing the known ones
+    kind = model_kind(model)
+    if kind is not None and hasattr(kind.provider, "check_concept_words"):
+        kind.provider.check_concept_words(concepts)
 
 
 def estimate_memory(cfg: CompareConfig, n: int, sample_numel: int) -> dict[str, float]:
@@ -140,7 +133,7 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
 
 
 #: Bump when tables or figures change shape, so cached derived outputs of older code are not reused.
-DERIVED_VERSION = 5
+DERIVED_VERSION = 6
 
 
 def derived_outputs(results: pd.DataFrame, heldout: dict, cfg: CompareConfig, store: Store):
@@ -184,7 +177,9 @@ def build_tables(results: pd.DataFrame, heldout: dict, cfg: CompareConfig) -> di
     if curve_rows:
         cost = pd.concat([cost, pd.DataFrame(curve_rows)], ignore_index=True)
     cost["forward_equivalents"] = cost["forward_evals"] + 2 * cost["backward_evals"]
-    t["cost"] = cost
+    # Passes are a property of the configuration (a resumed run reports the same); wall time is not: its own table.
+    t["wall_time"] = cost.loc[cost["seconds"].notna(), ["concept", "method", "seconds"]].reset_index(drop=True)
+    t["cost"] = cost.drop(columns="seconds")
     acc = t["lds"].merge(cost[["concept", "method", "forward_equivalents"]], on=["concept", "method"], how="left")
     acc = acc.rename(columns={"forward_equivalents": "forward_evals"})
 
@@ -265,7 +260,8 @@ def report_sections(tables, uris, cfg: CompareConfig) -> list[dict]:
     def fig(name, caption):
         return [(caption, uris[name])] if name in uris else []
 
-    corr, acc, cost = tables["correlations"], tables["accuracy_vs_cost"], tables["cost"]
+    corr, acc = tables["correlations"], tables["accuracy_vs_cost"]
+    cost = tables["cost"].merge(tables["wall_time"], on=["concept", "method"], how="left")
     methods = list(dict.fromkeys(list(corr["method"]) + list(acc["method"])))
     main = [m for m in methods if not is_variant(m)]
     variants = [m for m in methods if is_variant(m)]

@@ -1,10 +1,10 @@
-"""Concepts: what a method localizes. A concept is a small spec of target prompts, anchor prompts and, in the
-concept world, the attribute it refers to.
+"""Concepts: what a method localizes. A concept is a small spec of target prompts, anchor prompts, the alternatives
+an image judge weighs it against and, for a model kind with its own concepts, the attribute it refers to.
 
-In the concept world a concept is one attribute value ("red", "circle", "striped", "white"); its target prompts are
-full captions of scenes with that value and its anchor prompts are the same captions with the concept word left
-out (the anchors' prototype convention: the anchor differs from the target by the concept alone). On another model a
-concept is any phrase; its default prompts come from a few templates, with an empty anchor as in CAD.
+On a general model a concept is any phrase; its default prompts come from a few templates, with an empty anchor as in
+CAD. A model kind may provide its own concepts (``model.world.concept``): in the concept world
+(:mod:`interp.world.concepts`) a concept is one attribute value ("red", "circle", "striped", "white"), its target
+prompts full captions of scenes with that value and its anchor prompts the same captions without the word.
 """
 
 from __future__ import annotations
@@ -12,10 +12,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
-
-from .world.render import ConceptWorld
-from .world.vocab import ATTRIBUTES, TEMPLATES, attribute_of, caption
 
 DEFAULT_TEMPLATES = ("a photo of {}", "an image of {}", "a picture of {}", "a painting of {}")
 
@@ -60,21 +56,6 @@ class Concept:
             )
 
 
-def world_concept(word: str, n: int = 8, seed: int = 0, template: int | None = None) -> Concept:
-    """A concept-world concept: ``n`` scenes with attribute value ``word``, captioned in full and without the word."""
-    attribute = attribute_of(word)  # raises a clear KeyError listing the concept words
-    world = ConceptWorld(n, seed=seed, **{attribute: word})
-    rng = np.random.default_rng([seed, 7])
-    targets, anchors = [], []
-    for i in range(n):
-        attrs = world.scene(i).attributes()
-        k = int(rng.integers(len(TEMPLATES))) if template is None else template
-        targets.append(caption(attrs, k))
-        anchors.append(caption({**attrs, attribute: None}, k))
-    others = tuple(v for v in ATTRIBUTES[attribute] if v != word)
-    return Concept(word, tuple(targets), tuple(anchors), attribute, word, seed, others)
-
-
 def text_concept(phrase: str, n: int = 4, anchor: str = "", alternatives=()) -> Concept:
     """A concept on a general model: templates around ``phrase``, with a fixed anchor (default empty, as in CAD).
 
@@ -95,8 +76,8 @@ def resolve(model, concept: str | Concept, n: int = 8, seed: int = 0) -> Concept
         if not model.is_concept_world:
             check_tokenization(model.tokenizer, concept.value or concept.name)
         return concept
-    if model.is_concept_world:
-        return world_concept(concept, n=n, seed=seed)
+    if model.world is not None:  # a model kind with its own concepts (the concept world's attribute values)
+        return model.world.concept(concept, n=n, seed=seed)
     check_tokenization(model.tokenizer, concept)
     return text_concept(concept, n=min(n, len(DEFAULT_TEMPLATES)))
 
@@ -116,7 +97,3 @@ def check_tokenization(tokenizer, phrase: str) -> None:
                 f"the tokenizer splits {word!r} into single characters {pieces}: the text encoder knows no such "
                 f"word, so attributions will follow its letters; check the spelling or use a word it knows",
                 FragmentedConceptWarning, stacklevel=3)
-
-
-def concept_words() -> list[str]:
-    return [v for vals in ATTRIBUTES.values() for v in vals]

@@ -36,7 +36,7 @@ CORR_COLUMNS = [
 
 #: Display names for the summary sentences; other method names are shown as they are.
 METHOD_LABELS = {
-    "ablation": "true ablation", "cad": "CAD", "coar": "COAR", "tracing": "causal tracing", "atp": "AtP",
+    "ablation": "true ablation", "cad": "CAD", "coar": "COAR", "tracing": "causal tracing",
     "ig": "integrated gradients", "maskgrad": "the mask-averaged gradient", "midpoint": "the midpoint gradient",
     "screen": "screen-then-verify",
 }

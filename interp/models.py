@@ -1,9 +1,14 @@
 """Loading a text-to-image diffusion model into the suite, with its UNet and text encoder behind nnsight.
 
-:func:`load_model` accepts ``"concept-world"`` (the shipped default), a local folder of a diffusers pipeline
-(Stable Diffusion 1.x/2.x or a concept-world checkpoint), a hub id, or a pipeline object, and returns a
-:class:`DiffusionModel`: the pipeline's parts, their nnsight wrappers, the component space of the architecture,
-and, for the concept world, the concept classifier that judges generated images.
+:func:`load_model` accepts a registered name (``"concept-world"``, the shipped default), a local folder of a
+diffusers pipeline (Stable Diffusion 1.x/2.x or a registered kind's checkpoint), a hub id, or a pipeline object, and
+returns a :class:`DiffusionModel`: the pipeline's parts, their nnsight wrappers, the component space of the
+architecture, and what the model's kind provides (for the concept world: its concepts and the classifier that judges
+generated images).
+
+Model kinds beyond plain diffusers pipelines register themselves (:func:`register_kind`) from plugins found through
+the ``interp.plugins`` entry point; the concept world is one (:mod:`interp.world.plugin`). This module never imports
+them.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import re
 from contextlib import contextmanager
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +27,61 @@ import torch.nn as nn
 from nnsight import NNsight
 
 from .components import ComponentSpace
-from .world.vocab import check_prompts
 
-ASSETS = Path(__file__).parent / "world" / "assets"
-SHIPPED = {"concept-world": ASSETS / "concept-world"}
+
+@dataclass(frozen=True)
+class ModelKind:
+    """A family of models a plugin teaches the core: its shipped names, how to recognise and load its folders and
+    pipelines, and the provider a loaded model carries as ``DiffusionModel.world`` (concepts, prompt checks,
+    evaluation images, default guidance)."""
+
+    name: str
+    shipped: dict[str, Path]
+    matches_folder: Callable[[Path], bool]
+    load_folder: Callable[[Path, torch.dtype], tuple[object, dict]]
+    matches_pipeline: Callable[[object], bool]
+    provider: object
+    missing_hint: str = ""
+
+
+KINDS: dict[str, ModelKind] = {}
+_PLUGINS_LOADED = False
+
+
+def register_kind(kind: ModelKind) -> None:
+    KINDS[kind.name] = kind
+
+
+def load_plugins() -> None:
+    """Import every ``interp.plugins`` entry point once (each registers its model kinds)."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="interp.plugins"):
+        ep.load()()
+
+
+def shipped_models() -> dict[str, Path]:
+    load_plugins()
+    return {name: path for kind in KINDS.values() for name, path in kind.shipped.items()}
+
+
+def model_kind(spec) -> ModelKind | None:
+    """The registered kind a name or folder belongs to, without loading it (None: a plain diffusers pipeline)."""
+    load_plugins()
+    text = str(spec)
+    for kind in KINDS.values():
+        if text in kind.shipped:
+            return kind
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        for kind in KINDS.values():
+            if kind.matches_folder(folder):
+                return kind
+    return None
 
 
 class ModelLoadError(ValueError):
@@ -42,16 +99,16 @@ class DiffusionModel:
     scheduler: object
     vae: nn.Module | None = None
     classifier: nn.Module | None = None
-    is_concept_world: bool = False
+    #: What the model's registered kind provides (None for a plain diffusers pipeline): see :class:`ModelKind`.
+    world: object | None = field(default=None, repr=False)
     pipeline: object = field(default=None, repr=False)
-    #: Classifier-free guidance scale used when a caller gives none. The concept world samples best unguided
-    #: (measured: guidance 1.5 already costs 15 points of color fidelity, 4 makes samples unusable); Stable
-    #: Diffusion's usual 7.5 otherwise.
+    #: Classifier-free guidance scale used when a caller gives none: the kind's (the concept world samples best
+    #: unguided), else Stable Diffusion's usual 7.5.
     default_guidance: float | None = None
 
     def __post_init__(self):
         if self.default_guidance is None:
-            self.default_guidance = 1.0 if self.is_concept_world else 7.5
+            self.default_guidance = getattr(self.world, "default_guidance", 7.5)
         for m in (self.unet, self.text_encoder, self.vae, self.classifier):
             if m is not None:
                 m.eval().requires_grad_(False)
@@ -61,6 +118,11 @@ class DiffusionModel:
         self.events = _event_order({"unet": self.unet, "text_encoder": self.text_encoder}, self)
         order = {p: i for (kind, p), i in self.events.items() if kind == "in"}
         self.space = ComponentSpace({"text_encoder": self.text_encoder, "unet": self.unet}, order)
+
+    @property
+    def is_concept_world(self) -> bool:
+        """A model of a registered kind that provides its own concepts (the concept world)."""
+        return self.world is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -83,9 +145,9 @@ class DiffusionModel:
         return root.get(rel) if rel else root
 
     def check_prompts(self, prompts):
-        """Validate prompts: non-empty list; for word-level tokenizers (the concept world), every word known."""
-        if self.is_concept_world:
-            return check_prompts(prompts, self.tokenizer.get_vocab())
+        """Validate prompts: non-empty list; the model's kind may check more (the concept world: every word known)."""
+        if self.world is not None:
+            return self.world.check_prompts(prompts, self.tokenizer)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("the prompt list is empty: pass at least one prompt (use '' for the unconditional one)")
@@ -180,10 +242,6 @@ def _naming_broken_files(folder: Path):
                              f"that file again") from err
 
 
-def _is_concept_world_dir(path: Path) -> bool:
-    return (path / "pipeline" / "model_index.json").exists() and (path / "classifier.safetensors").exists()
-
-
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
               "float64": torch.float64}
@@ -239,33 +297,31 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
-
-    from .world.classifier import ConceptClassifier
-    from .world.model import ConceptWorldPipeline
+    load_plugins()
+    extras: dict = {}
 
     if isinstance(spec, DiffusionPipeline):
         pipe, name, folder = spec, type(spec).__name__, None
     elif isinstance(spec, (str, os.PathLike)):
         text = str(spec)
-        if text in SHIPPED:
-            folder = SHIPPED[text]
-            if not _is_concept_world_dir(folder):
-                raise FileNotFoundError(
-                    f"the shipped {text!r} checkpoint is missing from {folder}; reinstall the package or retrain it "
-                    f"with `python -m analyses.train_world`"
-                )
+        shipped = next((k for k in KINDS.values() if text in k.shipped), None)
+        if shipped is not None:
+            folder = shipped.shipped[text]
+            if not shipped.matches_folder(folder):
+                raise FileNotFoundError(f"the shipped {text!r} checkpoint is missing from {folder}; "
+                                        f"{shipped.missing_hint or 'reinstall the package'}")
         else:
             folder = Path(text).expanduser()
         name = text
         if folder.exists():
-            if _is_concept_world_dir(folder):
+            kind = next((k for k in KINDS.values() if k.matches_folder(folder)), None)
+            if kind is not None:
                 with _naming_broken_files(folder):
-                    pipe = ConceptWorldPipeline.from_pretrained(folder / "pipeline", dtype=dtype)
+                    pipe, extras = kind.load_folder(folder, dtype)
             elif (folder / "model_index.json").exists():
                 with _naming_broken_files(folder):
-                    index = json.loads((folder / "model_index.json").read_text())
-                    cls = ConceptWorldPipeline if index.get("_class_name") == "ConceptWorldPipeline" else DiffusionPipeline
-                    pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
+                    json.loads((folder / "model_index.json").read_text())  # a malformed index, named
+                    pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
             else:
                 raise ModelLoadError(
                     f"{folder} is not a diffusers pipeline folder (no model_index.json): point at the folder that "
@@ -287,7 +343,7 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
                                     f"that save_pretrained wrote")
         else:
             raise ModelLoadError(
-                f"unknown model {text!r}: use one of {sorted(SHIPPED)}, a folder written by save_pretrained, "
+                f"unknown model {text!r}: use one of {sorted(shipped_models())}, a folder written by save_pretrained, "
                 f"or a hub id like 'org/name'"
             )
     else:
@@ -296,11 +352,8 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
     for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
         if getattr(pipe, part, None) is None:
             raise ModelLoadError(f"the pipeline has no {part}: the suite needs a text-conditioned UNet pipeline")
-    classifier = None
-    is_world = isinstance(pipe, ConceptWorldPipeline)
-    if is_world and folder is not None and (Path(folder) / "classifier.safetensors").exists():
-        with _naming_broken_files(folder):
-            classifier = ConceptClassifier.load(folder)
+    kind = next((k for k in KINDS.values() if k.matches_pipeline(pipe)), None)
+    classifier = extras.get("classifier")
     if pipe.unet.dtype != dtype or pipe.unet.device != torch.device(device):
         pipe.to(device=device, dtype=dtype)
     if classifier is not None:
@@ -313,6 +366,6 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
         scheduler=pipe.scheduler,
         vae=getattr(pipe, "vae", None),
         classifier=classifier,
-        is_concept_world=is_world,
+        world=None if kind is None else kind.provider,
         pipeline=pipe,
     )

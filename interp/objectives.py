@@ -40,7 +40,6 @@ from . import diffusion
 from .concepts import Concept, resolve
 from .generation import generate
 from .interventions import Plan, run_text, run_unet
-from .world.render import ConceptWorld
 
 KINDS = ("erase", "amplify", "classifier")
 #: Precision of the forward passes. Objective values, gradients with respect to multipliers and statistics are
@@ -160,10 +159,9 @@ class Objective:
             self.rows_per_eval = cfg.n_images * cfg.gen_steps * (2 if g != 1 else 1)
             self.label = c.value
         else:
-            if model.is_concept_world and c.scenes_seed is not None:
-                world = ConceptWorld(cfg.n_images, seed=c.scenes_seed, **{c.attribute: c.value})
-                x0 = torch.stack([world[i]["image"] for i in range(cfg.n_images)]).to(dev, dt) * 2 - 1
-            else:
+            # A model kind with its own concepts may supply the images they describe (the concept world's renders).
+            x0 = None if model.world is None else model.world.evaluation_images(c, cfg.n_images, dev, dt)
+            if x0 is None:
                 with torch.no_grad():
                     x0 = generate(model, self.target_prompts, seed=cfg.seed, steps=cfg.gen_steps,
                                   guidance=cfg.guidance, decode=False)
@@ -325,7 +323,7 @@ def as_dtype(model, dtype: torch.dtype):
             torch.nn.Module.to(v, dtype)  # diffusers' own .to() warns about fp32-pinned modules; none here
     sched = model.scheduler.__class__.from_config(model.scheduler.config)
     return DiffusionModel(model.name, parts["unet"], parts["text_encoder"], model.tokenizer, sched, parts["vae"],
-                          parts["classifier"], model.is_concept_world)
+                          parts["classifier"], world=model.world)
 
 
 def gradients(obj: Objective, params: dict[str, torch.nn.Parameter] | None = None,

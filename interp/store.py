@@ -227,10 +227,6 @@ class Entry:
             return None
         return record
 
-    def finished_chunks(self) -> int:
-        d = self.dir / "chunks"
-        return len(list(d.glob("*.pt"))) if d.exists() else 0
-
 
 class Store:
     """A folder of cached results. ``Store(None)`` caches nothing (every call computes, chunks stay in memory)."""
@@ -268,5 +264,3 @@ class MemoryEntry:
     def load_files(self):
         return None
 
-    def finished_chunks(self) -> int:
-        return 0

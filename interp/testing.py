@@ -33,8 +33,8 @@ SCHEDULERS = (
 
 #: Words the tiny tokenizer assembles whole (every other word is spelled letter by letter, as CLIP does for rare
 #: words); enough for the concept words and templates the tests and notebooks use.
-WORDS = ("a", "an", "photo", "image", "picture", "painting", "of", "van", "gogh", "style", "cat", "dog", "in", "the",
-         "red", "blue", "green", "circle", "square", "striped", "on", "black", "white")
+WORDS = ("a", "an", "photo", "image", "picture", "painting", "rendering", "drawing", "of", "van", "gogh", "style", "cat",
+         "dog", "in", "the", "red", "blue", "green", "circle", "square", "striped", "on", "black", "white")
 
 
 def write_clip_vocab(folder: str | Path, words: Sequence[str] = WORDS) -> None:

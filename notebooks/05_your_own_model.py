@@ -283,5 +283,7 @@ shutil.rmtree(WORKDIR, ignore_errors=True)
 #
 # `dtype` sets the precision of the forward passes; objective values, gradients and statistics are accumulated in
 # float32 whatever it is (the README says which precision to trust for what). `store=`
-# caches results on disk under a hash of their configuration, so an interrupted ablation resumes. The classifier
-# objective needs a concept classifier and exists only on the concept world; `erase` and `amplify` work anywhere.
+# caches results on disk under a hash of their configuration, so an interrupted ablation resumes. `erase` and
+# `amplify` work anywhere; the end-to-end `classifier` objective asks an image judge, which on Stable Diffusion is
+# CLIP zero-shot: `ObjectiveConfig(kind="classifier", judge="openai/clip-vit-large-patch14")` (a cached hub id or a
+# folder) with `interp.text_concept("Van Gogh style", alternatives=("Monet style", "a photograph"))`.

@@ -33,6 +33,22 @@ def tiny_world_model_factory():
 
 
 @pytest.fixture(scope="session")
+def tiny_world_folder(tmp_path_factory):
+    """A concept-world folder (pipeline + a random classifier) of the tiny architecture, as the trainer lays it out.
+    Shared by the session: tests that damage files copy it first."""
+    from interp.world.classifier import ConceptClassifier
+    from interp.world.model import ModelConfig, build_pipeline
+
+    d = tmp_path_factory.mktemp("tinyworld")
+    build_pipeline(ModelConfig.tiny(), seed=0).save_pretrained(d / "pipeline")
+    torch.manual_seed(0)
+    clf = ConceptClassifier(width=4)
+    clf(torch.zeros(1, 3, 16, 16))
+    clf.save(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def tiny_objective_config():
     from interp.objectives import ObjectiveConfig
 

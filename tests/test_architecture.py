@@ -40,3 +40,24 @@ def test_no_method_imports_another_method():
 def test_the_engine_imports_no_method():
     bad = {m for m in imports_of(ROOT / "engine.py") if m.startswith("interp.methods")}
     assert not bad
+
+
+CORE = ("models", "components", "concepts", "objectives", "interventions", "diffusion", "generation", "engine")
+
+
+def test_the_core_does_not_import_the_concept_world():
+    """The world registers itself (interp.world.plugin, an ``interp.plugins`` entry point); the core only sees it
+    through ``model.world``."""
+    files = [ROOT / f"{m}.py" for m in CORE] + sorted((ROOT / "methods").glob("*.py"))
+    for path in files:
+        bad = {m for m in imports_of(path) if m == "interp.world" or m.startswith("interp.world.")}
+        assert not bad, f"{path.relative_to(ROOT.parent)} imports {sorted(bad)}"
+
+
+def test_the_world_is_registered_as_a_plugin():
+    from importlib.metadata import entry_points
+
+    import interp
+
+    assert "concept-world" in {ep.name for ep in entry_points(group="interp.plugins")}
+    assert "concept-world" in interp.models.shipped_models()

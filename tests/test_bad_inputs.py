@@ -22,18 +22,8 @@ MID = "unet.mid_block.attentions.0.transformer_blocks.0"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    """A concept-world folder (pipeline + classifier) of the tiny architecture, random weights."""
-    from interp.world.classifier import ConceptClassifier
-    from interp.world.model import ModelConfig, build_pipeline
-
-    d = tmp_path_factory.mktemp("badworld")
-    build_pipeline(ModelConfig.tiny(), seed=0).save_pretrained(d / "pipeline")
-    torch.manual_seed(0)
-    clf = ConceptClassifier(width=4)
-    clf(torch.zeros(1, 3, 16, 16))
-    clf.save(d)
-    return d
+def world(tiny_world_folder) -> Path:
+    return tiny_world_folder
 
 
 def small_args(world: Path, out: Path, *extra: str) -> list[str]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import interp
+from helpers import changed_weights
 from interp import editing as ed
 from interp.objectives import ObjectiveConfig
 from interp.results import make_frame
@@ -39,11 +40,10 @@ def model(folder):
 
 
 def same_weights(model, before) -> bool:
-    return all(torch.equal(p, before[n]) for n, p in model.parameters())
+    return not changed_weights(model, before)
 
 
-def changed(model, before) -> list[str]:
-    return [n for n, p in model.parameters() if not torch.equal(p, before[n])]
+changed = changed_weights
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import interp
+from helpers import assert_no_hooks, assert_weights_equal
 from interp.components import UnknownComponentError
 from interp.interventions import (
     Patch,
@@ -43,22 +44,6 @@ def plain_unet(unet, x, t, ctx):
 
 def rel(path: str) -> str:
     return path.split(".", 1)[1]
-
-
-def assert_weights_equal(model, before):
-    after = model.state_fingerprint()
-    assert before.keys() == after.keys()
-    changed = [n for n in before if not torch.equal(before[n], after[n])]
-    assert not changed, f"weights changed: {changed[:5]}"
-
-
-def assert_no_hooks(model):
-    for prefix, root in model.modules().items():
-        for n, mod in root.named_modules():
-            hooks = {k: len(getattr(mod, k)) for k in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                                        "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
-                     if len(getattr(mod, k, {}))}
-            assert not hooks, f"{prefix}.{n} has hooks left: {hooks}"
 
 
 def assert_frozen(model):

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import interp
+from interp.testing import tiny_stable_diffusion
 from interp import editing as ed
 from interp.judges import (GENERIC_ALTERNATIVES, SHIPPED_JUDGES, ClassifierJudge, CLIPJudge, JudgeLoadError,
                            load_judge)
 from interp.objectives import Objective, ObjectiveConfig
-from interp.world.classifier import ConceptClassifier
 from interp.world.model import ModelConfig, build_pipeline
 from interp.world.vocab import ATTRIBUTES
 
@@ -27,19 +27,12 @@ torch.set_num_threads(1)
 CLIP_DIR = SHIPPED_JUDGES["concept-world-clip"]
 needs_clip = pytest.mark.skipif(not (CLIP_DIR / "metrics.json").exists(),
                                 reason=f"no shipped CLIP judge at {CLIP_DIR} (build it: python -m analyses.train_clip)")
-WORDS = ["a", "photo", "image", "picture", "painting", "rendering", "drawing", "of", "red", "blue", "green", "circle"]
 
 
 # -- fixtures: a tiny concept-world folder (with a random classifier) and a tiny SD pipeline folder -----------------
 @pytest.fixture(scope="module")
-def world_folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-world")
-    build_pipeline(ModelConfig.tiny()).save_pretrained(path / "pipeline")
-    torch.manual_seed(0)
-    clf = ConceptClassifier(width=4)
-    clf(torch.zeros(1, 3, 16, 16))
-    clf.save(path)
-    return path
+def world_folder(tiny_world_folder):
+    return tiny_world_folder
 
 
 @pytest.fixture(scope="module")
@@ -47,51 +40,10 @@ def world(world_folder):
     return interp.load_model(str(world_folder))
 
 
-def write_clip_vocab(folder: Path, words: list[str]) -> None:
-    """vocab.json + merges.txt of a CLIP BPE tokenizer that knows every letter and assembles ``words`` whole."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for ch in "abcdefghijklmnopqrstuvwxyz":
-            vocab[ch + suffix] = len(vocab)
-    merges = []
-    for w in words:
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        prefix = parts[0]
-        for p in parts[1:]:
-            if (prefix, p) not in merges:
-                merges.append((prefix, p))
-            vocab.setdefault(prefix + p, len(vocab))
-            prefix = prefix + p
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-
-
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
     """A tiny random Stable Diffusion pipeline of the real classes (BPE CLIPTokenizer, VAE), saved."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    root = tmp_path_factory.mktemp("tiny-sd")
-    write_clip_vocab(root, WORDS)
-    tok = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=16)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
-                                        eos_token_id=1, pad_token_id=1))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=4, sample_size=16)
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(root / "sd")
-    return root / "sd"
+    return tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd") / "sd", "sd1", scheduler="DDIMScheduler")
 
 
 @pytest.fixture(scope="module")

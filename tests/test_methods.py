@@ -19,6 +19,8 @@ from interp.methods import REGISTRY
 from interp.objectives import Objective, ObjectiveConfig
 from interp.results import COLUMNS, DTYPES, main_rows, validate
 
+from helpers import assert_untouched
+
 MID = "unet.mid_block.attentions.0.transformer_blocks.0"
 RES = "unet.down_blocks.1.resnets.0"
 OPTIONS = {"coar": {"n_masks": 60}, "tracing": {"n_noise": 1}, "ablation": {"chunk": 8}, "cad": {}, "ig": {"steps": 4},
@@ -38,19 +40,6 @@ def conformance_components(model):
 
 def run(method, model, obj, comps, **kw):
     return interp.attribute(method, model, obj.concept, comps, objective=obj, **{**OPTIONS.get(method, {}), **kw})
-
-
-def assert_untouched(model, before):
-    after = model.state_fingerprint()
-    changed = [n for n in before if not torch.equal(before[n], after[n])]
-    assert not changed, f"weights changed: {changed[:5]}"
-    for prefix, root in model.modules().items():
-        for n, mod in root.named_modules():
-            for k in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
-                assert not getattr(mod, k), f"{prefix}.{n} has {k} left"
-    for n, p in model.parameters():
-        assert not p.requires_grad, f"{n} still requires grad"
-        assert p.grad is None, f"{n} has a .grad"
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +110,10 @@ def test_deterministic_under_a_fixed_seed(method, tiny_conformance_frames, tiny_
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_state_untouched_after_a_run(method, tiny_conformance_frames, tiny_world_model):
-    _, _, before, _ = tiny_conformance_frames
+def test_state_untouched_after_a_run(method, tiny_conformance_frames, tiny_world_model, tiny_red_objective):
+    _, comps, before, _ = tiny_conformance_frames
+    assert_untouched(tiny_world_model, before)  # after the shared runs of every method
+    run(method, tiny_world_model, tiny_red_objective, comps[:4], seed=7)  # and after this method's own fresh run
     assert_untouched(tiny_world_model, before)
 
 

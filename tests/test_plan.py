@@ -16,21 +16,6 @@ from interp.methods import REGISTRY
 from interp.plan import plan_comparison
 
 
-@pytest.fixture(scope="module")
-def tiny_world_folder(tmp_path_factory) -> Path:
-    """A concept-world folder (pipeline + classifier) of the tiny architecture, random weights."""
-    from interp.world.classifier import ConceptClassifier
-    from interp.world.model import ModelConfig, build_pipeline
-
-    d = tmp_path_factory.mktemp("planworld")
-    build_pipeline(ModelConfig.tiny(), seed=0).save_pretrained(d / "pipeline")
-    torch.manual_seed(0)
-    clf = ConceptClassifier(width=4)
-    clf(torch.zeros(1, 3, 16, 16))
-    clf.save(d)
-    return d
-
-
 def tiny_config(folder: Path, **kw) -> CompareConfig:
     base = dict(model=str(folder), concepts=("red",), methods=tuple(sorted(REGISTRY, key=lambda m: m != "ablation")),
                 n_images=2, timesteps=(300,), blocks=("mid_block",), heldout_masks=12, maskgrad_masks=3,

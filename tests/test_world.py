@@ -326,7 +326,7 @@ def test_classifier_training_smoke():
 
 
 def test_shipped_classifier_accuracy():
-    from interp.models import ASSETS
+    from interp.world.plugin import ASSETS
 
     folder = ASSETS / "concept-world"
     if not (folder / "classifier.json").exists():
@@ -346,7 +346,7 @@ def test_shipped_checkpoint_loads_and_its_fidelity_is_what_it_claims():
     import json
 
     import interp
-    from interp.models import ASSETS
+    from interp.world.plugin import ASSETS
     from interp.world.fidelity import measure_fidelity
 
     folder = ASSETS / "concept-world"

@@ -24,10 +24,8 @@ CAD-Erase / CAD-Amplify (Nguyen, Phan, Doan 2024, arXiv 2412.02542): :func:`cad_
     global across rows or layers. The paper's ratio is 0.001, which on Stable Diffusion zeroes 0-5 weights per row
     (``in_features`` 320-5120; rows narrower than 1000 inputs are left alone); on the concept world ``in_features``
     is 64 and 256, ``floor(0.001 * in)`` is 0 and nothing would change. The default here,
-    :data:`CAD_DEFAULT_RATIO` = 0.1, zeroes 6 and 25 entries per row (at most 10% of the feed-forward weights):
-    on the shipped model (held-out prompts, :mod:`analyses.edit_concepts`, CAD scores from 4 objective images)
-    ratios 0.05 / 0.1 / 0.2 lowered the classifier's rate of "red" from 0.96 to 0.79 / 0.67 / 0.46 while the other
-    values kept 0.79 / 0.69 / 0.48 of their rates; 0.1 is the middle of that sweep. Which weights the per-row rule
+    :data:`CAD_DEFAULT_RATIO` = 0.1, zeroes 6 and 25 entries per row (at most 10% of the feed-forward weights), the
+    middle of the ratio sweep measured in the README's "Editing" section. Which weights the per-row rule
     picks depends strongly on the attribution set (more objective images can change the result a lot); the
     analysis sweeps the ratio. The neuron variants (:func:`cad_erase_neurons`, :func:`cad_amplify_neurons`) rank
     whole units (by default the GEGLU hidden units ``ff.net.0[j]``) instead and ablate the top k.
@@ -608,6 +606,21 @@ def _real_length(tokenizer, prompt: str) -> int:
     return len(tokenizer(prompt).input_ids)
 
 
+def aligned_positions(tokenizer, row: list[int], subject: list[int], concept: str, concept_prompt: str,
+                      anchor_prompt: str) -> tuple[list[int], list[int]]:
+    """Positions of a concept prompt's token ids ``row`` from the concept's last token to the end of the context,
+    and the anchor prompt's matching positions (shifted by the difference of the two prompts' token counts: -1 when
+    the word is left out): where the closed-form edits read what the concept passes on."""
+    L = len(row)
+    hits = [p for p in range(L - len(subject) + 1) if row[p : p + len(subject)] == subject]
+    if not hits:
+        raise ValueError(f"the concept {concept!r} does not occur in prompt {concept_prompt!r}")
+    last = hits[-1] + len(subject) - 1
+    shift = _real_length(tokenizer, anchor_prompt) - _real_length(tokenizer, concept_prompt)
+    pos = [p for p in range(last, L) if 0 <= p + shift < L]
+    return pos, [p + shift for p in pos]
+
+
 def quickfix_keys_values(model, pairs: Sequence[tuple[str, str]], concept: str, layer: int = 0,
                          preserve_prompts: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """Keys (in, N), values (out, N) and W0 for Diff-QuickFix, float64.
@@ -635,18 +648,11 @@ def quickfix_keys_values(model, pairs: Sequence[tuple[str, str]], concept: str, 
 
     ids_c, x_c = inputs(concept_prompts)
     _, x_a = inputs(anchor_prompts)
-    L = ids_c.shape[1]
     keys, vals, n_positions = [], [], []
     for i, (cp, ap) in enumerate(zip(concept_prompts, anchor_prompts)):
-        row = ids_c[i].tolist()
-        hits = [p for p in range(L - len(subject) + 1) if row[p : p + len(subject)] == subject]
-        if not hits:
-            raise ValueError(f"the concept {concept!r} does not occur in prompt {cp!r}")
-        last = hits[-1] + len(subject) - 1
-        shift = _real_length(tok, ap) - _real_length(tok, cp)
-        pos = [p for p in range(last, L) if 0 <= p + shift < L]
+        pos, apos = aligned_positions(tok, ids_c[i].tolist(), subject, concept, cp, ap)
         keys.append(x_c[i, pos])
-        vals.append(x_a[i, [p + shift for p in pos]] @ W0.T)
+        vals.append(x_a[i, apos] @ W0.T)
         n_positions.append(len(pos))
     n_concept_keys = sum(n_positions)
     if preserve_prompts:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .edits import EDIT_SEED, WeightEdit, WeightUpdate, _preserve_prompts, quickfix_prompts
+from .edits import EDIT_SEED, WeightEdit, WeightUpdate, _preserve_prompts, aligned_positions, quickfix_prompts
 
 UCE_LAMBDA = 0.1
 UCE_ERASE_SCALE = 1.0
@@ -91,10 +91,6 @@ def cross_attention_projections(model, with_to_k: bool = True) -> list[str]:
     return sorted(paths, key=lambda p: model.events[("in", p)])
 
 
-def _token_count(tokenizer, prompt: str) -> int:
-    return len(tokenizer(prompt).input_ids)
-
-
 def text_states(model, pairs: Sequence[tuple[str, str]], concept: str, preserve_prompts: Sequence[str] = ()):
     """Concept states C (in, N), matching anchor states (in, N), preserved states P (in, M); float64."""
     from .. import diffusion
@@ -108,18 +104,11 @@ def text_states(model, pairs: Sequence[tuple[str, str]], concept: str, preserve_
         ids_c = diffusion.tokenize(tok, concept_prompts, model.device)
         s_c = run_text(model, ids_c)[0].to(torch.float64).cpu()
         s_a = run_text(model, diffusion.tokenize(tok, anchor_prompts, model.device))[0].to(torch.float64).cpu()
-    L = ids_c.shape[1]
     cs, anchors = [], []
     for i, (cp, ap) in enumerate(zip(concept_prompts, anchor_prompts)):
-        row = ids_c[i].tolist()
-        hits = [p for p in range(L - len(subject) + 1) if row[p : p + len(subject)] == subject]
-        if not hits:
-            raise ValueError(f"the concept {concept!r} does not occur in prompt {cp!r}")
-        last = hits[-1] + len(subject) - 1
-        shift = _token_count(tok, ap) - _token_count(tok, cp)
-        pos = [p for p in range(last, L) if 0 <= p + shift < L]
+        pos, apos = aligned_positions(tok, ids_c[i].tolist(), subject, concept, cp, ap)
         cs.append(s_c[i, pos])
-        anchors.append(s_a[i, [p + shift for p in pos]])
+        anchors.append(s_a[i, apos])
     C = torch.cat(cs).T.contiguous()
     A = torch.cat(anchors).T.contiguous()
     if preserve_prompts:

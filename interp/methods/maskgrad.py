@@ -9,13 +9,8 @@ operate, when many components are ablated together (saturation, interactions). G
     ``alpha``), with a standard error over masks. The predicted effect of ablating a set ``A`` is
     ``-sum_{c in A} score_c``: the linearization of J around the typical ``alpha``-ablated model rather than around
     the intact one. K masks cost K forward+backward passes (batched), against COAR's thousands of forward passes.
-    Defaults K = 12, alpha = 0.05 are chosen from measurements on the shipped concept world (448 feed-forward output
-    neurons, 5 concepts, 64 held-out joint ablations per rate; ``python -m analyses.compare_methods --maskgrad-masks 16
-    --maskgrad-curve 4 8 10 12 14``): with masks drawn at the rate being predicted, the LDS (Spearman) at alpha = 20%
-    over the concepts was 0.919-0.990 at K = 4, 0.946-0.991 at K = 8 and 0.958-0.992 at K = 12, against COAR's
-    0.933-0.987 with 896 masks; the mean stops rising after K = 10 (0.976 at K = 10, 12 and 0.975 at 14, 16). K = 12
-    costs 36 forward-pass equivalents, 4% of COAR's.
-    The prototype in the anchors' notes used K = 16 (Spearman 0.95-0.99 at alpha 5% and 20%).
+    Defaults K = 12, alpha = 0.05 were chosen from a K sweep on the shipped concept world (the README's "Beyond
+    first order" section has the measurements and the command that made them).
 ``ig`` (integrated gradients along the ablation path)
     all multipliers move together from 1 to ``path_end`` (default 0) in ``K`` steps; the score is the average
     gradient at the step midpoints, times the path length. By the completeness axiom the scores sum to
