@@ -97,7 +97,9 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
     check_concept_words(cfg.model, cfg.concepts)
     with Run(out_dir, cfg.to_dict(), "compare") as run:
         store = Store(run.cache)
+        t0 = time.perf_counter()
         model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        say(f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f} s ({model.device}, {model.dtype})")
         check_finite_weights(model, cfg.model)
         comps = select_components(model, cfg)
         if len(comps) == 0:
@@ -120,11 +122,14 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
                 seconds[f"{method}/{concept}"] = time.perf_counter() - t0
                 frames.append(df)
                 say(f"{concept}: {method} done in {seconds[f'{method}/{concept}']:.1f} s")
+            t0 = time.perf_counter()
             for alpha in cfg.lds_alphas:
                 heldout[(concept, alpha)] = heldout_ablations(obj, comps, alpha, cfg.heldout_masks, cfg.seed, store,
                                                               progress)
+            say(f"{concept}: held-out joint ablations ({cfg.heldout_masks} masks x {len(cfg.lds_alphas)} rates) done "
+                f"in {time.perf_counter() - t0:.1f} s")
         results = concat(frames)
-        tables, figures = derived_outputs(results, heldout, cfg, store)
+        tables, figures = derived_outputs(results, heldout, cfg, store, say)
         meta = run.metadata(n_components=len(comps), seconds_this_run=seconds, methods=results.attrs["meta"])
         meta["wall_seconds_this_run"] = meta.pop("wall_seconds")
         write_outputs(run.out, results, tables, figures, meta, cfg)
@@ -136,7 +141,7 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
 DERIVED_VERSION = 6
 
 
-def derived_outputs(results: pd.DataFrame, heldout: dict, cfg: CompareConfig, store: Store):
+def derived_outputs(results: pd.DataFrame, heldout: dict, cfg: CompareConfig, store: Store, say=None):
     """Tables (with their bootstrap intervals) and figures (PNG bytes) of a run, cached in the run's store under a
     hash of the run's configuration and of the exact results they are made from: a re-run of a finished run loads
     them instead of recomputing bootstraps and re-drawing figures (which is most of a cached run's time otherwise)."""
@@ -147,14 +152,20 @@ def derived_outputs(results: pd.DataFrame, heldout: dict, cfg: CompareConfig, st
         for part in ("masks", "j"):
             h.update(np.ascontiguousarray(heldout[k][part]).tobytes())
     entry = store.entry("derived", {"config": cfg.to_dict(), "content": h.hexdigest(), "version": DERIVED_VERSION})
+    say = say or (lambda msg: None)
     files = entry.load_files()
     if files is not None:
         tables = {rel[len("tables/"):-len(".parquet")]: pd.read_parquet(io.BytesIO(b))
                   for rel, b in files.items() if rel.startswith("tables/")}
         figures = {rel[len("figures/"):-len(".png")]: b for rel, b in files.items() if rel.startswith("figures/")}
+        say(f"tables and figures reused from the cache ({len(tables)} tables, {len(figures)} figures)")
         return tables, figures
+    t0 = time.perf_counter()
     tables = build_tables(results, heldout, cfg)
+    say(f"{len(tables)} tables with bootstrap intervals ({cfg.n_boot} resamples) in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
     figures = {name: plots.fig_to_png(fig) for name, fig in build_figures(results, tables, cfg).items()}
+    say(f"{len(figures)} figures in {time.perf_counter() - t0:.1f} s")
     entry.save_files({**{f"tables/{n}.parquet": frame_to_parquet_bytes(df) for n, df in tables.items()},
                       **{f"figures/{n}.png": png for n, png in figures.items()}})
     return tables, figures
