@@ -1,8 +1,13 @@
-"""What the commands share: turning an expected failure into one line and exit code 2."""
+"""What the commands share: options generated from a config dataclass, and an expected failure turned into one line
+and exit code 2."""
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import MISSING, fields
 from pathlib import Path
+
+from interp.compare_config import field_type
 
 
 def run_or_exit(parser, out: Path | None, fn):
@@ -18,3 +23,24 @@ def run_or_exit(parser, out: Path | None, fn):
             raise
         where = f" (traceback: {out / 'traceback.txt'})" if out is not None and (out / "traceback.txt").exists() else ""
         parser.exit(2, f"error: {msg}{where}\n")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One option per field of dataclass ``cls``, typed and documented from the field (its default in the help)."""
+    for f in fields(cls):
+        kind, tp = field_type(f)
+        flags = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kw = {"dest": f.name, "type": tp, "default": list(default) if kind == "tuple" else default,
+              "help": f.metadata.get("help", "") + " (default: %(default)s)"}
+        if "choices" in f.metadata:
+            kw["choices"] = list(f.metadata["choices"])
+        if kind == "tuple":
+            kw["nargs"] = f.metadata.get("nargs", "+")
+            kw["metavar"] = f.metadata.get("metavar") or (f.name.upper()[:-1] if tp is str else tp.__name__.upper())
+        parser.add_argument(*flags, **kw)
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: (tuple(v) if isinstance(v, list) else v)
+                  for f in fields(cls) if (v := getattr(args, f.name)) is not None})

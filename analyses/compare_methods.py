@@ -20,7 +20,8 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     """The options are CompareConfig's fields (typed and documented there), plus how to run: --out, --threads,
     --plan, --no-progress. Imports nothing heavy, so --help is fast."""
-    from interp.compare_config import CompareConfig, add_config_arguments
+    from analyses._cli import add_config_arguments
+    from interp.compare_config import CompareConfig
 
     p = argparse.ArgumentParser(prog="python -m analyses.compare_methods", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
     if args.threads < 1:
         parser.exit(2, f"error: --threads must be >= 1, got {args.threads}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from interp.compare_config import CompareConfig, config_from_args
+    from analyses._cli import config_from_args
+    from interp.compare_config import CompareConfig
     from analyses._cli import run_or_exit
     from interp.store import config_hash
 

@@ -5,10 +5,9 @@ scheduler, component counts, memory) is checked by :func:`interp.compare.run_com
 
 from __future__ import annotations
 
-import argparse
 import numbers
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 #: Methods of the default run.
 DEFAULT_METHODS = ("ablation", "cad", "coar", "maskgrad", "ig", "midpoint", "screen", "tracing")
@@ -73,7 +72,7 @@ class CompareConfig:
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            tp = _field_type(f)
+            tp = field_type(f)
             if tp[0] == "tuple":
                 if isinstance(value, str) or not isinstance(value, typing.Iterable):
                     raise ValueError(f"{f.name} must be a sequence of {tp[1].__name__} values, got {value!r}"
@@ -167,11 +166,11 @@ class CompareConfig:
         }.get(method, {"seed": self.seed})
 
 
-# -- the command line, generated from the dataclass ----------------------------------------------------------------
+# -- field types, which the command line (analyses/_cli.py) is generated from -----------------------------------------
 _SCALARS = {"str": str, "int": int, "float": float}
 
 
-def _field_type(f) -> tuple[str, type]:
+def field_type(f) -> tuple[str, type]:
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     t = t.replace(" ", "")
     if t.startswith("tuple[") and t.endswith(",...]"):
@@ -186,24 +185,3 @@ def _check_type(name: str, v, tp: type) -> None:
     if not ok:
         raise ValueError(f"{name} must be {'a' if tp is not int else 'an'} {tp.__name__}, got {v!r} "
                          f"({type(v).__name__})")
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One option per field of dataclass ``cls``, typed and documented from the field (its default in the help)."""
-    for f in fields(cls):
-        kind, tp = _field_type(f)
-        flags = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
-        default = f.default if f.default is not MISSING else f.default_factory()
-        kw = {"dest": f.name, "type": tp, "default": list(default) if kind == "tuple" else default,
-              "help": f.metadata.get("help", "") + " (default: %(default)s)"}
-        if "choices" in f.metadata:
-            kw["choices"] = list(f.metadata["choices"])
-        if kind == "tuple":
-            kw["nargs"] = f.metadata.get("nargs", "+")
-            kw["metavar"] = f.metadata.get("metavar") or (f.name.upper()[:-1] if tp is str else tp.__name__.upper())
-        parser.add_argument(*flags, **kw)
-
-
-def config_from_args(cls, args: argparse.Namespace):
-    return cls(**{f.name: (tuple(v) if isinstance(v, list) else v)
-                  for f in fields(cls) if (v := getattr(args, f.name)) is not None})
