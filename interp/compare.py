@@ -16,7 +16,6 @@ import io
 import json
 import re
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import pandas as pd
 
 from . import evaluation, plots
 from .compare_config import DEFAULT_METHODS, CompareConfig  # noqa: F401  (re-exported)
-from .methods.base import components_hash, get, model_fingerprint
+from .methods.base import components_hash, get
 from .engine import masked_values, random_masks
 from .objectives import Objective
 from .report import render_report, settings_rows
@@ -47,12 +46,11 @@ def select_components(model, cfg: CompareConfig):
 def heldout_ablations(obj, comps, alpha: float, n_masks: int, seed: int, store: Store, progress=False) -> dict:
     """J under fresh random joint ablations at rate ``alpha`` (never seen by any method): the LDS test set.
 
-    Cached under everything J depends on: the model's weights, the full component list, the objective and its
-    evaluation set (the concept's prompts), the masks' rate, count and seed."""
+    Cached under everything J depends on (:meth:`Objective.identity`), the full component list and the masks' rate,
+    count and seed."""
     masks = random_masks(n_masks, len(comps), alpha, seed + 99_991 + int(round(alpha * 10_000)))
-    key = {"heldout": alpha, "n": n_masks, "seed": seed, "objective": obj.config.to_dict(),
-           "concept": asdict(obj.concept), "components": components_hash(comps), "n_components": len(comps),
-           "model": model_fingerprint(obj.model)}
+    key = {"heldout": alpha, "n": n_masks, "seed": seed, **obj.identity(), "components": components_hash(comps),
+           "n_components": len(comps)}
     entry = store.entry(f"heldout-{obj.concept.name}", key)
     J = masked_values(obj, comps, masks, entry=entry, chunk=32, progress=progress, tag=f"heldout a={alpha}")
     return {"masks": masks.numpy().astype(float), "components": comps.addresses, "j": J.double().mean(1).numpy(),

@@ -85,6 +85,10 @@ class Judge(ABC):
     def features(self, images: torch.Tensor) -> np.ndarray:
         """``(N, D)`` float64 image features (for Frechet distances between image sets)."""
 
+    def weights(self) -> list[torch.nn.Module]:
+        """The modules whose weights decide the verdicts (their fingerprint keys cached results)."""
+        return [m for m in vars(self).values() if isinstance(m, torch.nn.Module)]
+
     @abstractmethod
     def to(self, device) -> "Judge":
         """Move the judge to ``device``; returns itself."""

@@ -13,6 +13,7 @@ them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -369,3 +370,35 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
         world=None if kind is None else kind.provider,
         pipeline=pipe,
     )
+
+
+FULL_HASH_LIMIT = 100_000_000
+
+
+def model_fingerprint(model) -> str:
+    """The identity of a model's weights, for cache keys: a hash of every weight's bytes.
+
+    Models above :data:`FULL_HASH_LIMIT` parameters (Stable Diffusion) hash every 101st value of each parameter
+    plus its shape instead, which takes a fraction of a second; an edit of a few scalars of such a model can go
+    unnoticed, so caches of edited large models should use their own store.
+    """
+    params = list(model.parameters())
+    total = sum(p.numel() for _, p in params)
+    h = hashlib.sha256(model.name.encode())
+    for name, p in params:
+        flat = p.detach().reshape(-1).cpu()
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        # a strided 1-element slice counts as contiguous but cannot be viewed as bytes: copy to stride 1
+        h.update((flat if total <= FULL_HASH_LIMIT else flat[::101]).clone(memory_format=torch.contiguous_format)
+                 .view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def module_digest(modules) -> str:
+    """A hash of every parameter (name, shape, dtype, bytes) of ``modules``, for cache keys."""
+    h = hashlib.sha256()
+    for k, mod in enumerate(modules):
+        for name, p in mod.named_parameters():
+            h.update(f"{k}.{name}{tuple(p.shape)}{p.dtype}".encode())
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

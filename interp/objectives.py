@@ -306,6 +306,16 @@ class Objective:
         """J averaged over the evaluation set, per mask row."""
         return self.values(plan, mult, means).mean(1)
 
+    def identity(self) -> dict:
+        """Everything J's values depend on, for cache keys: the objective and its evaluation set (config and concept),
+        the model's weights, the device it runs on (results differ by rounding across devices) and, for the
+        classifier objective, the judge's weights. The one place cached results are keyed by what J is."""
+        from .models import module_digest, model_fingerprint
+
+        return {"objective": self.config.to_dict(), "concept": asdict(self.concept),
+                "model": model_fingerprint(self.model), "device": str(self.model.device),
+                "judge": None if self.judge is None else module_digest(self.judge.weights())}
+
     def describe(self) -> dict:
         return {"objective": self.config.kind, "anchor": self.config.anchor, "n_samples": self.n_samples,
                 "objective_hash": self.config.hash(), **{f"objective_{k}": v for k, v in self.config.to_dict().items()}}

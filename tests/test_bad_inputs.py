@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import interp
+from helpers import Killed, killed_at_second_masked_call
 from interp.objectives import Objective, ObjectiveConfig
 from interp.store import CacheWarning, Store
 
@@ -275,19 +276,7 @@ def test_resumed_run_reports_the_whole_cost(tiny_world_model, tiny_red_objective
     m, obj = tiny_world_model, tiny_red_objective
     scratch = _ablation(m, obj, None)
 
-    class Killed(Exception):
-        pass
-
-    real, calls = Objective.values, {"n": 0}
-
-    def dying(self, plan=None, mult=None, *args, **kwargs):
-        if mult is not None:
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise Killed
-        return real(self, plan, mult, *args, **kwargs)
-
-    monkeypatch.setattr(Objective, "values", dying)
+    killed_at_second_masked_call(monkeypatch)
     with pytest.raises(Killed):
         _ablation(m, obj, tmp_path)
     monkeypatch.undo()
@@ -409,3 +398,23 @@ def test_reused_out_with_other_blocks_matches_a_fresh_folder(world, tmp_path):
     assert main(args(fresh, "down_blocks.1", "down_blocks.2")) == 0
     for name in ("lds.csv", "correlations.csv", "accuracy_vs_cost.csv"):
         assert (shared / "tables" / name).read_text() == (fresh / "tables" / name).read_text(), name
+
+
+def test_cache_keys_name_the_device_and_the_judges_weights(tiny_world_folder):
+    """Objective.identity keys every cached result: it changes with the judge's weights (a judge retrained in place
+    must not reuse its predecessor's values) and names the device."""
+    model = interp.load_model(str(tiny_world_folder), device="cpu")
+    obj = Objective(model, "red", ObjectiveConfig(kind="classifier", n_images=1, gen_steps=2))
+    before = obj.identity()
+    assert before["device"] == "cpu" and before["judge"] is not None
+    w = next(model.classifier.parameters())
+    with torch.no_grad():
+        w.add_(1.0)
+    try:
+        assert obj.identity()["judge"] != before["judge"]
+        assert obj.identity()["model"] == before["model"]
+    finally:
+        with torch.no_grad():
+            w.sub_(1.0)
+    erase = Objective(model, "red", ObjectiveConfig(n_images=1, timesteps=(300,)))
+    assert erase.identity()["judge"] is None

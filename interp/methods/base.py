@@ -100,11 +100,8 @@ class Method:
         if not self.capabilities.text_encoder and any(c.model == "text_encoder" for c in comps):
             raise ValueError(f"{self.name} does not attribute text-encoder components")
         store = store if isinstance(store, Store) else Store(store)
-        key = {
-            "method": self.name, "method_config": self.config.to_dict(), "objective": obj.config.to_dict(),
-            "model": model_fingerprint(obj.model), "concept": asdict(obj.concept),
-            "components": components_hash(comps),
-        }
+        key = {"method": self.name, "method_config": self.config.to_dict(), **obj.identity(),
+               "components": components_hash(comps)}
         entry = store.entry(f"{self.name}-{obj.concept.name}", key)
         if entry.complete:
             return entry.load()
@@ -168,28 +165,6 @@ def as_component_set(model, components) -> ComponentSet:
 
 def components_hash(comps: ComponentSet) -> str:
     return hashlib.sha256("\n".join(comps.addresses).encode()).hexdigest()[:16]
-
-
-FULL_HASH_LIMIT = 100_000_000
-
-
-def model_fingerprint(model) -> str:
-    """The identity of a model's weights, for cache keys: a hash of every weight's bytes.
-
-    Models above :data:`FULL_HASH_LIMIT` parameters (Stable Diffusion) hash every 101st value of each parameter
-    plus its shape instead, which takes a fraction of a second; an edit of a few scalars of such a model can go
-    unnoticed, so caches of edited large models should use their own store.
-    """
-    params = list(model.parameters())
-    total = sum(p.numel() for _, p in params)
-    h = hashlib.sha256(model.name.encode())
-    for name, p in params:
-        flat = p.detach().reshape(-1).cpu()
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        # a strided 1-element slice counts as contiguous but cannot be viewed as bytes: copy to stride 1
-        h.update((flat if total <= FULL_HASH_LIMIT else flat[::101]).clone(memory_format=torch.contiguous_format)
-                 .view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def versions() -> dict:
