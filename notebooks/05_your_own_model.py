@@ -65,34 +65,17 @@ print("small configuration" if SMALL else "full configuration", "- working folde
 # words, so that "van gogh style" becomes three tokens just as it would with the real CLIP vocabulary.
 
 # %%
-WORDS = ["a", "photo", "image", "picture", "painting", "of", "van", "gogh", "style", "cat", "dog", "in", "the"]
-
-
-def write_tiny_clip_vocab(folder: Path, words: list[str]) -> None:
-    """vocab.json + merges.txt of a CLIP BPE tokenizer that knows all letters and assembles ``words`` whole."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for ch in "abcdefghijklmnopqrstuvwxyz":
-            vocab[ch + suffix] = len(vocab)
-    merges = []
-    for w in words:  # merge left to right: c+a -> ca, ca+t</w> -> cat</w>
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        prefix = parts[0]
-        for p in parts[1:]:
-            merged = prefix + p
-            if (prefix, p) not in merges:
-                merges.append((prefix, p))
-            vocab.setdefault(merged, len(vocab))
-            prefix = merged
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-
-
 from transformers import CLIPTokenizer
+
+# `interp.testing.write_clip_vocab` writes such a pair: every letter alone and word-final, plus the merge rules that
+# assemble each word of a list, left to right (c+a -> ca, ca+t</w> -> cat</w>).
+from interp.testing import write_clip_vocab
+
+WORDS = ["a", "photo", "image", "picture", "painting", "of", "van", "gogh", "style", "cat", "dog", "in", "the"]
 
 tok_dir = WORKDIR / "tokenizer-files"
 tok_dir.mkdir()
-write_tiny_clip_vocab(tok_dir, WORDS)
+write_clip_vocab(tok_dir, WORDS)
 tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
 ids = tokenizer("a painting of van gogh style").input_ids
 print(ids)

@@ -33,3 +33,24 @@ def assert_untouched(model, before) -> None:
     for n, p in model.parameters():
         assert not p.requires_grad, f"{n} still requires grad"
         assert p.grad is None, f"{n} has a .grad"
+
+
+class Killed(Exception):
+    """Raised by :func:`killed_at_second_masked_call`: a run interrupted between two cached chunks."""
+
+
+def killed_at_second_masked_call(monkeypatch) -> None:
+    """Make ``Objective.values`` raise :class:`Killed` on its second call with multipliers (the second chunk of a
+    sweep); ``monkeypatch.undo()`` restores it."""
+    from interp.objectives import Objective
+
+    real, calls = Objective.values, {"n": 0}
+
+    def dying(self, plan=None, mult=None, *args, **kwargs):
+        if mult is not None:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise Killed
+        return real(self, plan, mult, *args, **kwargs)
+
+    monkeypatch.setattr(Objective, "values", dying)

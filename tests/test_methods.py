@@ -19,7 +19,7 @@ from interp.methods import REGISTRY
 from interp.objectives import Objective, ObjectiveConfig
 from interp.results import COLUMNS, DTYPES, main_rows, validate
 
-from helpers import assert_untouched
+from helpers import Killed, assert_untouched, killed_at_second_masked_call
 
 MID = "unet.mid_block.attentions.0.transformer_blocks.0"
 RES = "unet.down_blocks.1.resnets.0"
@@ -342,20 +342,7 @@ def test_killed_ablation_resumes_from_its_chunks(tiny_world_model, tiny_red_obje
     scratch = run("ablation", m, obj, comps, chunk=8)
     rows_scratch = m.counters["unet_rows"] - rows0
 
-    class Killed(Exception):
-        pass
-
-    real = Objective.values
-    calls = {"n": 0}
-
-    def dying(self, plan=None, mult=None, *args, **kwargs):
-        if mult is not None:
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise Killed
-        return real(self, plan, mult, *args, **kwargs)
-
-    monkeypatch.setattr(Objective, "values", dying)
+    killed_at_second_masked_call(monkeypatch)
     with pytest.raises(Killed):
         run("ablation", m, obj, comps, chunk=8, store=tmp_path)
     monkeypatch.undo()

@@ -18,12 +18,12 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from ..store import atomic_write_text
 
 _TEMPLATES = Path(__file__).resolve().parent / "templates"
 _DATA_URI = "data:image/png;base64,"
@@ -181,15 +181,5 @@ def render_report(path, *, title: str, summary: list[str], sections: list[dict],
         generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         script=(_TEMPLATES / "tables.js").read_text(encoding="utf-8"),
     )
-    fd, tmp = tempfile.mkstemp(prefix=".index-", suffix=".html.tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(html)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private (0600); a report is for readers
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(out, html)  # readers see the old page or the whole new one; readable like any file written
     return out
