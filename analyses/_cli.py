@@ -31,7 +31,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         kind, tp = field_type(f)
         flags = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
         default = f.default if f.default is not MISSING else f.default_factory()
-        kw = {"dest": f.name, "type": tp, "default": list(default) if kind == "tuple" else default,
+        if kind == "tuple" and default is not None:
+            default = list(default)
+        kw = {"dest": f.name, "type": tp, "default": default,
               "help": f.metadata.get("help", "") + " (default: %(default)s)"}
         if "choices" in f.metadata:
             kw["choices"] = list(f.metadata["choices"])
@@ -44,3 +46,32 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
 def config_from_args(cls, args: argparse.Namespace):
     return cls(**{f.name: (tuple(v) if isinstance(v, list) else v)
                   for f in fields(cls) if (v := getattr(args, f.name)) is not None})
+
+
+def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the sweeps run (:mod:`interp.executors`): results and caches do not depend on it."""
+    g = parser.add_argument_group("executor", "where the sweeps run; the results are the same, so a run started on "
+                                              "one executor resumes on the other")
+    g.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: this process; ray: Ray workers that each load the model once (pip install -e "
+                        "'.[ray]') (default: %(default)s)")
+    g.add_argument("--ray-address", default=None,
+                   help="an existing Ray cluster ('auto', 'host:6379', 'ray://host:10001'); default: start a local one")
+    g.add_argument("--ray-workers", type=int, default=None,
+                   help="Ray workers (default: the cluster's CPUs / --ray-cpus-per-worker, or its GPUs / "
+                        "--ray-gpus-per-worker)")
+    g.add_argument("--ray-cpus-per-worker", type=int, default=None, help="CPUs (torch threads) per worker (default 1)")
+    g.add_argument("--ray-gpus-per-worker", type=float, default=None,
+                   help="GPUs per worker, e.g. 1 (with --device cuda) or 0.5 to share one (default 0)")
+
+
+def executor_from_args(parser, args):
+    """The executor the options name; a bad combination or a missing Ray exits with one line."""
+    from interp.executors import make_executor
+
+    options = {"address": args.ray_address, "workers": args.ray_workers, "cpus_per_worker": args.ray_cpus_per_worker,
+               "gpus_per_worker": args.ray_gpus_per_worker}
+    try:
+        return make_executor(args.executor, **options)
+    except (ValueError, ImportError) as err:
+        parser.exit(2, f"error: {err}\n")

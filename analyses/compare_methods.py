@@ -20,7 +20,7 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     """The options are CompareConfig's fields (typed and documented there), plus how to run: --out, --threads,
     --plan, --no-progress. Imports nothing heavy, so --help is fast."""
-    from analyses._cli import add_config_arguments
+    from analyses._cli import add_config_arguments, add_executor_arguments
     from interp.compare_config import CompareConfig
 
     p = argparse.ArgumentParser(prog="python -m analyses.compare_methods", description=__doc__,
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true",
                    help="print the run's cost plan (counts and projected time) and exit without running it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_executor_arguments(p)
     return p
 
 
@@ -59,20 +60,28 @@ def main(argv=None) -> int:
 
         print(run_or_exit(parser, None, lambda: plan_comparison(cfg)).format())
         return 0
+    from analyses._cli import executor_from_args
     from interp.compare import run_comparison
 
+    executor = executor_from_args(parser, args)
     out = args.out or Path("reports") / f"compare-{config_hash(cfg.to_dict())[:10]}"
-    result = run_or_exit(parser, out, lambda: run_comparison(cfg, out, progress=not args.no_progress,
-                                                             log=logging.info))
+    try:
+        result = run_or_exit(parser, out, lambda: run_comparison(cfg, out, progress=not args.no_progress,
+                                                                 log=logging.info, executor=executor))
+    finally:
+        executor.close()
     corr = result["tables"]["correlations"]
     logging.info("\ncorrelation with true ablation:\n%s",
-                 corr[["concept", "method", "n", "pearson", "spearman", "kendall"]].to_string(index=False))
-    lds = result["tables"]["lds"].pivot_table(index=["concept", "method"], columns="alpha", values="lds_spearman")
+                 corr[["concept", "variant", "n", "pearson", "spearman", "kendall"]].to_string(index=False))
+    lds = result["tables"]["lds"].pivot_table(index=["concept", "variant"], columns="alpha", values="lds_spearman")
     logging.info("\nLDS (Spearman) on held-out joint ablations, by ablation rate:\n%s", lds.round(3).to_string())
-    for key, m in result["meta"]["methods"].items():
-        if key.startswith("coar/"):
+    from interp.results import meta_key
+
+    for concept in cfg.concepts:
+        m = result["meta"]["methods"].get(meta_key("coar", concept))
+        if m is not None:
             logging.info("COAR %s: held-out LDS on its own %d test masks: Spearman %.3f, Pearson %.3f",
-                         key.split("/", 1)[1], m["n_test"], m["lds_spearman"], m["lds_pearson"])
+                         concept, m["n_test"], m["lds_spearman"], m["lds_pearson"])
     logging.info("report: %s", (out / "index.html").resolve())
     return 0
 

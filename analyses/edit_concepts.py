@@ -28,7 +28,10 @@ import logging
 import platform
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from interp.compare_config import DEVICES, PRECISIONS, check_fields, opt
 
 EDIT_CHOICES = ("cad-erase", "cad-amplify", "cad-erase-neurons", "cad-amplify-neurons", "diff-quickfix",
                 "diff-quickfix-preserve", "coar-edit", "uce")
@@ -39,95 +42,106 @@ PRESERVE_PROMPTS = 32  # diff-quickfix-preserve: prompts without the concept who
 DEFAULT_RATIOS = (0.05, 0.1, 0.2)
 
 
+@dataclass(frozen=True)
+class EditConfig:
+    """Everything an edit run depends on (its hash names the default run folder); the command line is generated
+    from it (:func:`analyses._cli.add_config_arguments`), so every field is an option and ``--help`` documents it."""
+
+    model: str = opt("concept-world", "'concept-world' (shipped), a concept-world folder, or a Stable Diffusion folder "
+                                      "/ hub id (then give --judge and --alternatives)")
+    concepts: tuple[str, ...] = opt(("red", "circle"), "concept words to erase (attribute values: red, circle, "
+                                                       "striped, ...)")
+    judge: str | None = opt(None, "image judge of the evaluation: 'classifier' (the concept world's, the default "
+                                  "there), 'concept-world-clip', a CLIPModel folder or a hub id (required on other "
+                                  "models)")
+    alternatives: tuple[str, ...] | None = opt(None, "models other than the concept world: phrases each concept is "
+                                                     "weighed against, whose retention is measured and which "
+                                                     "coar-edit uses as references (None: the other --concepts)",
+                                               metavar="PHRASE")
+    edits: tuple[str, ...] = opt(DEFAULT_EDITS, f"edits: {', '.join(EDIT_CHOICES)}, or ablate:<method>")
+    k: tuple[int, ...] = opt(DEFAULT_K, "numbers of ablated components swept by the ablation edits", metavar="K")
+    components: tuple[str, ...] = opt(DEFAULT_COMPONENTS, "component sets the ablation edits rank: ff (GEGLU hidden "
+                                                          "units), attn2 (cross-attention value neurons), "
+                                                          "attn2-heads, text-mlp")
+    ratios: tuple[float, ...] = opt(DEFAULT_RATIOS, "CAD per-row ratios swept by cad-erase / cad-amplify",
+                                    metavar="RATIO")
+    images: int = opt(96, "held-out images per evaluation: 1/4 target prompts, 1/12 target alone, the rest other "
+                          "values")
+    steps: int = opt(10, "denoising steps of the evaluation")
+    attr_images: int = opt(4, "images of the attribution objective")
+    seed: int = opt(0, "seed of the attributions and the held-out stream offset")
+    device: str = opt("auto", "device: auto (CUDA, else MPS, else CPU), cpu, cuda or mps", choices=DEVICES)
+    precision: str = opt("float32", "precision of the model's forward passes", choices=PRECISIONS)
+
+    def __post_init__(self):
+        check_fields(self)  # types and choices; what needs the registry or the model is checked by check_config
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The options are EditConfig's fields, plus how to run: --out, --threads. Imports nothing heavy, so --help is
+    fast."""
+    from analyses._cli import add_config_arguments
+
     p = argparse.ArgumentParser(prog="python -m analyses.edit_concepts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="concept-world",
-                   help="'concept-world' (shipped), a concept-world folder, or a Stable Diffusion folder / hub id "
-                        "(then give --judge and --alternatives; default %(default)s)")
-    p.add_argument("--concepts", nargs="+", default=["red", "circle"],
-                   help="concept words to erase (attribute values: red, circle, striped, ...; default %(default)s)")
-    p.add_argument("--judge", default=None,
-                   help="image judge of the evaluation: 'classifier' (the concept world's, the default there), "
-                        "'concept-world-clip', a CLIPModel folder or a hub id (required on other models)")
-    p.add_argument("--alternatives", nargs="+", default=None,
-                   help="models other than the concept world: phrases each concept is weighed against, whose "
-                        "retention is measured and which coar-edit uses as references (default: the other --concepts)")
-    p.add_argument("--edits", nargs="+", default=list(DEFAULT_EDITS),
-                   help=f"edits: {', '.join(EDIT_CHOICES)}, or ablate:<method> (default %(default)s)")
-    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_K),
-                   help="numbers of ablated components swept by the ablation edits (default %(default)s)")
-    p.add_argument("--components", nargs="+", default=list(DEFAULT_COMPONENTS),
-                   help="component sets the ablation edits rank: ff (GEGLU hidden units), attn2 (cross-attention "
-                        "value neurons), attn2-heads, text-mlp (default %(default)s)")
-    p.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS),
-                   help="CAD per-row ratios swept by cad-erase / cad-amplify (default %(default)s)")
-    p.add_argument("--images", type=int, default=96,
-                   help="held-out images per evaluation: 1/4 target prompts, 1/12 target alone, the rest other "
-                        "values (default %(default)s)")
-    p.add_argument("--steps", type=int, default=10, help="denoising steps of the evaluation (default %(default)s)")
-    p.add_argument("--attr-images", type=int, default=4,
-                   help="images of the attribution objective (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the attributions and the held-out stream offset")
+    add_config_arguments(p, EditConfig)
     p.add_argument("--out", type=Path, default=None, help="run folder (default reports/edit-<config hash>)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="device: auto (CUDA, else MPS, else CPU), cpu, cuda or mps (default %(default)s)")
-    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
-                   help="precision of the model's forward passes (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads, >= 1 (default %(default)s)")
     return p
 
 
-def check_args(parser: argparse.ArgumentParser, args) -> None:
-    """Refuse bad arguments before anything loads: unknown concept words or edits, empty or invalid sweeps."""
+def check_config(config: EditConfig) -> None:
+    """Refuse a bad configuration before anything loads (ValueError naming the option): unknown concept words or
+    edits, empty or invalid sweeps."""
     from interp.compare import check_concept_words
     from interp.methods import REGISTRY
 
-    if any(not c.strip() for c in args.concepts):
-        parser.exit(2, f"error: concept words must be non-empty, got {args.concepts}\n")
+    if any(not c.strip() for c in config.concepts):
+        raise ValueError(f"concept words must be non-empty, got {list(config.concepts)}")
     try:
-        check_concept_words(args.model, args.concepts)
+        check_concept_words(config.model, config.concepts)
     except KeyError as err:
-        parser.exit(2, f"error: {err.args[0]}\n")
-    if len(set(args.concepts)) != len(args.concepts):
-        parser.exit(2, f"error: duplicate concepts in {args.concepts}\n")
-    for e in args.edits:
+        raise ValueError(err.args[0]) from None
+    if len(set(config.concepts)) != len(config.concepts):
+        raise ValueError(f"duplicate concepts in {list(config.concepts)}")
+    for e in config.edits:
         if e.startswith("ablate:"):
             if e.split(":", 1)[1] not in REGISTRY:
-                parser.exit(2, f"error: unknown method in edit {e!r}; registered methods are {sorted(REGISTRY)}\n")
+                raise ValueError(f"unknown method in edit {e!r}; registered methods are {sorted(REGISTRY)}")
         elif e not in EDIT_CHOICES:
-            parser.exit(2, f"error: unknown edit {e!r}; edits are {', '.join(EDIT_CHOICES)} or ablate:<method> "
-                           f"with a method of {sorted(REGISTRY)}\n")
+            raise ValueError(f"unknown edit {e!r}; edits are {', '.join(EDIT_CHOICES)} or ablate:<method> with a "
+                             f"method of {sorted(REGISTRY)}")
     from interp.editing import COMPONENT_PRESETS
 
-    bad = [c for c in args.components if c not in COMPONENT_PRESETS]
+    bad = [c for c in config.components if c not in COMPONENT_PRESETS]
     if bad:
-        parser.exit(2, f"error: unknown component set(s) {bad}; choose from {sorted(COMPONENT_PRESETS)}\n")
-    if any(k < 0 for k in args.k) or not args.k:
-        parser.exit(2, f"error: --k values must be non-negative integers, got {args.k}\n")
-    if any(not 0 <= r <= 1 for r in args.ratios) or not args.ratios:
-        parser.exit(2, f"error: --ratios must lie in [0, 1], got {args.ratios}\n")
-    if args.images < 3 or args.steps < 1 or args.attr_images < 1:
-        parser.exit(2, "error: --images must be >= 3, --steps and --attr-images >= 1\n")
-    if args.threads < 1 or args.seed < 0:
-        parser.exit(2, f"error: --threads must be >= 1 and --seed >= 0, got {args.threads} and {args.seed}\n")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        parser.exit(2, f"error: --out {args.out} is an existing file, not a folder: pass a folder path\n")
+        raise ValueError(f"unknown component set(s) {bad}; choose from {sorted(COMPONENT_PRESETS)}")
+    if any(k < 0 for k in config.k) or not config.k:
+        raise ValueError(f"--k values must be non-negative integers, got {list(config.k)}")
+    if any(not 0 <= r <= 1 for r in config.ratios) or not config.ratios:
+        raise ValueError(f"--ratios must lie in [0, 1], got {list(config.ratios)}")
+    if config.images < 3 or config.steps < 1 or config.attr_images < 1:
+        raise ValueError("--images must be >= 3, --steps and --attr-images >= 1")
+    if config.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {config.seed}")
 
 
-def alternatives_for(model, concept: str, args) -> list[str] | None:
+def alternatives_for(model, concept: str, config) -> list[str] | None:
     """Concept world: None (the other values of the attribute). Other models: --alternatives, else the other
     --concepts; a clear error when there are none."""
     if model.is_concept_world:
         return None
-    alts = [a for a in (args.alternatives or args.concepts) if a != concept]
+    alts = [a for a in (config.alternatives or config.concepts) if a != concept]
     if not alts:
-        raise ValueError(f"on {args.model!r} (not the concept world) give --alternatives: the phrases {concept!r} is "
+        raise ValueError(f"on {config.model!r} (not the concept world) give --alternatives: the phrases {concept!r} is "
                          f"weighed against, whose retention is measured and which coar-edit uses as references")
     return alts
 
 
-def make_edits(model, concept: str, spec: str, args, objective, comps):
+def make_edits(model, concept: str, spec: str, config, objective, comps):
     """The edits of one spec for one concept, one per budget of its sweep."""
     from dataclasses import replace
 
@@ -135,47 +149,43 @@ def make_edits(model, concept: str, spec: str, args, objective, comps):
 
     if spec == "cad-erase":
         ws = ed.cad_weight_scores(model, concept, "erase", objective)
-        return [ws.edit(r) for r in args.ratios]
+        return [ws.edit(r) for r in config.ratios]
     if spec == "cad-amplify":
         ws = ed.cad_weight_scores(model, concept, "amplify", replace(objective, kind="amplify"))
-        return [ws.edit(r) for r in args.ratios]
+        return [ws.edit(r) for r in config.ratios]
     if spec in ("diff-quickfix", "diff-quickfix-preserve"):
         preserve = PRESERVE_PROMPTS if spec.endswith("preserve") else 0
-        return [replace(ed.diff_quickfix(model, concept, preserve=preserve, seed=ed.EDIT_SEED + args.seed), name=spec)]
+        edit = ed.diff_quickfix(model, concept, preserve=preserve, seed=ed.EDIT_SEED + config.seed)
+        return [replace(edit, name=spec)]
     if spec == "uce":  # Unified Concept Editing: cross-attention keys/values, 32 preserved prompts
         from interp.editing.uce import uce
 
-        return [uce(model, concept, preserve=PRESERVE_PROMPTS, seed=ed.EDIT_SEED + args.seed)]
+        return [uce(model, concept, preserve=PRESERVE_PROMPTS, seed=ed.EDIT_SEED + config.seed)]
     if spec == "cad-erase-neurons":
         ranking = ed.rank_components(model, concept, "cad", comps, objective=objective, name=spec)
     elif spec == "cad-amplify-neurons":
         ranking = ed.rank_components(model, concept, "cad", comps, objective=replace(objective, kind="amplify"),
                                      side="negative", name=spec)
     elif spec == "coar-edit":
-        ranking = ed.coar_edit_ranking(model, concept, alternatives_for(model, concept, args), components=comps,
+        ranking = ed.coar_edit_ranking(model, concept, alternatives_for(model, concept, config), components=comps,
                                        objective=objective)
     else:
         ranking = ed.rank_components(model, concept, spec.split(":", 1)[1], comps, objective=objective, name=spec,
-                                     seed=args.seed)
-    return [ranking.top(k) for k in args.k]
+                                     seed=config.seed)
+    return [ranking.top(k) for k in config.k]
 
 
-def run_config(args) -> dict:
-    """What an edit run depends on (its hash names the default folder)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "threads")}
-
-
-def run(args, out: Path, log) -> dict:
+def run(config: EditConfig, out: Path, log) -> dict:
     """The edit job in its run folder (:class:`interp.runs.Run`: status, traceback on failure, atomic writes)."""
     from interp.runs import Run
 
-    with Run(out, run_config(args), "edit") as r:
-        result = _run(args, r, log)
+    with Run(out, config.to_dict(), "edit") as r:
+        result = _run(config, r, log)
         r.complete()
     return result
 
 
-def _run(args, r, log) -> dict:
+def _run(config, r, log) -> dict:
     import numpy as np
     import pandas as pd
     import torch
@@ -191,29 +201,29 @@ def _run(args, r, log) -> dict:
 
     t_start = time.perf_counter()
     out = r.out
-    model = interp.load_model(args.model, device=args.device, dtype=args.precision)
-    check_finite_weights(model, args.model)
-    judge = ed.resolve_judge(model, args.judge)  # a clear error (naming --judge) when the model has no classifier
+    model = interp.load_model(config.model, device=config.device, dtype=config.precision)
+    check_finite_weights(model, config.model)
+    judge = ed.resolve_judge(model, config.judge)  # a clear error (naming --judge) when the model has no classifier
     # held-out images of one evaluation (generated, judged, kept with their features) and the attribution samples
     per_image = int(np.prod(latent_shape(model.unet, 1))) * 4 * 8
-    check_memory((args.images + args.attr_images) * per_image * 3, f"--images {args.images}",
+    check_memory((config.images + config.attr_images) * per_image * 3, f"--images {config.images}",
                  "pass fewer --images")
     fingerprint = model.state_fingerprint()
-    objective = ObjectiveConfig(kind="erase", n_images=args.attr_images, seed=args.seed)
-    cfg = ed.EvalConfig.from_total(args.images, steps=args.steps, seed=ed.EVAL_SEED + args.seed)
-    comps = ed.edit_components(model, args.components)
+    objective = ObjectiveConfig(kind="erase", n_images=config.attr_images, seed=config.seed)
+    cfg = ed.EvalConfig.from_total(config.images, steps=config.steps, seed=ed.EVAL_SEED + config.seed)
+    comps = ed.edit_components(model, config.components)
     evaluations, records, grids = [], [], {}
-    for concept in args.concepts:
+    for concept in config.concepts:
         t0 = time.perf_counter()
-        base = ed.baseline(model, concept, cfg, judge, alternatives_for(model, concept, args))
+        base = ed.baseline(model, concept, cfg, judge, alternatives_for(model, concept, config))
         bt = base.judged.table
         rate = float((bt.loc[bt["set"] == "target", f"pred_{base.held.attribute}"] == concept).mean())
         log(f"{concept}: baseline of {cfg.n_images} held-out images in {time.perf_counter() - t0:.1f} s "
             f"(target rate {rate:.2f})")
         strongest = []
-        for spec in args.edits:
+        for spec in config.edits:
             t0 = time.perf_counter()
-            edits = make_edits(model, concept, spec, args, objective, comps)
+            edits = make_edits(model, concept, spec, config, objective, comps)
             log(f"{concept}: {spec} computed in {time.perf_counter() - t0:.1f} s")
             evs = []
             for e in edits:
@@ -246,7 +256,7 @@ def _run(args, r, log) -> dict:
         uris[name] = fig_to_base64_png(fig)
         r.write_bytes(f"figures/{name}.png", base64.b64decode(uris[name].split(",", 1)[1]))
     wall = time.perf_counter() - t_start
-    meta = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    meta = {"config": config.to_dict(),
             "eval_config": cfg.to_dict(), "objective": objective.to_dict(), "versions": versions(),
             "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
             "wall_seconds": wall, "model_unchanged": not changed}
@@ -255,12 +265,12 @@ def _run(args, r, log) -> dict:
     from interp.report.findings import edit_findings
 
     summary = edit_findings(table) + [
-        f"{len(evaluations)} edits evaluated on {len(args.concepts)} concept(s) in {wall:.0f} s of wall time "
+        f"{len(evaluations)} edits evaluated on {len(config.concepts)} concept(s) in {wall:.0f} s of wall time "
         f"({torch.get_num_threads()} thread(s)); the model's weights were bitwise unchanged afterwards."]
     render_report(out, title="Concept editing from attributions", summary=summary,
                   headline=[("Target rate after each edit against the other values' retained rate, every budget "
                              "(the unedited model is the star; lower right is better)", uris["tradeoff"])],
-                  sections=report_sections(tables, uris, cfg, args), config=meta, settings=settings_rows(meta))
+                  sections=report_sections(tables, uris, cfg, config), config=meta, settings=settings_rows(meta))
     return {"tables": tables, "meta": meta}
 
 
@@ -280,7 +290,7 @@ def summary_sentences(table) -> list[str]:
     return out
 
 
-def report_sections(tables, uris, cfg, args) -> list[dict]:
+def report_sections(tables, uris, cfg, config) -> list[dict]:
     def figs(prefix):
         return [(k, v) for k, v in uris.items() if k.startswith(prefix)]
 
@@ -333,7 +343,17 @@ def report_sections(tables, uris, cfg, args) -> list[dict]:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_args(parser, args)
+    from analyses._cli import config_from_args
+
+    try:
+        config = config_from_args(EditConfig, args)
+        check_config(config)
+    except (ValueError, TypeError) as err:
+        parser.exit(2, f"error: {err}\n")
+    if args.threads < 1:
+        parser.exit(2, f"error: --threads must be >= 1, got {args.threads}\n")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.exit(2, f"error: --out {args.out} is an existing file, not a folder: pass a folder path\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     import torch
 
@@ -341,9 +361,9 @@ def main(argv=None) -> int:
     from interp.store import config_hash
 
     torch.set_num_threads(args.threads)
-    out = args.out or Path("reports") / f"edit-{config_hash(run_config(args))[:10]}"
+    out = args.out or Path("reports") / f"edit-{config_hash(config.to_dict())[:10]}"
     t0 = time.perf_counter()
-    run_or_exit(parser, out, lambda: run(args, out, logging.info))
+    run_or_exit(parser, out, lambda: run(config, out, logging.info))
     logging.info("wall time %.1f s; report: %s", time.perf_counter() - t0, (out / "index.html").resolve())
     return 0
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from .engine import masked_values, random_masks
 from .objectives import Objective
 from .report import render_report, settings_rows
 from .report.findings import compare_findings
-from .results import concat
+from .results import concat, is_main
 from .runs import Run, check_finite_weights, check_memory
 from .store import Store, atomic_write_bytes, atomic_write_text, frame_to_parquet_bytes
 
@@ -43,7 +42,8 @@ def select_components(model, cfg: CompareConfig):
     return model.components(cfg.granularity, **{k: v for k, v in filters.items() if v})
 
 
-def heldout_ablations(obj, comps, alpha: float, n_masks: int, seed: int, store: Store, progress=False) -> dict:
+def heldout_ablations(obj, comps, alpha: float, n_masks: int, seed: int, store: Store, progress=False,
+                      executor=None) -> dict:
     """J under fresh random joint ablations at rate ``alpha`` (never seen by any method): the LDS test set.
 
     Cached under everything J depends on (:meth:`Objective.identity`), the full component list and the masks' rate,
@@ -52,7 +52,8 @@ def heldout_ablations(obj, comps, alpha: float, n_masks: int, seed: int, store: 
     key = {"heldout": alpha, "n": n_masks, "seed": seed, **obj.identity(), "components": components_hash(comps),
            "n_components": len(comps)}
     entry = store.entry(f"heldout-{obj.concept.name}", key)
-    J = masked_values(obj, comps, masks, entry=entry, chunk=32, progress=progress, tag=f"heldout a={alpha}")
+    J = masked_values(obj, comps, masks, entry=entry, chunk=32, progress=progress, tag=f"heldout a={alpha}",
+                      executor=executor)
     return {"masks": masks.numpy().astype(float), "components": comps.addresses, "j": J.double().mean(1).numpy(),
             "j_intact": float(obj.intact.double().mean())}
 
@@ -82,8 +83,9 @@ def estimate_memory(cfg: CompareConfig, n: int, sample_numel: int) -> dict[str, 
     }
 
 
-def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = True, log=None) -> dict:
-    """Run the comparison and write the run folder; returns the frames and tables.
+def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = True, log=None, executor=None) -> dict:
+    """Run the comparison and write the run folder; returns the frames and tables. ``executor``: where the sweeps
+    run (:mod:`interp.executors`; default this process); it changes no result, so it is not part of the config.
 
     Everything that can be checked before work is: the config on construction, the concept words before the model
     loads, then the weights (finite), the component selection (non-empty), the memory the configuration needs, every
@@ -116,14 +118,15 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
         for concept, obj in objectives.items():
             for method, m in methods.items():
                 t0 = time.perf_counter()
-                df = m.attribute(model, concept, comps, objective=obj, store=store, progress=progress)
+                df = m.attribute(model, concept, comps, objective=obj, store=store, progress=progress,
+                                 executor=executor)
                 seconds[f"{method}/{concept}"] = time.perf_counter() - t0
                 frames.append(df)
                 say(f"{concept}: {method} done in {seconds[f'{method}/{concept}']:.1f} s")
             t0 = time.perf_counter()
             for alpha in cfg.lds_alphas:
                 heldout[(concept, alpha)] = heldout_ablations(obj, comps, alpha, cfg.heldout_masks, cfg.seed, store,
-                                                              progress)
+                                                              progress, executor)
             say(f"{concept}: held-out joint ablations ({cfg.heldout_masks} masks x {len(cfg.lds_alphas)} rates) done "
                 f"in {time.perf_counter() - t0:.1f} s")
         results = concat(frames)
@@ -136,7 +139,7 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
 
 
 #: Bump when tables or figures change shape, so cached derived outputs of older code are not reused.
-DERIVED_VERSION = 6
+DERIVED_VERSION = 7
 
 
 def derived_outputs(results: pd.DataFrame, heldout: dict, cfg: CompareConfig, store: Store, say=None):
@@ -187,29 +190,19 @@ def build_tables(results: pd.DataFrame, heldout: dict, cfg: CompareConfig) -> di
     t["lds"] = evaluation.lds_table(results, heldout, missing="raise")
     if "coar" in cfg.methods:  # "never worse than COAR?" needs the noise of 64 held-out masks next to the difference
         t["lds_vs_coar"] = evaluation.lds_versus(results, heldout, "coar", n_boot=cfg.n_boot, seed=cfg.seed)
-    cost = evaluation.cost_table(full)  # reads the run metadata in attrs
-    curve_rows = []
-    for key, meta in full.attrs["meta"].items():
-        for name, point in (meta.get("curve") or {}).items():
-            curve_rows.append({"concept": key.split("/", 1)[1], "method": name, "forward_evals": point["forward_evals"],
-                               "backward_evals": point.get("backward_evals", 0.0), "seconds": np.nan})
-    if curve_rows:
-        cost = pd.concat([cost, pd.DataFrame(curve_rows)], ignore_index=True)
+    cost = evaluation.cost_table(full)  # reads the run metadata in attrs, the variants' costs included
     cost["forward_equivalents"] = cost["forward_evals"] + 2 * cost["backward_evals"]
     # Passes are a property of the configuration (a resumed run reports the same); wall time is not: its own table.
     t["wall_time"] = cost.loc[cost["seconds"].notna(), ["concept", "method", "seconds"]].reset_index(drop=True)
     t["cost"] = cost.drop(columns="seconds")
-    acc = t["lds"].merge(cost[["concept", "method", "forward_equivalents"]], on=["concept", "method"], how="left")
+    keys = ["concept", "method", "variant"]
+    acc = t["lds"].merge(cost[keys + ["forward_equivalents"]], on=keys, how="left")
     acc = acc.rename(columns={"forward_equivalents": "forward_evals"})
-
-    def estimator(method: str) -> str:  # budget variants of one estimator form one curve in the plot
-        if method.startswith("coar@"):
-            return "coar"
-        base = re.sub(r"-K\d+$", "", method)
-        return "maskgrad" if base == f"maskgrad@{cfg.maskgrad_alpha:g}" else base
-
-    acc.insert(acc.columns.get_loc("method") + 1, "estimator", acc["method"].map(estimator))
-    t["accuracy_vs_cost"] = acc
+    # the estimate's typed columns: budget variants of one estimator form one curve in the plot
+    estimates = results[["method", "variant", "estimator", "budget", "mask_alpha"]].drop_duplicates(keys[1:])
+    acc = acc.merge(estimates, on=keys[1:], how="left")
+    lead = keys + ["estimator", "budget", "mask_alpha"]
+    t["accuracy_vs_cost"] = acc[lead + [c for c in acc.columns if c not in lead]]
     return t
 
 
@@ -217,12 +210,10 @@ def build_figures(results: pd.DataFrame, tables: dict, cfg: CompareConfig) -> di
     """The report's figures: the headline (accuracy vs cost; localization of the reference beside the estimator
     trusted for joint ablations), small multiples of the main methods (budget and rate variants apart, for the
     collapsed evidence), every method's localization on one colour scale, and the tracing maps of all concepts."""
-    from .report.findings import is_variant, joint_trust
+    from .report.findings import joint_trust
 
     figs = {}
-    present = list(results["method"].unique())
-    main = [m for m in present if not is_variant(m)]
-    variants = [m for m in present if is_variant(m)]
+    main, variants = _main_and_variants(results)
     figs["accuracy-vs-cost"] = plots.accuracy_vs_cost(tables["accuracy_vs_cost"])
     trusted = joint_trust(tables["accuracy_vs_cost"]).get("trusted")
     pair = ["ablation"] + ([trusted] if trusted and trusted != "ablation" else [])
@@ -244,6 +235,14 @@ def build_figures(results: pd.DataFrame, tables: dict, cfg: CompareConfig) -> di
         figs["trace-unet"] = plots.trace_maps(results, cfg.concepts, "unet")
         figs["trace-text"] = plots.trace_maps(results, cfg.concepts, "text_encoder")
     return figs
+
+
+def _main_and_variants(frame: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The variant names of a results frame or table, in order of appearance: methods' main estimates, and the
+    budget and rate variants."""
+    pairs = frame[["method", "variant"]].drop_duplicates()
+    main = is_main(pairs)
+    return list(pairs.loc[main, "variant"]), list(pairs.loc[~main, "variant"])
 
 
 def write_outputs(out: Path, results, tables, figures, meta, cfg: CompareConfig) -> None:
@@ -272,18 +271,18 @@ def write_outputs(out: Path, results, tables, figures, meta, cfg: CompareConfig)
 
 def report_sections(tables, uris, cfg: CompareConfig) -> list[dict]:
     """Sections after the findings and headline figures: the main methods in the main tables and figures, budget and
-    rate variants (``coar@m``, ``maskgrad@a``, ``-K``) and the full tidy tables in collapsed blocks."""
+    rate variants (rows whose ``variant`` is not the method's main estimate) and the full tidy tables in collapsed
+    blocks."""
     from .report import tables as rt
-    from .report.findings import is_variant, joint_trust
+    from .report.findings import joint_trust
 
     def fig(name, caption):
         return [(caption, uris[name])] if name in uris else []
 
     corr, acc = tables["correlations"], tables["accuracy_vs_cost"]
-    cost = tables["cost"].merge(tables["wall_time"], on=["concept", "method"], how="left")
-    methods = list(dict.fromkeys(list(corr["method"]) + list(acc["method"])))
-    main = [m for m in methods if not is_variant(m)]
-    variants = [m for m in methods if is_variant(m)]
+    wall = tables["wall_time"]  # the wall time of a method run is its main estimate's
+    cost = tables["cost"].merge(wall.assign(variant=wall["method"]), on=["concept", "method", "variant"], how="left")
+    main, variants = _main_and_variants(pd.concat([corr, acc]))
     trusted = joint_trust(acc).get("trusted")
     joint_main = main + ([trusted] if trusted in variants else [])
     scatter = [f for c in cfg.concepts for f in fig(f"scatter-{c}", f"'{c}': the main methods against true ablation")]
@@ -324,7 +323,7 @@ def report_sections(tables, uris, cfg: CompareConfig) -> list[dict]:
                     + (f" and {trusted}" if trusted in variants else ""), rt.lds_pivot(acc, joint_main))]
                   + ([(f"{trusted}'s LDS minus COAR's on the same masks [paired bootstrap 95% interval]; an "
                        "interval containing 0 is a tie", rt.versus_pivot(vs, trusted))]
-                     if vs is not None and trusted in set(vs["method"]) else []),
+                     if vs is not None and trusted in set(vs["variant"]) else []),
         "details": [
             {"title": f"Budget and rate variants ({len(variants)})",
              "text": "'coar@m' is COAR fitted on its first m masks; 'maskgrad@a' averages gradients over masks drawn "

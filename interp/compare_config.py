@@ -70,22 +70,7 @@ class CompareConfig:
     seed: int = opt(0, "seed of every random choice (>= 0)")
 
     def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            tp = field_type(f)
-            if tp[0] == "tuple":
-                if isinstance(value, str) or not isinstance(value, typing.Iterable):
-                    raise ValueError(f"{f.name} must be a sequence of {tp[1].__name__} values, got {value!r}"
-                                     + (f"; write ({value!r},)" if isinstance(value, str) else ""))
-                value = tuple(value)
-                for v in value:
-                    _check_type(f.name, v, tp[1])
-                object.__setattr__(self, f.name, tuple(float(v) if tp[1] is float else v for v in value))
-            else:
-                _check_type(f.name, value, tp[1])
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name} must be one of {list(choices)}, got {value!r}")
+        check_fields(self)
         if not self.model.strip():
             raise ValueError("model is empty: pass 'concept-world', a pipeline folder or a hub id")
         if not self.concepts:
@@ -146,33 +131,53 @@ class CompareConfig:
                                timesteps=self.timesteps, seed=self.seed, dtype=self.dtype, judge=self.judge)
 
     def method_options(self, method: str, n: int) -> dict:
-        coar_m = self.coar_masks or 2 * n
-        n_train = coar_m - max(1, int(round(0.2 * coar_m)))  # COARConfig.heldout = 0.2 of the masks are its test set
-        maskgrad = {"n_masks": self.maskgrad_masks, "alpha": self.maskgrad_alpha, "seed": self.seed,
-                    "extra_alphas": tuple(a for a in self.lds_alphas if a != self.maskgrad_alpha),
-                    "curve": tuple(k for k in self.maskgrad_curve if k < self.maskgrad_masks)}
-        return {
-            # the budget curve at 1/8, 1/4, 1/2 of the training masks, where at least 10 masks are left to fit
-            "coar": {"n_masks": coar_m, "alpha": self.coar_alpha, "seed": self.seed,
-                     "curve": tuple(sorted({m for f in (0.125, 0.25, 0.5)
-                                            if 10 <= (m := max(10, int(coar_m * 0.8 * f))) < n_train}))},
-            "maskgrad": maskgrad,
-            "midpoint": {"alpha": self.maskgrad_alpha, "seed": self.seed},
-            # screened by the same mask-averaged gradient the run reports (the same options, so the same cached
-            # result): the two rows differ only by the verified components
-            "screen": {"fraction": self.screen_fraction, "seed": self.seed, "screen": "maskgrad",
-                       "screen_options": tuple((k, v) for k, v in maskgrad.items() if k != "seed")},
-            "tracing": {"n_noise": self.tracing_noise, "seed": self.seed},
-        }.get(method, {"seed": self.seed})
+        """The options ``method`` runs with in this comparison over ``n`` components. Each method declares them
+        (:meth:`interp.methods.base.Method.compare_options`), so a new method needs no edit here."""
+        from .methods import get
+
+        return get(method).compare_options(self, n)
 
 
 # -- field types, which the command line (analyses/_cli.py) is generated from -----------------------------------------
 _SCALARS = {"str": str, "int": int, "float": float}
 
 
-def field_type(f) -> tuple[str, type]:
+def check_fields(cfg) -> None:
+    """Check every field of a frozen config dataclass against its annotation (``str``, ``int``, ``float``, a
+    ``tuple[T, ...]`` of them, each possibly ``| None``) and its ``choices``; sequences are stored as tuples."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        tp = field_type(f)
+        if value is None and optional(f):
+            continue
+        if tp[0] == "tuple":
+            if isinstance(value, str) or not isinstance(value, typing.Iterable):
+                raise ValueError(f"{f.name} must be a sequence of {tp[1].__name__} values, got {value!r}"
+                                 + (f"; write ({value!r},)" if isinstance(value, str) else ""))
+            value = tuple(value)
+            for v in value:
+                _check_type(f.name, v, tp[1])
+            object.__setattr__(cfg, f.name, tuple(float(v) if tp[1] is float else v for v in value))
+        else:
+            _check_type(f.name, value, tp[1])
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ValueError(f"{f.name} must be one of {list(choices)}, got {value!r}")
+
+
+def _annotation(f) -> str:
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    t = t.replace(" ", "")
+    return t.replace(" ", "")
+
+
+def optional(f) -> bool:
+    """Whether the field may be None (annotated ``... | None``)."""
+    return _annotation(f).endswith("|None")
+
+
+def field_type(f) -> tuple[str, type]:
+    """("scalar" or "tuple", the element type) of a config field, from its annotation (``| None`` aside)."""
+    t = _annotation(f).removesuffix("|None")
     if t.startswith("tuple[") and t.endswith(",...]"):
         return "tuple", _SCALARS[t[len("tuple["):-len(",...]")]]
     return "scalar", _SCALARS[t]

@@ -4,9 +4,10 @@ Methods describe *what* to evaluate; the engine evaluates it, batched and cached
 
 - :func:`random_masks`: i.i.d. Bernoulli(alpha) ablation masks, a pure function of their seed (COAR's masks, the
   mask-averaged gradient's, the held-out LDS sets).
-- :func:`sweep`: THE chunked, cached, resumable map over work items. Items are split into chunks; each finished
-  chunk is stored in the method's cache entry (atomically, with its cost), so a killed run resumes from the chunks
-  it finished and reports the cost of an uninterrupted run. Every sweep of the suite goes through it.
+- :func:`sweep`: THE chunked, cached, resumable map over work items. Items are split into chunks, run by an executor
+  (this process, or Ray workers: :mod:`interp.executors`); each finished chunk is stored in the method's cache entry
+  (atomically, with its cost), so a killed run resumes from the chunks it finished and reports the cost of an
+  uninterrupted run. Every sweep of the suite goes through it.
 - :func:`masked_values`: J under many joint ablations (one mask per row, many rows per forward pass).
 - :func:`single_ablation_deltas`: ``J(ablated) - J(intact)`` for each component alone (true ablation).
 - :func:`multiplier_gradients`: ``dJ/dm`` at rows of multipliers (CAD's neuron scores at ``m = 1``, the
@@ -17,12 +18,12 @@ No method imports another method: they share this module.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from .components import ComponentSet
+from .executors import LOCAL, Job
 from .interventions import compile_plan, weights_ablated
 from .objectives import reference_means
 
@@ -33,38 +34,72 @@ def random_masks(n_masks: int, n: int, alpha: float, seed: int) -> torch.Tensor:
     return torch.rand(n_masks, n, generator=gen) < alpha
 
 
-def sweep(entry, n_items: int, chunk: int, compute: Callable[[int, int], dict[str, torch.Tensor]], tag: str,
-          progress: bool = False) -> list[dict[str, torch.Tensor]]:
-    """Run ``compute(start, stop)`` over ``range(n_items)`` in chunks of ``chunk``; each chunk's result is cached
-    in ``entry`` under ``<tag>-<start>`` (``entry=None``: nothing is cached). Returns the chunks' results in order."""
+def sweep(entry, obj, job: Job, n_items: int, chunk: int, tag: str, progress: bool = False,
+          executor=None) -> list[dict[str, torch.Tensor]]:
+    """THE chunked, cached, resumable map: ``job`` over ``range(n_items)`` in chunks of ``chunk`` items, run by
+    ``executor`` (default: this process). Each chunk's result is stored in ``entry`` under ``<tag>-<start>`` as it
+    arrives, with its cost; chunks already in ``entry`` are read, not recomputed (``entry=None``: nothing is cached).
+    Returns the chunks' results in order."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    out = []
-    for start in tqdm(range(0, n_items, chunk), desc=tag, disable=not progress):
-        stop = min(start + chunk, n_items)
+    executor = executor or LOCAL
+    spans = [(start, min(start + chunk, n_items)) for start in range(0, n_items, chunk)]
+    key = {span: f"{tag}-{span[0]:07d}" for span in spans}
+    got = {}
+    if entry is not None:
+        for span in spans:
+            cached = entry.cached_chunk(key[span])
+            if cached is not None:
+                got[span] = cached
+    todo = [span for span in spans if span not in got]
+    with tqdm(total=len(spans), initial=len(got), desc=tag, disable=not progress) as bar:
+        for span, out, used in executor.map(obj, job, todo):
+            if entry is not None:
+                entry.put_chunk(key[span], out, used)
+            got[span] = out
+            bar.update()
+    return [got[span] for span in spans]
 
-        def run(start=start, stop=stop):
-            return compute(start, stop)
 
-        out.append(run() if entry is None else entry.chunk(f"{tag}-{start:07d}", run))
-    return out
+# -- the engine's jobs: module-level functions of data (see interp.executors.Job), so any executor can run them --
+def _plan_setup(obj, components: list[str], means=None, **extra) -> dict:
+    """Parse the components and compile their intervention plan (no model passes)."""
+    comps = ComponentSet([obj.model.space.parse(a) for a in components])
+    return {"obj": obj, "plan": compile_plan(obj.model, comps), "n": len(comps), "means": means, **extra}
+
+
+def _values_run(state, start, stop) -> dict[str, torch.Tensor]:
+    obj = state["obj"]
+    with torch.no_grad():
+        return {"J": obj.values(state["plan"], (~state["masks"][start:stop]).to(obj.dtype), state["means"])}
+
+
+def _ablate_run(state, start, stop) -> dict[str, torch.Tensor]:
+    obj, n = state["obj"], state["n"]
+    M = torch.ones(stop - start, n, dtype=obj.dtype)
+    M[torch.arange(stop - start), torch.arange(start, stop)] = 0
+    with torch.no_grad():
+        return {"delta": obj.values(state["plan"], M, state["means"]) - state["intact"][None]}
+
+
+def _grad_run(state, start, stop) -> dict[str, torch.Tensor]:
+    obj = state["obj"]
+    m = state["M"][start:stop].clone().to(obj.dtype).requires_grad_(True)
+    J = obj.values(state["plan"], m, state["means"]).mean(1).sum()
+    return {"grad": torch.autograd.grad(J, m)[0].detach()}
 
 
 def masked_values(obj, comps, masks: torch.Tensor, mode="zero", entry=None, chunk=256, progress=False,
-                  tag="masks", plan=None) -> torch.Tensor:
+                  tag="masks", executor=None) -> torch.Tensor:
     """J per mask and sample, (n_masks, S), cached chunk by chunk. ``masks``: (n_masks, n) bool, 1 = ablated."""
-    plan = plan or compile_plan(obj.model, comps)
-    means = reference_means(obj, plan) if mode == "mean" else None
-
-    def compute(start, stop):
-        with torch.no_grad():
-            return {"J": obj.values(plan, (~masks[start:stop]).to(obj.dtype), means)}
-
-    return torch.cat([r["J"] for r in sweep(entry, len(masks), chunk, compute, tag, progress)])
+    means = reference_means(obj, compile_plan(obj.model, comps)) if mode == "mean" else None
+    job = Job("interp.engine:_plan_setup", "interp.engine:_values_run",
+              {"components": comps.addresses, "means": means, "masks": masks})
+    return torch.cat([r["J"] for r in sweep(entry, obj, job, len(masks), chunk, tag, progress, executor)])
 
 
 def single_ablation_deltas(obj, comps: ComponentSet, mode="zero", entry=None, chunk=64,
-                           progress=False) -> torch.Tensor:
+                           progress=False, executor=None) -> torch.Tensor:
     """``J(ablated) - J(intact)`` per component and sample, shape (n, S): one one-hot mask per component, batched.
     Scalar weights are ablated one at a time in a context that restores them bitwise."""
     n = len(comps)
@@ -76,27 +111,17 @@ def single_ablation_deltas(obj, comps: ComponentSet, mode="zero", entry=None, ch
             with weights_ablated(obj.model, [c]), torch.no_grad():
                 rows.append(obj.values()[0] - obj.intact)
         return torch.stack(rows)
-    plan = compile_plan(obj.model, comps)
-    means = reference_means(obj, plan) if mode == "mean" else None
-
-    def compute(start, stop):
-        M = torch.ones(stop - start, n, dtype=obj.dtype)
-        M[torch.arange(stop - start), torch.arange(start, stop)] = 0
-        with torch.no_grad():
-            return {"delta": obj.values(plan, M, means) - obj.intact[None]}
-
-    return torch.cat([r["delta"] for r in sweep(entry, n, chunk, compute, "ablate", progress)])
+    means = reference_means(obj, compile_plan(obj.model, comps)) if mode == "mean" else None
+    job = Job("interp.engine:_plan_setup", "interp.engine:_ablate_run",
+              {"components": comps.addresses, "means": means, "intact": obj.intact})
+    return torch.cat([r["delta"] for r in sweep(entry, obj, job, n, chunk, "ablate", progress, executor)])
 
 
 def multiplier_gradients(obj, comps, M: torch.Tensor, mode="zero", batch=4, progress=False,
-                         desc="grad") -> torch.Tensor:
+                         desc="grad", entry=None, executor=None) -> torch.Tensor:
     """``dJ/dm`` at every row of multipliers ``M`` (K, n), J = mean over the evaluation set; returns (K, n) float64.
-    Rows are independent, so one backward pass gives every row's gradient."""
-    plan = compile_plan(obj.model, comps)
-    means = reference_means(obj, plan) if mode == "mean" else None
-    out = []
-    for s in tqdm(range(0, len(M), batch), desc=desc, disable=not progress):
-        m = M[s : s + batch].clone().to(obj.dtype).requires_grad_(True)
-        J = obj.values(plan, m, means).mean(1).sum()
-        out.append(torch.autograd.grad(J, m)[0].detach())
-    return torch.cat(out).double()
+    Rows are independent, so one backward pass gives every row's gradient; ``batch`` rows per pass."""
+    means = reference_means(obj, compile_plan(obj.model, comps)) if mode == "mean" else None
+    job = Job("interp.engine:_plan_setup", "interp.engine:_grad_run",
+              {"components": comps.addresses, "means": means, "M": M})
+    return torch.cat([r["grad"] for r in sweep(entry, obj, job, len(M), batch, desc, progress, executor)]).double()

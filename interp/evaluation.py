@@ -3,7 +3,9 @@
 Every function compares methods with a *reference* method, named by a parameter; the default ``"ablation"`` is true
 single-component ablation, the ground truth. Rows are matched between a method and the reference on
 ``(concept, component)``; causal-tracing map rows (``timestep`` or ``token`` set) are dropped first with
-:func:`interp.results.main_rows`.
+:func:`interp.results.main_rows`. Tables have one row per estimate: ``method`` (the registered method) and
+``variant`` (its main estimate is named as the method; budget and rate variants have their own names, see
+:mod:`interp.results`); a reference or baseline names a variant.
 
 - :func:`correlations` / :func:`correlations_by_layer`: Pearson, Spearman and Kendall correlation of each method's
   scores with the reference's, with percentile bootstrap 95% confidence intervals (components resampled).
@@ -25,10 +27,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .results import main_rows
+from .results import is_main, main_rows, meta_key
 
-CORR_COLUMNS = [
-    "concept", "method", "n",
+#: Keys of a correlation table's rows; the statistics follow them (:data:`CORR_COLUMNS`).
+CORR_KEYS = ["concept", "method", "variant"]
+CORR_COLUMNS = CORR_KEYS + [
+    "n",
     "pearson", "pearson_lo", "pearson_hi",
     "spearman", "spearman_lo", "spearman_hi",
     "kendall", "kendall_lo", "kendall_hi",
@@ -55,24 +59,24 @@ _CHUNK_ENTRIES = 2_000_000
 def _paired(df: pd.DataFrame, reference: str, keys: Sequence[str]) -> pd.DataFrame:
     """Non-reference rows with the reference's score alongside (column ``ref``), matched on (concept, component)."""
     rows = main_rows(df)
-    ref = rows.loc[rows["method"] == reference, ["concept", "component", "score"]]
+    ref = rows.loc[rows["variant"] == reference, ["concept", "component", "score"]]
     if ref.empty:
         raise ValueError(f"no rows of the reference method {reference!r}; methods present: "
-                         f"{sorted(rows['method'].unique())}")
+                         f"{sorted(rows['variant'].unique())}")
     if ref.duplicated(["concept", "component"]).any():
         dup = ref.loc[ref.duplicated(["concept", "component"], keep=False), ["concept", "component"]].head(3)
         raise ValueError(
             f"reference {reference!r} has several rows for the same (concept, component), e.g. "
-            f"{list(map(tuple, dup.to_numpy()))}; give each variant its own method name"
+            f"{list(map(tuple, dup.to_numpy()))}; give each variant its own variant name"
         )
-    other = rows[rows["method"] != reference]
+    other = rows[rows["variant"] != reference]
     # A component may appear once per group; several rows would be silently averaged or double-counted otherwise.
     uniq = list(dict.fromkeys([*keys, "concept", "component"]))
     if other.duplicated(uniq).any():
         dup = other.loc[other.duplicated(uniq, keep=False), uniq].head(3)
         raise ValueError(
             f"several rows for the same {tuple(uniq)}, e.g. {list(map(tuple, dup.to_numpy()))}; give each variant "
-            f"its own method name or add the distinguishing column to `by`"
+            f"its own variant name or add the distinguishing column to `by`"
         )
     return other.merge(ref.rename(columns={"score": "ref"}), on=["concept", "component"], how="left")
 
@@ -161,7 +165,7 @@ def _corr_with_ci(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int, level: f
 
 
 # -- correlation tables --------------------------------------------------------------------------------------------
-def correlations(df: pd.DataFrame, reference: str = "ablation", by: Sequence[str] = ("concept", "method"),
+def correlations(df: pd.DataFrame, reference: str = "ablation", by: Sequence[str] = ("concept", "method", "variant"),
                  n_boot: int = 1000, seed: int = 0, *, ci: float = 0.95,
                  n_boot_kendall: int | None = None) -> pd.DataFrame:
     """Correlation of each group's scores with the reference's, over the components both scored.
@@ -178,8 +182,8 @@ def correlations(df: pd.DataFrame, reference: str = "ablation", by: Sequence[str
     records = []
     for key, x, y in _groups_with_pairs(paired, keys):
         records.append({**dict(zip(keys, key)), **_corr_with_ci(x, y, n_boot, seed, ci, n_boot_kendall)})
-    lead = [c for c in CORR_COLUMNS[:2] if c in keys] + [k for k in keys if k not in CORR_COLUMNS[:2]]
-    return pd.DataFrame(records, columns=lead + CORR_COLUMNS[2:])
+    lead = [c for c in CORR_KEYS if c in keys] + [k for k in keys if k not in CORR_KEYS]
+    return pd.DataFrame(records, columns=lead + CORR_COLUMNS[len(CORR_KEYS):])
 
 
 def correlations_by_layer(df: pd.DataFrame, reference: str = "ablation", level: str = "layer", n_boot: int = 200,
@@ -191,13 +195,13 @@ def correlations_by_layer(df: pd.DataFrame, reference: str = "ablation", level: 
     """
     if level not in ("layer", "block"):
         raise ValueError(f"level must be 'layer' or 'block', not {level!r}")
-    out = correlations(df, reference, by=("concept", "method", level), n_boot=n_boot, seed=seed, **kwargs)
+    out = correlations(df, reference, by=("concept", "method", "variant", level), n_boot=n_boot, seed=seed, **kwargs)
     rows = main_rows(df)
     where = rows.groupby(level, observed=True).agg(model_part=("model_part", "first"), depth=("depth", "min"))
     out = out.merge(where.reset_index(), on=level, how="left")
     out["_part"] = out["model_part"].map(_PART_ORDER).fillna(len(_PART_ORDER))
-    out = out.sort_values(["concept", "method", "_part", "depth", level], kind="stable").drop(columns="_part")
-    cols = ["concept", "method", level, "model_part", "depth"] + CORR_COLUMNS[2:]
+    out = out.sort_values(CORR_KEYS + ["_part", "depth", level], kind="stable").drop(columns="_part")
+    cols = CORR_KEYS + [level, "model_part", "depth"] + CORR_COLUMNS[len(CORR_KEYS):]
     return out[cols].reset_index(drop=True)
 
 
@@ -210,9 +214,9 @@ def topk_agreement(df: pd.DataFrame, reference: str = "ablation",
     highest scores, ``side="negative"`` the k lowest (most negative). Ties are broken by component address so the
     table is deterministic. ``chance`` is the expected precision of a random ranking, k / n.
     """
-    paired = _paired(df, reference, ["concept", "method"])
+    paired = _paired(df, reference, ["concept", "method", "variant"])
     records = []
-    for (concept, method), x, y in _groups_with_pairs(paired, ["concept", "method"]):
+    for (concept, method, variant), x, y in _groups_with_pairs(paired, ["concept", "method", "variant"]):
         n = len(x)
         for fraction in fractions:
             k = max(1, int(round(fraction * n))) if n else 0
@@ -224,9 +228,11 @@ def topk_agreement(df: pd.DataFrame, reference: str = "ablation",
                     top_m = set(np.argsort(sign * x, kind="stable")[:k])
                     top_r = set(np.argsort(sign * y, kind="stable")[:k])
                     precision = len(top_m & top_r) / k
-                records.append({"concept": concept, "method": method, "side": side, "fraction": fraction, "k": k,
-                                "n": n, "precision": precision, "chance": k / n if n else math.nan})
-    return pd.DataFrame(records, columns=["concept", "method", "side", "fraction", "k", "n", "precision", "chance"])
+                records.append({"concept": concept, "method": method, "variant": variant, "side": side,
+                                "fraction": fraction, "k": k, "n": n, "precision": precision,
+                                "chance": k / n if n else math.nan})
+    return pd.DataFrame(records, columns=["concept", "method", "variant", "side", "fraction", "k", "n", "precision",
+                                          "chance"])
 
 
 # -- linear datamodel score ----------------------------------------------------------------------------------------
@@ -263,7 +269,7 @@ def lds_table(df: pd.DataFrame, heldout: dict, *, methods: Sequence[str] | None 
     """:func:`lds` for every concept and method of ``df`` on the held-out masks of that concept.
 
     ``heldout`` maps ``(concept, alpha)`` to ``dict(masks=..., components=[...], j=..., j_intact=...)``; concepts
-    without held-out masks are skipped. ``methods`` limits the methods (default: all, the reference included, whose
+    without held-out masks are skipped. ``methods`` limits the variants (default: all, the reference included, whose
     LDS is that of the sum of single-component effects). ``missing`` says what to do when a method did not score
     some masked component: ``"raise"`` (ValueError), ``"zero"`` (it predicts no effect for them, e.g. CAD on
     attention) or ``"skip"`` (leave that method out for that concept).
@@ -274,8 +280,9 @@ def lds_table(df: pd.DataFrame, heldout: dict, *, methods: Sequence[str] | None 
     records = []
     for (concept, alpha), h in heldout.items():
         sub = rows[rows["concept"] == concept]
-        for method in sorted(sub["method"].unique()) if methods is None else methods:
-            s = sub[sub["method"] == method]
+        names = _variants(sub)
+        for variant in sorted(names) if methods is None else methods:
+            s = sub[sub["variant"] == variant]
             if s.empty:
                 continue
             scores = s.set_index(s["component"].astype(str))["score"]
@@ -285,9 +292,16 @@ def lds_table(df: pd.DataFrame, heldout: dict, *, methods: Sequence[str] | None 
             if len(absent) and missing == "zero":
                 scores = pd.concat([scores, pd.Series(0.0, index=absent)])
             r = lds(scores, h["masks"], h["components"], h["j"], h["j_intact"])
-            records.append({"concept": concept, "method": method, "alpha": alpha, "lds_spearman": r["spearman"],
-                            "lds_pearson": r["pearson"], "n_masks": r["n_masks"]})
-    return pd.DataFrame(records, columns=["concept", "method", "alpha", "lds_spearman", "lds_pearson", "n_masks"])
+            records.append({"concept": concept, "method": names[variant], "variant": variant, "alpha": alpha,
+                            "lds_spearman": r["spearman"], "lds_pearson": r["pearson"], "n_masks": r["n_masks"]})
+    return pd.DataFrame(records, columns=["concept", "method", "variant", "alpha", "lds_spearman", "lds_pearson",
+                                          "n_masks"])
+
+
+def _variants(rows: pd.DataFrame) -> dict[str, str]:
+    """Each variant of ``rows`` with its method."""
+    pairs = rows[["variant", "method"]].drop_duplicates()
+    return dict(zip(pairs["variant"], pairs["method"]))
 
 
 def _row_spearman(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -317,8 +331,8 @@ def lds_versus(df: pd.DataFrame, heldout: dict, baseline: str = "coar", *, n_boo
         comps = [str(c) for c in h["components"]]
         masks, j = np.asarray(h["masks"], float), np.asarray(h["j"], float).reshape(-1)
 
-        def prediction(method):
-            s = sub[sub["method"] == method].set_index("component")["score"]
+        def prediction(variant):
+            s = sub[sub["variant"] == variant].set_index("component")["score"]
             s.index = s.index.astype(str)
             return None if pd.Index(comps).difference(s.index).size else -(masks @ s.reindex(comps).to_numpy(float))
 
@@ -328,44 +342,52 @@ def lds_versus(df: pd.DataFrame, heldout: dict, baseline: str = "coar", *, n_boo
         idx = rng.integers(0, len(j), size=(n_boot, len(j)))
         base_boot = _row_spearman(base[idx], j[idx])
         base_lds = _quiet(stats.spearmanr, base, j)
-        for method in sorted(sub["method"].unique()):
-            pred = prediction(method)
-            if method == baseline or pred is None:
+        names = _variants(sub)
+        for variant in sorted(names):
+            pred = prediction(variant)
+            if variant == baseline or pred is None:
                 continue
             lds_m = _quiet(stats.spearmanr, pred, j)
             diff = _row_spearman(pred[idx], j[idx]) - base_boot
             lo, hi = np.nanpercentile(diff, [50 * (1 - level), 50 * (1 + level)])
-            records.append({"concept": concept, "alpha": alpha, "method": method, "baseline": baseline,
+            records.append({"concept": concept, "alpha": alpha, "method": names[variant], "variant": variant,
+                            "baseline": baseline,
                             "lds_spearman": lds_m, "baseline_lds_spearman": base_lds, "difference": lds_m - base_lds,
                             "difference_lo": lo, "difference_hi": hi, "n_masks": len(j)})
-    return pd.DataFrame(records, columns=["concept", "alpha", "method", "baseline", "lds_spearman",
+    return pd.DataFrame(records, columns=["concept", "alpha", "method", "variant", "baseline", "lds_spearman",
                                           "baseline_lds_spearman", "difference", "difference_lo", "difference_hi",
                                           "n_masks"])
 
 
 # -- cost ----------------------------------------------------------------------------------------------------------
 def cost_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Forward passes, backward passes and seconds per (concept, method), from ``df.attrs["meta"]``.
+    """Forward passes, backward passes and seconds per (concept, method, variant), from ``df.attrs["meta"]``.
 
-    The meta of a concatenated frame is keyed ``"method/concept"`` (:func:`interp.results.concat`); a single
-    method's frame carries its meta dict directly. Missing numbers are NaN.
+    The meta of a concatenated frame is keyed by :func:`interp.results.meta_key` (:func:`interp.results.concat`); a
+    single method's frame carries its meta dict directly. A method run's meta gives the cost of its main estimate;
+    its ``curve`` maps each budget or rate variant to the passes that variant alone would take (no wall time of its
+    own). Missing numbers are NaN.
     """
     meta = df.attrs.get("meta") or {}
     pairs = main_rows(df)[["method", "concept"]].drop_duplicates()
-    known = {f"{m}/{c}": (m, c) for m, c in pairs.itertuples(index=False)}
     if meta and not all(isinstance(v, dict) for v in meta.values()):
-        # a single frame's own meta, not keyed by method/concept
-        if len(known) != 1:
-            raise ValueError("df.attrs['meta'] is not keyed 'method/concept' but df holds several methods/concepts")
-        meta = {next(iter(known)): meta}
+        # a single frame's own meta, not keyed by method and concept
+        if len(pairs) != 1:
+            raise ValueError("df.attrs['meta'] is not keyed by method and concept but df holds several of them")
+        meta = {meta_key(*pairs.iloc[0]): meta}
     records = []
-    for key, m in meta.items():
-        # prefer the exact (method, concept) pair of the frame: a method name may itself contain "/"
-        method, concept = known.get(key) or (tuple(key.split("/", 1)) if "/" in key else (key, None))
-        records.append({"concept": concept, "method": method,
+    for method, concept in pairs.itertuples(index=False):
+        m = meta.get(meta_key(method, concept))
+        if m is None:
+            continue
+        records.append({"concept": concept, "method": method, "variant": method,
                         **{f: _number(m.get(f)) for f in ("forward_evals", "backward_evals", "seconds")}})
-    out = pd.DataFrame(records, columns=["concept", "method", "forward_evals", "backward_evals", "seconds"])
-    return out.sort_values(["concept", "method"], kind="stable").reset_index(drop=True)
+        for variant, point in (m.get("curve") or {}).items():
+            records.append({"concept": concept, "method": method, "variant": variant,
+                            "forward_evals": _number(point.get("forward_evals")),
+                            "backward_evals": _number(point.get("backward_evals", 0.0)), "seconds": math.nan})
+    out = pd.DataFrame(records, columns=["concept", "method", "variant", "forward_evals", "backward_evals", "seconds"])
+    return out.sort_values(["concept", "method", "variant"], kind="stable").reset_index(drop=True)
 
 
 def _number(v) -> float:
@@ -380,16 +402,16 @@ def summary_sentences(corr_table: pd.DataFrame, reference: str = "ablation",
                       labels: dict | None = None, exclude: tuple[str, ...] = ("screen",)) -> list[str]:
     """One sentence per concept naming the method with the highest Spearman correlation with the reference.
 
-    ``labels`` maps method names to display names (default :data:`METHOD_LABELS`). Budget variants (``coar@179``,
-    ``maskgrad@0.2-K4``) and the methods in ``exclude`` do not compete: screen-then-verify's top scores *are* the
-    reference's measurements, so its agreement is partly by construction.
+    ``labels`` maps method names to display names (default :data:`METHOD_LABELS`). Budget and rate variants (rows
+    whose ``variant`` is not the method's main estimate) and the methods in ``exclude`` do not compete:
+    screen-then-verify's top scores *are* the reference's measurements, so its agreement is partly by construction.
     """
     labels = {**METHOD_LABELS, **(labels or {})}
     ref = labels.get(reference, reference)
     out = []
     for concept, g in corr_table.groupby("concept", sort=True):
         g = g.dropna(subset=["spearman"])
-        g = g[~g["method"].str.contains("@") & ~g["method"].isin(exclude)]
+        g = g[is_main(g) & ~g["method"].isin(exclude)]
         if g.empty:
             out.append(f"For concept '{concept}', no method has a defined correlation with {ref}.")
             continue

@@ -106,6 +106,9 @@ class DiffusionModel:
     #: Classifier-free guidance scale used when a caller gives none: the kind's (the concept world samples best
     #: unguided), else Stable Diffusion's usual 7.5.
     default_guidance: float | None = None
+    #: Where the weights were loaded from, loadable again by :func:`load_model` in another process (a Ray worker):
+    #: the shipped name, the folder's absolute path or the hub id; None for a model built in memory.
+    source: str | None = None
 
     def __post_init__(self):
         if self.default_guidance is None:
@@ -302,7 +305,7 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
     extras: dict = {}
 
     if isinstance(spec, DiffusionPipeline):
-        pipe, name, folder = spec, type(spec).__name__, None
+        pipe, name, source = spec, type(spec).__name__, None
     elif isinstance(spec, (str, os.PathLike)):
         text = str(spec)
         shipped = next((k for k in KINDS.values() if text in k.shipped), None)
@@ -314,6 +317,7 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
         else:
             folder = Path(text).expanduser()
         name = text
+        source = text if shipped is not None else str(folder.resolve())
         if folder.exists():
             kind = next((k for k in KINDS.values() if k.matches_folder(folder)), None)
             if kind is not None:
@@ -338,7 +342,7 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
                     f"({type(err).__name__}: {reason}); pass an existing save_pretrained folder, or download the "
                     f"pipeline where there is network access"
                 ) from err
-            folder = None
+            source = text
         elif any(sep in text for sep in ("/", "\\")) or text.startswith((".", "~")):
             raise FileNotFoundError(f"model folder {text!r} does not exist (looked under {Path.cwd()}); pass the folder "
                                     f"that save_pretrained wrote")
@@ -369,6 +373,7 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
         classifier=classifier,
         world=None if kind is None else kind.provider,
         pipeline=pipe,
+        source=source,
     )
 
 

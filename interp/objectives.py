@@ -246,6 +246,13 @@ class Objective:
         blocks = target_context.reshape(-1, P, *target_context.shape[1:])  # (r, P, L, D)
         return blocks[:, per_image].reshape(-1, *target_context.shape[1:])
 
+    def warm(self) -> "Objective":
+        """Compute now the intact states J caches on first use (the anchor branch's prediction), so that a copy of
+        this objective in another process (a Ray worker) counts only the passes of the work it is sent."""
+        if self.config.kind != "classifier":
+            self._intact_anchor()
+        return self
+
     def _intact_anchor(self) -> torch.Tensor:
         """The anchor branch's prediction of the intact model (frozen anchor, or ``intervene_anchor=False``)."""
         if getattr(self, "eps_anchor", None) is None:
@@ -333,7 +340,7 @@ def as_dtype(model, dtype: torch.dtype):
             torch.nn.Module.to(v, dtype)  # diffusers' own .to() warns about fp32-pinned modules; none here
     sched = model.scheduler.__class__.from_config(model.scheduler.config)
     return DiffusionModel(model.name, parts["unet"], parts["text_encoder"], model.tokenizer, sched, parts["vae"],
-                          parts["classifier"], world=model.world)
+                          parts["classifier"], world=model.world, source=model.source)
 
 
 def gradients(obj: Objective, params: dict[str, torch.nn.Parameter] | None = None,
@@ -362,11 +369,18 @@ def gradients(obj: Objective, params: dict[str, torch.nn.Parameter] | None = Non
     return {n: (torch.zeros_like(t) if g is None else g) for n, t, g in zip(names, targets, grads)}
 
 
-def reference_means(obj: Objective, plan: Plan) -> dict[str, torch.Tensor]:
-    """Per-unit means of ``plan``'s sites over the objective's own evaluation inputs (for mean-ablation)."""
+def reference_means(obj: Objective, plan: Plan, branch: str = "target") -> dict[str, torch.Tensor]:
+    """Per-unit means of ``plan``'s sites over the objective's own evaluation inputs (for mean-ablation).
+
+    ``branch="anchor"`` takes them over the anchor prompts instead (the concept word left out or replaced): a
+    concept-free reference, which an erasure by mean-ablation needs (over the target prompts, a unit that carries
+    the concept has the concept's value as its mean, and replacing it by that erases nothing)."""
     from .interventions import unit_means
 
     if obj.config.kind == "classifier":
         raise ValueError("mean-ablation needs a denoising objective's evaluation set (erase or amplify)")
+    if branch not in ("target", "anchor"):
+        raise ValueError(f"branch must be 'target' or 'anchor', got {branch!r}")
     idx = obj.image_index
-    return unit_means(obj.model, plan, obj.target_ids[idx], obj.x_t, obj.t)
+    ids = obj.target_ids if branch == "target" else obj.anchor_ids
+    return unit_means(obj.model, plan, ids[idx], obj.x_t, obj.t)

@@ -5,7 +5,9 @@ Every function returns a :class:`matplotlib.figure.Figure` and never shows or sa
 pile up in pyplot's state; :func:`fig_to_base64_png` turns one into a data URI for the HTML report.
 
 Layers are ordered by ``depth`` within each ``model_part``: text encoder first, then UNet, and labelled with
-:func:`interp.components.short_layer`.
+:func:`interp.components.short_layer`. A ``method`` argument names an estimate by its ``variant``
+(:mod:`interp.results`): a method's main estimate is named as the method, so ``"coar"`` is COAR's main estimate and
+``"coar@179"`` its budget variant.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def localization_shares(df: pd.DataFrame, method: str) -> pd.DataFrame:
     """Per (model_part, layer, concept): positive and |negative| attribution mass of ``method`` as shares of the
     concept's total |score| (columns ``pos``, ``neg``; the two sum to 1 over a concept's layers)."""
     rows = main_rows(df)
-    rows = rows[rows["method"] == method]
+    rows = rows[rows["variant"] == method]
     if rows.empty:
         return pd.DataFrame(columns=["model_part", "layer", "concept", "pos", "neg"])
     rows = rows.assign(pos=rows["score"].clip(lower=0), neg=-rows["score"].clip(upper=0), mass=rows["score"].abs())
@@ -101,13 +103,13 @@ def localization_grid(df: pd.DataFrame, methods, titles: dict | None = None, tit
     (columns) of the positive (top row, supports the concept) and |negative| (bottom row, opposes it) attribution
     mass, each concept's column divided by the concept's total |score|. Layers are shared across panels (a method
     that scores no component of a layer leaves it blank)."""
-    methods = [m for m in methods if m in set(main_rows(df)["method"])]
+    methods = [m for m in methods if m in set(main_rows(df)["variant"])]
     if not methods:
         return _empty("no rows for the requested methods")
     shares = {m: localization_shares(df, m) for m in methods}
     rows = main_rows(df)
-    order = _layer_index(rows[rows["method"].isin(methods)])
-    concepts = sorted(rows.loc[rows["method"].isin(methods), "concept"].unique())
+    order = _layer_index(rows[rows["variant"].isin(methods)])
+    concepts = sorted(rows.loc[rows["variant"].isin(methods), "concept"].unique())
     vmax = max(float(np.nanmax(sh[["pos", "neg"]].to_numpy(float), initial=0.0)) for sh in shares.values()) or 1.0
     panel_w = 0.32 * len(concepts) + 0.5
     label_w = 0.075 * max(len(str(x)) for x in order["label"]) + 0.6
@@ -142,7 +144,7 @@ def localization_grid(df: pd.DataFrame, methods, titles: dict | None = None, tit
 
 def localization_heatmap(df: pd.DataFrame, method: str) -> Figure:
     """One method's :func:`localization_grid`: layer x concept shares of positive and |negative| mass."""
-    if main_rows(df).query("method == @method").empty:
+    if main_rows(df).query("variant == @method").empty:
         return _empty(f"no rows for method {method!r}")
     return localization_grid(df, [method], title=f"{method}: attribution mass per layer "
                                                  "(each concept divided by its total |score|)")
@@ -157,11 +159,11 @@ def scatter_vs_reference(df: pd.DataFrame, concept: str, reference: str = "ablat
     the panels (default every method sharing components with the reference)."""
     rows = main_rows(df)
     rows = rows[rows["concept"] == concept]
-    ref = rows.loc[rows["method"] == reference, ["component", "score"]].rename(columns={"score": "ref"})
-    others = sorted(m for m in rows["method"].unique() if m != reference) if methods is None else \
+    ref = rows.loc[rows["variant"] == reference, ["component", "score"]].rename(columns={"score": "ref"})
+    others = sorted(m for m in rows["variant"].unique() if m != reference) if methods is None else \
         [m for m in methods if m != reference]
     # methods sharing no component with the reference (e.g. tracing's whole layers vs single units) get no panel
-    shared = [m for m in others if rows.loc[rows["method"] == m, "component"].isin(ref["component"]).any()]
+    shared = [m for m in others if rows.loc[rows["variant"] == m, "component"].isin(ref["component"]).any()]
     if ref.empty or not shared:
         return _empty(f"concept {concept!r}: no method shares components with {reference!r}")
     ncol = min(ncol, len(shared))
@@ -171,7 +173,7 @@ def scatter_vs_reference(df: pd.DataFrame, concept: str, reference: str = "ablat
     families = sorted(rows["family"].dropna().unique())
     palette = dict(zip(families, sns.color_palette("tab10", len(families))))
     for k, (ax, method) in enumerate(zip(axes, shared)):
-        pair = rows[rows["method"] == method].merge(ref, on="component")
+        pair = rows[rows["variant"] == method].merge(ref, on="component")
         x, y = pair["ref"].to_numpy(float), pair["score"].to_numpy(float)
         sns.scatterplot(data=pair.astype({"family": object}), x="ref", y="score", hue="family", palette=palette,
                         s=8, alpha=0.6, linewidth=0, ax=ax, legend=len(families) > 1 and k == 0)
@@ -194,7 +196,7 @@ def scatter_vs_reference(df: pd.DataFrame, concept: str, reference: str = "ablat
 
 # -- causal tracing maps -------------------------------------------------------------------------------------------
 def _trace_rows(df, concept, method, part, axis):
-    rows = df[(df["method"] == method) & (df["concept"] == concept) & (df["model_part"] == part)]
+    rows = df[(df["variant"] == method) & (df["concept"] == concept) & (df["model_part"] == part)]
     return rows[rows[axis].notna()]
 
 
@@ -292,7 +294,8 @@ def trace_maps(df: pd.DataFrame, concepts, part: str = "unet", method: str = "tr
 def accuracy_vs_cost(table: pd.DataFrame, cost: str = "forward_evals", accuracy: str = "lds_spearman") -> Figure:
     """LDS against cost in forward-pass equivalents (log x), one panel per ablation rate alpha, hue = method.
 
-    ``table`` needs columns ``method, alpha`` and the ``accuracy`` and ``cost`` columns; several rows of a method
+    ``table`` needs columns ``variant`` (or ``method`` alone, for a table without variants), ``alpha`` and the
+    ``accuracy`` and ``cost`` columns; several rows of a variant
     (or, when the table has an ``estimator`` column, of an estimator: e.g. COAR at several mask counts) in a panel
     are joined by a line in order of cost. With several concepts, a point is the mean over concepts (at the
     method's mean cost) and its bar spans the worst to the best concept. Rows without a positive cost are left
@@ -303,15 +306,16 @@ def accuracy_vs_cost(table: pd.DataFrame, cost: str = "forward_evals", accuracy:
     if t.empty:
         return _empty("no rows with both a cost and an accuracy")
     alphas = sorted(t["alpha"].unique())
-    group = "estimator" if "estimator" in t else "method"  # budget variants of one estimator share a line
+    key = "variant" if "variant" in t else "method"
+    group = "estimator" if "estimator" in t else key  # budget variants of one estimator share a line
     methods = sorted(t[group].unique())
     palette = dict(zip(methods, sns.color_palette("tab10" if len(methods) <= 10 else "tab20", len(methods))))
     fig = Figure(figsize=(2.7 * len(alphas) + 2.3, 3.4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(alphas), sharey=True, sharex=True, squeeze=False)).ravel()
     for i, (ax, alpha) in enumerate(zip(axes, alphas)):
         sub = t[t["alpha"] == alpha].astype({group: object})
-        # one x per method, so seaborn aggregates its concepts into one point (costs can differ slightly)
-        sub = sub.assign(**{cost: sub.groupby("method")[cost].transform("mean")}).sort_values(cost)
+        # one x per variant, so seaborn aggregates its concepts into one point (costs can differ slightly)
+        sub = sub.assign(**{cost: sub.groupby(key)[cost].transform("mean")}).sort_values(cost)
         sns.lineplot(data=sub, x=cost, y=accuracy, hue=group, style=group, palette=palette, hue_order=methods,
                      style_order=methods, markers=True, dashes=False, markersize=8, estimator="mean",
                      errorbar=lambda v: (v.min(), v.max()), err_style="bars", sort=True, ax=ax,

@@ -22,7 +22,6 @@ import json
 import os
 import warnings
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -115,13 +114,8 @@ class Entry:
         self.hash = config_hash(self.key)
         self.dir = Path(root) / f"{name}-{self.hash}"
         self._manifest: dict | None | bool = False  # False: not checked yet
-        self._source: Counter | None = None
         #: Cost recorded by the chunks loaded from disk (work a killed run did): added to the cost of this run.
         self.replayed: Counter = Counter()
-
-    def track(self, counters: Counter) -> None:
-        """Record, with each chunk computed from now on, how much ``counters`` grew while computing it."""
-        self._source = counters
 
     # -- the finished item ---------------------------------------------------------------------------------
     @property
@@ -194,23 +188,23 @@ class Entry:
         return {rel: (self.dir / rel).read_bytes() for rel in manifest["files"]}
 
     # -- chunks --------------------------------------------------------------------------------------------
-    def chunk(self, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Return chunk ``key`` from disk if it is intact, or compute and store it atomically."""
+    def cached_chunk(self, key: str) -> dict[str, torch.Tensor] | None:
+        """Chunk ``key``'s values if it is on disk and intact (its recorded cost is added to :attr:`replayed`)."""
         path = self.dir / "chunks" / f"{key}.pt"
         if path.exists():
             got = self._read_chunk(path, key)
             if got is not None:
                 self.replayed.update(got["counters"])
                 return got["data"]
-        before = Counter(self._source) if self._source is not None else Counter()
-        out = compute()
-        used = {k: int(v - before.get(k, 0)) for k, v in (self._source or {}).items() if v != before.get(k, 0)}
-        record = {"format": FORMAT_VERSION, "item": self.hash, "key": key, "data": out, "counters": used}
+        return None
+
+    def put_chunk(self, key: str, out: dict[str, torch.Tensor], counters: dict[str, int]) -> None:
+        """Store chunk ``key`` atomically, with the cost (model passes) it took."""
+        record = {"format": FORMAT_VERSION, "item": self.hash, "key": key, "data": out, "counters": dict(counters)}
         record["digest"] = tensor_digest({k: v for k, v in record.items()})
         buf = io.BytesIO()
         torch.save(record, buf)
-        atomic_write_bytes(path, buf.getvalue())
-        return out
+        atomic_write_bytes(self.dir / "chunks" / f"{key}.pt", buf.getvalue())
 
     def _read_chunk(self, path: Path, key: str) -> dict | None:
         try:
@@ -248,11 +242,11 @@ class MemoryEntry:
         self.hash = config_hash(canonical({"format": FORMAT_VERSION, "config": config}))
         self.replayed: Counter = Counter()
 
-    def track(self, counters) -> None:
-        pass
+    def cached_chunk(self, key):
+        return None
 
-    def chunk(self, key, compute):
-        return compute()
+    def put_chunk(self, key, out, counters) -> None:
+        pass
 
     def save(self, df, meta):
         df.attrs["meta"] = {**meta, "config": self.config}

@@ -136,7 +136,7 @@ topk.pivot_table(index=["side", "fraction", "k"], columns="method", values="prec
 # table's `concept` column with the method puts the five methods side by side for our one concept.
 
 # %%
-by_method = results.assign(concept=results["method"], method="all methods")
+by_method = results.assign(concept=results["variant"], method="all methods", variant="all methods")
 interp.plots.localization_heatmap(by_method, "all methods")
 
 # %% [markdown]

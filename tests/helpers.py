@@ -54,3 +54,55 @@ def killed_at_second_masked_call(monkeypatch) -> None:
         return real(self, plan, mult, *args, **kwargs)
 
     monkeypatch.setattr(Objective, "values", dying)
+
+
+# -- the main job, small, and killed midway ------------------------------------------------------------------------
+def compare_args(world, out, *extra) -> list[str]:
+    """``compare_methods`` arguments of a small run on a tiny concept-world folder (a few seconds)."""
+    return ["--model", str(world), "--concepts", "red", "circle", "--images", "2", "--timesteps", "300",
+            "--blocks", "mid_block", "--heldout-masks", "16", "--maskgrad-masks", "4", "--maskgrad-curve", "2",
+            "--out", str(out), "--no-progress", "--threads", "1", *extra]
+
+
+def killed_compare_run(args: list[str], out, root, results: int = 3, timeout: float = 300) -> int:
+    """Run ``compare_methods args`` in a subprocess and SIGKILL it once ``results`` method results are cached in
+    ``out``; returns its exit code (non-zero when it was killed)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = Path(out)
+    proc = subprocess.Popen([sys.executable, "-m", "analyses.compare_methods", *args], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            done = list((out / "cache").glob("*/result.parquet")) if (out / "cache").exists() else []
+            if len(done) >= results or proc.poll() is not None:
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return proc.returncode
+
+
+def assert_same_tables(a, b) -> None:
+    """Two comparison run folders hold the same results and every table byte for byte, cost included; only
+    wall_time.csv (the seconds each method took) differs between any two runs."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    a, b = Path(a), Path(b)
+    pd.testing.assert_frame_equal(pd.read_parquet(a / "results.parquet"), pd.read_parquet(b / "results.parquet"))
+    names = sorted(p.name for p in (a / "tables").glob("*.csv"))
+    assert names == sorted(p.name for p in (b / "tables").glob("*.csv")) and "cost.csv" in names
+    for name in names:
+        if name != "wall_time.csv":
+            assert (a / "tables" / name).read_text() == (b / "tables" / name).read_text(), name

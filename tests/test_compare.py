@@ -4,17 +4,18 @@ reuse, and a run killed midway that resumes to the same tables."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
+import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import assert_same_tables, killed_compare_run
+from helpers import compare_args as args_for
 from interp.results import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,13 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_world(tiny_world_folder) -> Path:
     return tiny_world_folder
-
-
-def args_for(world: Path, out: Path) -> list[str]:
-    return ["--model", str(world), "--concepts", "red", "circle", "--images", "2", "--timesteps", "300",
-            "--blocks", "mid_block", "--heldout-masks", "16", "--maskgrad-masks", "4", "--maskgrad-curve", "2",
-            "--out", str(out),
-            "--no-progress", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +53,10 @@ def test_outputs_and_schemas(run_dir):
                            "wall_time", "accuracy_vs_cost"}
     assert "seconds" not in tables["cost"] and (tables["wall_time"]["seconds"] >= 0).all()
     vs = tables["lds_vs_coar"]
-    assert set(vs["baseline"]) == {"coar"} and "coar" not in set(vs["method"]) and "maskgrad@0.2" in set(vs["method"])
+    assert set(vs["baseline"]) == {"coar"} and "coar" not in set(vs["variant"]) and "maskgrad@0.2" in set(vs["variant"])
     assert (vs["difference_lo"] <= vs["difference_hi"]).all()
     assert np.allclose(vs["difference"], vs["lds_spearman"] - vs["baseline_lds_spearman"])
-    assert len(vs) == len(tables["lds"][tables["lds"]["method"] != "coar"])
+    assert len(vs) == len(tables["lds"][tables["lds"]["variant"] != "coar"])
     corr = tables["correlations"]
     for col in ("pearson", "pearson_lo", "pearson_hi", "spearman", "kendall"):
         assert col in corr
@@ -71,11 +65,16 @@ def test_outputs_and_schemas(run_dir):
     assert set(tables["topk"]["fraction"]) == {0.01, 0.05, 0.1}
     assert (tables["cost"]["forward_equivalents"] > 0).all()
     acc = tables["accuracy_vs_cost"]
-    # Budget variants form one estimator's curve: COAR at several mask counts, the mask-averaged gradient at K = 2, 4.
-    est = acc.drop_duplicates("method").set_index("method")["estimator"]
-    assert est["maskgrad@0.05-K2"] == est["maskgrad"] == "maskgrad" and est["maskgrad@0.2-K2"] == "maskgrad@0.2"
-    assert (est[[m for m in est.index if m.startswith("coar")]] == "coar").all()
-    k2 = acc[(acc["method"] == "maskgrad@0.2-K2")]["forward_evals"]
+    # Variants are typed columns: method is the registered method; budget variants form one estimator's curve: COAR
+    # at several mask counts, the mask-averaged gradient at K = 2, 4.
+    assert set(acc["method"]) <= set(df["method"]) and not any("@" in m for m in acc["method"])
+    est = acc.drop_duplicates("variant").set_index("variant")
+    assert est.loc["maskgrad@0.05-K2", "estimator"] == est.loc["maskgrad", "estimator"] == "maskgrad"
+    assert est.loc["maskgrad@0.2-K2", "estimator"] == "maskgrad@0.2"
+    assert est.loc["maskgrad@0.2-K2", ["method", "budget", "mask_alpha"]].tolist() == ["maskgrad", 2, 0.2]
+    coar = est[est["method"] == "coar"]
+    assert len(coar) > 1 and (coar["estimator"] == "coar").all() and coar["budget"].is_unique
+    k2 = acc[(acc["variant"] == "maskgrad@0.2-K2")]["forward_evals"]
     assert (k2 == 2 + 2 * 2).all()  # 2 forward + 2 backward passes (a backward counts as two forwards)
     figures = {p.stem for p in (run_dir / "figures").glob("*.png")}
     assert {"accuracy-vs-cost", "scatter-red", "trace-unet-red", "trace-text-circle", "localization-cad"} <= figures
@@ -132,31 +131,68 @@ def test_killed_run_resumes_to_the_same_tables(tiny_world, run_dir, tmp_path):
     from analyses.compare_methods import main
 
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "analyses.compare_methods", *args_for(tiny_world, out)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            cache = out / "cache"
-            done = list(cache.glob("*/result.parquet")) if cache.exists() else []
-            if len(done) >= 3 or proc.poll() is not None:
-                break
-            time.sleep(0.2)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode != 0, "the run finished before it could be killed: make the configuration bigger"
+    code = killed_compare_run(args_for(tiny_world, out), out, ROOT)
+    assert code != 0, "the run finished before it could be killed: make the configuration bigger"
     assert not (out / "index.html").exists() and not (out / "results.parquet").exists()
     assert json.loads((out / "status.json").read_text())["status"] == "running"
     assert main(args_for(tiny_world, out)) == 0
-    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "results.parquet"), pd.read_parquet(out / "results.parquet"))
-    # Every table byte for byte, the cost too (forward and backward passes of work done before the kill count);
-    # only wall_time.csv, the seconds each method took, differs between any two runs.
-    names = sorted(p.name for p in (run_dir / "tables").glob("*.csv"))
-    assert names == sorted(p.name for p in (out / "tables").glob("*.csv")) and "cost.csv" in names
-    for name in names:
-        if name != "wall_time.csv":
-            assert (run_dir / "tables" / name).read_text() == (out / "tables" / name).read_text(), name
+    assert_same_tables(run_dir, out)  # the cost too: passes of work done before the kill count
     assert json.loads((out / "status.json").read_text())["status"] == "complete"
+
+
+# -- a method the comparison has never heard of ------------------------------------------------------------------------
+@pytest.fixture
+def toy_method():
+    """A method registered the way a user's own module would: a seeded random guess (no model passes) with one
+    budget variant. It is unregistered afterwards, so no other test sees it."""
+    from interp.methods import REGISTRY, Method, MethodConfig, register
+
+    @dataclass(frozen=True)
+    class ToyConfig(MethodConfig):
+        spread: float = 1.0
+
+    @register
+    class Toy(Method):
+        name = "toy"
+        Config = ToyConfig
+
+        def _scores(self, obj, comps, entry, progress):
+            guesses = np.random.default_rng(self.config.seed).normal(0, self.config.spread, (2, len(comps)))
+            return {"score": guesses.mean(0), "estimate": {"budget": 2},
+                    "extra_frames": [{"components": comps, "score": guesses[0],
+                                      "estimate": {"variant": "toy@1", "estimator": "toy", "budget": 1}}],
+                    "meta": {"forward_evals": 2.0, "curve": {"toy@1": {"forward_evals": 1.0}}}}
+
+    yield Toy
+    REGISTRY.pop("toy")
+
+
+def test_a_registered_method_appears_in_tables_figures_and_report(tiny_world, toy_method, tmp_path):
+    """Adding a method is one registration: its options come from its own declaration (the seed here), and it and
+    its variant reach every table, the figures and the report without an edit to the comparison."""
+    from analyses.compare_methods import main
+    from interp.compare_config import CompareConfig
+
+    cfg = CompareConfig(methods=("ablation", "toy"), seed=3)
+    assert cfg.method_options("toy", 16) == {"seed": 3}
+    assert cfg.method_options("screen", 16)["fraction"] == cfg.screen_fraction  # <name>_<option> fields
+    out = tmp_path / "run"
+    assert main(["--model", str(tiny_world), "--concepts", "red", "--images", "1", "--timesteps", "300",
+                 "--blocks", "mid_block", "--methods", "ablation", "cad", "toy", "--lds-alphas", "0.2",
+                 "--heldout-masks", "10", "--n-boot", "100", "--out", str(out), "--no-progress",
+                 "--threads", "1"]) == 0
+    df = pd.read_parquet(out / "results.parquet")
+    toy = df[df["method"] == "toy"].drop_duplicates("variant").set_index("variant")
+    assert toy["budget"].to_dict() == {"toy": 2, "toy@1": 1} and set(toy["estimator"]) == {"toy"}
+    tables = {p.stem: pd.read_csv(p) for p in (out / "tables").glob("*.csv")}
+    for name in ("correlations", "correlations_by_layer", "topk", "lds", "cost", "accuracy_vs_cost"):
+        assert {"toy", "toy@1"} <= set(tables[name]["variant"]), name
+        assert set(tables[name].loc[tables[name]["variant"] == "toy@1", "method"]) == {"toy"}, name
+    cost = tables["cost"].set_index("variant")["forward_equivalents"]
+    assert (cost["toy"], cost["toy@1"]) == (2.0, 1.0)
+    assert "toy" in set(tables["wall_time"]["method"])
+    figures = {p.stem for p in (out / "figures").glob("*.png")}
+    assert {"localization-toy", "scatter-red", "scatter-variants-red", "accuracy-vs-cost"} <= figures
+    html = (out / "index.html").read_text()
+    main_tables = html.split("<details")[0]  # the main tables, before the collapsed evidence
+    assert re.search(r"<td>toy</td>", main_tables) and "<td>toy@1</td>" in html

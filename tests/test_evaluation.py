@@ -198,7 +198,7 @@ def test_lds_table_per_concept_and_alpha():
     with pytest.raises(ValueError, match="lack 10"):
         ev.lds_table(df, heldout)
     table = ev.lds_table(df, heldout, missing="skip")
-    assert list(table.columns) == ["concept", "method", "alpha", "lds_spearman", "lds_pearson", "n_masks"]
+    assert list(table.columns) == ["concept", "method", "variant", "alpha", "lds_spearman", "lds_pearson", "n_masks"]
     assert set(table["method"]) == {"ablation", "random"} and len(table) == 4
     assert np.allclose(table.loc[table["method"] == "ablation", "lds_pearson"], 1.0)
     zero = ev.lds_table(df, heldout, missing="zero", methods=["half"])
@@ -231,18 +231,24 @@ def test_lds_versus_is_a_paired_bootstrap_of_the_difference():
 def test_cost_table_reads_meta(world):
     df, _, _ = world
     table = ev.cost_table(df)
-    assert list(table.columns) == ["concept", "method", "forward_evals", "backward_evals", "seconds"]
+    assert list(table.columns) == ["concept", "method", "variant", "forward_evals", "backward_evals", "seconds"]
     abl, neg, cp = row(table, "ablation"), row(table, "negated"), row(table, "copy")
     assert (abl["forward_evals"], abl["seconds"]) == (400, 2.5) and np.isnan(abl["backward_evals"])
     assert (neg["forward_evals"], neg["backward_evals"]) == (1, 1)
     assert np.isnan([cp["forward_evals"], cp["backward_evals"], cp["seconds"]]).all()
     single = frame(components(5), np.arange(5.0), "cad", meta={"forward_evals": 3})
     assert ev.cost_table(single).iloc[0][["method", "forward_evals"]].tolist() == ["cad", 3.0]
+    # a budget variant's cost rides in its method run's curve: a row of its own, under the same method
+    coar = frame(components(5), np.arange(5.0), "coar",
+                 meta={"forward_evals": 10, "backward_evals": 0, "curve": {"coar@4": {"forward_evals": 4}}})
+    rows = ev.cost_table(coar)[["method", "variant", "forward_evals", "backward_evals"]].to_numpy().tolist()
+    assert rows == [["coar", "coar", 10.0, 0.0], ["coar", "coar@4", 4.0, 0.0]]
 
 
 def test_summary_sentences_pick_best_spearman():
     table = pd.DataFrame({
-        "concept": ["red", "red", "circle"], "method": ["cad", "coar", "cad"], "n": [10, 10, 10],
+        "concept": ["red", "red", "circle"], "method": ["cad", "coar", "cad"], "variant": ["cad", "coar", "cad"],
+        "n": [10, 10, 10],
         "pearson": [0.95, 0.5, np.nan], "spearman": [0.91, 0.6, np.nan],
         "spearman_lo": [0.88, 0.4, np.nan], "spearman_hi": [0.93, 0.7, np.nan],
     })
@@ -252,7 +258,8 @@ def test_summary_sentences_pick_best_spearman():
     assert "circle" in out[0] and "no method" in out[0]
     # budget variants and screen-then-verify (whose top scores are true ablation's own) do not compete
     more = pd.concat([table, pd.DataFrame({
-        "concept": ["red", "red"], "method": ["screen", "coar@10"], "n": [10, 10], "pearson": [0.99, 0.99],
+        "concept": ["red", "red"], "method": ["screen", "coar"], "variant": ["screen", "coar@10"], "n": [10, 10],
+        "pearson": [0.99, 0.99],
         "spearman": [0.99, 0.98], "spearman_lo": [0.9, 0.9], "spearman_hi": [1.0, 1.0]})], ignore_index=True)
     assert ev.summary_sentences(more)[1] == out[1]
     assert "screen-then-verify agrees best" in ev.summary_sentences(more, exclude=())[1]

@@ -334,6 +334,46 @@ def test_tracing_without_noise_restores_exactly_one_in_batched_chunks(tiny_world
     assert (df["score"] == 1.0).all()
 
 
+def test_text_restoration_mechanics(tiny_world_folder):
+    """Basu et al.'s text-encoder test end to end (tracing.text_restoration): a whole restored layer restores the
+    images exactly; a state restored at the subject of layer l changes no earlier position, and at the last layer no
+    other position of the context the UNet reads (the encoder is causal; its final layer norm is per position)."""
+    from interp.interventions import run_text
+
+    m = interp.load_model(str(tiny_world_folder))
+    cfg = ObjectiveConfig(kind="classifier", n_images=3, gen_steps=2)
+    df = tracing_mod.text_restoration(m, "red", cfg, noise_scale=10.0, n_noise=1)
+    clean = df[df["position"] == "clean"].iloc[0]
+    corr = df[df["position"] == "corrupted"].iloc[0]
+    assert abs(clean["p_concept"] - corr["p_concept"]) > 1e-6  # the corruption matters
+    rows = df[df["layer"] >= 0]
+    assert len(rows) == 3 * 3 and set(rows["position"]) == set(tracing_mod.RESTORE_POSITIONS)
+    whole = rows[rows["position"] == "all"]
+    assert (whole["p_concept"] == clean["p_concept"]).all() and (whole["restored_p"] == 1.0).all()
+    assert (whole["concept_rate"] == clean["concept_rate"]).all()
+    # where the restored state goes, on the contexts themselves
+    obj = Objective(m, "red", cfg)
+    tr = tracing_mod._Tracer(obj, tracing_mod.TracingConfig(noise_scale=10.0, n_noise=1))
+    paths = [c.module for c in m.components("layer", family="text_layer")]
+    saved = run_text(m, obj.target_ids, saves=paths)[1]
+    corrupted = tr.text(obj.target_ids, tr.corruption(0, 1))[0]
+    i, s = 0, tr.subj[0][-1]
+    moved = {}
+    for path in (paths[0], paths[-1]):
+        where = torch.zeros(*obj.target_ids.shape, 1, dtype=torch.bool)
+        where[i, s] = True
+        ctx = tr.text(obj.target_ids, {**tr.corruption(0, 1), path: Patch(saved[path], where)})[0]
+        moved[path] = (ctx[i] - corrupted[i]).abs().amax(-1)
+        assert (moved[path][:s] == 0).all()  # causal: nothing before the subject changes
+        assert torch.allclose(ctx[i, s], obj.ctx_target[i, s], atol=1e-5) if path == paths[-1] else True
+    assert (moved[paths[-1]][s + 1 :] == 0).all()  # the last layer's restored state reaches no other position
+    assert (moved[paths[0]][s + 1 :] > 0).any()  # layer 0's does, through the later layers
+    with pytest.raises(ValueError, match="classifier"):
+        tracing_mod.text_restoration(m, "red", ObjectiveConfig(kind="erase"))
+    with pytest.raises(ValueError, match="positions"):
+        tracing_mod.text_restoration(m, "red", cfg, positions=("middle",))
+
+
 # -- a killed run resumes from its finished chunks ---------------------------------------------------------------
 def test_killed_ablation_resumes_from_its_chunks(tiny_world_model, tiny_red_objective, tmp_path, monkeypatch):
     m, obj = tiny_world_model, tiny_red_objective
@@ -445,21 +485,26 @@ def test_maskgrad_equals_its_analytic_expectation_on_an_interaction(tiny_world_m
 
 
 def test_maskgrad_curve_rows_equal_runs_with_fewer_masks(tiny_world_model, tiny_red_objective):
-    """'maskgrad@<alpha>-K<k>' is the estimate of the first k masks: the same scores as a run with n_masks = k, and
-    its cost is counted as k masks."""
+    """Variant 'maskgrad@<alpha>-K<k>' is the estimate of the first k masks: the same scores as a run with
+    n_masks = k, and its cost is counted as k masks. Variants are typed columns: method stays 'maskgrad'."""
     obj = tiny_red_objective
     comps = interp.ComponentSet(list(obj.model.components("neuron", kind="ff.net.2", layer="mid.a0.tb0"))[:8])
     full = run("maskgrad", obj.model, obj, comps, n_masks=6, alpha=0.2, extra_alphas=(0.05,), curve=(2, 3))
-    methods = set(full["method"])
-    assert {"maskgrad", "maskgrad@0.05", "maskgrad@0.2-K2", "maskgrad@0.2-K3", "maskgrad@0.05-K2",
-            "maskgrad@0.05-K3"} <= methods, methods
+    assert set(full["method"]) == {"maskgrad"}
+    est = full.drop_duplicates("variant").set_index("variant")
+    assert set(est.index) == {"maskgrad", "maskgrad@0.05", "maskgrad@0.2-K2", "maskgrad@0.2-K3", "maskgrad@0.05-K2",
+                              "maskgrad@0.05-K3"}, est.index
+    # budget and rate as columns; the main rate's budget variants share the main estimator
+    assert est.loc["maskgrad", ["budget", "mask_alpha", "estimator"]].tolist() == [6, 0.2, "maskgrad"]
+    assert est.loc["maskgrad@0.2-K2", ["budget", "mask_alpha", "estimator"]].tolist() == [2, 0.2, "maskgrad"]
+    assert est.loc["maskgrad@0.05-K3", ["budget", "mask_alpha", "estimator"]].tolist() == [3, 0.05, "maskgrad@0.05"]
     small = run("maskgrad", obj.model, obj, comps, n_masks=3, alpha=0.2, extra_alphas=(0.05,))
     for mine, theirs in (("maskgrad@0.2-K3", "maskgrad"), ("maskgrad@0.05-K3", "maskgrad@0.05")):
-        a = full[full["method"] == mine].sort_values("component")["score"].to_numpy()
-        b = small[small["method"] == theirs].sort_values("component")["score"].to_numpy()
+        a = full[full["variant"] == mine].sort_values("component")["score"].to_numpy()
+        b = small[small["variant"] == theirs].sort_values("component")["score"].to_numpy()
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
-    k2 = full[full["method"] == "maskgrad@0.2-K2"]["score"].to_numpy()
-    assert not np.allclose(k2, full[full["method"] == "maskgrad"]["score"].to_numpy(), rtol=1e-3, atol=0)
+    k2 = full[full["variant"] == "maskgrad@0.2-K2"]["score"].to_numpy()
+    assert not np.allclose(k2, full[full["variant"] == "maskgrad"]["score"].to_numpy(), rtol=1e-3, atol=0)
     curve = full.attrs["meta"]["curve"]
     assert curve["maskgrad@0.2-K2"] == {"forward_evals": 2.0, "backward_evals": 2.0}
     with pytest.raises(ValueError, match="curve"):

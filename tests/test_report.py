@@ -19,8 +19,8 @@ from browser import inspect_page, require_chromium  # tests/ is on sys.path (roo
 from interp import evaluation as ev
 from interp import plots
 from interp.report import render_report, settings_rows
-from interp.report.findings import compare_findings, edit_findings, is_variant
-from interp.results import concat, make_frame
+from interp.report.findings import compare_findings, edit_findings
+from interp.results import concat, is_main, make_frame
 
 TEXT_LAYERS, UNET_LAYERS, UNITS = 3, 4, 12
 TOKENS = ["<bos>", "a", "red", "circle", "<eos>"]
@@ -230,24 +230,32 @@ def test_localization_grid_uses_one_colour_scale(results):
 
 
 # -- findings --------------------------------------------------------------------------------------------------------
+#: The method of each budget or rate variant in the synthetic tables (a main estimate is named as its method).
+VARIANT_OF = {"coar@89": "coar", "maskgrad@0.2": "maskgrad"}
+
+
 def _tables_for_findings():
     concepts = ["red", "blue"]
+    method = lambda v: VARIANT_OF.get(v, v)  # noqa: E731
     sp = {"cad": (0.99, 0.98), "midpoint": (0.995, 0.985), "coar": (0.90, 0.72), "ig": (0.9, 0.6),
           "screen": (1.0, 1.0), "coar@89": (0.2, 0.1)}
-    corr = pd.DataFrame([{"concept": c, "method": m, "n": 100, "pearson": v[i], "pearson_lo": v[i] - 0.02,
+    corr = pd.DataFrame([{"concept": c, "method": method(m), "variant": m, "n": 100, "pearson": v[i],
+                          "pearson_lo": v[i] - 0.02,
                           "pearson_hi": v[i] + 0.01, "spearman": v[i], "spearman_lo": v[i] - 0.02,
                           "spearman_hi": min(1.0, v[i] + 0.01), "kendall": v[i], "kendall_lo": 0, "kendall_hi": 1}
                          for m, v in sp.items() for i, c in enumerate(concepts)])
     fpe = {"ablation": 448, "cad": 3, "midpoint": 3.5, "coar": 896, "ig": 48, "screen": 81, "coar@89": 89,
            "maskgrad@0.2": 36}
-    cost = pd.DataFrame([{"concept": c, "method": m, "forward_equivalents": f} for m, f in fpe.items()
+    cost = pd.DataFrame([{"concept": c, "method": method(m), "variant": m, "forward_equivalents": f}
+                         for m, f in fpe.items()
                          for c in concepts])
     lds = {("cad", 0.01): (0.99, 0.97), ("cad", 0.2): (0.98, 0.63), ("coar", 0.01): (0.96, 0.9),
            ("coar", 0.2): (0.987, 0.933), ("maskgrad@0.2", 0.01): (0.95, 0.86), ("maskgrad@0.2", 0.2): (0.99, 0.962),
            ("ablation", 0.2): (0.999, 0.999), ("coar@89", 0.2): (0.1, -0.4)}
-    acc = pd.DataFrame([{"concept": c, "method": m, "alpha": a, "lds_spearman": v[i], "n_masks": 64,
+    acc = pd.DataFrame([{"concept": c, "method": method(m), "variant": m, "alpha": a, "lds_spearman": v[i],
+                         "n_masks": 64,
                          "forward_evals": fpe[m]} for (m, a), v in lds.items() for i, c in enumerate(concepts)])
-    vs = pd.DataFrame([{"concept": c, "alpha": 0.2, "method": "maskgrad@0.2", "baseline": "coar",
+    vs = pd.DataFrame([{"concept": c, "alpha": 0.2, "method": "maskgrad", "variant": "maskgrad@0.2", "baseline": "coar",
                         "difference": d, "difference_lo": d - 0.01, "difference_hi": d + 0.02}
                        for c, d in (("red", 0.003), ("blue", 0.029))])
     return {"correlations": corr, "cost": cost, "accuracy_vs_cost": acc, "lds_vs_coar": vs}
@@ -286,9 +294,17 @@ def test_edit_findings_pick_the_best_trade_off():
     assert out[1].startswith("Erasing 'circle' (rate 0.90 on held-out prompts unedited): no edit keeps 90%")
 
 
-def test_variant_names():
-    assert [m for m in ("coar", "coar@179", "maskgrad@0.2-K4", "maskgrad-K8", "maskgrad") if is_variant(m)] == [
-        "coar@179", "maskgrad@0.2-K4", "maskgrad-K8"]
+def test_variants_are_columns_not_names():
+    """A variant is told by its columns: the main estimate is named as its method, whatever the names look like."""
+    comp = components(units=2, unet_layers=1, text_units=False)
+    main = frame(comp, [1.0, 2.0], "coar", "red")
+    variant = frame(comp, [1.0, 2.0], "coar", "red", variant="coar@179", estimator="coar", budget=179,
+                    mask_alpha=0.05)
+    odd = frame(comp, [1.0, 2.0], "my@method-K4", "red")  # a registered name with "@": still a main estimate
+    both = pd.concat([main, variant, odd], ignore_index=True)
+    assert is_main(both).tolist() == [True, True, False, False, True, True]
+    assert variant[["budget", "mask_alpha", "estimator"]].iloc[0].tolist() == [179, 0.05, "coar"]
+    assert main[["budget", "mask_alpha"]].isna().all().all()
 
 
 # -- in a browser ----------------------------------------------------------------------------------------------------
@@ -342,6 +358,21 @@ def test_browser_check_sees_outside_references_and_broken_sorting(tmp_path):
 
 
 # -- a default-shaped comparison run, end to end through the compare module's report ---------------------------------
+#: The default run's budget and rate variants: (method, estimator, budget, mask rate, noise of the synthetic scores).
+DEFAULT_VARIANTS = {
+    "coar@89": ("coar", "coar", 89, 0.05, 0.8), "coar@179": ("coar", "coar", 179, 0.05, 0.5),
+    "coar@358": ("coar", "coar", 358, 0.05, 0.2),
+    "maskgrad@0.01": ("maskgrad", "maskgrad@0.01", 12, 0.01, 0.05),
+    "maskgrad@0.2": ("maskgrad", "maskgrad@0.2", 12, 0.2, 0.03),
+    "maskgrad@0.05-K4": ("maskgrad", "maskgrad", 4, 0.05, 0.1),
+    "maskgrad@0.05-K8": ("maskgrad", "maskgrad", 8, 0.05, 0.07),
+    "maskgrad@0.2-K4": ("maskgrad", "maskgrad@0.2", 4, 0.2, 0.1),
+    "maskgrad@0.2-K8": ("maskgrad", "maskgrad@0.2", 8, 0.2, 0.06),
+    "maskgrad@0.01-K4": ("maskgrad", "maskgrad@0.01", 4, 0.01, 0.1),
+    "maskgrad@0.01-K8": ("maskgrad", "maskgrad@0.01", 8, 0.01, 0.07),
+}
+
+
 @pytest.fixture(scope="module")
 def default_shaped_run(tmp_path_factory):
     """Synthetic results with the default run's shape: 5 concepts, 448 feed-forward output neurons in 7 blocks, the
@@ -352,20 +383,30 @@ def default_shaped_run(tmp_path_factory):
     rng = np.random.default_rng(1)
     comp = components(units=64, unet_layers=7, text_units=False)
     cfg = CompareConfig(n_boot=100)
-    variants = {"coar@89": 0.8, "coar@179": 0.5, "coar@358": 0.2, "maskgrad@0.01": 0.05, "maskgrad@0.2": 0.03,
-                "maskgrad@0.05-K4": 0.1, "maskgrad@0.05-K8": 0.07, "maskgrad@0.2-K4": 0.1, "maskgrad@0.2-K8": 0.06,
-                "maskgrad@0.01-K4": 0.1, "maskgrad@0.01-K8": 0.07}
-    noise = {"cad": 0.05, "coar": 0.1, "maskgrad": 0.04, "ig": 0.5, "midpoint": 0.05, "screen": 0.02, **variants}
+    noise = {"cad": 0.05, "coar": 0.1, "maskgrad": 0.04, "ig": 0.5, "midpoint": 0.05, "screen": 0.02}
     fpe = {"cad": (1, 1), "coar": (896, 0), "maskgrad": (12, 12), "ig": (16, 16), "midpoint": (1, 1),
-           "screen": (57, 12), "coar@89": (89, 0), "coar@179": (179, 0), "coar@358": (358, 0)}
+           "screen": (57, 12)}
     frames, heldout = [], {}
     for concept in cfg.concepts:
         truth = rng.normal(size=len(comp)) * 1e-5 * (1 + comp["depth"].to_numpy())
         frames.append(frame(comp, truth, "ablation", concept, meta={"forward_evals": len(comp), "seconds": 60.0}))
+
+        def estimate(m, s, **variant):
+            return frame(comp, truth + s * np.abs(truth).mean() * 10 * rng.normal(size=len(comp)), m, concept,
+                         **variant)
+
         for m, s in noise.items():
-            f, b = fpe.get(m, (12 if "K" not in m else int(m[-1]), 12 if "K" not in m else int(m[-1])))
-            frames.append(frame(comp, truth + s * np.abs(truth).mean() * 10 * rng.normal(size=len(comp)), m, concept,
-                                meta={"forward_evals": f, "backward_evals": b, "seconds": 1.0}))
+            f, b = fpe[m]
+            meta = {"forward_evals": f, "backward_evals": b, "seconds": 1.0, "curve": {}}
+            run = [estimate(m, s)]
+            for v, (method, est, budget, alpha, sv) in DEFAULT_VARIANTS.items():
+                if method == m:
+                    run.append(estimate(m, sv, variant=v, estimator=est, budget=budget, mask_alpha=alpha))
+                    passes = (budget, 0) if m == "coar" else (budget, budget)
+                    meta["curve"][v] = dict(zip(("forward_evals", "backward_evals"), passes))
+            run = pd.concat(run, ignore_index=True)
+            run.attrs["meta"] = meta
+            frames.append(run)
         maps = tracing_frames(rng, concept, text_layers=3, unet_layers=7)[1:]  # as the default run: neuron scores
         frames.append(concat([frame(comp, rng.normal(size=len(comp)), "tracing", concept,
                                     meta={"forward_evals": 155}), *maps]))
@@ -399,7 +440,7 @@ def test_default_shaped_compare_report_reads_top_to_bottom(default_shaped_run, t
     outside = re.sub(r"<details.*?</details>", "", html, flags=re.S)
     outside = outside.split('id="configuration"')[0]
     rows = re.findall(r"<tr>\s*<td>([^<]*)</td>", outside)
-    assert rows and not [r for r in rows if is_variant(r) and r != "maskgrad@0.2"], rows
+    assert rows and not [r for r in rows if r in DEFAULT_VARIANTS and r != "maskgrad@0.2"], rows
 
 
 def test_edit_report_reads_top_to_bottom(tmp_path):

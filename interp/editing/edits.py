@@ -73,7 +73,7 @@ from ..concepts import DEFAULT_TEMPLATES
 from ..generation import generate
 from ..interventions import Plan, compile_plan
 from ..objectives import Objective, ObjectiveConfig
-from ..results import main_rows
+from ..results import is_main, main_rows
 
 #: CAD-Erase's ratio on the concept world (the paper's 0.001 zeroes nothing when in_features < 1000; see above).
 CAD_DEFAULT_RATIO = 0.1
@@ -100,11 +100,12 @@ class EditedModel:
     edit: object
     plan: Plan | None = None
     mult: torch.Tensor | None = None
+    means: Mapping[str, torch.Tensor] | None = None  # mean-ablation's values per site (None: zero-ablation)
 
     @property
     def intervention(self) -> dict:
         """Keyword arguments for :func:`interp.generation.generate` and the engine's run functions."""
-        return {"plan": self.plan, "mult": self.mult}
+        return {"plan": self.plan, "mult": self.mult, "means": self.means}
 
     def generate(self, prompts, seed: int = 0, steps: int = 20, guidance: float | None = None,
                  **kwargs) -> torch.Tensor:
@@ -131,7 +132,9 @@ class Edit:
 # -- ablation edits ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AblationEdit(Edit):
-    """Zero-ablate ``components`` (addresses) through the multiplier mechanism; weights are never touched."""
+    """Ablate ``components`` (addresses) through the multiplier mechanism; weights are never touched. Zero-ablation,
+    or mean-ablation with ``means`` (per module path, as :func:`interp.objectives.reference_means` gives them: each
+    ablated unit is replaced by its mean there; other units of the site are untouched whatever their mean)."""
 
     components: tuple[str, ...]
     name: str = "ablation-edit"
@@ -142,6 +145,7 @@ class AblationEdit(Edit):
     objective: str | None = None
     seconds: float = 0.0  # wall time of computing the edit (attribution + selection)
     budget: float | None = None  # the swept quantity (k)
+    means: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "components", tuple(str(c) for c in self.components))
@@ -164,12 +168,20 @@ class AblationEdit(Edit):
             yield EditedModel(model, self)
             return
         plan = compile_plan(model, list(self.components))
+        if self.means is not None:
+            missing = sorted({s.path for part in plan.sites.values() for s in part} - set(self.means))
+            if missing:
+                raise ValueError(f"mean-ablation has no means for {missing[:2]}: compute them for these components")
         yield EditedModel(model, self, plan, torch.zeros(1, len(self.components), dtype=model.dtype,
-                                                        device=model.device))
+                                                        device=model.device), self.means)
+
+    @property
+    def mode(self) -> str:
+        return "zero" if self.means is None else "mean"
 
     def record(self) -> dict:
         return {
-            "edit": self.name, "mechanism": "ablation (multipliers, zero)", "method": self.method,
+            "edit": self.name, "mechanism": f"ablation (multipliers, {self.mode})", "method": self.method,
             "concept": self.concept, "side": self.side, "objective": self.objective, "budget": self.budget,
             "n_components": self.k, "n_weights": None, "components": list(self.components),
             "scores": list(self.scores), "seconds": self.seconds,
@@ -204,9 +216,14 @@ class Ranking:
 
     @classmethod
     def from_frame(cls, df: pd.DataFrame, side: str = "positive", name: str | None = None,
-                   concept: str | None = None, seconds: float | None = None) -> "Ranking":
-        """Order a result frame's components: largest score first (``positive``) or most negative first."""
+                   concept: str | None = None, seconds: float | None = None,
+                   variant: str | None = None) -> "Ranking":
+        """Order a result frame's components: largest score first (``positive``) or most negative first. A frame
+        with several estimates of one method (``variant`` column) ranks its main estimate unless ``variant`` names
+        another."""
         rows = main_rows(df)
+        if "variant" in rows:
+            rows = rows[rows["variant"] == variant] if variant else rows[is_main(rows)]
         if concept is not None:
             rows = rows[rows["concept"] == concept]
         methods = rows["method"].unique()

@@ -37,7 +37,8 @@ class Ablation(Method):
     capabilities = Capabilities(granularities=("layer", "neuron", "head", "weight"), exact=True)
 
     def _scores(self, obj, comps, entry, progress):
-        delta = single_ablation_deltas(obj, comps, self.config.mode, entry, self.config.chunk, progress)
+        delta = single_ablation_deltas(obj, comps, self.config.mode, entry, self.config.chunk, progress,
+                                       executor=self.executor)
         return {"score": -delta.double().mean(1), "stderr": stderr_over(delta.double(), 1),
                 "meta": {"mode": self.config.mode, "j_intact": float(obj.intact.mean())}}
 

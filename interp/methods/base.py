@@ -11,6 +11,7 @@ whether its scores are exact ablation effects) so callers can pick methods witho
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import platform
 import time
@@ -24,7 +25,7 @@ import torch
 
 from ..components import ComponentSet
 from ..objectives import Objective, ObjectiveConfig
-from ..results import make_frame
+from ..results import SCHEMA, make_frame
 from ..store import Store
 
 REGISTRY: dict[str, type["Method"]] = {}
@@ -77,6 +78,7 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     capabilities: ClassVar[Capabilities] = Capabilities()
+    executor = None  # where the engine's sweeps run (set by attribute); None: this process
 
     def __init__(self, config: MethodConfig | None = None, **overrides):
         if config is not None and overrides:
@@ -89,8 +91,10 @@ class Method:
 
     # -- the interface ---------------------------------------------------------------------------------------
     def attribute(self, model, concept, components, *, objective: ObjectiveConfig | Objective | None = None,
-                  store: Store | str | None = None, progress: bool = False) -> pd.DataFrame:
-        """Attribute ``concept``'s objective to ``components``; returns the tidy result frame."""
+                  store: Store | str | None = None, progress: bool = False, executor=None) -> pd.DataFrame:
+        """Attribute ``concept``'s objective to ``components``; returns the tidy result frame. ``executor``: where
+        the sweeps run (:mod:`interp.executors`: this process by default, or a ``RayExecutor``); results are the
+        same."""
         obj = objective if isinstance(objective, Objective) else Objective(model, concept, objective)
         comps = as_component_set(model, components)
         bad = comps.granularities - set(self.capabilities.granularities)
@@ -101,13 +105,13 @@ class Method:
             raise ValueError(f"{self.name} does not attribute text-encoder components")
         store = store if isinstance(store, Store) else Store(store)
         key = {"method": self.name, "method_config": self.config.to_dict(), **obj.identity(),
-               "components": components_hash(comps)}
+               "components": components_hash(comps), "schema": SCHEMA}
         entry = store.entry(f"{self.name}-{obj.concept.name}", key)
         if entry.complete:
             return entry.load()
         counters_before = Counter(obj.model.counters)
-        entry.track(obj.model.counters)  # chunks record their cost, so a resumed run reports the whole cost
         self.store = store  # a method that builds on another method's result asks the same store for it
+        self.executor = executor  # the engine's sweeps run there; chunks record their cost, wherever they ran
         t0 = time.perf_counter()
         out = self._scores(obj, comps, entry, progress)
         seconds = time.perf_counter() - t0
@@ -122,22 +126,30 @@ class Method:
             "n_components": len(comps), "versions": versions(), "machine": platform.machine(),
             "threads": torch.get_num_threads(), **out.get("meta", {}),
         }
-        frames = [make_frame(
-            comps, out["score"], out.get("stderr"), method=self.name, model=obj.model.name, concept=obj.concept.name,
-            objective=obj.config.kind, n_samples=obj.n_samples, seed=self.config.seed, config_hash=entry.hash,
-        )]
+        common = dict(method=self.name, model=obj.model.name, concept=obj.concept.name, objective=obj.config.kind,
+                      n_samples=obj.n_samples, seed=self.config.seed, config_hash=entry.hash)
+        # "estimate": the main estimate's budget and mask rate; an extra frame may name its own (a variant)
+        frames = [make_frame(comps, out["score"], out.get("stderr"), **common, **out.get("estimate", {}))]
         for extra in out.get("extra_frames", []):
             frames.append(make_frame(
-                extra["components"], extra["score"], extra.get("stderr"), method=extra.get("method", self.name),
-                model=obj.model.name,
-                concept=obj.concept.name, objective=obj.config.kind, n_samples=obj.n_samples, seed=self.config.seed,
-                config_hash=entry.hash, timestep=extra.get("timestep"), token=extra.get("token"),
+                extra["components"], extra["score"], extra.get("stderr"), **common, timestep=extra.get("timestep"),
+                token=extra.get("token"), **extra.get("estimate", {}),
             ))
         df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
         return entry.save(df, meta)
 
     def _scores(self, obj: Objective, comps: ComponentSet, entry, progress: bool) -> dict:
         raise NotImplementedError
+
+    @classmethod
+    def compare_options(cls, cfg, n_components: int) -> dict:
+        """The options this method runs with in a comparison (:class:`interp.compare_config.CompareConfig` ``cfg``,
+        over ``n_components`` components), so that the comparison needs no list of methods: ``seed``, and each
+        option ``x`` of :attr:`Config` for which the comparison has a field ``<name>_x`` (``screen_fraction`` sets
+        screen's ``fraction``). A method whose options derive from other fields extends this."""
+        given = {f.name for f in dataclasses.fields(cfg)}
+        return {"seed": cfg.seed, **{x: getattr(cfg, f"{cls.name}_{x}") for x in cls.Config.__dataclass_fields__
+                                     if f"{cls.name}_{x}" in given}}
 
     @classmethod
     def recorded_rows(cls, config, comps, shape):
@@ -192,7 +204,7 @@ def get(name: str) -> type[Method]:
 
 
 def attribute(method: str, model, concept, components, *, objective=None, store=None, progress=False,
-              **config) -> pd.DataFrame:
+              executor=None, **config) -> pd.DataFrame:
     """Run a registered method by name: ``attribute("cad", model, "red", components, objective=..., **options)``."""
     return get(method)(**config).attribute(model, concept, components, objective=objective, store=store,
-                                           progress=progress)
+                                           progress=progress, executor=executor)

@@ -35,7 +35,7 @@ class COARConfig(MethodConfig):
     ridge: float = 0.0
     mode: str = "zero"
     chunk: int = 256  # masks per cached chunk
-    curve: tuple[int, ...] = ()  # also fit on the first m training masks; rows appear as method "coar@m"
+    curve: tuple[int, ...] = ()  # also fit on the first m training masks; rows appear as variant "coar@m"
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,7 +77,8 @@ class COAR(Method):
     def _scores(self, obj, comps, entry, progress):
         cfg = self.config
         masks = random_masks(cfg.n_masks, len(comps), cfg.alpha, cfg.seed)
-        J = masked_values(obj, comps, masks, cfg.mode, entry, cfg.chunk, progress, tag="coar").double().numpy()
+        J = masked_values(obj, comps, masks, cfg.mode, entry, cfg.chunk, progress, tag="coar",
+                          executor=self.executor).double().numpy()
         n_test = max(1, int(round(cfg.heldout * cfg.n_masks)))
         Z = masks.numpy().astype(np.float64)
         Ztr, Zte, Jtr, Jte = Z[:-n_test], Z[-n_test:], J[:-n_test], J[-n_test:]
@@ -92,10 +93,11 @@ class COAR(Method):
                 raise ValueError(f"curve point {m} must be at least 10 and below the {len(Ztr)} training masks")
             b0m, cm = fit_linear(Ztr[:m], Jtr[:m], cfg.ridge)
             extra.append({"components": comps, "score": -cm.mean(1), "stderr": stderr_over(torch.from_numpy(-cm), 1).numpy(),
-                          "method": f"coar@{m}"})
+                          "estimate": {"variant": f"coar@{m}", "estimator": "coar", "budget": m,
+                                       "mask_alpha": cfg.alpha}})
             curve[f"coar@{m}"] = {"n_masks": m, "forward_evals": float(m), **lds(b0m.mean() + Zte @ cm.mean(1), Jte.mean(1))}
         return {
-            "extra_frames": extra,
+            "extra_frames": extra, "estimate": {"budget": cfg.n_masks, "mask_alpha": cfg.alpha},
             "score": score, "stderr": stderr_over(torch.from_numpy(-coef), 1).numpy(),
             "meta": {"alpha": cfg.alpha, "n_train": len(Ztr), "n_test": n_test,
                      "underdetermined": len(Ztr) <= len(comps), "lds_spearman": held["spearman"],
@@ -104,6 +106,15 @@ class COAR(Method):
                      "lds_pearson_per_sample": float(np.nanmean([d["pearson"] for d in per_sample])),
                      "j_intact": float(obj.intact.mean()), "curve": curve},
         }
+
+    @classmethod
+    def compare_options(cls, cfg, n_components):
+        """``coar_masks`` masks (0: twice the components) at ``coar_alpha``, and the budget curve at 1/8, 1/4 and
+        1/2 of the training masks, where at least 10 masks are left to fit."""
+        m = cfg.coar_masks or 2 * n_components
+        n_train = m - max(1, int(round(COARConfig.heldout * m)))  # the default share of masks is the test set
+        curve = tuple(sorted({k for f in (0.125, 0.25, 0.5) if 10 <= (k := max(10, int(m * 0.8 * f))) < n_train}))
+        return {**super().compare_options(cfg, n_components), "n_masks": m, "curve": curve}
 
     @classmethod
     def planned_rows(cls, config, comps, shape):

@@ -39,9 +39,9 @@ class MaskGradConfig(MethodConfig):
     alpha: float = 0.05
     mode: str = "zero"
     batch: int = 4  # masks per forward+backward pass
-    extra_alphas: tuple[float, ...] = ()  # also estimate at these ablation rates; rows appear as "maskgrad@<alpha>"
+    extra_alphas: tuple[float, ...] = ()  # also estimate at these ablation rates; rows of variant "maskgrad@<alpha>"
     #: Also report the estimate from the first K masks, for each K here (free: the same masks' running average),
-    #: as rows "maskgrad@<alpha>-K<K>": the accuracy-vs-cost curve of this method.
+    #: as rows of variant "maskgrad@<alpha>-K<K>": the accuracy-vs-cost curve of this method.
     curve: tuple[int, ...] = ()
 
     def __post_init__(self):
@@ -79,22 +79,40 @@ class MaskGrad(Method):
         out = {}
         for alpha in (cfg.alpha, *cfg.extra_alphas):
             Z = random_masks(cfg.n_masks, len(comps), alpha, cfg.seed + 777)
-            out[alpha] = multiplier_gradients(obj, comps, (~Z).double(), cfg.mode, cfg.batch, progress, "maskgrad")
+            out[alpha] = multiplier_gradients(obj, comps, (~Z).double(), cfg.mode, cfg.batch, progress,
+                                              f"maskgrad-a{alpha:g}", entry, self.executor)
         G = out[cfg.alpha]
         extra = [{"components": comps, "score": out[a].mean(0), "stderr": stderr_over(out[a], 0),
-                  "method": f"maskgrad@{a:g}"} for a in cfg.extra_alphas]
+                  "estimate": self.estimate(a)} for a in cfg.extra_alphas]
         per = float(cfg.n_masks)  # each estimate: n_masks forward + n_masks backward passes over the evaluation set
-        curve = {f"maskgrad@{a:g}": {"forward_evals": per, "backward_evals": per} for a in cfg.extra_alphas}
+        curve = {self.estimate(a)["variant"]: {"forward_evals": per, "backward_evals": per} for a in cfg.extra_alphas}
         for a in (cfg.alpha, *cfg.extra_alphas):
             for k in sorted(cfg.curve):  # the masks are i.i.d., so the first k of them are a K = k estimate
                 extra.append({"components": comps, "score": out[a][:k].mean(0), "stderr": stderr_over(out[a][:k], 0),
-                              "method": f"maskgrad@{a:g}-K{k}"})
-                curve[f"maskgrad@{a:g}-K{k}"] = {"forward_evals": float(k), "backward_evals": float(k)}
+                              "estimate": self.estimate(a, k)})
+                curve[self.estimate(a, k)["variant"]] = {"forward_evals": float(k), "backward_evals": float(k)}
         return {"score": G.mean(0), "stderr": stderr_over(G, 0), "extra_frames": extra,
+                "estimate": {"budget": cfg.n_masks, "mask_alpha": cfg.alpha},
                 "meta": {"alpha": cfg.alpha, "n_masks": cfg.n_masks, "curve": curve,
                          # the cost of this estimate alone; the run also paid for the extra alphas' estimates
                          "forward_evals": per, "backward_evals": per,
                          "forward_evals_all_alphas": per * (1 + len(cfg.extra_alphas))}}
+
+    def estimate(self, alpha: float, k: int | None = None) -> dict:
+        """The typed columns of the estimate at ablation rate ``alpha`` from the first ``k`` masks (all when None),
+        and its name: estimates at one rate form one estimator, whose budget is the number of masks."""
+        cfg = self.config
+        return {"variant": f"maskgrad@{alpha:g}" + (f"-K{k}" if k is not None else ""),
+                "estimator": "maskgrad" if alpha == cfg.alpha else f"maskgrad@{alpha:g}",
+                "budget": cfg.n_masks if k is None else k, "mask_alpha": alpha}
+
+    @classmethod
+    def compare_options(cls, cfg, n_components):
+        """``maskgrad_masks`` masks at ``maskgrad_alpha``, also at the comparison's other LDS rates (free variants:
+        the rate being predicted is the linearization point that matters), and the budget curve below K."""
+        return {**super().compare_options(cfg, n_components), "n_masks": cfg.maskgrad_masks,
+                "extra_alphas": tuple(a for a in cfg.lds_alphas if a != cfg.maskgrad_alpha),
+                "curve": tuple(k for k in cfg.maskgrad_curve if k < cfg.maskgrad_masks)}
 
     @classmethod
     def planned_rows(cls, config, comps, shape):
@@ -118,7 +136,7 @@ class IntegratedGradients(Method):
         s = (torch.arange(cfg.steps, dtype=torch.float64) + 0.5) / cfg.steps
         levels = 1 - s * (1 - cfg.path_end)
         M = levels[:, None].expand(-1, len(comps))
-        G = multiplier_gradients(obj, comps, M, cfg.mode, cfg.batch, progress, "ig") * (1 - cfg.path_end)
+        G = multiplier_gradients(obj, comps, M, cfg.mode, cfg.batch, progress, "ig", entry, self.executor) * (1 - cfg.path_end)
         return {"score": G.mean(0), "stderr": stderr_over(G, 0), "meta": {"steps": cfg.steps, "path_end": cfg.path_end}}
 
     @classmethod
@@ -136,8 +154,13 @@ class Midpoint(Method):
     def _scores(self, obj, comps, entry, progress):
         cfg = self.config
         M = torch.full((1, len(comps)), 1 - cfg.alpha / 2, dtype=torch.float64)
-        G = multiplier_gradients(obj, comps, M, cfg.mode, 1, progress, "midpoint")
+        G = multiplier_gradients(obj, comps, M, cfg.mode, 1, progress, "midpoint", entry, self.executor)
         return {"score": G[0], "stderr": None, "meta": {"alpha": cfg.alpha}}
+
+    @classmethod
+    def compare_options(cls, cfg, n_components):
+        """The mask-averaged gradient's rate (``maskgrad_alpha``): the midpoint is its one-step counterpart."""
+        return {**super().compare_options(cfg, n_components), "alpha": cfg.maskgrad_alpha}
 
     @classmethod
     def planned_rows(cls, config, comps, shape):

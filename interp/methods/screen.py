@@ -14,6 +14,7 @@ import numpy as np
 
 from ..components import ComponentSet
 from ..engine import single_ablation_deltas
+from ..results import is_main
 from .base import Capabilities, Method, MethodConfig, get, register, stderr_over
 
 
@@ -44,15 +45,17 @@ class ScreenThenVerify(Method):
         # The screening method's result comes from the same store: a run that also reports that method (the
         # default comparison) computes it once.
         screener = get(cfg.screen)(**dict(cfg.screen_options), seed=cfg.seed)
-        est = screener.attribute(obj.model, obj.concept, comps, objective=obj, store=self.store, progress=progress)
+        est = screener.attribute(obj.model, obj.concept, comps, objective=obj, store=self.store, progress=progress,
+                                 executor=self.executor)
         screened = est.attrs["meta"]
-        rows = est[est["method"] == cfg.screen].set_index("component")["score"]
+        rows = est[is_main(est)].set_index("component")["score"]  # its main estimate, not its variants
         score = rows.loc[comps.addresses].to_numpy(dtype=np.float64).copy()
         key = {"abs": np.abs(score), "positive": score, "negative": -score}[cfg.by]
         k = max(1, int(round(cfg.fraction * len(comps))))
         top = np.argsort(-key, kind="stable")[:k]
         before = Counter(obj.model.counters)
-        delta = single_ablation_deltas(obj, ComponentSet([comps[i] for i in top]), cfg.mode, entry, 64, progress)
+        delta = single_ablation_deltas(obj, ComponentSet([comps[i] for i in top]), cfg.mode, entry, 64, progress,
+                                       executor=self.executor)
         verified = Counter(obj.model.counters)
         verified.subtract(before)
         verified.update(entry.replayed)
@@ -65,6 +68,15 @@ class ScreenThenVerify(Method):
                          "forward_evals": screened["forward_evals"] + verified["unet_rows"] / obj.rows_per_eval,
                          "backward_evals": screened["backward_evals"]
                          + verified["unet_rows_grad"] / obj.rows_per_eval}}
+
+    @classmethod
+    def compare_options(cls, cfg, n_components):
+        """``screen_fraction``, screened by the screening method with the options it has in the same comparison
+        (the same cached result): the two rows differ only by the verified components."""
+        screener = ScreenConfig.screen
+        opts = get(screener).compare_options(cfg, n_components)
+        return {**super().compare_options(cfg, n_components), "screen": screener,
+                "screen_options": tuple((k, v) for k, v in opts.items() if k != "seed")}
 
     @classmethod
     def planned_rows(cls, config, comps, shape):

@@ -33,6 +33,7 @@ import torch
 from .. import diffusion
 from ..components import ComponentSet
 from ..engine import sweep
+from ..executors import Job
 from ..generation import generate
 from ..interventions import Patch, compile_plan, run_text, run_unet
 from .base import Capabilities, Method, MethodConfig, register, stderr_over
@@ -120,6 +121,30 @@ class _Tracer:
         return run_text(self.model, ids_rows, plan, mult, means, patches)
 
 
+def _restore_setup(obj, components, config, part, k, clean, ctx_corr, j_corr, j_clean) -> dict:
+    """A restoration sweep's state: the tracer (its noise draws are a pure function of the config) and the plan."""
+    comps = ComponentSet([obj.model.space.parse(a) for a in components])
+    return {"tr": _Tracer(obj, config), "plan": compile_plan(obj.model, comps), "n": len(comps), "part": part, "k": k,
+            "clean": clean, "ctx_corr": ctx_corr, "j_corr": j_corr, "j_clean": j_clean}
+
+
+def _restore_run(state, start, stop) -> dict[str, torch.Tensor]:
+    """Restored fractions of components ``start:stop``: each one's clean state restored alone in the corrupted run."""
+    tr, plan, clean, k = state["tr"], state["plan"], state["clean"], state["k"]
+    obj, r = tr.obj, stop - start
+    M = torch.ones(r, state["n"], dtype=obj.dtype)
+    M[torch.arange(r), torch.arange(start, stop)] = 0  # 0 = take the clean value
+    with torch.no_grad():
+        if state["part"] == "text_encoder":
+            ctx = tr.text(obj.target_ids.repeat(r, 1), tr.corruption(k, r), plan, M, clean)[0]
+            J = tr.J(ctx, r)
+        elif tr.kind == "classifier":
+            J = tr.J(state["ctx_corr"].repeat(r, 1, 1), r, unet_patches=_unit_patches(plan, M, clean, obj))
+        else:
+            J = tr.J(state["ctx_corr"].repeat(r, 1, 1), r, plan=plan, mult=M, means=clean)
+    return {"frac": _frac(J, state["j_corr"], state["j_clean"])[:, 0]}
+
+
 #: A corruption that moves J by less than this fraction of its clean value makes restored fractions unstable.
 WEAK_CORRUPTION = 0.02
 
@@ -175,24 +200,14 @@ class CausalTracing(Method):
             if not idx:
                 continue
             sub = ComponentSet([comps[i] for i in idx])
-            plan = compile_plan(m, sub)
-            clean = self._clean_states(tr, plan, part)
+            clean = self._clean_states(tr, compile_plan(m, sub), part)
             for k in range(cfg.n_noise):
-
-                def compute(start, stop, k=k):
-                    r = stop - start
-                    M = torch.ones(r, len(sub), dtype=obj.dtype)
-                    M[torch.arange(r), torch.arange(start, stop)] = 0  # 0 = take the clean value
-                    if part == "text_encoder":
-                        ctx = tr.text(obj.target_ids.repeat(r, 1), tr.corruption(k, r), plan, M, clean)[0]
-                        J = tr.J(ctx, r)
-                    elif tr.kind == "classifier":
-                        J = tr.J(ctx_corr[k].repeat(r, 1, 1), r, unet_patches=_unit_patches(plan, M, clean, obj))
-                    else:
-                        J = tr.J(ctx_corr[k].repeat(r, 1, 1), r, plan=plan, mult=M, means=clean)
-                    return {"frac": _frac(J, j_corr[k], j_clean)[:, 0]}
-
-                fracs = sweep(entry, len(sub), cfg.chunk, compute, f"trace-{part}-{k}", progress)
+                # The restorations as data (the clean states and the corrupted run travel with the job), so any
+                # executor can run them: see _restore_setup / _restore_run.
+                job = Job("interp.methods.tracing:_restore_setup", "interp.methods.tracing:_restore_run",
+                          {"components": sub.addresses, "config": cfg, "part": part, "k": k, "clean": clean,
+                           "ctx_corr": ctx_corr[k], "j_corr": j_corr[k], "j_clean": j_clean})
+                fracs = sweep(entry, obj, job, len(sub), cfg.chunk, f"trace-{part}-{k}", progress, self.executor)
                 out[idx, k] = torch.cat([f["frac"] for f in fracs]).double()
         return out
 
@@ -286,6 +301,11 @@ class CausalTracing(Method):
         return frames
 
     @classmethod
+    def compare_options(cls, cfg, n_components):
+        """``tracing_noise`` noise draws per corrupted run."""
+        return {**super().compare_options(cfg, n_components), "n_noise": cfg.tracing_noise}
+
+    @classmethod
     def planned_rows(cls, config, comps, shape):
         """UNet rows of a run (see :mod:`interp.plan`), all without gradients: the clean and corrupted runs, one
         restored run per component and noise draw, and the layer x timestep and layer x token maps."""
@@ -304,6 +324,93 @@ class CausalTracing(Method):
             rows = rows + shape.clean_states() + shape.target_j(shape.trace_unet_layers) * (k * per_step)
             rows = rows + shape.target_j(shape.text_length) * (k * shape.trace_text_layers)
         return rows
+
+
+#: Where :func:`text_restoration` restores a text layer's clean state.
+RESTORE_POSITIONS = ("subject", "end_of_text", "all")
+
+
+def text_restoration(model, concept, objective=None, positions=RESTORE_POSITIONS, noise_scale: float = 3.0,
+                     n_noise: int = 2, seed: int = 0) -> "pd.DataFrame":
+    """Basu et al.'s text-encoder claim, end to end: corrupt the subject tokens' embeddings (as causal tracing does),
+    restore ONE text layer's clean output at some positions, generate the images and ask the judge.
+
+    ``objective``: a ``classifier`` :class:`~interp.objectives.ObjectiveConfig` (its prompts, initial noises,
+    denoising steps and judge); ``positions``: ``subject`` (the last subject token), ``end_of_text`` (from the
+    attention mask) and ``all`` (every position: the layer's whole clean output, so the last layer restores the
+    clean context exactly). The text encoder is causal: a state restored at position p of layer l reaches the
+    positions after p only through layers l+1..; the UNet cross-attends to every position's final state.
+
+    Returns one row per (layer, position) and two reference rows (``clean`` and ``corrupted``, layer -1), with the
+    judge's ``concept_rate`` (share of images whose predicted value among the attribute's values is the concept;
+    ``p_concept > 0.5`` without an attribute), the mean ``p_concept``, and the restored fractions
+    ``(x - corrupted) / (clean - corrupted)`` of both, each the mean over the ``n_noise`` draws (``*_se`` their
+    standard errors)."""
+    import pandas as pd
+
+    from ..objectives import Objective, ObjectiveConfig
+
+    objective = objective or ObjectiveConfig(kind="classifier")
+    if objective.kind != "classifier":
+        raise ValueError("text_restoration judges generated images: pass a 'classifier' objective")
+    bad = [p for p in positions if p not in RESTORE_POSITIONS]
+    if bad or not positions:
+        raise ValueError(f"positions must be among {RESTORE_POSITIONS}, got {list(positions)}")
+    obj = Objective(model, concept, objective)
+    tr = _Tracer(obj, TracingConfig(noise_scale=noise_scale, n_noise=n_noise, seed=seed, maps=False))
+    ids, P = obj.target_ids, obj.target_ids.shape[0]
+    L = ids.shape[1]
+    paths = [c.module for c in model.components("layer", family="text_layer")]
+    clean = run_text(model, ids, saves=paths)[1]
+    last = [pos[-1] for pos in tr.subj]
+    eot = [s + o for s, o in zip(last, end_of_text_offsets(model, obj, tr.subj))]
+    where = {"subject": last, "end_of_text": eot}
+    c = obj.concept
+    values = (c.value or c.name, *c.alternatives) if c.attribute and c.alternatives else None
+
+    def judged(ctx):
+        with torch.no_grad():
+            images = generate(model, list(obj.target_prompts), steps=objective.gen_steps,
+                              guidance=objective.guidance, context=ctx, latents=obj.noise0)
+            p = obj.judge.probability(images, c).double()
+            hit = (obj.judge.predict(images, {c.attribute: values})[c.attribute].argmax(-1) == 0).double() \
+                if values else (p > 0.5).double()
+        return float(hit.mean()), float(p.mean())
+
+    rate_clean, p_clean = judged(obj.ctx_target)
+    rows = []
+    for k in range(n_noise):
+        ctx_corr = tr.text(ids, tr.corruption(k, 1))[0]
+        rate_corr, p_corr = judged(ctx_corr)
+        rows.append({"layer": -1, "module": None, "position": "corrupted", "noise": k, "rate": rate_corr,
+                     "p": p_corr, "rate_corr": rate_corr, "p_corr": p_corr})
+        for li, path in enumerate(paths):
+            for pos in positions:
+                mask = torch.zeros(P, L, 1, dtype=torch.bool)
+                if pos == "all":
+                    mask[:] = True
+                else:
+                    mask[torch.arange(P), torch.tensor(where[pos])] = True
+                patches = tr.corruption(k, 1)
+                patches[path] = Patch(clean[path], mask)
+                rate, p = judged(tr.text(ids, patches)[0])
+                rows.append({"layer": li, "module": path, "position": pos, "noise": k, "rate": rate, "p": p,
+                             "rate_corr": rate_corr, "p_corr": p_corr})
+    df = pd.DataFrame(rows)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        df["restored_rate"] = (df["rate"] - df["rate_corr"]) / (rate_clean - df["rate_corr"])
+        df["restored_p"] = (df["p"] - df["p_corr"]) / (p_clean - df["p_corr"])
+    g = df.groupby(["layer", "module", "position"], dropna=False, sort=False)
+    out = g[["rate", "p", "restored_rate", "restored_p"]].mean()
+    se = g[["rate", "restored_rate"]].sem().fillna(0.0).add_suffix("_se")
+    out = out.join(se).reset_index().rename(columns={"rate": "concept_rate", "p": "p_concept"})
+    ref = pd.DataFrame([{"layer": -1, "module": None, "position": "clean", "concept_rate": rate_clean,
+                         "p_concept": p_clean, "restored_rate": 1.0, "restored_p": 1.0, "rate_se": 0.0,
+                         "restored_rate_se": 0.0}])
+    out = pd.concat([ref, out], ignore_index=True)
+    out.insert(0, "concept", c.name)
+    out["n_images"], out["n_noise"], out["noise_scale"] = P, n_noise, noise_scale
+    return out
 
 
 def _unit_patches(plan, M, clean_by_step, obj, only_step=None):

@@ -6,8 +6,9 @@ the docstrings, so a run whose results differ gets different sentences:
 - :func:`compare_findings` (the comparison, :mod:`interp.compare`): the method to trust for *single* ablations is
   the cheapest whose lowest per-concept Spearman correlation with true ablation is within ``tolerance`` of the best
   method's lowest; the method to trust for *joint* ablations is the one with the highest mean linear datamodeling
-  score (LDS) at the largest ablation rate (ties go to the cheaper). Budget and rate variants (``coar@179``,
-  ``maskgrad@0.2-K4``) compete for joint ablations, since choosing the rate and budget is the point there.
+  score (LDS) at the largest ablation rate (ties go to the cheaper). Budget and rate variants (rows whose
+  ``variant`` is not the method's main estimate, e.g. ``coar@179``, ``maskgrad@0.2-K4``) compete for joint
+  ablations, since choosing the rate and budget is the point there.
 - :func:`edit_findings` (the editing report): per concept, the edit that erases most while the other attribute
   values keep at least ``retained_min`` of their rate, and the strongest erasure regardless of side effects.
 
@@ -18,25 +19,20 @@ Costs are forward-pass equivalents over the evaluation set (a backward pass coun
 from __future__ import annotations
 
 import math
-import re
 
 import pandas as pd
 
 from ..evaluation import METHOD_LABELS
+from ..results import is_main
 
 
-def is_variant(method: str) -> bool:
-    """Budget or rate variants of an estimator (``coar@179``, ``maskgrad@0.2``, ``maskgrad@0.2-K4``)."""
-    return "@" in method or bool(re.search(r"-K\d+$", method))
-
-
-def label(method: str, labels: dict | None = None) -> str:
-    """A method's display name; a variant is its estimator's name with the variant in brackets."""
+def label(variant: str, labels: dict | None = None, method: str | None = None) -> str:
+    """An estimate's display name: its method's; a variant (``method`` given, and not the variant's own name) is
+    its method's name with the variant in brackets."""
     labels = {**METHOD_LABELS, **(labels or {})}
-    if method in labels:
-        return labels[method]
-    base = re.split(r"[@-]", method, maxsplit=1)[0]
-    return f"{labels[base]} ({method})" if base in labels else method
+    if variant in labels:
+        return labels[variant]
+    return f"{labels[method]} ({variant})" if method in labels else variant
 
 
 def _join(items: list[str]) -> str:
@@ -50,7 +46,7 @@ def _cap(text: str) -> str:
 def _fpe(cost: pd.DataFrame | None, method: str) -> float:
     if cost is None or "forward_equivalents" not in cost:
         return math.nan
-    v = cost.loc[cost["method"] == method, "forward_equivalents"]
+    v = cost.loc[cost["variant"] == method, "forward_equivalents"]
     return float(v.mean()) if len(v) else math.nan
 
 
@@ -63,7 +59,7 @@ def single_trust(corr: pd.DataFrame, cost: pd.DataFrame | None = None, reference
     """Per main method its lowest and highest per-concept Spearman with the reference; the trusted method (see the
     module docstring) and the methods that agree as closely. Empty when no method has a correlation."""
     c = corr.dropna(subset=["spearman"])
-    c = c[(c["method"] != reference) & ~c["method"].map(is_variant)]
+    c = c[(c["variant"] != reference) & is_main(c)]
     if c.empty:
         return {}
     per = {}
@@ -82,16 +78,17 @@ def single_trust(corr: pd.DataFrame, cost: pd.DataFrame | None = None, reference
 
 def joint_trust(acc: pd.DataFrame, reference: str = "ablation", alpha: float | None = None) -> dict:
     """At ablation rate ``alpha`` (default the largest): per method the mean, lowest (and its concept) LDS over
-    concepts and the mean cost; the trusted method is the highest mean (ties to the cheaper). Empty without rows."""
+    concepts and the mean cost, per variant (a method's main estimate is named as the method); the trusted one is the
+    highest mean (ties to the cheaper). Empty without rows."""
     a = acc.dropna(subset=["lds_spearman"])
     if a.empty:
         return {}
     alpha = float(a["alpha"].max()) if alpha is None else alpha
-    a = a[(a["alpha"] == alpha) & (a["method"] != reference)]
+    a = a[(a["alpha"] == alpha) & (a["variant"] != reference)]
     if a.empty:
         return {}
     per = {}
-    for m, g in a.groupby("method", sort=True):
+    for m, g in a.groupby("variant", sort=True):
         w = g.loc[g["lds_spearman"].idxmin()]
         fpe = float(g["forward_evals"].mean()) if "forward_evals" in g else math.nan
         per[m] = {"mean": float(g["lds_spearman"].mean()), "worst": float(w["lds_spearman"]),
@@ -109,9 +106,13 @@ def compare_findings(tables: dict, reference: str = "ablation", labels: dict | N
     ``forward_equivalents``), ``accuracy_vs_cost`` (LDS with cost per method, concept and rate) and ``lds_vs_coar``
     (:func:`interp.evaluation.lds_versus` against COAR).
     """
-    L = lambda m: label(m, labels)  # noqa: E731
-    ref = L(reference)
     cost = tables.get("cost")
+    methods = {}  # the method of each variant, to name a variant after its method
+    for table in (tables.get("accuracy_vs_cost"), cost):
+        if table is not None and len(table):
+            methods.update(zip(table["variant"], table["method"]))
+    L = lambda v: label(v, labels, methods.get(v))  # noqa: E731
+    ref = L(reference)
     out = []
     single = single_trust(tables["correlations"], cost, reference, exclude, tolerance)
     if not single:
@@ -151,7 +152,7 @@ def compare_findings(tables: dict, reference: str = "ablation", labels: dict | N
     out.append(sentence + ".")
     vs = tables.get("lds_vs_coar")
     if vs is not None and len(vs):
-        d = vs[(vs["method"] == b) & (vs["alpha"] == alpha)]
+        d = vs[(vs["variant"] == b) & (vs["alpha"] == alpha)]
         if len(d):
             lo_row, hi_row = d.loc[d["difference"].idxmin()], d.loc[d["difference"].idxmax()]
             better = int((d["difference_lo"] > 0).sum())
@@ -166,7 +167,7 @@ def compare_findings(tables: dict, reference: str = "ablation", labels: dict | N
     if t in jp and t != b:
         a = acc.dropna(subset=["lds_spearman"])
         a0 = float(a["alpha"].min())
-        m0 = a[(a["alpha"] == a0) & (a["method"] == t)]["lds_spearman"].mean()
+        m0 = a[(a["alpha"] == a0) & (a["variant"] == t)]["lds_spearman"].mean()
         jt = jp[t]
         out.append(
             f"{_cap(L(t))}, trusted one at a time, has mean LDS {m0:.3f} at \u03b1 = {a0:g} and "

@@ -1,6 +1,8 @@
 """Compact tables for the top of a report section: one row per method, a column per concept or ablation rate, and
 an estimate with its interval in each cell ("0.98 [0.97, 0.99]"). The tidy tables they are made from (one row per
-concept, method and rate, every interval in its own column) go into the collapsed evidence below them.
+concept, method variant and rate, every interval in its own column) go into the collapsed evidence below them. The
+rows are variants (:mod:`interp.results`), shown under the heading "method": a method's main estimate is named as
+the method.
 
 The cells are text so that estimate and interval read together; the report's table script sorts such a cell by its
 leading number.
@@ -20,19 +22,19 @@ def _num(v, fmt: str) -> str:
 def _cost(cost: pd.DataFrame | None, methods) -> pd.Series:
     if cost is None or "forward_equivalents" not in cost:
         return pd.Series(math.nan, index=list(methods))
-    return cost.groupby("method")["forward_equivalents"].mean().reindex(list(methods))
+    return cost.groupby("variant")["forward_equivalents"].mean().reindex(list(methods))
 
 
 def correlation_pivot(corr: pd.DataFrame, methods, cost: pd.DataFrame | None = None,
                       stat: str = "spearman") -> pd.DataFrame:
     """Method x concept: ``stat`` with its bootstrap 95% interval, and the method's mean cost per concept."""
-    c = corr[corr["method"].isin(methods)]
+    c = corr[corr["variant"].isin(methods)]
     concepts = list(dict.fromkeys(c["concept"]))
-    out = pd.DataFrame({"method": [m for m in methods if m in set(c["method"])]})
+    out = pd.DataFrame({"method": [m for m in methods if m in set(c["variant"])]})
     fpe = _cost(cost, out["method"])
     out["forward-pass equivalents"] = [_num(fpe.get(m), ",.0f") for m in out["method"]]
     for concept in concepts:
-        g = c[c["concept"] == concept].set_index("method")
+        g = c[c["concept"] == concept].set_index("variant")
         out[concept] = [f"{_num(g.at[m, stat], '.2f')} [{_num(g.at[m, stat + '_lo'], '.2f')}, "
                         f"{_num(g.at[m, stat + '_hi'], '.2f')}]" if m in g.index else "\u2014" for m in out["method"]]
     return out
@@ -41,9 +43,9 @@ def correlation_pivot(corr: pd.DataFrame, methods, cost: pd.DataFrame | None = N
 def lds_pivot(acc: pd.DataFrame, methods) -> pd.DataFrame:
     """Method x ablation rate: mean LDS (Spearman) over concepts and, in brackets, the lowest concept's; with the
     method's cost. Rows in order of cost."""
-    a = acc[acc["method"].isin(methods)]
+    a = acc[acc["variant"].isin(methods)]
     rows = []
-    for m, g in a.groupby("method", sort=False):
+    for m, g in a.groupby("variant", sort=False):
         row = {"method": m, "forward-pass equivalents": g["forward_evals"].mean()}
         for alpha, h in g.groupby("alpha", sort=True):
             v = h["lds_spearman"]
@@ -60,7 +62,7 @@ def lds_pivot(acc: pd.DataFrame, methods) -> pd.DataFrame:
 def versus_pivot(vs: pd.DataFrame, method: str) -> pd.DataFrame:
     """Concept x ablation rate for one method against the baseline of :func:`interp.evaluation.lds_versus`:
     'LDS - baseline's [95% interval]'."""
-    d = vs[vs["method"] == method]
+    d = vs[vs["variant"] == method]
     if d.empty:
         return pd.DataFrame()
     out = pd.DataFrame({"concept": list(dict.fromkeys(d["concept"]))})
@@ -74,9 +76,9 @@ def versus_pivot(vs: pd.DataFrame, method: str) -> pd.DataFrame:
 
 def cost_pivot(cost: pd.DataFrame, methods) -> pd.DataFrame:
     """Per method, mean over concepts of forward and backward passes, forward-pass equivalents and wall seconds."""
-    c = cost[cost["method"].isin(methods)]
+    c = cost[cost["variant"].isin(methods)]
     cols = [x for x in ("forward_evals", "backward_evals", "forward_equivalents", "seconds") if x in c]
-    out = c.groupby("method", sort=False)[cols].mean().reset_index()
+    out = c.groupby("variant", sort=False)[cols].mean().reset_index().rename(columns={"variant": "method"})
     if "forward_equivalents" in out:
         out = out.sort_values(["forward_equivalents", "method"], kind="stable").reset_index(drop=True)
     names = {"forward_evals": "forward passes", "backward_evals": "backward passes",

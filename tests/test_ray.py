@@ -1,0 +1,166 @@
+"""The Ray executor on a local 2-CPU cluster started by the tests: every sweep gives the local executor's results bit
+for bit, a killed worker costs only its items, and a run killed midway on Ray resumes from the store (on either
+executor) to the same tables.
+
+Ray is an optional extra (``pip install -e '.[ray]'``, which ``.ci/run`` installs): without it these tests skip,
+except under ``CI=true``, where a skip would hide that the executor was never tested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from helpers import assert_same_tables, killed_compare_run
+from helpers import compare_args as _args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    import ray  # noqa: F401
+except ImportError:  # pragma: no cover - depends on the environment
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        raise ImportError("CI=true but Ray is not installed: .ci/run must install the '.[ray]' extra") from None
+    pytest.skip("Ray is not installed (pip install -e '.[ray]')", allow_module_level=True)
+
+#: Methods and options small enough for the tiny model, each with several chunks so that both workers get items.
+METHODS = {
+    "ablation": {"chunk": 8},
+    "coar": {"n_masks": 40, "chunk": 8},
+    "maskgrad": {"n_masks": 4, "batch": 2},
+    "ig": {"steps": 4, "batch": 2},
+    "midpoint": {},
+    "screen": {"fraction": 0.25, "screen_options": (("n_masks", 4), ("batch", 2))},
+    "tracing": {"n_noise": 1, "chunk": 8, "maps": False},
+}
+
+
+@pytest.fixture(scope="module")
+def ray_executor():
+    from interp.executors import RayExecutor
+
+    ex = RayExecutor(workers=2)
+    yield ex
+    ex.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_world_folder):
+    """The tiny concept world loaded from its folder, as a user's model is (workers load it the same way)."""
+    import interp
+
+    return interp.load_model(str(tiny_world_folder), device="cpu")
+
+
+def _objective(model):
+    from interp.objectives import Objective, ObjectiveConfig
+
+    return Objective(model, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700)))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_sweep_gives_the_local_result_bit_for_bit(method, tiny_loaded, ray_executor, tmp_path):
+    import interp
+    from interp.store import Store
+
+    comps = tiny_loaded.components("neuron", family="ff", kind="ff.net.2", block="mid_block")
+    # A fresh objective for each run: J caches intact states on first use, which the first run would pay for.
+    local = interp.attribute(method, tiny_loaded, "red", comps, objective=_objective(tiny_loaded), **METHODS[method])
+    before = dict(tiny_loaded.counters)
+    remote = interp.attribute(method, tiny_loaded, "red", comps, objective=_objective(tiny_loaded),
+                              store=Store(tmp_path), executor=ray_executor, **METHODS[method])
+    pd.testing.assert_frame_equal(local, remote)
+    for k in ("forward_evals", "backward_evals"):  # the workers' passes are counted where the run is recorded
+        assert local.attrs["meta"][k] == remote.attrs["meta"][k], k
+    assert remote.attrs["meta"]["forward_evals"] > 0 or method == "midpoint"
+    chunks = list(tmp_path.glob("*/chunks/*.pt"))
+    assert chunks, "the driver writes every item the workers return into the store"
+    # Read back from the store, on the local executor: nothing is recomputed.
+    tiny_loaded.counters.clear()
+    tiny_loaded.counters.update(before)
+    again = interp.attribute(method, tiny_loaded, "red", comps, objective=_objective(tiny_loaded),
+                             store=Store(tmp_path), **METHODS[method])
+    pd.testing.assert_frame_equal(local, again)
+
+
+def test_a_killed_worker_costs_only_its_items(tiny_loaded, ray_executor, tmp_path):
+    """SIGKILL one worker while a sweep runs: Ray restarts it (it loads the model again) and retries its items; the
+    result is the uninterrupted one and every item is stored once."""
+    import interp
+    from interp.store import Store
+
+    comps = tiny_loaded.components("neuron", family="ff", kind="ff.net.2")
+    obj = _objective(tiny_loaded)
+    local = interp.attribute("ablation", tiny_loaded, "red", comps, objective=obj, chunk=2)
+    ray_executor.actors(__import__("interp.executors", fromlist=["x"]).ObjectiveRecipe.of(obj))
+    pids = ray_executor.worker_pids()
+    killed = {}
+
+    def kill_after_first_item():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if list(tmp_path.glob("*/chunks/*.pt")):
+                os.kill(pids[0], signal.SIGKILL)
+                killed["at"] = len(list(tmp_path.glob("*/chunks/*.pt")))
+                return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=kill_after_first_item)
+    t.start()
+    remote = interp.attribute("ablation", tiny_loaded, "red", comps, objective=obj, store=Store(tmp_path),
+                              executor=ray_executor, chunk=2)
+    t.join()
+    n_chunks = (len(comps) + 1) // 2
+    assert "at" in killed and killed["at"] < n_chunks, "the sweep finished before the worker could be killed"
+    pd.testing.assert_frame_equal(local, remote)
+    assert remote.attrs["meta"]["forward_evals"] == local.attrs["meta"]["forward_evals"]
+    assert len(list(tmp_path.glob("*/chunks/*.pt"))) == n_chunks
+    new_pids = ray_executor.worker_pids()
+    assert pids[0] not in new_pids and pids[1] in new_pids, "the killed worker was restarted, the other kept"
+
+
+def test_the_ray_executor_refuses_a_model_it_cannot_reload(tiny_world_model, ray_executor):
+    import interp
+
+    comps = tiny_world_model.components("neuron", family="ff", kind="ff.net.2", block="mid_block")
+    with pytest.raises(ValueError, match="save_pretrained this pipeline to a folder"):
+        interp.attribute("ablation", tiny_world_model, "red", comps, objective=_objective(tiny_world_model),
+                         executor=ray_executor)
+
+
+def test_executor_options_are_checked_before_work(tiny_world_folder, tmp_path, capsys):
+    from analyses.compare_methods import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tiny_world_folder), "--ray-address", "auto", "--out", str(tmp_path / "r")])
+    assert e.value.code == 2
+    assert "pass executor='ray'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tiny_world_folder), "--executor", "ray", "--ray-workers", "0", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "workers must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_comparison_on_ray_equals_local_and_a_killed_driver_resumes(tiny_world_folder, tmp_path):
+    """The whole comparison on Ray gives the local run's tables byte for byte (cost included). A Ray run whose
+    driver is killed -9 midway resumes from the store, on the local executor, to the same tables."""
+    from analyses.compare_methods import main
+
+    assert main(_args(tiny_world_folder, tmp_path / "local")) == 0
+    assert main(_args(tiny_world_folder, tmp_path / "ray", "--executor", "ray", "--ray-workers", "2")) == 0
+    assert_same_tables(tmp_path / "local", tmp_path / "ray")
+
+    out = tmp_path / "killed"
+    code = killed_compare_run(_args(tiny_world_folder, out, "--executor", "ray", "--ray-workers", "2"), out, ROOT)
+    assert code != 0, "the run finished before it could be killed: make the configuration bigger"
+    assert json.loads((out / "status.json").read_text())["status"] == "running"
+    assert main(_args(tiny_world_folder, out)) == 0
+    assert_same_tables(tmp_path / "local", out)
