@@ -218,7 +218,6 @@ def _run(args, r, compare, log) -> dict:
 
     import numpy as np
     import pandas as pd
-    import torch
 
     import interp
     from analyses.edit_concepts import alternatives_for
@@ -227,7 +226,6 @@ def _run(args, r, compare, log) -> dict:
     from interp.compare import select_components
     from interp.diffusion import latent_shape
     from interp.objectives import Objective
-    from interp.plots import fig_to_base64_png
     from interp.report import render_report, settings_rows
     from interp.results import main_rows
     from interp.runs import check_finite_weights, check_memory
@@ -251,15 +249,13 @@ def _run(args, r, compare, log) -> dict:
                     for c in args.concepts}
     per_image = int(np.prod(latent_shape(model.unet, 1))) * 4 * 8
     check_memory(args.images * per_image * 3, f"--images {args.images}", "pass fewer --images")
-    fingerprint = model.state_fingerprint()
     ocfg = ccfg.objective_config()
     objectives = {c: Objective(model, c, ocfg) for c in args.concepts}  # evaluation sets checked before work
-    j_objectives = {c: Objective(model, c, er.heldout_objective_config(ocfg)) for c in args.concepts}
     cfg = ed.EvalConfig.from_total(args.images, steps=args.steps, seed=ed.EVAL_SEED + args.seed)
     store = Store(r.cache if args.store is None else args.store)
     results = pd.read_parquet(args.compare / "results.parquet") if compare is not None else None
     log(f"{len(comps)} components, k = {list(ks)}, methods {args.methods}, concepts {args.concepts}")
-    erasures, seconds = [], {}
+    all_rankings, means, seconds = {}, {}, {}
     layer_of = {c.address: c.layer for c in comps}
     contrastive = any(r.startswith("contrastive") for r in args.rankings)
 
@@ -287,37 +283,26 @@ def _run(args, r, compare, log) -> dict:
             seconds[f"ranking {m}/{concept}"] = time.perf_counter() - t0
             log(f"{concept}: {m} rankings {list(args.rankings)} in {seconds[f'ranking {m}/{concept}']:.1f} s"
                 + (f" (contrast: {len(refs)} concepts)" if refs else ""))
-        t0 = time.perf_counter()
-        base = ed.baseline(model, concept, cfg, judge, alternatives[concept])
-        means = er.ablation_means(objectives[concept], comps) if args.ablation == "mean" else None
-        erasures.append(er.measure(model, concept, comps, rankings, base, j_objectives[concept], ecfg, store, log,
-                                   means=means))
-        seconds[f"measure/{concept}"] = time.perf_counter() - t0
-        log(f"{concept}: erasure measured in {seconds[f'measure/{concept}']:.1f} s")
-    changed = [n for n, p in model.parameters() if not torch.equal(p, fingerprint[n])]
-    if changed:  # ablations go through multipliers: the weights must be bitwise the same
-        raise RuntimeError(f"weights changed by the erasure run: {changed[:3]}")
+        all_rankings[concept] = rankings
+        if args.ablation == "mean":
+            means[concept] = er.ablation_means(objectives[concept], comps)
     t0 = time.perf_counter()
-    curves, auc, resampled = er.curve_tables(erasures, ecfg.n_boot, ecfg.seed)
-    tables = {"curves": curves, "auc": auc,
-              "prediction": er.prediction_table(erasures, resampled, ecfg.n_boot, ecfg.seed),
-              "points": er.point_table(erasures, resampled),
-              "per_value": pd.concat([e.per_value for e in erasures], ignore_index=True)}
-    log(f"tables with bootstrap intervals ({ecfg.n_boot} resamples) in {time.perf_counter() - t0:.1f} s")
-    uri = fig_to_base64_png(er.erasure_figure(curves))
+    study = er.erasure_study(model, comps, all_rankings, ocfg, cfg, ecfg, judge, alternatives, store, log,
+                             means=means if args.ablation == "mean" else None)
+    seconds["measure"] = time.perf_counter() - t0
+    log(f"erasure measured in {seconds['measure']:.1f} s")
+    tables, uri = study["tables"], study["figure"]
     for name, df in tables.items():
         r.write_csv(f"tables/{name}.csv", df)
-    import base64
-
-    r.write_bytes("figures/erasure-curves.png", base64.b64decode(uri.split(",", 1)[1]))
+    r.write_bytes("figures/erasure-curves.png", study["figure_png"])
     meta = r.metadata(n_components=len(comps), ks=list(ks), ranking_config=ccfg.to_dict(),
                       eval_config=cfg.to_dict(), erasure_config=ecfg.to_dict(), seconds=seconds,
-                      model_unchanged=not changed, judge=getattr(judge, "name", None))
+                      model_unchanged=True, judge=getattr(judge, "name", None))
     r.write_json("meta.json", meta)
-    sections = er.report_sections(tables, uri, cfg, len(comps))
-    summary = er.findings(tables) + [(f"Measured in {time.perf_counter() - t_start:.0f} s of wall time; the model's "
+    sections = study["sections"]
+    summary = study["findings"] + [(f"Measured in {time.perf_counter() - t_start:.0f} s of wall time; the model's "
                                       "weights were bitwise unchanged afterwards.")]
-    r.write_parquet("results.parquet", curves)
+    r.write_parquet("results.parquet", tables["curves"])
     render_report(r.out, title="Erasure curves: does ablating a method's top components erase the concept?",
                   summary=summary, headline=[("Erasure curves per method and concept (random baseline dashed)", uri)],
                   sections=sections, config=meta, settings=settings_rows(meta, skip=("seconds",)))

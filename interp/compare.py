@@ -110,6 +110,7 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
         check_memory(sum(parts.values()), f"this configuration ({len(comps)} components; most for the {biggest})",
                      "lower the counts named there")
         methods = {m: get(m)(**cfg.method_options(m, len(comps))) for m in cfg.methods}  # options checked now
+        erasure = erasure_setup(model, comps, cfg) if cfg.erasure_k else None  # k, judge, values: checked now
         say(f"{len(comps)} components ({cfg.granularity}, kinds {list(cfg.kinds)}), {len(cfg.concepts)} concepts, "
             f"methods {list(cfg.methods)}")
         frames, heldout, seconds = [], {}, {}
@@ -131,9 +132,19 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
                 f"in {time.perf_counter() - t0:.1f} s")
         results = concat(frames)
         tables, figures = derived_outputs(results, heldout, cfg, store, say)
+        extra = {}
+        if erasure is not None:
+            t0 = time.perf_counter()
+            extra = erasure_curves(model, comps, results, cfg, erasure, store, say)
+            tables.update({f"erasure_{name}": df for name, df in extra["tables"].items()})
+            figures["erasure-curves"] = extra["figure_png"]
+            seconds["erasure curves"] = time.perf_counter() - t0
+            say(f"erasure curves (k = {list(cfg.erasure_k)}, {cfg.erasure_images} images per concept) in "
+                f"{seconds['erasure curves']:.1f} s")
         meta = run.metadata(n_components=len(comps), seconds_this_run=seconds, methods=results.attrs["meta"])
         meta["wall_seconds_this_run"] = meta.pop("wall_seconds")
-        write_outputs(run.out, results, tables, figures, meta, cfg)
+        write_outputs(run.out, results, tables, figures, meta, cfg, extra.get("sections", ()),
+                      extra.get("findings", ()))
         run.complete()
     return {"results": results, "tables": tables, "meta": meta}
 
@@ -245,16 +256,50 @@ def _main_and_variants(frame: pd.DataFrame) -> tuple[list[str], list[str]]:
     return list(pairs.loc[main, "variant"]), list(pairs.loc[~main, "variant"])
 
 
-def write_outputs(out: Path, results, tables, figures, meta, cfg: CompareConfig) -> None:
-    """Write the run's files atomically, the report last (the run layer then marks the run complete)."""
+def erasure_setup(model, comps, cfg: CompareConfig) -> dict:
+    """What the erasure curves need, checked before any method runs: the k grid against the component set, the
+    judge, the values each concept is weighed against and the held-out image set."""
+    from . import erasure as er
+    from .editing.evaluate import EVAL_SEED, EvalConfig, resolve_judge
+
+    er.k_grid(len(comps), cfg.erasure_k)
+    if model.is_concept_world:
+        alternatives = {c: None for c in cfg.concepts}  # the other values of each concept's attribute
+    elif len(cfg.concepts) < 2:
+        raise ValueError("erasure curves on a model other than the concept world weigh each concept against the "
+                         "other --concepts: give at least two, or leave --erasure-k empty")
+    else:
+        alternatives = {c: [o for o in cfg.concepts if o != c] for c in cfg.concepts}
+    return {"judge": resolve_judge(model, cfg.judge), "alternatives": alternatives,
+            "eval": EvalConfig.from_total(cfg.erasure_images, steps=cfg.erasure_steps, seed=EVAL_SEED + cfg.seed),
+            "config": er.ErasureConfig(ks=cfg.erasure_k, n_boot=cfg.n_boot, seed=cfg.seed)}
+
+
+def erasure_curves(model, comps, results: pd.DataFrame, cfg: CompareConfig, setup: dict, store: Store, say) -> dict:
+    """Erasure curves (:mod:`interp.erasure`) of every method's main estimate in this run, per concept."""
+    from . import erasure as er
+    from .editing.edits import Ranking
+    from .results import main_rows
+
+    rows = main_rows(_without_attrs(results))
+    rankings = {c: {m: Ranking.from_frame(rows[(rows["method"] == m) & (rows["concept"] == c)], name=m)
+                    for m in cfg.methods} for c in cfg.concepts}
+    return er.erasure_study(model, comps, rankings, cfg.objective_config(), setup["eval"], setup["config"],
+                            setup["judge"], setup["alternatives"], store, say)
+
+
+def write_outputs(out: Path, results, tables, figures, meta, cfg: CompareConfig, extra_sections=(),
+                  extra_findings=()) -> None:
+    """Write the run's files atomically, the report last (the run layer then marks the run complete); sections and
+    findings of optional measurements (the erasure curves) follow the comparison's own."""
     for name, df in tables.items():
         atomic_write_text(out / "tables" / f"{name}.csv", df.to_csv(index=False))
     uris = {}
     for name, png in figures.items():
         atomic_write_bytes(out / "figures" / f"{name}.png", png)
         uris[name] = plots.png_to_data_uri(png)
-    sections = report_sections(tables, uris, cfg)
-    summary = compare_findings(tables, n_components=meta.get("n_components"))
+    sections = report_sections(tables, uris, cfg) + list(extra_sections)
+    summary = compare_findings(tables, n_components=meta.get("n_components")) + list(extra_findings)
     atomic_write_bytes(out / "results.parquet", frame_to_parquet_bytes(results))
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=1, default=str))
     render_report(out, title="Where does the model keep each concept? Methods vs true ablation",

@@ -63,6 +63,11 @@ class CompareConfig:
     screen_fraction: float = opt(0.1, "screen-then-verify: share of components, ranked by the mask-averaged "
                                       "gradient, whose true ablation effect is measured, in (0, 1]")
     tracing_noise: int = opt(2, "causal tracing: noise draws per corrupted run")
+    erasure_k: tuple[int, ...] = opt((), "erasure curves in the report: ablate each method's top k components "
+                                         "jointly, for each k given, and judge held-out generated images (empty: "
+                                         "not measured; see analyses.erasure_curves for more options)", nargs="*")
+    erasure_images: int = opt(48, "held-out images per concept of the erasure curves")
+    erasure_steps: int = opt(10, "denoising steps of the erasure curves' images")
     lds_alphas: tuple[float, ...] = opt((0.01, 0.05, 0.2), "ablation rates of the held-out masks, each in (0, 1)")
     heldout_masks: int = opt(64, f"held-out joint-ablation masks per ablation rate for the LDS (at least "
                                  f"{MIN_HELDOUT_MASKS})")
@@ -106,6 +111,11 @@ class CompareConfig:
             raise ValueError(f"maskgrad_curve values must be >= 1, got {self.maskgrad_curve}")
         if not 0 < self.screen_fraction <= 1:
             raise ValueError(f"screen fraction must be in (0, 1], got {self.screen_fraction}")
+        if any(k < 1 for k in self.erasure_k):
+            raise ValueError(f"erasure_k values must be >= 1, got {self.erasure_k}")
+        if self.erasure_k and (self.erasure_images < 1 or self.erasure_steps < 1):
+            raise ValueError(f"erasure_images and erasure_steps must be >= 1, got {self.erasure_images}, "
+                             f"{self.erasure_steps}")
         if self.tracing_noise < 1:
             raise ValueError(f"tracing_noise must be >= 1, got {self.tracing_noise}")
         if not self.lds_alphas:

@@ -637,3 +637,35 @@ def report_sections(tables: Mapping[str, pd.DataFrame], figure_uri: str, eval_co
                      {"title": f"Per-value rates ({len(tables['per_value'])} rows)",
                       "tables": [("Per value", tables["per_value"])]}]},
     ]
+
+
+def erasure_study(model, comps, rankings: Mapping[str, Mapping[str, Ranking]], objective: ObjectiveConfig,
+                  eval_config: EvalConfig, config: ErasureConfig, judge, alternatives: Mapping[str, list | None],
+                  store=None, log=None, means: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> dict:
+    """The whole measurement for several concepts: ``rankings[concept][name]`` are measured (:func:`measure`) on
+    the held-out images of ``eval_config`` judged by ``judge`` (``alternatives[concept]``: the values weighed
+    against, None on the concept world), J on the held-out evaluation set of ``objective``; ``means[concept]``
+    switches to mean-ablation. Returns ``tables``, the figure (PNG bytes ``figure_png`` and a data URI ``figure``),
+    the report ``sections`` and ``findings`` sentences. The weights are checked bitwise unchanged afterwards (ablations are multipliers)."""
+    from .editing.evaluate import baseline
+    from .plots import fig_to_png, png_to_data_uri
+
+    before = model.state_fingerprint()
+    erasures = []
+    for concept, ranks in rankings.items():
+        base = baseline(model, concept, eval_config, judge, alternatives.get(concept))
+        j_obj = Objective(model, concept, heldout_objective_config(objective))
+        erasures.append(measure(model, concept, comps, ranks, base, j_obj, config, store, log,
+                                means=None if means is None else means.get(concept)))
+    changed = [n for n, p in model.parameters() if not torch.equal(p, before[n])]
+    if changed:
+        raise RuntimeError(f"weights changed by the erasure measurement: {changed[:3]}")
+    curves, auc, resampled = curve_tables(erasures, config.n_boot, config.seed)
+    tables = {"curves": curves, "auc": auc,
+              "prediction": prediction_table(erasures, resampled, config.n_boot, config.seed),
+              "points": point_table(erasures, resampled),
+              "per_value": pd.concat([e.per_value for e in erasures], ignore_index=True)}
+    png = fig_to_png(erasure_figure(curves))
+    uri = png_to_data_uri(png)
+    return {"tables": tables, "figure": uri, "figure_png": png,
+            "sections": report_sections(tables, uri, eval_config, len(comps)), "findings": findings(tables)}

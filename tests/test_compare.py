@@ -140,6 +140,28 @@ def test_killed_run_resumes_to_the_same_tables(tiny_world, run_dir, tmp_path):
     assert json.loads((out / "status.json").read_text())["status"] == "complete"
 
 
+def test_erasure_curves_are_a_section_of_the_comparison(tiny_world, tmp_path, capsys):
+    """--erasure-k adds the erasure curves (interp.erasure) of every method's ranking to the run: tables, figure,
+    report section and findings; a k beyond the component set is refused before any method runs."""
+    from analyses.compare_methods import main
+
+    small = ["--methods", "ablation", "cad", "--erasure-images", "12", "--erasure-steps", "2"]
+    with pytest.raises(SystemExit) as e:
+        main(args_for(tiny_world, tmp_path / "bad", *small, "--erasure-k", "100000"))
+    assert e.value.code == 2 and "100000" in capsys.readouterr().err
+    assert not list((tmp_path / "bad").glob("cache/*/result.parquet"))
+    out = tmp_path / "run"
+    assert main(args_for(tiny_world, out, *small, "--erasure-k", "1", "4")) == 0
+    curves = pd.read_csv(out / "tables" / "erasure_curves.csv")
+    assert {"ablation", "cad"} <= set(curves["method"]) and len(set(curves["method"])) == 3  # and the random orders
+    assert set(curves["concept"]) == {"red", "circle"} and {1, 4} <= set(curves["k"])
+    for name in ("erasure_auc", "erasure_prediction", "erasure_points", "erasure_per_value"):
+        assert len(pd.read_csv(out / "tables" / f"{name}.csv")), name
+    assert (out / "figures" / "erasure-curves.png").stat().st_size > 1000
+    html = (out / "index.html").read_text()
+    assert "Erasure curves" in html and "End-to-end prediction" in html
+
+
 # -- a method the comparison has never heard of ------------------------------------------------------------------------
 @pytest.fixture
 def toy_method():

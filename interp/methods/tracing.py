@@ -28,6 +28,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .. import diffusion
@@ -331,7 +332,7 @@ RESTORE_POSITIONS = ("subject", "end_of_text", "all")
 
 
 def text_restoration(model, concept, objective=None, positions=RESTORE_POSITIONS, noise_scale: float = 3.0,
-                     n_noise: int = 2, seed: int = 0) -> "pd.DataFrame":
+                     n_noise: int = 2, seed: int = 0) -> pd.DataFrame:
     """Basu et al.'s text-encoder claim, end to end: corrupt the subject tokens' embeddings (as causal tracing does),
     restore ONE text layer's clean output at some positions, generate the images and ask the judge.
 
@@ -346,7 +347,6 @@ def text_restoration(model, concept, objective=None, positions=RESTORE_POSITIONS
     ``p_concept > 0.5`` without an attribute), the mean ``p_concept``, and the restored fractions
     ``(x - corrupted) / (clean - corrupted)`` of both, each the mean over the ``n_noise`` draws (``*_se`` their
     standard errors)."""
-    import pandas as pd
 
     from ..objectives import Objective, ObjectiveConfig
 
