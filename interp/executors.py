@@ -200,6 +200,13 @@ class RayExecutor:
             res = ray.cluster_resources()
             n = int(res.get("GPU", 0) // self.gpus) if self.gpus else int(res.get("CPU", 1) // self.cpus)
             n = max(n, 1)
+        if self.address is None:  # a local cluster does not grow: workers that cannot be placed would wait forever
+            free = ray.available_resources()
+            for name, need in (("CPU", n * self.cpus), ("GPU", n * self.gpus)):
+                if need and free.get(name, 0) < need:
+                    raise RuntimeError(
+                        f"the local Ray cluster has {free.get(name, 0):g} {name}s free but {n} workers need "
+                        f"{need:g}: close the other RayExecutor of this process, or ask for fewer workers")
         remote = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=self.max_retries,
                             max_task_retries=self.max_retries)(_Worker)
         self._actors = [remote.remote(recipe.model_key, self.cpus) for _ in range(n)]

@@ -1,6 +1,6 @@
 """The Ray executor on a local 2-CPU cluster started by the tests: every sweep gives the local executor's results bit
-for bit, a killed worker costs only its items, and a run killed midway on Ray resumes from the store (on either
-executor) to the same tables.
+for bit, a killed worker costs only its items, and workers that cannot be placed fail instead of waiting (the whole
+comparison, and a killed driver, are in test_ray_slow.py).
 
 Ray is an optional extra (``pip install -e '.[ray]'``, which ``.ci/run`` installs): without it these tests skip,
 except under ``CI=true``, where a skip would hide that the executor was never tested.
@@ -8,7 +8,6 @@ except under ``CI=true``, where a skip would hide that the executor was never te
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -18,17 +17,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import assert_same_tables, killed_compare_run
-from helpers import compare_args as _args
+from helpers import require_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
-try:
-    import ray  # noqa: F401
-except ImportError:  # pragma: no cover - depends on the environment
-    if os.environ.get("CI", "").lower() in ("true", "1"):
-        raise ImportError("CI=true but Ray is not installed: .ci/run must install the '.[ray]' extra") from None
-    pytest.skip("Ray is not installed (pip install -e '.[ray]')", allow_module_level=True)
+require_ray()
 
 #: Methods and options small enough for the tiny model, each with several chunks so that both workers get items.
 METHODS = {
@@ -135,6 +128,17 @@ def test_the_ray_executor_refuses_a_model_it_cannot_reload(tiny_world_model, ray
                          executor=ray_executor)
 
 
+def test_workers_that_cannot_be_placed_fail_instead_of_waiting(tiny_loaded, ray_executor):
+    """The module's executor holds both CPUs of the local cluster: a second one asking for two more workers gets a
+    one-line error naming the fix, not a hang."""
+    from interp.executors import ObjectiveRecipe, RayExecutor
+
+    recipe = ObjectiveRecipe.of(_objective(tiny_loaded))
+    ray_executor.actors(recipe)
+    with pytest.raises(RuntimeError, match="close the other RayExecutor"):
+        RayExecutor(workers=2).actors(recipe)
+
+
 def test_executor_options_are_checked_before_work(tiny_world_folder, tmp_path, capsys):
     from analyses.compare_methods import main
 
@@ -146,21 +150,3 @@ def test_executor_options_are_checked_before_work(tiny_world_folder, tmp_path, c
         main(["--model", str(tiny_world_folder), "--executor", "ray", "--ray-workers", "0", "--out", str(tmp_path)])
     assert e.value.code == 2 and "workers must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
-
-
-@pytest.mark.slow
-def test_comparison_on_ray_equals_local_and_a_killed_driver_resumes(tiny_world_folder, tmp_path):
-    """The whole comparison on Ray gives the local run's tables byte for byte (cost included). A Ray run whose
-    driver is killed -9 midway resumes from the store, on the local executor, to the same tables."""
-    from analyses.compare_methods import main
-
-    assert main(_args(tiny_world_folder, tmp_path / "local")) == 0
-    assert main(_args(tiny_world_folder, tmp_path / "ray", "--executor", "ray", "--ray-workers", "2")) == 0
-    assert_same_tables(tmp_path / "local", tmp_path / "ray")
-
-    out = tmp_path / "killed"
-    code = killed_compare_run(_args(tiny_world_folder, out, "--executor", "ray", "--ray-workers", "2"), out, ROOT)
-    assert code != 0, "the run finished before it could be killed: make the configuration bigger"
-    assert json.loads((out / "status.json").read_text())["status"] == "running"
-    assert main(_args(tiny_world_folder, out)) == 0
-    assert_same_tables(tmp_path / "local", out)
