@@ -20,6 +20,8 @@ import pandas as pd
 import pytest
 import torch
 
+from interp.results import meta_key
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -88,7 +90,7 @@ def test_comparison_on_a_stable_diffusion_15_sized_model(tmp_path, monkeypatch):
     assert list((out / "figures").glob("*.png"))
     df = pd.read_parquet(out / "results.parquet")
     for m in methods:
-        rows = df[(df["method"] == m) & (df["concept"] == "red")]
+        rows = df[(df["variant"] == m) & (df["concept"] == "red")]  # the main estimate, not its budget variants
         assert sorted(rows["component"]) == sorted(NEURONS), m
         assert np.isfinite(rows["score"].to_numpy(float)).all(), m
     abl = df[df["method"] == "ablation"]["score"].to_numpy(float)
@@ -97,7 +99,7 @@ def test_comparison_on_a_stable_diffusion_15_sized_model(tmp_path, monkeypatch):
     assert model.counters["unet_rows"] == plan.table["unet_rows"].sum()
     assert model.counters["unet_rows_grad"] == plan.table["unet_rows_grad"].sum()
     for m in methods:
-        meta = result["meta"]["methods"][f"{m}/red"]
+        meta = result["meta"]["methods"][meta_key(m, "red")]
         planned = plan.table.set_index(["method", "concept"]).loc[(m, "red")]
         recorded = meta.get("forward_evals_all_alphas", meta["forward_evals"])
         assert planned["forward_evals"] == pytest.approx(recorded), m
