@@ -291,6 +291,12 @@ def trace_maps(df: pd.DataFrame, concepts, part: str = "unet", method: str = "tr
 
 
 # -- accuracy vs cost ----------------------------------------------------------------------------------------------
+def _mean_within_range(v) -> float:
+    """The mean, kept within [min, max]: the mean of equal values can exceed them by a rounding error (three 0.1s
+    average to 0.10000000000000002), and a bar from min to max would then need a negative length."""
+    return float(np.clip(np.mean(v), np.min(v), np.max(v)))
+
+
 def accuracy_vs_cost(table: pd.DataFrame, cost: str = "forward_evals", accuracy: str = "lds_spearman") -> Figure:
     """LDS against cost in forward-pass equivalents (log x), one panel per ablation rate alpha, hue = method.
 
@@ -317,7 +323,7 @@ def accuracy_vs_cost(table: pd.DataFrame, cost: str = "forward_evals", accuracy:
         # one x per variant, so seaborn aggregates its concepts into one point (costs can differ slightly)
         sub = sub.assign(**{cost: sub.groupby(key)[cost].transform("mean")}).sort_values(cost)
         sns.lineplot(data=sub, x=cost, y=accuracy, hue=group, style=group, palette=palette, hue_order=methods,
-                     style_order=methods, markers=True, dashes=False, markersize=8, estimator="mean",
+                     style_order=methods, markers=True, dashes=False, markersize=8, estimator=_mean_within_range,
                      errorbar=lambda v: (v.min(), v.max()), err_style="bars", sort=True, ax=ax,
                      legend=i == len(alphas) - 1)
         ax.set_xscale("log")

@@ -204,6 +204,15 @@ def test_plots_return_figures_and_handle_missing_rows(results):
     assert uri.startswith("data:image/png;base64,")
 
 
+def test_accuracy_vs_cost_draws_equal_values_across_concepts():
+    """Three concepts with the same LDS: their mean exceeds the max by a rounding error (0.10000000000000002), which
+    made the min-max bar negative and the whole comparison fail (found on 3 text-encoder layers)."""
+    acc = pd.DataFrame({"method": "cad", "variant": "cad", "alpha": 0.2, "lds_spearman": [0.1, 0.1, 0.1],
+                        "forward_evals": [3.0, 3.0, 3.0], "concept": ["red", "blue", "circle"]})
+    assert sum(acc["lds_spearman"]) / 3 > 0.1  # the rounding this guards against
+    assert plots.fig_to_png(plots.accuracy_vs_cost(acc))
+
+
 def test_small_effects_get_an_offset_not_long_tick_labels(results):
     """Effects of single components are ~1e-5: ticks read 1, 2, 3 with a x10^-5 label, not 0.00001 0.00002."""
     df, _ = results
