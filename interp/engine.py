@@ -90,9 +90,11 @@ def _grad_run(state, start, stop) -> dict[str, torch.Tensor]:
 
 
 def masked_values(obj, comps, masks: torch.Tensor, mode="zero", entry=None, chunk=256, progress=False,
-                  tag="masks", executor=None) -> torch.Tensor:
-    """J per mask and sample, (n_masks, S), cached chunk by chunk. ``masks``: (n_masks, n) bool, 1 = ablated."""
-    means = reference_means(obj, compile_plan(obj.model, comps)) if mode == "mean" else None
+                  tag="masks", executor=None, means=None) -> torch.Tensor:
+    """J per mask and sample, (n_masks, S), cached chunk by chunk. ``masks``: (n_masks, n) bool, 1 = ablated.
+    Mean-ablation (``mode="mean"``) uses the objective's reference means unless ``means`` (per site) are given."""
+    if means is None and mode == "mean":
+        means = reference_means(obj, compile_plan(obj.model, comps))
     job = Job("interp.engine:_plan_setup", "interp.engine:_values_run",
               {"components": comps.addresses, "means": means, "masks": masks})
     return torch.cat([r["J"] for r in sweep(entry, obj, job, len(masks), chunk, tag, progress, executor)])

@@ -75,8 +75,7 @@ from scipy import stats
 
 from .editing.edits import AblationEdit, Ranking
 from .editing.evaluate import EVAL_SEED, Baseline, EvalConfig, Judged, judge_images, per_value_table
-from .engine import masked_values, random_masks, sweep
-from .executors import Job
+from .engine import masked_values, random_masks
 from .objectives import Objective, ObjectiveConfig
 from .results import main_rows
 
@@ -334,13 +333,9 @@ def measure(model, concept: str, comps, rankings: Mapping[str, Ranking], base: B
     j_entry = store.entry(f"erasure-j-{concept}", {**j_objective.identity(), "components": components_hash(comps),
                                                    "sets": sets_hash,
                                                    **({} if means is None else {"means": _means_digest(means)})})
-    if means is None:
-        J = masked_values(j_objective, comps, torch.from_numpy(S), entry=j_entry, chunk=64, tag="j").double().numpy()
-    else:  # the engine's masked-values job with the given means (masked_values computes its own, over targets)
-        job = Job("interp.engine:_plan_setup", "interp.engine:_values_run",
-                  {"components": comps.addresses, "means": dict(means), "masks": torch.from_numpy(S)})
-        J = torch.cat([r["J"] for r in sweep(j_entry, j_objective, job, len(S), 64, "j-mean", False)])
-        J = J.double().numpy()
+    J = masked_values(j_objective, comps, torch.from_numpy(S), entry=j_entry, chunk=64,
+                      tag="j" if means is None else "j-mean",
+                      means=None if means is None else dict(means)).double().numpy()
     tables = [_table_from_codes(c, held) for c in codes]
     target = (held.prompts["set"] == "target").to_numpy()
     alone = (held.prompts["set"] == "alone").to_numpy()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -154,12 +155,15 @@ class RayExecutor:
     (default: the cluster's CPUs / ``cpus_per_worker``, or its GPUs / ``gpus_per_worker``). ``cpus_per_worker``
     sets each worker's torch threads; ``gpus_per_worker`` > 0 puts a worker on each GPU share (then load the model
     with ``device="cuda"`` so workers use it). ``max_retries``: restarts of a killed actor and retries of its items.
+    ``placement_timeout``: seconds to wait for a local cluster to free the workers' CPUs/GPUs (workers of a previous
+    model release theirs asynchronously) before failing.
     """
 
     name = "ray"
 
     def __init__(self, address: str | None = None, workers: int | None = None, cpus_per_worker: int = 1,
-                 gpus_per_worker: float = 0, max_retries: int = 3, in_flight: int = 2):
+                 gpus_per_worker: float = 0, max_retries: int = 3, in_flight: int = 2,
+                 placement_timeout: float = 30.0):
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if cpus_per_worker < 1 or gpus_per_worker < 0:
@@ -172,6 +176,7 @@ class RayExecutor:
                 from None
         self.address, self.workers = address, workers
         self.cpus, self.gpus, self.max_retries, self.in_flight = cpus_per_worker, gpus_per_worker, max_retries, in_flight
+        self.placement_timeout = placement_timeout
         self._actors: list = []
         self._model_key: tuple | None = None
         self._started = False
@@ -201,17 +206,28 @@ class RayExecutor:
             n = int(res.get("GPU", 0) // self.gpus) if self.gpus else int(res.get("CPU", 1) // self.cpus)
             n = max(n, 1)
         if self.address is None:  # a local cluster does not grow: workers that cannot be placed would wait forever
-            free = ray.available_resources()
-            for name, need in (("CPU", n * self.cpus), ("GPU", n * self.gpus)):
-                if need and free.get(name, 0) < need:
-                    raise RuntimeError(
-                        f"the local Ray cluster has {free.get(name, 0):g} {name}s free but {n} workers need "
-                        f"{need:g}: close the other RayExecutor of this process, or ask for fewer workers")
+            self._wait_for_resources(ray, {"CPU": n * self.cpus, "GPU": n * self.gpus}, n, self.placement_timeout)
         remote = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=self.max_retries,
                             max_task_retries=self.max_retries)(_Worker)
         self._actors = [remote.remote(recipe.model_key, self.cpus) for _ in range(n)]
         self._model_key = recipe.model_key
         return self._actors
+
+    @staticmethod
+    def _wait_for_resources(ray, need: dict, n: int, timeout: float = 30.0) -> None:
+        """Wait until the local cluster has ``need`` free (killed workers release theirs asynchronously), or raise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            free = ray.available_resources()
+            short = [(k, v) for k, v in need.items() if v and free.get(k, 0) < v]
+            if not short:
+                return
+            if time.monotonic() > deadline:
+                name, v = short[0]
+                raise RuntimeError(
+                    f"the local Ray cluster has {free.get(name, 0):g} {name}s free but {n} workers need {v:g}: "
+                    f"close the other RayExecutor of this process, or ask for fewer workers")
+            time.sleep(0.2)
 
     def worker_pids(self) -> list[int]:
         import ray

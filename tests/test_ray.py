@@ -83,6 +83,24 @@ def test_every_sweep_gives_the_local_result_bit_for_bit(method, tiny_loaded, ray
     pd.testing.assert_frame_equal(local, again)
 
 
+@pytest.mark.parametrize("style", ["sd1", "sd2"])  # PNDM + epsilon; DDIM + v-prediction
+def test_stable_diffusion_folders_give_the_local_result_on_ray(style, ray_executor, tmp_path):
+    """On a Stable Diffusion folder the workers rebuild the evaluation set by sampling with the folder's scheduler:
+    forward and gradient sweeps equal the local ones."""
+    import interp
+    from interp.objectives import ObjectiveConfig
+    from interp.testing import tiny_stable_diffusion
+
+    model = interp.load_model(tiny_stable_diffusion(tmp_path / style, style), device="cpu")
+    comps = model.components("neuron", family="ff", kind="ff.net.2", block="down_blocks.0")
+    ocfg = ObjectiveConfig(n_images=2, gen_steps=3, timesteps=(100, 700))
+    for method, options in (("ablation", {"chunk": 4}), ("maskgrad", {"n_masks": 4, "batch": 2})):
+        local = interp.attribute(method, model, "red", comps, objective=ocfg, **options)
+        remote = interp.attribute(method, model, "red", comps, objective=ocfg, executor=ray_executor, **options)
+        pd.testing.assert_frame_equal(local, remote)
+        assert local.attrs["meta"]["forward_evals"] == remote.attrs["meta"]["forward_evals"]
+
+
 def test_a_killed_worker_costs_only_its_items(tiny_loaded, ray_executor, tmp_path):
     """SIGKILL one worker while a sweep runs: Ray restarts it (it loads the model again) and retries its items; the
     result is the uninterrupted one and every item is stored once."""
@@ -136,7 +154,7 @@ def test_workers_that_cannot_be_placed_fail_instead_of_waiting(tiny_loaded, ray_
     recipe = ObjectiveRecipe.of(_objective(tiny_loaded))
     ray_executor.actors(recipe)
     with pytest.raises(RuntimeError, match="close the other RayExecutor"):
-        RayExecutor(workers=2).actors(recipe)
+        RayExecutor(workers=2, placement_timeout=1).actors(recipe)
 
 
 def test_executor_options_are_checked_before_work(tiny_world_folder, tmp_path, capsys):
