@@ -55,12 +55,20 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from analyses._cli import executor_from_args
+
     if args.plan:
         from interp.plan import plan_comparison
 
-        print(run_or_exit(parser, None, lambda: plan_comparison(cfg)).format())
+        # the plan starts no cluster: with --executor ray it projects onto the workers asked for (default: one per
+        # CPU of this machine, as a local cluster would have)
+        workers = None
+        if args.executor == "ray":
+            import os
+
+            workers = args.ray_workers or max(1, (os.cpu_count() or 1) // (args.ray_cpus_per_worker or 1))
+        print(run_or_exit(parser, None, lambda: plan_comparison(cfg, workers=workers)).format())
         return 0
-    from analyses._cli import executor_from_args
     from interp.compare import run_comparison
 
     executor = executor_from_args(parser, args)

@@ -5,22 +5,23 @@ naive
     encoder and the UNet on the evaluation set.
 careful
     in place: zero the row and bias, run the text encoder and the UNet, restore the row and bias.
+engine, full passes
+    ``interp.attribute("ablation", ...)`` with prefix replay off: multipliers on the neurons' outputs through
+    nnsight, many one-hot masks per batched pass, text states computed once per evaluation set.
 engine
-    ``interp.attribute("ablation", ...)``: multipliers on the neurons' outputs through nnsight, many one-hot masks
-    per batched pass, text states computed once per evaluation set.
-upstream-cached (prototype, this script only)
-    the "fewer FLOPs" lever: a neuron's ablation cannot change anything upstream of its UNet stage, so the states
-    entering every stage (and the skip connections produced before it) are computed once per evaluation set, and
-    each batch of masks runs the UNet only from the earliest stage it touches (diffusers' UNet2DConditionModel
-    down / mid / up structure, skips included). Plain forward hooks apply the masks here; it is not the engine.
+    the same with prefix replay (:mod:`interp.prefix`, the default): a batch of masks replays the intact UNet
+    upstream of its earliest ablated unit instead of running it (its replay cache is emptied before every timed
+    run, so each run pays the one intact pass that fills it, as a real run does).
 
 All four use the default evaluation set of ``compare_methods`` (4 images x 2 timesteps x both erase branches through
 the ablated model = 16 UNet rows per mask) and must agree on every delta J. Printed: ms per component (median over
-interleaved rounds), FLOPs per component (``torch.utils.flop_counter`` on a meta-device copy, where attention is
-counted; text encoder included where a method runs it), achieved FLOP/s, and a 1024x1024 float32 matmul's FLOP/s
-measured in the same run.
+interleaved rounds), FLOPs per component (each way run once under ``torch.utils.flop_counter`` with the math
+attention kernel, so attention is counted; the text encoder included where a way runs it), achieved FLOP/s, and a
+1024x1024 float32 matmul's FLOP/s measured in the same run.
 
     python benchmarks/bench_ablation.py [--n 32] [--rounds 3] [--threads 2] [--model concept-world]
+    python benchmarks/sd15_sized.py /tmp/sd15-16 --sample-size 16
+    python benchmarks/bench_ablation.py --model /tmp/sd15-16 --n 8 --rounds 1 --images 1 --timesteps 500
 """
 
 from __future__ import annotations
@@ -49,52 +50,6 @@ def erase_j(eps: torch.Tensor, S: int) -> torch.Tensor:
     return (eps[:S] - eps[S:]).pow(2).mean(dim=tuple(range(1, eps.dim())))
 
 
-class StagedUNet:
-    """UNet2DConditionModel's forward split at its stages (conv_in + down blocks, mid, up blocks), so a run can
-    start from cached states at any stage. Follows diffusers' forward for SD-style UNets (no class / added
-    embeddings, no ControlNet residuals)."""
-
-    def __init__(self, unet):
-        self.u = unet
-        self.stages = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + ["mid_block"] + \
-                      [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
-
-    def _block(self, blk, sample, emb, ctx, **kw):
-        if getattr(blk, "has_cross_attention", False):
-            return blk(hidden_states=sample, temb=emb, encoder_hidden_states=ctx, **kw)
-        return blk(hidden_states=sample, temb=emb, **kw)
-
-    def run(self, x, t, ctx, start: int = 0, cache: dict | None = None, record: dict | None = None):
-        """Run from stage ``start`` (with ``cache[start]`` = (sample, skips, emb) repeated to the batch); with
-        ``record``, store the state entering every stage."""
-        u = self.u
-        if start == 0:
-            emb = u.time_embedding(u.time_proj(t).to(x.dtype))
-            sample = u.conv_in(x)
-            skips = (sample,)
-        else:
-            sample, skips, emb = cache[start]
-        n_down = len(u.down_blocks)
-        for i, name in enumerate(self.stages):
-            if i < start:
-                continue
-            if record is not None:
-                record[i] = (sample, skips, emb)
-            if i < n_down:
-                sample, res = self._block(u.down_blocks[i], sample, emb, ctx)
-                skips = skips + tuple(res)
-            elif i == n_down:
-                sample = u.mid_block(sample, emb, encoder_hidden_states=ctx) if u.mid_block is not None else sample
-            else:
-                blk = u.up_blocks[i - n_down - 1]
-                k = len(blk.resnets)
-                res, skips = skips[-k:], skips[:-k]
-                sample = self._block(blk, sample, emb, ctx, res_hidden_states_tuple=res)
-        if u.conv_norm_out is not None:
-            sample = u.conv_act(u.conv_norm_out(sample))
-        return u.conv_out(sample)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="concept-world")
@@ -110,7 +65,6 @@ def main(argv=None) -> int:
 
     import interp
     from interp.objectives import Objective, ObjectiveConfig
-    from interp.plan import _meta_flops
     from torch.utils.flop_counter import FlopCounterMode
 
     model = interp.load_model(args.model)
@@ -157,89 +111,42 @@ def main(argv=None) -> int:
                     w[i], b[i] = saved
         return torch.stack(out)
 
-    def engine():
+    def engine(replay: bool = True):
+        obj.replay_prefix, obj._replayed = replay, {}
         df = interp.attribute("ablation", model, args.concept, comps, objective=obj)
         return -torch.tensor(df["score"].to_numpy(float))
 
-    # -- the prototype: start each batch of masks at the earliest stage it ablates ------------------------------------
-    staged = StagedUNet(unet)
-    stage_of = {c: staged.stages.index(c.block) for c in comps}
-    ctx_all = torch.cat([obj.ctx_target[idx], obj.ctx_anchor[idx]])
-    masks_per_pass = max(1, obj.config.max_batch // rows)
-
-    def cached():
-        with torch.no_grad():
-            rec: dict = {}
-            staged.run(x, t, ctx_all, record=rec)  # once per evaluation set
-            out = torch.empty(len(comps), dtype=torch.float64)
-            order = sorted(range(len(comps)), key=lambda k: stage_of[comps[k]])
-            for s0 in range(0, len(order), masks_per_pass):
-                group = order[s0 : s0 + masks_per_pass]
-                start = min(stage_of[comps[k]] for k in group)
-                R = len(group)
-                sample, skips, emb = rec[start]
-                rep = lambda z: z.repeat(R, *([1] * (z.dim() - 1)))  # noqa: E731
-                cache = {start: (rep(sample), tuple(rep(s) for s in skips), rep(emb))}
-                handles = []
-                for j, k in enumerate(group):
-                    c = comps[k]
-
-                    def hook(m, a, o, j=j, f=c.index):
-                        o = o.clone()
-                        o[j * rows : (j + 1) * rows, ..., f] = 0
-                        return o
-
-                    handles.append(unet.get_submodule(c.module.split(".", 1)[1]).register_forward_hook(hook))
-                try:
-                    eps = staged.run(rep(x), rep(t), rep(ctx_all), start, cache)
-                finally:
-                    for h in handles:
-                        h.remove()
-                eps = eps.reshape(R, rows, *eps.shape[1:])
-                for j, k in enumerate(group):
-                    out[k] = (erase_j(eps[j], S).double() - j0).mean()
-            return out
+    def engine_full():
+        return engine(replay=False)
 
     # agreement first: every way computes the same delta J
     with torch.no_grad():
         ref = engine()
+        d_full = engine_full()
         d_careful = careful().mean(1)
-        d_cached = cached()
-    assert torch.allclose(d_careful, ref, rtol=1e-3, atol=1e-6), (d_careful - ref).abs().max()
-    assert torch.allclose(d_cached, ref, rtol=1e-3, atol=1e-6), (d_cached - ref).abs().max()
-    if not args.skip_naive:
-        assert torch.allclose(naive().mean(1), ref, rtol=1e-3, atol=1e-6)
+    for d in (d_full, d_careful) + (() if args.skip_naive else (naive().mean(1),)):
+        assert torch.allclose(d, ref, rtol=1e-3, atol=1e-6), (d - ref).abs().max()
 
-    # FLOPs per component: UNet rows on the meta copy (attention counted), text encoder on the real one
-    f_row, _ = _meta_flops(model, comps)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        text(ids)
-    f_text = fc.get_total_flops()
-    f_unet = rows * f_row
-    # the prototype's FLOPs: the stages it runs, counted on the real model with the math attention kernel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc_full:
-        staged.run(x, t, ctx_all)
-    rec: dict = {}
-    with torch.no_grad():
-        staged.run(x, t, ctx_all, record=rec)
-    f_stage = {}
-    for s in sorted(set(stage_of.values())):
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc_s:
-            staged.run(x, t, ctx_all, s, rec)
-        f_stage[s] = fc_s.get_total_flops()
-    f_cached = sum(f_stage[stage_of[c]] for c in comps) / len(comps)
+    def flops_of(fn) -> float:
+        """FLOPs of one run of ``fn`` per component, attention included (math kernel)."""
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops() / len(comps)
 
-    ways = {"naive (deep copy)": (naive, f_unet + f_text), "careful (in place)": (careful, f_unet + f_text),
-            "engine": (engine, f_unet), "upstream-cached (prototype)": (cached, f_cached)}
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc_full:
+        unet(x, t, encoder_hidden_states=torch.cat([obj.ctx_target[idx], obj.ctx_anchor[idx]]), return_dict=False)
+    ways = {"naive (deep copy)": naive, "careful (in place)": careful, "engine, full passes": engine_full,
+            "engine": engine}
     if args.skip_naive:
         ways.pop("naive (deep copy)")
+    flops = {name: flops_of(fn) for name, fn in ways.items()}
     times = {k: [] for k in ways}
     peak = []
     for _ in range(args.rounds):
         peak.append(matmul_flops_per_s())
-        for name, (fn, _) in ways.items():
+        for name, fn in ways.items():
             t0 = time.perf_counter()
             with torch.no_grad():
                 fn()
@@ -248,21 +155,19 @@ def main(argv=None) -> int:
     print(f"{args.model}: {len(comps)} of {len(allc)} ff.net.2 neurons, {rows} UNet rows per mask "
           f"({args.images} images x {len(args.timesteps)} timesteps x 2 erase branches), {args.threads} threads, "
           f"{args.rounds} interleaved rounds; full UNet forward {fc_full.get_total_flops() / rows / 1e6:.1f} MFLOP/row "
-          f"(math attention), meta count {f_row / 1e6:.1f}")
+          f"(math attention)")
     print(f"1024x1024 float32 matmul: {mm / 1e9:.1f} GFLOP/s")
     eng = statistics.median(times["engine"])
     print(f"{'way':<30}{'ms/component':>14}{'MFLOP/component':>17}{'GFLOP/s':>9}{'of matmul':>10}{'vs engine':>10}")
-    for name, (_, flops) in ways.items():
-        s = statistics.median(times[name])
-        print(f"{name:<30}{s * 1e3:>14.1f}{flops / 1e6:>17.1f}{flops / s / 1e9:>9.1f}{flops / s / mm:>10.0%}"
-              f"{s / eng:>9.2f}x")
+    for name in ways:
+        s, f = statistics.median(times[name]), flops[name]
+        print(f"{name:<30}{s * 1e3:>14.1f}{f / 1e6:>17.1f}{f / s / 1e9:>9.1f}{f / s / mm:>10.0%}{s / eng:>9.2f}x")
     if "naive (deep copy)" in times:
         print(f"engine vs naive: {statistics.median(times['naive (deep copy)']) / eng:.2f}x (target >= 6x); "
               f"engine vs careful: {statistics.median(times['careful (in place)']) / eng:.2f}x (target >= 3x)")
-    cst = statistics.median(times["upstream-cached (prototype)"])
-    print(f"prototype vs naive: {statistics.median(times.get('naive (deep copy)', [float('nan')])) / cst:.2f}x, vs "
-          f"careful: {statistics.median(times['careful (in place)']) / cst:.2f}x, vs engine: {eng / cst:.2f}x; "
-          f"FLOPs per component {f_cached / f_unet:.0%} of the engine's")
+    full = statistics.median(times["engine, full passes"])
+    print(f"prefix replay: {full / eng:.2f}x faster than full passes, {flops['engine'] / flops['engine, full passes']:.0%} "
+          f"of their FLOPs per component")
     return 0
 
 

@@ -36,6 +36,7 @@ _EXPORTS = {
     "generate": "interp.generation",
     "Store": "interp.store",
     "main_rows": "interp.results",
+    "Cost": "interp.results",
     "OutOfVocabularyError": "interp.world.vocab",
     "notebook_setup": "interp.notebook",
     "Judge": "interp.judges",

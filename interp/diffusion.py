@@ -160,6 +160,15 @@ def denoise(
     return latents
 
 
+def encode(images: torch.Tensor, vae) -> torch.Tensor:
+    """Images in [-1, 1] to the latents the UNet denoises: the VAE posterior's mean times ``scaling_factor`` (as SD's
+    training data are scaled), without gradients; the images themselves for a pixel-space model (``vae`` None)."""
+    if vae is None:
+        return images
+    with torch.no_grad():
+        return vae.encode(images.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+
+
 def decode(latents: torch.Tensor, vae=None) -> torch.Tensor:
     """Latents to images in [0, 1] (float32): through the VAE if there is one, else the latents are pixels in [-1, 1]."""
     if vae is not None:

@@ -13,6 +13,9 @@ Methods describe *what* to evaluate; the engine evaluates it, batched and cached
 - :func:`multiplier_gradients`: ``dJ/dm`` at rows of multipliers (CAD's neuron scores at ``m = 1``, the
   mask-averaged gradient, integrated gradients).
 
+Every ablated pass replays the intact UNet upstream of its earliest ablated unit instead of running it
+(:mod:`interp.prefix`, inside :meth:`Objective.values`): single ablations of late units cost a fraction of a pass.
+
 No method imports another method: they share this module.
 """
 

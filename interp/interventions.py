@@ -131,17 +131,21 @@ class Patch:
     where: torch.Tensor  # bool, broadcastable to the output, e.g. (N, 1, 1, 1) or (N, T, 1)
 
 
-def _intervene(root_envoy, model, sites: Sequence[Site], mult, means, patches, saves, store):
+def _intervene(root_envoy, model, sites: Sequence[Site], mult, means, patches, saves, store, skips=None):
     """The body shared by every trace: visit all touched modules in execution order.
 
     At one module, ablation comes first, then patching, then saving: a saved output is the value that flowed
-    downstream in this run (after its interventions)."""
-    order = {"site": 0, "patch": 1, "save": 2}
-    todo = [(model.events[(s.event, s.path)], "site", s) for s in sites]
+    downstream in this run (after its interventions). ``skips`` (module path -> output) are modules not run at all,
+    their given outputs used instead (:mod:`interp.prefix`)."""
+    order = {"skip": -1, "site": 0, "patch": 1, "save": 2}
+    todo = [(model.events[("in", p)], "skip", p) for p in (skips or {})]
+    todo += [(model.events[(s.event, s.path)], "site", s) for s in sites]
     todo += [(model.events[("out", p)], "patch", p) for p in patches]
     todo += [(model.events[("out", p)], "save", p) for p in saves]
     for _, what, x in sorted(todo, key=lambda t: (t[0], order[t[1]])):
-        if what == "site":
+        if what == "skip":
+            model.envoy(x).skip(skips[x])
+        elif what == "site":
             env = model.envoy(x.path)
             if x.event == "in":
                 env.input = apply_site(x, env.input, mult, None if means is None else means.get(x.path))
@@ -190,8 +194,10 @@ def run_text(model, ids: torch.Tensor, plan: Plan | None = None, mult: torch.Ten
 
 def run_unet(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, plan: Plan | None = None,
              mult: torch.Tensor | None = None, means: Mapping[str, torch.Tensor] | None = None,
-             patches: Mapping[str, Patch] | None = None, saves: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
-    """UNet forward (noise prediction) with interventions; returns ``(eps, saved)``."""
+             patches: Mapping[str, Patch] | None = None, saves: Sequence[str] = (),
+             skips: Mapping[str, object] | None = None) -> tuple[torch.Tensor, dict]:
+    """UNet forward (noise prediction) with interventions; returns ``(eps, saved)``. ``skips``: modules replayed
+    from given outputs instead of run (:mod:`interp.prefix`)."""
     sites = plan.sites["unet"] if plan is not None else []
     patches = dict(patches or {})
     # Forward passes run in the model's dtype on its device, whatever the caller keeps its tensors in.
@@ -203,11 +209,11 @@ def run_unet(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pla
     model.counters["unet_rows"] += x.shape[0]
     if torch.is_grad_enabled():
         model.counters["unet_rows_grad"] += x.shape[0]
-    if not sites and not patches and not saves:
+    if not sites and not patches and not saves and not skips:
         return model.unet(x, t, encoder_hidden_states=context, return_dict=False)[0], {}
     store: dict = {}
     with model.nn_unet.trace(x, t, encoder_hidden_states=context, return_dict=False):
-        _intervene(model.nn_unet, model, sites, mult, means, patches, list(saves), store)
+        _intervene(model.nn_unet, model, sites, mult, means, patches, list(saves), store, skips)
         out = model.nn_unet.output[0].save()
     return out, store
 

@@ -119,7 +119,7 @@ class DiffusionModel:
         self.counters: Counter = Counter()  # UNet rows run (and with gradients): the methods' cost accounting
         self.nn_unet = NNsight(self.unet)
         self.nn_text = NNsight(self.text_encoder)
-        self.events = _event_order({"unet": self.unet, "text_encoder": self.text_encoder}, self)
+        self.events, self.calls = _event_order({"unet": self.unet, "text_encoder": self.text_encoder}, self)
         order = {p: i for (kind, p), i in self.events.items() if kind == "in"}
         self.space = ComponentSpace({"text_encoder": self.text_encoder, "unet": self.unet}, order)
 
@@ -171,13 +171,16 @@ class DiffusionModel:
         return self.space.select(granularity, **filters)
 
 
-def _event_order(models: dict[str, nn.Module], owner: DiffusionModel) -> dict[tuple[str, str], int]:
-    """Execution order of every module's input and output events, from one forward pass with plain hooks.
+def _event_order(models: dict[str, nn.Module], owner: DiffusionModel) -> tuple[dict[tuple[str, str], int], Counter]:
+    """Execution order of every module's input and output events (its first call), and how often each module is
+    called, from one forward pass with plain hooks.
 
     nnsight must be asked for modules in the order they run (``named_modules`` lists the UNet's up blocks before
-    its mid block, but the mid block runs first).
+    its mid block, but the mid block runs first). A module called more than once per pass (a resnet's shared
+    ``nonlinearity``) can never be skipped with a cached output (:mod:`interp.prefix`).
     """
     events: dict[tuple[str, str], int] = {}
+    calls: Counter = Counter()
     handles = []
 
     def pre(name):
@@ -188,6 +191,7 @@ def _event_order(models: dict[str, nn.Module], owner: DiffusionModel) -> dict[tu
     def post(name):
         def hook(mod, args, out):
             events.setdefault(("out", name), len(events))
+            calls[name] += 1
         return hook
 
     try:
@@ -206,7 +210,7 @@ def _event_order(models: dict[str, nn.Module], owner: DiffusionModel) -> dict[tu
     finally:
         for h in handles:
             h.remove()
-    return events
+    return events, calls
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -303,6 +307,7 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
     dtype = resolve_dtype(dtype)
     load_plugins()
     extras: dict = {}
+    folder_kind = None  # the kind a folder was recognised as: it wins over matching the loaded pipeline
 
     if isinstance(spec, DiffusionPipeline):
         pipe, name, source = spec, type(spec).__name__, None
@@ -323,6 +328,7 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
             if kind is not None:
                 with _naming_broken_files(folder):
                     pipe, extras = kind.load_folder(folder, dtype)
+                folder_kind = kind
             elif (folder / "model_index.json").exists():
                 with _naming_broken_files(folder):
                     json.loads((folder / "model_index.json").read_text())  # a malformed index, named
@@ -357,7 +363,9 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
     for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
         if getattr(pipe, part, None) is None:
             raise ModelLoadError(f"the pipeline has no {part}: the suite needs a text-conditioned UNet pipeline")
-    kind = next((k for k in KINDS.values() if k.matches_pipeline(pipe)), None)
+    # A kind whose pipeline is a plain diffusers class (the latent world's StableDiffusionPipeline) is known only by
+    # its folder; a user's SD pipeline matches no kind and stays a plain model.
+    kind = folder_kind or next((k for k in KINDS.values() if k.matches_pipeline(pipe)), None)
     classifier = extras.get("classifier")
     if pipe.unet.dtype != dtype or pipe.unet.device != torch.device(device):
         pipe.to(device=device, dtype=dtype)

@@ -137,6 +137,12 @@ class Objective:
                 f"ObjectiveConfig(n_images={len(self.concept.target_prompts)}) to use them all", UserWarning, stacklevel=2)
         # Image i is generated from prompt i mod k (k prompts), each image from its own noise.
         self.prompt_index = [i % len(self.concept.target_prompts) for i in range(cfg.n_images)]
+        #: Replay the intact UNet upstream of a batch's earliest ablation instead of running it (:mod:`interp.prefix`);
+        #: equal to running it up to the rounding of batch sizes. Off only to measure what it saves.
+        self.replay_prefix = True
+        #: Bytes of replayed outputs kept between calls (at Stable Diffusion's size one frontier is ~1 GB).
+        self.replay_budget = 2**31
+        self._replayed: dict = {}  # module path -> its intact output over the whole evaluation set
         self._build()
 
     # -- the evaluation set ----------------------------------------------------------------------------------
@@ -161,7 +167,9 @@ class Objective:
         else:
             # A model kind with its own concepts may supply the images they describe (the concept world's renders).
             x0 = None if model.world is None else model.world.evaluation_images(c, cfg.n_images, dev, dt)
-            if x0 is None:
+            if x0 is not None:  # supplied images are pixels: a latent model (with a VAE) denoises their latents
+                x0 = diffusion.encode(x0, model.vae)
+            else:
                 with torch.no_grad():
                     x0 = generate(model, self.target_prompts, seed=cfg.seed, steps=cfg.gen_steps,
                                   guidance=cfg.guidance, decode=False)
@@ -221,12 +229,28 @@ class Objective:
             raise ValueError("record works on one chunk of mask rows; pass fewer rows")
         if record is not None and any(k.startswith("text_encoder.") for k in record):
             recompute_text = True
-        outs = []
-        for s in range(0, R, chunk):
-            ctx = target_context[s * P : (s + chunk) * P] if per_row_context else target_context
-            outs.append(self._chunk(plan, None if mult is None else mult[s : s + chunk], means, ctx, unet_patches,
-                                    samples, recompute_text, record, intervene_anchor))
-        J = torch.cat(outs)
+        groups = None
+        if (self.replay_prefix and mult is not None and not mult.requires_grad and self.config.kind != "classifier"
+                and not plan.sites["text_encoder"] and not recompute_text and target_context is None
+                and unet_patches is None and record is None):
+            groups = self._replay_groups(plan, mult)
+        if groups is not None:  # rows that start at the same point run together (interp.prefix)
+            from .prefix import earliest_active_event, frontier
+
+            fronts = [frontier(self.model, earliest_active_event(self.model, plan, mult[g]) or 0) for g in groups]
+            self._fill_replay(list(dict.fromkeys(p for f in fronts for p in f)))  # one intact pass for all groups
+            J = torch.empty(R, S, dtype=self.dtype, device=self.x_t.device)
+            for rows in groups:
+                for s in range(0, len(rows), chunk):
+                    sub = rows[s : s + chunk]
+                    J[sub] = self._chunk(plan, mult[sub], means, None, None, samples, False, None, intervene_anchor)
+        else:
+            outs = []
+            for s in range(0, R, chunk):
+                ctx = target_context[s * P : (s + chunk) * P] if per_row_context else target_context
+                outs.append(self._chunk(plan, None if mult is None else mult[s : s + chunk], means, ctx, unet_patches,
+                                        samples, recompute_text, record, intervene_anchor))
+            J = torch.cat(outs)
         if not torch.isfinite(J).all():
             raise NonFiniteObjectiveError(
                 f"objective {self.config.kind!r} of concept {self.concept.name!r} is not finite "
@@ -299,7 +323,11 @@ class Objective:
         rows = None if mult is None else mult.repeat_interleave(B * S, 0)
         patches = unet_patches(0) if unet_patches is not None else None
         upaths = [k for k in (record or {}) if k.startswith("unet.")]
-        eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=upaths)
+        skips = None
+        if (self.replay_prefix and mult is not None and not mult.requires_grad and not has_text
+                and target_context is None and patches is None and not upaths):
+            skips, plan = self._replay(plan, mult, sel, r, B)
+        eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=upaths, skips=skips)
         if record is not None:
             record.update(saved)
         eps = eps.to(self.dtype).reshape(r, B, S, *eps.shape[1:])
@@ -308,6 +336,51 @@ class Objective:
             anchor = eps[:, 1] if B == 2 else self._intact_anchor()[sel][None]
             return (eps[:, 0] - anchor).pow(2).mean(dim=dims)
         return -(eps[:, 0] - self.target[sel][None]).pow(2).mean(dim=dims)
+
+    @staticmethod
+    def _replay_groups(plan, mult: torch.Tensor) -> list[torch.Tensor] | None:
+        """Mask rows grouped by their earliest ablated UNet site, in execution order (rows ablating nothing last);
+        None when every row starts at the same site (one group: the plain chunked loop does the same)."""
+        sites = plan.sites["unet"]
+        if not sites:
+            return None
+        active = torch.stack([(mult[:, s.columns] != 1).any(1) for s in sites], 1)  # (R, n_sites)
+        first = torch.where(active.any(1), active.int().argmax(1), len(sites))
+        keys = first.unique()
+        if len(keys) == 1:
+            return None
+        return [torch.nonzero(first == k).flatten() for k in keys]
+
+    def _replay(self, plan, mult, sel, r: int, B: int) -> tuple[dict | None, Plan]:
+        """The intact outputs upstream of the rows' earliest ablation, at the batch rows (mask row, branch, sample)
+        of ``sel``, and the plan without the sites before it (every row has multiplier 1 there, and they may lie
+        inside replayed modules); ``(None, plan)`` when nothing upstream can be replayed."""
+        from .prefix import earliest_active_event, frontier, rows_of
+
+        event = earliest_active_event(self.model, plan, mult)
+        paths = () if event is None else frontier(self.model, event)
+        if not paths:
+            return None, plan
+        later = [s for s in plan.sites["unet"] if self.model.events[(s.event, s.path)] >= event]
+        plan = Plan(plan.components, {**plan.sites, "unet": later})
+        self._fill_replay(paths)
+        index = torch.cat([b * self.n_samples + sel for b in range(B)])
+        return rows_of({p: self._replayed[p] for p in paths}, index, r), plan
+
+    def _fill_replay(self, paths) -> None:
+        """Make sure the intact outputs of ``paths`` over the whole evaluation set are cached: one uncounted intact
+        pass for all that are missing. Past ``replay_budget`` bytes, outputs not asked for now are dropped first."""
+        from .prefix import intact_outputs, nbytes
+
+        missing = [p for p in paths if p not in self._replayed]
+        if not missing:
+            return
+        if sum(nbytes(v) for v in self._replayed.values()) > self.replay_budget:
+            self._replayed = {p: v for p, v in self._replayed.items() if p in paths}
+        full = self.branches
+        ctx = torch.cat([self.ctx_target[self.image_index], self.ctx_anchor[self.image_index]][:full])
+        self._replayed.update(intact_outputs(self.model, missing, self.x_t.repeat(full, 1, 1, 1), self.t.repeat(full),
+                                             ctx))
 
     def mean(self, plan=None, mult=None, means=None) -> torch.Tensor:
         """J averaged over the evaluation set, per mask row."""

@@ -362,10 +362,11 @@ def _duration(s: float) -> str:
     return f"{s / 86400:.1f} d"
 
 
-def plan_comparison(cfg, model=None, measure: bool = True) -> ComparisonPlan:
+def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None = None) -> ComparisonPlan:
     """The cost plan of :func:`interp.compare.run_comparison` for ``cfg``: counts, and with ``measure`` one measured
     forward and one forward+backward pass projected to seconds. ``model``: an already loaded model (else
-    ``cfg.model`` is loaded)."""
+    ``cfg.model`` is loaded). ``workers``: the sweeps run on that many executor workers (Ray); the plan then also
+    says what its projection becomes if each worker runs passes at the speed measured here."""
     from .compare import select_components
     from .objectives import DTYPES
 
@@ -415,4 +416,19 @@ def plan_comparison(cfg, model=None, measure: bool = True) -> ComparisonPlan:
                          "unet_rows_grad": r.grad, "flops": flops, "seconds": secs})
     notes = ["'(evaluation set)': building each concept's objective (its J of the intact model, and generated "
              "samples on models other than the concept world); projected time covers UNet passes only."]
-    return ComparisonPlan(pd.DataFrame(rows), passes, str(cfg.model), n, shape, notes)
+    if passes and any(m in cfg.methods for m in ("ablation", "screen")):
+        from .prefix import replayed_fraction
+
+        frac = replayed_fraction(model, comps)
+        notes.append(f"single ablations (true ablation, screen-then-verify's verification) replay the intact UNet "
+                     f"upstream of the ablated unit instead of running it: {frac:.0%} of a pass's FLOPs on average for "
+                     f"these components, so their projected FLOPs and time, counted as full passes, are upper bounds.")
+    table = pd.DataFrame(rows)
+    if passes and workers and workers > 1:
+        # Every sweep's items spread over the workers; the evaluation sets and J of the intact model stay on the driver.
+        total = float(table["seconds"].sum())
+        driver = float(table.loc[table["method"] == "(evaluation set)", "seconds"].sum())
+        notes.append(f"on {workers} workers passing at the speed measured here, the sweeps' {_duration(total - driver)} "
+                     f"become about {_duration((total - driver) / workers)} (+ {_duration(driver)} on the driver); "
+                     f"workers on other hardware (GPUs) run at their own speed, which this plan does not measure.")
+    return ComparisonPlan(table, passes, str(cfg.model), n, shape, notes)

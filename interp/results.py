@@ -6,8 +6,9 @@ model_part, family, block, layer, depth, kind, unit, granularity, score, stderr,
 config_hash``.
 ``score`` follows one sign convention for all methods: **positive = the component supports the concept** (ablating it
 lowers J). ``timestep`` and ``token`` are missing (``<NA>``) on ordinary rows; causal tracing adds map rows where one
-of them is set (use :func:`main_rows` to drop them). Run metadata (config, versions, wall time, forward/backward
-passes) rides in ``df.attrs["meta"]`` and in the cache's JSON sidecar.
+of them is set (use :func:`main_rows` to drop them). Run metadata (config, versions, ...) rides in
+``df.attrs["meta"]`` and in the cache's JSON sidecar; what the estimate cost is a typed :class:`Cost` there
+(``meta["cost"]``, and ``meta["variant_costs"]`` for the budget and rate variants; read with :func:`costs`).
 
 One method run can give several estimates: besides its main one, a budget or rate variant (COAR fitted on its
 first m masks, the mask-averaged gradient at another ablation rate or from its first K masks). The estimate is
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import pandas as pd
@@ -43,9 +46,41 @@ DTYPES = {
     "n_samples": "int64", "seed": "int64", "timestep": "Int64", "token": "Int64", "config_hash": "string",
 }
 
-#: A digest of the columns and their types: cached results are keyed by it, so a frame of an older schema is
-#: recomputed instead of loaded.
-SCHEMA = hashlib.sha256(json.dumps(DTYPES).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one estimate cost: passes of its evaluation set through the UNet, forward only (``forward_evals``) and
+    forward + backward (``backward_evals``), and the wall time of the run that made it (``seconds``; None for a
+    budget or rate variant, which has no run of its own). Counted passes are a property of the configuration: a
+    resumed run, or one on Ray workers, records the same."""
+
+    forward_evals: float
+    backward_evals: float = 0.0
+    seconds: float | None = None
+
+    def __post_init__(self):
+        for name in ("forward_evals", "backward_evals"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"Cost.{name} must be a finite number >= 0, got {v!r}")
+
+    @property
+    def forward_equivalents(self) -> float:
+        """Forward-pass equivalents: a backward pass counts as two forward passes."""
+        return self.forward_evals + 2 * self.backward_evals
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Cost":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+#: A digest of the columns and their types, and of the cost record in the metadata: cached results are keyed by it,
+#: so a result of an older schema is recomputed instead of loaded.
+SCHEMA = hashlib.sha256(json.dumps([DTYPES, [f.name for f in fields(Cost)]]).encode()).hexdigest()[:12]
 
 
 def make_frame(components, score, stderr=None, *, method: str, model: str, concept: str, objective: str,
@@ -109,3 +144,11 @@ def meta_key(method: str, concept: str) -> str:
 def main_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Per-component rows only (drops causal-tracing map rows)."""
     return df[df["timestep"].isna() & df["token"].isna()]
+
+
+def costs(meta: dict) -> dict[str, Cost]:
+    """The costs one method run's metadata records: ``{method's variant name: Cost}`` for its main estimate (key
+    ``meta["method"]``) and every budget or rate variant."""
+    out = {meta["method"]: Cost.from_dict(meta["cost"])}
+    out.update({v: Cost.from_dict(c) for v, c in (meta.get("variant_costs") or {}).items()})
+    return out

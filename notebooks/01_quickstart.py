@@ -189,7 +189,7 @@ for target, anchor in list(zip(concept.target_prompts, concept.anchor_prompts))[
 # %%
 units = model.components("neuron", family="ff", kind="ff.net.0")
 df = interp.attribute("cad", model, "red", units, objective=cfg)
-print(len(df), "rows;", f"{df.attrs['meta']['seconds']:.1f} s")
+print(len(df), "rows;", f"{df.attrs['meta']['cost']['seconds']:.1f} s")
 df.nlargest(8, "score")[["component", "layer", "unit", "score", "stderr"]]
 
 # %% [markdown]

@@ -91,9 +91,7 @@ for method, opts in options.items():
     print(f"{method:>9}: {time.perf_counter() - t0:6.1f} s")
 results = pd.concat(frames.values(), ignore_index=True)
 
-cost = pd.DataFrame([{"method": m, "forward passes": f.attrs["meta"]["forward_evals"],
-                      "backward passes": f.attrs["meta"]["backward_evals"], "seconds": f.attrs["meta"]["seconds"]}
-                     for m, f in frames.items()]).set_index("method")
+cost = pd.DataFrame([{"method": m, **f.attrs["meta"]["cost"]} for m, f in frames.items()]).set_index("method")
 cost.round(1)
 
 # %% [markdown]

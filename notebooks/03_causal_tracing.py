@@ -75,7 +75,7 @@ for concept in CONCEPTS:
     frames[concept] = interp.attribute("tracing", model, concept, layers, objective=cfg, n_noise=1 if SMALL else 3)
     meta = frames[concept].attrs["meta"]
     print(f"{concept!r}: J clean {meta['j_clean']:.5f}, J corrupted {np.mean(meta['j_corrupted']):.5f} "
-          f"({meta['seconds']:.0f} s)")
+          f"({meta['cost']['seconds']:.0f} s)")
 results = pd.concat(frames.values(), ignore_index=True)
 
 # %% [markdown]

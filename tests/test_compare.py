@@ -16,7 +16,7 @@ import pytest
 
 from helpers import assert_same_tables, killed_compare_run
 from helpers import compare_args as args_for
-from interp.results import COLUMNS
+from interp.results import COLUMNS, Cost
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_outputs_and_schemas(run_dir):
     assert meta["config"]["concepts"] == ["red", "circle"]
     assert {"torch", "diffusers", "nnsight"} <= set(meta["versions"])
     for key, m in meta["methods"].items():
-        assert m["seconds"] >= 0 and m["forward_evals"] >= 0, key
+        assert m["cost"]["seconds"] >= 0 and m["cost"]["forward_evals"] >= 0, key
     assert json.loads((run_dir / "status.json").read_text())["status"] == "complete"
     tables = {p.stem: pd.read_csv(p) for p in (run_dir / "tables").glob("*.csv")}
     assert set(tables) == {"correlations", "correlations_by_layer", "topk", "lds", "lds_vs_coar", "cost",
@@ -183,7 +183,7 @@ def toy_method():
             return {"score": guesses.mean(0), "estimate": {"budget": 2},
                     "extra_frames": [{"components": comps, "score": guesses[0],
                                       "estimate": {"variant": "toy@1", "estimator": "toy", "budget": 1}}],
-                    "meta": {"forward_evals": 2.0, "curve": {"toy@1": {"forward_evals": 1.0}}}}
+                    "cost": Cost(2.0), "variant_costs": {"toy@1": Cost(1.0)}}
 
     yield Toy
     REGISTRY.pop("toy")
@@ -218,3 +218,23 @@ def test_a_registered_method_appears_in_tables_figures_and_report(tiny_world, to
     html = (out / "index.html").read_text()
     main_tables = html.split("<details")[0]  # the main tables, before the collapsed evidence
     assert re.search(r"<td>toy</td>", main_tables) and "<td>toy@1</td>" in html
+
+
+def test_models_side_by_side_reads_runs_and_checks_every_finding(run_dir, tmp_path, capsys):
+    from analyses.models_side_by_side import main
+
+    out = tmp_path / "side.md"
+    assert main([f"one={run_dir}", f"two={run_dir}", "--out", str(out)]) == 0
+    text = out.read_text()
+    for section in ("Spearman with true ablation", "LDS per held-out ablation rate", "against COAR",
+                    "Where each concept lives", "Findings, each checked"):
+        assert section in text
+    findings = text.split("Findings, each checked")[1]
+    rows = [r for r in findings.splitlines() if r.startswith("| ") and "finding" not in r]
+    assert len(rows) == 5
+    for r in rows:  # each finding decided on both runs, identically (the same run twice)
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert cells[1] == cells[2] and cells[1].startswith(("holds", "does not hold")), r
+    assert main(["no-equals-sign"]) == 2
+    assert main([f"x={tmp_path}"]) == 2
+    assert "not a finished compare_methods run" in capsys.readouterr().err

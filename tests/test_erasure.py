@@ -120,7 +120,9 @@ def test_planted_unit_every_method_erases_at_k1_and_random_orders_do_not(planted
     floor = j.loc["cad", 32]
     assert floor < 0.01
     np.testing.assert_allclose(j.drop(er.RANDOM)[[1, 2, 8, 32]].to_numpy(), floor, rtol=1e-9)
-    assert j.loc[er.RANDOM, 1] == pytest.approx(1.0, abs=1e-12)
+    # float32: the ablated rows run at other batch sizes than the intact pass (prefix replay groups rows by where
+    # their ablation starts), so "unchanged" is equal up to rounding
+    assert j.loc[er.RANDOM, 1] == pytest.approx(1.0, abs=1e-6)
     # each method's sum of scores predicts the measured drop: only sets with the planted unit lose the concept
     masks = pts[pts["kind"] == "mask"]
     assert 0 < (masks["concept_rate"] == 0).sum() < len(masks)  # both kinds of random mask are present

@@ -43,9 +43,9 @@ def world():
     comp = components(400, per_layer=50, text_layers=2)
     ref = rng.normal(size=len(comp))
     df = concat([
-        frame(comp, ref, "ablation", meta={"forward_evals": 400, "seconds": 2.5}),
+        frame(comp, ref, "ablation", meta={"cost": {"forward_evals": 400, "seconds": 2.5}}),
         frame(comp, ref.copy(), "copy"),
-        frame(comp, -ref, "negated", meta={"forward_evals": 1, "backward_evals": 1}),
+        frame(comp, -ref, "negated", meta={"cost": {"forward_evals": 1, "backward_evals": 1}}),
         frame(comp, np.random.default_rng(100).normal(size=len(comp)), "random"),  # independent of ref
     ])
     return df, ref, comp
@@ -109,6 +109,19 @@ def test_resampled_ranks_equal_scipy_rankdata_with_ties():
     values = np.round(rng.normal(size=300), 1)  # many ties
     idx = rng.integers(0, 300, size=(40, 300))
     np.testing.assert_allclose(ev._resampled_ranks(values, idx), stats.rankdata(values[idx], axis=1))
+
+
+@pytest.mark.parametrize("n", [4, 60, 448, 1000])
+def test_resampled_kendall_equals_scipy_with_ties(n):
+    rng = np.random.default_rng(n)
+    x = np.round(rng.normal(size=n), 1)  # ties in x, in y, in both, and repeated points in every resample
+    y = np.round(x + rng.normal(size=n), 1)
+    idx = rng.integers(0, n, size=(50, n))
+    want = np.array([ev._quiet(stats.kendalltau, x[i], y[i]) for i in idx])
+    got = ev._resampled_kendall(x, y, idx)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(ev._resampled_kendall(np.ones(n), y, idx[:3])).all()  # constant x: undefined, as scipy says
 
 
 def test_bootstrap_is_cheap_at_full_size():
@@ -233,14 +246,14 @@ def test_cost_table_reads_meta(world):
     table = ev.cost_table(df)
     assert list(table.columns) == ["concept", "method", "variant", "forward_evals", "backward_evals", "seconds"]
     abl, neg, cp = row(table, "ablation"), row(table, "negated"), row(table, "copy")
-    assert (abl["forward_evals"], abl["seconds"]) == (400, 2.5) and np.isnan(abl["backward_evals"])
+    assert (abl["forward_evals"], abl["backward_evals"], abl["seconds"]) == (400, 0, 2.5)
     assert (neg["forward_evals"], neg["backward_evals"]) == (1, 1)
     assert np.isnan([cp["forward_evals"], cp["backward_evals"], cp["seconds"]]).all()
-    single = frame(components(5), np.arange(5.0), "cad", meta={"forward_evals": 3})
+    single = frame(components(5), np.arange(5.0), "cad", meta={"cost": {"forward_evals": 3}})
     assert ev.cost_table(single).iloc[0][["method", "forward_evals"]].tolist() == ["cad", 3.0]
-    # a budget variant's cost rides in its method run's curve: a row of its own, under the same method
+    # a budget variant's cost rides in its method run's variant_costs: a row of its own, under the same method
     coar = frame(components(5), np.arange(5.0), "coar",
-                 meta={"forward_evals": 10, "backward_evals": 0, "curve": {"coar@4": {"forward_evals": 4}}})
+                 meta={"cost": {"forward_evals": 10}, "variant_costs": {"coar@4": {"forward_evals": 4}}})
     rows = ev.cost_table(coar)[["method", "variant", "forward_evals", "backward_evals"]].to_numpy().tolist()
     assert rows == [["coar", "coar", 10.0, 0.0], ["coar", "coar@4", 4.0, 0.0]]
 

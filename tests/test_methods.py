@@ -16,6 +16,7 @@ import interp.methods.tracing as tracing_mod
 import interp.objectives as objectives_mod
 from interp.interventions import Patch, compile_plan, run_unet
 from interp.methods import REGISTRY
+from interp.results import Cost
 from interp.objectives import Objective, ObjectiveConfig
 from interp.results import COLUMNS, DTYPES, main_rows, validate
 
@@ -78,20 +79,21 @@ def test_schema_and_cost_metadata(method, tiny_conformance_frames, tiny_red_obje
     assert df["config_hash"].nunique() == 1
     assert np.isfinite(main["score"]).all() and (main["score"] != 0).any()
     meta = df.attrs["meta"]
-    for key in ("forward_evals", "backward_evals", "seconds", "n_components", "versions", "objective", "config"):
+    for key in ("cost", "variant_costs", "n_components", "versions", "objective", "config"):
         assert key in meta, key
-    assert meta["n_components"] == len(comps) and meta["seconds"] > 0
-    assert meta["forward_evals"] > 0
-    assert meta["forward_evals"] * tiny_red_objective.rows_per_eval == counters[method]["unet_rows"]
-    assert meta["backward_evals"] * tiny_red_objective.rows_per_eval == counters[method].get("unet_rows_grad", 0)
+    cost = Cost.from_dict(meta["cost"])  # typed: the record validates itself
+    assert meta["n_components"] == len(comps) and cost.seconds > 0
+    assert cost.forward_evals > 0
+    assert cost.forward_evals * tiny_red_objective.rows_per_eval == counters[method]["unet_rows"]
+    assert cost.backward_evals * tiny_red_objective.rows_per_eval == counters[method].get("unet_rows_grad", 0)
     if REGISTRY[method].capabilities.gradients:  # cad, and the gradient estimators beyond first order
-        assert meta["backward_evals"] > 0
+        assert cost.backward_evals > 0
     else:  # ablation, coar, tracing: forward passes only
-        assert meta["backward_evals"] == 0
+        assert cost.backward_evals == 0
     if method == "cad":
-        assert meta["backward_evals"] > 0 and meta["forward_evals"] == meta["backward_evals"] == 1
+        assert cost.forward_evals == cost.backward_evals == 1
     if method == "ablation":
-        assert meta["forward_evals"] == len(comps)  # one evaluation of J per component
+        assert cost.forward_evals == len(comps)  # one evaluation of J per component
     if method == "tracing":
         maps = df[df["timestep"].notna() | df["token"].notna()]
         assert len(maps) > 0 and (df["timestep"].notna() & df["token"].notna()).sum() == 0
@@ -125,12 +127,12 @@ def test_state_untouched_after_an_error_inside_a_method(method, tiny_conformance
     real = run_unet
     calls = {"n": 0, "fail_at": 2}
 
-    def failing(model, x, t, context, plan=None, mult=None, means=None, patches=None, saves=()):
+    def failing(model, x, t, context, plan=None, mult=None, means=None, patches=None, saves=(), skips=None):
         calls["n"] += 1
         if calls["n"] == calls["fail_at"]:
             bad = {**(patches or {}), "unet.conv_norm_out": Patch(torch.zeros(2, 3, 5), torch.tensor(True))}
-            return real(model, x, t, context, plan, mult, means, bad, saves)
-        return real(model, x, t, context, plan, mult, means, patches, saves)
+            return real(model, x, t, context, plan, mult, means, bad, saves, skips)
+        return real(model, x, t, context, plan, mult, means, patches, saves, skips)
 
     monkeypatch.setattr(objectives_mod, "run_unet", failing)
     monkeypatch.setattr(tracing_mod, "run_unet", failing)
@@ -161,7 +163,7 @@ def test_cache_is_reused_without_recomputing(method, tiny_conformance_frames, ti
     assert dict(tiny_world_model.counters) == counters, "the cached result was recomputed"
     validate(second)
     pd.testing.assert_frame_equal(second, first, check_exact=True)
-    assert second.attrs["meta"]["forward_evals"] == first.attrs["meta"]["forward_evals"]
+    assert second.attrs["meta"]["cost"]["forward_evals"] == first.attrs["meta"]["cost"]["forward_evals"]
     # another configuration is another entry
     run(method, tiny_world_model, tiny_red_objective, comps, store=tmp_path, seed=1)
     assert tiny_world_model.counters["unet_rows"] > counters["unet_rows"]
@@ -505,8 +507,8 @@ def test_maskgrad_curve_rows_equal_runs_with_fewer_masks(tiny_world_model, tiny_
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
     k2 = full[full["variant"] == "maskgrad@0.2-K2"]["score"].to_numpy()
     assert not np.allclose(k2, full[full["variant"] == "maskgrad"]["score"].to_numpy(), rtol=1e-3, atol=0)
-    curve = full.attrs["meta"]["curve"]
-    assert curve["maskgrad@0.2-K2"] == {"forward_evals": 2.0, "backward_evals": 2.0}
+    costs = full.attrs["meta"]["variant_costs"]
+    assert costs["maskgrad@0.2-K2"] == {"forward_evals": 2.0, "backward_evals": 2.0, "seconds": None}
     with pytest.raises(ValueError, match="curve"):
         run("maskgrad", obj.model, obj, comps, n_masks=4, curve=(4,))
 
@@ -537,6 +539,6 @@ def test_screen_reuses_the_cached_screening_result(tiny_world_model, tiny_red_ob
     k = len(sc.attrs["meta"]["verified"])
     used = tiny_world_model.counters["unet_rows"] - before
     assert used == k * tiny_red_objective.rows_per_eval  # the verification only: no maskgrad pass
-    assert sc.attrs["meta"]["forward_evals"] == mg.attrs["meta"]["forward_evals"] + k
-    assert sc.attrs["meta"]["forward_evals"] == fresh.attrs["meta"]["forward_evals"]
+    assert sc.attrs["meta"]["cost"]["forward_evals"] == mg.attrs["meta"]["cost"]["forward_evals"] + k
+    assert sc.attrs["meta"]["cost"]["forward_evals"] == fresh.attrs["meta"]["cost"]["forward_evals"]
     np.testing.assert_array_equal(sc["score"].to_numpy(), fresh["score"].to_numpy())

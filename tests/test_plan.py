@@ -52,10 +52,10 @@ def test_planned_counts_equal_the_runs_recorded_counts(tiny_world_folder, tmp_pa
             assert planned["forward_evals"] == pytest.approx(meta["forward_evals_all_alphas"], abs=1e-12), method
             assert planned["backward_evals"] == pytest.approx(meta["forward_evals_all_alphas"], abs=1e-12), method
             n_rates = 1 + len(cfg.method_options(method, plan.n_components)["extra_alphas"])
-            assert planned["forward_evals"] == pytest.approx(meta["forward_evals"] * n_rates, abs=1e-12)
+            assert planned["forward_evals"] == pytest.approx(meta["cost"]["forward_evals"] * n_rates, abs=1e-12)
         else:
-            assert planned["forward_evals"] == pytest.approx(meta["forward_evals"], abs=1e-12), method
-            assert planned["backward_evals"] == pytest.approx(meta["backward_evals"], abs=1e-12), method
+            assert planned["forward_evals"] == pytest.approx(meta["cost"]["forward_evals"], abs=1e-12), method
+            assert planned["backward_evals"] == pytest.approx(meta["cost"]["backward_evals"], abs=1e-12), method
     # everything the run did through the UNet (objective setup and held-out sets included) was planned, row for row
     assert model.counters["unet_rows"] == plan.table["unet_rows"].sum()
     assert model.counters["unet_rows_grad"] == plan.table["unet_rows_grad"].sum()
@@ -77,6 +77,16 @@ def test_plan_prints_in_seconds_on_the_shipped_world():
         p = plan.passes[key]
         assert p["rows"] >= 1 and p["seconds"] > 0 and p["flops"] > 0
         assert p["peak_bytes"] is None or p["peak_bytes"] > 0
+    assert "replay the intact UNet upstream" in text  # true ablation runs below its full-pass projection
+
+
+def test_plan_projects_onto_ray_workers_from_the_command_line(capsys):
+    from analyses.compare_methods import main
+
+    assert main(["--plan", "--executor", "ray", "--ray-workers", "4", "--concepts", "red", "--methods", "ablation",
+                 "coar"]) == 0
+    out = capsys.readouterr().out
+    assert "on 4 workers passing at the speed measured here" in out
 
 
 def test_meta_flop_count_matches_a_real_pass(tiny_world_model):

@@ -71,8 +71,8 @@ def test_every_sweep_gives_the_local_result_bit_for_bit(method, tiny_loaded, ray
                               store=Store(tmp_path), executor=ray_executor, **METHODS[method])
     pd.testing.assert_frame_equal(local, remote)
     for k in ("forward_evals", "backward_evals"):  # the workers' passes are counted where the run is recorded
-        assert local.attrs["meta"][k] == remote.attrs["meta"][k], k
-    assert remote.attrs["meta"]["forward_evals"] > 0 or method == "midpoint"
+        assert local.attrs["meta"]["cost"][k] == remote.attrs["meta"]["cost"][k], k
+    assert remote.attrs["meta"]["cost"]["forward_evals"] > 0 or method == "midpoint"
     chunks = list(tmp_path.glob("*/chunks/*.pt"))
     assert chunks, "the driver writes every item the workers return into the store"
     # Read back from the store, on the local executor: nothing is recomputed.
@@ -98,7 +98,7 @@ def test_stable_diffusion_folders_give_the_local_result_on_ray(style, ray_execut
         local = interp.attribute(method, model, "red", comps, objective=ocfg, **options)
         remote = interp.attribute(method, model, "red", comps, objective=ocfg, executor=ray_executor, **options)
         pd.testing.assert_frame_equal(local, remote)
-        assert local.attrs["meta"]["forward_evals"] == remote.attrs["meta"]["forward_evals"]
+        assert local.attrs["meta"]["cost"]["forward_evals"] == remote.attrs["meta"]["cost"]["forward_evals"]
 
 
 def test_a_killed_worker_costs_only_its_items(tiny_loaded, ray_executor, tmp_path):
@@ -131,7 +131,7 @@ def test_a_killed_worker_costs_only_its_items(tiny_loaded, ray_executor, tmp_pat
     n_chunks = (len(comps) + 1) // 2
     assert "at" in killed and killed["at"] < n_chunks, "the sweep finished before the worker could be killed"
     pd.testing.assert_frame_equal(local, remote)
-    assert remote.attrs["meta"]["forward_evals"] == local.attrs["meta"]["forward_evals"]
+    assert remote.attrs["meta"]["cost"]["forward_evals"] == local.attrs["meta"]["cost"]["forward_evals"]
     assert len(list(tmp_path.glob("*/chunks/*.pt"))) == n_chunks
     new_pids = ray_executor.worker_pids()
     assert pids[0] not in new_pids and pids[1] in new_pids, "the killed worker was restarted, the other kept"

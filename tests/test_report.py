@@ -57,7 +57,7 @@ def frame(comp, score, method, concept, meta=None, **kw):
 def tracing_frames(rng, concept, text_layers=TEXT_LAYERS, unet_layers=UNET_LAYERS):
     layers = components("layer", text_layers, unet_layers)
     text, unet = layers[layers["model_part"] == "text_encoder"], layers[layers["model_part"] == "unet"]
-    out = [frame(layers, rng.random(len(layers)), "tracing", concept, meta={"forward_evals": 50})]
+    out = [frame(layers, rng.random(len(layers)), "tracing", concept, meta={"cost": {"forward_evals": 50}})]
     out += [frame(unet, rng.random(len(unet)), "tracing", concept, timestep=t) for t in TIMESTEPS]
     out += [frame(text, rng.random(len(text)), "tracing", concept, token=p) for p in range(len(TOKENS))]
     return out
@@ -71,11 +71,11 @@ def results():
     for concept in ("red", "circle"):
         truth = rng.normal(size=len(comp)) * np.where(comp["model_part"] == "unet", 1.0, 0.2)
         frames += [
-            frame(comp, truth, "ablation", concept, meta={"forward_evals": len(comp), "seconds": 12.0}),
+            frame(comp, truth, "ablation", concept, meta={"cost": {"forward_evals": len(comp), "seconds": 12.0}}),
             frame(comp, truth + 0.3 * rng.normal(size=len(comp)), "cad", concept,
-                  meta={"forward_evals": 1, "backward_evals": 1, "seconds": 0.1}),
+                  meta={"cost": {"forward_evals": 1, "backward_evals": 1, "seconds": 0.1}}),
             frame(comp, truth + 0.1 * rng.normal(size=len(comp)), "coar", concept,
-                  meta={"forward_evals": 2000, "seconds": 30.0}),
+                  meta={"cost": {"forward_evals": 2000, "seconds": 30.0}}),
         ]
         frames.append(concat(tracing_frames(rng, concept)))
     df = concat(frames)
@@ -398,7 +398,7 @@ def default_shaped_run(tmp_path_factory):
     frames, heldout = [], {}
     for concept in cfg.concepts:
         truth = rng.normal(size=len(comp)) * 1e-5 * (1 + comp["depth"].to_numpy())
-        frames.append(frame(comp, truth, "ablation", concept, meta={"forward_evals": len(comp), "seconds": 60.0}))
+        frames.append(frame(comp, truth, "ablation", concept, meta={"cost": {"forward_evals": len(comp), "seconds": 60.0}}))
 
         def estimate(m, s, **variant):
             return frame(comp, truth + s * np.abs(truth).mean() * 10 * rng.normal(size=len(comp)), m, concept,
@@ -406,19 +406,19 @@ def default_shaped_run(tmp_path_factory):
 
         for m, s in noise.items():
             f, b = fpe[m]
-            meta = {"forward_evals": f, "backward_evals": b, "seconds": 1.0, "curve": {}}
+            meta = {"cost": {"forward_evals": f, "backward_evals": b, "seconds": 1.0}, "variant_costs": {}}
             run = [estimate(m, s)]
             for v, (method, est, budget, alpha, sv) in DEFAULT_VARIANTS.items():
                 if method == m:
                     run.append(estimate(m, sv, variant=v, estimator=est, budget=budget, mask_alpha=alpha))
                     passes = (budget, 0) if m == "coar" else (budget, budget)
-                    meta["curve"][v] = dict(zip(("forward_evals", "backward_evals"), passes))
+                    meta["variant_costs"][v] = dict(zip(("forward_evals", "backward_evals"), passes))
             run = pd.concat(run, ignore_index=True)
             run.attrs["meta"] = meta
             frames.append(run)
         maps = tracing_frames(rng, concept, text_layers=3, unet_layers=7)[1:]  # as the default run: neuron scores
         frames.append(concat([frame(comp, rng.normal(size=len(comp)), "tracing", concept,
-                                    meta={"forward_evals": 155}), *maps]))
+                                    meta={"cost": {"forward_evals": 155}}), *maps]))
         for alpha in cfg.lds_alphas:
             masks = (rng.random((cfg.heldout_masks, len(comp))) < alpha).astype(float)
             j = 1.0 - masks @ truth + 2e-5 * rng.normal(size=cfg.heldout_masks) * (alpha * 20)

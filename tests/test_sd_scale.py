@@ -101,5 +101,5 @@ def test_comparison_on_a_stable_diffusion_15_sized_model(tmp_path, monkeypatch):
     for m in methods:
         meta = result["meta"]["methods"][meta_key(m, "red")]
         planned = plan.table.set_index(["method", "concept"]).loc[(m, "red")]
-        recorded = meta.get("forward_evals_all_alphas", meta["forward_evals"])
+        recorded = meta.get("forward_evals_all_alphas", meta["cost"]["forward_evals"])
         assert planned["forward_evals"] == pytest.approx(recorded), m

@@ -25,7 +25,7 @@ import torch
 
 from ..components import ComponentSet
 from ..objectives import Objective, ObjectiveConfig
-from ..results import SCHEMA, make_frame
+from ..results import SCHEMA, Cost, make_frame
 from ..store import Store
 
 REGISTRY: dict[str, type["Method"]] = {}
@@ -118,11 +118,14 @@ class Method:
         used = Counter(obj.model.counters)
         used.subtract(counters_before)
         used.update(entry.replayed)
+        # The passes counted while it ran, unless the method states the cost of its main estimate itself (the
+        # mask-averaged gradient also paid for its extra rates; screen-then-verify for its screener's run).
+        cost = out.get("cost") or Cost(used["unet_rows"] / obj.rows_per_eval, used["unet_rows_grad"] / obj.rows_per_eval)
         meta = {
             "method": self.name, "config": self.config.to_dict(), "objective": obj.describe(),
-            "capabilities": asdict(self.capabilities), "seconds": seconds,
-            "forward_evals": used["unet_rows"] / obj.rows_per_eval,
-            "backward_evals": used["unet_rows_grad"] / obj.rows_per_eval,
+            "capabilities": asdict(self.capabilities),
+            "cost": dataclasses.replace(cost, seconds=seconds).to_dict(),
+            "variant_costs": {v: c.to_dict() for v, c in out.get("variant_costs", {}).items()},
             "n_components": len(comps), "versions": versions(), "machine": platform.machine(),
             "threads": torch.get_num_threads(), **out.get("meta", {}),
         }
@@ -139,6 +142,10 @@ class Method:
         return entry.save(df, meta)
 
     def _scores(self, obj: Objective, comps: ComponentSet, entry, progress: bool) -> dict:
+        """``{"score", "stderr"}`` per component, and optionally ``"estimate"`` (the main estimate's typed
+        columns), ``"extra_frames"`` (variants, maps), ``"cost"`` (a :class:`~interp.results.Cost` of the main
+        estimate, when it is not simply the passes counted during the call), ``"variant_costs"`` (``{variant:
+        Cost}``) and ``"meta"`` (more metadata)."""
         raise NotImplementedError
 
     @classmethod

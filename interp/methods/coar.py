@@ -24,6 +24,7 @@ import torch
 from scipy import stats
 
 from ..engine import masked_values, random_masks
+from ..results import Cost
 from .base import Capabilities, Method, MethodConfig, register, stderr_over
 
 
@@ -95,9 +96,10 @@ class COAR(Method):
             extra.append({"components": comps, "score": -cm.mean(1), "stderr": stderr_over(torch.from_numpy(-cm), 1).numpy(),
                           "estimate": {"variant": f"coar@{m}", "estimator": "coar", "budget": m,
                                        "mask_alpha": cfg.alpha}})
-            curve[f"coar@{m}"] = {"n_masks": m, "forward_evals": float(m), **lds(b0m.mean() + Zte @ cm.mean(1), Jte.mean(1))}
+            curve[f"coar@{m}"] = {"n_masks": m, **lds(b0m.mean() + Zte @ cm.mean(1), Jte.mean(1))}
         return {
             "extra_frames": extra, "estimate": {"budget": cfg.n_masks, "mask_alpha": cfg.alpha},
+            "variant_costs": {v: Cost(float(p["n_masks"])) for v, p in curve.items()},  # its first m masks
             "score": score, "stderr": stderr_over(torch.from_numpy(-coef), 1).numpy(),
             "meta": {"alpha": cfg.alpha, "n_train": len(Ztr), "n_test": n_test,
                      "underdetermined": len(Ztr) <= len(comps), "lds_spearman": held["spearman"],

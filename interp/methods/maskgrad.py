@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import multiplier_gradients, random_masks
+from ..results import Cost
 from .base import Capabilities, Method, MethodConfig, register, stderr_over
 
 
@@ -85,17 +86,17 @@ class MaskGrad(Method):
         extra = [{"components": comps, "score": out[a].mean(0), "stderr": stderr_over(out[a], 0),
                   "estimate": self.estimate(a)} for a in cfg.extra_alphas]
         per = float(cfg.n_masks)  # each estimate: n_masks forward + n_masks backward passes over the evaluation set
-        curve = {self.estimate(a)["variant"]: {"forward_evals": per, "backward_evals": per} for a in cfg.extra_alphas}
+        costs = {self.estimate(a)["variant"]: Cost(per, per) for a in cfg.extra_alphas}
         for a in (cfg.alpha, *cfg.extra_alphas):
             for k in sorted(cfg.curve):  # the masks are i.i.d., so the first k of them are a K = k estimate
                 extra.append({"components": comps, "score": out[a][:k].mean(0), "stderr": stderr_over(out[a][:k], 0),
                               "estimate": self.estimate(a, k)})
-                curve[self.estimate(a, k)["variant"]] = {"forward_evals": float(k), "backward_evals": float(k)}
+                costs[self.estimate(a, k)["variant"]] = Cost(float(k), float(k))
         return {"score": G.mean(0), "stderr": stderr_over(G, 0), "extra_frames": extra,
                 "estimate": {"budget": cfg.n_masks, "mask_alpha": cfg.alpha},
-                "meta": {"alpha": cfg.alpha, "n_masks": cfg.n_masks, "curve": curve,
-                         # the cost of this estimate alone; the run also paid for the extra alphas' estimates
-                         "forward_evals": per, "backward_evals": per,
+                # the cost of this estimate alone; the run also paid for the extra alphas' estimates
+                "cost": Cost(per, per), "variant_costs": costs,
+                "meta": {"alpha": cfg.alpha, "n_masks": cfg.n_masks,
                          "forward_evals_all_alphas": per * (1 + len(cfg.extra_alphas))}}
 
     def estimate(self, alpha: float, k: int | None = None) -> dict:

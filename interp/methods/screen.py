@@ -14,7 +14,7 @@ import numpy as np
 
 from ..components import ComponentSet
 from ..engine import single_ablation_deltas
-from ..results import is_main
+from ..results import Cost, is_main
 from .base import Capabilities, Method, MethodConfig, get, register, stderr_over
 
 
@@ -63,11 +63,11 @@ class ScreenThenVerify(Method):
         score[top] = (-delta.double().mean(1)).numpy()
         stderr[top] = stderr_over(delta.double(), 1).numpy()
         # Cost: the screening method's (as it recorded it, computed now or earlier) plus the verification.
+        screened_cost = Cost.from_dict(screened["cost"])
         return {"score": score, "stderr": stderr,
-                "meta": {"screen": cfg.screen, "fraction": cfg.fraction, "verified": [comps[i].address for i in top],
-                         "forward_evals": screened["forward_evals"] + verified["unet_rows"] / obj.rows_per_eval,
-                         "backward_evals": screened["backward_evals"]
-                         + verified["unet_rows_grad"] / obj.rows_per_eval}}
+                "cost": Cost(screened_cost.forward_evals + verified["unet_rows"] / obj.rows_per_eval,
+                             screened_cost.backward_evals + verified["unet_rows_grad"] / obj.rows_per_eval),
+                "meta": {"screen": cfg.screen, "fraction": cfg.fraction, "verified": [comps[i].address for i in top]}}
 
     @classmethod
     def compare_options(cls, cfg, n_components):

@@ -27,6 +27,9 @@ def measure_fidelity(model, n: int = 360, seed: int = HELDOUT_SEED, steps: int =
 
     if model.classifier is None:
         raise ValueError("fidelity needs the concept classifier: load the model with load_model('concept-world')")
+    from ..judges import ClassifierJudge
+
+    judge = ClassifierJudge(model.classifier)
     world = ConceptWorld(n, seed=seed)
     rng = np.random.default_rng([seed, 1])
     scenes = [world.scene(i) for i in range(n)]
@@ -34,7 +37,7 @@ def measure_fidelity(model, n: int = 360, seed: int = HELDOUT_SEED, steps: int =
     rows = []
     for s in tqdm(range(0, n, batch), desc="fidelity", disable=not progress):
         images = generate(model, prompts[s : s + batch], seed=seed + s, steps=steps, guidance=guidance)
-        probs = model.classifier.predict(images.to(next(model.classifier.parameters()).dtype))
+        probs = judge.predict(images, ATTRIBUTES)  # resized to the classifier's input (16 px) if need be
         for j in range(len(images)):
             scene = scenes[s + j]
             rec = {"prompt": prompts[s + j]}
@@ -54,6 +57,27 @@ def measure_fidelity(model, n: int = 360, seed: int = HELDOUT_SEED, steps: int =
 
 
 @torch.no_grad()
+def reconstruction_accuracy(model, size: int, n: int = 2000, seed: int = HELDOUT_SEED, batch: int = 250) -> dict:
+    """The classifier's per-attribute accuracy on VAE reconstructions (posterior mean, decoded) of ``n`` held-out
+    renders at ``size``: what the latent model loses before its UNet is involved."""
+    from .. import diffusion
+    from ..judges import ClassifierJudge
+
+    judge = ClassifierJudge(model.classifier)
+    world = ConceptWorld(n, seed=seed, size=size)
+    correct = {a: 0 for a in ATTRIBUTES}
+    for s in range(0, n, batch):
+        items = [world[i] for i in range(s, min(n, s + batch))]
+        x = torch.stack([it["image"] for it in items]).to(model.device, model.dtype)
+        rec = diffusion.decode(diffusion.encode(x * 2 - 1, model.vae), model.vae)
+        probs = judge.predict(rec, ATTRIBUTES)
+        labels = torch.stack([it["labels"] for it in items])
+        for j, a in enumerate(ATTRIBUTES):
+            correct[a] += int((probs[a].argmax(-1).cpu() == labels[:, j]).sum())
+    return {a: c / n for a, c in correct.items()}
+
+
+@torch.no_grad()
 def sample_grid(model, prompts: list[str], n_seeds: int = 6, seed: int = HELDOUT_SEED, steps: int = 25,
                 guidance: float | None = None):
     """A matplotlib figure: one row per prompt, ``n_seeds`` samples each, the prompt written beside the row."""
@@ -62,7 +86,9 @@ def sample_grid(model, prompts: list[str], n_seeds: int = 6, seed: int = HELDOUT
     from ..generation import generate
 
     rep = [p for p in prompts for _ in range(n_seeds)]
-    latents = torch.randn((len(rep), 3, 16, 16), generator=torch.Generator().manual_seed(seed))
+    from .. import diffusion
+
+    latents = diffusion.initial_noise(model.unet, len(rep), torch.Generator().manual_seed(seed))
     images = generate(model, rep, steps=steps, guidance=guidance, latents=latents.to(model.dtype))
     fig = Figure(figsize=(1.1 * n_seeds + 3.2, 1.1 * len(prompts)))  # no pyplot: never touches the backend
     axes = fig.subplots(len(prompts), n_seeds, squeeze=False)

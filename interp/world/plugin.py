@@ -5,6 +5,11 @@ it as a model kind (its shipped name, its folder layout and pipeline class), a c
 their prompts and scenes, the renders an objective's evaluation set is built from, a word-level prompt check) and,
 through the model's ``classifier``, the image judge of :mod:`interp.judges`. The core finds it through the
 ``interp.plugins`` entry point declared in ``pyproject.toml``, the way any other model family would register.
+
+It registers two kinds: ``concept-world`` (the pixel-space ``ConceptWorldPipeline``) and ``concept-world-latent``
+(:mod:`.latent`), a plain ``StableDiffusionPipeline`` folder that is loaded exactly as a user's SD folder is; only
+its folder (a ``world.json`` marker next to ``pipeline/``) tells it apart, and only the provider (the same concepts,
+rendered at 32x32) and the classifier judge are added.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ ASSETS = Path(__file__).parent / "assets"
 class ConceptWorldProvider:
     """What a loaded concept-world model provides beyond the pipeline (``DiffusionModel.world``)."""
 
-    name = "concept-world"
     #: The concept world samples best unguided (measured: guidance 1.5 already costs 15 points of color fidelity).
     default_guidance = 1.0
+
+    def __init__(self, name: str = "concept-world", image_size: int = 16):
+        self.name, self.image_size = name, image_size
 
     def check_prompts(self, prompts, tokenizer) -> list[str]:
         from .vocab import check_prompts
@@ -46,16 +53,28 @@ class ConceptWorldProvider:
             return None
         from .render import ConceptWorld
 
-        world = ConceptWorld(n, seed=concept.scenes_seed, **{concept.attribute: concept.value})
+        world = ConceptWorld(n, seed=concept.scenes_seed, size=self.image_size, **{concept.attribute: concept.value})
         return torch.stack([world[i]["image"] for i in range(n)]).to(device, dtype) * 2 - 1
 
 
 WORLD = ConceptWorldProvider()
 
 
+LATENT_WORLD = ConceptWorldProvider(name="concept-world-latent", image_size=32)
+LATENT_KIND = "concept-world-latent"
+
+
+def _pipeline_class(index: Path) -> str | None:
+    try:
+        return json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def is_world_folder(path: Path) -> bool:
     """A trainer's checkpoint (``pipeline/`` + the classifier) or a saved ``ConceptWorldPipeline``."""
-    if (path / "pipeline" / "model_index.json").exists() and (path / "classifier.safetensors").exists():
+    if ((path / "pipeline" / "model_index.json").exists() and (path / "classifier.safetensors").exists()
+            and not is_latent_world_folder(path)):
         return True
     index = path / "model_index.json"
     if index.is_file():
@@ -80,6 +99,31 @@ def load_world_folder(path: Path, dtype) -> tuple[object, dict]:
     return pipe, extras
 
 
+def is_latent_world_folder(path: Path) -> bool:
+    """A ``concept-world-latent`` checkpoint: ``pipeline/`` (a StableDiffusionPipeline) and ``world.json`` naming
+    the kind. A user's SD folder (``model_index.json`` at its top, no marker) never matches."""
+    marker = path / "world.json"
+    if not (marker.is_file() and (path / "pipeline" / "model_index.json").is_file()):
+        return False
+    try:
+        return json.loads(marker.read_text()).get("kind") == LATENT_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_latent_world_folder(path: Path, dtype) -> tuple[object, dict]:
+    """The pipeline exactly as a plain SD folder loads (:func:`interp.models.load_model`), plus the classifier:
+    the folder's own if it ships one, else the pixel world's 16-px classifier (measured 100% on resized 32-px
+    renders, see the README)."""
+    from diffusers import DiffusionPipeline
+
+    from .classifier import ConceptClassifier
+
+    pipe = DiffusionPipeline.from_pretrained(path / "pipeline", dtype=dtype, local_files_only=True)
+    own = (path / "classifier.safetensors").exists()
+    return pipe, {"classifier": ConceptClassifier.load(path if own else ASSETS / "concept-world")}
+
+
 def is_world_pipeline(pipe) -> bool:
     from .model import ConceptWorldPipeline
 
@@ -94,4 +138,11 @@ def register() -> None:
         name="concept-world", shipped={"concept-world": ASSETS / "concept-world"}, matches_folder=is_world_folder,
         load_folder=load_world_folder, matches_pipeline=is_world_pipeline, provider=WORLD,
         missing_hint="reinstall the package or retrain it with `python -m analyses.train_world`",
+    ))
+    # A StableDiffusionPipeline object cannot be told from a user's: only the folder identifies the latent world.
+    register_kind(ModelKind(
+        name=LATENT_KIND, shipped={LATENT_KIND: ASSETS / LATENT_KIND}, matches_folder=is_latent_world_folder,
+        load_folder=load_latent_world_folder, matches_pipeline=lambda pipe: False, provider=LATENT_WORLD,
+        missing_hint="reinstall the package or retrain it with `python -m analyses.train_world --model "
+                     "concept-world-latent`",
     ))

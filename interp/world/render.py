@@ -3,6 +3,11 @@
 Every image is a pure function of its attributes and a small jitter (position, size, color) drawn from a seeded
 generator, drawn at 4x supersampling and averaged down so that edges are anti-aliased. Stripes are aligned to the
 pixel grid (two rows on, one off) so a 16x16 canvas shows them crisply.
+
+The geometry (radius, jitter, outline width, stripe period) is defined in units of a 16-px canvas and scaled by
+``size / 16``: a 32x32 render (the latent model's) shows the same scene at twice the resolution, with stripes of two
+pixel rows on and two off, still on the pixel grid. At size 16 the scale is exactly 1, so 16-px renders are
+bit-identical to those of the unscaled renderer (evaluation sets and cached results depend on them).
 """
 
 from __future__ import annotations
@@ -67,15 +72,18 @@ _DISK = ndimage.generate_binary_structure(2, 1)
 def render(scene: Scene, size: int = 16) -> np.ndarray:
     """Render one scene as a float32 array (3, size, size) in [0, 1]."""
     n = size * SS
+    scale = size / 16  # the scene's geometry is in 16-px units
     coords = (np.arange(n) + 0.5) / SS  # pixel-unit coordinates of the supersamples
     y, x = np.meshgrid(coords, coords, indexing="ij")
-    cx, cy = size / 2 + scene.dx, size / 2 + scene.dy
-    mask = _shape_mask(scene.shape, (x - cx) / scene.radius, (y - cy) / scene.radius)
+    cx, cy = size / 2 + scene.dx * scale, size / 2 + scene.dy * scale
+    radius = scene.radius * scale
+    mask = _shape_mask(scene.shape, (x - cx) / radius, (y - cy) / radius)
     if scene.texture == "hollow":
-        inner = ndimage.binary_erosion(mask, structure=_DISK, iterations=int(1.4 * SS))
+        inner = ndimage.binary_erosion(mask, structure=_DISK, iterations=int(1.4 * SS * scale))
         mask = mask & ~inner
     elif scene.texture == "striped":
-        mask = mask & ((np.floor(y).astype(int) % 3) < 2)
+        # rows of ``scale`` pixels: crisp on the pixel grid whenever size is a multiple of 16
+        mask = mask & ((np.floor(y / scale).astype(int) % 3) < 2)
     elif scene.texture != "solid":
         raise ValueError(f"unknown texture {scene.texture!r}; textures are {ATTRIBUTES['texture']}")
     cover = mask.reshape(size, SS, size, SS).mean(axis=(1, 3)).astype(np.float32)

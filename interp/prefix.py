@@ -1,0 +1,121 @@
+"""Prefix replay: an ablation cannot change anything that runs before it, so that part of the UNet is not run again.
+
+A batch of ablations whose earliest ablated unit sits in, say, the second up block has the same conv_in, time
+embedding, down path, mid block and first up block outputs as the intact model, row for row. Those outputs are
+computed once per evaluation set (one intact pass over its rows) and replayed into every ablated pass: the
+modules are skipped with nnsight's ``Envoy.skip`` and the UNet's own ``forward`` — skip connections, time
+embedding, every reshape in between — runs on the replayed values, so no architecture is re-implemented here and
+any diffusers UNet (Stable Diffusion's included) is handled alike. What is replayed is, for the earliest
+intervention event of the batch, the *frontier*: the outermost UNet modules that finish before that event and run
+exactly once per pass (a resnet's shared ``nonlinearity`` is called twice and is never replayed; its parent can be).
+
+The saving is the fraction of the UNet's FLOPs upstream of the ablated unit: large for units late in the up path,
+nothing for units in the first down block or for joint ablations that touch an early unit (random COAR masks), and
+nothing for gradients with respect to every unit. The replayed values are bitwise the intact pass's own, so an
+ablated pass differs from a full one only by the rounding of the batch size it was computed at. The intact passes
+that fill the replay cache are not counted in the model's pass counters, like :meth:`Objective.warm`'s: counted
+cost stays a property of the configuration, on every executor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_map
+
+
+def skippable(model) -> list[tuple[str, int, int]]:
+    """``(path, in_event, out_event)`` of every UNet module that runs exactly once per pass, in execution order."""
+    cached = getattr(model, "_skippable", None)
+    if cached is None:
+        rows = []
+        for (kind, path), i in model.events.items():
+            if kind == "in" and path.startswith("unet.") and model.calls.get(path) == 1:
+                rows.append((path, i, model.events[("out", path)]))
+        cached = sorted(rows, key=lambda r: r[1])
+        model._skippable = cached
+    return cached
+
+
+def frontier(model, event: int) -> tuple[str, ...]:
+    """The outermost once-run UNet modules that finish before event index ``event`` (see :attr:`model.events`)."""
+    out, end = [], -1
+    for path, i, o in skippable(model):
+        if o < event and i > end:  # finished before the event, and not inside a module already chosen
+            out.append(path)
+            end = o
+    return tuple(out)
+
+
+def earliest_active_event(model, plan, mult: torch.Tensor) -> int | None:
+    """The first UNet intervention event at which some row's multiplier differs from 1 (None: no row ablates)."""
+    for site in plan.sites["unet"]:  # in execution order
+        if (mult[:, site.columns] != 1).any():
+            return model.events[(site.event, site.path)]
+    return None
+
+
+@torch.no_grad()
+def intact_outputs(model, paths, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> dict:
+    """The outputs (whole, tuples included) of the modules ``paths`` in one intact, uncounted UNet pass."""
+    x = x.to(device=model.device, dtype=model.dtype)
+    context = context.to(device=model.device, dtype=model.dtype)
+    t = torch.as_tensor(t, device=model.device)
+    store: dict = {}
+    with model.nn_unet.trace(x, t, encoder_hidden_states=context, return_dict=False):
+        for p in sorted(paths, key=lambda p: model.events[("out", p)]):  # outputs in the order they appear
+            store[p] = model.envoy(p).output.save()
+    return store
+
+
+def nbytes(value) -> int:
+    """Bytes held by the tensors of a (nested) module output."""
+    from torch.utils._pytree import tree_leaves
+
+    return sum(v.numel() * v.element_size() for v in tree_leaves(value) if isinstance(v, torch.Tensor))
+
+
+def rows_of(outputs: dict, index: torch.Tensor, repeats: int) -> dict:
+    """The cached outputs at batch rows ``index``, the block repeated ``repeats`` times (one block per mask row)."""
+    def take(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        block = v[index.to(v.device)]
+        return block.repeat(repeats, *([1] * (v.dim() - 1))) if repeats > 1 else block
+
+    return {p: tree_map(take, v) for p, v in outputs.items()}
+
+
+def replayed_fraction(model, comps) -> float:
+    """The mean fraction of a UNet pass's FLOPs that a single ablation of each of ``comps`` replays instead of
+    running (text-encoder components replay nothing), counted on a meta-device copy of the UNet: no memory, no
+    compute. Cost plans use it to say how far below a full pass true ablation runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .diffusion import latent_shape
+    from .interventions import compile_plan
+
+    unet = model.unet
+    in_unet = [c for c in comps if c.model == "unet"]
+    if not in_unet:
+        return 0.0
+    with torch.device("meta"):
+        meta = type(unet).from_config(unet.config)
+    torch.nn.Module.to(meta.requires_grad_(False), unet.dtype)  # diffusers' own .to() warns about fp32 modules
+    ctx_dim = unet.config.cross_attention_dim
+    ctx_dim = ctx_dim if isinstance(ctx_dim, int) else ctx_dim[0]
+    ctx = torch.zeros(1, model.tokenizer.model_max_length, ctx_dim, device="meta", dtype=unet.dtype)
+    x = torch.zeros(latent_shape(unet, 1), device="meta", dtype=unet.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        meta(x, torch.zeros(1, device="meta", dtype=torch.long), encoder_hidden_states=ctx, return_dict=False)
+    counts = fc.get_flop_counts()
+    total = float(sum(counts["Global"].values()))
+    root = type(meta).__name__
+
+    def flops(path):  # "unet.down_blocks.0" -> the counter's "UNet2DConditionModel.down_blocks.0"
+        return float(sum(counts.get(root + path[len("unet"):], {}).values()))
+
+    replayed = 0.0
+    for site in compile_plan(model, in_unet).sites["unet"]:
+        front = frontier(model, model.events[(site.event, site.path)])
+        replayed += len(set(site.columns.tolist())) * sum(flops(p) for p in front)
+    return replayed / total / len(comps) if total else 0.0

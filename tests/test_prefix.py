@@ -1,0 +1,137 @@
+"""Prefix replay (interp.prefix): ablated passes replay the intact UNet upstream of their earliest ablation.
+
+What must hold: the values equal a full pass's for every kind of component and ablation (single, joint, mean),
+every objective branch layout, on the concept world's and Stable Diffusion's UNet layouts; the replayed modules
+really are not run; modules run twice per pass are never replayed; counted cost does not change.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import interp
+from interp.components import ComponentSet
+from interp.engine import masked_values, random_masks, single_ablation_deltas
+from interp.objectives import Objective, ObjectiveConfig
+from interp.prefix import frontier
+
+
+def _both(obj, fn):
+    """``fn()`` with replay on and off; the model's pass counters advance by the same amount either way."""
+    before = dict(obj.model.counters)
+    obj.replay_prefix = True
+    on = fn()
+    mid = dict(obj.model.counters)
+    obj.replay_prefix = False
+    try:
+        off = fn()
+    finally:
+        obj.replay_prefix = True
+    after = dict(obj.model.counters)
+    assert {k: mid[k] - before.get(k, 0) for k in mid} == {k: after[k] - mid.get(k, 0) for k in after}
+    return on, off
+
+
+def _close(on, off, obj):
+    """Equal up to rounding (the replayed pass runs at another batch size; float64 objectives make that ~1e-16):
+    a wrong replay moves deltas by their own size."""
+    assert obj.dtype == torch.float64
+    scale = float(off.abs().max())
+    err = float((on - off).abs().max())
+    assert err <= 1e-9 * scale, f"replayed and full passes differ by {err:.3g} (deltas up to {scale:.3g})"
+    assert scale > 0  # the ablations do change J: not a comparison of zeros
+
+
+def _sample(comps, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(comps), generator=g)[:n].sort().values
+    return ComponentSet([comps[int(i)] for i in idx])
+
+
+@pytest.mark.parametrize("granularity", ["neuron", "head", "layer"])
+@pytest.mark.parametrize("anchor", ["shared", "frozen"])
+def test_single_ablations_equal_full_passes(tiny_world_model, granularity, anchor):
+    obj = Objective(tiny_world_model, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), anchor=anchor,
+                                                                  dtype="float64"))
+    comps = ComponentSet([c for c in tiny_world_model.space.select(granularity) if c.model == "unet"])
+    comps = _sample(comps, 40) if len(comps) > 40 else comps
+    on, off = _both(obj, lambda: single_ablation_deltas(obj, comps, chunk=8))
+    _close(on, off, obj)
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_joint_and_mean_ablations_equal_full_passes(tiny_world_model, mode):
+    obj = Objective(tiny_world_model, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64"))
+    comps = tiny_world_model.space.select("neuron")  # the text encoder's units too: those passes replay nothing
+    comps = _sample(comps, 60, seed=1)
+    masks = random_masks(12, len(comps), 0.05, seed=3)
+    on, off = _both(obj, lambda: masked_values(obj, comps, masks, mode=mode, chunk=4))
+    _close(on, off, obj)
+    on, off = _both(obj, lambda: single_ablation_deltas(obj, comps, mode=mode, chunk=16))
+    _close(on, off, obj)
+
+
+def test_replayed_modules_are_not_run(tiny_world_model, tiny_red_objective):
+    model, obj = tiny_world_model, tiny_red_objective
+    late = ComponentSet(list(model.space.select("neuron", block="up_blocks.2"))[-3:])
+    assert all(c.module.startswith("unet.up_blocks.") for c in late)
+    calls = {"down": 0, "up": 0}
+    hooks = [model.unet.down_blocks[0].resnets[0].conv1.register_forward_hook(lambda *a: calls.__setitem__("down", calls["down"] + 1)),
+             model.unet.up_blocks[-1].resnets[-1].conv2.register_forward_hook(lambda *a: calls.__setitem__("up", calls["up"] + 1))]
+    try:
+        single_ablation_deltas(obj, late)
+    finally:
+        for h in hooks:
+            h.remove()
+    # one intact pass fills the replay cache; the ablated pass runs the last up block but not the first down block
+    # (hooks on their children: a skipped module's own hooks may still see its replayed output)
+    assert calls == {"down": 1, "up": 2}
+
+
+def test_frontier_stops_before_the_site_and_never_replays_a_module_run_twice(tiny_world_model):
+    model = tiny_world_model
+    ff = [c for c in model.space.select("neuron") if c.module.startswith("unet.up_blocks.1.") and
+          c.module.endswith("ff.net.2")][0]
+    front = frontier(model, model.events[("out", ff.module)])
+    for path in ("unet.conv_in", "unet.time_embedding", "unet.down_blocks.0", "unet.mid_block", "unet.up_blocks.0"):
+        assert path in front
+    assert not any(ff.module.startswith(p + ".") or ff.module == p for p in front)
+    conv = [c for c in model.space.select("neuron") if c.module == "unet.up_blocks.2.resnets.0.conv2"][0]
+    front = frontier(model, model.events[("out", conv.module)])
+    assert "unet.up_blocks.2.resnets.0.norm2" in front
+    assert "unet.up_blocks.2.resnets.0.nonlinearity" not in front  # called more than once per pass
+    assert model.calls["unet.up_blocks.2.resnets.0.nonlinearity"] == 3  # on the input, the time embedding, norm2
+
+
+@pytest.mark.parametrize("style", ["sd1", "sd2"])
+def test_stable_diffusion_layouts_replay_exactly(tmp_path, style):
+    from interp.testing import tiny_stable_diffusion
+
+    model = interp.load_model(tiny_stable_diffusion(tmp_path / style, style), device="cpu")
+    obj = Objective(model, "a red car", ObjectiveConfig(n_images=2, timesteps=(300, 700), gen_steps=2,
+                                                                  dtype="float64"))
+    comps = _sample(model.space.select("neuron", model="unet"), 48, seed=2)
+    on, off = _both(obj, lambda: single_ablation_deltas(obj, comps, chunk=6))
+    _close(on, off, obj)
+
+
+def test_replayed_fraction_is_the_flops_a_replayed_pass_saves(tiny_world_model, tiny_red_objective):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from interp.interventions import compile_plan
+    from interp.prefix import replayed_fraction
+
+    model, obj = tiny_world_model, tiny_red_objective
+    for comp in (model.space.select("neuron", block="up_blocks.1")[0], model.space.select("neuron", block="mid_block")[5]):
+        plan, mult = compile_plan(model, [comp]), torch.zeros(1, 1)
+        obj.values(plan, mult)  # fills the replay cache, so that only the ablated pass is counted below
+        flops = {}
+        for replay in (True, False):
+            obj.replay_prefix = replay
+            with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+                obj.values(plan, mult)
+            flops[replay] = fc.get_total_flops()
+        obj.replay_prefix = True
+        assert 0 < 1 - flops[True] / flops[False] == pytest.approx(replayed_fraction(model, [comp]), abs=0.01)

@@ -1,0 +1,228 @@
+"""``concept-world-latent``: 32x32 renders (16-px renders unchanged), the StableDiffusionPipeline folder loaded by
+name through the plain SD code path, VAE latents in the objectives' evaluation sets, the shipped fidelity claim,
+and two-phase (VAE, UNet) training that resumes where it stopped."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import interp
+from interp import diffusion
+from interp.world.latent import LatentModelConfig, VAETrainConfig, build_latent_pipeline
+from interp.world.plugin import ASSETS, LATENT_WORLD, is_latent_world_folder, is_world_folder
+from interp.world.render import ConceptWorld, Scene, render, render_batch
+from interp.world.train import LatentTrainConfig, train, train_vae
+
+SHIPPED = ASSETS / "concept-world-latent"
+TARGETS = {"color": 0.95, "shape": 0.95, "texture": 0.90, "background": 0.95}
+
+
+# -- renders ---------------------------------------------------------------------------------------------------------
+def test_16px_renders_are_bit_identical_to_the_unscaled_renderer():
+    """Hash of renders made before the renderer learned to scale its geometry (evaluation sets depend on them)."""
+    h = hashlib.sha256()
+    for seed in (0, 1, 10_000, 1000):
+        w = ConceptWorld(40, seed=seed)
+        for i in range(40):
+            h.update(w[i]["image"].numpy().tobytes())
+    for tex in ("solid", "hollow", "striped"):
+        w = ConceptWorld(20, seed=5, texture=tex)
+        for i in range(20):
+            h.update(w[i]["image"].numpy().tobytes())
+    h.update(render_batch(np.random.default_rng(3), 64, 16)[0].numpy().tobytes())
+    assert h.hexdigest() == "176cf26ece3b30a92b5d4b475725d51dcb30f9bb8db5b48b12540c93e1d051d9"
+
+
+def test_32px_render_is_the_same_scene_at_twice_the_resolution():
+    scenes = [Scene("red", s, t, "black", dx=1, dy=-1, radius=5.5) for s in ("circle", "cross", "triangle")
+              for t in ("solid", "hollow", "striped")]
+    for sc in scenes:
+        big, small = torch.from_numpy(render(sc, 32))[None], torch.from_numpy(render(sc, 16))[None]
+        assert big.shape == (1, 3, 32, 32)
+        down = F.interpolate(big, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+        assert float((down - small).abs().mean()) < 0.06, sc
+    # stripes stay on the pixel grid: two rows on, two off (period 6 rows), each row uniform across the object
+    img = render(Scene("white", "square", "striped", "black", radius=5.8), 32)[0]
+    rows = img[10:22, 16]
+    assert set(np.round(rows, 3)) <= {0.0, 1.0}, rows
+    assert list(rows[:6] > 0.5) in ([True, True, False, False, True, True][k:] + [True, True, False, False, True,
+                                    True][:k] for k in range(6))
+
+
+def test_the_16px_classifier_judges_resized_32px_renders():
+    """The latent model reuses the pixel world's classifier through ClassifierJudge's resize (measured 100% on 2,000
+    held-out renders per attribute when the latent model was made)."""
+    from interp.judges import ClassifierJudge
+    from interp.world.classifier import ConceptClassifier
+    from interp.world.vocab import ATTRIBUTES
+
+    if not (ASSETS / "concept-world" / "classifier.safetensors").exists():
+        pytest.fail("no shipped classifier")
+    judge = ClassifierJudge(ConceptClassifier.load(ASSETS / "concept-world"))
+    world = ConceptWorld(300, seed=4242, size=32)
+    items = [world[i] for i in range(300)]
+    probs = judge.predict(torch.stack([it["image"] for it in items]), ATTRIBUTES)
+    labels = torch.stack([it["labels"] for it in items])
+    for j, a in enumerate(ATTRIBUTES):
+        assert float((probs[a].argmax(-1) == labels[:, j]).float().mean()) >= 0.99, a
+
+
+# -- the folder and the SD code path -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_latent_folder(tmp_path_factory):
+    """A concept-world-latent folder of the tiny architecture (random weights), laid out as the trainer writes it."""
+    folder = tmp_path_factory.mktemp("latent") / "cwl"
+    pipe = build_latent_pipeline(LatentModelConfig.tiny(), seed=0)
+    pipe.save_pretrained(folder / "pipeline", safe_serialization=True)
+    (folder / "world.json").write_text(json.dumps({"kind": "concept-world-latent", "image_size": 32}))
+    return folder
+
+
+def test_latent_folder_loads_as_a_stable_diffusion_pipeline(tiny_latent_folder, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert is_latent_world_folder(tiny_latent_folder) and not is_world_folder(tiny_latent_folder)
+    m = interp.load_model(str(tiny_latent_folder))
+    assert type(m.pipeline) is StableDiffusionPipeline and m.vae is not None
+    assert m.world is LATENT_WORLD and m.classifier is not None and m.is_concept_world
+    assert diffusion.latent_shape(m.unet, 2) == (2, 4, 8, 8)
+    img = interp.generate(m, ["a red solid circle on black"], seed=0, steps=2)
+    assert img.shape == (1, 3, 32, 32)  # decoded through the VAE
+
+
+def test_plain_sd_folder_is_never_the_latent_world(tmp_path, tiny_latent_folder):
+    from interp.testing import tiny_stable_diffusion
+
+    sd = tiny_stable_diffusion(tmp_path / "sd", "sd1", scheduler="DDIMScheduler")
+    m = interp.load_model(str(sd))
+    assert m.world is None and not m.is_concept_world and m.classifier is None
+    # the latent world's own pipeline, loaded as an object or from its pipeline/ folder alone, is a plain SD model:
+    # only the world.json marker next to pipeline/ identifies the world
+    plain = interp.load_model(str(tiny_latent_folder / "pipeline"))
+    assert plain.world is None
+    assert interp.load_model(plain.pipeline).world is None
+
+
+def test_latent_objective_evaluation_set_is_vae_latents(tiny_latent_folder):
+    from interp.objectives import Objective, ObjectiveConfig
+
+    m = interp.load_model(str(tiny_latent_folder))
+    obj = Objective(m, "red", ObjectiveConfig(kind="amplify", n_images=2, timesteps=(100, 500)))
+    assert obj.x_t.shape == (4, 4, 8, 8) and obj.target.shape == (4, 4, 8, 8)
+    images = LATENT_WORLD.evaluation_images(obj.concept, 2, m.device, torch.float32)
+    assert images.shape == (2, 3, 32, 32) and float(images.min()) >= -1 and float(images.max()) <= 1
+    z0 = diffusion.encode(images, m.vae)
+    expected = diffusion.add_noise(m.scheduler, z0[obj.image_index], obj.noise, obj.t)
+    torch.testing.assert_close(obj.x_t, expected)
+    assert torch.isfinite(obj.intact).all()
+
+
+# -- the shipped model -------------------------------------------------------------------------------------------------
+def _shipped():
+    if not (SHIPPED / "fidelity.json").exists():
+        pytest.fail(f"no shipped checkpoint at {SHIPPED} (`python -m analyses.train_world --model concept-world-latent`)")
+    return json.loads((SHIPPED / "fidelity.json").read_text())
+
+
+def test_shipped_latent_model_loads_by_name_offline(monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    _shipped()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = StableDiffusionPipeline.from_pretrained(SHIPPED / "pipeline", local_files_only=True)
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
+    index = json.loads((SHIPPED / "pipeline" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["requires_safety_checker"] is False
+    m = interp.load_model("concept-world-latent")
+    assert type(m.pipeline) is StableDiffusionPipeline and m.vae is not None and m.world is LATENT_WORLD
+    assert m.classifier is not None and diffusion.latent_shape(m.unet, 1) == (1, 4, 8, 8)
+    weights = list((SHIPPED / "pipeline").rglob("*.safetensors"))
+    assert len(weights) == 3 and sum(f.stat().st_size for f in weights) < 15e6
+    from safetensors import safe_open
+
+    for f in weights:
+        with safe_open(str(f), "pt") as st:
+            assert {st.get_tensor(k).dtype for k in st.keys()} == {torch.float16}, f
+
+
+def test_shipped_latent_fidelity_is_what_it_claims():
+    """24 of the same held-out prompts regenerated; each attribute within a binomial margin of the claim."""
+    from scipy.stats import binom
+
+    from interp.world.fidelity import measure_fidelity
+
+    claimed = _shipped()
+    assert claimed["targets"] == TARGETS
+    # the JSON says whether the targets are met (the shipped checkpoint misses shape: see the README), and says it
+    # truthfully; the VAE's reconstructions meet theirs
+    assert claimed["meets_targets"] == all(claimed["accuracy"][a] >= t for a, t in TARGETS.items())
+    for a in TARGETS:
+        assert claimed["vae_reconstruction_accuracy"][a] >= 0.99, a
+    m = interp.load_model("concept-world-latent")
+    n = 24
+    again, _ = measure_fidelity(m, n=n, seed=claimed["seed"], steps=claimed["steps"], guidance=claimed["guidance"],
+                                batch=n)
+    for a in TARGETS:
+        p = min(claimed["accuracy"][a], 0.99)  # a claim of 100% still allows the odd miss among 24
+        low = binom.ppf(0.001, n, p) / n
+        assert again["accuracy"][a] >= low, (a, again["accuracy"][a], claimed["accuracy"][a], low)
+
+
+# -- training ----------------------------------------------------------------------------------------------------------
+def _tiny_cfg() -> LatentTrainConfig:
+    return LatentTrainConfig(
+        model=LatentModelConfig.tiny(), steps=6, batch_size=4, warmup=1, log_every=2, save_every=2,
+        vae=VAETrainConfig(steps=6, batch_size=4, warmup=1, log_every=2, save_every=2, scale_batch=16),
+    )
+
+
+def _run(cfg, out):
+    vae, vae_hist, _ = train_vae(cfg.vae, cfg.model, out, progress=False)
+    pipe = build_latent_pipeline(cfg.model, vae=vae, seed=cfg.seed)
+    pipe, hist = train(cfg, out, progress=False, pipe=pipe)
+    return pipe, vae_hist, hist
+
+
+@pytest.mark.parametrize("die_at", [5, 6 + 1 + 5], ids=["in-vae-phase", "in-unet-phase"])
+def test_tiny_latent_training_resumes_identically(tmp_path, monkeypatch, die_at):
+    """Killed in either phase, the rerun continues from the saved state and ends with the uninterrupted weights.
+
+    ``render_batch`` is called once per VAE step (6), once for the scaling factor's batch, then once per UNet step:
+    call 5 is VAE step 5, call 12 UNet step 5, both after a state saved at step 4.
+    """
+    import interp.world.train as train_mod
+
+    cfg = _tiny_cfg()
+    ref, ref_vae_hist, ref_hist = _run(cfg, tmp_path / "ref")
+    assert ref.vae.config.scaling_factor > 0 and ref.vae.config.scaling_factor != 0.18215
+    assert [h["step"] for h in ref_hist] == [2, 4, 6] and [h["step"] for h in ref_vae_hist] == [2, 4, 6]
+
+    class Killed(Exception):
+        pass
+
+    real, calls = train_mod.render_batch, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == die_at:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "render_batch", dying)
+    with pytest.raises(Killed):
+        _run(cfg, tmp_path / "run")
+    monkeypatch.setattr(train_mod, "render_batch", real)
+    pipe, vae_hist, hist = _run(cfg, tmp_path / "run")
+    assert [h["loss"] for h in vae_hist] == pytest.approx([h["loss"] for h in ref_vae_hist], rel=1e-5)
+    assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], rel=1e-5)
+    assert pipe.vae.config.scaling_factor == pytest.approx(ref.vae.config.scaling_factor, rel=1e-6)
+    for part in ("vae", "unet", "text_encoder"):
+        for (n, p), (_, q) in zip(getattr(pipe, part).named_parameters(), getattr(ref, part).named_parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"{part}.{n}")
