@@ -12,6 +12,14 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test starts on one thread, whatever the test before it set (a command's ``main`` sets torch's thread
+    count for the whole process; a Ray test comparing bit for bit with one-thread workers must not inherit two)."""
+    torch.set_num_threads(1)
+    yield
+
+
 def _build_tiny_world_model(seed: int = 0):
     import interp
     from interp.world.model import ModelConfig, build_pipeline

@@ -83,8 +83,9 @@ def test_plan_prints_in_seconds_on_the_shipped_world():
 def test_plan_projects_onto_ray_workers_from_the_command_line(capsys):
     from analyses.compare_methods import main
 
+    # --threads 1: main sets torch's thread count for the process, and the tests run on one thread (conftest)
     assert main(["--plan", "--executor", "ray", "--ray-workers", "4", "--concepts", "red", "--methods", "ablation",
-                 "coar"]) == 0
+                 "coar", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "on 4 workers passing at the speed measured here" in out
 
