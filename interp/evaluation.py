@@ -47,8 +47,8 @@ METHOD_LABELS = {
 
 _PART_ORDER = {"text_encoder": 0, "unet": 1}
 
-# Above this many shared components Kendall's bootstrap (one scipy call per resample, O(n log n) each) is cut to
-# _KENDALL_BOOT_CAP resamples so that a table stays a matter of seconds.
+# Above this many shared components Kendall's bootstrap (then one scipy call per resample, O(n log n) each) is cut
+# to _KENDALL_BOOT_CAP resamples so that a table stays a matter of seconds.
 _KENDALL_FULL_N = 5000
 _KENDALL_BOOT_CAP = 200
 #: Up to this many components, bootstrap Kendall intervals come from n x n sign matrices, O(n^2) per resample but
