@@ -230,9 +230,7 @@ class Objective:
         if record is not None and any(k.startswith("text_encoder.") for k in record):
             recompute_text = True
         groups = None
-        if (self.replay_prefix and mult is not None and not mult.requires_grad and self.config.kind != "classifier"
-                and not plan.sites["text_encoder"] and not recompute_text and target_context is None
-                and unet_patches is None and record is None):
+        if self._replayable(plan, mult, recompute_text, target_context, unet_patches, record):
             groups = self._replay_groups(plan, mult)
         if groups is not None:  # rows that start at the same point run together (interp.prefix)
             from .prefix import earliest_active_event, frontier
@@ -324,8 +322,7 @@ class Objective:
         patches = unet_patches(0) if unet_patches is not None else None
         upaths = [k for k in (record or {}) if k.startswith("unet.")]
         skips = None
-        if (self.replay_prefix and mult is not None and not mult.requires_grad and not has_text
-                and target_context is None and patches is None and not upaths):
+        if self._replayable(plan, mult, recompute_text, target_context, unet_patches, record):
             skips, plan = self._replay(plan, mult, sel, r, B)
         eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=upaths, skips=skips)
         if record is not None:
@@ -336,6 +333,14 @@ class Objective:
             anchor = eps[:, 1] if B == 2 else self._intact_anchor()[sel][None]
             return (eps[:, 0] - anchor).pow(2).mean(dim=dims)
         return -(eps[:, 0] - self.target[sel][None]).pow(2).mean(dim=dims)
+
+    def _replayable(self, plan, mult, recompute_text, target_context, unet_patches, record) -> bool:
+        """Whether a call may replay the intact UNet upstream of its ablations (:mod:`interp.prefix`): ablations
+        only — no gradients, nothing in the text encoder, no replaced contexts, patches or recorded outputs, and a
+        one-step objective (the classifier objective's generation loop has no fixed upstream)."""
+        return (self.replay_prefix and mult is not None and not mult.requires_grad and self.config.kind != "classifier"
+                and not plan.sites["text_encoder"] and not recompute_text and target_context is None
+                and unet_patches is None and record is None)
 
     @staticmethod
     def _replay_groups(plan, mult: torch.Tensor) -> list[torch.Tensor] | None:

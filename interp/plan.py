@@ -185,22 +185,60 @@ def _min_size(unet) -> int:
     return 2 ** (len(unet.config.block_out_channels) - 1)
 
 
+def _meta_unet(model, rows: int = 1):
+    """A copy of the model's UNet on the ``meta`` device (no memory, no compute) and inputs of ``rows`` rows:
+    ``(unet, x, t, context)``, for counting FLOPs."""
+    from .diffusion import latent_shape
+
+    unet = model.unet
+    with torch.device("meta"):
+        meta = type(unet).from_config(unet.config)
+    torch.nn.Module.to(meta.requires_grad_(False), unet.dtype)  # diffusers' own .to() warns about fp32 modules
+    ctx_dim = unet.config.cross_attention_dim
+    ctx_dim = ctx_dim if isinstance(ctx_dim, int) else ctx_dim[0]
+    ctx = torch.zeros(rows, model.tokenizer.model_max_length, ctx_dim, device="meta", dtype=unet.dtype)
+    x = torch.zeros(latent_shape(unet, rows), device="meta", dtype=unet.dtype)
+    t = torch.zeros(rows, device="meta", dtype=torch.long)
+    return meta, x, t, ctx
+
+
+def replayed_fraction(model, comps) -> float:
+    """The mean fraction of a UNet pass's FLOPs that a single ablation of each of ``comps`` replays instead of
+    running (:mod:`interp.prefix`; text-encoder components replay nothing), counted on the meta-device copy."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .interventions import compile_plan
+    from .prefix import frontier
+
+    in_unet = [c for c in comps if c.model == "unet"]
+    if not in_unet:
+        return 0.0
+    meta, x, t, ctx = _meta_unet(model)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        meta(x, t, encoder_hidden_states=ctx, return_dict=False)
+    counts = fc.get_flop_counts()
+    total = float(sum(counts["Global"].values()))
+    root = type(meta).__name__
+
+    def flops(path):  # "unet.down_blocks.0" -> the counter's "UNet2DConditionModel.down_blocks.0"
+        return float(sum(counts.get(root + path[len("unet"):], {}).values()))
+
+    replayed = 0.0
+    for site in compile_plan(model, in_unet).sites["unet"]:
+        front = frontier(model, model.events[(site.event, site.path)])
+        replayed += len(set(site.columns.tolist())) * sum(flops(p) for p in front)
+    return replayed / total / len(comps) if total else 0.0
+
+
 def _meta_flops(model, comps, rows: int = 1) -> tuple[float, float]:
     """FLOPs of a forward pass and of a forward+backward pass (gradients with respect to multipliers at the
     components' sites, weights frozen) for ``rows`` rows, counted on a meta-device copy of the UNet."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .diffusion import latent_shape
     from .interventions import compile_plan
 
-    unet = model.unet
-    with torch.device("meta"):
-        meta = type(unet).from_config(unet.config)
-    meta.requires_grad_(False).to(unet.dtype)
+    meta, x, t, ctx0 = _meta_unet(model, rows)
     sites = compile_plan(model, comps).sites["unet"] if len(comps) else []
-    ctx_dim = unet.config.cross_attention_dim
-    ctx_dim = ctx_dim if isinstance(ctx_dim, int) else ctx_dim[0]
-    L = model.tokenizer.model_max_length
     out = []
     for grad in (False, True):
         mults = []
@@ -213,9 +251,7 @@ def _meta_flops(model, comps, rows: int = 1) -> tuple[float, float]:
             return (h, *output[1:]) if isinstance(output, tuple) else h
 
         handles = [meta.get_submodule(s.path.split(".", 1)[1]).register_forward_hook(hook) for s in sites]
-        ctx = torch.zeros(rows, L, ctx_dim, device="meta", dtype=unet.dtype, requires_grad=grad and not sites)
-        x = torch.zeros(latent_shape(unet, rows), device="meta", dtype=unet.dtype)
-        t = torch.zeros(rows, device="meta", dtype=torch.long)
+        ctx = ctx0.clone().requires_grad_(grad and not sites)
         try:
             with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as fc:
                 eps = meta(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
@@ -417,8 +453,6 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
     notes = ["'(evaluation set)': building each concept's objective (its J of the intact model, and generated "
              "samples on models other than the concept world); projected time covers UNet passes only."]
     if passes and any(m in cfg.methods for m in ("ablation", "screen")):
-        from .prefix import replayed_fraction
-
         frac = replayed_fraction(model, comps)
         notes.append(f"single ablations (true ablation, screen-then-verify's verification) replay the intact UNet "
                      f"upstream of the ablated unit instead of running it: {frac:.0%} of a pass's FLOPs on average for "

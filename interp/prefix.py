@@ -83,39 +83,3 @@ def rows_of(outputs: dict, index: torch.Tensor, repeats: int) -> dict:
         return block.repeat(repeats, *([1] * (v.dim() - 1))) if repeats > 1 else block
 
     return {p: tree_map(take, v) for p, v in outputs.items()}
-
-
-def replayed_fraction(model, comps) -> float:
-    """The mean fraction of a UNet pass's FLOPs that a single ablation of each of ``comps`` replays instead of
-    running (text-encoder components replay nothing), counted on a meta-device copy of the UNet: no memory, no
-    compute. Cost plans use it to say how far below a full pass true ablation runs."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .diffusion import latent_shape
-    from .interventions import compile_plan
-
-    unet = model.unet
-    in_unet = [c for c in comps if c.model == "unet"]
-    if not in_unet:
-        return 0.0
-    with torch.device("meta"):
-        meta = type(unet).from_config(unet.config)
-    torch.nn.Module.to(meta.requires_grad_(False), unet.dtype)  # diffusers' own .to() warns about fp32 modules
-    ctx_dim = unet.config.cross_attention_dim
-    ctx_dim = ctx_dim if isinstance(ctx_dim, int) else ctx_dim[0]
-    ctx = torch.zeros(1, model.tokenizer.model_max_length, ctx_dim, device="meta", dtype=unet.dtype)
-    x = torch.zeros(latent_shape(unet, 1), device="meta", dtype=unet.dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        meta(x, torch.zeros(1, device="meta", dtype=torch.long), encoder_hidden_states=ctx, return_dict=False)
-    counts = fc.get_flop_counts()
-    total = float(sum(counts["Global"].values()))
-    root = type(meta).__name__
-
-    def flops(path):  # "unet.down_blocks.0" -> the counter's "UNet2DConditionModel.down_blocks.0"
-        return float(sum(counts.get(root + path[len("unet"):], {}).values()))
-
-    replayed = 0.0
-    for site in compile_plan(model, in_unet).sites["unet"]:
-        front = frontier(model, model.events[(site.event, site.path)])
-        replayed += len(set(site.columns.tolist())) * sum(flops(p) for p in front)
-    return replayed / total / len(comps) if total else 0.0

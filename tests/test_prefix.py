@@ -121,7 +121,7 @@ def test_replayed_fraction_is_the_flops_a_replayed_pass_saves(tiny_world_model, 
     from torch.utils.flop_counter import FlopCounterMode
 
     from interp.interventions import compile_plan
-    from interp.prefix import replayed_fraction
+    from interp.plan import replayed_fraction
 
     model, obj = tiny_world_model, tiny_red_objective
     for comp in (model.space.select("neuron", block="up_blocks.1")[0], model.space.select("neuron", block="mid_block")[5]):

@@ -109,6 +109,32 @@ def _params(pipe):
     return list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
 
 
+def _resume(state_path: Path, key: str, parts: dict, rng, gen, what: str) -> tuple[int, list, float]:
+    """Load ``state_path`` into ``parts`` (name -> object with ``load_state_dict``) and the random streams when it
+    was written for ``key``; returns ``(step, history, seconds)`` to continue from (0, [], 0.0 when starting)."""
+    if not state_path.exists():
+        return 0, [], 0.0
+    state = torch.load(state_path, weights_only=False)
+    if state["config_hash"] != key:
+        log.warning("ignoring %s: it belongs to another training config", state_path)
+        return 0, [], 0.0
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    rng.bit_generator.state = state["rng"]
+    gen.set_state(state["gen"])
+    log.info("resuming %s at step %d", what, state["step"])
+    return state["step"], state["history"], state["seconds"]
+
+
+def _checkpoint(state_path: Path, key: str, step: int, history: list, seconds: float, parts: dict, rng, gen) -> None:
+    """Write a training state atomically: a kill during the write never leaves a broken state."""
+    tmp = state_path.with_suffix(".tmp")
+    torch.save({"config_hash": key, "step": step, "history": history, "seconds": seconds,
+                **{name: part.state_dict() for name, part in parts.items()},
+                "rng": rng.bit_generator.state, "gen": gen.get_state()}, tmp)
+    tmp.replace(state_path)
+
+
 def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True, pipe=None):
     """Train a concept-world pipeline; resumes from ``out_dir/train_state.pt`` when it matches ``cfg``.
 
@@ -130,24 +156,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True, pipe=Non
     ema = EMAModel(params, decay=cfg.ema_decay)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    history: list[dict] = []
-    start, elapsed = 0, 0.0
-
     state_path = out_dir / "train_state.pt"
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if state["config_hash"] == cfg.hash():
-            pipe.unet.load_state_dict(state["unet"])
-            pipe.text_encoder.load_state_dict(state["text_encoder"])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-            ema.load_state_dict(state["ema"])
-            rng.bit_generator.state = state["rng"]
-            gen.set_state(state["gen"])
-            start, history, elapsed = state["step"], state["history"], state["seconds"]
-            log.info("resuming training at step %d of %d", start, cfg.steps)
-        else:
-            log.warning("ignoring %s: it belongs to another training config", state_path)
+    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "opt": opt, "sched": sched, "ema": ema}
+    start, history, elapsed = _resume(state_path, cfg.hash(), parts, rng, gen, "training")
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress)
     t0 = time.perf_counter() - elapsed
@@ -173,18 +184,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True, pipe=Non
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             log.info("step %d loss %.4f (%.0f s)", rec["step"], rec["loss"], rec["seconds"])
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            tmp = state_path.with_suffix(".tmp")
-            torch.save(
-                {
-                    "config_hash": cfg.hash(), "step": step + 1, "history": history,
-                    "seconds": time.perf_counter() - t0, "unet": pipe.unet.state_dict(),
-                    "text_encoder": pipe.text_encoder.state_dict(), "opt": opt.state_dict(),
-                    "sched": sched.state_dict(), "ema": ema.state_dict(), "rng": rng.bit_generator.state,
-                    "gen": gen.get_state(),
-                },
-                tmp,
-            )
-            tmp.replace(state_path)  # atomic: a kill during the write never leaves a broken state
+            _checkpoint(state_path, cfg.hash(), step + 1, history, time.perf_counter() - t0, parts, rng, gen)
     ema.copy_to(params)
     # The shipped model is the float16-rounded EMA model, evaluated in float32.
     for p in params:
@@ -233,21 +233,9 @@ def train_vae(cfg: VAETrainConfig, model_cfg: LatentModelConfig, out_dir: str | 
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     key = hashlib.sha256(json.dumps([cfg.to_dict(), model_cfg.vae.__dict__], sort_keys=True,
                                     default=list).encode()).hexdigest()[:16]
-    history: list[dict] = []
-    start, elapsed = 0, 0.0
     state_path = out_dir / "vae_state.pt"
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if state["config_hash"] == key:
-            vae.load_state_dict(state["vae"])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-            rng.bit_generator.state = state["rng"]
-            gen.set_state(state["gen"])
-            start, history, elapsed = state["step"], state["history"], state["seconds"]
-            log.info("resuming VAE training at step %d of %d", start, cfg.steps)
-        else:
-            log.warning("ignoring %s: it belongs to another training config", state_path)
+    parts = {"vae": vae, "opt": opt, "sched": sched}
+    start, history, elapsed = _resume(state_path, key, parts, rng, gen, "VAE training")
     done = start >= cfg.steps
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="vae", disable=not progress or done)
     t0 = time.perf_counter() - elapsed
@@ -274,11 +262,7 @@ def train_vae(cfg: VAETrainConfig, model_cfg: LatentModelConfig, out_dir: str | 
             bar.set_postfix(loss=f"{rec_['loss']:.4f}")
             log.info("vae step %d loss %.4f (%.0f s)", rec_["step"], rec_["loss"], rec_["seconds"])
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:  # the last state marks phase 1 done
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"config_hash": key, "step": step + 1, "history": history,
-                        "seconds": time.perf_counter() - t0, "vae": vae.state_dict(), "opt": opt.state_dict(),
-                        "sched": sched.state_dict(), "rng": rng.bit_generator.state, "gen": gen.get_state()}, tmp)
-            tmp.replace(state_path)
+            _checkpoint(state_path, key, step + 1, history, time.perf_counter() - t0, parts, rng, gen)
     seconds = time.perf_counter() - t0
     vae.eval().requires_grad_(False)
     for p in vae.parameters():  # the UNet learns the latents of exactly the VAE that ships (float16-rounded)
