@@ -67,9 +67,9 @@ def train_latent(args, out: Path) -> int:
     """``concept-world-latent``: the VAE (phase 1), then UNet + text encoder on its latents (phase 2); both phases
     resume from their saved state in ``out``. The classifier is the pixel world's 16-px one, judging 32-px images
     resized (measured 100% per attribute on 2,000 resized held-out 32-px renders), so none is trained."""
-    from interp.world.latent import VAETrainConfig, build_latent_pipeline
+    from interp.world.latent import build_latent_pipeline
     from interp.world.plugin import LATENT_KIND
-    from interp.world.train import LatentTrainConfig, save_model, train, train_vae
+    from interp.world.train import LatentTrainConfig, VAETrainConfig, save_model, train, train_vae
 
     if args.retrain_classifier:
         raise SystemExit("--retrain-classifier: concept-world-latent reuses the concept-world classifier; retrain "

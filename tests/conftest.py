@@ -12,6 +12,24 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def refused(capsys):
+    """``refused(main, argv)`` runs a command that must refuse its arguments before any work: exit code 2, no
+    traceback, exactly one ``error:`` line on stderr, which it returns."""
+
+    def run(main, argv) -> str:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2, err
+        assert "Traceback" not in err, err
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1, err
+        return lines[0]
+
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Every test starts on one thread, whatever the test before it set (a command's ``main`` sets torch's thread

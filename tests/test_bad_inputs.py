@@ -34,18 +34,6 @@ def small_args(world: Path, out: Path, *extra: str) -> list[str]:
             "--out", str(out), *extra]
 
 
-def run_cli(main, argv, capsys) -> str:
-    """Run a CLI that must fail; return its single error line (exit code 2, no traceback on stderr)."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 def methods_started(out: Path) -> list[str]:
     cache = out / "cache"
     return [p.name for p in cache.iterdir() if not p.name.startswith("heldout")] if cache.exists() else []
@@ -75,12 +63,12 @@ CLI_CASES = {
 
 
 @pytest.mark.parametrize("case", list(CLI_CASES))
-def test_cli_refuses_bad_values_before_work(case, world, tmp_path, capsys):
+def test_cli_refuses_bad_values_before_work(case, world, tmp_path, refused):
     from analyses.compare_methods import main
 
     extra, needle = CLI_CASES[case]
     out = tmp_path / "run"
-    line = run_cli(main, small_args(world, out, *extra), capsys)
+    line = refused(main, small_args(world, out, *extra))
     assert needle in line, line
     assert methods_started(out) == [], "a method ran before the bad value was refused"
     assert not (out / "index.html").exists()
@@ -88,14 +76,14 @@ def test_cli_refuses_bad_values_before_work(case, world, tmp_path, capsys):
         assert json.loads((out / "status.json").read_text())["status"] == "failed"
 
 
-def test_unknown_concept_is_refused_before_the_model_loads(world, tmp_path, capsys, monkeypatch):
+def test_unknown_concept_is_refused_before_the_model_loads(world, tmp_path, refused, monkeypatch):
     from analyses.compare_methods import main
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(interp.models, "load_model", no_loading)
-    line = run_cli(main, small_args(world, tmp_path / "run", "--concepts", "red", "magenta"), capsys)
+    line = refused(main, small_args(world, tmp_path / "run", "--concepts", "red", "magenta"))
     assert "magenta" in line
 
 
@@ -107,12 +95,12 @@ def test_coar_with_ten_masks_needs_no_budget_curve():
     get("coar")(**cfg.method_options("coar", 32))  # its options are valid: no curve point below 10 masks
 
 
-def test_out_that_is_a_file(world, tmp_path, capsys):
+def test_out_that_is_a_file(world, tmp_path, refused):
     from analyses.compare_methods import main
 
     f = tmp_path / "a-file"
     f.write_text("x")
-    assert "existing file" in run_cli(main, small_args(world, f), capsys)
+    assert "existing file" in refused(main, small_args(world, f))
     assert f.read_text() == "x"
 
 
@@ -160,12 +148,12 @@ def broken_copy(world: Path, tmp_path: Path, fault: str) -> tuple[Path, str]:
 
 @pytest.mark.parametrize("fault", ["truncated safetensors", "random-bytes safetensors", "malformed model_index.json",
                                    "NaN weights"])
-def test_corrupt_model_files_are_named(fault, world, tmp_path, capsys):
+def test_corrupt_model_files_are_named(fault, world, tmp_path, refused):
     from analyses.compare_methods import main
 
     model, needle = broken_copy(world, tmp_path, fault)
     out = tmp_path / "run"
-    line = run_cli(main, small_args(model, out), capsys)
+    line = refused(main, small_args(model, out))
     assert needle in line, line
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "failed" and status["error"]
@@ -174,7 +162,7 @@ def test_corrupt_model_files_are_named(fault, world, tmp_path, capsys):
 
 @pytest.mark.parametrize("code, needle", [(errno.EROFS, "read-only"), (errno.ENOSPC, "disk is full"),
                                           (errno.EACCES, "no permission")])
-def test_unwritable_run_folder(code, needle, world, tmp_path, capsys, monkeypatch):
+def test_unwritable_run_folder(code, needle, world, tmp_path, refused, monkeypatch):
     """A read-only, full or forbidden filesystem (simulated: the tests run as root, for whom chmod is no barrier)."""
     import os
 
@@ -185,7 +173,7 @@ def test_unwritable_run_folder(code, needle, world, tmp_path, capsys, monkeypatc
 
     monkeypatch.setattr(interp.runs, "atomic_write_text", failing)
     out = tmp_path / "run"
-    line = run_cli(main, small_args(world, out), capsys)
+    line = refused(main, small_args(world, out))
     assert needle in line and str(out) in line, line
 
 
@@ -346,25 +334,25 @@ def test_failed_rerun_leaves_no_earlier_outputs(tmp_path):
     assert "RuntimeError: boom" in (out / "traceback.txt").read_text()
 
 
-def test_edit_cli_failure_into_a_finished_folder(world, tmp_path, capsys):
+def test_edit_cli_failure_into_a_finished_folder(world, tmp_path, refused):
     from analyses.edit_concepts import main
 
     model, _ = broken_copy(world, tmp_path, "NaN weights")
     out = tmp_path / "edits"
     _finished_folder(out)
-    line = run_cli(main, ["--model", str(model), "--concepts", "blue", "--out", str(out), "--device", "cpu"], capsys)
+    line = refused(main, ["--model", str(model), "--concepts", "blue", "--out", str(out), "--device", "cpu"])
     assert "non-finite" in line
     assert not any((out / n).exists() for n in ("index.html", "edits.json", "meta.json", "tables", "figures"))
     assert json.loads((out / "status.json").read_text())["status"] == "failed"
 
 
-def test_foreign_folder_is_refused(world, tmp_path, capsys):
+def test_foreign_folder_is_refused(world, tmp_path, refused):
     from analyses.compare_methods import main
 
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("a user's file")
-    assert "no run of this suite" in run_cli(main, small_args(world, out), capsys)
+    assert "no run of this suite" in refused(main, small_args(world, out))
     assert (out / "notes.txt").read_text() == "a user's file"
 
 

@@ -215,11 +215,8 @@ def test_main_writes_every_output(folder, tmp_path):
     (["--k", "-1"], "--k"),
     (["--components", "everything"], "unknown component set"),
 ])
-def test_main_rejects_bad_arguments(argv, message, capsys, tmp_path):
+def test_main_rejects_bad_arguments(argv, message, refused, tmp_path):
     from analyses.edit_concepts import main
 
-    with pytest.raises(SystemExit) as exc:
-        main([*argv, "--out", str(tmp_path / "x")])
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in refused(main, [*argv, "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()

@@ -202,26 +202,19 @@ def test_cli_writes_every_output(tiny_world_folder, tmp_path):
     (["--images", "2"], "--images"),
     (["--compare", "nowhere"], "not a finished comparison run"),
 ])
-def test_cli_refuses_bad_arguments_before_work(argv, message, tiny_world_folder, tmp_path, capsys):
+def test_cli_refuses_bad_arguments_before_work(argv, message, tiny_world_folder, tmp_path, refused):
     from analyses.erasure_curves import main
 
     out = tmp_path / "x"
-    with pytest.raises(SystemExit) as exc:
-        main([*cli_args(tiny_world_folder, out), *argv])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and message in err, err
-    assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
+    assert message in refused(main, [*cli_args(tiny_world_folder, out), *argv])
     assert not out.exists()
 
 
-def test_cli_refuses_k_beyond_the_component_set(tiny_world_folder, tmp_path, capsys):
+def test_cli_refuses_k_beyond_the_component_set(tiny_world_folder, tmp_path, refused):
     from analyses.erasure_curves import main
 
     out = tmp_path / "x"
-    with pytest.raises(SystemExit) as exc:
-        main([*cli_args(tiny_world_folder, out), "--k", "1", "100000"])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and "exceed" in err and "Traceback" not in err
+    assert "exceed" in refused(main, [*cli_args(tiny_world_folder, out), "--k", "1", "100000"])
     assert not (out / "cache").exists() or not any((out / "cache").iterdir())  # refused before any attribution
 
 

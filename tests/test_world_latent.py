@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 import interp
 from interp import diffusion
-from interp.world.latent import LatentModelConfig, VAETrainConfig, build_latent_pipeline
+from interp.world.latent import LatentModelConfig, build_latent_pipeline
 from interp.world.plugin import ASSETS, LATENT_WORLD, is_latent_world_folder, is_world_folder
 from interp.world.render import ConceptWorld, Scene, render, render_batch
-from interp.world.train import LatentTrainConfig, train, train_vae
+from interp.world.train import LatentTrainConfig, VAETrainConfig, train, train_vae
 
 SHIPPED = ASSETS / "concept-world-latent"
 TARGETS = {"color": 0.95, "shape": 0.95, "texture": 0.90, "background": 0.95}

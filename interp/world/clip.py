@@ -23,13 +23,14 @@ their content. Training and the held-out check draw from different seed streams 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .render import ConceptWorld, random_scene, render
+from .train import _Recipe
 from .vocab import ATTRIBUTES, BOS, EOS, MAX_LENGTH, PAD, TEMPLATES, build_tokenizer, caption, vocabulary
 
 #: Seed-stream tag of the training batches (``default_rng([seed, TRAIN_STREAM])``).
@@ -39,7 +40,7 @@ HELDOUT_SEED = 40_000
 
 
 @dataclass(frozen=True)
-class CLIPTrainConfig:
+class CLIPTrainConfig(_Recipe):
     """Architecture and training of the concept-world CLIP. The defaults are the shipped model's."""
 
     image_size: int = 16
@@ -55,9 +56,6 @@ class CLIPTrainConfig:
     weight_decay: float = 0.05
     p_omit: float = 0.5
     seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def build_clip(cfg: CLIPTrainConfig = CLIPTrainConfig()):
