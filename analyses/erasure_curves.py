@@ -217,7 +217,6 @@ def _run(args, r, compare, log) -> dict:
     from dataclasses import replace
 
     import numpy as np
-    import pandas as pd
 
     import interp
     from analyses.edit_concepts import alternatives_for
@@ -227,7 +226,7 @@ def _run(args, r, compare, log) -> dict:
     from interp.diffusion import latent_shape
     from interp.objectives import Objective
     from interp.report import render_report, settings_rows
-    from interp.results import main_rows
+    from interp.results import read_results
     from interp.runs import check_finite_weights, check_memory
     from interp.store import Store
 
@@ -253,7 +252,7 @@ def _run(args, r, compare, log) -> dict:
     objectives = {c: Objective(model, c, ocfg) for c in args.concepts}  # evaluation sets checked before work
     cfg = ed.EvalConfig.from_total(args.images, steps=args.steps, seed=ed.EVAL_SEED + args.seed)
     store = Store(r.cache if args.store is None else args.store)
-    results = pd.read_parquet(args.compare / "results.parquet") if compare is not None else None
+    results = read_results(args.compare / "results.parquet") if compare is not None else None
     log(f"{len(comps)} components, k = {list(ks)}, methods {args.methods}, concepts {args.concepts}")
     all_rankings, means, seconds = {}, {}, {}
     layer_of = {c.address: c.layer for c in comps}
@@ -269,8 +268,7 @@ def _run(args, r, compare, log) -> dict:
         for m in args.methods:
             t0 = time.perf_counter()
             if results is not None:
-                rows = main_rows(results)
-                df = rows[(rows["method"] == m) & (rows["concept"] == concept)]
+                df = results[(results["method"] == m) & (results["concept"] == concept)]
             else:
                 df = attribution(m, concept)
             plain = ed.Ranking.from_frame(df, name=m)  # the method's main estimate, not its variants

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from interp.results import read_results
+
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m analyses.models_side_by_side", description=__doc__,
@@ -36,7 +38,7 @@ def load_run(folder: Path) -> dict:
         raise FileNotFoundError(f"{folder} is not a finished compare_methods run (missing "
                                 f"{missing or ['results.parquet']}): run python -m analyses.compare_methods --out {folder}")
     run = {n: pd.read_csv(p) for p in sorted(tables.glob("*.csv")) for n in [p.stem]}
-    run["results"] = pd.read_parquet(folder / "results.parquet")
+    run["results"] = read_results(folder / "results.parquet")
     return run
 
 
@@ -94,8 +96,6 @@ def localization(runs: dict[str, dict], method: str = "ablation") -> pd.DataFram
     for name, run in runs.items():
         r = run["results"]
         r = r[(r["method"] == method) & (r["variant"] == method)]
-        if "timestep" in r:
-            r = r[r["timestep"].isna() & r["token"].isna()]
         mass = r.assign(a=r["score"].abs()).groupby(["concept", "block"])["a"].sum()
         share = mass / mass.groupby(level="concept").transform("sum")
         top = share.groupby(level="concept").idxmax().map(lambda k: k[1])

@@ -35,7 +35,7 @@ _EXPORTS = {
     "Capabilities": "interp.methods",
     "generate": "interp.generation",
     "Store": "interp.store",
-    "main_rows": "interp.results",
+    "maps": "interp.methods",
     "Cost": "interp.results",
     "OutOfVocabularyError": "interp.world.vocab",
     "notebook_setup": "interp.notebook",

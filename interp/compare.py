@@ -2,7 +2,8 @@
 
 :func:`run_comparison` runs methods x concepts on one component set (small enough that true ablation is exhaustive
 over it), measures held-out joint ablations at several ablation rates for the linear datamodeling score, and writes
-one run folder: ``results.parquet`` (tidy), ``meta.json`` (config, versions, machine, wall time per method),
+one run folder: ``results.parquet`` (tidy), ``maps.parquet`` (the maps of methods that make them: causal tracing's
+layer x timestep and layer x token), ``meta.json`` (config, versions, machine, wall time per method),
 ``tables/*.csv``, ``figures/*.png`` and a self-contained ``index.html``. Every computation is cached under a hash of
 its configuration in ``<run>/cache``, so a re-run reuses it and an interrupted run resumes; the results and the
 report are written last, and removed at the start of a run, so a folder never holds a report that looks complete
@@ -27,7 +28,7 @@ from .engine import masked_values, random_masks
 from .objectives import Objective
 from .report import render_report, settings_rows
 from .report.findings import compare_findings
-from .results import concat, is_main
+from .results import concat, empty_maps, is_main
 from .runs import Run, check_finite_weights, check_memory
 from .store import Store, atomic_write_bytes, atomic_write_text, frame_to_parquet_bytes
 
@@ -113,7 +114,7 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
         erasure = erasure_setup(model, comps, cfg) if cfg.erasure_k else None  # k, judge, values: checked now
         say(f"{len(comps)} components ({cfg.granularity}, kinds {list(cfg.kinds)}), {len(cfg.concepts)} concepts, "
             f"methods {list(cfg.methods)}")
-        frames, heldout, seconds = [], {}, {}
+        frames, map_frames, heldout, seconds = [], [], {}, {}
         ocfg = cfg.objective_config()
         objectives = {c: Objective(model, c, ocfg) for c in cfg.concepts}  # every evaluation set checked first
         for concept, obj in objectives.items():
@@ -121,6 +122,8 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
                 t0 = time.perf_counter()
                 df = m.attribute(model, concept, comps, objective=obj, store=store, progress=progress,
                                  executor=executor)
+                if m.capabilities.maps:  # the same run's maps (kept by the method object, no second run)
+                    map_frames.append(m.maps(model, concept, comps, objective=obj, store=store, executor=executor))
                 seconds[f"{method}/{concept}"] = time.perf_counter() - t0
                 frames.append(df)
                 say(f"{concept}: {method} done in {seconds[f'{method}/{concept}']:.1f} s")
@@ -131,7 +134,8 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
             say(f"{concept}: held-out joint ablations ({cfg.heldout_masks} masks x {len(cfg.lds_alphas)} rates) done "
                 f"in {time.perf_counter() - t0:.1f} s")
         results = concat(frames)
-        tables, figures = derived_outputs(results, heldout, cfg, store, say)
+        maps = pd.concat(map_frames, ignore_index=True) if map_frames else empty_maps()
+        tables, figures = derived_outputs(results, maps, heldout, cfg, store, say)
         extra = {}
         if erasure is not None:
             t0 = time.perf_counter()
@@ -143,21 +147,23 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
                 f"{seconds['erasure curves']:.1f} s")
         meta = run.metadata(n_components=len(comps), seconds_this_run=seconds, methods=results.attrs["meta"])
         meta["wall_seconds_this_run"] = meta.pop("wall_seconds")
-        write_outputs(run.out, results, tables, figures, meta, cfg, extra.get("sections", ()),
+        write_outputs(run.out, results, maps, tables, figures, meta, cfg, extra.get("sections", ()),
                       extra.get("findings", ()))
         run.complete()
-    return {"results": results, "tables": tables, "meta": meta}
+    return {"results": results, "maps": maps, "tables": tables, "meta": meta}
 
 
 #: Bump when tables or figures change shape, so cached derived outputs of older code are not reused.
-DERIVED_VERSION = 7
+DERIVED_VERSION = 8
 
 
-def derived_outputs(results: pd.DataFrame, heldout: dict, cfg: CompareConfig, store: Store, say=None):
+def derived_outputs(results: pd.DataFrame, maps: pd.DataFrame, heldout: dict, cfg: CompareConfig, store: Store,
+                    say=None):
     """Tables (with their bootstrap intervals) and figures (PNG bytes) of a run, cached in the run's store under a
     hash of the run's configuration and of the exact results they are made from: a re-run of a finished run loads
     them instead of recomputing bootstraps and re-drawing figures (which is most of a cached run's time otherwise)."""
     h = hashlib.sha256(pd.util.hash_pandas_object(results, index=False).values.tobytes())
+    h.update(pd.util.hash_pandas_object(maps, index=False).values.tobytes())
     h.update(json.dumps(results.attrs.get("meta", {}), sort_keys=True, default=str).encode())
     for k in sorted(heldout, key=str):
         h.update(repr(k).encode())
@@ -176,7 +182,7 @@ def derived_outputs(results: pd.DataFrame, heldout: dict, cfg: CompareConfig, st
     tables = build_tables(results, heldout, cfg)
     say(f"{len(tables)} tables with bootstrap intervals ({cfg.n_boot} resamples) in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
-    drawn = build_figures(_without_attrs(results), tables, cfg)
+    drawn = build_figures(_without_attrs(results), maps, tables, cfg)
     figures = {name: plots.fig_to_png(fig) for name, fig in drawn.items()}
     say(f"{len(figures)} figures in {time.perf_counter() - t0:.1f} s")
     entry.save_files({**{f"tables/{n}.parquet": frame_to_parquet_bytes(df) for n, df in tables.items()},
@@ -217,10 +223,11 @@ def build_tables(results: pd.DataFrame, heldout: dict, cfg: CompareConfig) -> di
     return t
 
 
-def build_figures(results: pd.DataFrame, tables: dict, cfg: CompareConfig) -> dict[str, object]:
+def build_figures(results: pd.DataFrame, maps: pd.DataFrame, tables: dict, cfg: CompareConfig) -> dict[str, object]:
     """The report's figures: the headline (accuracy vs cost; localization of the reference beside the estimator
     trusted for joint ablations), small multiples of the main methods (budget and rate variants apart, for the
-    collapsed evidence), every method's localization on one colour scale, and the tracing maps of all concepts."""
+    collapsed evidence), every method's localization on one colour scale, and the maps (of the methods with the
+    ``maps`` capability: causal tracing) of all concepts."""
     from .report.findings import joint_trust
 
     figs = {}
@@ -231,20 +238,20 @@ def build_figures(results: pd.DataFrame, tables: dict, cfg: CompareConfig) -> di
     figs["localization-headline"] = plots.localization_grid(
         results, pair, title="where the concept lives: true ablation"
         + (f" beside {trusted}, trusted for joint ablations" if len(pair) > 1 else "") + " (share of |score| per layer)")
-    figs["localization-all"] = plots.localization_grid(results, [m for m in main if m != "tracing"] +
-                                                       (["tracing"] if "tracing" in main else []))
+    # methods with maps score on their own scale (tracing: restored fractions): their panels come last
+    figs["localization-all"] = plots.localization_grid(results, sorted(main, key=lambda m: get(m).capabilities.maps))
     for m in main:  # one file per method for reuse outside the report (the page shows localization-all)
         figs[f"localization-{m}"] = plots.localization_heatmap(results, m)
     for c in cfg.concepts:
         figs[f"scatter-{c}"] = plots.scatter_vs_reference(results, c, methods=main)
         if variants:
             figs[f"scatter-variants-{c}"] = plots.scatter_vs_reference(results, c, methods=variants)
-        if "tracing" in cfg.methods:
-            figs[f"trace-unet-{c}"] = plots.trace_map_unet(results, c)
-            figs[f"trace-text-{c}"] = plots.trace_map_text(results, c)
-    if "tracing" in cfg.methods:
-        figs["trace-unet"] = plots.trace_maps(results, cfg.concepts, "unet")
-        figs["trace-text"] = plots.trace_maps(results, cfg.concepts, "text_encoder")
+    for m in sorted(set(maps["method"])):
+        for c in cfg.concepts:
+            figs[f"maps-{m}-unet-{c}"] = plots.trace_map_unet(maps, c, method=m)
+            figs[f"maps-{m}-text-{c}"] = plots.trace_map_text(maps, c, method=m)
+        figs[f"maps-{m}-unet"] = plots.trace_maps(maps, cfg.concepts, "unet", method=m)
+        figs[f"maps-{m}-text"] = plots.trace_maps(maps, cfg.concepts, "text_encoder", method=m)
     return figs
 
 
@@ -279,16 +286,15 @@ def erasure_curves(model, comps, results: pd.DataFrame, cfg: CompareConfig, setu
     """Erasure curves (:mod:`interp.erasure`) of every method's main estimate in this run, per concept."""
     from . import erasure as er
     from .editing.edits import Ranking
-    from .results import main_rows
 
-    rows = main_rows(_without_attrs(results))
+    rows = _without_attrs(results)
     rankings = {c: {m: Ranking.from_frame(rows[(rows["method"] == m) & (rows["concept"] == c)], name=m)
                     for m in cfg.methods} for c in cfg.concepts}
     return er.erasure_study(model, comps, rankings, cfg.objective_config(), setup["eval"], setup["config"],
                             setup["judge"], setup["alternatives"], store, say)
 
 
-def write_outputs(out: Path, results, tables, figures, meta, cfg: CompareConfig, extra_sections=(),
+def write_outputs(out: Path, results, maps, tables, figures, meta, cfg: CompareConfig, extra_sections=(),
                   extra_findings=()) -> None:
     """Write the run's files atomically, the report last (the run layer then marks the run complete); sections and
     findings of optional measurements (the erasure curves) follow the comparison's own."""
@@ -301,6 +307,7 @@ def write_outputs(out: Path, results, tables, figures, meta, cfg: CompareConfig,
     sections = report_sections(tables, uris, cfg) + list(extra_sections)
     summary = compare_findings(tables, n_components=meta.get("n_components")) + list(extra_findings)
     atomic_write_bytes(out / "results.parquet", frame_to_parquet_bytes(results))
+    atomic_write_bytes(out / "maps.parquet", frame_to_parquet_bytes(maps))
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=1, default=str))
     render_report(out, title="Where does the model keep each concept? Methods vs true ablation",
                   summary=summary, sections=sections, config=meta,
@@ -389,15 +396,16 @@ def report_sections(tables, uris, cfg: CompareConfig) -> list[dict]:
         "figures": fig("localization-all", "Attribution mass per layer x concept, every main method"),
         "details": [],
     }
-    tracing = {
-        "title": "Causal tracing maps",
-        "text": "Fraction of the concept restored by the clean state of one layer after the subject tokens are "
-                "corrupted: UNet layers x timestep, and text-encoder layers x token position (0 = the last subject "
-                "token); all concepts on one colour scale.",
-        "details": [{"title": "The tracing maps: UNet layer x timestep, text-encoder layer x token",
-                     "figures": fig("trace-unet", "Causal tracing in the UNet")
-                     + fig("trace-text", "Causal tracing in the text encoder")}],
-    }
+    mapped = [m for m in cfg.methods if get(m).capabilities.maps and f"maps-{m}-unet" in uris]
+    maps_sections = [{
+        "title": f"Maps: {m}",
+        "text": f"{m}'s score per UNet layer x timestep and per text-encoder layer x token position (0 = the last "
+                "subject token), all concepts on one colour scale. For causal tracing the score is the fraction of "
+                "the concept restored by the clean state of one layer after the subject tokens are corrupted.",
+        "details": [{"title": f"{m}: UNet layer x timestep, text-encoder layer x token",
+                     "figures": fig(f"maps-{m}-unet", f"{m} in the UNet") + fig(f"maps-{m}-text",
+                                                                              f"{m} in the text encoder")}],
+    } for m in mapped]
     cost_section = {
         "title": "Cost",
         "text": "Forward and backward passes over the evaluation set (a backward counts as two forwards in "
@@ -405,7 +413,7 @@ def report_sections(tables, uris, cfg: CompareConfig) -> list[dict]:
         "tables": [("Cost per method, main methods: mean per concept", rt.cost_pivot(cost, main))],
         "details": [{"title": "Cost of every method and variant, per concept", "tables": [("Cost", cost)]}],
     }
-    sections = [single, joint, where] + ([tracing] if tracing["details"][0]["figures"] else []) + [cost_section]
+    sections = [single, joint, where, *maps_sections, cost_section]
     for s in sections:
         s["details"] = [d for d in s.get("details", []) if d]
     return sections

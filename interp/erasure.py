@@ -77,7 +77,6 @@ from .editing.edits import AblationEdit, Ranking
 from .editing.evaluate import EVAL_SEED, Baseline, EvalConfig, Judged, judge_images, per_value_table
 from .engine import masked_values, random_masks
 from .objectives import Objective, ObjectiveConfig
-from .results import main_rows
 
 #: Metrics of the curves, in the order of the figure's rows.
 METRICS = ("concept_rate", "alone_rate", "retained_rate", "j_ratio")
@@ -163,7 +162,7 @@ def contrastive_ranking(target: pd.DataFrame, others: Sequence[pd.DataFrame], na
     c = (t - o.mean(axis=1)).to_numpy()
     order = np.argsort(-c, kind="stable")
     base = Ranking.from_frame(target)
-    refs = [str(main_rows(d)["concept"].iat[0]) for d in others]
+    refs = [str(d["concept"].iat[0]) for d in others]
     return Ranking(components=tuple(t.index.to_numpy()[order].astype(str)), scores=tuple(c[order].tolist()),
                    method=base.method, name=name or f"{base.method}+contrastive", concept=base.concept,
                    objective=base.objective, info={"references": refs, "rule": "normalized target - mean(others)"})

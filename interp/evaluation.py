@@ -2,8 +2,7 @@
 
 Every function compares methods with a *reference* method, named by a parameter; the default ``"ablation"`` is true
 single-component ablation, the ground truth. Rows are matched between a method and the reference on
-``(concept, component)``; causal-tracing map rows (``timestep`` or ``token`` set) are dropped first with
-:func:`interp.results.main_rows`. Tables have one row per estimate: ``method`` (the registered method) and
+``(concept, component)``. Tables have one row per estimate: ``method`` (the registered method) and
 ``variant`` (its main estimate is named as the method; budget and rate variants have their own names, see
 :mod:`interp.results`); a reference or baseline names a variant.
 
@@ -27,7 +26,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .results import costs, is_main, main_rows, meta_key
+from .results import costs, is_main, meta_key
 
 #: Keys of a correlation table's rows; the statistics follow them (:data:`CORR_COLUMNS`).
 CORR_KEYS = ["concept", "method", "variant"]
@@ -61,7 +60,7 @@ _CHUNK_ENTRIES = 2_000_000
 # -- matching ------------------------------------------------------------------------------------------------------
 def _paired(df: pd.DataFrame, reference: str, keys: Sequence[str]) -> pd.DataFrame:
     """Non-reference rows with the reference's score alongside (column ``ref``), matched on (concept, component)."""
-    rows = main_rows(df)
+    rows = df
     ref = rows.loc[rows["variant"] == reference, ["concept", "component", "score"]]
     if ref.empty:
         raise ValueError(f"no rows of the reference method {reference!r}; methods present: "
@@ -229,7 +228,7 @@ def correlations_by_layer(df: pd.DataFrame, reference: str = "ablation", level: 
     if level not in ("layer", "block"):
         raise ValueError(f"level must be 'layer' or 'block', not {level!r}")
     out = correlations(df, reference, by=("concept", "method", "variant", level), n_boot=n_boot, seed=seed, **kwargs)
-    rows = main_rows(df)
+    rows = df
     where = rows.groupby(level, observed=True).agg(model_part=("model_part", "first"), depth=("depth", "min"))
     out = out.merge(where.reset_index(), on=level, how="left")
     out["_part"] = out["model_part"].map(_PART_ORDER).fillna(len(_PART_ORDER))
@@ -309,7 +308,7 @@ def lds_table(df: pd.DataFrame, heldout: dict, *, methods: Sequence[str] | None 
     """
     if missing not in ("raise", "zero", "skip"):
         raise ValueError(f"missing must be 'raise', 'zero' or 'skip', not {missing!r}")
-    rows = main_rows(df)
+    rows = df
     records = []
     for (concept, alpha), h in heldout.items():
         sub = rows[rows["concept"] == concept]
@@ -356,7 +355,7 @@ def lds_versus(df: pd.DataFrame, heldout: dict, baseline: str = "coar", *, n_boo
     masks (the same resample for both, so the noise they share cancels). An interval that contains 0 is a tie at
     this many masks.
     """
-    rows = main_rows(df)
+    rows = df
     rng = np.random.default_rng(seed)
     records = []
     for (concept, alpha), h in heldout.items():
@@ -402,7 +401,7 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
     (NaN); a run without a recorded cost gives a row of NaN.
     """
     meta = df.attrs.get("meta") or {}
-    pairs = main_rows(df)[["method", "concept"]].drop_duplicates()
+    pairs = df[["method", "concept"]].drop_duplicates()
     if meta and not all(isinstance(v, dict) and "/" in k for k, v in meta.items()):
         # a single frame's own meta, not keyed by method and concept (meta_key's "method/concept")
         if len(pairs) != 1:

@@ -25,7 +25,6 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from .components import short_layer
-from .results import main_rows
 
 _PART_ORDER = {"text_encoder": 0, "unet": 1}
 
@@ -83,7 +82,7 @@ def _corr(x, y, fn) -> float:
 def localization_shares(df: pd.DataFrame, method: str) -> pd.DataFrame:
     """Per (model_part, layer, concept): positive and |negative| attribution mass of ``method`` as shares of the
     concept's total |score| (columns ``pos``, ``neg``; the two sum to 1 over a concept's layers)."""
-    rows = main_rows(df)
+    rows = df
     rows = rows[rows["variant"] == method]
     if rows.empty:
         return pd.DataFrame(columns=["model_part", "layer", "concept", "pos", "neg"])
@@ -103,11 +102,11 @@ def localization_grid(df: pd.DataFrame, methods, titles: dict | None = None, tit
     (columns) of the positive (top row, supports the concept) and |negative| (bottom row, opposes it) attribution
     mass, each concept's column divided by the concept's total |score|. Layers are shared across panels (a method
     that scores no component of a layer leaves it blank)."""
-    methods = [m for m in methods if m in set(main_rows(df)["variant"])]
+    methods = [m for m in methods if m in set(df["variant"])]
     if not methods:
         return _empty("no rows for the requested methods")
     shares = {m: localization_shares(df, m) for m in methods}
-    rows = main_rows(df)
+    rows = df
     order = _layer_index(rows[rows["variant"].isin(methods)])
     concepts = sorted(rows.loc[rows["variant"].isin(methods), "concept"].unique())
     vmax = max(float(np.nanmax(sh[["pos", "neg"]].to_numpy(float), initial=0.0)) for sh in shares.values()) or 1.0
@@ -144,7 +143,7 @@ def localization_grid(df: pd.DataFrame, methods, titles: dict | None = None, tit
 
 def localization_heatmap(df: pd.DataFrame, method: str) -> Figure:
     """One method's :func:`localization_grid`: layer x concept shares of positive and |negative| mass."""
-    if main_rows(df).query("variant == @method").empty:
+    if df.query("variant == @method").empty:
         return _empty(f"no rows for method {method!r}")
     return localization_grid(df, [method], title=f"{method}: attribution mass per layer "
                                                  "(each concept divided by its total |score|)")
@@ -157,7 +156,7 @@ def scatter_vs_reference(df: pd.DataFrame, concept: str, reference: str = "ablat
     Spearman rho and the line y = x. The x axis (the reference) is shared; each y axis keeps its own range, so that
     one method on another scale (causal tracing's restored fractions) does not flatten the others. ``methods`` picks
     the panels (default every method sharing components with the reference)."""
-    rows = main_rows(df)
+    rows = df
     rows = rows[rows["concept"] == concept]
     ref = rows.loc[rows["variant"] == reference, ["component", "score"]].rename(columns={"score": "ref"})
     others = sorted(m for m in rows["variant"].unique() if m != reference) if methods is None else \
@@ -195,30 +194,30 @@ def scatter_vs_reference(df: pd.DataFrame, concept: str, reference: str = "ablat
 
 
 # -- causal tracing maps -------------------------------------------------------------------------------------------
-def _trace_rows(df, concept, method, part, axis):
-    rows = df[(df["variant"] == method) & (df["concept"] == concept) & (df["model_part"] == part)]
-    return rows[rows[axis].notna()]
+def _trace_rows(maps, concept, method, part, axis):
+    return maps[(maps["method"] == method) & (maps["concept"] == concept) & (maps["model_part"] == part)
+                & (maps["axis"] == axis)]
 
 
-def _trace_grid(rows: pd.DataFrame, axis: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _trace_grid(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     # Several traced modules in one layer (attn1, attn2, ff) get a row each; units of a module are averaged.
     extra = "kind" if rows.groupby("layer", observed=True)["kind"].nunique().max() > 1 else None
     order = _layer_index(rows, extra)
     keys = ["model_part", "layer"] + ([extra] if extra else [])
-    grid = rows.astype({axis: "int64"}).pivot_table(index=keys, columns=axis, values="score", aggfunc="mean",
-                                                    observed=True)
+    grid = rows.pivot_table(index=keys, columns="position", values="score", aggfunc="mean", observed=True)
     grid = grid.reindex(pd.MultiIndex.from_frame(order[keys]))
     grid = grid.astype(float).set_axis(order["label"].to_numpy(), axis=0)
     grid.columns = [int(c) for c in grid.columns]
     return grid, order
 
 
-def trace_map_unet(df: pd.DataFrame, concept: str, method: str = "tracing") -> Figure:
-    """Causal tracing in the UNet: restored fraction (score) per layer x timestep, in denoising order."""
-    rows = _trace_rows(df, concept, method, "unet", "timestep")
+def trace_map_unet(maps: pd.DataFrame, concept: str, method: str = "tracing") -> Figure:
+    """Causal tracing in the UNet: restored fraction (score) per layer x timestep, in denoising order. ``maps``: the
+    method's map frame (``Method.maps``, or a comparison's ``maps.parquet``)."""
+    rows = _trace_rows(maps, concept, method, "unet", "timestep")
     if rows.empty:
         return _empty(f"no UNet tracing rows with a timestep for concept {concept!r}")
-    grid, order = _trace_grid(rows, "timestep")
+    grid, order = _trace_grid(rows)
     grid = grid[sorted(grid.columns, reverse=True)]  # sampling runs from high (noisy) to low timesteps
     fig = Figure(figsize=(max(5.0, 0.45 * grid.shape[1] + 3), _height(len(order))), layout="constrained")
     ax = fig.add_subplot()
@@ -230,17 +229,17 @@ def trace_map_unet(df: pd.DataFrame, concept: str, method: str = "tracing") -> F
     return fig
 
 
-def trace_map_text(df: pd.DataFrame, concept: str, tokens: list[str] | None = None,
+def trace_map_text(maps: pd.DataFrame, concept: str, tokens: list[str] | None = None,
                    method: str = "tracing") -> Figure:
     """Causal tracing in the text encoder: restored fraction per layer x token position.
 
     Columns are token offsets relative to the last subject token. ``tokens`` (optional) labels them: a list
     indexed by offset + its first offset is not supported; pass labels for offsets 0, 1, ... only when they align.
     """
-    rows = _trace_rows(df, concept, method, "text_encoder", "token")
+    rows = _trace_rows(maps, concept, method, "text_encoder", "token")
     if rows.empty:
         return _empty(f"no text-encoder tracing rows with a token for concept {concept!r}")
-    grid, order = _trace_grid(rows, "token")
+    grid, order = _trace_grid(rows)
     grid = grid[sorted(grid.columns)]
     fig = Figure(figsize=(max(5.0, 0.55 * grid.shape[1] + 3), _height(len(order))), layout="constrained")
     ax = fig.add_subplot()
@@ -256,15 +255,15 @@ def trace_map_text(df: pd.DataFrame, concept: str, tokens: list[str] | None = No
     return fig
 
 
-def trace_maps(df: pd.DataFrame, concepts, part: str = "unet", method: str = "tracing") -> Figure:
+def trace_maps(maps: pd.DataFrame, concepts, part: str = "unet", method: str = "tracing") -> Figure:
     """Causal tracing for several concepts side by side on one colour scale: restored fraction per layer x timestep
     (``part="unet"``, noisy to clean) or per layer x token offset (``part="text_encoder"``)."""
     axis = "timestep" if part == "unet" else "token"
     grids = {}
     for c in concepts:
-        rows = _trace_rows(df, c, method, part, axis)
+        rows = _trace_rows(maps, c, method, part, axis)
         if not rows.empty:
-            g, _ = _trace_grid(rows, axis)
+            g, _ = _trace_grid(rows)
             grids[c] = g[sorted(g.columns, reverse=axis == "timestep")]
     if not grids:
         return _empty(f"no {part} tracing rows with a {axis}")

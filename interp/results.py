@@ -1,12 +1,9 @@
-"""The one result shape of every method: a tidy (long) DataFrame, one row per component (and per timestep or
-token position for causal-tracing maps).
+"""The one result shape of every method: a tidy (long) DataFrame, one row per component and estimate.
 
 Columns (:data:`COLUMNS`): ``method, variant, estimator, budget, mask_alpha, model, concept, objective, component,
-model_part, family, block, layer, depth, kind, unit, granularity, score, stderr, n_samples, seed, timestep, token,
-config_hash``.
+model_part, family, block, layer, depth, kind, unit, granularity, score, stderr, n_samples, seed, config_hash``.
 ``score`` follows one sign convention for all methods: **positive = the component supports the concept** (ablating it
-lowers J). ``timestep`` and ``token`` are missing (``<NA>``) on ordinary rows; causal tracing adds map rows where one
-of them is set (use :func:`main_rows` to drop them). Run metadata (config, versions, ...) rides in
+lowers J). Run metadata (config, versions, ...) rides in
 ``df.attrs["meta"]`` and in the cache's JSON sidecar; what the estimate cost is a typed :class:`Cost` there
 (``meta["cost"]``, and ``meta["variant_costs"]`` for the budget and rate variants; read with :func:`costs`).
 
@@ -21,6 +18,10 @@ typed by columns, never by parsing a name:
 - ``estimator``: the estimates that differ only by budget share one (one line in the accuracy-vs-cost figure);
 - ``budget``: random masks the estimate is computed from, and ``mask_alpha``: their ablation rate (``<NA>`` for
   methods without random masks).
+
+A method that also localizes along an axis of the computation (causal tracing: UNet layer x timestep, text-encoder
+layer x token position; capability ``maps``) returns those maps as a frame of their own (:data:`MAP_COLUMNS`, made
+by :func:`make_map_frame`): one row per component and ``position`` on an ``axis``, read with ``Method.maps``.
 """
 
 from __future__ import annotations
@@ -36,15 +37,24 @@ import pandas as pd
 COLUMNS = [
     "method", "variant", "estimator", "budget", "mask_alpha", "model", "concept", "objective", "component",
     "model_part", "family", "block", "layer", "depth",
-    "kind", "unit", "granularity", "score", "stderr", "n_samples", "seed", "timestep", "token", "config_hash",
+    "kind", "unit", "granularity", "score", "stderr", "n_samples", "seed", "config_hash",
 ]
 DTYPES = {
     "method": "string", "variant": "string", "estimator": "string", "budget": "Int64", "mask_alpha": "Float64",
     "model": "string", "concept": "string", "objective": "string", "component": "string",
     "model_part": "string", "family": "string", "block": "string", "layer": "string", "depth": "int64",
     "kind": "string", "unit": "int64", "granularity": "string", "score": "float64", "stderr": "float64",
-    "n_samples": "int64", "seed": "int64", "timestep": "Int64", "token": "Int64", "config_hash": "string",
+    "n_samples": "int64", "seed": "int64", "config_hash": "string",
 }
+
+#: The axes a map runs along: the evaluation sample's training-schedule timestep (or the denoising step, for an
+#: objective that generates images), and the token position relative to the concept's last subject token.
+MAP_AXES = ("timestep", "token")
+MAP_COLUMNS = [
+    "method", "model", "concept", "objective", "component", "model_part", "family", "block", "layer", "depth", "kind",
+    "unit", "granularity", "axis", "position", "score", "stderr", "n_samples", "seed", "config_hash",
+]
+MAP_DTYPES = {**{c: DTYPES[c] for c in MAP_COLUMNS if c in DTYPES}, "axis": "string", "position": "int64"}
 
 
 
@@ -80,12 +90,11 @@ class Cost:
 
 #: A digest of the columns and their types, and of the cost record in the metadata: cached results are keyed by it,
 #: so a result of an older schema is recomputed instead of loaded.
-SCHEMA = hashlib.sha256(json.dumps([DTYPES, [f.name for f in fields(Cost)]]).encode()).hexdigest()[:12]
+SCHEMA = hashlib.sha256(json.dumps([DTYPES, MAP_DTYPES, [f.name for f in fields(Cost)]]).encode()).hexdigest()[:12]
 
 
 def make_frame(components, score, stderr=None, *, method: str, model: str, concept: str, objective: str,
-               n_samples: int, seed: int, config_hash: str, meta: dict | None = None, timestep=None,
-               token=None, variant: str | None = None, estimator: str | None = None, budget: int | None = None,
+               n_samples: int, seed: int, config_hash: str, meta: dict | None = None, variant: str | None = None, estimator: str | None = None, budget: int | None = None,
                mask_alpha: float | None = None) -> pd.DataFrame:
     """Build a validated result frame for a component set (a ComponentSet or its ``.frame()``). ``variant`` and
     ``estimator`` default to ``method`` (the main estimate)."""
@@ -101,12 +110,32 @@ def make_frame(components, score, stderr=None, *, method: str, model: str, conce
         mask_alpha=pd.array([pd.NA if mask_alpha is None else float(mask_alpha)] * n, dtype="Float64"),
         model=model, concept=concept, objective=objective, score=score, stderr=stderr,
         n_samples=n_samples, seed=seed, config_hash=config_hash,
-        timestep=pd.array([pd.NA] * n if timestep is None else np.broadcast_to(timestep, n), dtype="Int64"),
-        token=pd.array([pd.NA] * n if token is None else np.broadcast_to(token, n), dtype="Int64"),
     )
     df = df[COLUMNS].astype(DTYPES)
     df.attrs["meta"] = dict(meta or {})
     return validate(df)
+
+
+def make_map_frame(components, score, stderr, *, axis: str, position: int, method: str, model: str, concept: str,
+                   objective: str, n_samples: int, seed: int, config_hash: str) -> pd.DataFrame:
+    """One column of a map (:data:`MAP_COLUMNS`): a score per component at ``position`` on ``axis``."""
+    if axis not in MAP_AXES:
+        raise ValueError(f"map axis must be one of {MAP_AXES}, got {axis!r}")
+    left = components.frame() if hasattr(components, "frame") else components.reset_index(drop=True)
+    n = len(left)
+    score = np.asarray(score, dtype=np.float64).reshape(-1)
+    if len(score) != n:
+        raise ValueError(f"{len(score)} map scores for {n} components")
+    df = left.assign(method=method, model=model, concept=concept, objective=objective, axis=axis,
+                     position=int(position), score=score,
+                     stderr=np.asarray(stderr, dtype=np.float64).reshape(-1), n_samples=n_samples, seed=seed,
+                     config_hash=config_hash)
+    return df[MAP_COLUMNS].astype(MAP_DTYPES)
+
+
+def empty_maps() -> pd.DataFrame:
+    """A map frame with no rows (a method without maps, or maps turned off)."""
+    return pd.DataFrame({c: pd.Series(dtype=MAP_DTYPES[c]) for c in MAP_COLUMNS})
 
 
 def validate(df: pd.DataFrame) -> pd.DataFrame:
@@ -141,9 +170,15 @@ def meta_key(method: str, concept: str) -> str:
     return f"{method}/{concept}"
 
 
-def main_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Per-component rows only (drops causal-tracing map rows)."""
-    return df[df["timestep"].isna() & df["token"].isna()]
+def read_results(path) -> pd.DataFrame:
+    """A run folder's ``results.parquet``. A folder written before maps were a frame of their own held them as rows
+    with ``timestep`` or ``token`` set: those rows and columns are dropped, so its per-component scores read as
+    today's."""
+    df = pd.read_parquet(path)
+    legacy = [c for c in ("timestep", "token") if c in df.columns]
+    if legacy:
+        df = df[df[legacy].isna().all(axis=1)].drop(columns=legacy).reset_index(drop=True)
+    return df
 
 
 def costs(meta: dict) -> dict[str, Cost]:

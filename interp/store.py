@@ -165,9 +165,19 @@ class Entry:
         df.attrs["meta"] = manifest["meta"]
         return df
 
-    def save(self, df: pd.DataFrame, meta: dict) -> pd.DataFrame:
+    def load_maps(self) -> pd.DataFrame | None:
+        """The maps saved with the result (None if it has none)."""
+        if self.manifest() is None or "maps.parquet" not in self.manifest()["files"]:
+            return None
+        return pd.read_parquet(self.dir / "maps.parquet")
+
+    def save(self, df: pd.DataFrame, meta: dict, maps: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Save a result frame, and the maps made with it; returns the frame with its metadata attached."""
         meta = {**canonical(meta), "config": canonical(self.config)}
-        self.save_files({"result.parquet": frame_to_parquet_bytes(df)}, meta)
+        files = {"result.parquet": frame_to_parquet_bytes(df)}
+        if maps is not None:
+            files["maps.parquet"] = frame_to_parquet_bytes(maps)
+        self.save_files(files, meta)
         df.attrs["meta"] = meta
         return df
 
@@ -248,7 +258,7 @@ class MemoryEntry:
     def put_chunk(self, key, out, counters) -> None:
         pass
 
-    def save(self, df, meta):
+    def save(self, df, meta, maps=None):
         df.attrs["meta"] = {**meta, "config": self.config}
         return df
 

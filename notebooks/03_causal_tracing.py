@@ -70,13 +70,16 @@ cfg = (ObjectiveConfig(kind="amplify", n_images=2, timesteps=(500, 800)) if SMAL
 layers = model.components("layer", kind=("encoder_layer", "transformer_block", "resnet"))
 print(len(layers), "layers:", [c.layer for c in layers])
 
-frames = {}
+tracing = interp.methods.get("tracing")(n_noise=1 if SMALL else 3)
+frames, maps = {}, {}
 for concept in CONCEPTS:
-    frames[concept] = interp.attribute("tracing", model, concept, layers, objective=cfg, n_noise=1 if SMALL else 3)
+    frames[concept] = tracing.attribute(model, concept, layers, objective=cfg)  # one score per layer
+    maps[concept] = tracing.maps(model, concept, layers, objective=cfg)  # the same run's maps: no second run
     meta = frames[concept].attrs["meta"]
     print(f"{concept!r}: J clean {meta['j_clean']:.5f}, J corrupted {np.mean(meta['j_corrupted']):.5f} "
           f"({meta['cost']['seconds']:.0f} s)")
 results = pd.concat(frames.values(), ignore_index=True)
+maps = pd.concat(maps.values(), ignore_index=True)  # axis "timestep" or "token", and the position on it
 
 # %% [markdown]
 # Which tokens were corrupted: the concept word in each target prompt (the "last subject token" is its last token;
@@ -93,7 +96,7 @@ for concept in CONCEPTS:
 # %% [markdown]
 # ## One score per layer
 #
-# The main rows of the result (one per component): the fraction restored when that layer's output is clean at every
+# The result has one row per component: the fraction restored when that layer's output is clean at every
 # timestep and every token position. A layer's output contains everything computed before it, so these scores are
 # not shares of a whole, and three kinds of layers are fixed by the architecture: every whole text-encoder layer
 # restores everything (all of the prompt's information passes through each), the UNet layers that run before the
@@ -101,7 +104,7 @@ for concept in CONCEPTS:
 # cross-attention restore everything. The informative part is in between.
 
 # %%
-main = interp.main_rows(results)
+main = results
 fig, ax = plt.subplots(figsize=(9, 3.4))
 width = 0.8 / len(CONCEPTS)
 for i, (name, g) in enumerate(main.groupby("concept", sort=False)):  # rows keep the layers' execution order
@@ -126,7 +129,7 @@ plt.show()
 
 # %%
 for concept in CONCEPTS:
-    display(interp.plots.trace_map_text(results, concept))
+    display(interp.plots.trace_map_text(maps, concept))
 
 # %% [markdown]
 # ## The UNet: layer x timestep
@@ -138,7 +141,7 @@ for concept in CONCEPTS:
 
 # %%
 for concept in CONCEPTS:
-    display(interp.plots.trace_map_unet(results, concept))
+    display(interp.plots.trace_map_unet(maps, concept))
 
 # %% [markdown]
 # ## Where does the concept live?
@@ -149,13 +152,12 @@ for concept in CONCEPTS:
 # %%
 blocks = main[main["kind"] == "transformer_block"]
 for name in CONCEPTS:
-    rows = results[results["concept"] == name]
-    text = rows[rows["token"].notna()]
+    text = maps[(maps["concept"] == name) & (maps["axis"] == "token")]
     best_t = text.loc[text["score"].idxmax()]
-    at_subject = text[text["token"] == 0].set_index("layer")["score"]
+    at_subject = text[text["position"] == 0].set_index("layer")["score"]
     top_blocks = blocks[blocks["concept"] == name].nlargest(3, "score")
     print(f"'{name}'")
-    print(f"  text encoder: strongest single state {best_t['layer']} at token offset {int(best_t['token']):+d} "
+    print(f"  text encoder: strongest single state {best_t['layer']} at token offset {int(best_t['position']):+d} "
           f"(restores {best_t['score']:.2f}); the concept's own token (offset 0) restores "
           + ", ".join(f"{s:.2f} at {layer}" for layer, s in at_subject.items()))
     print("  UNet transformer blocks: " + ", ".join(f"{r.layer} {r.score:.2f}" for r in top_blocks.itertuples()))

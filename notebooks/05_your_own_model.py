@@ -228,11 +228,13 @@ interp.evaluation.correlations(results, n_boot=200)
 # the point.
 
 # %%
-tracing = interp.attribute("tracing", model, concept, model.components("layer", family="text_layer"),
-                           objective=cfg, n_noise=1 if SMALL else 3)
+text_layers = model.components("layer", family="text_layer")
+tracer = interp.methods.get("tracing")(n_noise=1 if SMALL else 3)
+tracing = tracer.attribute(model, concept, text_layers, objective=cfg)
+maps = tracer.maps(model, concept, text_layers, objective=cfg)  # the same run's maps, kept by the method object
 print("end-of-text at offsets", tracing.attrs["meta"]["end_of_text_offsets"], "after the last subject token")
-print("positions in the map:", sorted(tracing["token"].dropna().astype(int).unique()))
-interp.plots.trace_map_text(tracing, "van gogh style")
+print("positions in the map:", sorted(maps.loc[maps["axis"] == "token", "position"].unique()))
+interp.plots.trace_map_text(maps, "van gogh style")
 
 # %% [markdown]
 # The loaded models live in memory, so the temporary folder (the saved pipeline and the private hub cache) can go:

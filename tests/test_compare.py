@@ -77,7 +77,7 @@ def test_outputs_and_schemas(run_dir):
     k2 = acc[(acc["variant"] == "maskgrad@0.2-K2")]["forward_evals"]
     assert (k2 == 2 + 2 * 2).all()  # 2 forward + 2 backward passes (a backward counts as two forwards)
     figures = {p.stem for p in (run_dir / "figures").glob("*.png")}
-    assert {"accuracy-vs-cost", "scatter-red", "trace-unet-red", "trace-text-circle", "localization-cad"} <= figures
+    assert {"accuracy-vs-cost", "scatter-red", "maps-tracing-unet-red", "maps-tracing-text-circle", "localization-cad"} <= figures
     html = (run_dir / "index.html").read_text()
     assert "agrees best with true ablation" in html and "http://" not in html and "https://" not in html
     assert "screen-then-verify agrees best" not in html  # its top scores are the reference's own (summary_sentences)
@@ -157,8 +157,9 @@ def test_erasure_curves_are_a_section_of_the_comparison(tiny_world, tmp_path, ca
 @pytest.fixture
 def toy_method():
     """A method registered the way a user's own module would: a seeded random guess (no model passes) with one
-    budget variant. It is unregistered afterwards, so no other test sees it."""
-    from interp.methods import REGISTRY, Method, MethodConfig, register
+    budget variant, and a map of its UNet components along the timestep axis. It is unregistered afterwards, so no
+    other test sees it."""
+    from interp.methods import REGISTRY, Capabilities, Method, MethodConfig, register
 
     @dataclass(frozen=True)
     class ToyConfig(MethodConfig):
@@ -168,10 +169,13 @@ def toy_method():
     class Toy(Method):
         name = "toy"
         Config = ToyConfig
+        capabilities = Capabilities(maps=True)
 
         def _scores(self, obj, comps, entry, progress):
             guesses = np.random.default_rng(self.config.seed).normal(0, self.config.spread, (2, len(comps)))
             return {"score": guesses.mean(0), "estimate": {"budget": 2},
+                    "maps": [{"components": comps, "score": guesses[i], "stderr": np.zeros(len(comps)),
+                              "axis": "timestep", "position": t} for i, t in enumerate((700, 300))],
                     "extra_frames": [{"components": comps, "score": guesses[0],
                                       "estimate": {"variant": "toy@1", "estimator": "toy", "budget": 1}}],
                     "cost": Cost(2.0), "variant_costs": {"toy@1": Cost(1.0)}}
@@ -205,10 +209,13 @@ def test_a_registered_method_appears_in_tables_figures_and_report(tiny_world, to
     assert (cost["toy"], cost["toy@1"]) == (2.0, 1.0)
     assert "toy" in set(tables["wall_time"]["method"])
     figures = {p.stem for p in (out / "figures").glob("*.png")}
-    assert {"localization-toy", "scatter-red", "scatter-variants-red", "accuracy-vs-cost"} <= figures
+    assert {"localization-toy", "scatter-red", "scatter-variants-red", "accuracy-vs-cost", "maps-toy-unet",
+            "maps-toy-unet-red"} <= figures
+    maps = pd.read_parquet(out / "maps.parquet")
+    assert set(maps["method"]) == {"toy"} and set(maps["position"]) == {300, 700}
     html = (out / "index.html").read_text()
     main_tables = html.split("<details")[0]  # the main tables, before the collapsed evidence
-    assert re.search(r"<td>toy</td>", main_tables) and "<td>toy@1</td>" in html
+    assert re.search(r"<td>toy</td>", main_tables) and "<td>toy@1</td>" in html and "Maps: toy" in html
 
 
 def test_models_side_by_side_reads_runs_and_checks_every_finding(run_dir, tmp_path, capsys):

@@ -244,7 +244,7 @@ def test_cli_reads_rankings_from_a_comparison(tiny_world_folder, tmp_path):
 # -- targeted erasure: contrastive scores, per-layer budgets, mean-ablation (issue 17, item 3) ---------------------
 def _frame(concept: str, scores: dict[str, float], method: str = "cad") -> pd.DataFrame:
     return pd.DataFrame({"method": method, "variant": method, "concept": concept, "component": list(scores),
-                         "score": list(scores.values()), "objective": "erase", "timestep": np.nan, "token": np.nan})
+                         "score": list(scores.values()), "objective": "erase"})
 
 
 def test_contrastive_ranking_puts_the_specific_unit_first_where_the_plain_one_does_not():

@@ -18,7 +18,7 @@ from interp.interventions import Patch, compile_plan, run_unet
 from interp.methods import REGISTRY
 from interp.results import Cost
 from interp.objectives import Objective, ObjectiveConfig
-from interp.results import COLUMNS, DTYPES, main_rows, validate
+from interp.results import COLUMNS, DTYPES, MAP_COLUMNS, MAP_DTYPES, validate
 
 from helpers import Killed, assert_untouched, killed_at_second_masked_call
 
@@ -72,7 +72,7 @@ def test_schema_and_cost_metadata(method, tiny_conformance_frames, tiny_red_obje
     assert list(df.columns) == COLUMNS
     assert {c: str(df[c].dtype) for c in COLUMNS if DTYPES[c] != "string"} == \
         {c: d for c, d in DTYPES.items() if d != "string"}
-    main = main_rows(df)
+    main = df[df["variant"] == method]
     assert list(main["component"]) == comps.addresses
     assert (df["method"] == method).all() and (df["concept"] == "red").all() and (df["objective"] == "erase").all()
     assert (df["n_samples"] == tiny_red_objective.n_samples).all() and (df["seed"] == 0).all()
@@ -94,12 +94,30 @@ def test_schema_and_cost_metadata(method, tiny_conformance_frames, tiny_red_obje
         assert cost.forward_evals == cost.backward_evals == 1
     if method == "ablation":
         assert cost.forward_evals == len(comps)  # one evaluation of J per component
-    if method == "tracing":
-        maps = df[df["timestep"].notna() | df["token"].notna()]
-        assert len(maps) > 0 and (df["timestep"].notna() & df["token"].notna()).sum() == 0
-        assert set(maps["timestep"].dropna()) == {300, 700}
-    else:
-        assert len(main) == len(df)
+    assert (df.groupby("variant").size() == len(comps)).all()  # one row per component and estimate, nothing else
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_maps_are_a_frame_of_their_own(method, tiny_world_model, tiny_red_objective):
+    """A method with the ``maps`` capability returns them from ``maps(...)`` (the same run: no second pass), in their
+    own schema; the others refuse by name."""
+    comps = conformance_components(tiny_world_model)
+    m = REGISTRY[method](**OPTIONS.get(method, {}))
+    if not m.capabilities.maps:
+        with pytest.raises(ValueError, match="makes no maps"):
+            m.maps(tiny_world_model, "red", comps, objective=tiny_red_objective)
+        return
+    df = m.attribute(tiny_world_model, "red", comps, objective=tiny_red_objective)
+    before = dict(tiny_world_model.counters)
+    maps = m.maps(tiny_world_model, "red", comps, objective=tiny_red_objective)
+    assert dict(tiny_world_model.counters) == before  # read from the run attribute made
+    assert list(maps.columns) == MAP_COLUMNS and {c: str(maps[c].dtype) for c in MAP_COLUMNS} == MAP_DTYPES
+    assert set(maps["axis"]) == {"timestep", "token"} and len(df) == len(comps)
+    assert set(maps.loc[maps["axis"] == "timestep", "position"]) == {300, 700}
+    assert (maps.loc[maps["axis"] == "timestep", "model_part"] == "unet").all()
+    assert (maps.loc[maps["axis"] == "token", "model_part"] == "text_encoder").all()
+    assert 0 in set(maps.loc[maps["axis"] == "token", "position"])  # the last subject token
+    assert np.isfinite(maps["score"]).all() and (maps["config_hash"] == df["config_hash"].iat[0]).all()
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -20,7 +20,7 @@ from interp import evaluation as ev
 from interp import plots
 from interp.report import render_report, settings_rows
 from interp.report.findings import compare_findings, edit_findings
-from interp.results import concat, is_main, make_frame
+from interp.results import concat, is_main, make_frame, make_map_frame
 
 TEXT_LAYERS, UNET_LAYERS, UNITS = 3, 4, 12
 TOKENS = ["<bos>", "a", "red", "circle", "<eos>"]
@@ -54,20 +54,26 @@ def frame(comp, score, method, concept, meta=None, **kw):
                       seed=0, config_hash="0" * 16, meta=meta, **kw)
 
 
+def map_frame(comp, score, concept, axis, position):
+    return make_map_frame(comp, score, np.zeros(len(comp)), axis=axis, position=position, method="tracing",
+                          model="toy", concept=concept, objective="erase", n_samples=4, seed=0, config_hash="0" * 16)
+
+
 def tracing_frames(rng, concept, text_layers=TEXT_LAYERS, unet_layers=UNET_LAYERS):
+    """Causal tracing's scores of whole layers, and its maps (layer x timestep, layer x token)."""
     layers = components("layer", text_layers, unet_layers)
     text, unet = layers[layers["model_part"] == "text_encoder"], layers[layers["model_part"] == "unet"]
-    out = [frame(layers, rng.random(len(layers)), "tracing", concept, meta={"cost": {"forward_evals": 50}})]
-    out += [frame(unet, rng.random(len(unet)), "tracing", concept, timestep=t) for t in TIMESTEPS]
-    out += [frame(text, rng.random(len(text)), "tracing", concept, token=p) for p in range(len(TOKENS))]
-    return out
+    scores = frame(layers, rng.random(len(layers)), "tracing", concept, meta={"cost": {"forward_evals": 50}})
+    maps = [map_frame(unet, rng.random(len(unet)), concept, "timestep", t) for t in TIMESTEPS]
+    maps += [map_frame(text, rng.random(len(text)), concept, "token", p) for p in range(len(TOKENS))]
+    return scores, pd.concat(maps, ignore_index=True)
 
 
 @pytest.fixture(scope="module")
 def results():
     rng = np.random.default_rng(0)
     comp = components()
-    frames = []
+    frames, maps = [], []
     for concept in ("red", "circle"):
         truth = rng.normal(size=len(comp)) * np.where(comp["model_part"] == "unet", 1.0, 0.2)
         frames += [
@@ -77,7 +83,9 @@ def results():
             frame(comp, truth + 0.1 * rng.normal(size=len(comp)), "coar", concept,
                   meta={"cost": {"forward_evals": 2000, "seconds": 30.0}}),
         ]
-        frames.append(concat(tracing_frames(rng, concept)))
+        scores, tracing_maps = tracing_frames(rng, concept)
+        frames.append(scores)
+        maps.append(tracing_maps)
     df = concat(frames)
     heldout = {}
     for concept in ("red", "circle"):
@@ -87,12 +95,12 @@ def results():
             j = 1.0 - masks @ truth.reindex(comp["component"]).to_numpy() + 0.05 * rng.normal(size=30)
             heldout[(concept, alpha)] = {"masks": masks, "components": list(comp["component"]), "j": j,
                                          "j_intact": 1.0}
-    return df, heldout
+    return df, heldout, pd.concat(maps, ignore_index=True)
 
 
 @pytest.fixture(scope="module")
 def report(results, tmp_path_factory):
-    df, heldout = results
+    df, heldout, maps = results
     corr = ev.correlations(df, n_boot=100)
     by_layer = ev.correlations_by_layer(df, n_boot=20)
     topk = ev.topk_agreement(df)
@@ -111,8 +119,8 @@ def report(results, tmp_path_factory):
          "tables": [("Top-k agreement", topk)],
          "figures": [("Localization", fig(plots.localization_grid(df, ["ablation", "cad", "coar", "tracing"])))]},
         {"title": "Causal tracing",
-         "figures": [("UNet trace", fig(plots.trace_maps(df, ["red", "circle"], "unet"))),
-                     ("Text trace", fig(plots.trace_map_text(df, "red", tokens=TOKENS)))]},
+         "figures": [("UNet trace", fig(plots.trace_maps(maps, ["red", "circle"], "unet"))),
+                     ("Text trace", fig(plots.trace_map_text(maps, "red", tokens=TOKENS)))]},
         {"title": "Accuracy vs cost", "tables": [("LDS on held-out masks", lds)],
          "details": [{"title": "Cost and escaping", "tables": [
              ("Cost", cost), ("Escaping", pd.DataFrame({"cell": ["<script>x</script>"]}))]}]},
@@ -194,9 +202,9 @@ def test_settings_rows_flatten_and_skip():
 
 
 def test_plots_return_figures_and_handle_missing_rows(results):
-    df, _ = results
-    assert plots.trace_map_unet(df, "no-such-concept").axes  # a message figure, not an exception
-    assert plots.trace_maps(df, ["no-such-concept"]).axes
+    df, _, maps = results
+    assert plots.trace_map_unet(maps, "no-such-concept").axes  # a message figure, not an exception
+    assert plots.trace_maps(maps, ["no-such-concept"]).axes
     assert plots.localization_heatmap(df, "no-such-method").axes
     assert plots.localization_grid(df, ["no-such-method"]).axes
     assert plots.accuracy_vs_cost(pd.DataFrame(columns=["method", "alpha", "lds_spearman", "forward_evals"])).axes
@@ -215,7 +223,7 @@ def test_accuracy_vs_cost_draws_equal_values_across_concepts():
 
 def test_small_effects_get_an_offset_not_long_tick_labels(results):
     """Effects of single components are ~1e-5: ticks read 1, 2, 3 with a x10^-5 label, not 0.00001 0.00002."""
-    df, _ = results
+    df, *_ = results
     small = df.assign(score=df["score"] * 1e-5)
     fig = plots.scatter_vs_reference(small, "red", methods=["cad", "coar"])
     fig.draw_without_rendering()  # sets the offset texts
@@ -228,7 +236,7 @@ def test_small_effects_get_an_offset_not_long_tick_labels(results):
 
 
 def test_localization_grid_uses_one_colour_scale(results):
-    df, _ = results
+    df, *_ = results
     fig = plots.localization_grid(df, ["ablation", "cad", "coar"])
     meshes = [ax.collections[0] for ax in fig.axes if ax.collections and ax.get_label() != "<colorbar>"]
     assert len(meshes) == 6  # 3 methods x (supports, opposes)
@@ -395,7 +403,7 @@ def default_shaped_run(tmp_path_factory):
     noise = {"cad": 0.05, "coar": 0.1, "maskgrad": 0.04, "ig": 0.5, "midpoint": 0.05, "screen": 0.02}
     fpe = {"cad": (1, 1), "coar": (896, 0), "maskgrad": (12, 12), "ig": (16, 16), "midpoint": (1, 1),
            "screen": (57, 12)}
-    frames, heldout = [], {}
+    frames, all_maps, heldout = [], [], {}
     for concept in cfg.concepts:
         truth = rng.normal(size=len(comp)) * 1e-5 * (1 + comp["depth"].to_numpy())
         frames.append(frame(comp, truth, "ablation", concept, meta={"cost": {"forward_evals": len(comp), "seconds": 60.0}}))
@@ -416,22 +424,22 @@ def default_shaped_run(tmp_path_factory):
             run = pd.concat(run, ignore_index=True)
             run.attrs["meta"] = meta
             frames.append(run)
-        maps = tracing_frames(rng, concept, text_layers=3, unet_layers=7)[1:]  # as the default run: neuron scores
-        frames.append(concat([frame(comp, rng.normal(size=len(comp)), "tracing", concept,
-                                    meta={"cost": {"forward_evals": 155}}), *maps]))
+        all_maps.append(tracing_frames(rng, concept, text_layers=3, unet_layers=7)[1])
+        frames.append(frame(comp, rng.normal(size=len(comp)), "tracing", concept,  # as the default run: neurons
+                            meta={"cost": {"forward_evals": 155}}))
         for alpha in cfg.lds_alphas:
             masks = (rng.random((cfg.heldout_masks, len(comp))) < alpha).astype(float)
             j = 1.0 - masks @ truth + 2e-5 * rng.normal(size=cfg.heldout_masks) * (alpha * 20)
             heldout[(concept, alpha)] = {"masks": masks, "components": list(comp["component"]), "j": j,
                                          "j_intact": 1.0}
-    results = concat(frames)
+    results, maps = concat(frames), pd.concat(all_maps, ignore_index=True)
     tables = compare.build_tables(results, heldout, cfg)
-    figures = {k: plots.fig_to_png(f) for k, f in compare.build_figures(results, tables, cfg).items()}
+    figures = {k: plots.fig_to_png(f) for k, f in compare.build_figures(results, maps, tables, cfg).items()}
     meta = {"config": cfg.to_dict(), "n_components": len(comp), "versions": {"torch": "x", "diffusers": "y"},
             "machine": {"platform": "test", "threads": 1}, "wall_seconds_this_run": 1.0,
             "seconds_this_run": {k: 1.0 for k in results.attrs["meta"]}, "methods": results.attrs["meta"]}
     out = tmp_path_factory.mktemp("default-shaped")
-    compare.write_outputs(out, results, tables, figures, meta, cfg)
+    compare.write_outputs(out, results, maps, tables, figures, meta, cfg)
     return out
 
 

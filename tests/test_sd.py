@@ -100,7 +100,7 @@ def test_your_own_model_calls_run_unchanged(sd_models, style):
     before = model.state_fingerprint()
     for method in ("cad", "ablation", "maskgrad", "tracing"):
         df = interp.attribute(method, model, concept, comps, objective=cfg, **({"n_noise": 1} if method == "tracing" else {}))
-        assert len(interp.main_rows(df)) == len(comps)
+        assert len(df[df["variant"] == method]) == len(comps)
     after = model.state_fingerprint()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -111,9 +111,12 @@ def test_text_tracing_map_covers_positions_after_the_subject(sd_models, style):
     end-of-text token, so they cannot be found from pad_token_id)."""
     model = sd_models[style]
     comps = model.components("layer", family="text_layer")
-    df = interp.attribute("tracing", model, interp.text_concept("red"), comps, n_noise=1,
-                          objective=ObjectiveConfig(n_images=2, gen_steps=2, timesteps=(500,)))
-    tokens = df["token"].dropna().astype(int)
+    tracing = interp.methods.get("tracing")(n_noise=1)
+    args = (model, interp.text_concept("red"), comps)
+    objective = ObjectiveConfig(n_images=2, gen_steps=2, timesteps=(500,))
+    df = tracing.attribute(*args, objective=objective)
+    maps = tracing.maps(*args, objective=objective)
+    tokens = maps.loc[maps["axis"] == "token", "position"]
     L = model.tokenizer.model_max_length
     eot = df.attrs["meta"]["end_of_text_offsets"]
     assert tokens.min() < 0 and tokens.max() > 0

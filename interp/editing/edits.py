@@ -73,7 +73,7 @@ from ..concepts import DEFAULT_TEMPLATES
 from ..generation import generate
 from ..interventions import Plan, compile_plan
 from ..objectives import Objective, ObjectiveConfig
-from ..results import is_main, main_rows
+from ..results import is_main
 
 #: CAD-Erase's ratio on the concept world (the paper's 0.001 zeroes nothing when in_features < 1000; see above).
 CAD_DEFAULT_RATIO = 0.1
@@ -221,7 +221,7 @@ class Ranking:
         """Order a result frame's components: largest score first (``positive``) or most negative first. A frame
         with several estimates of one method (``variant`` column) ranks its main estimate unless ``variant`` names
         another."""
-        rows = main_rows(df)
+        rows = df
         if "variant" in rows:
             rows = rows[rows["variant"] == variant] if variant else rows[is_main(rows)]
         if concept is not None:
@@ -328,7 +328,7 @@ def welch_t(target: pd.DataFrame, references: Sequence[pd.DataFrame]) -> pd.Seri
         raise ValueError("COAR-Edit needs at least one reference concept")
 
     def stats(df):
-        rows = main_rows(df).set_index("component")
+        rows = df.set_index("component")
         n = rows["n_samples"].astype(float)
         se = rows["stderr"].fillna(0.0).astype(float)
         return rows["score"].astype(float), se, n

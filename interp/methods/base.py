@@ -6,7 +6,9 @@ Like captum's ``attribute``, every method is called the same way and returns the
 
 and ``df`` is the tidy frame of :mod:`interp.results`: one row per component, ``score > 0`` when the component
 supports the concept. Each method declares capability flags (granularities it handles, whether it uses gradients,
-whether its scores are exact ablation effects) so callers can pick methods without trying them.
+whether its scores are exact ablation effects, whether it also makes maps) so callers can pick methods without trying
+them. A method with maps (causal tracing) returns them from ``maps(...)``, called as ``attribute``: a frame of their
+own (:data:`interp.results.MAP_COLUMNS`), computed in the same run and cached beside the scores.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from ..components import ComponentSet
 from ..objectives import Objective, ObjectiveConfig
-from ..results import SCHEMA, Cost, make_frame
+from ..results import SCHEMA, Cost, empty_maps, make_frame, make_map_frame
 from ..store import Store
 
 REGISTRY: dict[str, type["Method"]] = {}
@@ -37,6 +39,7 @@ class Capabilities:
     gradients: bool = False
     exact: bool = False  # scores are measured ablation effects, not estimates
     text_encoder: bool = True
+    maps: bool = False  # also localizes along the timestep / token axes (read with Method.maps)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,20 @@ class Method:
         """Attribute ``concept``'s objective to ``components``; returns the tidy result frame. ``executor``: where
         the sweeps run (:mod:`interp.executors`: this process by default, or a ``RayExecutor``); results are the
         same."""
+        return self._run(model, concept, components, objective, store, progress, executor)[0]
+
+    def maps(self, model, concept, components, *, objective: ObjectiveConfig | Objective | None = None,
+             store: Store | str | None = None, progress: bool = False, executor=None) -> pd.DataFrame:
+        """The maps of a method with the ``maps`` capability (:data:`interp.results.MAP_COLUMNS`), from the same
+        run as :meth:`attribute` with the same arguments: read from the store, or from this object's last run,
+        when that run was made."""
+        if not self.capabilities.maps:
+            makers = sorted(n for n, m in REGISTRY.items() if m.capabilities.maps)
+            raise ValueError(f"{self.name} makes no maps; methods that do: {makers}")
+        return self._run(model, concept, components, objective, store, progress, executor)[1]
+
+    def _run(self, model, concept, components, objective, store, progress, executor):
+        """``(scores, maps)`` of one run: cached in ``store``, and the last one kept on this object."""
         obj = objective if isinstance(objective, Objective) else Objective(model, concept, objective)
         comps = as_component_set(model, components)
         bad = comps.granularities - set(self.capabilities.granularities)
@@ -107,8 +124,13 @@ class Method:
         key = {"method": self.name, "method_config": self.config.to_dict(), **obj.identity(),
                "components": components_hash(comps), "schema": SCHEMA}
         entry = store.entry(f"{self.name}-{obj.concept.name}", key)
+        last = getattr(self, "_last", None)
+        if last is not None and last[0] == entry.hash:
+            return last[1][0].copy(), last[1][1].copy()
         if entry.complete:
-            return entry.load()
+            maps = entry.load_maps()
+            self._last = (entry.hash, (entry.load(), empty_maps() if maps is None else maps))
+            return self._last[1]
         counters_before = Counter(obj.model.counters)
         self.store = store  # a method that builds on another method's result asks the same store for it
         self.executor = executor  # the engine's sweeps run there; chunks record their cost, wherever they ran
@@ -134,16 +156,19 @@ class Method:
         # "estimate": the main estimate's budget and mask rate; an extra frame may name its own (a variant)
         frames = [make_frame(comps, out["score"], out.get("stderr"), **common, **out.get("estimate", {}))]
         for extra in out.get("extra_frames", []):
-            frames.append(make_frame(
-                extra["components"], extra["score"], extra.get("stderr"), **common, timestep=extra.get("timestep"),
-                token=extra.get("token"), **extra.get("estimate", {}),
-            ))
+            frames.append(make_frame(extra["components"], extra["score"], extra.get("stderr"), **common,
+                                     **extra.get("estimate", {})))
         df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-        return entry.save(df, meta)
+        maps = [make_map_frame(m["components"], m["score"], m["stderr"], axis=m["axis"], position=m["position"],
+                               **common) for m in out.get("maps", [])]
+        maps = pd.concat(maps, ignore_index=True) if maps else empty_maps()
+        self._last = (entry.hash, (entry.save(df, meta, maps), maps))
+        return df.copy(), maps.copy()
 
     def _scores(self, obj: Objective, comps: ComponentSet, entry, progress: bool) -> dict:
         """``{"score", "stderr"}`` per component, and optionally ``"estimate"`` (the main estimate's typed
-        columns), ``"extra_frames"`` (variants, maps), ``"cost"`` (a :class:`~interp.results.Cost` of the main
+        columns), ``"extra_frames"`` (variants), ``"maps"`` (``{"components", "score", "stderr", "axis",
+        "position"}`` records, one per map column), ``"cost"`` (a :class:`~interp.results.Cost` of the main
         estimate, when it is not simply the passes counted during the call), ``"variant_costs"`` (``{variant:
         Cost}``) and ``"meta"`` (more metadata)."""
         raise NotImplementedError
@@ -215,3 +240,10 @@ def attribute(method: str, model, concept, components, *, objective=None, store=
     """Run a registered method by name: ``attribute("cad", model, "red", components, objective=..., **options)``."""
     return get(method)(**config).attribute(model, concept, components, objective=objective, store=store,
                                            progress=progress, executor=executor)
+
+
+def maps(method: str, model, concept, components, *, objective=None, store=None, progress=False, executor=None,
+         **config) -> pd.DataFrame:
+    """The maps of a registered method with the ``maps`` capability, by name, as :func:`attribute`."""
+    return get(method)(**config).maps(model, concept, components, objective=objective, store=store,
+                                      progress=progress, executor=executor)

@@ -10,11 +10,11 @@ with the ``classifier`` objective it is the image judge's probability of the con
 CLIP zero-shot: :mod:`interp.judges`) on images generated end to end, with the state restored at every denoising
 step.
 
-Besides one score per component (restored at all timesteps and token positions), the method writes two maps as
-extra rows of the same frame: UNet layers x timestep (``timestep`` set; the training-schedule timestep of the
-evaluation sample, or the denoising step index for the classifier objective) and text-encoder layers x token
-position (``token`` set, counted relative to the last subject token: 0 is that token, -1 the one before, 1 the one
-after). On Stable Diffusion's CLIP text encoder the paper finds a single causal state: layer 0 at the last subject
+Besides one score per component (restored at all timesteps and token positions), the method makes two maps, its
+own frame (``maps(...)``, :data:`interp.results.MAP_COLUMNS`): UNet layers x timestep (axis ``timestep``; the
+position is the training-schedule timestep of the evaluation sample, or the denoising step index for the classifier
+objective) and text-encoder layers x token position (axis ``token``, counted relative to the last subject token: 0
+is that token, -1 the one before, 1 the one after). On Stable Diffusion's CLIP text encoder the paper finds a single causal state: layer 0 at the last subject
 token.
 
 Scope: components at layer or neuron granularity (restoring a head's state needs the input of the output
@@ -175,7 +175,7 @@ def _frac(j_rest, j_corr, j_clean, groups=None):
 class CausalTracing(Method):
     name = "tracing"
     Config = TracingConfig
-    capabilities = Capabilities(granularities=("layer", "neuron"))
+    capabilities = Capabilities(granularities=("layer", "neuron"), maps=True)
 
     def _scores(self, obj, comps, entry, progress):
         cfg, m = self.config, obj.model
@@ -185,11 +185,11 @@ class CausalTracing(Method):
             ctx_corr = [tr.text(obj.target_ids, tr.corruption(k, 1))[0] for k in range(cfg.n_noise)]
             j_corr = [tr.J(c, 1)[0] for c in ctx_corr]
             scores = self._components(tr, comps, j_clean, j_corr, ctx_corr, entry, progress)
-            extra = self._maps(tr, j_clean, j_corr, ctx_corr) if cfg.maps else []
+            maps = self._maps(tr, j_clean, j_corr, ctx_corr) if cfg.maps else []
         meta = {"j_clean": float(j_clean.mean()), "j_corrupted": [float(j.mean()) for j in j_corr],
                 "subject_positions": tr.subj, "noise_scale": cfg.noise_scale,
                 "end_of_text_offsets": end_of_text_offsets(m, obj, tr.subj)}
-        return {"score": scores.mean(1), "stderr": stderr_over(scores, 1), "extra_frames": extra, "meta": meta}
+        return {"score": scores.mean(1), "stderr": stderr_over(scores, 1), "maps": maps, "meta": meta}
 
     def _components(self, tr, comps, j_clean, j_corr, ctx_corr, entry, progress):
         obj, m, cfg = tr.obj, tr.model, self.config
@@ -252,7 +252,7 @@ class CausalTracing(Method):
             labels = ts
         for j, lab in enumerate(labels):
             frames.append({"components": layers, "score": vals[:, j].mean(1).numpy(),
-                           "stderr": stderr_over(vals[:, j], 1).numpy(), "timestep": lab})
+                           "stderr": stderr_over(vals[:, j], 1).numpy(), "axis": "timestep", "position": lab})
         # Text-encoder layers x token position (relative to the last subject token).
         tlayers = m.components("layer", family="text_layer")
         paths = [c.module for c in tlayers]
@@ -298,7 +298,8 @@ class CausalTracing(Method):
             errs = np.array([np.std(table.get((li, off), [np.nan])) / np.sqrt(max(1, len(table.get((li, off), [])) - 0))
                              for li in range(len(paths))])
             if np.isfinite(vals_t).any():
-                frames.append({"components": tlayers, "score": np.nan_to_num(vals_t), "stderr": errs, "token": off})
+                frames.append({"components": tlayers, "score": np.nan_to_num(vals_t), "stderr": errs, "axis": "token",
+                               "position": off})
         return frames
 
     @classmethod
