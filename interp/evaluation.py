@@ -228,8 +228,7 @@ def correlations_by_layer(df: pd.DataFrame, reference: str = "ablation", level: 
     if level not in ("layer", "block"):
         raise ValueError(f"level must be 'layer' or 'block', not {level!r}")
     out = correlations(df, reference, by=("concept", "method", "variant", level), n_boot=n_boot, seed=seed, **kwargs)
-    rows = df
-    where = rows.groupby(level, observed=True).agg(model_part=("model_part", "first"), depth=("depth", "min"))
+    where = df.groupby(level, observed=True).agg(model_part=("model_part", "first"), depth=("depth", "min"))
     out = out.merge(where.reset_index(), on=level, how="left")
     out["_part"] = out["model_part"].map(_PART_ORDER).fillna(len(_PART_ORDER))
     out = out.sort_values(CORR_KEYS + ["_part", "depth", level], kind="stable").drop(columns="_part")

@@ -82,8 +82,7 @@ def _corr(x, y, fn) -> float:
 def localization_shares(df: pd.DataFrame, method: str) -> pd.DataFrame:
     """Per (model_part, layer, concept): positive and |negative| attribution mass of ``method`` as shares of the
     concept's total |score| (columns ``pos``, ``neg``; the two sum to 1 over a concept's layers)."""
-    rows = df
-    rows = rows[rows["variant"] == method]
+    rows = df[df["variant"] == method]
     if rows.empty:
         return pd.DataFrame(columns=["model_part", "layer", "concept", "pos", "neg"])
     rows = rows.assign(pos=rows["score"].clip(lower=0), neg=-rows["score"].clip(upper=0), mass=rows["score"].abs())
@@ -156,8 +155,7 @@ def scatter_vs_reference(df: pd.DataFrame, concept: str, reference: str = "ablat
     Spearman rho and the line y = x. The x axis (the reference) is shared; each y axis keeps its own range, so that
     one method on another scale (causal tracing's restored fractions) does not flatten the others. ``methods`` picks
     the panels (default every method sharing components with the reference)."""
-    rows = df
-    rows = rows[rows["concept"] == concept]
+    rows = df[df["concept"] == concept]
     ref = rows.loc[rows["variant"] == reference, ["component", "score"]].rename(columns={"score": "ref"})
     others = sorted(m for m in rows["variant"].unique() if m != reference) if methods is None else \
         [m for m in methods if m != reference]
