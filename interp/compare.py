@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -153,8 +154,15 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
     return {"results": results, "maps": maps, "tables": tables, "meta": meta}
 
 
-#: Bump when tables or figures change shape, so cached derived outputs of older code are not reused.
-DERIVED_VERSION = 8
+def derived_code_digest() -> str:
+    """A digest of the source of the modules that make the tables and figures (this one, :mod:`interp.evaluation`,
+    :mod:`interp.plots`): cached tables and figures are reused only when the code that made them is unchanged, with
+    no version number to remember to bump."""
+    h = hashlib.sha256()
+    for module in (__name__, evaluation.__name__, plots.__name__):
+        h.update(Path(sys.modules[module].__file__).read_bytes())
+    return h.hexdigest()[:16]
+
 
 
 def derived_outputs(results: pd.DataFrame, maps: pd.DataFrame, heldout: dict, cfg: CompareConfig, store: Store,
@@ -169,7 +177,7 @@ def derived_outputs(results: pd.DataFrame, maps: pd.DataFrame, heldout: dict, cf
         h.update(repr(k).encode())
         for part in ("masks", "j"):
             h.update(np.ascontiguousarray(heldout[k][part]).tobytes())
-    entry = store.entry("derived", {"config": cfg.to_dict(), "content": h.hexdigest(), "version": DERIVED_VERSION})
+    entry = store.entry("derived", {"config": cfg.to_dict(), "content": h.hexdigest(), "code": derived_code_digest()})
     say = say or (lambda msg: None)
     files = entry.load_files()
     if files is not None:
