@@ -124,6 +124,20 @@ def test_latent_objective_evaluation_set_is_vae_latents(tiny_latent_folder):
     assert torch.isfinite(obj.intact).all()
 
 
+def test_edit_evaluation_references_are_rendered_at_the_generated_size(tiny_latent_folder):
+    """The Frechet distance of an edit compares generated images with renders of the same scenes: on the latent
+    world both are 32 px, so the judge resizes them alike."""
+    from interp.editing.evaluate import EvalConfig, heldout_set, reference_features
+    from interp.judges import load_judge
+
+    m = interp.load_model(str(tiny_latent_folder))
+    held = heldout_set(m, "red", EvalConfig(n_target=2, n_alone=1, n_other=2, steps=2))
+    judge, seen = load_judge("classifier", model=m), []
+    judge.features = lambda images: seen.append(tuple(images.shape)) or np.zeros((len(images), 2))
+    reference_features(m, held, judge=judge)
+    assert seen and seen[0][1:] == (3, 32, 32)
+
+
 # -- the shipped model -------------------------------------------------------------------------------------------------
 def _shipped():
     if not (SHIPPED / "fidelity.json").exists():

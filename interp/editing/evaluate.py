@@ -277,7 +277,8 @@ def reference_features(model, held: HeldoutSet, sets: Sequence[str] = ("target",
     if not held.scenes:
         raise ValueError("only concept-world held-out sets have scenes to render")
     keep = held.prompts["set"].isin(sets).to_numpy()
-    renders = torch.from_numpy(np.stack([render(s) for s, k in zip(held.scenes, keep) if k]))
+    size = model.world.image_size  # the size the model generates (32 on the latent concept world)
+    renders = torch.from_numpy(np.stack([render(s, size) for s, k in zip(held.scenes, keep) if k]))
     return resolve_judge(model, judge).features(renders)
 
 
