@@ -27,9 +27,10 @@ def parse(argv):
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the shipped checkpoint's)")
     p.add_argument("--steps", type=int, default=None,
                    help="diffusion training steps (default: the model's, 3600 for concept-world, ~40 min on 2 idle "
-                        "cores; 2700 for concept-world-latent)")
+                        "cores; 5000 for concept-world-latent)")
     p.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (concept-world-latent only)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per training step")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per training step (default: the model's, 128 for concept-world, 64 for the latent one)")
     p.add_argument("--classifier-steps", type=int, default=1500, help="concept-classifier training steps")
     p.add_argument("--retrain-classifier", action="store_true", help="retrain the classifier even if one exists in --out")
     p.add_argument("--seed", type=int, default=0)
@@ -55,12 +56,24 @@ def main(argv=None) -> int:
         clf, acc = train_classifier(steps=args.classifier_steps, seed=args.seed, progress=not args.no_progress)
         clf.save(out, {"heldout_accuracy": acc, "n_test": 2000, "steps": args.classifier_steps})
         logging.info("classifier held-out accuracy: %s", acc)
-    cfg = TrainConfig(model=ModelConfig(), steps=args.steps or 3600, batch_size=args.batch_size, seed=args.seed)
+    cfg = TrainConfig(model=ModelConfig(), steps=args.steps or 3600, batch_size=args.batch_size or 128, seed=args.seed)
     pipe, history = train(cfg, out, progress=not args.no_progress)
     save_model(pipe, out, cfg, history)
     summary = evaluate_checkpoint(out, args.fidelity_images, progress=not args.no_progress)
     logging.info("fidelity: %s", summary["accuracy"])
     return 0
+
+
+def latent_config(args):
+    """The latent model's training config from the command line: ``LatentTrainConfig()`` where no flag is given, so
+    the command without flags reproduces the shipped model."""
+    from interp.world.train import LatentTrainConfig, VAETrainConfig
+
+    defaults = LatentTrainConfig()
+    return LatentTrainConfig(
+        steps=args.steps or defaults.steps, batch_size=args.batch_size or defaults.batch_size, seed=args.seed,
+        vae=VAETrainConfig(steps=args.vae_steps or defaults.vae.steps, seed=args.seed),
+    )
 
 
 def train_latent(args, out: Path) -> int:
@@ -69,16 +82,12 @@ def train_latent(args, out: Path) -> int:
     resized (measured 100% per attribute on 2,000 resized held-out 32-px renders), so none is trained."""
     from interp.world.latent import build_latent_pipeline
     from interp.world.plugin import LATENT_KIND
-    from interp.world.train import LatentTrainConfig, VAETrainConfig, save_model, train, train_vae
+    from interp.world.train import save_model, train, train_vae
 
     if args.retrain_classifier:
         raise SystemExit("--retrain-classifier: concept-world-latent reuses the concept-world classifier; retrain "
                          "that one with `python -m analyses.train_world --retrain-classifier`")
-    defaults = LatentTrainConfig()
-    cfg = LatentTrainConfig(
-        steps=args.steps or defaults.steps, batch_size=args.batch_size, seed=args.seed,
-        vae=VAETrainConfig(steps=args.vae_steps or defaults.vae.steps, seed=args.seed),
-    )
+    cfg = latent_config(args)
     vae, vae_history, vae_seconds = train_vae(cfg.vae, cfg.model, out, progress=not args.no_progress)
     logging.info("VAE trained (%.0f s), scaling factor %.4f", vae_seconds, vae.config.scaling_factor)
     pipe = build_latent_pipeline(cfg.model, vae=vae, seed=cfg.seed)
