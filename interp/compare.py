@@ -156,11 +156,15 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
 
 def derived_code_digest() -> str:
     """A digest of the source of the modules that make the tables and figures (this one, :mod:`interp.evaluation`,
-    :mod:`interp.plots`): cached tables and figures are reused only when the code that made them is unchanged, with
-    no version number to remember to bump."""
+    :mod:`interp.plots`, :mod:`interp.report.findings` (which estimator the headline figure shows) and
+    :mod:`interp.results`, whose costs the tables read): cached tables and figures are reused only when the code that
+    made them is unchanged, with no version number to remember to bump."""
+    from . import results
+    from .report import findings
+
     h = hashlib.sha256()
-    for module in (__name__, evaluation.__name__, plots.__name__):
-        h.update(Path(sys.modules[module].__file__).read_bytes())
+    for module in (sys.modules[__name__], evaluation, plots, findings, results):
+        h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -125,12 +125,18 @@ class Method:
                "components": components_hash(comps), "schema": SCHEMA}
         entry = store.entry(f"{self.name}-{obj.concept.name}", key)
         last = getattr(self, "_last", None)
-        if last is not None and last[0] == entry.hash:
-            return last[1][0].copy(), last[1][1].copy()
-        if entry.complete:
-            maps = entry.load_maps()
-            self._last = (entry.hash, (entry.load(), empty_maps() if maps is None else maps))
-            return self._last[1]
+        if last is None or last[0] != entry.hash:
+            if entry.complete:
+                maps = entry.load_maps()
+                last = (entry.load(), empty_maps() if maps is None else maps)
+            else:
+                last = self._compute(obj, comps, store, entry, progress, executor)
+            self._last = last = (entry.hash, last)
+        scores, maps = last[1]
+        return scores.copy(), maps.copy()  # callers may change what they get; the kept run stays as made
+
+    def _compute(self, obj, comps, store, entry, progress, executor):
+        """Run :meth:`_scores` and save ``(scores, maps)`` with the run's metadata into ``entry``."""
         counters_before = Counter(obj.model.counters)
         self.store = store  # a method that builds on another method's result asks the same store for it
         self.executor = executor  # the engine's sweeps run there; chunks record their cost, wherever they ran
@@ -162,8 +168,7 @@ class Method:
         maps = [make_map_frame(m["components"], m["score"], m["stderr"], axis=m["axis"], position=m["position"],
                                **common) for m in out.get("maps", [])]
         maps = pd.concat(maps, ignore_index=True) if maps else empty_maps()
-        self._last = (entry.hash, (entry.save(df, meta, maps), maps))
-        return df.copy(), maps.copy()
+        return entry.save(df, meta, maps), maps
 
     def _scores(self, obj: Objective, comps: ComponentSet, entry, progress: bool) -> dict:
         """``{"score", "stderr"}`` per component, and optionally ``"estimate"`` (the main estimate's typed
