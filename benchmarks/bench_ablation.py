@@ -19,7 +19,7 @@ interleaved rounds), FLOPs per component (each way run once under ``torch.utils.
 attention kernel, so attention is counted; the text encoder included where a way runs it), achieved FLOP/s, and a
 1024x1024 float32 matmul's FLOP/s measured in the same run.
 
-    python benchmarks/bench_ablation.py [--n 32] [--rounds 3] [--threads 2] [--model concept-world]
+    python benchmarks/bench_ablation.py [--n 0 (all)] [--rounds 3] [--threads 2] [--max-batch 256] [--model concept-world]
     python benchmarks/sd15_sized.py /tmp/sd15-16 --sample-size 16
     python benchmarks/bench_ablation.py --model /tmp/sd15-16 --n 8 --rounds 1 --images 1 --timesteps 500
 """
@@ -53,13 +53,19 @@ def erase_j(eps: torch.Tensor, S: int) -> torch.Tensor:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="concept-world")
-    p.add_argument("--n", type=int, default=32, help="components ablated (spread over all ff.net.2 neurons)")
+    p.add_argument("--n", type=int, default=0,
+                   help="components ablated, spread over all ff.net.2 neurons (default 0: all of them, as a "
+                        "comparison ablates them)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--timesteps", type=int, nargs="+", default=[250, 600])
     p.add_argument("--concept", default="red")
     p.add_argument("--skip-naive", action="store_true", help="leave out the deep-copy loop (slow on big models)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="the engine's UNet rows per pass (default: ObjectiveConfig's)")
+    p.add_argument("--also-batch", type=int, nargs="*", default=[],
+                   help="also time the engine at these rows per pass, interleaved with the rest")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -69,9 +75,11 @@ def main(argv=None) -> int:
 
     model = interp.load_model(args.model)
     allc = model.components("neuron", kind="ff.net.2")
-    step = max(1, len(allc) // args.n)
-    comps = interp.ComponentSet([allc[i] for i in range(0, len(allc), step)][: args.n])
-    obj = Objective(model, args.concept, ObjectiveConfig(n_images=args.images, timesteps=tuple(args.timesteps)))
+    n = args.n or len(allc)
+    step = max(1, len(allc) // n)
+    comps = interp.ComponentSet([allc[i] for i in range(0, len(allc), step)][:n])
+    extra = {} if args.max_batch is None else {"max_batch": args.max_batch}
+    obj = Objective(model, args.concept, ObjectiveConfig(n_images=args.images, timesteps=tuple(args.timesteps), **extra))
     S, rows = obj.n_samples, obj.rows_per_eval
     idx = obj.image_index
     ids = torch.cat([obj.target_ids[idx], obj.anchor_ids[idx]])
@@ -84,9 +92,9 @@ def main(argv=None) -> int:
         mod = u.get_submodule(c.module.split(".", 1)[1])
         return mod.weight, mod.bias, c.index
 
-    def naive():
+    def naive(subset=None):
         out = []
-        for c in comps:
+        for c in subset or comps:
             u = copy.deepcopy(unet)
             w, b, i = target(u, c)
             with torch.no_grad():
@@ -96,9 +104,9 @@ def main(argv=None) -> int:
                 out.append(erase_j(u(x, t, encoder_hidden_states=ctx, return_dict=False)[0], S).double() - j0)
         return torch.stack(out)
 
-    def careful():
+    def careful(subset=None):
         out = []
-        for c in comps:
+        for c in subset or comps:
             w, b, i = target(unet, c)
             with torch.no_grad():
                 saved = (w[i].clone(), b[i].clone())
@@ -111,10 +119,14 @@ def main(argv=None) -> int:
                     w[i], b[i] = saved
         return torch.stack(out)
 
-    def engine(replay: bool = True):
-        obj.replay_prefix, obj._replayed = replay, {}
-        df = interp.attribute("ablation", model, args.concept, comps, objective=obj)
+    def engine(replay: bool = True, objective=None):
+        o = objective or obj
+        o.replay_prefix, o._replayed = replay, {}
+        df = interp.attribute("ablation", model, args.concept, comps, objective=o)
         return -torch.tensor(df["score"].to_numpy(float))
+
+    other = {b: Objective(model, args.concept, ObjectiveConfig(n_images=args.images, timesteps=tuple(args.timesteps),
+                                                               max_batch=b)) for b in args.also_batch}
 
     def engine_full():
         return engine(replay=False)
@@ -124,24 +136,32 @@ def main(argv=None) -> int:
         ref = engine()
         d_full = engine_full()
         d_careful = careful().mean(1)
-    for d in (d_full, d_careful) + (() if args.skip_naive else (naive().mean(1),)):
+        few = list(comps)[:: max(1, len(comps) // 8)]  # the deep-copy loop checked on 8 components: it is slow
+        d_naive = None if args.skip_naive else naive(few).mean(1)
+    for d in (d_full, d_careful, *(engine(objective=o) for o in other.values())):
         assert torch.allclose(d, ref, rtol=1e-3, atol=1e-6), (d - ref).abs().max()
+    if d_naive is not None:
+        pos = [list(comps).index(c) for c in few]
+        assert torch.allclose(d_naive, ref[pos], rtol=1e-3, atol=1e-6), (d_naive - ref[pos]).abs().max()
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def flops_of(fn) -> float:
-        """FLOPs of one run of ``fn`` per component, attention included (math kernel)."""
+    def flops_of(fn, per_component_same: bool = False) -> float:
+        """FLOPs of one run of ``fn`` per component, attention included (math kernel). The loops do the same work
+        for every component (one text encoder and UNet pass), so they are counted on 4 of them."""
+        few = list(comps)[:4]
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-            fn()
-        return fc.get_total_flops() / len(comps)
+            fn(few) if per_component_same else fn()
+        return fc.get_total_flops() / (len(few) if per_component_same else len(comps))
 
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc_full:
         unet(x, t, encoder_hidden_states=torch.cat([obj.ctx_target[idx], obj.ctx_anchor[idx]]), return_dict=False)
     ways = {"naive (deep copy)": naive, "careful (in place)": careful, "engine, full passes": engine_full,
+            **{f"engine, max_batch {b}": (lambda o=o: engine(objective=o)) for b, o in other.items()},
             "engine": engine}
     if args.skip_naive:
         ways.pop("naive (deep copy)")
-    flops = {name: flops_of(fn) for name, fn in ways.items()}
+    flops = {name: flops_of(fn, name.startswith(("naive", "careful"))) for name, fn in ways.items()}
     times = {k: [] for k in ways}
     peak = []
     for _ in range(args.rounds):
@@ -154,7 +174,7 @@ def main(argv=None) -> int:
     mm = statistics.median(peak)
     print(f"{args.model}: {len(comps)} of {len(allc)} ff.net.2 neurons, {rows} UNet rows per mask "
           f"({args.images} images x {len(args.timesteps)} timesteps x 2 erase branches), {args.threads} threads, "
-          f"{args.rounds} interleaved rounds; full UNet forward {fc_full.get_total_flops() / rows / 1e6:.1f} MFLOP/row "
+          f"{args.rounds} interleaved rounds, engine max_batch {obj.config.max_batch}; full UNet forward {fc_full.get_total_flops() / rows / 1e6:.1f} MFLOP/row "
           f"(math attention)")
     print(f"1024x1024 float32 matmul: {mm / 1e9:.1f} GFLOP/s")
     eng = statistics.median(times["engine"])

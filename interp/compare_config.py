@@ -52,6 +52,9 @@ class CompareConfig:
     dtype: str = opt("float32", "precision of the forward passes (statistics are accumulated in float32; float64 "
                                 "for ground truth)", choices=PRECISIONS, flags=("--precision", "--dtype"))
     device: str = opt("auto", "device: auto (CUDA, else MPS, else CPU), cpu, cuda or mps", choices=DEVICES)
+    max_batch: int = opt(256, "UNet rows per forward pass, >= 1: a speed and memory knob (results differ only by "
+                              "rounding); 256 is fastest on a 2-core CPU (benchmarks/bench_ablation.py "
+                              "--max-batch), a GPU takes more")
     coar_masks: int = opt(0, "COAR's random masks (0: twice the number of components; otherwise at least 10)")
     coar_alpha: float = opt(0.05, "COAR's ablation rate, in (0, 1)")
     maskgrad_masks: int = opt(12, "random masks K of the mask-averaged gradient (measured choice: see "
@@ -97,6 +100,8 @@ class CompareConfig:
             raise ValueError(f"duplicate methods in {self.methods}")
         if self.n_images < 1:
             raise ValueError(f"n_images (--images) must be >= 1, got {self.n_images}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch (--max-batch) must be >= 1, got {self.max_batch}")
         if not self.timesteps or any(t < 0 for t in self.timesteps):
             raise ValueError(f"timesteps must be non-empty and >= 0, got {self.timesteps}")
         if self.coar_masks != 0 and self.coar_masks < 10:
@@ -138,7 +143,8 @@ class CompareConfig:
         from .objectives import ObjectiveConfig
 
         return ObjectiveConfig(kind=self.objective, anchor=self.anchor, n_images=self.n_images,
-                               timesteps=self.timesteps, seed=self.seed, dtype=self.dtype, judge=self.judge)
+                               timesteps=self.timesteps, seed=self.seed, dtype=self.dtype, judge=self.judge,
+                               max_batch=self.max_batch)
 
     def method_options(self, method: str, n: int) -> dict:
         """The options ``method`` runs with in this comparison over ``n`` components. Each method declares them

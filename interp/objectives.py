@@ -59,7 +59,9 @@ class ObjectiveConfig:
     gen_steps: int = 10
     guidance: float | None = None  # None: the model's default (1.0 for the concept world, 7.5 otherwise)
     dtype: str = "float32"
-    max_batch: int = 640
+    #: UNet rows per forward pass: only speed, memory and rounding depend on it. On a 2-core CPU larger batches
+    #: outgrow the caches and run slower (README, Benchmarks); a GPU wants more.
+    max_batch: int = 256
     #: The image judge of the ``classifier`` objective (:func:`interp.judges.load_judge`): "classifier" (the concept
     #: world's), "concept-world-clip", a CLIP folder or hub id. Unused by erase and amplify.
     judge: str = "classifier"

@@ -49,6 +49,7 @@ CLI_CASES = {
     "negative held-out masks": (["--heldout-masks", "-5"], "heldout_masks"),
     "held-out masks beyond memory": (["--heldout-masks", "2000000000"], "held-out masks"),
     "images beyond memory": (["--images", "100000000"], "evaluation set"),
+    "batch 0": (["--max-batch", "0"], "max_batch"),
     "too few COAR masks": (["--coar-masks", "5"], "coar_masks"),
     "rate above 1": (["--maskgrad-alpha", "1.5"], "maskgrad_alpha"),
     "LDS rate 0": (["--lds-alphas", "0"], "LDS ablation rates"),
