@@ -210,6 +210,9 @@ class RayExecutor:
         remote = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=self.max_retries,
                             max_task_retries=self.max_retries)(_Worker)
         self._actors = [remote.remote(recipe.model_key, self.cpus) for _ in range(n)]
+        # Wait until every worker is placed and has loaded the model: until then its CPUs still count as free, and a
+        # second executor's placement check (above) would pass and leave its workers waiting forever.
+        ray.get([a.pid.remote() for a in self._actors])
         self._model_key = recipe.model_key
         return self._actors
 
