@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import time
 
@@ -125,8 +126,7 @@ def main(argv=None) -> int:
         df = interp.attribute("ablation", model, args.concept, comps, objective=o)
         return -torch.tensor(df["score"].to_numpy(float))
 
-    other = {b: Objective(model, args.concept, ObjectiveConfig(n_images=args.images, timesteps=tuple(args.timesteps),
-                                                               max_batch=b)) for b in args.also_batch}
+    other = {b: Objective(model, args.concept, dataclasses.replace(obj.config, max_batch=b)) for b in args.also_batch}
 
     def engine_full():
         return engine(replay=False)
@@ -136,12 +136,11 @@ def main(argv=None) -> int:
         ref = engine()
         d_full = engine_full()
         d_careful = careful().mean(1)
-        few = list(comps)[:: max(1, len(comps) // 8)]  # the deep-copy loop checked on 8 components: it is slow
-        d_naive = None if args.skip_naive else naive(few).mean(1)
+        pos = list(range(0, len(comps), max(1, len(comps) // 8)))  # the deep-copy loop checked on 8: it is slow
+        d_naive = None if args.skip_naive else naive([comps[i] for i in pos]).mean(1)
     for d in (d_full, d_careful, *(engine(objective=o) for o in other.values())):
         assert torch.allclose(d, ref, rtol=1e-3, atol=1e-6), (d - ref).abs().max()
     if d_naive is not None:
-        pos = [list(comps).index(c) for c in few]
         assert torch.allclose(d_naive, ref[pos], rtol=1e-3, atol=1e-6), (d_naive - ref[pos]).abs().max()
 
     from torch.nn.attention import SDPBackend, sdpa_kernel

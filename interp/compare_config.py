@@ -53,8 +53,7 @@ class CompareConfig:
                                 "for ground truth)", choices=PRECISIONS, flags=("--precision", "--dtype"))
     device: str = opt("auto", "device: auto (CUDA, else MPS, else CPU), cpu, cuda or mps", choices=DEVICES)
     max_batch: int = opt(256, "UNet rows per forward pass, >= 1: a speed and memory knob (results differ only by "
-                              "rounding); 256 is fastest on a 2-core CPU (benchmarks/bench_ablation.py "
-                              "--max-batch), a GPU takes more")
+                              "rounding); README 'Benchmarks' measures it on a 2-core CPU, a GPU takes more")
     coar_masks: int = opt(0, "COAR's random masks (0: twice the number of components; otherwise at least 10)")
     coar_alpha: float = opt(0.05, "COAR's ablation rate, in (0, 1)")
     maskgrad_masks: int = opt(12, "random masks K of the mask-averaged gradient (measured choice: see "
