@@ -60,18 +60,17 @@ _CHUNK_ENTRIES = 2_000_000
 # -- matching ------------------------------------------------------------------------------------------------------
 def _paired(df: pd.DataFrame, reference: str, keys: Sequence[str]) -> pd.DataFrame:
     """Non-reference rows with the reference's score alongside (column ``ref``), matched on (concept, component)."""
-    rows = df
-    ref = rows.loc[rows["variant"] == reference, ["concept", "component", "score"]]
+    ref = df.loc[df["variant"] == reference, ["concept", "component", "score"]]
     if ref.empty:
         raise ValueError(f"no rows of the reference method {reference!r}; methods present: "
-                         f"{sorted(rows['variant'].unique())}")
+                         f"{sorted(df['variant'].unique())}")
     if ref.duplicated(["concept", "component"]).any():
         dup = ref.loc[ref.duplicated(["concept", "component"], keep=False), ["concept", "component"]].head(3)
         raise ValueError(
             f"reference {reference!r} has several rows for the same (concept, component), e.g. "
             f"{list(map(tuple, dup.to_numpy()))}; give each variant its own variant name"
         )
-    other = rows[rows["variant"] != reference]
+    other = df[df["variant"] != reference]
     # A component may appear once per group; several rows would be silently averaged or double-counted otherwise.
     uniq = list(dict.fromkeys([*keys, "concept", "component"]))
     if other.duplicated(uniq).any():
@@ -307,10 +306,9 @@ def lds_table(df: pd.DataFrame, heldout: dict, *, methods: Sequence[str] | None 
     """
     if missing not in ("raise", "zero", "skip"):
         raise ValueError(f"missing must be 'raise', 'zero' or 'skip', not {missing!r}")
-    rows = df
     records = []
     for (concept, alpha), h in heldout.items():
-        sub = rows[rows["concept"] == concept]
+        sub = df[df["concept"] == concept]
         names = _variants(sub)
         for variant in sorted(names) if methods is None else methods:
             s = sub[sub["variant"] == variant]
@@ -354,11 +352,10 @@ def lds_versus(df: pd.DataFrame, heldout: dict, baseline: str = "coar", *, n_boo
     masks (the same resample for both, so the noise they share cancels). An interval that contains 0 is a tie at
     this many masks.
     """
-    rows = df
     rng = np.random.default_rng(seed)
     records = []
     for (concept, alpha), h in heldout.items():
-        sub = rows[rows["concept"] == concept]
+        sub = df[df["concept"] == concept]
         comps = [str(c) for c in h["components"]]
         masks, j = np.asarray(h["masks"], float), np.asarray(h["j"], float).reshape(-1)
 

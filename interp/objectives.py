@@ -145,6 +145,7 @@ class Objective:
         #: Bytes of replayed outputs kept between calls (at Stable Diffusion's size one frontier is ~1 GB).
         self.replay_budget = 2**31
         self._replayed: dict = {}  # module path -> its intact output over the whole evaluation set
+        self._replay_context = None  # the target context those outputs were computed with (None: the objective's)
         self._build()
 
     # -- the evaluation set ----------------------------------------------------------------------------------
@@ -233,17 +234,17 @@ class Objective:
             recompute_text = True
         groups = None
         if self._replayable(plan, mult, recompute_text, target_context, unet_patches, record):
-            groups = self._replay_groups(plan, mult)
+            groups = self._replay_groups(plan, mult, chunk)
         if groups is not None:  # rows that start at the same point run together (interp.prefix)
             from .prefix import earliest_active_event, frontier
 
-            fronts = [frontier(self.model, earliest_active_event(self.model, plan, mult[g]) or 0) for g in groups]
-            self._fill_replay(list(dict.fromkeys(p for f in fronts for p in f)))  # one intact pass for all groups
+            shared = self._shared_context(target_context)  # every row's context: one block serves any rows
+            subs = [rows[s : s + chunk] for rows in groups for s in range(0, len(rows), chunk)]
+            fronts = [frontier(self.model, earliest_active_event(self.model, plan, mult[sub]) or 0) for sub in subs]
+            self._fill_replay(list(dict.fromkeys(p for f in fronts for p in f)), shared)  # one pass for all chunks
             J = torch.empty(R, S, dtype=self.dtype, device=self.x_t.device)
-            for rows in groups:
-                for s in range(0, len(rows), chunk):
-                    sub = rows[s : s + chunk]
-                    J[sub] = self._chunk(plan, mult[sub], means, None, None, samples, False, None, intervene_anchor)
+            for sub in subs:
+                J[sub] = self._chunk(plan, mult[sub], means, shared, None, samples, False, None, intervene_anchor)
         else:
             outs = []
             for s in range(0, R, chunk):
@@ -325,7 +326,7 @@ class Objective:
         upaths = [k for k in (record or {}) if k.startswith("unet.")]
         skips = None
         if self._replayable(plan, mult, recompute_text, target_context, unet_patches, record):
-            skips, plan = self._replay(plan, mult, sel, r, B)
+            skips, plan = self._replay(plan, mult, sel, r, B, self._shared_context(target_context))
         eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=upaths, skips=skips)
         if record is not None:
             record.update(saved)
@@ -337,28 +338,45 @@ class Objective:
         return -(eps[:, 0] - self.target[sel][None]).pow(2).mean(dim=dims)
 
     def _replayable(self, plan, mult, recompute_text, target_context, unet_patches, record) -> bool:
-        """Whether a call may replay the intact UNet upstream of its ablations (:mod:`interp.prefix`): ablations
-        only — no gradients, nothing in the text encoder, no replaced contexts, patches or recorded outputs, and a
-        one-step objective (the classifier objective's generation loop has no fixed upstream)."""
+        """Whether a call may replay the UNet upstream of its interventions (:mod:`interp.prefix`): multipliers
+        only (ablations, or causal tracing's restorations of clean states) — no gradients, nothing in the text
+        encoder, no patches or recorded outputs, every row on the same target context (the objective's own, or one
+        replaced context such as causal tracing's corrupted one), and a one-step objective (the classifier
+        objective's generation loop has no fixed upstream)."""
         return (self.replay_prefix and mult is not None and not mult.requires_grad and self.config.kind != "classifier"
-                and not plan.sites["text_encoder"] and not recompute_text and target_context is None
-                and unet_patches is None and record is None)
+                and not plan.sites["text_encoder"] and not recompute_text and unet_patches is None and record is None
+                and self._shared_context(target_context) is not False)
+
+    def _shared_context(self, target_context):
+        """The one ``(P, L, D)`` target context all rows of a call run on: None for the objective's own, the block
+        when every row block of a replaced context is the same, False when rows differ (nothing to replay)."""
+        P = self.config.n_images
+        if target_context is None or target_context.shape[0] == P:
+            return target_context
+        blocks = target_context.reshape(-1, P, *target_context.shape[1:])
+        return blocks[0] if bool((blocks == blocks[:1]).all()) else False
 
     @staticmethod
-    def _replay_groups(plan, mult: torch.Tensor) -> list[torch.Tensor] | None:
-        """Mask rows grouped by their earliest ablated UNet site, in execution order (rows ablating nothing last);
-        None when every row starts at the same site (one group: the plain chunked loop does the same)."""
+    def _replay_groups(plan, mult: torch.Tensor, min_rows: int = 1) -> list[torch.Tensor] | None:
+        """Mask rows grouped by their earliest intervened UNet site, in execution order (rows that change nothing
+        last); a group of fewer than ``min_rows`` rows (one batch) takes in the next groups until it has them, and
+        replays from its earliest row's start: a batch of a few rows costs nearly what a full one does, so filling
+        it beats replaying a little more. None when one group remains (the plain chunked loop does the same)."""
         sites = plan.sites["unet"]
         if not sites:
             return None
         active = torch.stack([(mult[:, s.columns] != 1).any(1) for s in sites], 1)  # (R, n_sites)
         first = torch.where(active.any(1), active.int().argmax(1), len(sites))
-        keys = first.unique()
-        if len(keys) == 1:
-            return None
-        return [torch.nonzero(first == k).flatten() for k in keys]
+        groups: list[torch.Tensor] = []
+        for k in first.unique():  # sorted: execution order
+            rows = torch.nonzero(first == k).flatten()
+            if groups and len(groups[-1]) < min_rows:
+                groups[-1] = torch.cat([groups[-1], rows])
+            else:
+                groups.append(rows)
+        return groups if len(groups) > 1 else None
 
-    def _replay(self, plan, mult, sel, r: int, B: int) -> tuple[dict | None, Plan]:
+    def _replay(self, plan, mult, sel, r: int, B: int, context=None) -> tuple[dict | None, Plan]:
         """The intact outputs upstream of the rows' earliest ablation, at the batch rows (mask row, branch, sample)
         of ``sel``, and the plan without the sites before it (every row has multiplier 1 there, and they may lie
         inside replayed modules); ``(None, plan)`` when nothing upstream can be replayed."""
@@ -370,22 +388,29 @@ class Objective:
             return None, plan
         later = [s for s in plan.sites["unet"] if self.model.events[(s.event, s.path)] >= event]
         plan = Plan(plan.components, {**plan.sites, "unet": later})
-        self._fill_replay(paths)
+        self._fill_replay(paths, context)
         index = torch.cat([b * self.n_samples + sel for b in range(B)])
         return rows_of({p: self._replayed[p] for p in paths}, index, r), plan
 
-    def _fill_replay(self, paths) -> None:
-        """Make sure the intact outputs of ``paths`` over the whole evaluation set are cached: one uncounted intact
-        pass for all that are missing. Past ``replay_budget`` bytes, outputs not asked for now are dropped first."""
+    def _fill_replay(self, paths, context=None) -> None:
+        """Make sure the outputs of ``paths`` over the whole evaluation set, without interventions, on the target
+        context ``context`` (None: the objective's own), are cached: one uncounted pass for all that are missing.
+        One context is cached at a time (causal tracing works through its noise draws one after another). Past
+        ``replay_budget`` bytes, outputs not asked for now are dropped first."""
         from .prefix import intact_outputs, nbytes
 
+        same = (context is None) if self._replay_context is None else \
+            (context is not None and torch.equal(context, self._replay_context))
+        if not same:
+            self._replayed, self._replay_context = {}, context
         missing = [p for p in paths if p not in self._replayed]
         if not missing:
             return
         if sum(nbytes(v) for v in self._replayed.values()) > self.replay_budget:
             self._replayed = {p: v for p, v in self._replayed.items() if p in paths}
         full = self.branches
-        ctx = torch.cat([self.ctx_target[self.image_index], self.ctx_anchor[self.image_index]][:full])
+        target = self.ctx_target if context is None else context
+        ctx = torch.cat([target[self.image_index], self.ctx_anchor[self.image_index]][:full])
         self._replayed.update(intact_outputs(self.model, missing, self.x_t.repeat(full, 1, 1, 1), self.t.repeat(full),
                                              ctx))
 

@@ -452,11 +452,12 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
                          "unet_rows_grad": r.grad, "flops": flops, "seconds": secs})
     notes = ["'(evaluation set)': building each concept's objective (its J of the intact model, and generated "
              "samples on models other than the concept world); projected time covers UNet passes only."]
-    if passes and any(m in cfg.methods for m in ("ablation", "screen")):
+    if passes and any(m in cfg.methods for m in ("ablation", "screen", "tracing")):
         frac = replayed_fraction(model, comps)
-        notes.append(f"single ablations (true ablation, screen-then-verify's verification) replay the intact UNet "
-                     f"upstream of the ablated unit instead of running it: {frac:.0%} of a pass's FLOPs on average for "
-                     f"these components, so their projected FLOPs and time, counted as full passes, are upper bounds.")
+        notes.append(f"single ablations (true ablation, screen-then-verify's verification) and causal tracing's "
+                     f"restorations of UNet components replay the UNet upstream of the changed unit instead of "
+                     f"running it: {frac:.0%} of a pass's FLOPs on average for these components, so their projected "
+                     f"FLOPs and time, counted as full passes, are upper bounds.")
     table = pd.DataFrame(rows)
     if passes and workers and workers > 1:
         # Every sweep's items spread over the workers; the evaluation sets and J of the intact model stay on the driver.

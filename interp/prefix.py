@@ -9,10 +9,16 @@ any diffusers UNet (Stable Diffusion's included) is handled alike. What is repla
 intervention event of the batch, the *frontier*: the outermost UNet modules that finish before that event and run
 exactly once per pass (a resnet's shared ``nonlinearity`` is called twice and is never replayed; its parent can be).
 
-The saving is the fraction of the UNet's FLOPs upstream of the ablated unit: large for units late in the up path,
+The same holds for causal tracing's restorations (Basu et al.): a run that restores one clean state in the
+corrupted run equals the corrupted run upstream of that state, so the cache is filled from the corrupted context
+instead (one context is cached at a time). Rows are grouped by where their intervention starts; a group smaller
+than one batch takes in the next ones and starts where its earliest row does, since a batch of a few rows costs
+nearly what a full one does.
+
+The saving is the fraction of the UNet's FLOPs upstream of the changed unit: large for units late in the up path,
 nothing for units in the first down block or for joint ablations that touch an early unit (random COAR masks), and
-nothing for gradients with respect to every unit. The replayed values are bitwise the intact pass's own, so an
-ablated pass differs from a full one only by the rounding of the batch size it was computed at. The intact passes
+nothing for gradients with respect to every unit. The replayed values are bitwise those of the same pass without
+the intervention, so a replayed pass differs from a full one only by the rounding of the batch size it ran at. The intact passes
 that fill the replay cache are not counted in the model's pass counters, like :meth:`Objective.warm`'s: counted
 cost stays a property of the configuration, on every executor.
 """

@@ -77,7 +77,7 @@ def test_plan_prints_in_seconds_on_the_shipped_world():
         p = plan.passes[key]
         assert p["rows"] >= 1 and p["seconds"] > 0 and p["flops"] > 0
         assert p["peak_bytes"] is None or p["peak_bytes"] > 0
-    assert "replay the intact UNet upstream" in text  # true ablation runs below its full-pass projection
+    assert "replay the UNet upstream" in text  # true ablation and tracing run below their full-pass projection
 
 
 def test_plan_projects_onto_ray_workers_from_the_command_line(capsys):

@@ -135,3 +135,66 @@ def test_replayed_fraction_is_the_flops_a_replayed_pass_saves(tiny_world_model, 
             flops[replay] = fc.get_total_flops()
         obj.replay_prefix = True
         assert 0 < 1 - flops[True] / flops[False] == pytest.approx(replayed_fraction(model, [comp]), abs=0.01)
+
+
+def test_causal_tracing_replays_its_corrupted_run_exactly(tiny_world_model):
+    """Restorations in the corrupted run replay that run's own upstream (one cached context per noise draw): the
+    scores and maps equal full passes', at fewer FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_world_model
+    # 4 mask rows per pass (8 UNet rows each): rows that start at the same site fill a batch of their own
+    obj = Objective(model, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64", max_batch=32))
+    comps = ComponentSet([*_sample(model.space.select("neuron", model="unet"), 30, seed=4),
+                          *model.space.select("layer", model="unet")[:6]])
+    runs, flops = [], []
+    try:
+        for replay in (True, False):
+            obj.replay_prefix = replay
+            method = interp.REGISTRY["tracing"](n_noise=2, chunk=8)
+            with FlopCounterMode(display=False) as fc:
+                df = method.attribute(model, "red", comps, objective=obj)
+            maps = method.maps(model, "red", comps, objective=obj)  # the same run's
+            runs.append(torch.tensor([*df["score"], *maps["score"]], dtype=torch.float64))
+            flops.append(fc.get_total_flops())
+    finally:
+        obj.replay_prefix = True
+    on, off = runs
+    assert on.shape == off.shape and len(on) > len(comps)  # the maps' rows too
+    _close(on, off, obj)
+    assert flops[0] < 0.95 * flops[1]  # the text-encoder map (most of these FLOPs) has nothing to replay
+    assert obj._replay_context is not None  # the last cache was a corrupted run's, not the intact model's
+
+
+def test_rows_on_different_contexts_are_not_replayed(tiny_world_model):
+    """A call whose rows run on different replaced contexts has no shared upstream: it runs full passes."""
+    from interp.interventions import compile_plan
+
+    model = tiny_world_model
+    obj = Objective(model, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64"))
+    comps = ComponentSet(list(model.space.select("neuron", block="up_blocks.1"))[:2])
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.cat([obj.ctx_target, obj.ctx_target + 0.5 * torch.randn(obj.ctx_target.shape, generator=g,
+                                                                         dtype=obj.ctx_target.dtype)])
+    assert obj._shared_context(ctx) is False
+    assert obj._shared_context(torch.cat([obj.ctx_target, obj.ctx_target])) is not False
+    plan, mult = compile_plan(model, comps), torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=obj.dtype)
+    on, off = _both(obj, lambda: obj.values(plan, mult, target_context=ctx) - obj.values(plan, mult * 0 + 1,
+                                                                                         target_context=ctx))
+    _close(on, off, obj)
+
+
+def test_rows_group_by_their_first_site_and_small_groups_fill_a_batch():
+    from types import SimpleNamespace
+
+    plan = SimpleNamespace(sites={"unet": [SimpleNamespace(columns=[0]), SimpleNamespace(columns=[1]),
+                                           SimpleNamespace(columns=[2])]})
+    first = [0, 0, 0, 1, 2, 2, 2, 2]
+    mult = torch.ones(len(first), 3)
+    mult[torch.arange(len(first)), torch.tensor(first)] = 0
+    mult[7, 0] = 0.5  # a row is grouped by its earliest intervened site
+    mult = torch.cat([mult, torch.ones(1, 3)])  # a row that changes nothing comes last
+    as_lists = lambda groups: [g.tolist() for g in groups]  # noqa: E731
+    assert as_lists(Objective._replay_groups(plan, mult)) == [[0, 1, 2, 7], [3], [4, 5, 6], [8]]
+    assert as_lists(Objective._replay_groups(plan, mult, min_rows=3)) == [[0, 1, 2, 7], [3, 4, 5, 6], [8]]
+    assert Objective._replay_groups(plan, mult, min_rows=9) is None  # one group: nothing to split

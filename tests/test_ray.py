@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 require_ray()
 
+# Under pytest-xdist (`--dist loadgroup`), every Ray test runs on one worker: one local cluster at a time.
+pytestmark = pytest.mark.xdist_group("ray")
+
 #: Methods and options small enough for the tiny model, each with several chunks so that both workers get items.
 METHODS = {
     "ablation": {"chunk": 8},

@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 require_ray()
 
+# Under pytest-xdist (`--dist loadgroup`), every Ray test runs on one worker: one local cluster at a time.
+pytestmark = pytest.mark.xdist_group("ray")
+
 
 @pytest.mark.slow
 def test_comparison_on_ray_equals_local_and_a_killed_driver_resumes(tiny_world_folder, tmp_path):
