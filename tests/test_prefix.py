@@ -1,8 +1,9 @@
 """Prefix replay (interp.prefix): ablated passes replay the intact UNet upstream of their earliest ablation.
 
 What must hold: the values equal a full pass's for every kind of component and ablation (single, joint, mean),
-every objective branch layout, on the concept world's and Stable Diffusion's UNet layouts; the replayed modules
-really are not run; modules run twice per pass are never replayed; counted cost does not change.
+every objective branch layout, on the concept world's and Stable Diffusion's UNet layouts, and for causal tracing's
+restorations in its corrupted run (rows on different contexts are not replayed); the replayed modules really are
+not run; modules run twice per pass are never replayed; counted cost does not change.
 """
 
 from __future__ import annotations
