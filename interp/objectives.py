@@ -139,8 +139,9 @@ class Objective:
                 f"ObjectiveConfig(n_images={len(self.concept.target_prompts)}) to use them all", UserWarning, stacklevel=2)
         # Image i is generated from prompt i mod k (k prompts), each image from its own noise.
         self.prompt_index = [i % len(self.concept.target_prompts) for i in range(cfg.n_images)]
-        #: Replay the intact UNet upstream of a batch's earliest ablation instead of running it (:mod:`interp.prefix`);
-        #: equal to running it up to the rounding of batch sizes. Off only to measure what it saves.
+        #: Replay the UNet upstream of a batch's earliest ablation (or causal tracing's restoration) instead of
+        #: running it (:mod:`interp.prefix`); equal to running it up to the rounding of batch sizes. Off only to
+        #: measure what it saves.
         self.replay_prefix = True
         #: Bytes of replayed outputs kept between calls (at Stable Diffusion's size one frontier is ~1 GB).
         self.replay_budget = 2**31
