@@ -233,13 +233,13 @@ class Objective:
             raise ValueError("record works on one chunk of mask rows; pass fewer rows")
         if record is not None and any(k.startswith("text_encoder.") for k in record):
             recompute_text = True
-        groups = None
-        if self._replayable(plan, mult, recompute_text, target_context, unet_patches, record):
-            groups = self._replay_groups(plan, mult, chunk)
+        replay = self._replayable(plan, mult, recompute_text, target_context, unet_patches, record)
+        # Replayed rows share one target context (or the objective's own): its one block serves any rows.
+        shared = self._shared_context(target_context) if replay else None
+        groups = self._replay_groups(plan, mult, chunk) if replay else None
         if groups is not None:  # rows that start at the same point run together (interp.prefix)
             from .prefix import earliest_active_event, frontier
 
-            shared = self._shared_context(target_context)  # every row's context: one block serves any rows
             subs = [rows[s : s + chunk] for rows in groups for s in range(0, len(rows), chunk)]
             fronts = [frontier(self.model, earliest_active_event(self.model, plan, mult[sub]) or 0) for sub in subs]
             self._fill_replay(list(dict.fromkeys(p for f in fronts for p in f)), shared)  # one pass for all chunks
@@ -249,7 +249,10 @@ class Objective:
         else:
             outs = []
             for s in range(0, R, chunk):
-                ctx = target_context[s * P : (s + chunk) * P] if per_row_context else target_context
+                if replay:
+                    ctx = shared
+                else:
+                    ctx = target_context[s * P : (s + chunk) * P] if per_row_context else target_context
                 outs.append(self._chunk(plan, None if mult is None else mult[s : s + chunk], means, ctx, unet_patches,
                                         samples, recompute_text, record, intervene_anchor))
             J = torch.cat(outs)
@@ -400,9 +403,8 @@ class Objective:
         ``replay_budget`` bytes, outputs not asked for now are dropped first."""
         from .prefix import intact_outputs, nbytes
 
-        same = (context is None) if self._replay_context is None else \
-            (context is not None and torch.equal(context, self._replay_context))
-        if not same:
+        cached = self._replay_context
+        if not (context is cached or (context is not None and cached is not None and torch.equal(context, cached))):
             self._replayed, self._replay_context = {}, context
         missing = [p for p in paths if p not in self._replayed]
         if not missing:

@@ -116,6 +116,15 @@ def test_stable_diffusion_layouts_replay_exactly(tmp_path, style):
     on, off = _both(obj, lambda: single_ablation_deltas(obj, comps, chunk=6))
     _close(on, off, obj)
 
+    def traced():  # causal tracing's restorations replay the corrupted run, on these layouts too
+        df = interp.attribute("tracing", model, "a red car", comps[:12], objective=obj, n_noise=1, maps=False)
+        return torch.tensor(df["score"].to_numpy(float), dtype=torch.float64)
+
+    obj.warm()  # the intact anchor branch tracing reads, computed (and counted) once before either run
+    on, off = _both(obj, traced)
+    _close(on, off, obj)
+    assert obj._replay_context is not None  # the replay cache was filled from the corrupted run
+
 
 def test_replayed_fraction_is_the_flops_a_replayed_pass_saves(tiny_world_model, tiny_red_objective):
     from torch.nn.attention import SDPBackend, sdpa_kernel
