@@ -1,7 +1,7 @@
 """(Re)train a shipped concept-world model: classifier, text-to-image model, fidelity, sample grid.
 
     python -m analyses.train_world --out interp/world/assets/concept-world
-    python -m analyses.train_world --model concept-world-latent     # VAE, then latent UNet; classifier reused
+    python -m analyses.train_world --model concept-world-latent     # VAE, then latent UNet; CLIP text encoder reused
 
 Resumable: an interrupted training continues from its last saved state in the output folder.
 """
@@ -27,8 +27,14 @@ def parse(argv):
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the shipped checkpoint's)")
     p.add_argument("--steps", type=int, default=None,
                    help="diffusion training steps (default: the model's, 3600 for concept-world, ~40 min on 2 idle "
-                        "cores; 5000 for concept-world-latent)")
+                        "cores; 2500 for concept-world-latent)")
     p.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (concept-world-latent only)")
+    p.add_argument("--guidance", type=float, default=2.0,
+                   help="concept-world-latent only: the guidance scale it samples at by default, written to its "
+                        "world.json and used for its fidelity (default %(default)s; 1: unguided)")
+    p.add_argument("--text-encoder", default=None,
+                   help="concept-world-latent only: the CLIP whose text tower is the frozen text encoder (default "
+                        "concept-world-clip, the suite's; or a CLIPModel folder), or 'joint' to train one with the UNet")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per training step (default: the model's, 128 for concept-world, 64 for the latent one)")
     p.add_argument("--classifier-steps", type=int, default=1500, help="concept-classifier training steps")
@@ -70,35 +76,35 @@ def latent_config(args):
     from interp.world.train import LatentTrainConfig, VAETrainConfig
 
     defaults = LatentTrainConfig()
+    text = None if args.text_encoder == "joint" else args.text_encoder or defaults.text
     return LatentTrainConfig(
         steps=args.steps or defaults.steps, batch_size=args.batch_size or defaults.batch_size, seed=args.seed,
-        vae=VAETrainConfig(steps=args.vae_steps or defaults.vae.steps, seed=args.seed),
+        vae=VAETrainConfig(steps=args.vae_steps or defaults.vae.steps, seed=args.seed), text=text,
     )
 
 
 def train_latent(args, out: Path) -> int:
-    """``concept-world-latent``: the VAE (phase 1), then UNet + text encoder on its latents (phase 2); both phases
-    resume from their saved state in ``out``. The classifier is the pixel world's 16-px one, judging 32-px images
-    resized (measured 100% per attribute on 2,000 resized held-out 32-px renders), so none is trained."""
-    from interp.world.latent import build_latent_pipeline
+    """``concept-world-latent``: its VAE, then its UNet on the VAE's latents, conditioned by a pretrained CLIP's
+    frozen text tower (:func:`interp.world.train.train_latent`); both phases resume from their saved state in
+    ``out``. The classifier is the pixel world's 16-px one, judging 32-px images resized (measured 100% per
+    attribute on 2,000 resized held-out 32-px renders), and the CLIP the suite's judge: neither is trained."""
     from interp.world.plugin import LATENT_KIND
-    from interp.world.train import save_model, train, train_vae
+    from interp.world.train import save_model, train_latent as train_phases
 
     if args.retrain_classifier:
         raise SystemExit("--retrain-classifier: concept-world-latent reuses the concept-world classifier; retrain "
                          "that one with `python -m analyses.train_world --retrain-classifier`")
+    if not 0 <= args.guidance < 1e4:
+        raise SystemExit(f"--guidance must be a scale >= 0 (1: unguided), got {args.guidance}")
     cfg = latent_config(args)
-    vae, vae_history, vae_seconds = train_vae(cfg.vae, cfg.model, out, progress=not args.no_progress)
-    logging.info("VAE trained (%.0f s), scaling factor %.4f", vae_seconds, vae.config.scaling_factor)
-    pipe = build_latent_pipeline(cfg.model, vae=vae, seed=cfg.seed)
-    pipe, history = train(cfg, out, progress=not args.no_progress, pipe=pipe)
+    pipe, history, records = train_phases(cfg, out, progress=not args.no_progress)
+    logging.info("trained: %s", {k: v for k, v in records.items() if not k.endswith("history")})
     save_model(pipe, out, cfg, history, extra={
-        "vae_history": vae_history, "vae_seconds": vae_seconds, "unet_seconds": history[-1]["seconds"],
-        "scaling_factor": pipe.vae.config.scaling_factor,
-        "parameters": {k: sum(p.numel() for p in getattr(pipe, k).parameters())
-                       for k in ("vae", "unet", "text_encoder")},
+        **records, "parameters": {k: sum(p.numel() for p in getattr(pipe, k).parameters())
+                                  for k in ("vae", "unet", "text_encoder")},
     })
-    (out / "world.json").write_text(json.dumps({"kind": LATENT_KIND, "image_size": cfg.model.image_size}, indent=1))
+    (out / "world.json").write_text(json.dumps({"kind": LATENT_KIND, "image_size": cfg.model.image_size,
+                                                "default_guidance": args.guidance}, indent=1))
     (out / "vae_state.pt").unlink(missing_ok=True)
     summary = evaluate_checkpoint(out, args.fidelity_images, progress=not args.no_progress,
                                   targets={"color": 0.95, "shape": 0.95, "texture": 0.90, "background": 0.95})

@@ -39,6 +39,8 @@ class ModelKind:
     name: str
     shipped: dict[str, Path]
     matches_folder: Callable[[Path], bool]
+    #: ``folder, dtype -> (pipeline, extras)``; extras may hold ``classifier`` and ``default_guidance`` (the folder's
+    #: own, over the provider's)
     load_folder: Callable[[Path, torch.dtype], tuple[object, dict]]
     matches_pipeline: Callable[[object], bool]
     provider: object
@@ -382,6 +384,7 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
         world=None if kind is None else kind.provider,
         pipeline=pipe,
         source=source,
+        default_guidance=extras.get("default_guidance"),
     )
 
 

@@ -1,6 +1,6 @@
 """``concept-world-latent``: 32x32 renders (16-px renders unchanged), the StableDiffusionPipeline folder loaded by
 name through the plain SD code path, VAE latents in the objectives' evaluation sets, the shipped fidelity claim,
-and two-phase (VAE, UNet) training that resumes where it stopped."""
+and two-phase (VAE, UNet on a pretrained CLIP's frozen text tower) training that resumes where it stopped."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import torch.nn.functional as F
 
 import interp
 from interp import diffusion
+from interp.world.clip import CLIPTrainConfig, build_clip
 from interp.world.latent import LatentModelConfig, build_latent_pipeline
 from interp.world.plugin import ASSETS, LATENT_WORLD, is_latent_world_folder, is_world_folder
 from interp.world.render import ConceptWorld, Scene, render, render_batch
-from interp.world.train import LatentTrainConfig, VAETrainConfig, train, train_vae
+from interp.world.train import LatentTrainConfig, VAETrainConfig, pretrained_text_encoder, train_latent
 
 SHIPPED = ASSETS / "concept-world-latent"
 TARGETS = {"color": 0.95, "shape": 0.95, "texture": 0.90, "background": 0.95}
@@ -95,6 +96,28 @@ def test_latent_folder_loads_as_a_stable_diffusion_pipeline(tiny_latent_folder, 
     assert diffusion.latent_shape(m.unet, 2) == (2, 4, 8, 8)
     img = interp.generate(m, ["a red solid circle on black"], seed=0, steps=2)
     assert img.shape == (1, 3, 32, 32)  # decoded through the VAE
+    assert m.default_guidance == 1.0  # no guidance in world.json: the concept world's default
+
+
+def test_latent_folder_guidance_comes_from_its_world_json(tmp_path, tiny_latent_folder, monkeypatch):
+    """The guidance a latent-world folder is sampled at by default is its world.json's (the shipped model's 2)."""
+    import shutil
+
+    folder = tmp_path / "cwl"
+    shutil.copytree(tiny_latent_folder, folder)
+    marker = json.loads((folder / "world.json").read_text())
+    (folder / "world.json").write_text(json.dumps({**marker, "default_guidance": 3}))
+    m = interp.load_model(str(folder))
+    assert m.default_guidance == 3.0
+    calls, real = [], diffusion.denoise
+
+    def spy(unet_fn, scheduler, latents, context, uncond, steps, guidance, **kwargs):
+        calls.append(guidance)
+        return real(unet_fn, scheduler, latents, context, uncond, steps, guidance, **kwargs)
+
+    monkeypatch.setattr(diffusion, "denoise", spy)
+    interp.generate(m, ["a red solid circle on black"], seed=0, steps=1)
+    assert calls == [3.0]  # generation samples at the folder's guidance when the caller gives none
 
 
 def test_plain_sd_folder_is_never_the_latent_world(tmp_path, tiny_latent_folder):
@@ -156,6 +179,7 @@ def test_shipped_latent_model_loads_by_name_offline(monkeypatch):
     assert index["_class_name"] == "StableDiffusionPipeline" and index["requires_safety_checker"] is False
     m = interp.load_model("concept-world-latent")
     assert type(m.pipeline) is StableDiffusionPipeline and m.vae is not None and m.world is LATENT_WORLD
+    assert m.default_guidance == json.loads((SHIPPED / "world.json").read_text())["default_guidance"] == 2.0
     assert m.classifier is not None and diffusion.latent_shape(m.unet, 1) == (1, 4, 8, 8)
     weights = list((SHIPPED / "pipeline").rglob("*.safetensors"))
     assert len(weights) == 3 and sum(f.stat().st_size for f in weights) < 15e6
@@ -200,25 +224,35 @@ def test_training_command_without_flags_is_the_latent_recipe():
     shipped = json.loads((SHIPPED / "train_config.json").read_text())
     assert shipped["config_hash"] == LatentTrainConfig().hash()
     cfg = latent_config(parse(["--model", "concept-world-latent", "--batch-size", "32", "--steps", "7"]))
-    assert (cfg.batch_size, cfg.steps) == (32, 7)
+    assert (cfg.batch_size, cfg.steps, cfg.text) == (32, 7, "concept-world-clip")
+    assert latent_config(parse(["--model", "concept-world-latent", "--text-encoder", "joint"])).text is None
 
 
-def _tiny_cfg() -> LatentTrainConfig:
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """An untrained CLIPModel folder whose text tower has the tiny latent model's text dimensions."""
+    m = LatentModelConfig.tiny()
+    folder = tmp_path_factory.mktemp("clip")
+    build_clip(CLIPTrainConfig(image_size=8, patch_size=4, hidden=m.text_hidden, layers=m.text_layers,
+                               heads=m.text_heads, intermediate=m.text_intermediate, projection_dim=8)).save_pretrained(folder)
+    return folder
+
+
+def _tiny_cfg(text) -> LatentTrainConfig:
     return LatentTrainConfig(
         model=LatentModelConfig.tiny(), steps=6, batch_size=4, warmup=1, log_every=2, save_every=2,
         vae=VAETrainConfig(steps=6, batch_size=4, warmup=1, log_every=2, save_every=2, scale_batch=16),
+        text=None if text is None else str(text),
     )
 
 
 def _run(cfg, out):
-    vae, vae_hist, _ = train_vae(cfg.vae, cfg.model, out, progress=False)
-    pipe = build_latent_pipeline(cfg.model, vae=vae, seed=cfg.seed)
-    pipe, hist = train(cfg, out, progress=False, pipe=pipe)
-    return pipe, vae_hist, hist
+    pipe, hist, records = train_latent(cfg, out, progress=False)
+    return pipe, records, hist
 
 
 @pytest.mark.parametrize("die_at", [5, 6 + 1 + 5], ids=["in-vae-phase", "in-unet-phase"])
-def test_tiny_latent_training_resumes_identically(tmp_path, monkeypatch, die_at):
+def test_tiny_latent_training_resumes_identically(tmp_path, monkeypatch, die_at, tiny_clip):
     """Killed in either phase, the rerun continues from the saved state and ends with the uninterrupted weights.
 
     ``render_batch`` is called once per VAE step (6), once for the scaling factor's batch, then once per UNet step:
@@ -226,10 +260,10 @@ def test_tiny_latent_training_resumes_identically(tmp_path, monkeypatch, die_at)
     """
     import interp.world.train as train_mod
 
-    cfg = _tiny_cfg()
-    ref, ref_vae_hist, ref_hist = _run(cfg, tmp_path / "ref")
+    cfg = _tiny_cfg(tiny_clip)
+    ref, ref_rec, ref_hist = _run(cfg, tmp_path / "ref")
     assert ref.vae.config.scaling_factor > 0 and ref.vae.config.scaling_factor != 0.18215
-    assert [h["step"] for h in ref_hist] == [2, 4, 6] and [h["step"] for h in ref_vae_hist] == [2, 4, 6]
+    assert [h["step"] for h in ref_hist] == [2, 4, 6] and [h["step"] for h in ref_rec["vae_history"]] == [2, 4, 6]
 
     class Killed(Exception):
         pass
@@ -246,10 +280,45 @@ def test_tiny_latent_training_resumes_identically(tmp_path, monkeypatch, die_at)
     with pytest.raises(Killed):
         _run(cfg, tmp_path / "run")
     monkeypatch.setattr(train_mod, "render_batch", real)
-    pipe, vae_hist, hist = _run(cfg, tmp_path / "run")
-    assert [h["loss"] for h in vae_hist] == pytest.approx([h["loss"] for h in ref_vae_hist], rel=1e-5)
+    pipe, rec, hist = _run(cfg, tmp_path / "run")
+    assert [h["loss"] for h in rec["vae_history"]] == pytest.approx([h["loss"] for h in ref_rec["vae_history"]],
+                                                                     rel=1e-5)
     assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], rel=1e-5)
     assert pipe.vae.config.scaling_factor == pytest.approx(ref.vae.config.scaling_factor, rel=1e-6)
     for part in ("vae", "unet", "text_encoder"):
         for (n, p), (_, q) in zip(getattr(pipe, part).named_parameters(), getattr(ref, part).named_parameters()):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"{part}.{n}")
+
+
+def test_tiny_latent_text_encoder_is_the_clips_text_tower_frozen(tmp_path, tiny_clip):
+    """The UNet phase leaves the text encoder exactly the CLIP's text tower, and records which CLIP it came from."""
+    from transformers import CLIPModel
+
+    cfg = _tiny_cfg(tiny_clip)
+    pipe, records, _ = _run(cfg, tmp_path)
+    tower = CLIPModel.from_pretrained(tiny_clip).text_model.state_dict()
+    assert set(tower) == set(pipe.text_encoder.state_dict())
+    for k, v in pipe.text_encoder.state_dict().items():
+        assert torch.equal(v, tower[k].float()), k
+    assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
+    assert records["text_encoder"] == {"clip": str(tiny_clip),
+                                       "weights_digest": pretrained_text_encoder(str(tiny_clip), cfg.model)[1]}
+
+
+def test_tiny_latent_training_without_a_clip_trains_the_text_encoder_jointly(tmp_path):
+    """``text=None``: the text encoder learns with the UNet (it moves from its initialization)."""
+    cfg = _tiny_cfg(None)
+    pipe, records, _ = _run(cfg, tmp_path)
+    assert "text_encoder" not in records
+    init = build_latent_pipeline(cfg.model, vae=pipe.vae, seed=cfg.seed).text_encoder  # the same draw
+    moved = [not torch.equal(p, q) for p, q in zip(pipe.text_encoder.parameters(), init.parameters())]
+    assert all(p.requires_grad for p in pipe.text_encoder.parameters()) and sum(moved) > len(moved) // 2
+
+
+def test_pretrained_text_encoder_refuses_a_mismatch_or_a_missing_folder(tmp_path, tiny_clip):
+    wider = LatentModelConfig.tiny()
+    wider = LatentModelConfig(**{**wider.__dict__, "text_hidden": 2 * wider.text_hidden})
+    with pytest.raises(ValueError, match="text_\\* fields"):
+        pretrained_text_encoder(str(tiny_clip), wider)
+    with pytest.raises(FileNotFoundError, match="analyses.train_clip"):
+        pretrained_text_encoder(str(tmp_path / "nowhere"), LatentModelConfig.tiny())

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .render import ConceptWorld, random_scene, render
-from .train import _Recipe
+from .fitting import Recipe, fit
 from .vocab import ATTRIBUTES, BOS, EOS, MAX_LENGTH, PAD, TEMPLATES, build_tokenizer, caption, vocabulary
 
 #: Seed-stream tag of the training batches (``default_rng([seed, TRAIN_STREAM])``).
@@ -40,7 +39,7 @@ HELDOUT_SEED = 40_000
 
 
 @dataclass(frozen=True)
-class CLIPTrainConfig(_Recipe):
+class CLIPTrainConfig(Recipe):
     """Architecture and training of the concept-world CLIP. The defaults are the shipped model's."""
 
     image_size: int = 16
@@ -56,6 +55,7 @@ class CLIPTrainConfig(_Recipe):
     weight_decay: float = 0.05
     p_omit: float = 0.5
     seed: int = 0
+    log_every: int = 50
 
 
 def build_clip(cfg: CLIPTrainConfig = CLIPTrainConfig()):
@@ -111,34 +111,34 @@ def contrastive_loss(logits_per_image: torch.Tensor, positives: torch.Tensor) ->
 
 
 def train_clip(cfg: CLIPTrainConfig = CLIPTrainConfig(), progress: bool = True):
-    """Train the concept-world CLIP; returns ``(model, tokenizer, loss history)`` (model in eval mode, float32)."""
+    """Train the concept-world CLIP; returns ``(model, tokenizer, loss history)`` (model in eval mode, float32).
+    History records are the mean loss of every ``log_every`` steps."""
     from .classifier import _augment
 
     model = build_clip(cfg)
     tok = build_tokenizer()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, cfg.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     rng = np.random.default_rng([cfg.seed, TRAIN_STREAM])
     gen = torch.Generator().manual_seed(cfg.seed)
-    history = []
     model.train()
-    for step in tqdm(range(cfg.steps), desc="clip", disable=not progress):
+
+    def batch_loss(step):
         images, captions, labels, named = _batch(rng, cfg.batch_size, cfg.image_size, cfg.p_omit)
         enc = tok(captions, padding="max_length", max_length=MAX_LENGTH, return_tensors="pt")
         out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
                     pixel_values=_augment(images, gen) * 2 - 1)
-        loss = contrastive_loss(out.logits_per_image, consistency(labels, named))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():  # CLIP clips its learned temperature at 100
+        return contrastive_loss(out.logits_per_image, consistency(labels, named))
+
+    def clamp_temperature():  # CLIP clips its learned temperature at 100
+        with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        if step % 50 == 0 or step == cfg.steps - 1:
-            history.append({"step": step, "loss": float(loss.detach())})
+
+    history, _ = fit(batch_loss, cfg, params, opt, sched, None, cfg.hash(), {}, rng, gen, "clip", progress,
+                     after_step=clamp_temperature)
     model.eval().requires_grad_(False)
     return model, tok, history
 

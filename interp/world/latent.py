@@ -4,8 +4,9 @@
 ``AutoencoderKL`` (Kingma & Welling 2014; the KL-regularized autoencoder of Rombach et al. 2022, "High-Resolution
 Image Synthesis with Latent Diffusion Models") to 8x8x4 latents (three encoder blocks, two downsamplings, as SD's
 VAE has four blocks and three), a latent-space ``UNet2DConditionModel`` in SD's layout (cross-attention down blocks,
-then a plain ``DownBlock2D`` at the lowest resolution, mirrored up blocks, two layers per block), a 6-layer
-``CLIPTextModel`` over the same word-level tokenizer, and a v-prediction DDIM scheduler, assembled as a real
+then a plain ``DownBlock2D`` at the lowest resolution, mirrored up blocks, two layers per block), a
+``CLIPTextModel`` that is the text tower of a pretrained CLIP, frozen (as SD 1.x's is OpenAI's CLIP ViT-L/14's; here
+the suite's own concept-world CLIP, :mod:`.clip`), and a v-prediction DDIM scheduler, assembled as a real
 ``StableDiffusionPipeline``: the suite loads it exactly as it loads a user's SD folder.
 
 As in SD, latents are multiplied by ``vae.config.scaling_factor`` = 1 / std of the VAE's latents over a batch of
@@ -53,11 +54,11 @@ class LatentModelConfig(ModelConfig):
     layers_per_block: int = 2
     attention_heads: int = 6
     norm_num_groups: int = 16
-    # a deeper, wider text encoder than the pixel model's 3 x 64
-    text_hidden: int = 128
-    text_layers: int = 6
-    text_heads: int = 8
-    text_intermediate: int = 256
+    # the text tower of the suite's CLIP (concept-world-clip), which the latent model takes pretrained and frozen
+    text_hidden: int = 64
+    text_layers: int = 3
+    text_heads: int = 4
+    text_intermediate: int = 128
     vae: VAEConfig = field(default_factory=VAEConfig)
 
     def __post_init__(self):

@@ -114,14 +114,19 @@ def is_latent_world_folder(path: Path) -> bool:
 def load_latent_world_folder(path: Path, dtype) -> tuple[object, dict]:
     """The pipeline exactly as a plain SD folder loads (:func:`interp.models.load_model`), plus the classifier:
     the folder's own if it ships one, else the pixel world's 16-px classifier (measured 100% on resized 32-px
-    renders, see the README)."""
+    renders, see the README); and the guidance scale the model samples at, when ``world.json`` names one (the
+    shipped model is sampled at guidance 2, as SD is sampled guided)."""
     from diffusers import DiffusionPipeline
 
     from .classifier import ConceptClassifier
 
     pipe = DiffusionPipeline.from_pretrained(path / "pipeline", dtype=dtype, local_files_only=True)
     own = (path / "classifier.safetensors").exists()
-    return pipe, {"classifier": ConceptClassifier.load(path if own else ASSETS / "concept-world")}
+    extras = {"classifier": ConceptClassifier.load(path if own else ASSETS / "concept-world")}
+    guidance = json.loads((path / "world.json").read_text()).get("default_guidance")
+    if guidance is not None:
+        extras["default_guidance"] = float(guidance)
+    return pipe, extras
 
 
 def is_world_pipeline(pipe) -> bool:

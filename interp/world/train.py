@@ -9,18 +9,19 @@ Min-SNR down-weights the low-noise steps that remove the last noise. v-predictio
 where it stopped. The shipped weights are stored in float16 (halving the repository's size) and always loaded and
 evaluated in float32; the fidelity written next to them is measured on exactly those rounded weights.
 
-The latent model (:mod:`.latent`, ``concept-world-latent``) trains in two phases, both resumable: its autoencoder
-(:func:`train_vae`, whose scaling factor is then set as Stable Diffusion's was, 1 / std of the latents of a batch
-of training renders), then the UNet and text encoder by the same :func:`train` loop, on fresh 32x32 renders encoded
-every step by the frozen, float16-rounded VAE (a posterior sample, as SD's training encodes).
+The latent model (:mod:`.latent`, ``concept-world-latent``; :func:`train_latent`) trains in two phases, both
+resumable: its autoencoder (:func:`train_vae`, whose scaling factor is then set as Stable Diffusion's was, 1 / std
+of the latents of a batch of training renders), then the UNet by the same :func:`train` loop, on fresh 32x32 renders
+encoded every step by the frozen, float16-rounded VAE (a posterior sample, as SD's training encodes), conditioned
+by the frozen text tower of a pretrained CLIP, as SD's UNet is. Every phase runs one optimization loop,
+:func:`.fitting.fit`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,35 +29,17 @@ import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
-from tqdm.auto import tqdm
 
 from .. import diffusion
 from ..store import config_hash
-from .latent import LatentModelConfig, build_vae, encode
+from .fitting import Recipe, fit
+from .latent import LatentModelConfig, build_latent_pipeline, build_vae, encode
 from .model import ModelConfig, build_pipeline, train_scheduler
 from .render import render_batch
 
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
-class _Recipe:
-    """What the training configs share: a positive length and batch, validated on construction, and a stable hash
-    of every field (the key a resumed training state must match)."""
-
-    def __post_init__(self):
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError(f"steps and batch_size must be positive, got {self.steps} and {self.batch_size}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def hash(self) -> str:
-        return config_hash(self.to_dict())
-
-
-@dataclass(frozen=True)
-class TrainConfig(_Recipe):
+class TrainConfig(Recipe):
     """Everything that determines a trained concept-world model."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -80,7 +63,7 @@ class TrainConfig(_Recipe):
 
 
 @dataclass(frozen=True)
-class VAETrainConfig(_Recipe):
+class VAETrainConfig(Recipe):
     """Training of the autoencoder (phase 1): fresh renders every step, L1 + ``kl_weight`` * KL."""
 
     # Probes (1 thread): 300 steps of batch 64 at lr 2e-3 reconstructed color at 52% (classifier), 1000 steps of batch
@@ -99,16 +82,17 @@ class VAETrainConfig(_Recipe):
 
 @dataclass(frozen=True)
 class LatentTrainConfig(TrainConfig):
-    """Everything that determines a trained ``concept-world-latent``: its VAE's training, then its UNet's."""
+    """Everything that determines a trained ``concept-world-latent``: the CLIP its frozen text encoder comes from
+    (``text``; None: the text encoder is trained jointly with the UNet instead), its VAE's training, then its UNet's."""
 
     model: LatentModelConfig = field(default_factory=LatentModelConfig)
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
-    # The first full run, 2700 steps of batch 128 (what fit the 45-minute budget beside the VAE), drew shape at 57.5%
-    # and still improved when continued (250 more steps from its weights: 60.8% unguided, 75 -> 83% at guidance 3):
-    # under-trained. Batch 64 costs 0.53x a batch-128 step (0.65 vs 1.22 s, 1 thread), so the same budget buys
-    # 1.9x the updates: 5000 steps of batch 64 (0.45 s per step, 2 threads, idle) drew shape at 68.6% (color 98.6%,
-    # texture 96.1%, background 100%; 360 held-out prompts, unguided), still short of the 95% target.
-    steps: int = 5000
+    # As Stable Diffusion's is OpenAI's CLIP ViT-L/14's, the text encoder is the text tower of a pretrained CLIP, the
+    # suite's own (``concept-world-clip``, or a CLIPModel folder), frozen. Trained jointly with the UNet instead
+    # (None), the 6-layer encoder barely told shapes apart (contexts of prompts differing in the shape word 0.27
+    # apart, diamond-cross 0.09; colors 0.53) and 5000 steps drew shape at 68.6%, guidance plateauing near 82%.
+    text: str | None = "concept-world-clip"
+    steps: int = 2500
     batch_size: int = 64
 
 
@@ -136,75 +120,16 @@ def diffusion_loss(pipe, noise_sched, images, captions, generator, min_snr_gamma
 
 
 def _params(pipe):
-    return list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
-
-
-def _resume(state_path: Path, key: str, parts: dict, rng, gen, what: str) -> tuple[int, list, float]:
-    """Load ``state_path`` into ``parts`` (name -> object with ``load_state_dict``) and the random streams when it
-    was written for ``key``; returns ``(step, history, seconds)`` to continue from (0, [], 0.0 when starting)."""
-    if not state_path.exists():
-        return 0, [], 0.0
-    state = torch.load(state_path, weights_only=False)
-    if state["config_hash"] != key:
-        log.warning("ignoring %s: it belongs to another training config", state_path)
-        return 0, [], 0.0
-    for name, part in parts.items():
-        part.load_state_dict(state[name])
-    rng.bit_generator.state = state["rng"]
-    gen.set_state(state["gen"])
-    log.info("resuming %s at step %d", what, state["step"])
-    return state["step"], state["history"], state["seconds"]
-
-
-def _checkpoint(state_path: Path, key: str, step: int, history: list, seconds: float, parts: dict, rng, gen) -> None:
-    """Write a training state atomically: a kill during the write never leaves a broken state."""
-    tmp = state_path.with_suffix(".tmp")
-    torch.save({"config_hash": key, "step": step, "history": history, "seconds": seconds,
-                **{name: part.state_dict() for name, part in parts.items()},
-                "rng": rng.bit_generator.state, "gen": gen.get_state()}, tmp)
-    tmp.replace(state_path)
-
-
-def _fit(batch_loss, cfg: _Recipe, params: list, opt, sched, state_path: Path, key: str, parts: dict, rng, gen,
-         what: str, progress: bool, ema=None, mark_done: bool = False) -> tuple[list, float]:
-    """The optimization loop both phases run: resume from ``state_path`` if it was written for ``key``, then
-    ``cfg.steps`` clipped AdamW steps on ``batch_loss(step)`` (the scheduler and ``ema`` stepped after each), a
-    ``{"step", "loss", "seconds"}`` history record every ``log_every`` steps and a state every ``save_every``
-    (``mark_done``: also at the end, so a finished phase is never run again). Returns ``(history, seconds)``."""
-    start, history, elapsed = _resume(state_path, key, parts, rng, gen, what)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=what,
-               disable=not progress or start >= cfg.steps)
-    t0 = time.perf_counter() - elapsed
-    running = []
-    for step in bar:
-        loss = batch_loss(step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{what} loss is {loss.item()} at step {step}: lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if ema is not None:
-            ema.step(params)
-        running.append(loss.item())
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            rec = {"step": step + 1, "loss": float(np.mean(running)), "seconds": time.perf_counter() - t0}
-            history.append(rec)
-            running = []
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            log.info("%s step %d loss %.4f (%.0f s)", what, rec["step"], rec["loss"], rec["seconds"])
-        last = step + 1 == cfg.steps
-        if (step + 1) % cfg.save_every == 0 and not last or mark_done and last:
-            _checkpoint(state_path, key, step + 1, history, time.perf_counter() - t0, parts, rng, gen)
-    return history, time.perf_counter() - t0
+    """What the diffusion phase trains: the UNet, and the text encoder unless it is frozen (pretrained)."""
+    return [p for part in (pipe.unet, pipe.text_encoder) for p in part.parameters() if p.requires_grad]
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True, pipe=None):
     """Train a concept-world pipeline; resumes from ``out_dir/train_state.pt`` when it matches ``cfg``.
 
     ``pipe``: the freshly initialized pipeline to train (default: the pixel model of ``cfg.model``); if it has a
-    VAE (the latent model), the VAE stays frozen and encodes every batch. Returns ``(pipeline with EMA weights in
+    VAE (the latent model), the VAE stays frozen and encodes every batch; a text encoder whose parameters do not
+    require grad (pretrained) stays frozen too. Returns ``(pipeline with EMA weights in
     float32, history)``, ``history`` being a list of ``{"step", "loss", "seconds"}`` records.
     """
     out_dir = Path(out_dir)
@@ -213,7 +138,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True, pipe=Non
     if getattr(pipe, "vae", None) is not None:
         pipe.vae.eval().requires_grad_(False)
     pipe.unet.train()
-    pipe.text_encoder.train()
+    frozen_text = not any(p.requires_grad for p in pipe.text_encoder.parameters())
+    pipe.text_encoder.train(not frozen_text)
     noise_sched = train_scheduler(cfg.model)
     params = _params(pipe)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -229,7 +155,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, progress: bool = True, pipe=Non
         captions = ["" if d else c for c, d in zip(captions, drop)]
         return diffusion_loss(pipe, noise_sched, images, captions, gen, cfg.min_snr_gamma).mean()
 
-    history, _ = _fit(batch_loss, cfg, params, opt, sched, out_dir / "train_state.pt", cfg.hash(), parts, rng, gen,
+    history, _ = fit(batch_loss, cfg, params, opt, sched, out_dir / "train_state.pt", cfg.hash(), parts, rng, gen,
                       "train", progress, ema=ema)
     ema.copy_to(params)
     # The shipped model is the float16-rounded EMA model, evaluated in float32.
@@ -289,7 +215,7 @@ def train_vae(cfg: VAETrainConfig, model_cfg: LatentModelConfig, out_dir: str | 
         return (F.l1_loss(rec, x) + cfg.mse_weight * F.mse_loss(rec, x)
                 + cfg.kl_weight * _kl(dist).mean() / x[0].numel())  # KL per pixel value, as the reconstruction
 
-    history, seconds = _fit(batch_loss, cfg, params, opt, sched, state_path, key, parts, rng, gen, "vae", progress,
+    history, seconds = fit(batch_loss, cfg, params, opt, sched, state_path, key, parts, rng, gen, "vae", progress,
                             mark_done=True)
     vae.eval().requires_grad_(False)
     for p in vae.parameters():  # the UNet learns the latents of exactly the VAE that ships (float16-rounded)
@@ -299,3 +225,48 @@ def train_vae(cfg: VAETrainConfig, model_cfg: LatentModelConfig, out_dir: str | 
         z = vae.encode(images * 2 - 1).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     return vae, history, seconds
+
+
+def pretrained_text_encoder(spec: str, model_cfg: LatentModelConfig):
+    """The text tower of the CLIP ``spec`` (a shipped judge's name such as ``concept-world-clip``, or a CLIPModel
+    folder) as a frozen float32 ``CLIPTextModel`` of ``model_cfg``'s text dimensions, and the digest of its weights."""
+    from transformers import CLIPModel
+
+    from ..judges import SHIPPED_JUDGES
+    from .model import build_text_encoder
+
+    folder = Path(SHIPPED_JUDGES.get(spec, spec))
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"text encoder {spec!r}: no CLIPModel folder at {folder}; give a CLIPModel folder or "
+                                f"build the suite's with `python -m analyses.train_clip`")
+    clip = CLIPModel.from_pretrained(folder, local_files_only=True).float()
+    tc = clip.config.text_config
+    want = (model_cfg.text_hidden, model_cfg.text_layers, model_cfg.text_heads, model_cfg.text_intermediate)
+    have = (tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, tc.intermediate_size)
+    if want != have:
+        raise ValueError(f"text encoder {spec!r} has (hidden, layers, heads, intermediate) {have}, the model config "
+                         f"asks for {want}: set LatentModelConfig's text_* fields to the CLIP's")
+    encoder = build_text_encoder(model_cfg)
+    encoder.load_state_dict(clip.text_model.state_dict())
+    sha = hashlib.sha256()
+    for name, value in sorted(encoder.state_dict().items()):
+        sha.update(name.encode() + value.contiguous().numpy().tobytes())
+    return encoder.eval().requires_grad_(False), sha.hexdigest()[:16]
+
+
+def train_latent(cfg: LatentTrainConfig, out_dir: str | Path, progress: bool = True):
+    """Train ``concept-world-latent``, every phase resumable from its state in ``out_dir``: the VAE, then the UNet
+    on the VAE's latents, conditioned by the frozen text tower of the CLIP ``cfg.text`` (or, when ``cfg.text`` is
+    None, with a text encoder trained jointly). Returns ``(pipeline in float32, UNet-phase history, records)``;
+    ``records`` holds the VAE phase's history and seconds, the scaling factor and the text encoder's origin."""
+    vae, vae_history, vae_seconds = train_vae(cfg.vae, cfg.model, out_dir, progress=progress)
+    records = {"vae_history": vae_history, "vae_seconds": vae_seconds, "scaling_factor": vae.config.scaling_factor}
+    pipe = build_latent_pipeline(cfg.model, vae=vae, seed=cfg.seed)
+    if cfg.text is not None:
+        encoder, digest = pretrained_text_encoder(cfg.text, cfg.model)
+        pipe.text_encoder.load_state_dict(encoder.state_dict())
+        pipe.text_encoder.requires_grad_(False)
+        records["text_encoder"] = {"clip": cfg.text, "weights_digest": digest}
+    pipe, history = train(cfg, out_dir, progress=progress, pipe=pipe)
+    records["unet_seconds"] = history[-1]["seconds"]
+    return pipe, history, records
