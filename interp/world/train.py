@@ -266,6 +266,8 @@ def train_latent(cfg: LatentTrainConfig, out_dir: str | Path, progress: bool = T
         encoder, digest = pretrained_text_encoder(cfg.text, cfg.model)
         pipe.text_encoder.load_state_dict(encoder.state_dict())
         pipe.text_encoder.requires_grad_(False)
+        for p in pipe.text_encoder.parameters():  # the UNet learns the contexts of the text encoder that ships
+            p.data = p.data.half().float()
         records["text_encoder"] = {"clip": cfg.text, "weights_digest": digest}
     pipe, history = train(cfg, out_dir, progress=progress, pipe=pipe)
     records["unet_seconds"] = history[-1]["seconds"]
