@@ -392,7 +392,8 @@ FULL_HASH_LIMIT = 100_000_000
 
 
 def model_fingerprint(model) -> str:
-    """The identity of a model's weights, for cache keys: a hash of every weight's bytes.
+    """The identity of what a model computes by default, for cache keys: a hash of every weight's bytes and of the
+    guidance scale it samples at when a caller names none (generation-based results depend on it).
 
     Models above :data:`FULL_HASH_LIMIT` parameters (Stable Diffusion) hash every 101st value of each parameter
     plus its shape instead, which takes a fraction of a second; an edit of a few scalars of such a model can go
@@ -401,6 +402,7 @@ def model_fingerprint(model) -> str:
     params = list(model.parameters())
     total = sum(p.numel() for _, p in params)
     h = hashlib.sha256(model.name.encode())
+    h.update(f"guidance={model.default_guidance}".encode())
     for name, p in params:
         flat = p.detach().reshape(-1).cpu()
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())

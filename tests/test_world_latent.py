@@ -120,6 +120,24 @@ def test_latent_folder_guidance_comes_from_its_world_json(tmp_path, tiny_latent_
     assert calls == [3.0]  # generation samples at the folder's guidance when the caller gives none
 
 
+def test_model_fingerprint_follows_the_default_guidance(tmp_path, tiny_latent_folder):
+    """Cached generation-based results depend on the guidance a model samples at by default: two folders with the
+    same weights and another world.json guidance are different models to every cache key."""
+    import shutil
+
+    from interp.models import model_fingerprint
+
+    folder = tmp_path / "cwl"
+    shutil.copytree(tiny_latent_folder, folder)
+    marker = json.loads((folder / "world.json").read_text())
+    (folder / "world.json").write_text(json.dumps({**marker, "default_guidance": 3}))
+    same = interp.load_model(str(tiny_latent_folder)), interp.load_model(str(tiny_latent_folder))
+    other = interp.load_model(str(folder))
+    assert model_fingerprint(same[0]) == model_fingerprint(same[1])
+    other.name = same[0].name  # the folder's path names the model; only the guidance differs now
+    assert model_fingerprint(other) != model_fingerprint(same[0])
+
+
 def test_plain_sd_folder_is_never_the_latent_world(tmp_path, tiny_latent_folder):
     from interp.testing import tiny_stable_diffusion
 
