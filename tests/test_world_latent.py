@@ -99,15 +99,21 @@ def test_latent_folder_loads_as_a_stable_diffusion_pipeline(tiny_latent_folder, 
     assert m.default_guidance == 1.0  # no guidance in world.json: the concept world's default
 
 
-def test_latent_folder_guidance_comes_from_its_world_json(tmp_path, tiny_latent_folder, monkeypatch):
-    """The guidance a latent-world folder is sampled at by default is its world.json's (the shipped model's 2)."""
+@pytest.fixture
+def guided_folder(tmp_path, tiny_latent_folder):
+    """The tiny latent folder's weights with guidance 3 in its world.json."""
     import shutil
 
     folder = tmp_path / "cwl"
     shutil.copytree(tiny_latent_folder, folder)
     marker = json.loads((folder / "world.json").read_text())
     (folder / "world.json").write_text(json.dumps({**marker, "default_guidance": 3}))
-    m = interp.load_model(str(folder))
+    return folder
+
+
+def test_latent_folder_guidance_comes_from_its_world_json(guided_folder, monkeypatch):
+    """The guidance a latent-world folder is sampled at by default is its world.json's (the shipped model's 2)."""
+    m = interp.load_model(str(guided_folder))
     assert m.default_guidance == 3.0
     calls, real = [], diffusion.denoise
 
@@ -120,19 +126,13 @@ def test_latent_folder_guidance_comes_from_its_world_json(tmp_path, tiny_latent_
     assert calls == [3.0]  # generation samples at the folder's guidance when the caller gives none
 
 
-def test_model_fingerprint_follows_the_default_guidance(tmp_path, tiny_latent_folder):
+def test_model_fingerprint_follows_the_default_guidance(guided_folder, tiny_latent_folder):
     """Cached generation-based results depend on the guidance a model samples at by default: two folders with the
     same weights and another world.json guidance are different models to every cache key."""
-    import shutil
-
     from interp.models import model_fingerprint
 
-    folder = tmp_path / "cwl"
-    shutil.copytree(tiny_latent_folder, folder)
-    marker = json.loads((folder / "world.json").read_text())
-    (folder / "world.json").write_text(json.dumps({**marker, "default_guidance": 3}))
     same = interp.load_model(str(tiny_latent_folder)), interp.load_model(str(tiny_latent_folder))
-    other = interp.load_model(str(folder))
+    other = interp.load_model(str(guided_folder))
     assert model_fingerprint(same[0]) == model_fingerprint(same[1])
     other.name = same[0].name  # the folder's path names the model; only the guidance differs now
     assert model_fingerprint(other) != model_fingerprint(same[0])
