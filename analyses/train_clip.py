@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: the shipped judge's)")
     p.add_argument("--steps", type=int, default=1500, help="training steps (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="renders per step (default %(default)s)")
+    p.add_argument("--text-layers", type=int, default=None,
+                   help="text tower depth (default: the image tower's, 3; the latent model's text encoder uses 6)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default %(default)s)")
     p.add_argument("--heldout", type=int, default=2000, help="held-out renders for the zero-shot accuracy")
     p.add_argument("--generated", type=int, default=240,
@@ -59,8 +61,9 @@ def save(model, tokenizer, out: Path) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 2 or args.heldout < 1 or args.generated < 0:
-        parser.exit(2, "error: --steps >= 1, --batch-size >= 2, --heldout >= 1 and --generated >= 0 are needed\n")
+    if args.steps < 1 or args.batch_size < 2 or args.heldout < 1 or args.generated < 0 or (args.text_layers or 1) < 1:
+        parser.exit(2, "error: --steps >= 1, --batch-size >= 2, --heldout >= 1, --generated >= 0 and "
+                       "--text-layers >= 1 are needed\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     import torch
 
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
                                    zero_shot_accuracy)
 
     torch.set_num_threads(args.threads)
-    cfg = CLIPTrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    cfg = CLIPTrainConfig(steps=args.steps, batch_size=args.batch_size, text_layers=args.text_layers, seed=args.seed)
     t0 = time.perf_counter()
     model, tokenizer, history = train_clip(cfg, progress=not args.no_progress)
     train_seconds = time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """(Re)train a shipped concept-world model: classifier, text-to-image model, fidelity, sample grid.
 
     python -m analyses.train_world --out interp/world/assets/concept-world
-    python -m analyses.train_world --model concept-world-latent     # VAE, then latent UNet; CLIP text encoder reused
+    python -m analyses.train_world --model concept-world-latent     # CLIP (its text tower), VAE, then latent UNet
 
 Resumable: an interrupted training continues from its last saved state in the output folder.
 """
@@ -9,6 +9,7 @@ Resumable: an interrupted training continues from its last saved state in the ou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -27,14 +28,17 @@ def parse(argv):
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the shipped checkpoint's)")
     p.add_argument("--steps", type=int, default=None,
                    help="diffusion training steps (default: the model's, 3600 for concept-world, ~40 min on 2 idle "
-                        "cores; 2500 for concept-world-latent)")
+                        "cores; 2000 for concept-world-latent)")
     p.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (concept-world-latent only)")
     p.add_argument("--guidance", type=float, default=2.0,
                    help="concept-world-latent only: the guidance scale it samples at by default, written to its "
                         "world.json and used for its fidelity (default %(default)s; 1: unguided)")
     p.add_argument("--text-encoder", default=None,
-                   help="concept-world-latent only: the CLIP whose text tower is the frozen text encoder (default "
-                        "concept-world-clip, the suite's; or a CLIPModel folder), or 'joint' to train one with the UNet")
+                   help="concept-world-latent only: the CLIP whose text tower is the frozen text encoder (default: "
+                        "one trained first, with a 6-layer text tower; or a shipped judge's name such as "
+                        "concept-world-clip, or a CLIPModel folder), or 'joint' to train one with the UNet")
+    p.add_argument("--clip-steps", type=int, default=None,
+                   help="concept-world-latent only: training steps of that CLIP (default 1500)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per training step (default: the model's, 128 for concept-world, 64 for the latent one)")
     p.add_argument("--classifier-steps", type=int, default=1500, help="concept-classifier training steps")
@@ -76,7 +80,12 @@ def latent_config(args):
     from interp.world.train import LatentTrainConfig, VAETrainConfig
 
     defaults = LatentTrainConfig()
-    text = None if args.text_encoder == "joint" else args.text_encoder or defaults.text
+    if args.text_encoder == "joint":
+        text = None
+    elif args.text_encoder:
+        text = args.text_encoder
+    else:  # phase 0: train the CLIP whose text tower becomes the encoder
+        text = dataclasses.replace(defaults.text, steps=args.clip_steps or defaults.text.steps, seed=args.seed)
     return LatentTrainConfig(
         steps=args.steps or defaults.steps, batch_size=args.batch_size or defaults.batch_size, seed=args.seed,
         vae=VAETrainConfig(steps=args.vae_steps or defaults.vae.steps, seed=args.seed), text=text,
@@ -84,16 +93,19 @@ def latent_config(args):
 
 
 def train_latent(args, out: Path) -> int:
-    """``concept-world-latent``: its VAE, then its UNet on the VAE's latents, conditioned by a pretrained CLIP's
-    frozen text tower (:func:`interp.world.train.train_latent`); both phases resume from their saved state in
-    ``out``. The classifier is the pixel world's 16-px one, judging 32-px images resized (measured 100% per
-    attribute on 2,000 resized held-out 32-px renders), and the CLIP the suite's judge: neither is trained."""
+    """``concept-world-latent``: a CLIP whose frozen text tower is the text encoder, its VAE, then its UNet on the
+    VAE's latents (:func:`interp.world.train.train_latent`); every phase resumes from its saved state in ``out``.
+    The judges are reused, not trained: the pixel world's 16-px classifier, judging 32-px images resized (measured
+    100% per attribute on 2,000 resized held-out 32-px renders), and the suite's CLIP judge."""
     from interp.world.plugin import LATENT_KIND
     from interp.world.train import save_model, train_latent as train_phases
 
     if args.retrain_classifier:
         raise SystemExit("--retrain-classifier: concept-world-latent reuses the concept-world classifier; retrain "
                          "that one with `python -m analyses.train_world --retrain-classifier`")
+    if args.clip_steps is not None and (args.clip_steps < 1 or args.text_encoder):
+        raise SystemExit(f"--clip-steps {args.clip_steps}: give a positive number of steps, and only without "
+                         f"--text-encoder (it sets the training of the CLIP trained first)")
     if not 0 <= args.guidance < 1e4:
         raise SystemExit(f"--guidance must be a scale >= 0 (1: unguided), got {args.guidance}")
     cfg = latent_config(args)
@@ -105,7 +117,8 @@ def train_latent(args, out: Path) -> int:
     })
     (out / "world.json").write_text(json.dumps({"kind": LATENT_KIND, "image_size": cfg.model.image_size,
                                                 "default_guidance": args.guidance}, indent=1))
-    (out / "vae_state.pt").unlink(missing_ok=True)
+    for state in ("clip_state.pt", "vae_state.pt"):  # finished phases' states, kept until the model is saved
+        (out / state).unlink(missing_ok=True)
     summary = evaluate_checkpoint(out, args.fidelity_images, progress=not args.no_progress,
                                   targets={"color": 0.95, "shape": 0.95, "texture": 0.90, "background": 0.95})
     logging.info("fidelity: %s; VAE reconstructions: %s", summary["accuracy"], summary["vae_reconstruction_accuracy"])

@@ -1,6 +1,7 @@
 """``concept-world-latent``: 32x32 renders (16-px renders unchanged), the StableDiffusionPipeline folder loaded by
 name through the plain SD code path, VAE latents in the objectives' evaluation sets, the shipped fidelity claim,
-and two-phase (VAE, UNet on a pretrained CLIP's frozen text tower) training that resumes where it stopped."""
+and three-phase training (a CLIP whose text tower becomes the frozen text encoder, the VAE, the UNet) that resumes
+where it stopped."""
 
 from __future__ import annotations
 
@@ -241,9 +242,28 @@ def test_training_command_without_flags_is_the_latent_recipe():
     # ... and the shipped model was trained with exactly that recipe: the command reproduces it
     shipped = json.loads((SHIPPED / "train_config.json").read_text())
     assert shipped["config_hash"] == LatentTrainConfig().hash()
-    cfg = latent_config(parse(["--model", "concept-world-latent", "--batch-size", "32", "--steps", "7"]))
-    assert (cfg.batch_size, cfg.steps, cfg.text) == (32, 7, "concept-world-clip")
+    cfg = latent_config(parse(["--model", "concept-world-latent", "--batch-size", "32", "--steps", "7",
+                               "--clip-steps", "9", "--seed", "3"]))
+    assert (cfg.batch_size, cfg.steps, cfg.text.steps, cfg.text.seed, cfg.text.text_layers) == (32, 7, 9, 3, 6)
     assert latent_config(parse(["--model", "concept-world-latent", "--text-encoder", "joint"])).text is None
+    named = latent_config(parse(["--model", "concept-world-latent", "--text-encoder", "concept-world-clip"]))
+    assert named.text == "concept-world-clip"
+
+
+@pytest.mark.parametrize("flags", [["--clip-steps", "0"], ["--clip-steps", "5", "--text-encoder", "joint"]])
+def test_training_command_refuses_clip_steps_it_cannot_use(tmp_path, flags):
+    """A CLIP step count that is not positive, or given with a CLIP that is not trained here, stops the command
+    before any training."""
+    from analyses.train_world import main
+
+    with pytest.raises(SystemExit, match="--clip-steps"):
+        main(["--model", "concept-world-latent", "--out", str(tmp_path), *flags])
+    assert not any(tmp_path.iterdir())
+
+
+def test_latent_config_refuses_a_clip_whose_text_tower_does_not_fit():
+    with pytest.raises(ValueError, match="CLIPTrainConfig's fields"):
+        LatentTrainConfig(text=CLIPTrainConfig(text_layers=4))
 
 
 @pytest.fixture(scope="module")
@@ -256,37 +276,49 @@ def tiny_clip(tmp_path_factory):
     return folder
 
 
+def _tiny_clip_recipe() -> CLIPTrainConfig:
+    """Phase 0 of the tiny model: a CLIP whose text tower (2 layers) is deeper than its image tower (1)."""
+    m = LatentModelConfig.tiny()
+    return CLIPTrainConfig(image_size=8, patch_size=4, hidden=m.text_hidden, layers=1, text_layers=m.text_layers,
+                           heads=m.text_heads, intermediate=m.text_intermediate, projection_dim=8, steps=6,
+                           batch_size=8, log_every=2, save_every=2)
+
+
 def _tiny_cfg(text) -> LatentTrainConfig:
     return LatentTrainConfig(
         model=LatentModelConfig.tiny(), steps=6, batch_size=4, warmup=1, log_every=2, save_every=2,
         vae=VAETrainConfig(steps=6, batch_size=4, warmup=1, log_every=2, save_every=2, scale_batch=16),
-        text=None if text is None else str(text),
+        text=text if text is None or isinstance(text, CLIPTrainConfig) else str(text),
     )
 
 
 def _run(cfg, out):
-    pipe, hist, records = train_latent(cfg, out, progress=False)
+    pipe, hist, records = train_latent(cfg, out, progress=False, clip_heldout=64)
     return pipe, records, hist
 
 
-@pytest.mark.parametrize("die_at", [5, 6 + 1 + 5], ids=["in-vae-phase", "in-unet-phase"])
-def test_tiny_latent_training_resumes_identically(tmp_path, monkeypatch, die_at, tiny_clip):
-    """Killed in either phase, the rerun continues from the saved state and ends with the uninterrupted weights.
+@pytest.mark.parametrize("phase, die_at", [("clip", 5), ("vae", 5), ("unet", 6 + 1 + 5)])
+def test_tiny_latent_training_resumes_identically(tmp_path, monkeypatch, phase, die_at):
+    """Killed in any phase, the rerun continues from the saved state and ends with the uninterrupted weights.
 
-    ``render_batch`` is called once per VAE step (6), once for the scaling factor's batch, then once per UNet step:
-    call 5 is VAE step 5, call 12 UNet step 5, both after a state saved at step 4.
+    The CLIP draws a batch (``clip._batch``) per step; ``render_batch`` is called once per VAE step (6), once for the
+    scaling factor's batch, then once per UNet step: call 5 is CLIP or VAE step 5, call 12 UNet step 5, each after a
+    state saved at step 4.
     """
+    import interp.world.clip as clip_mod
     import interp.world.train as train_mod
 
-    cfg = _tiny_cfg(tiny_clip)
+    cfg = _tiny_cfg(_tiny_clip_recipe())
     ref, ref_rec, ref_hist = _run(cfg, tmp_path / "ref")
     assert ref.vae.config.scaling_factor > 0 and ref.vae.config.scaling_factor != 0.18215
     assert [h["step"] for h in ref_hist] == [2, 4, 6] and [h["step"] for h in ref_rec["vae_history"]] == [2, 4, 6]
+    assert [h["step"] for h in ref_rec["text_encoder"]["clip_history"]] == [2, 4, 6]
 
     class Killed(Exception):
         pass
 
-    real, calls = train_mod.render_batch, {"n": 0}
+    module, name = (clip_mod, "_batch") if phase == "clip" else (train_mod, "render_batch")
+    real, calls = getattr(module, name), {"n": 0}
 
     def dying(*args, **kwargs):
         calls["n"] += 1
@@ -294,11 +326,14 @@ def test_tiny_latent_training_resumes_identically(tmp_path, monkeypatch, die_at,
             raise Killed
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "render_batch", dying)
+    monkeypatch.setattr(module, name, dying)
     with pytest.raises(Killed):
         _run(cfg, tmp_path / "run")
-    monkeypatch.setattr(train_mod, "render_batch", real)
+    monkeypatch.setattr(module, name, real)
     pipe, rec, hist = _run(cfg, tmp_path / "run")
+    clip_losses = [[h["loss"] for h in r["text_encoder"]["clip_history"]] for r in (rec, ref_rec)]
+    assert clip_losses[0] == pytest.approx(clip_losses[1], rel=1e-5)
+    assert rec["text_encoder"]["weights_digest"] == ref_rec["text_encoder"]["weights_digest"]
     assert [h["loss"] for h in rec["vae_history"]] == pytest.approx([h["loss"] for h in ref_rec["vae_history"]],
                                                                      rel=1e-5)
     assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], rel=1e-5)
@@ -322,6 +357,28 @@ def test_tiny_latent_text_encoder_is_the_clips_text_tower_frozen(tmp_path, tiny_
     assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
     assert records["text_encoder"] == {"clip": str(tiny_clip),
                                        "weights_digest": pretrained_text_encoder(str(tiny_clip), cfg.model)[1]}
+
+
+def test_tiny_latent_text_encoder_is_the_phase_0_clips_text_tower_frozen(tmp_path):
+    """By default the CLIP is trained first: the text encoder is its text tower, float16-rounded and frozen, and the
+    records carry the CLIP's training and its zero-shot accuracy on held-out renders."""
+    from interp.world.clip import train_clip
+
+    cfg = _tiny_cfg(_tiny_clip_recipe())
+    pipe, records, _ = _run(cfg, tmp_path)
+    clip, _, history = train_clip(cfg.text, progress=False)  # the same seeded training, without a state
+    tower = clip.text_model.state_dict()
+    assert pipe.text_encoder.config.num_hidden_layers == 2 and clip.config.vision_config.num_hidden_layers == 1
+    for k, v in pipe.text_encoder.state_dict().items():
+        torch.testing.assert_close(v, tower[k].half().float(), rtol=1e-3, atol=1e-3, msg=k)
+    assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
+    rec = records["text_encoder"]
+    assert rec["clip"] == "trained (phase 0)" and rec["clip_seconds"] > 0
+    assert [h["loss"] for h in rec["clip_history"]] == pytest.approx([h["loss"] for h in history], rel=1e-5)
+    acc = rec["zero_shot_heldout"]["accuracy"]
+    assert set(acc) == {"color", "shape", "texture", "background"} and all(0 <= v <= 1 for v in acc.values())
+    assert rec["zero_shot_heldout"]["n_images"] == 64
+    assert (tmp_path / "clip_state.pt").exists()  # the finished phase is loaded on a rerun, not trained again
 
 
 def test_tiny_latent_training_without_a_clip_trains_the_text_encoder_jointly(tmp_path):

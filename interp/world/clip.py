@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ class CLIPTrainConfig(Recipe):
     patch_size: int = 4
     hidden: int = 64
     layers: int = 3
+    text_layers: int | None = None  # the text tower's depth (None: ``layers``, as the image tower)
     heads: int = 4
     intermediate: int = 128
     projection_dim: int = 64
@@ -56,6 +58,7 @@ class CLIPTrainConfig(Recipe):
     p_omit: float = 0.5
     seed: int = 0
     log_every: int = 50
+    save_every: int = 250  # with a state path (the latent model's phase 0)
 
 
 def build_clip(cfg: CLIPTrainConfig = CLIPTrainConfig()):
@@ -64,7 +67,8 @@ def build_clip(cfg: CLIPTrainConfig = CLIPTrainConfig()):
 
     vocab = vocabulary()
     text = dict(vocab_size=len(vocab), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-                num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, max_position_embeddings=MAX_LENGTH,
+                num_hidden_layers=cfg.text_layers or cfg.layers, num_attention_heads=cfg.heads,
+                max_position_embeddings=MAX_LENGTH,
                 bos_token_id=vocab.index(BOS), eos_token_id=vocab.index(EOS), pad_token_id=vocab.index(PAD),
                 projection_dim=cfg.projection_dim)
     vision = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=3, hidden_size=cfg.hidden,
@@ -110,9 +114,10 @@ def contrastive_loss(logits_per_image: torch.Tensor, positives: torch.Tensor) ->
     return (li + lt) / 2
 
 
-def train_clip(cfg: CLIPTrainConfig = CLIPTrainConfig(), progress: bool = True):
+def train_clip(cfg: CLIPTrainConfig = CLIPTrainConfig(), progress: bool = True, state_path: Path | None = None):
     """Train the concept-world CLIP; returns ``(model, tokenizer, loss history)`` (model in eval mode, float32).
-    History records are the mean loss of every ``log_every`` steps."""
+    History records are the mean loss of every ``log_every`` steps. With ``state_path`` the training resumes from
+    that state, writes it every ``save_every`` steps and once done, so a finished training is loaded, not rerun."""
     from .classifier import _augment
 
     model = build_clip(cfg)
@@ -137,8 +142,9 @@ def train_clip(cfg: CLIPTrainConfig = CLIPTrainConfig(), progress: bool = True):
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
 
-    history, _ = fit(batch_loss, cfg, params, opt, sched, None, cfg.hash(), {}, rng, gen, "clip", progress,
-                     after_step=clamp_temperature)
+    parts = {"clip": model, "opt": opt, "sched": sched}
+    history, _ = fit(batch_loss, cfg, params, opt, sched, state_path, cfg.hash(), parts, rng, gen, "clip", progress,
+                     mark_done=True, after_step=clamp_temperature)
     model.eval().requires_grad_(False)
     return model, tok, history
 

@@ -5,9 +5,10 @@
 Image Synthesis with Latent Diffusion Models") to 8x8x4 latents (three encoder blocks, two downsamplings, as SD's
 VAE has four blocks and three), a latent-space ``UNet2DConditionModel`` in SD's layout (cross-attention down blocks,
 then a plain ``DownBlock2D`` at the lowest resolution, mirrored up blocks, two layers per block), a
-``CLIPTextModel`` that is the text tower of a pretrained CLIP, frozen (as SD 1.x's is OpenAI's CLIP ViT-L/14's; here
-the suite's own concept-world CLIP, :mod:`.clip`), and a v-prediction DDIM scheduler, assembled as a real
-``StableDiffusionPipeline``: the suite loads it exactly as it loads a user's SD folder.
+6-layer ``CLIPTextModel`` that is the text tower of a CLIP, frozen (as SD 1.x's is OpenAI's CLIP ViT-L/14's; here a
+CLIP trained first by the suite's recipe, :mod:`.clip`, with twice the judge's text depth), and a v-prediction DDIM
+scheduler, assembled as a real ``StableDiffusionPipeline``: the suite loads it exactly as it loads a user's SD
+folder.
 
 As in SD, latents are multiplied by ``vae.config.scaling_factor`` = 1 / std of the VAE's latents over a batch of
 training renders, so the diffusion model sees unit-variance data; the VAE's loss is a reconstruction loss plus a KL
@@ -54,9 +55,9 @@ class LatentModelConfig(ModelConfig):
     layers_per_block: int = 2
     attention_heads: int = 6
     norm_num_groups: int = 16
-    # the text tower of the suite's CLIP (concept-world-clip), which the latent model takes pretrained and frozen
+    # the text tower of a CLIP trained by the suite's recipe with twice the judge's text depth, taken frozen
     text_hidden: int = 64
-    text_layers: int = 3
+    text_layers: int = 6
     text_heads: int = 4
     text_intermediate: int = 128
     vae: VAEConfig = field(default_factory=VAEConfig)

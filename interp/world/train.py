@@ -9,12 +9,13 @@ Min-SNR down-weights the low-noise steps that remove the last noise. v-predictio
 where it stopped. The shipped weights are stored in float16 (halving the repository's size) and always loaded and
 evaluated in float32; the fidelity written next to them is measured on exactly those rounded weights.
 
-The latent model (:mod:`.latent`, ``concept-world-latent``; :func:`train_latent`) trains in two phases, both
-resumable: its autoencoder (:func:`train_vae`, whose scaling factor is then set as Stable Diffusion's was, 1 / std
+The latent model (:mod:`.latent`, ``concept-world-latent``; :func:`train_latent`) trains in three phases, all
+resumable: a CLIP (:mod:`.clip`'s recipe, its text tower 6 layers deep) whose text tower becomes the frozen text
+encoder, its autoencoder (:func:`train_vae`, whose scaling factor is then set as Stable Diffusion's was, 1 / std
 of the latents of a batch of training renders), then the UNet by the same :func:`train` loop, on fresh 32x32 renders
 encoded every step by the frozen, float16-rounded VAE (a posterior sample, as SD's training encodes), conditioned
-by the frozen text tower of a pretrained CLIP, as SD's UNet is. Every phase runs one optimization loop,
-:func:`.fitting.fit`.
+by that frozen, float16-rounded text tower, as SD's UNet is by CLIP ViT-L/14's. Every phase runs one optimization
+loop, :func:`.fitting.fit`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 
 from .. import diffusion
 from ..store import config_hash
+from .clip import CLIPTrainConfig, train_clip
 from .fitting import Recipe, fit
 from .latent import LatentModelConfig, build_latent_pipeline, build_vae, encode
 from .model import ModelConfig, build_pipeline, train_scheduler
@@ -87,13 +89,24 @@ class LatentTrainConfig(TrainConfig):
 
     model: LatentModelConfig = field(default_factory=LatentModelConfig)
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
-    # As Stable Diffusion's is OpenAI's CLIP ViT-L/14's, the text encoder is the text tower of a pretrained CLIP, the
-    # suite's own (``concept-world-clip``, or a CLIPModel folder), frozen. Trained jointly with the UNet instead
-    # (None), a 6-layer encoder barely told shapes apart and guidance could not make up for it (README).
-    text: str | None = "concept-world-clip"
+    # As Stable Diffusion's is OpenAI's CLIP ViT-L/14's, the text encoder is the text tower of a CLIP, frozen: one
+    # trained first by the suite's CLIP recipe with a 6-layer text tower (a CLIPTrainConfig: phase 0), or a
+    # pretrained one (a shipped judge's name such as ``concept-world-clip``, or a CLIPModel folder). Trained jointly
+    # with the UNet instead (None), a 6-layer encoder barely told shapes apart and guidance could not make up for it.
+    text: CLIPTrainConfig | str | None = field(default_factory=lambda: CLIPTrainConfig(text_layers=6))
     # batch 64: 1.9x the updates of batch 128 in the same time, which this model needed more than larger batches
-    steps: int = 2500
+    steps: int = 2000
     batch_size: int = 64
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.text, CLIPTrainConfig):
+            t, m = self.text, self.model
+            have = (t.hidden, t.text_layers or t.layers, t.heads, t.intermediate)
+            want = (m.text_hidden, m.text_layers, m.text_heads, m.text_intermediate)
+            if have != want:
+                raise ValueError(f"the CLIP to train has text (hidden, layers, heads, intermediate) {have}, the model "
+                                 f"config asks for {want}: make CLIPTrainConfig's fields match LatentModelConfig's")
 
 
 def diffusion_loss(pipe, noise_sched, images, captions, generator, min_snr_gamma=0.0) -> torch.Tensor:
@@ -227,48 +240,85 @@ def train_vae(cfg: VAETrainConfig, model_cfg: LatentModelConfig, out_dir: str | 
     return vae, history, seconds
 
 
-def pretrained_text_encoder(spec: str, model_cfg: LatentModelConfig):
-    """The text tower of the CLIP ``spec`` (a shipped judge's name such as ``concept-world-clip``, or a CLIPModel
-    folder) as a frozen float32 ``CLIPTextModel`` of ``model_cfg``'s text dimensions, and the digest of its weights."""
-    from transformers import CLIPModel
-
-    from ..judges import SHIPPED_JUDGES
+def _text_tower(clip, model_cfg: LatentModelConfig, what: str):
+    """``clip``'s text tower as a frozen, float16-rounded float32 ``CLIPTextModel`` of ``model_cfg``'s text
+    dimensions (the UNet learns the contexts of the encoder that ships), and the digest of its weights."""
     from .model import build_text_encoder
 
-    folder = Path(SHIPPED_JUDGES.get(spec, spec))
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"text encoder {spec!r}: no CLIPModel folder at {folder}; give a CLIPModel folder or "
-                                f"build the suite's with `python -m analyses.train_clip`")
-    clip = CLIPModel.from_pretrained(folder, local_files_only=True).float()
     tc = clip.config.text_config
     want = (model_cfg.text_hidden, model_cfg.text_layers, model_cfg.text_heads, model_cfg.text_intermediate)
     have = (tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, tc.intermediate_size)
     if want != have:
-        raise ValueError(f"text encoder {spec!r} has (hidden, layers, heads, intermediate) {have}, the model config "
+        raise ValueError(f"text encoder {what} has (hidden, layers, heads, intermediate) {have}, the model config "
                          f"asks for {want}: set LatentModelConfig's text_* fields to the CLIP's")
     encoder = build_text_encoder(model_cfg)
     encoder.load_state_dict(clip.text_model.state_dict())
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.copy_(p.half().float())
     sha = hashlib.sha256()
     for name, value in sorted(encoder.state_dict().items()):
         sha.update(name.encode() + value.contiguous().numpy().tobytes())
     return encoder.eval().requires_grad_(False), sha.hexdigest()[:16]
 
 
-def train_latent(cfg: LatentTrainConfig, out_dir: str | Path, progress: bool = True):
-    """Train ``concept-world-latent``, every phase resumable from its state in ``out_dir``: the VAE, then the UNet
-    on the VAE's latents, conditioned by the frozen text tower of the CLIP ``cfg.text`` (or, when ``cfg.text`` is
-    None, with a text encoder trained jointly). Returns ``(pipeline in float32, UNet-phase history, records)``;
-    ``records`` holds the VAE phase's history and seconds, the scaling factor and the text encoder's origin."""
+def pretrained_text_encoder(spec: str, model_cfg: LatentModelConfig):
+    """The text tower of the CLIP ``spec`` (a shipped judge's name such as ``concept-world-clip``, or a CLIPModel
+    folder) as a frozen float32 ``CLIPTextModel`` of ``model_cfg``'s text dimensions, float16-rounded, and the
+    digest of its weights."""
+    from transformers import CLIPModel
+
+    from ..judges import SHIPPED_JUDGES
+
+    folder = Path(SHIPPED_JUDGES.get(spec, spec))
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"text encoder {spec!r}: no CLIPModel folder at {folder}; give a CLIPModel folder or "
+                                f"build the suite's with `python -m analyses.train_clip`")
+    clip = CLIPModel.from_pretrained(folder, local_files_only=True).float()
+    return _text_tower(clip, model_cfg, repr(spec))
+
+
+def trained_text_encoder(cfg: CLIPTrainConfig, model_cfg: LatentModelConfig, out_dir: str | Path,
+                         progress: bool = True, heldout: int = 2000):
+    """Phase 0 of the latent model: train a CLIP by the suite's recipe (:func:`.clip.train_clip`, resumable from
+    ``out_dir/clip_state.pt``) and keep its text tower, as :func:`pretrained_text_encoder` does. Returns
+    ``(encoder, digest, record)``, the record holding the CLIP's history, seconds and zero-shot accuracy on
+    ``heldout`` held-out renders (its text tower is what reads the captions)."""
+    from ..judges import CLIPJudge
+    from .clip import heldout_renders, world_templates, zero_shot_accuracy
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clip, tokenizer, history = train_clip(cfg, progress=progress, state_path=out_dir / "clip_state.pt")
+    judge = CLIPJudge(clip, tokenizer, templates=world_templates(), image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    images, truth = heldout_renders(heldout, seed=cfg.seed)
+    record = {"clip_history": history, "clip_seconds": history[-1]["seconds"],
+              "zero_shot_heldout": {"accuracy": zero_shot_accuracy(judge, images, truth), "n_images": heldout}}
+    encoder, digest = _text_tower(clip, model_cfg, "(phase 0 CLIP)")
+    return encoder, digest, record
+
+
+def train_latent(cfg: LatentTrainConfig, out_dir: str | Path, progress: bool = True, clip_heldout: int = 2000):
+    """Train ``concept-world-latent``, every phase resumable from its state in ``out_dir``: the CLIP whose text tower
+    is the frozen text encoder (when ``cfg.text`` is a :class:`CLIPTrainConfig`; a name or folder: that CLIP's is
+    taken; None: none, the text encoder is trained jointly with the UNet), the VAE, then the UNet on the VAE's
+    latents. Returns ``(pipeline in float32, UNet-phase history, records)``; ``records`` holds the text encoder's
+    origin (and the phase-0 CLIP's history, seconds and zero-shot accuracy on ``clip_heldout`` held-out renders),
+    the VAE phase's history and seconds and the scaling factor."""
+    records = {}
+    if isinstance(cfg.text, CLIPTrainConfig):
+        encoder, digest, clip_record = trained_text_encoder(cfg.text, cfg.model, out_dir, progress=progress,
+                                                            heldout=clip_heldout)
+        records["text_encoder"] = {"clip": "trained (phase 0)", "weights_digest": digest, **clip_record}
+    elif cfg.text is not None:
+        encoder, digest = pretrained_text_encoder(cfg.text, cfg.model)
+        records["text_encoder"] = {"clip": cfg.text, "weights_digest": digest}
     vae, vae_history, vae_seconds = train_vae(cfg.vae, cfg.model, out_dir, progress=progress)
-    records = {"vae_history": vae_history, "vae_seconds": vae_seconds, "scaling_factor": vae.config.scaling_factor}
+    records.update(vae_history=vae_history, vae_seconds=vae_seconds, scaling_factor=vae.config.scaling_factor)
     pipe = build_latent_pipeline(cfg.model, vae=vae, seed=cfg.seed)
     if cfg.text is not None:
-        encoder, digest = pretrained_text_encoder(cfg.text, cfg.model)
         pipe.text_encoder.load_state_dict(encoder.state_dict())
         pipe.text_encoder.requires_grad_(False)
-        for p in pipe.text_encoder.parameters():  # the UNet learns the contexts of the text encoder that ships
-            p.data = p.data.half().float()
-        records["text_encoder"] = {"clip": cfg.text, "weights_digest": digest}
     pipe, history = train(cfg, out_dir, progress=progress, pipe=pipe)
     records["unet_seconds"] = history[-1]["seconds"]
     return pipe, history, records
