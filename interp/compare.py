@@ -219,6 +219,9 @@ def build_tables(results: pd.DataFrame, heldout: dict, cfg: CompareConfig) -> di
     t["lds"] = evaluation.lds_table(results, heldout, missing="raise")
     if "coar" in cfg.methods:  # "never worse than COAR?" needs the noise of 64 held-out masks next to the difference
         t["lds_vs_coar"] = evaluation.lds_versus(results, heldout, "coar", n_boot=cfg.n_boot, seed=cfg.seed)
+    corruption = evaluation.corruption_table(full)  # does causal tracing's corruption remove each concept?
+    if len(corruption):
+        t["corruption"] = corruption
     cost = evaluation.cost_table(full)  # reads the run metadata in attrs, the variants' costs included
     cost["forward_equivalents"] = cost["forward_evals"] + 2 * cost["backward_evals"]
     # Passes are a property of the configuration (a resumed run reports the same); wall time is not: its own table.
@@ -409,11 +412,21 @@ def report_sections(tables, uris, cfg: CompareConfig) -> list[dict]:
         "details": [],
     }
     mapped = [m for m in cfg.methods if get(m).capabilities.maps and f"maps-{m}-unet" in uris]
+    corruption = tables.get("corruption")
+
+    def corruption_rows(m):
+        if corruption is None or m not in set(corruption["method"]):
+            return []
+        return [("Does the corruption remove the concept? Share of J each noise draw removes (a valid corruption "
+                 "lowers J in every draw; where it does not, the restored fractions are not the concept's)",
+                 corruption[corruption["method"] == m].drop(columns="method"))]
+
     maps_sections = [{
         "title": f"Maps: {m}",
         "text": f"{m}'s score per UNet layer x timestep and per text-encoder layer x token position (0 = the last "
                 "subject token), all concepts on one colour scale. For causal tracing the score is the fraction of "
                 "the concept restored by the clean state of one layer after the subject tokens are corrupted.",
+        "tables": corruption_rows(m),
         "details": [{"title": f"{m}: UNet layer x timestep, text-encoder layer x token",
                      "figures": fig(f"maps-{m}-unet", f"{m} in the UNet") + fig(f"maps-{m}-text",
                                                                               f"{m} in the text encoder")}],

@@ -387,6 +387,21 @@ def lds_versus(df: pd.DataFrame, heldout: dict, baseline: str = "coar", *, n_boo
                                           "n_masks"])
 
 
+def _run_metas(df: pd.DataFrame) -> dict[tuple[str, str], dict]:
+    """``{(method, concept): that run's metadata}`` from ``df.attrs["meta"]``, for the pairs ``df`` holds. The meta
+    of a concatenated frame is keyed by :func:`interp.results.meta_key`; a single method's frame carries its meta
+    dict directly."""
+    meta = df.attrs.get("meta") or {}
+    pairs = df[["method", "concept"]].drop_duplicates()
+    if meta and not all(isinstance(v, dict) and "/" in k for k, v in meta.items()):
+        # a single frame's own meta, not keyed by method and concept (meta_key's "method/concept")
+        if len(pairs) != 1:
+            raise ValueError("df.attrs['meta'] is not keyed by method and concept but df holds several of them")
+        meta = {meta_key(*pairs.iloc[0]): meta}
+    found = {(mth, c): meta.get(meta_key(mth, c)) for mth, c in pairs.itertuples(index=False)}
+    return {k: v for k, v in found.items() if v is not None}
+
+
 # -- cost ----------------------------------------------------------------------------------------------------------
 def cost_table(df: pd.DataFrame) -> pd.DataFrame:
     """Forward passes, backward passes and seconds per (concept, method, variant): the typed
@@ -396,18 +411,8 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
     single method's frame carries its meta dict directly. Budget and rate variants have no wall time of their own
     (NaN); a run without a recorded cost gives a row of NaN.
     """
-    meta = df.attrs.get("meta") or {}
-    pairs = df[["method", "concept"]].drop_duplicates()
-    if meta and not all(isinstance(v, dict) and "/" in k for k, v in meta.items()):
-        # a single frame's own meta, not keyed by method and concept (meta_key's "method/concept")
-        if len(pairs) != 1:
-            raise ValueError("df.attrs['meta'] is not keyed by method and concept but df holds several of them")
-        meta = {meta_key(*pairs.iloc[0]): meta}
     records = []
-    for method, concept in pairs.itertuples(index=False):
-        m = meta.get(meta_key(method, concept))
-        if m is None:
-            continue
+    for (method, concept), m in _run_metas(df).items():
         if "cost" not in m:  # a frame built by hand, without a recorded cost
             records.append({"concept": concept, "method": method, "variant": method, "forward_evals": math.nan,
                             "backward_evals": math.nan, "seconds": math.nan})
@@ -418,6 +423,29 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
                             "seconds": math.nan if cost.seconds is None else cost.seconds})
     out = pd.DataFrame(records, columns=["concept", "method", "variant", "forward_evals", "backward_evals", "seconds"])
     return out.sort_values(["concept", "method", "variant"], kind="stable").reset_index(drop=True)
+
+
+# -- corruption (causal tracing) ------------------------------------------------------------------------------------
+def corruption_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (concept, method, noise draw) of every run that corrupts its input (causal tracing), from the run
+    metadata in ``df.attrs["meta"]``: J clean and corrupted (means over the evaluation set), the share of J the
+    draw removes, and whether the concept's corruption is valid (every draw removes at least
+    :data:`interp.methods.tracing.WEAK_CORRUPTION`; see :func:`interp.methods.tracing.corruption_check`). Empty
+    (with the columns) when no run corrupts."""
+    from .methods.tracing import corruption_check
+
+    cols = ["concept", "method", "noise", "j_clean", "j_corrupted", "removed", "valid"]
+    records = []
+    for (method, concept), m in _run_metas(df).items():
+        if "j_corrupted" not in m:
+            continue
+        clean, corrupted = float(m["j_clean"]), [float(j) for j in m["j_corrupted"]]
+        check = corruption_check(clean, corrupted)
+        records += [{"concept": concept, "method": method, "noise": k, "j_clean": clean, "j_corrupted": j,
+                     "removed": r, "valid": check["corruption_valid"]}
+                    for k, (j, r) in enumerate(zip(corrupted, check["corruption_removed"]))]
+    out = pd.DataFrame(records, columns=cols)
+    return out.sort_values(["method", "concept", "noise"], kind="stable").reset_index(drop=True)
 
 
 # -- sentences -----------------------------------------------------------------------------------------------------

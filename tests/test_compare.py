@@ -50,7 +50,17 @@ def test_outputs_and_schemas(run_dir):
     assert json.loads((run_dir / "status.json").read_text())["status"] == "complete"
     tables = {p.stem: pd.read_csv(p) for p in (run_dir / "tables").glob("*.csv")}
     assert set(tables) == {"correlations", "correlations_by_layer", "topk", "lds", "lds_vs_coar", "cost",
-                           "wall_time", "accuracy_vs_cost"}
+                           "wall_time", "accuracy_vs_cost", "corruption"}
+    # causal tracing's corruption check, one row per concept and noise draw, from the run's own metadata
+    cor = tables["corruption"]
+    assert set(cor["method"]) == {"tracing"} and set(cor["concept"]) == {"red", "circle"}
+    for concept, g in cor.groupby("concept"):
+        m = meta["methods"][f"tracing/{concept}"]
+        assert g["j_corrupted"].tolist() == pytest.approx(m["j_corrupted"])
+        assert g["removed"].tolist() == pytest.approx(m["corruption_removed"])
+        assert (g["valid"] == m["corruption_valid"]).all()
+        assert m["corruption_valid"] == all(r >= 0.02 for r in m["corruption_removed"])
+    assert "Does the corruption remove the concept?" in (run_dir / "index.html").read_text()
     assert "seconds" not in tables["cost"] and (tables["wall_time"]["seconds"] >= 0).all()
     vs = tables["lds_vs_coar"]
     assert set(vs["baseline"]) == {"coar"} and "coar" not in set(vs["variant"]) and "maskgrad@0.2" in set(vs["variant"])

@@ -337,6 +337,28 @@ def test_tracing_restoring_the_last_text_layer_restores_everything(tiny_world_mo
     assert last["score"].iat[0] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_tracing_records_and_checks_what_its_corruption_removes(tiny_world_model, tiny_red_objective):
+    """Per noise draw the share of J the corruption removes, and a warning naming the concept when a draw does not
+    lower J (here: no noise at all, so J does not move)."""
+    comps = ["unet.mid_block.resnets.0"]
+    df = run("tracing", tiny_world_model, tiny_red_objective, comps, maps=False, n_noise=2)
+    meta = df.attrs["meta"]
+    expected = [(meta["j_clean"] - j) / abs(meta["j_clean"]) for j in meta["j_corrupted"]]
+    assert meta["corruption_removed"] == pytest.approx(expected) and len(expected) == 2
+    assert meta["corruption_valid"] == all(r >= tracing_mod.WEAK_CORRUPTION for r in expected)
+    with pytest.warns(RuntimeWarning, match="corrupting the subject tokens of 'red' does not remove the concept"):
+        flat = run("tracing", tiny_world_model, tiny_red_objective, comps, maps=False, noise_scale=0.0)
+    assert flat.attrs["meta"]["corruption_removed"] == [0.0] and not flat.attrs["meta"]["corruption_valid"]
+
+
+def test_corruption_check_wants_every_draw_to_lower_j():
+    check = tracing_mod.corruption_check
+    assert check(2.0, [1.0, 0.5]) == {"corruption_removed": [0.5, 0.75], "corruption_valid": True}
+    assert not check(2.0, [1.0, 3.0])["corruption_valid"]  # one draw raises J: the draws disagree
+    assert not check(2.0, [1.99, 1.0])["corruption_valid"]  # 0.5% removed: below WEAK_CORRUPTION
+    assert check(-4.0, [-5.0])["corruption_removed"] == [0.25]  # amplify: J < 0, lower is still less concept
+
+
 def test_tracing_without_noise_restores_exactly_one(tiny_world_model, tiny_red_objective):
     """noise_scale=0: the corrupted run is the clean run, so any restoration scores exactly 1. (One component per
     chunk: restored runs then have the batch size of the clean run; see the xfail below for batched chunks.)"""

@@ -300,6 +300,29 @@ def test_compare_findings_name_the_trusted_methods_with_their_numbers():
     assert any(s.startswith("Joint ablations of 20%") and "trust CAD" in s for s in compare_findings(tables))
 
 
+def test_findings_flag_concepts_whose_corruption_does_not_remove_them():
+    from interp.evaluation import corruption_table
+
+    df = pd.DataFrame({"method": ["tracing"] * 3 + ["cad"], "concept": ["red", "circle", "blue", "red"]})
+    df.attrs["meta"] = {"tracing/red": {"j_clean": 1.0, "j_corrupted": [0.1, 0.2]},
+                        "tracing/circle": {"j_clean": 1.0, "j_corrupted": [4.0, 0.5]},
+                        "tracing/blue": {"j_clean": 2.0, "j_corrupted": [1.0, 0.6]},
+                        "cad/red": {"cost": {"forward_evals": 1, "backward_evals": 1}}}
+    table = corruption_table(df)
+    assert len(table) == 6 and set(table["method"]) == {"tracing"}
+    assert table.set_index(["concept", "noise"])["removed"].to_dict() == pytest.approx(
+        {("blue", 0): 0.5, ("blue", 1): 0.7, ("circle", 0): -3.0, ("circle", 1): 0.5, ("red", 0): 0.9,
+         ("red", 1): 0.8})
+    assert table.groupby("concept")["valid"].first().to_dict() == {"blue": True, "circle": False, "red": True}
+    tables = {**_tables_for_findings(), "corruption": table}
+    flagged = [s for s in compare_findings(tables) if "corruption" in s]
+    assert flagged == ["Causal tracing's corruption does not remove 'circle' (J changed by +300%, -50%) in every noise draw, so "
+                       "its scores for that concept are not restorations of the concept: read them as unreliable. "
+                       "For the other 2 concepts its draws remove 50% to 90% of J."]
+    table["valid"] = True
+    assert not [s for s in compare_findings({**tables, "corruption": table}) if "corruption" in s]
+
+
 def test_edit_findings_pick_the_best_trade_off():
     rows = [("red", "cad", "CAD-Erase 0.2", 1.0, 0.12, 0.57), ("red", "dqf", "Diff-QuickFix+preserve", 1.0, 0.33, 1.0),
             ("red", "coar", "COAR-Edit k=32", 1.0, 1.0, 1.0), ("circle", "cad", "CAD-Erase 0.2", 0.9, 0.3, 0.6)]

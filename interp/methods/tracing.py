@@ -17,6 +17,12 @@ objective) and text-encoder layers x token position (axis ``token``, counted rel
 is that token, -1 the one before, 1 the one after). On Stable Diffusion's CLIP text encoder the paper finds a single causal state: layer 0 at the last subject
 token.
 
+The method is only as good as its corruption: restored fractions divide by ``J_clean - J_corrupted``, which means
+"the concept" only when every noise draw removes part of it. :func:`corruption_check` records, per draw, the share of
+J removed (in the run's metadata, ``corruption_removed`` and ``corruption_valid``), and a run whose corruption
+raises J or barely moves it warns; the comparison tables and report flag such concepts
+(:func:`interp.evaluation.corruption_table`).
+
 Scope: components at layer or neuron granularity (restoring a head's state needs the input of the output
 projection; not done here). The restored state of a component is its clean value on the same sample; the scores'
 standard error is over noise draws.
@@ -150,6 +156,27 @@ def _restore_run(state, start, stop) -> dict[str, torch.Tensor]:
 WEAK_CORRUPTION = 0.02
 
 
+def corruption_check(j_clean: float, j_corrupted: list[float]) -> dict:
+    """Does the corruption remove the concept? Per noise draw, the share of the clean J it removes,
+    ``(J_clean - J_corrupted) / |J_clean|`` (J's means over the evaluation set, as the run's metadata records them;
+    every objective has higher J = more concept). The corruption is *valid* when every draw removes at least :data:`WEAK_CORRUPTION`: a draw that
+    raises J (or barely moves it) divides restorations by a gap that is not the concept's, so its restored fractions
+    measure something else (Basu et al. and ROME assume the corrupted run has lost the subject)."""
+    scale = abs(j_clean) or 1.0
+    removed = [(j_clean - j) / scale for j in j_corrupted]
+    return {"corruption_removed": removed, "corruption_valid": all(r >= WEAK_CORRUPTION for r in removed)}
+
+
+def _corruption_message(concept: str, check: dict) -> str:
+    removed = check["corruption_removed"]
+    moves = ", ".join(f"{0.0 - r:+.0%}" for r in removed)
+    draws = "its noise draw" if len(removed) == 1 else f"its {len(removed)} noise draws"
+    return (f"causal tracing: corrupting the subject tokens of {concept!r} does not remove the concept (J changed by "
+            f"{moves} in {draws}; every draw must lower J by at least {WEAK_CORRUPTION:.0%}), "
+            f"so its restored fractions are not restorations of the concept; read them as unreliable, or change "
+            f"noise_scale or the prompts")
+
+
 def _frac(j_rest, j_corr, j_clean, groups=None):
     """Restored fraction per row; with ``groups`` (list of sample index tensors) one column per group."""
     if groups is None:
@@ -184,11 +211,14 @@ class CausalTracing(Method):
             j_clean = tr.J(obj.ctx_target, 1)[0]
             ctx_corr = [tr.text(obj.target_ids, tr.corruption(k, 1))[0] for k in range(cfg.n_noise)]
             j_corr = [tr.J(c, 1)[0] for c in ctx_corr]
+            check = corruption_check(float(j_clean.mean()), [float(j.mean()) for j in j_corr])
+            if not check["corruption_valid"]:
+                warnings.warn(_corruption_message(obj.concept.name, check), RuntimeWarning, stacklevel=2)
             scores = self._components(tr, comps, j_clean, j_corr, ctx_corr, entry, progress)
             maps = self._maps(tr, j_clean, j_corr, ctx_corr) if cfg.maps else []
         meta = {"j_clean": float(j_clean.mean()), "j_corrupted": [float(j.mean()) for j in j_corr],
                 "subject_positions": tr.subj, "noise_scale": cfg.noise_scale,
-                "end_of_text_offsets": end_of_text_offsets(m, obj, tr.subj)}
+                "end_of_text_offsets": end_of_text_offsets(m, obj, tr.subj), **check}
         return {"score": scores.mean(1), "stderr": stderr_over(scores, 1), "maps": maps, "meta": meta}
 
     def _components(self, tr, comps, j_clean, j_corr, ctx_corr, entry, progress):

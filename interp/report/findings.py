@@ -134,6 +134,7 @@ def compare_findings(tables: dict, reference: str = "ablation", labels: dict | N
         weak = sorted(single["weak"], key=lambda m: -per[m]["worst"])
         out.append("Less faithful one at a time: " + "; ".join(
             f"{L(m)} (Spearman {per[m]['worst']:.2f} to {per[m]['best']:.2f})" for m in weak) + ".")
+    out += corruption_findings(tables.get("corruption"), labels)
     acc = tables.get("accuracy_vs_cost")
     joint = joint_trust(acc, reference) if acc is not None and len(acc) else {}
     if not joint:
@@ -175,6 +176,29 @@ def compare_findings(tables: dict, reference: str = "ablation", labels: dict | N
             + ("first order does not carry over to joint ablations of that size."
                if jt["worst"] < jb["worst"] - tolerance else "first order carries over to joint ablations here.")
         )
+    return out
+
+
+def corruption_findings(table: pd.DataFrame | None, labels: dict | None = None) -> list[str]:
+    """Per method that corrupts its input (causal tracing), one sentence naming the concepts whose corruption is
+    not valid (some noise draw does not lower J by the required share: :func:`interp.evaluation.corruption_table`),
+    with what each draw did, and the range removed for the others. Nothing when every corruption is valid."""
+    if table is None or not len(table):
+        return []
+    out = []
+    for method, g in table.groupby("method", sort=True):
+        bad = g[~g["valid"].astype(bool)]
+        if bad.empty:
+            continue
+        parts = [f"'{c}' (J changed by {', '.join(f'{0.0 - r:+.0%}' for r in b['removed'])})"
+                 for c, b in bad.groupby("concept", sort=True)]
+        good = g[g["valid"].astype(bool)]
+        rest = (f" For the other {good['concept'].nunique()} concepts its draws remove "
+                f"{good['removed'].min():.0%} to {good['removed'].max():.0%} of J." if len(good) else "")
+        n = bad["concept"].nunique()
+        out.append(f"{_cap(label(method, labels))}'s corruption does not remove {_join(parts)} in every noise draw, so "
+                   f"its scores for {'that concept are' if n == 1 else 'those concepts are'} not restorations of the "
+                   f"concept: read them as unreliable." + rest)
     return out
 
 
