@@ -20,6 +20,7 @@ attention kernel, so attention is counted; the text encoder included where a way
 1024x1024 float32 matmul's FLOP/s measured in the same run.
 
     python benchmarks/bench_ablation.py [--n 0 (all)] [--rounds 3] [--threads 2] [--max-batch 256] [--model concept-world]
+    python benchmarks/bench_ablation.py --allocator default    # glibc's malloc untuned (see interp.runtime)
     python benchmarks/sd15_sized.py /tmp/sd15-16 --sample-size 16
     python benchmarks/bench_ablation.py --model /tmp/sd15-16 --n 8 --rounds 1 --images 1 --timesteps 500
 """
@@ -29,6 +30,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
+import resource
 import statistics
 import time
 
@@ -67,8 +70,13 @@ def main(argv=None) -> int:
                    help="the engine's UNet rows per pass (default: ObjectiveConfig's)")
     p.add_argument("--also-batch", type=int, nargs="*", default=[],
                    help="also time the engine at these rows per pass, interleaved with the rest")
+    p.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
+                   help="glibc's malloc as load_model tunes it for every way (interp.runtime), or its defaults "
+                        "(INTERP_TUNE_MALLOC=0)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.allocator == "default":
+        os.environ["INTERP_TUNE_MALLOC"] = "0"
 
     import interp
     from interp.objectives import Objective, ObjectiveConfig
@@ -162,25 +170,33 @@ def main(argv=None) -> int:
         ways.pop("naive (deep copy)")
     flops = {name: flops_of(fn, name.startswith(("naive", "careful"))) for name, fn in ways.items()}
     times = {k: [] for k in ways}
+    faults = {k: [] for k in ways}  # minor page faults: memory the allocator got from the kernel again
     peak = []
     for _ in range(args.rounds):
         peak.append(matmul_flops_per_s())
         for name, fn in ways.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             with torch.no_grad():
                 fn()
             times[name].append((time.perf_counter() - t0) / len(comps))
+            faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / len(comps))
     mm = statistics.median(peak)
     print(f"{args.model}: {len(comps)} of {len(allc)} ff.net.2 neurons, {rows} UNet rows per mask "
           f"({args.images} images x {len(args.timesteps)} timesteps x 2 erase branches), {args.threads} threads, "
           f"{args.rounds} interleaved rounds, engine max_batch {obj.config.max_batch}; full UNet forward {fc_full.get_total_flops() / rows / 1e6:.1f} MFLOP/row "
           f"(math attention)")
-    print(f"1024x1024 float32 matmul: {mm / 1e9:.1f} GFLOP/s")
+    from interp.runtime import tune_cpu_allocator
+
+    print(f"1024x1024 float32 matmul: {mm / 1e9:.1f} GFLOP/s; glibc allocator: "
+          f"{'tuned' if tune_cpu_allocator() else 'defaults'}")
     eng = statistics.median(times["engine"])
-    print(f"{'way':<30}{'ms/component':>14}{'MFLOP/component':>17}{'GFLOP/s':>9}{'of matmul':>10}{'vs engine':>10}")
+    print(f"{'way':<30}{'ms/component':>14}{'MFLOP/component':>17}{'GFLOP/s':>9}{'of matmul':>10}{'vs engine':>10}"
+          f"{'faults/component':>18}")
     for name in ways:
         s, f = statistics.median(times[name]), flops[name]
-        print(f"{name:<30}{s * 1e3:>14.1f}{f / 1e6:>17.1f}{f / s / 1e9:>9.1f}{f / s / mm:>10.0%}{s / eng:>9.2f}x")
+        print(f"{name:<30}{s * 1e3:>14.1f}{f / 1e6:>17.1f}{f / s / 1e9:>9.1f}{f / s / mm:>10.0%}{s / eng:>9.2f}x"
+              f"{statistics.median(faults[name]):>18,.1f}")
     if "naive (deep copy)" in times:
         print(f"engine vs naive: {statistics.median(times['naive (deep copy)']) / eng:.2f}x (target >= 6x); "
               f"engine vs careful: {statistics.median(times['careful (in place)']) / eng:.2f}x (target >= 3x)")

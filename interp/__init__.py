@@ -43,6 +43,7 @@ _EXPORTS = {
     "load_judge": "interp.judges",
     "resolve_device": "interp.models",
     "plan_comparison": "interp.plan",
+    "tune_cpu_allocator": "interp.runtime",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -50,7 +51,7 @@ __all__ = sorted(_EXPORTS)
 
 _SUBMODULES = {"plots", "evaluation", "editing", "methods", "components", "interventions", "objectives", "results",
                "store", "compare", "concepts", "models", "generation", "diffusion", "report", "world", "notebook",
-               "judges", "engine", "runs", "compare_config", "plan", "testing"}
+               "judges", "engine", "runs", "compare_config", "plan", "testing", "runtime"}
 
 
 def __getattr__(name):

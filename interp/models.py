@@ -28,6 +28,7 @@ import torch.nn as nn
 from nnsight import NNsight
 
 from .components import ComponentSpace
+from .runtime import tune_cpu_allocator
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,8 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
     diffusers text-to-image pipeline; a hub id (``"org/name"``, needs the weights in the local cache here); or a
     pipeline object. ``device``: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda[:N]"`` or ``"mps"``;
     ``dtype``: the precision of the forward passes (``float32``, ``bfloat16``, ``float16``, or ``float64`` for ground
-    truth); objective values and statistics are accumulated in float32 whatever it is. Raises
+    truth); objective values and statistics are accumulated in float32 whatever it is. On the CPU it tunes glibc's
+    allocator for the process (:func:`interp.runtime.tune_cpu_allocator`; ``INTERP_TUNE_MALLOC=0`` opts out). Raises
     :class:`FileNotFoundError` for a missing folder and :class:`ModelLoadError` for a name that is neither shipped,
     nor a folder, nor a hub id.
     """
@@ -307,6 +309,8 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
+    if device.type == "cpu":  # passes reuse their activations' memory instead of faulting it in again
+        tune_cpu_allocator()
     load_plugins()
     extras: dict = {}
     folder_kind = None  # the kind a folder was recognised as: it wins over matching the loaded pipeline

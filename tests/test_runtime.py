@@ -1,0 +1,51 @@
+"""interp.runtime: glibc's allocator tuned by load_model on the CPU keeps activation memory in the process.
+
+Each case runs in a fresh interpreter: the allocator's settings are per process and cannot be undone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import hashlib, json, resource, torch, interp
+from interp.runtime import tune_cpu_allocator
+torch.set_num_threads(1)
+m = interp.load_model("concept-world", device="cpu")
+B = 16
+g = torch.Generator().manual_seed(0)
+x = torch.randn(B, m.unet.config.in_channels, 16, 16, generator=g)
+ctx = torch.randn(B, m.tokenizer.model_max_length, m.unet.config.cross_attention_dim, generator=g)
+t = torch.full((B,), 500)
+with torch.no_grad():
+    m.unet(x, t, ctx)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        out = m.unet(x, t, ctx).sample
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 3
+print(json.dumps({"tuned": tune_cpu_allocator(), "again": tune_cpu_allocator(), "faults": faults,
+                  "digest": hashlib.sha256(out.numpy().tobytes()).hexdigest()}))
+"""
+
+
+def _run(**env) -> dict:
+    full = {k: v for k, v in os.environ.items() if k not in ("INTERP_TUNE_MALLOC", "MALLOC_MMAP_THRESHOLD_")}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env={**full, **env}, capture_output=True, text=True,
+                         check=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
+def test_load_model_tunes_the_allocator_so_passes_stop_faulting_in_memory():
+    tuned, default = _run(), _run(INTERP_TUNE_MALLOC="0")
+    assert tuned["tuned"] and tuned["again"]  # idempotent
+    assert not default["tuned"] and not default["again"]
+    # the untuned allocator hands every pass's activations back to the kernel and faults them in again
+    assert default["faults"] > 5 * max(tuned["faults"], 1), (default, tuned)
+    assert tuned["digest"] == default["digest"]  # the same bits either way
+    # the user's own glibc setting wins: nothing is changed
+    assert not _run(MALLOC_MMAP_THRESHOLD_="1048576")["tuned"]
