@@ -107,3 +107,26 @@ def test_meta_flop_count_matches_a_real_pass(tiny_world_model):
         m.unet(x, torch.full((3,), 10), encoder_hidden_states=ctx, return_dict=False)
     assert fc.get_total_flops() == pytest.approx(3 * per_row, rel=1e-6)
 
+
+
+def test_a_short_measured_pass_is_timed_twice_and_the_faster_kept(monkeypatch):
+    """The first pass at a shape pays one-off costs; a cheap pass is repeated, an expensive one is not."""
+    import interp.plan as plan_mod
+
+    runs = []
+
+    def fake(seconds):
+        it = iter(seconds)
+
+        def timed(model, plan, rows, grad, size=None):
+            runs.append(rows)
+            return {"rows": rows, "seconds": next(it), "peak_bytes": 100 * len(runs)}
+        return timed
+
+    monkeypatch.setattr(plan_mod, "_timed_pass", fake([2.0, 1.5]))
+    q = plan_mod._steady_pass(None, None, 8, False)
+    assert (q["seconds"], q["timed"], q["peak_bytes"], len(runs)) == (1.5, 2, 200, 2)
+    runs.clear()
+    monkeypatch.setattr(plan_mod, "_timed_pass", fake([plan_mod.REPEAT_BELOW + 1, 0.1]))
+    q = plan_mod._steady_pass(None, None, 1, True)
+    assert (q["seconds"], q["timed"], len(runs)) == (plan_mod.REPEAT_BELOW + 1, 1, 1)
