@@ -156,14 +156,16 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
 
 def derived_code_digest() -> str:
     """A digest of the source of the modules that make the tables and figures (this one, :mod:`interp.evaluation`,
-    :mod:`interp.plots`, :mod:`interp.report.findings` (which estimator the headline figure shows) and
-    :mod:`interp.results`, whose costs the tables read): cached tables and figures are reused only when the code that
-    made them is unchanged, with no version number to remember to bump."""
+    :mod:`interp.plots`, :mod:`interp.report.findings` (which estimator the headline figure shows),
+    :mod:`interp.results`, whose costs the tables read, and :mod:`interp.methods.tracing`, whose corruption check the
+    corruption table applies): cached tables and figures are reused only when the code that made them is unchanged,
+    with no version number to remember to bump."""
     from . import results
+    from .methods import tracing
     from .report import findings
 
     h = hashlib.sha256()
-    for module in (sys.modules[__name__], evaluation, plots, findings, results):
+    for module in (sys.modules[__name__], evaluation, plots, findings, results, tracing):
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()[:16]
 

@@ -108,7 +108,6 @@ def test_meta_flop_count_matches_a_real_pass(tiny_world_model):
     assert fc.get_total_flops() == pytest.approx(3 * per_row, rel=1e-6)
 
 
-
 def test_a_short_measured_pass_is_timed_twice_and_the_faster_kept(monkeypatch):
     """The first pass at a shape pays one-off costs; a cheap pass is repeated, an expensive one is not."""
     import interp.plan as plan_mod
