@@ -10,8 +10,9 @@ engine, full passes
     nnsight, many one-hot masks per batched pass, text states computed once per evaluation set.
 engine
     the same with prefix replay (:mod:`interp.prefix`, the default): a batch of masks replays the intact UNet
-    upstream of its earliest ablated unit instead of running it (its replay cache is emptied before every timed
-    run, so each run pays the one intact pass that fills it, as a real run does).
+    upstream of its earliest ablated unit instead of running it, where the FLOPs that skips exceed those of the
+    intact pass that fills the replay cache (emptied before every timed run, so each run pays that pass, as a real
+    run does); otherwise it runs full passes.
 
 All four use the default evaluation set of ``compare_methods`` (4 images x 2 timesteps x both erase branches through
 the ablated model = 16 UNet rows per mask) and must agree on every delta J. Printed: ms per component (median over

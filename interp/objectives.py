@@ -140,14 +140,31 @@ class Objective:
         # Image i is generated from prompt i mod k (k prompts), each image from its own noise.
         self.prompt_index = [i % len(self.concept.target_prompts) for i in range(cfg.n_images)]
         #: Replay the UNet upstream of a batch's earliest ablation (or causal tracing's restoration) instead of
-        #: running it (:mod:`interp.prefix`); equal to running it up to the rounding of batch sizes. Off only to
-        #: measure what it saves.
+        #: running it (:mod:`interp.prefix`); equal to running it up to the rounding of batch sizes. True: where
+        #: that saves FLOPs (see :meth:`replay_prefix`); "always"; False only to measure what it saves.
         self.replay_prefix = True
         #: Bytes of replayed outputs kept between calls (at Stable Diffusion's size one frontier is ~1 GB).
         self.replay_budget = 2**31
         self._replayed: dict = {}  # module path -> its intact output over the whole evaluation set
         self._replay_context = None  # the target context those outputs were computed with (None: the objective's)
         self._build()
+        if cfg.kind != "classifier":  # the FLOP shares replay decisions read, counted now (on a meta-device copy)
+            from .prefix import module_flops  # rather than inside a later call a caller may be measuring
+
+            module_flops(self.model)
+
+    @property
+    def replay_prefix(self) -> bool | str:
+        """True: a call replays the UNet upstream of its batches' earliest interventions when the FLOPs that skips
+        exceed those of the intact pass that fills the replay cache (none once it is filled); "always": whatever it
+        costs; False: never (full passes)."""
+        return self._replay_prefix
+
+    @replay_prefix.setter
+    def replay_prefix(self, value) -> None:
+        if not (value is True or value is False or value == "always"):
+            raise ValueError(f"replay_prefix is {value!r}: use True (where it saves FLOPs), 'always' or False")
+        self._replay_prefix = value
 
     # -- the evaluation set ----------------------------------------------------------------------------------
     def _build(self):
@@ -234,25 +251,27 @@ class Objective:
         if record is not None and any(k.startswith("text_encoder.") for k in record):
             recompute_text = True
         replay = self._replayable(plan, mult, recompute_text, target_context, unet_patches, record)
-        # Replayed rows share one target context (or the objective's own): its one block serves any rows.
-        shared = self._shared_context(target_context) if replay else None
-        groups = self._replay_groups(plan, mult, chunk) if replay else None
-        if groups is not None:  # rows that start at the same point run together (interp.prefix)
+        if replay:  # rows that start at the same point run together (interp.prefix), where that saves FLOPs
             from .prefix import earliest_active_event, frontier
 
+            # Replayed rows share one target context (or the objective's own): its one block serves any rows.
+            shared = self._shared_context(target_context)
+            groups = self._replay_groups(plan, mult, chunk) or [torch.arange(R)]
             subs = [rows[s : s + chunk] for rows in groups for s in range(0, len(rows), chunk)]
             fronts = [frontier(self.model, earliest_active_event(self.model, plan, mult[sub]) or 0) for sub in subs]
-            self._fill_replay(list(dict.fromkeys(p for f in fronts for p in f)), shared)  # one pass for all chunks
+            need = list(dict.fromkeys(p for f in fronts for p in f))
+            unet_rows = S * (self.branches if intervene_anchor else 1)  # per mask row
+            replay = self._replay_pays(fronts, [len(sub) * unet_rows for sub in subs])
+        if replay:
+            self._fill_replay(need, shared)  # one pass for all chunks
             J = torch.empty(R, S, dtype=self.dtype, device=self.x_t.device)
             for sub in subs:
-                J[sub] = self._chunk(plan, mult[sub], means, shared, None, samples, False, None, intervene_anchor)
+                J[sub] = self._chunk(plan, mult[sub], means, shared, None, samples, False, None, intervene_anchor,
+                                     replay=True)
         else:
             outs = []
             for s in range(0, R, chunk):
-                if replay:
-                    ctx = shared
-                else:
-                    ctx = target_context[s * P : (s + chunk) * P] if per_row_context else target_context
+                ctx = target_context[s * P : (s + chunk) * P] if per_row_context else target_context
                 outs.append(self._chunk(plan, None if mult is None else mult[s : s + chunk], means, ctx, unet_patches,
                                         samples, recompute_text, record, intervene_anchor))
             J = torch.cat(outs)
@@ -291,7 +310,7 @@ class Objective:
         return self.eps_anchor
 
     def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False,
-               record=None, intervene_anchor: bool = True) -> torch.Tensor:
+               record=None, intervene_anchor: bool = True, replay: bool = False) -> torch.Tensor:
         model, cfg = self.model, self.config
         sel = torch.arange(self.n_samples) if samples is None else torch.as_tensor(samples)
         S = len(sel)
@@ -329,7 +348,7 @@ class Objective:
         patches = unet_patches(0) if unet_patches is not None else None
         upaths = [k for k in (record or {}) if k.startswith("unet.")]
         skips = None
-        if self._replayable(plan, mult, recompute_text, target_context, unet_patches, record):
+        if replay:
             skips, plan = self._replay(plan, mult, sel, r, B, self._shared_context(target_context))
         eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=upaths, skips=skips)
         if record is not None:
@@ -396,6 +415,22 @@ class Objective:
         index = torch.cat([b * self.n_samples + sel for b in range(B)])
         return rows_of({p: self._replayed[p] for p in paths}, index, r), plan
 
+    def _replay_pays(self, fronts, rows: list[int]) -> bool:
+        """Whether replaying ``fronts`` for batches of ``rows`` UNet rows saves FLOPs, counting the intact pass that
+        fills the cache (:func:`interp.prefix.replay_pays`) whether or not an earlier call filled it: the choice, and
+        so every value's rounding, is a function of the call alone, the same in a resumed run and on every worker.
+        ``replay_prefix="always"`` replays whatever it costs."""
+        if self.replay_prefix == "always":
+            return True
+        from .prefix import replay_pays
+
+        return replay_pays(self.model, fronts, rows, self.n_samples * self.branches)
+
+    def _cached_context(self, context) -> bool:
+        """Whether the replay cache was filled on the target context ``context`` (None: the objective's own)."""
+        cached = self._replay_context
+        return context is cached or (context is not None and cached is not None and torch.equal(context, cached))
+
     def _fill_replay(self, paths, context=None) -> None:
         """Make sure the outputs of ``paths`` over the whole evaluation set, without interventions, on the target
         context ``context`` (None: the objective's own), are cached: one uncounted pass for all that are missing.
@@ -403,8 +438,7 @@ class Objective:
         ``replay_budget`` bytes, outputs not asked for now are dropped first."""
         from .prefix import intact_outputs, nbytes
 
-        cached = self._replay_context
-        if not (context is cached or (context is not None and cached is not None and torch.equal(context, cached))):
+        if not self._cached_context(context):
             self._replayed, self._replay_context = {}, context
         missing = [p for p in paths if p not in self._replayed]
         if not missing:

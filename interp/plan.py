@@ -191,49 +191,20 @@ def _min_size(unet) -> int:
     return 2 ** (len(unet.config.block_out_channels) - 1)
 
 
-def _meta_unet(model, rows: int = 1):
-    """A copy of the model's UNet on the ``meta`` device (no memory, no compute) and inputs of ``rows`` rows:
-    ``(unet, x, t, context)``, for counting FLOPs."""
-    from .diffusion import latent_shape
-
-    unet = model.unet
-    with torch.device("meta"):
-        meta = type(unet).from_config(unet.config)
-    torch.nn.Module.to(meta.requires_grad_(False), unet.dtype)  # diffusers' own .to() warns about fp32 modules
-    ctx_dim = unet.config.cross_attention_dim
-    ctx_dim = ctx_dim if isinstance(ctx_dim, int) else ctx_dim[0]
-    ctx = torch.zeros(rows, model.tokenizer.model_max_length, ctx_dim, device="meta", dtype=unet.dtype)
-    x = torch.zeros(latent_shape(unet, rows), device="meta", dtype=unet.dtype)
-    t = torch.zeros(rows, device="meta", dtype=torch.long)
-    return meta, x, t, ctx
-
-
 def replayed_fraction(model, comps) -> float:
     """The mean fraction of a UNet pass's FLOPs that a single ablation of each of ``comps`` replays instead of
     running (:mod:`interp.prefix`; text-encoder components replay nothing), counted on the meta-device copy."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from .interventions import compile_plan
-    from .prefix import frontier
+    from .prefix import frontier, upstream_share
 
     in_unet = [c for c in comps if c.model == "unet"]
     if not in_unet:
         return 0.0
-    meta, x, t, ctx = _meta_unet(model)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        meta(x, t, encoder_hidden_states=ctx, return_dict=False)
-    counts = fc.get_flop_counts()
-    total = float(sum(counts["Global"].values()))
-    root = type(meta).__name__
-
-    def flops(path):  # "unet.down_blocks.0" -> the counter's "UNet2DConditionModel.down_blocks.0"
-        return float(sum(counts.get(root + path[len("unet"):], {}).values()))
-
     replayed = 0.0
     for site in compile_plan(model, in_unet).sites["unet"]:
         front = frontier(model, model.events[(site.event, site.path)])
-        replayed += len(set(site.columns.tolist())) * sum(flops(p) for p in front)
-    return replayed / total / len(comps) if total else 0.0
+        replayed += len(set(site.columns.tolist())) * upstream_share(model, front)
+    return replayed / len(comps)
 
 
 def _meta_flops(model, comps, rows: int = 1) -> tuple[float, float]:
@@ -242,8 +213,9 @@ def _meta_flops(model, comps, rows: int = 1) -> tuple[float, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from .interventions import compile_plan
+    from .prefix import meta_unet
 
-    meta, x, t, ctx0 = _meta_unet(model, rows)
+    meta, x, t, ctx0 = meta_unet(model, rows)
     sites = compile_plan(model, comps).sites["unet"] if len(comps) else []
     out = []
     for grad in (False, True):

@@ -17,7 +17,10 @@ nearly what a full one does.
 
 The saving is the fraction of the UNet's FLOPs upstream of the changed unit: large for units late in the up path,
 nothing for units in the first down block or for joint ablations that touch an early unit (random COAR masks), and
-nothing for gradients with respect to every unit. The replayed values are bitwise those of the same pass without
+nothing for gradients with respect to every unit. A call replays only where that pays (:func:`replay_pays`): the
+FLOPs its batches skip, from per-module shares counted once on a meta-device copy (:func:`module_flops`), must
+exceed those of the intact pass that fills the cache. That pass is counted even when an earlier call filled the
+cache, so the choice depends on the call alone (a resumed run, or a Ray worker, chooses alike). The replayed values are bitwise those of the same pass without
 the intervention, so a replayed pass differs from a full one only by the rounding of the batch size it ran at. The intact passes
 that fill the replay cache are not counted in the model's pass counters, like :meth:`Objective.warm`'s: counted
 cost stays a property of the configuration, on every executor.
@@ -50,6 +53,55 @@ def frontier(model, event: int) -> tuple[str, ...]:
             out.append(path)
             end = o
     return tuple(out)
+
+
+def meta_unet(model, rows: int = 1):
+    """A copy of the model's UNet on the ``meta`` device (no memory, no compute) and inputs of ``rows`` rows:
+    ``(unet, x, t, context)``, for counting FLOPs."""
+    from .diffusion import latent_shape
+
+    unet = model.unet
+    with torch.device("meta"):
+        meta = type(unet).from_config(unet.config)
+    torch.nn.Module.to(meta.requires_grad_(False), unet.dtype)  # diffusers' own .to() warns about fp32 modules
+    ctx_dim = unet.config.cross_attention_dim
+    ctx_dim = ctx_dim if isinstance(ctx_dim, int) else ctx_dim[0]
+    ctx = torch.zeros(rows, model.tokenizer.model_max_length, ctx_dim, device="meta", dtype=unet.dtype)
+    x = torch.zeros(latent_shape(unet, rows), device="meta", dtype=unet.dtype)
+    t = torch.zeros(rows, device="meta", dtype=torch.long)
+    return meta, x, t, ctx
+
+
+def module_flops(model) -> tuple[dict[str, float], float]:
+    """FLOPs of one row through every UNet module (by path, ``unet.…``) and through the whole UNet, counted once
+    per model with :class:`torch.utils.flop_counter.FlopCounterMode` on a meta-device copy (no memory, no
+    compute; matrix products, convolutions and attention, which is where the time goes)."""
+    cached = getattr(model, "_module_flops", None)
+    if cached is None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        meta, x, t, ctx = meta_unet(model)
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            meta(x, t, encoder_hidden_states=ctx, return_dict=False)
+        counts, root = fc.get_flop_counts(), type(meta).__name__
+        per = {"unet" + name[len(root):]: float(sum(c.values())) for name, c in counts.items()
+               if name == root or name.startswith(root + ".")}
+        cached = model._module_flops = (per, float(sum(counts["Global"].values())))
+    return cached
+
+
+def upstream_share(model, paths) -> float:
+    """The fraction of a UNet pass's FLOPs spent in the modules ``paths`` (a frontier): what replaying them saves."""
+    per, total = module_flops(model)
+    return sum(per.get(p, 0.0) for p in paths) / total if total else 0.0
+
+
+def replay_pays(model, fronts, rows: list[int], fill_rows: int) -> bool:
+    """Whether replaying saves FLOPs: batches of ``rows[i]`` UNet rows replaying the frontiers ``fronts[i]`` skip
+    more than the intact pass over ``fill_rows`` rows that fills the cache costs (0 when the cache holds them).
+    Evenly spread single ablations of a big UNet lose otherwise: their one batch starts at its earliest unit."""
+    saved = sum(n * upstream_share(model, f) for n, f in zip(rows, fronts))
+    return saved > fill_rows
 
 
 def earliest_active_event(model, plan, mult: torch.Tensor) -> int | None:

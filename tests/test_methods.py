@@ -233,7 +233,7 @@ class LinearFF(Objective):
         super().__init__(model, concept, config)
 
     def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False,
-               record=None, intervene_anchor=True):
+               record=None, intervene_anchor=True, replay=False):  # full passes whatever replay says
         r = 1 if mult is None else mult.shape[0]
         if target_context is not None and target_context.shape[0] != self.config.n_images:  # causal tracing's rows
             r = target_context.shape[0] // self.config.n_images
@@ -477,7 +477,7 @@ class ProductFF(LinearFF):
         super().__init__(model, concept, config, block, v1)
 
     def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False,
-               record=None, intervene_anchor=True):
+               record=None, intervene_anchor=True, replay=False):  # full passes whatever replay says
         l1 = super()._chunk(plan, mult, means, target_context, unet_patches, samples, recompute_text, record)
         v1, self.v = self.v, self.v2
         try:

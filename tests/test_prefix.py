@@ -19,9 +19,10 @@ from interp.prefix import frontier
 
 
 def _both(obj, fn):
-    """``fn()`` with replay on and off; the model's pass counters advance by the same amount either way."""
+    """``fn()`` with replay always on (also where it would not pay) and off; the model's pass counters advance by
+    the same amount either way."""
     before = dict(obj.model.counters)
-    obj.replay_prefix = True
+    obj.replay_prefix = "always"
     on = fn()
     mid = dict(obj.model.counters)
     obj.replay_prefix = False
@@ -136,15 +137,16 @@ def test_replayed_fraction_is_the_flops_a_replayed_pass_saves(tiny_world_model, 
     model, obj = tiny_world_model, tiny_red_objective
     for comp in (model.space.select("neuron", block="up_blocks.1")[0], model.space.select("neuron", block="mid_block")[5]):
         plan, mult = compile_plan(model, [comp]), torch.zeros(1, 1)
+        obj.replay_prefix = "always"  # one ablation alone would not pay for the fill pass
         obj.values(plan, mult)  # fills the replay cache, so that only the ablated pass is counted below
         flops = {}
-        for replay in (True, False):
+        for replay in ("always", False):
             obj.replay_prefix = replay
             with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
                 obj.values(plan, mult)
             flops[replay] = fc.get_total_flops()
         obj.replay_prefix = True
-        assert 0 < 1 - flops[True] / flops[False] == pytest.approx(replayed_fraction(model, [comp]), abs=0.01)
+        assert 0 < 1 - flops["always"] / flops[False] == pytest.approx(replayed_fraction(model, [comp]), abs=0.01)
 
 
 def test_causal_tracing_replays_its_corrupted_run_exactly(tiny_world_model):
@@ -159,7 +161,7 @@ def test_causal_tracing_replays_its_corrupted_run_exactly(tiny_world_model):
                           *model.space.select("layer", model="unet")[:6]])
     runs, flops = [], []
     try:
-        for replay in (True, False):
+        for replay in ("always", False):
             obj.replay_prefix = replay
             method = interp.REGISTRY["tracing"](n_noise=2, chunk=8)
             with FlopCounterMode(display=False) as fc:
@@ -208,3 +210,47 @@ def test_rows_group_by_their_first_site_and_small_groups_fill_a_batch():
     assert as_lists(Objective._replay_groups(plan, mult)) == [[0, 1, 2, 7], [3], [4, 5, 6], [8]]
     assert as_lists(Objective._replay_groups(plan, mult, min_rows=3)) == [[0, 1, 2, 7], [3, 4, 5, 6], [8]]
     assert Objective._replay_groups(plan, mult, min_rows=9) is None  # one group: nothing to split
+
+
+def test_replay_runs_only_where_it_saves_flops(tiny_world_model):
+    """A call replays only if what it skips outweighs the intact pass that fills the cache, counted whether or not
+    an earlier call filled it (so that the choice, and each value's rounding, depends on the call alone): one late
+    ablation runs a full pass, also after the cache is filled; eight replay."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from interp.interventions import compile_plan
+    from interp.prefix import module_flops, replay_pays, upstream_share
+
+    model = tiny_world_model
+    obj = Objective(model, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64"))
+    late = ComponentSet(list(model.space.select("neuron", block="up_blocks.2"))[-8:])
+    plan = compile_plan(model, late)
+
+    def run(mult):
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            J = obj.values(plan, mult)
+        return J, fc.get_total_flops()
+
+    one = torch.ones(1, len(late), dtype=obj.dtype)
+    one[0, -1] = 0
+    one_J, full = run(one)  # one ablation: a full pass, and nothing cached
+    assert obj._replayed == {} and full > 0
+    many = torch.ones(len(late), len(late), dtype=obj.dtype) - torch.eye(len(late), dtype=obj.dtype)
+    J, flops = run(many)  # eight ablations of late units pay for the fill pass: replayed, cache filled
+    assert obj._replayed and flops < len(late) * full
+    assert torch.allclose(J[-1], one_J[0], rtol=1e-12, atol=0)
+    again_J, again = run(one)
+    assert again == full and torch.equal(again_J, one_J)  # the same choice as with the empty cache
+    obj.replay_prefix = "always"
+    forced_J, forced = run(one)
+    assert forced < full and torch.allclose(forced_J, one_J, rtol=1e-12, atol=0)
+    # the rule itself: skipped FLOPs against the fill pass's rows
+    per, total = module_flops(model)
+    assert total > 0 and per["unet"] == total and per["unet.up_blocks.2"] < total
+    front = ("unet.conv_in", "unet.down_blocks.0")
+    share = upstream_share(model, front)
+    assert share == pytest.approx((per["unet.conv_in"] + per["unet.down_blocks.0"]) / total)
+    assert replay_pays(model, [front], [10], fill_rows=int(10 * share) - 1)
+    assert not replay_pays(model, [front], [10], fill_rows=int(10 * share) + 1)
+    with pytest.raises(ValueError, match="replay_prefix"):
+        obj.replay_prefix = "yes"
