@@ -133,11 +133,24 @@ class DiffusionModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        """The UNet's dtype, as diffusers reports it."""
+        return self._placement()[0]
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        """The UNet's device, as diffusers reports it."""
+        return self._placement()[1]
+
+    def _placement(self) -> tuple[torch.dtype, torch.device]:
+        """diffusers' ``unet.dtype`` and ``unet.device``, asked again only when the UNet's first parameter is moved or
+        cast (which enabling offloading or layerwise casting also does): they walk every module looking for hooks,
+        ~2 ms each on these UNets, and every pass reads them several times."""
+        p = next(self.unet.parameters())
+        key = (p.dtype, p.device)
+        cached = self.__dict__.get("_placement_cache")
+        if cached is None or cached[0] != key:
+            cached = self._placement_cache = (key, (self.unet.dtype, self.unet.device))
+        return cached[1]
 
     def modules(self):
         return {"unet": self.unet, "text_encoder": self.text_encoder}

@@ -522,3 +522,27 @@ def test_stable_diffusion_pipeline(tiny_sd_folder, monkeypatch):
     # the image path: images decoded through the VAE
     img = interp.generate(m, ["a cat"], steps=2)
     assert img.shape == (1, 3, 16, 16) and float(img.min()) >= 0 and float(img.max()) <= 1
+
+
+def test_model_dtype_and_device_follow_the_unet_and_walk_it_once(tiny_world_model_factory, monkeypatch):
+    """diffusers' ``unet.dtype``/``unet.device`` walk every module (~2 ms each): the model asks them once, and again
+    only when the UNet is cast or moved."""
+    import diffusers.models.modeling_utils as mu
+
+    model = tiny_world_model_factory()
+    asked = {"dtype": 0, "device": 0}
+    dtype_of, device_of = mu.get_parameter_dtype, mu.get_parameter_device
+
+    def counted(kind, fn):
+        def wrapper(module):
+            asked[kind] += 1
+            return fn(module)
+        return wrapper
+
+    monkeypatch.setattr(mu, "get_parameter_dtype", counted("dtype", dtype_of))
+    monkeypatch.setattr(mu, "get_parameter_device", counted("device", device_of))
+    for dtype, n in ((torch.float64, 1), (torch.float32, 2)):
+        torch.nn.Module.to(model.unet, dtype)
+        for _ in range(20):
+            assert model.dtype == dtype and model.device == torch.device("cpu")
+        assert asked == {"dtype": n, "device": n}

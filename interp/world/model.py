@@ -121,15 +121,14 @@ class ConceptWorldPipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """Generate images for ``prompt``; returns a float tensor (B, 3, H, W) in [0, 1]."""
         prompts = check_prompts(prompt, self.tokenizer.get_vocab())
-        device = self.unet.device
+        device, dtype = self.unet.device, self.unet.dtype  # once: diffusers walks every module for each
         cond = diffusion.encode_ids(self.text_encoder, diffusion.tokenize(self.tokenizer, prompts, device))
         uncond = diffusion.encode_ids(self.text_encoder, diffusion.tokenize(self.tokenizer, [""] * len(prompts), device))
         if latents is None:
-            latents = diffusion.initial_noise(self.unet, len(prompts), generator, self.unet.dtype, device)
+            latents = diffusion.initial_noise(self.unet, len(prompts), generator, dtype, device)
 
         def unet_fn(x, t, context, step):
-            return self.unet(x.to(self.unet.dtype), t, encoder_hidden_states=context.to(self.unet.dtype),
-                             return_dict=False)[0]
+            return self.unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype), return_dict=False)[0]
 
         out = diffusion.denoise(
             unet_fn, diffusion.fresh_scheduler(self.scheduler), latents, cond, uncond, num_inference_steps, guidance_scale, generator
