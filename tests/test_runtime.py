@@ -23,10 +23,12 @@ ctx = torch.randn(B, m.tokenizer.model_max_length, m.unet.config.cross_attention
 t = torch.full((B,), 500)
 with torch.no_grad():
     m.unet(x, t, ctx)
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
+    per_pass = []
+    for _ in range(5):  # the fewest faults of a pass: a busy machine adds stray ones to some passes, not to all
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         out = m.unet(x, t, ctx).sample
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 3
+        per_pass.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    faults = min(per_pass)
 print(json.dumps({"tuned": tune_cpu_allocator(), "again": tune_cpu_allocator(), "faults": faults,
                   "digest": hashlib.sha256(out.numpy().tobytes()).hexdigest()}))
 """
