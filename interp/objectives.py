@@ -156,8 +156,8 @@ class Objective:
     @property
     def replay_prefix(self) -> bool | str:
         """True: a call replays the UNet upstream of its batches' earliest interventions when the FLOPs that skips
-        exceed those of the intact pass that fills the replay cache (none once it is filled); "always": whatever it
-        costs; False: never (full passes)."""
+        exceed those of the intact pass that fills the replay cache (counted even when an earlier call filled it, so the
+        choice depends on the call alone); "always": whatever it costs; False: never (full passes)."""
         return self._replay_prefix
 
     @replay_prefix.setter

@@ -98,7 +98,7 @@ def upstream_share(model, paths) -> float:
 
 def replay_pays(model, fronts, rows: list[int], fill_rows: int) -> bool:
     """Whether replaying saves FLOPs: batches of ``rows[i]`` UNet rows replaying the frontiers ``fronts[i]`` skip
-    more than the intact pass over ``fill_rows`` rows that fills the cache costs (0 when the cache holds them).
+    more than the intact pass over ``fill_rows`` rows that fills the cache costs.
     Evenly spread single ablations of a big UNet lose otherwise: their one batch starts at its earliest unit."""
     saved = sum(n * upstream_share(model, f) for n, f in zip(rows, fronts))
     return saved > fill_rows
