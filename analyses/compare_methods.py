@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads, >= 1 (default %(default)s)")
     p.add_argument("--plan", action="store_true",
                    help="print the run's cost plan (counts and projected time) and exit without running it")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the libraries' loading bars included)")
     add_executor_arguments(p)
     return p
 
@@ -55,6 +55,10 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.no_progress:
+        from interp.runtime import hide_library_progress_bars
+
+        hide_library_progress_bars()
     from analyses._cli import executor_from_args
 
     if args.plan:

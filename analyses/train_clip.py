@@ -72,6 +72,10 @@ def main(argv=None) -> int:
                                    zero_shot_accuracy)
 
     torch.set_num_threads(args.threads)
+    if args.no_progress:
+        from interp.runtime import hide_library_progress_bars
+
+        hide_library_progress_bars()
     cfg = CLIPTrainConfig(steps=args.steps, batch_size=args.batch_size, text_layers=args.text_layers, seed=args.seed)
     t0 = time.perf_counter()
     model, tokenizer, history = train_clip(cfg, progress=not args.no_progress)

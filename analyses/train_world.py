@@ -54,6 +54,10 @@ def main(argv=None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
+    if args.no_progress:
+        from interp.runtime import hide_library_progress_bars
+
+        hide_library_progress_bars()
     from interp.world.classifier import train_classifier
     from interp.world.model import ModelConfig
     from interp.world.train import TrainConfig, save_model, train

@@ -10,11 +10,9 @@ def notebook_setup() -> bool:
     """Silence deprecation notices and loading bars of the libraries underneath (the suite's own tqdm bars stay);
     returns ``SMALL``: True when ``INTERP_NOTEBOOK_SMALL=1`` (the tests run every notebook in a small configuration,
     seconds instead of minutes)."""
-    import diffusers
-    import transformers
+    from .runtime import hide_library_progress_bars
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
-    diffusers.utils.logging.disable_progress_bar()  # no "Loading pipeline components" bars
-    transformers.utils.logging.disable_progress_bar()
+    hide_library_progress_bars()
     return os.environ.get("INTERP_NOTEBOOK_SMALL") == "1"

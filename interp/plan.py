@@ -446,8 +446,10 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
         frac = replayed_fraction(model, comps)
         notes.append(f"single ablations (true ablation, screen-then-verify's verification) and causal tracing's "
                      f"restorations of UNet components replay the UNet upstream of the changed unit instead of "
-                     f"running it: {frac:.0%} of a pass's FLOPs on average for these components, so their projected "
-                     f"FLOPs and time, counted as full passes, are upper bounds.")
+                     f"running it where that saves FLOPs (a call whose batches would skip less than one intact pass "
+                     f"over the evaluation set runs full passes): at most {frac:.0%} of a pass's FLOPs on average for "
+                     f"these components, so their projected FLOPs and time, counted as full passes, are upper "
+                     f"bounds.")
     table = pd.DataFrame(rows)
     if passes and workers and workers > 1:
         # Every sweep's items spread over the workers; the evaluation sets and J of the intact model stay on the driver.

@@ -1,4 +1,4 @@
-"""Process settings for fast passes on a CPU: glibc's allocator.
+"""Process settings: glibc's allocator for fast passes on a CPU, and the loading bars of the libraries underneath.
 
 A UNet pass over a batch of rows allocates activations of megabytes each and frees them before the next pass. glibc's
 ``malloc`` serves an allocation above its mmap threshold with fresh pages from the kernel and gives the freed top of
@@ -51,3 +51,13 @@ def tune_cpu_allocator() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _tuned = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _tuned
+
+
+def hide_library_progress_bars() -> None:
+    """Turn off diffusers' and transformers' own bars ("Loading pipeline components", "Loading weights") in this
+    process; the suite's bars are switched by each call's ``progress`` argument."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()

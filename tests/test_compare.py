@@ -262,3 +262,27 @@ def test_models_side_by_side_reads_runs_and_checks_every_finding(run_dir, tmp_pa
     assert main(["no-equals-sign"]) == 2
     assert main([f"x={tmp_path}"]) == 2
     assert "not a finished compare_methods run" in capsys.readouterr().err
+
+
+def test_no_progress_hides_the_libraries_loading_bars_too(tiny_world, tmp_path, capfd):
+    """``--no-progress`` means no bar at all: diffusers' and transformers' loading bars, which a plain run shows
+    when it loads the model, are switched off with the suite's own."""
+    import diffusers
+    import transformers
+
+    from analyses.compare_methods import main
+
+    args = ["--model", str(tiny_world), "--concepts", "red", "--images", "1", "--timesteps", "300", "--blocks",
+            "mid_block", "--methods", "ablation", "--lds-alphas", "0.2", "--heldout-masks", "10", "--n-boot", "100",
+            "--threads", "1"]
+    try:
+        assert main([*args, "--out", str(tmp_path / "bars")]) == 0
+        err = capfd.readouterr().err
+        assert "Loading pipeline components" in err and "it/s]" in err  # the bars a plain run shows
+        assert main([*args, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+        err = capfd.readouterr().err
+        assert "Loading" not in err and "it/s]" not in err and "%|" not in err, err
+        assert (tmp_path / "quiet" / "index.html").exists()
+    finally:  # the switch is process-wide: later tests in this worker get the libraries' defaults back
+        diffusers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.enable_progress_bar()
