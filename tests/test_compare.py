@@ -275,6 +275,9 @@ def test_no_progress_hides_the_libraries_loading_bars_too(tiny_world, tmp_path, 
     args = ["--model", str(tiny_world), "--concepts", "red", "--images", "1", "--timesteps", "300", "--blocks",
             "mid_block", "--methods", "ablation", "--lds-alphas", "0.2", "--heldout-masks", "10", "--n-boot", "100",
             "--threads", "1"]
+    before = diffusers.utils.logging.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
+    diffusers.utils.logging.enable_progress_bar()  # an earlier --no-progress run in this process switched them off
+    transformers.utils.logging.enable_progress_bar()
     try:
         assert main([*args, "--out", str(tmp_path / "bars")]) == 0
         err = capfd.readouterr().err
@@ -283,6 +286,6 @@ def test_no_progress_hides_the_libraries_loading_bars_too(tiny_world, tmp_path, 
         err = capfd.readouterr().err
         assert "Loading" not in err and "it/s]" not in err and "%|" not in err, err
         assert (tmp_path / "quiet" / "index.html").exists()
-    finally:  # the switch is process-wide: later tests in this worker get the libraries' defaults back
-        diffusers.utils.logging.enable_progress_bar()
-        transformers.utils.logging.enable_progress_bar()
+    finally:  # the switch is process-wide: leave it as this test found it
+        for lib, enabled in zip((diffusers, transformers), before):
+            (lib.utils.logging.enable_progress_bar if enabled else lib.utils.logging.disable_progress_bar)()
