@@ -25,6 +25,14 @@ def run_or_exit(parser, out: Path | None, fn):
         parser.exit(2, f"error: {msg}{where}\n")
 
 
+def apply_no_progress(args: argparse.Namespace) -> None:
+    """``--no-progress`` hides the libraries' loading bars too; the suite's own follow each call's ``progress``."""
+    if args.no_progress:
+        from interp.runtime import hide_library_progress_bars
+
+        hide_library_progress_bars()
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One option per field of dataclass ``cls``, typed and documented from the field (its default in the help)."""
     for f in fields(cls):

@@ -55,10 +55,9 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.no_progress:
-        from interp.runtime import hide_library_progress_bars
+    from analyses._cli import apply_no_progress
 
-        hide_library_progress_bars()
+    apply_no_progress(args)
     from analyses._cli import executor_from_args
 
     if args.plan:

@@ -72,10 +72,9 @@ def main(argv=None) -> int:
                                    zero_shot_accuracy)
 
     torch.set_num_threads(args.threads)
-    if args.no_progress:
-        from interp.runtime import hide_library_progress_bars
+    from analyses._cli import apply_no_progress
 
-        hide_library_progress_bars()
+    apply_no_progress(args)
     cfg = CLIPTrainConfig(steps=args.steps, batch_size=args.batch_size, text_layers=args.text_layers, seed=args.seed)
     t0 = time.perf_counter()
     model, tokenizer, history = train_clip(cfg, progress=not args.no_progress)

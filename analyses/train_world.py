@@ -54,10 +54,9 @@ def main(argv=None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
-    if args.no_progress:
-        from interp.runtime import hide_library_progress_bars
+    from analyses._cli import apply_no_progress
 
-        hide_library_progress_bars()
+    apply_no_progress(args)
     from interp.world.classifier import train_classifier
     from interp.world.model import ModelConfig
     from interp.world.train import TrainConfig, save_model, train
