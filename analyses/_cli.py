@@ -25,12 +25,21 @@ def run_or_exit(parser, out: Path | None, fn):
         parser.exit(2, f"error: {msg}{where}\n")
 
 
-def apply_no_progress(args: argparse.Namespace) -> None:
-    """``--no-progress`` hides the libraries' loading bars too; the suite's own follow each call's ``progress``."""
-    if args.no_progress:
-        from interp.runtime import hide_library_progress_bars
+def add_no_progress_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (the libraries' model-loading bars included)")
 
-        hide_library_progress_bars()
+
+def quiet_if_asked(args: argparse.Namespace):
+    """A context in which ``--no-progress`` hides the libraries' loading bars too, restored after it (the suite's own
+    bars follow each call's ``progress``)."""
+    from contextlib import nullcontext
+
+    if not args.no_progress:
+        return nullcontext()
+    from interp.runtime import library_progress_bars
+
+    return library_progress_bars(False)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     """The options are CompareConfig's fields (typed and documented there), plus how to run: --out, --threads,
     --plan, --no-progress. Imports nothing heavy, so --help is fast."""
-    from analyses._cli import add_config_arguments, add_executor_arguments
+    from analyses._cli import add_config_arguments, add_executor_arguments, add_no_progress_argument
     from interp.compare_config import CompareConfig
 
     p = argparse.ArgumentParser(prog="python -m analyses.compare_methods", description=__doc__,
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads, >= 1 (default %(default)s)")
     p.add_argument("--plan", action="store_true",
                    help="print the run's cost plan (counts and projected time) and exit without running it")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (the libraries' loading bars included)")
+    add_no_progress_argument(p)
     add_executor_arguments(p)
     return p
 
@@ -43,8 +43,6 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from analyses._cli import config_from_args
     from interp.compare_config import CompareConfig
-    from analyses._cli import run_or_exit
-    from interp.store import config_hash
 
     try:
         cfg = config_from_args(CompareConfig, args)
@@ -55,10 +53,15 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from analyses._cli import apply_no_progress
+    from analyses._cli import quiet_if_asked
 
-    apply_no_progress(args)
-    from analyses._cli import executor_from_args
+    with quiet_if_asked(args):
+        return _run(parser, args, cfg)
+
+
+def _run(parser, args, cfg) -> int:
+    from analyses._cli import executor_from_args, run_or_exit
+    from interp.store import config_hash
 
     if args.plan:
         from interp.plan import plan_comparison

@@ -81,15 +81,16 @@ class EditConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The options are EditConfig's fields, plus how to run: --out, --threads. Imports nothing heavy, so --help is
+    """The options are EditConfig's fields, plus how to run: --out, --threads, --no-progress. Imports nothing heavy, so --help is
     fast."""
-    from analyses._cli import add_config_arguments
+    from analyses._cli import add_config_arguments, add_no_progress_argument
 
     p = argparse.ArgumentParser(prog="python -m analyses.edit_concepts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, EditConfig)
     p.add_argument("--out", type=Path, default=None, help="run folder (default reports/edit-<config hash>)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads, >= 1 (default %(default)s)")
+    add_no_progress_argument(p)
     return p
 
 
@@ -357,13 +358,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     import torch
 
-    from analyses._cli import run_or_exit
+    from analyses._cli import quiet_if_asked, run_or_exit
     from interp.store import config_hash
 
     torch.set_num_threads(args.threads)
     out = args.out or Path("reports") / f"edit-{config_hash(config.to_dict())[:10]}"
     t0 = time.perf_counter()
-    run_or_exit(parser, out, lambda: run(config, out, logging.info))
+    with quiet_if_asked(args):
+        run_or_exit(parser, out, lambda: run(config, out, logging.info))
     logging.info("wall time %.1f s; report: %s", time.perf_counter() - t0, (out / "index.html").resolve())
     return 0
 

@@ -42,6 +42,8 @@ RANKINGS = {"plain": "", "contrastive": "+contrastive", "per-layer": "+per-layer
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from analyses._cli import add_no_progress_argument
+
     p = argparse.ArgumentParser(prog="python -m analyses.erasure_curves", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="concept-world",
@@ -105,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
                    help="precision of the forward passes (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads, >= 1 (default %(default)s)")
+    add_no_progress_argument(p)
     return p
 
 
@@ -201,7 +204,8 @@ def contrast_concepts(model, concept: str, args, alternatives) -> list[str]:
 
 
 def run_config(args) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "threads")}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k not in ("out", "threads", "no_progress")}  # how to run, not what: not part of the result
 
 
 def run(args, out: Path, compare: dict | None, log) -> dict:
@@ -314,13 +318,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     import torch
 
-    from analyses._cli import run_or_exit
+    from analyses._cli import quiet_if_asked, run_or_exit
     from interp.store import config_hash
 
     torch.set_num_threads(args.threads)
     out = args.out or Path("reports") / f"erasure-{config_hash(run_config(args))[:10]}"
     t0 = time.perf_counter()
-    result = run_or_exit(parser, out, lambda: run(args, out, compare, logging.info))
+    with quiet_if_asked(args):
+        result = run_or_exit(parser, out, lambda: run(args, out, compare, logging.info))
     pred = result["tables"]["prediction"]
     logging.info("\narea under the concept-rate curve (lower erases earlier):\n%s",
                  result["tables"]["auc"].pivot_table(index=["concept", "method"], columns="metric", values="auc")

@@ -22,6 +22,8 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from analyses._cli import add_no_progress_argument
+
     p = argparse.ArgumentParser(prog="python -m analyses.text_restoration", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="concept-world", help="model name or folder (default %(default)s)")
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("reports/text-restoration.csv"),
                    help="CSV of the tidy table (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
+    add_no_progress_argument(p)
     return p
 
 
@@ -50,20 +53,26 @@ def main(argv=None) -> int:
     import torch
 
     import interp
+    from analyses._cli import quiet_if_asked, run_or_exit
     from interp.methods.tracing import text_restoration
     from interp.objectives import ObjectiveConfig
 
+    def restore_every_concept() -> list:
+        model = interp.load_model(args.model)
+        cfg = ObjectiveConfig(kind="classifier", n_images=args.images, gen_steps=args.steps, seed=args.seed,
+                              judge=args.judge)
+        frames = []
+        for c in args.concepts:
+            t1 = time.perf_counter()
+            frames.append(text_restoration(model, c, cfg, noise_scale=args.noise_scale, n_noise=args.noise,
+                                           seed=args.seed))
+            logging.info("%s: %.1f s", c, time.perf_counter() - t1)
+        return frames
+
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = interp.load_model(args.model)
-    cfg = ObjectiveConfig(kind="classifier", n_images=args.images, gen_steps=args.steps, seed=args.seed,
-                          judge=args.judge)
-    frames = []
-    for c in args.concepts:
-        t1 = time.perf_counter()
-        frames.append(text_restoration(model, c, cfg, noise_scale=args.noise_scale, n_noise=args.noise,
-                                       seed=args.seed))
-        logging.info("%s: %.1f s", c, time.perf_counter() - t1)
+    with quiet_if_asked(args):  # an expected failure (a missing model, an unknown concept) is one line, exit 2
+        frames = run_or_exit(parser, None, restore_every_concept)
     df = pd.concat(frames, ignore_index=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)

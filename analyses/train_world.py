@@ -21,6 +21,8 @@ from interp.world.plugin import ASSETS
 
 
 def parse(argv):
+    from analyses._cli import add_no_progress_argument
+
     p = argparse.ArgumentParser(prog="python -m analyses.train_world", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("concept-world", "concept-world-latent"), default="concept-world",
@@ -46,7 +48,7 @@ def parse(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--fidelity-images", type=int, default=360, help="held-out images generated to measure fidelity")
-    p.add_argument("--no-progress", action="store_true")
+    add_no_progress_argument(p)
     return p.parse_args(argv)
 
 
@@ -54,9 +56,13 @@ def main(argv=None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
-    from analyses._cli import apply_no_progress
+    from analyses._cli import quiet_if_asked
 
-    apply_no_progress(args)
+    with quiet_if_asked(args):
+        return _train(args)
+
+
+def _train(args) -> int:
     from interp.world.classifier import train_classifier
     from interp.world.model import ModelConfig
     from interp.world.train import TrainConfig, save_model, train

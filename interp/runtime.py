@@ -18,6 +18,7 @@ non-glibc system, when ``INTERP_TUNE_MALLOC=0``, or when the process was started
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -55,9 +56,34 @@ def tune_cpu_allocator() -> bool:
 
 def hide_library_progress_bars() -> None:
     """Turn off diffusers' and transformers' own bars ("Loading pipeline components", "Loading weights") in this
-    process; the suite's bars are switched by each call's ``progress`` argument."""
+    process, for good (a notebook's setup); the suite's bars are switched by each call's ``progress`` argument.
+    :func:`library_progress_bars` does the same for one block and then restores them."""
+    _set_library_bars((False, False))
+
+
+def _library_bars() -> tuple[bool, bool]:
     import diffusers
     import transformers
 
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    return diffusers.utils.logging.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
+
+
+def _set_library_bars(enabled: tuple[bool, bool]) -> None:
+    import diffusers
+    import transformers
+
+    for lib, on in zip((diffusers, transformers), enabled):
+        (lib.utils.logging.enable_progress_bar if on else lib.utils.logging.disable_progress_bar)()
+
+
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool):
+    """Within the block, diffusers' and transformers' bars are on or off; after it (also when it raises) they are
+    as before. Both libraries have only a process-wide switch, so a command run from a notebook with
+    ``--no-progress`` would otherwise leave them off for the rest of the kernel."""
+    before = _library_bars()
+    _set_library_bars((enabled, enabled))
+    try:
+        yield
+    finally:
+        _set_library_bars(before)

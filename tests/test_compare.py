@@ -264,21 +264,24 @@ def test_models_side_by_side_reads_runs_and_checks_every_finding(run_dir, tmp_pa
     assert "not a finished compare_methods run" in capsys.readouterr().err
 
 
-def test_no_progress_hides_the_libraries_loading_bars_too(tiny_world, tmp_path, capfd):
-    """``--no-progress`` means no bar at all: diffusers' and transformers' loading bars, which a plain run shows
-    when it loads the model, are switched off with the suite's own."""
+def _library_bars():
     import diffusers
     import transformers
 
+    return diffusers.utils.logging.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
+
+
+def test_no_progress_hides_the_libraries_loading_bars_too(tiny_world, tmp_path, capfd):
+    """``--no-progress`` means no bar at all: diffusers' and transformers' loading bars, which a plain run shows
+    when it loads the model, are switched off with the suite's own, and back on after the call (the libraries'
+    switch is process-wide: a notebook calling ``main`` keeps its bars)."""
     from analyses.compare_methods import main
+    from interp.runtime import library_progress_bars
 
     args = ["--model", str(tiny_world), "--concepts", "red", "--images", "1", "--timesteps", "300", "--blocks",
             "mid_block", "--methods", "ablation", "--lds-alphas", "0.2", "--heldout-masks", "10", "--n-boot", "100",
             "--threads", "1"]
-    before = diffusers.utils.logging.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
-    diffusers.utils.logging.enable_progress_bar()  # an earlier --no-progress run in this process switched them off
-    transformers.utils.logging.enable_progress_bar()
-    try:
+    with library_progress_bars(True):  # whatever state this process is in, and restored after
         assert main([*args, "--out", str(tmp_path / "bars")]) == 0
         err = capfd.readouterr().err
         assert "Loading pipeline components" in err and "it/s]" in err  # the bars a plain run shows
@@ -286,6 +289,43 @@ def test_no_progress_hides_the_libraries_loading_bars_too(tiny_world, tmp_path, 
         err = capfd.readouterr().err
         assert "Loading" not in err and "it/s]" not in err and "%|" not in err, err
         assert (tmp_path / "quiet" / "index.html").exists()
-    finally:  # the switch is process-wide: leave it as this test found it
-        for lib, enabled in zip((diffusers, transformers), before):
-            (lib.utils.logging.enable_progress_bar if enabled else lib.utils.logging.disable_progress_bar)()
+        assert _library_bars() == (True, True)  # restored when main returns
+
+
+@pytest.mark.parametrize("command", ["edit_concepts", "erasure_curves", "text_restoration"])
+def test_every_command_that_loads_a_model_takes_no_progress(command, tiny_world, tmp_path, capfd):
+    """The other commands that load a model take ``--no-progress`` too: no loading bar, and the libraries' bars as
+    they were after ``main`` returns, also when it fails."""
+    import importlib
+
+    from interp.runtime import library_progress_bars
+
+    main = importlib.import_module(f"analyses.{command}").main
+    common = ["--model", str(tiny_world), "--concepts", "red", "--threads", "1", "--no-progress"]
+    args = {"edit_concepts": ["--edits", "diff-quickfix", "--images", "3", "--steps", "1", "--attr-images", "1",
+                              "--out", str(tmp_path / "run")],
+            "erasure_curves": ["--methods", "cad", "--blocks", "mid_block", "--k", "1", "--images", "3", "--steps",
+                               "1", "--random-rankings", "1", "--random-masks", "1", "--n-boot", "100",
+                               "--attr-images", "1", "--timesteps", "300", "--out", str(tmp_path / "run")],
+            "text_restoration": ["--images", "1", "--steps", "1", "--noise", "1",
+                                 "--out", str(tmp_path / "restoration.csv")]}[command]
+    with library_progress_bars(True):
+        assert main([*common, *args]) == 0
+        err = capfd.readouterr().err
+        assert "Loading" not in err and "it/s]" not in err and "%|" not in err, err
+        assert _library_bars() == (True, True)
+        with pytest.raises(SystemExit):  # a failure (a model folder that is not one) restores the bars too
+            main(["--model", str(tmp_path / "no-such-model"), *common[2:], *args])
+        assert _library_bars() == (True, True)
+
+
+def test_library_progress_bars_restores_the_state_it_found():
+    from interp.runtime import library_progress_bars
+
+    for start in (True, False):
+        with library_progress_bars(start):
+            with pytest.raises(RuntimeError):
+                with library_progress_bars(not start):
+                    assert _library_bars() == (not start, not start)
+                    raise RuntimeError("inside")
+            assert _library_bars() == (start, start)
