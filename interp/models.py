@@ -266,6 +266,54 @@ def _naming_broken_files(folder: Path):
                              f"that file again") from err
 
 
+#: Parts of a diffusers pipeline the suite never runs (it samples with its own loop and judges with its own judges):
+#: not loaded. Stable Diffusion 1.x's safety checker alone is a ~300 M-parameter CLIP vision tower, which every Ray
+#: worker would otherwise load and move to its GPU; and a folder whose user deleted it still loads.
+UNUSED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def _unused_parts(index: dict) -> dict:
+    """``from_pretrained`` keyword arguments that skip the :data:`UNUSED_PARTS` a ``model_index.json`` lists."""
+    kw = {part: None for part in UNUSED_PARTS if isinstance(index.get(part), list) and index[part][0] is not None}
+    if kw and "requires_safety_checker" in index:
+        kw["requires_safety_checker"] = False  # else diffusers warns that the checker is off, which is the point
+    return kw
+
+
+def _check_parts(folder: Path, index: dict) -> None:
+    """Every part ``model_index.json`` lists and the suite loads has its subfolder (diffusers' own error names the
+    pipeline folder and a weights file, not the missing part)."""
+    for part, spec in index.items():
+        if part.startswith("_") or part in UNUSED_PARTS or not isinstance(spec, list) or spec[0] is None:
+            continue
+        if not (folder / part).is_dir():
+            raise ModelLoadError(f"{folder} lists a {part} ({spec[1]}) in model_index.json but has no {part}/ folder: "
+                                 f"copy that folder from the original pipeline, or save the pipeline again with "
+                                 f"save_pretrained")
+
+
+def _weights_variant(folder: Path, index: dict) -> str | None:
+    """The weights variant to load from a pipeline folder: None when every part the suite loads has default weight
+    files (``model.safetensors``, ``diffusion_pytorch_model-00001-of-00002.safetensors``); else the one variant (e.g.
+    ``fp16``, as in ``model.fp16.safetensors``) that every part without them has, so a folder downloaded with only
+    its fp16 files loads (diffusers asks for ``variant=`` and otherwise names a missing file)."""
+    missing: list[set[str]] = []
+    for part, spec in index.items():
+        if part.startswith("_") or part in UNUSED_PARTS or not isinstance(spec, list) or not (folder / part).is_dir():
+            continue
+        names = [re.sub(r"-\d{5}-of-\d{5}$", "", f.name[: -len(f.suffix)])
+                 for f in (folder / part).iterdir() if f.suffix in (".safetensors", ".bin")]
+        if names and not any("." not in n for n in names):  # weights, but none under the default name
+            missing.append({n.split(".", 1)[1] for n in names})
+    if not missing:
+        return None
+    common = set.intersection(*missing)
+    if len(common) != 1:
+        raise ModelLoadError(f"{folder} has no default weight files in some parts, and they share no single variant "
+                             f"(found {sorted(set.union(*missing))}): save the pipeline again with save_pretrained")
+    return common.pop()
+
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
               "float64": torch.float64}
@@ -350,8 +398,11 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
                 folder_kind = kind
             elif (folder / "model_index.json").exists():
                 with _naming_broken_files(folder):
-                    json.loads((folder / "model_index.json").read_text())  # a malformed index, named
-                    pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
+                    index = json.loads((folder / "model_index.json").read_text())  # a malformed index, named
+                    _check_parts(folder, index)
+                    pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True,
+                                                             variant=_weights_variant(folder, index),
+                                                             **_unused_parts(index))
             else:
                 raise ModelLoadError(
                     f"{folder} is not a diffusers pipeline folder (no model_index.json): point at the folder that "
@@ -359,7 +410,8 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
                 )
         elif _looks_like_hub_id(text):
             try:
-                pipe = DiffusionPipeline.from_pretrained(text, dtype=dtype)
+                pipe = DiffusionPipeline.from_pretrained(text, dtype=dtype,
+                                                         **_unused_parts(DiffusionPipeline.load_config(text)))
             except Exception as err:  # the hub is out of reach or the id is wrong: say both fixes
                 reason = " ".join(str(err).split())[:300]
                 raise ModelLoadError(

@@ -142,6 +142,66 @@ def test_missing_local_paths_are_reported_as_paths(tmp_path, monkeypatch):
         interp.load_model("./nothing/here")
 
 
+def _as_downloaded(folder, out, *, safety_checker: bool = True, variant: str | None = None):
+    """``folder``'s pipeline saved as Stable Diffusion 1.x folders come: with a safety checker and a feature extractor
+    (tiny random ones of the real classes), or with only ``variant`` weight files."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    parts = StableDiffusionPipeline.from_pretrained(folder).components
+    if safety_checker:
+        tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        parts.update(safety_checker=StableDiffusionSafetyChecker(CLIPConfig(
+            text_config=tower, vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=16)),
+            feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
+    pipe = StableDiffusionPipeline(**parts, requires_safety_checker=safety_checker)
+    if variant == "fp16":
+        pipe.to(torch.float16)
+    pipe.save_pretrained(out, variant=variant)
+    return out
+
+
+def test_the_safety_checker_is_never_loaded_and_may_be_missing(sd_folders, tmp_path):
+    """SD 1.x folders list a safety checker (~300 M parameters in SD 1.5) that the suite never runs: it is not loaded,
+    the model is the same (every weight), and a folder whose user deleted it loads too; a part the suite needs that
+    is missing is named."""
+    import shutil
+
+    from interp.models import ModelLoadError
+
+    def same(a, b):
+        wa, wb = a.state_fingerprint(), b.state_fingerprint()
+        return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    folder = _as_downloaded(sd_folders["sd1"], tmp_path / "sd")
+    index = (folder / "model_index.json").read_text()
+    assert "StableDiffusionSafetyChecker" in index and (folder / "safety_checker").is_dir()
+    model = interp.load_model(folder, device="cpu")
+    assert model.pipeline.safety_checker is None and model.pipeline.feature_extractor is None
+    assert same(model, interp.load_model(sd_folders["sd1"], device="cpu"))
+    shutil.rmtree(folder / "safety_checker")
+    shutil.rmtree(folder / "feature_extractor")
+    assert same(interp.load_model(folder, device="cpu"), model)
+    shutil.rmtree(folder / "text_encoder")
+    with pytest.raises(ModelLoadError, match=r"lists a text_encoder \(CLIPTextModel\).*no text_encoder/ folder"):
+        interp.load_model(folder, device="cpu")
+
+
+def test_a_folder_with_only_fp16_weight_files_loads(sd_folders, tmp_path):
+    """A folder downloaded with only its ``*.fp16.safetensors`` files loads (diffusers needs ``variant="fp16"``
+    for it and otherwise names a missing file), in the precision asked for."""
+    base = interp.load_model(sd_folders["sd1"], device="cpu")
+    folder = _as_downloaded(sd_folders["sd1"], tmp_path / "sd", safety_checker=False, variant="fp16")
+    assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists()
+    assert not (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    model = interp.load_model(folder, device="cpu")
+    assert model.unet.dtype == torch.float32
+    for ours, theirs in ((model.unet, base.unet), (model.text_encoder, base.text_encoder)):
+        for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+            assert torch.equal(a, b.half().float()), name  # the fp16 files' values, cast to float32
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_results_match_cpu(sd_folders):
