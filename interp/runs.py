@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import platform
+import re
 import shutil
 import time
 import traceback
@@ -165,6 +166,8 @@ def check_finite_weights(model, spec: str) -> None:
 
 
 # -- errors a user can act on -------------------------------------------------------------------------------------
+#: What torch's allocators say when a tensor does not fit: CUDA's ``torch.OutOfMemoryError``, MPS, the CPU allocator.
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory")
 EXPECTED = (ValueError, KeyError, LookupError, OSError, MemoryError, FloatingPointError, TypeError)
 
 
@@ -185,6 +188,11 @@ def user_message(err: BaseException) -> str | None:
         return str(err.args[0]) if err.args else "KeyError"
     if isinstance(err, MemoryError):
         return _one_line(err) or "out of memory: make the configuration smaller (fewer masks, images or components)"
+    if isinstance(err, RuntimeError) and any(s in str(err).lower() for s in OUT_OF_MEMORY):
+        text = re.sub(r"^\[enforce fail[^\]]*\][^.]*\.\s*", "", _one_line(err))  # the CPU allocator's C++ check
+        first = text.split(". ")[0][:160]
+        return (f"out of memory ({first}): run fewer UNet rows per pass (--max-batch, ObjectiveConfig.max_batch: halve "
+                f"it until a pass fits; --plan measures one pass's peak memory) or a lower --precision")
     if isinstance(err, EXPECTED):
         return _one_line(err)
     return None

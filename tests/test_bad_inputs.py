@@ -178,6 +178,39 @@ def test_unwritable_run_folder(code, needle, world, tmp_path, refused, monkeypat
     assert needle in line and str(out) in line, line
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_a_pass_that_does_not_fit_in_memory_names_the_fix(device, world, tmp_path, refused, monkeypatch):
+    """A GPU user's first run at SD's 64x64 latents may not fit 256 rows per pass: the UNet's out-of-memory error
+    (CUDA's ``torch.OutOfMemoryError``, simulated; the CPU allocator's, real) becomes one line naming --max-batch,
+    and the run folder is marked failed with the traceback."""
+    from diffusers import UNet2DConditionModel
+
+    from analyses.compare_methods import main
+
+    if device == "cuda":
+        error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity "
+                                       "of 23.65 GiB of which 1.2 GiB is free.")
+    else:
+        try:
+            torch.empty(10**13)  # 40 TB: refused by the CPU allocator at once
+        except RuntimeError as err:
+            error = err
+    forward = UNet2DConditionModel.forward
+
+    def too_big(self, sample, *args, **kwargs):
+        if sample.shape[0] > 1:  # the batched passes, not the plan's or the warm-up's single rows
+            raise error
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", too_big)
+    out = tmp_path / "run"
+    line = refused(main, small_args(world, out))
+    assert "out of memory" in line and "--max-batch" in line, line
+    assert ("CUDA out of memory" if device == "cuda" else "can't allocate memory") in line, line
+    assert json.loads((out / "status.json").read_text())["status"] == "failed"
+    assert not (out / "index.html").exists()
+
+
 # -- the library: values refused on construction -------------------------------------------------------------------
 def test_library_refuses_bad_values(tiny_world_model):
     from interp.compare import CompareConfig
