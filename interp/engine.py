@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .components import ComponentSet
 from .executors import LOCAL, Job
 from .interventions import compile_plan, weights_ablated
-from .objectives import reference_means
+from .objectives import mean_gradient, reference_means
 
 
 def random_masks(n_masks: int, n: int, alpha: float, seed: int) -> torch.Tensor:
@@ -88,8 +88,8 @@ def _ablate_run(state, start, stop) -> dict[str, torch.Tensor]:
 def _grad_run(state, start, stop) -> dict[str, torch.Tensor]:
     obj = state["obj"]
     m = state["M"][start:stop].clone().to(obj.dtype).requires_grad_(True)
-    J = obj.values(state["plan"], m, state["means"]).mean(1).sum()
-    return {"grad": torch.autograd.grad(J, m)[0].detach()}
+    grad = mean_gradient(obj, [m], masks=len(m), plan=state["plan"], mult=m, means=state["means"])[0]
+    return {"grad": grad.detach()}
 
 
 def masked_values(obj, comps, masks: torch.Tensor, mode="zero", entry=None, chunk=256, progress=False,

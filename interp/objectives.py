@@ -485,6 +485,40 @@ def as_dtype(model, dtype: torch.dtype):
                           parts["classifier"], world=model.world, source=model.source)
 
 
+def grad_samples_per_pass(obj: Objective, masks: int = 1) -> int:
+    """Evaluation samples per backward pass of :func:`mean_gradient` for ``masks`` mask rows: as many as keep a pass
+    within ``max_batch`` UNet rows (at least one)."""
+    per_sample = masks * (obj.branches if obj.config.kind != "classifier" else 2)
+    return max(1, obj.config.max_batch // per_sample)
+
+
+def mean_gradient(obj: Objective, targets: list[torch.Tensor], samples: torch.Tensor | None = None, masks: int = 1,
+                  reduce=lambda J: J.mean(1).sum(), **values_kwargs) -> list[torch.Tensor]:
+    """``autograd.grad(reduce(obj.values(..., samples=samples)), targets)`` — the gradient of J's mean over the
+    samples, summed over ``masks`` mask rows — in backward passes of at most ``max_batch`` UNet rows each.
+
+    A forward pass is chunked to ``max_batch`` rows by :meth:`Objective.values`, but a gradient needs the graph of
+    every row until the backward pass: over a whole evaluation set (Stable Diffusion's default is 80 UNet rows per
+    mask at 64x64 latents) that does not fit on a GPU. So a set larger than one pass is split into groups of
+    samples (:func:`grad_samples_per_pass`), each group's mean gradient taken and freed before the next, and the
+    groups summed weighted by their share of samples: the same gradient up to rounding, in memory bounded by
+    ``max_batch`` (or ``masks`` x branches rows, if larger). A set that fits runs as one pass, exactly as before.
+    Gradients of recorded activations (``record=``) keep their batch layout only in one pass: not split. A target
+    that J does not depend on gets a zero gradient."""
+    every = torch.arange(obj.n_samples) if samples is None else torch.as_tensor(samples)
+    per_pass = grad_samples_per_pass(obj, masks)
+    if len(every) <= per_pass or values_kwargs.get("record") is not None:
+        grads = torch.autograd.grad(reduce(obj.values(samples=samples, **values_kwargs)), targets, allow_unused=True)
+    else:
+        grads = [None] * len(targets)
+        for group in every.split(per_pass):
+            J = obj.values(samples=group, **values_kwargs).mean(1).sum() * (len(group) / len(every))
+            for i, g in enumerate(torch.autograd.grad(J, targets, allow_unused=True)):
+                if g is not None:
+                    grads[i] = g if grads[i] is None else grads[i] + g
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(targets, grads)]  # unused: J does not move
+
+
 def gradients(obj: Objective, params: dict[str, torch.nn.Parameter] | None = None,
               activations: list[str] | None = None) -> dict[str, torch.Tensor]:
     """dJ/d(parameter) and dJ/d(activation) of the mean objective, through the same nnsight layer.
@@ -504,9 +538,13 @@ def gradients(obj: Objective, params: dict[str, torch.nn.Parameter] | None = Non
     # this call (restored afterwards); autograd.grad then computes only what was asked.
     every = [p for _, p in obj.model.parameters()] if record else list(params.values())
     with parameters_requiring_grad(every), torch.enable_grad():
-        J = obj.values(record=record if record else None, recompute_text=text).mean()
-        targets = list(params.values()) + [record[p] for p in record]
-        grads = torch.autograd.grad(J, targets, allow_unused=True)
+        if record:
+            J = obj.values(record=record, recompute_text=text).mean()
+            targets = list(params.values()) + [record[p] for p in record]
+            grads = torch.autograd.grad(J, targets, allow_unused=True)
+        else:
+            targets = list(params.values())
+            grads = mean_gradient(obj, targets, reduce=lambda J: J.mean(), recompute_text=text)
     names = list(params) + list(record)
     return {n: (torch.zeros_like(t) if g is None else g) for n, t, g in zip(names, targets, grads)}
 

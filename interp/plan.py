@@ -304,6 +304,9 @@ def measure_passes(model, comps, shape: EvalShape, budget: float = FLOP_BUDGET) 
     per_mask = shape.rows_per_eval if shape.kind != "classifier" else shape.n_samples * shape.cfg_factor
     engine_fwd = max(1, shape.max_batch // max(1, shape.n_samples * shape.branches)) * per_mask
     engine_grad = GRAD_MASKS * per_mask
+    if shape.kind != "classifier":  # a gradient pass is split into sample groups of at most max_batch rows
+        per_sample = GRAD_MASKS * shape.branches  # (objectives.mean_gradient)
+        engine_grad = per_sample * min(shape.n_samples, max(1, shape.max_batch // per_sample))
     b_fwd = max(1, min(engine_fwd, int(budget // max(f_fwd, 1.0))))
     b_grad = max(1, min(engine_grad, int(budget // max(f_grad, 1.0))))
     plan = compile_plan(model, unet_comps) if len(unet_comps) else None  # text-only sets: a plain UNet pass

@@ -33,3 +33,60 @@ def test_activation_and_parameter_gradients(tiny_world_model):
     after = obj.model.state_fingerprint()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(not p.requires_grad and p.grad is None for _, p in obj.model.parameters())
+
+
+def _unet_rows_per_call(model):
+    """A plain forward hook on the UNet's first layer that records the rows of every pass: ``(rows, remove)``."""
+    rows = []
+    handle = model.unet.conv_in.register_forward_hook(lambda mod, args, out: rows.append(out.shape[0]))
+    return rows, handle.remove
+
+
+def test_gradient_passes_stay_within_max_batch_and_give_the_same_gradients(tiny_world_model):
+    """Gradients over an evaluation set larger than one pass are taken in sample groups of at most ``max_batch``
+    UNet rows, each freed before the next (memory bounded at Stable Diffusion's size): every gradient method gives
+    the same numbers, up to rounding, as one backward pass over the whole set."""
+    import interp
+    from interp.engine import multiplier_gradients
+    from interp.methods.cad import weight_scores
+
+    model = tiny_world_model
+    big = ObjectiveConfig(n_images=3, timesteps=(200, 600), dtype="float64")  # 6 samples x 2 branches = 12 rows
+    small = ObjectiveConfig(**{**big.to_dict(), "max_batch": 4})  # 2 samples a pass; 1 with 2 masks
+    whole, split = Objective(model, "red", big), Objective(model, "red", small)
+    comps = model.components("neuron", family="ff", kind="ff.net.2", block="mid_block")
+    before = model.state_fingerprint()
+
+    M = torch.rand(3, len(comps), generator=torch.Generator().manual_seed(0)).double()
+    rows, remove = _unet_rows_per_call(split.model)  # float64: the objective's own copy of the model
+    try:
+        got = multiplier_gradients(split, comps, M, batch=2)
+    finally:
+        remove()
+    assert rows and max(rows) <= 4, rows  # 2 masks x 1 sample x 2 branches
+    torch.testing.assert_close(got, multiplier_gradients(whole, comps, M, batch=2), rtol=1e-9, atol=1e-12)
+
+    w = split.model.module(PATH).weight
+    rows, remove = _unet_rows_per_call(split.model)  # float64: the objective's own copy of the model
+    try:
+        got = weight_scores(split, {"w": w})["w"]
+        g = gradients(split, params={"w": w})["w"]
+    finally:
+        remove()
+    assert rows and max(rows) <= 4, rows
+    w_whole = whole.model.module(PATH).weight
+    torch.testing.assert_close(got, weight_scores(whole, {"w": w_whole})["w"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g, gradients(whole, params={"w": w_whole})["w"], rtol=1e-9, atol=1e-12)
+
+    # CAD: 2 groups of 3 samples (6 rows each), so each group is split in two passes at max_batch 4
+    rows, remove = _unet_rows_per_call(split.model)  # float64: the objective's own copy of the model
+    try:
+        cad_split = interp.attribute("cad", model, "red", comps, objective=split, n_groups=2)
+    finally:
+        remove()
+    assert rows and max(rows) <= 4, rows
+    cad_whole = interp.attribute("cad", model, "red", comps, objective=whole, n_groups=2)
+    torch.testing.assert_close(torch.tensor(cad_split["score"].to_numpy()), torch.tensor(cad_whole["score"].to_numpy()),
+                               rtol=1e-9, atol=1e-12)
+    after = model.state_fingerprint()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -27,6 +27,7 @@ import torch
 
 from ..components import Component, head_dim
 from ..interventions import compile_plan, parameters_requiring_grad
+from ..objectives import mean_gradient
 from .base import Capabilities, Method, MethodConfig, register, stderr_over
 
 
@@ -78,8 +79,8 @@ class CAD(Method):
         with parameters_requiring_grad(params):
             for g in groups:
                 mult = torch.ones(1, len(fallback), dtype=obj.dtype, requires_grad=True) if fallback else None
-                J = obj.values(plan, mult, samples=g, recompute_text=text).mean()
-                grads = torch.autograd.grad(J, params + ([mult] if fallback else []))
+                grads = mean_gradient(obj, params + ([mult] if fallback else []), samples=g, reduce=lambda J: J.mean(),
+                                      plan=plan, mult=mult, recompute_text=text)
                 gmap = {id(p): gr for p, gr in zip(params, grads)}
                 scores = torch.empty(len(comps), dtype=torch.float64)
                 for i, s in enumerate(slices):
@@ -107,6 +108,5 @@ def weight_scores(obj, params: dict[str, torch.nn.Parameter]) -> dict[str, torch
     plist = list(params.values())
     text = any(n.startswith("text_encoder.") for n in params)
     with parameters_requiring_grad(plist):
-        J = obj.values(recompute_text=text).mean()
-        grads = torch.autograd.grad(J, plist)
+        grads = mean_gradient(obj, plist, reduce=lambda J: J.mean(), recompute_text=text)
     return {n: (p.detach().to(obj.dtype) * g.to(obj.dtype)).detach() for (n, p), g in zip(params.items(), grads)}
