@@ -43,6 +43,11 @@ FLOP_BUDGET = 5e10
 #: sweep of many passes does not. A longer pass is timed once (its one-off share is small), an upper bound.
 REPEAT_BELOW = 10.0
 
+#: A measured pass shorter than this grows toward the engine's batch, by its measured time: on a GPU a pass at the
+#: FLOP budget takes milliseconds at a batch far below the engine's, whose time per row it overstates. A pass that
+#: does not fit in the device's memory is halved instead, and the plan says which ``--max-batch`` fits.
+GROW_BELOW = 1.0
+
 #: Masks per forward+backward pass of the gradient methods (their default ``batch``): the measured grad batch.
 GRAD_MASKS = 4
 
@@ -292,6 +297,32 @@ def _steady_pass(model, plan, rows: int, grad: bool) -> dict:
     return {**min(first, second, key=lambda q: q["seconds"]), "peak_bytes": max(peaks) if peaks else None, "timed": 2}
 
 
+def _fitting_pass(model, plan, rows: int, engine_rows: int, grad: bool) -> dict:
+    """:func:`_steady_pass` at ``rows``, grown toward ``engine_rows`` while a pass is shorter than :data:`GROW_BELOW`
+    and halved while one does not fit in memory; ``oom_rows``: the batch that did not fit (None if all did)."""
+    from .runs import is_out_of_memory
+
+    oom = None
+    while True:
+        try:
+            q = _steady_pass(model, plan, rows, grad)
+        except RuntimeError as err:
+            if rows == 1 or not is_out_of_memory(err):
+                raise
+            q = None
+        if q is None:  # outside the handler: its traceback no longer holds the failed pass's tensors
+            import gc
+
+            gc.collect()
+            if model is not None and model.device.type == "cuda":
+                torch.cuda.empty_cache()
+            oom, rows = rows, rows // 2
+            continue
+        if oom is not None or rows >= engine_rows or q["seconds"] >= GROW_BELOW:
+            return {**q, "oom_rows": oom}
+        rows = min(engine_rows, max(2 * rows, int(rows * GROW_BELOW / max(q["seconds"], 1e-6))))
+
+
 def measure_passes(model, comps, shape: EvalShape, budget: float = FLOP_BUDGET) -> dict:
     """Time, peak memory and FLOPs of one batched forward pass and one forward+backward pass at the engine's batch
     (capped by ``budget`` FLOPs); per-row figures for the projection. The model's counters are left as they were."""
@@ -315,14 +346,14 @@ def measure_passes(model, comps, shape: EvalShape, budget: float = FLOP_BUDGET) 
         small = _min_size(model.unet)
         for grad in (False, True):  # warm-up: nnsight reads its trace source on the first call
             _timed_pass(model, plan, 1, grad, size=small)
-        fwd = _steady_pass(model, plan, b_fwd, False)
-        bwd = _steady_pass(model, plan, b_grad, True)
+        fwd = _fitting_pass(model, plan, b_fwd, engine_fwd, False)
+        bwd = _fitting_pass(model, plan, b_grad, engine_grad, True)
     finally:
         model.counters.clear()
         model.counters.update(saved)
     return {
-        "forward": {**fwd, "flops": f_fwd * b_fwd, "engine_batch": engine_fwd},
-        "grad": {**bwd, "flops": f_grad * b_grad, "engine_batch": engine_grad},
+        "forward": {**fwd, "flops": f_fwd * fwd["rows"], "engine_batch": engine_fwd},
+        "grad": {**bwd, "flops": f_grad * bwd["rows"], "engine_batch": engine_grad},
         "flops_per_row": f_fwd, "flops_per_grad_row": f_grad,
         "seconds_per_row": fwd["seconds"] / fwd["rows"], "seconds_per_grad_row": bwd["seconds"] / bwd["rows"],
         "threads": torch.get_num_threads(), "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
@@ -364,6 +395,11 @@ class ComparisonPlan:
                     f"{q['seconds']:.3f} s, {q['flops'] / 1e9:.1f} GFLOP -> {q['flops'] / q['seconds'] / 1e9:.1f} "
                     f"GFLOP/s{mem} ({p['threads']} threads, {p['device']}, {p['dtype']}"
                     + (", faster of 2 runs" if q.get("timed") == 2 else ", one cold run: an upper bound") + ")")
+            tight = [p[k] for k in ("forward", "grad") if p[k].get("oom_rows")]
+            if tight:
+                fits = min(q["rows"] for q in tight)
+                lines.append(f"memory: a pass of {max(q['oom_rows'] for q in tight)} rows did not fit on {p['device']}"
+                             f"; {fits} rows did, and the projection is at that batch: run with --max-batch {fits}")
         t = self.totals()
         show = pd.DataFrame({
             "concepts": t["concepts"].astype(int),

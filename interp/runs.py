@@ -171,6 +171,12 @@ OUT_OF_MEMORY = ("out of memory", "can't allocate memory")
 EXPECTED = (ValueError, KeyError, LookupError, OSError, MemoryError, FloatingPointError, TypeError)
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is torch saying a tensor did not fit (CUDA's ``torch.OutOfMemoryError``, MPS's or the CPU
+    allocator's error, all RuntimeErrors)."""
+    return isinstance(err, RuntimeError) and any(s in str(err).lower() for s in OUT_OF_MEMORY)
+
+
 def user_message(err: BaseException) -> str | None:
     """One line for a failure the user can act on, or None for an unexpected one (a bug: keep its traceback)."""
     if type(err).__name__ == "SafetensorError":  # safetensors' Rust error: not a subclass of anything useful
@@ -188,7 +194,7 @@ def user_message(err: BaseException) -> str | None:
         return str(err.args[0]) if err.args else "KeyError"
     if isinstance(err, MemoryError):
         return _one_line(err) or "out of memory: make the configuration smaller (fewer masks, images or components)"
-    if isinstance(err, RuntimeError) and any(s in str(err).lower() for s in OUT_OF_MEMORY):
+    if is_out_of_memory(err):
         text = re.sub(r"^\[enforce fail[^\]]*\][^.]*\.\s*", "", _one_line(err))  # the CPU allocator's C++ check
         first = text.split(". ")[0][:160]
         return (f"out of memory ({first}): run fewer UNet rows per pass (--max-batch, ObjectiveConfig.max_batch: halve "

@@ -129,3 +129,52 @@ def test_a_short_measured_pass_is_timed_twice_and_the_faster_kept(monkeypatch):
     monkeypatch.setattr(plan_mod, "_timed_pass", fake([plan_mod.REPEAT_BELOW + 1, 0.1]))
     q = plan_mod._steady_pass(None, None, 1, True)
     assert (q["seconds"], q["timed"], len(runs)) == (plan_mod.REPEAT_BELOW + 1, 1, 1)
+
+
+def _fake_passes(monkeypatch, seconds_per_row, fits_up_to=None):
+    """``_timed_pass`` replaced: a pass of ``rows`` takes ``seconds_per_row(rows)`` and raises CUDA's out-of-memory
+    error above ``fits_up_to`` rows. Returns the batches tried."""
+    import interp.plan as plan_mod
+
+    tried = []
+
+    def timed(model, plan, rows, grad, size=None):
+        tried.append(rows)
+        if fits_up_to is not None and rows > fits_up_to:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {rows} GiB")
+        return {"rows": rows, "seconds": seconds_per_row(rows), "peak_bytes": rows}
+
+    monkeypatch.setattr(plan_mod, "_timed_pass", timed)
+    return tried
+
+
+def test_a_fast_measured_pass_grows_toward_the_engine_batch(monkeypatch):
+    """On a GPU a pass at the FLOP budget takes milliseconds: the measured batch grows (by the time it took) until a
+    pass takes GROW_BELOW or reaches the engine's batch; a slow pass (a CPU at SD's size) is not grown."""
+    import interp.plan as plan_mod
+
+    tried = _fake_passes(monkeypatch, lambda rows: 0.01 + 0.004 * rows)  # a GPU: batching pays
+    q = plan_mod._fitting_pass(None, None, 1, 256, False)
+    assert q["rows"] == 256 and q["oom_rows"] is None and tried[0] == 1 and 1 < tried[2] < 256, tried
+    tried = _fake_passes(monkeypatch, lambda rows: 0.3 * rows)
+    q = plan_mod._fitting_pass(None, None, 1, 256, False)
+    assert q["rows"] == 6 and q["seconds"] >= plan_mod.GROW_BELOW, tried  # 1 (0.3 s) -> 3 (0.9 s) -> 6 (1.8 s)
+    tried = _fake_passes(monkeypatch, lambda rows: 8.0 * rows)
+    assert plan_mod._fitting_pass(None, None, 1, 256, True)["rows"] == 1 and set(tried) == {1}
+
+
+def test_a_pass_that_does_not_fit_is_halved_and_the_plan_names_the_batch(monkeypatch, capsys):
+    """A GPU user's plan at the engine's 256 rows: the pass that does not fit is halved until one does, the plan
+    projects at that batch and says which --max-batch to run with; a pass of one row that does not fit raises."""
+    import interp.plan as plan_mod
+    from analyses.compare_methods import main
+
+    tried = _fake_passes(monkeypatch, lambda rows: 0.001 * rows, fits_up_to=40)
+    q = plan_mod._fitting_pass(None, None, 256, 256, False)
+    assert (q["rows"], q["oom_rows"]) == (32, 64) and tried == [256, 128, 64, 32, 32], tried
+    assert main(["--plan", "--concepts", "red", "--methods", "ablation", "cad", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "memory: a pass of 64 rows did not fit" in out and "run with --max-batch 32" in out, out
+    _fake_passes(monkeypatch, lambda rows: 0.1, fits_up_to=0)
+    with pytest.raises(torch.OutOfMemoryError):
+        plan_mod._fitting_pass(None, None, 4, 4, False)
