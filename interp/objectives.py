@@ -209,8 +209,7 @@ class Objective:
             self.branches = 2 if shared else 1
             self.rows_per_eval = self.n_samples * self.branches
             if cfg.kind == "erase" and cfg.anchor == "frozen":
-                with torch.no_grad():
-                    self.eps_anchor = run_unet(model, self.x_t, self.t, self.ctx_anchor[self.image_index])[0].to(dt)
+                self._intact_anchor()
         with torch.no_grad():
             self.intact = self.values()[0]
 
@@ -219,7 +218,8 @@ class Objective:
                target_context: torch.Tensor | None = None, unet_patches=None,
                samples: torch.Tensor | None = None, recompute_text: bool = False,
                record: dict | None = None, intervene_anchor: bool = True) -> torch.Tensor:
-        """J per mask row and sample, ``(R, S)``; ``R = 1`` without masks. Chunks rows to ``max_batch``.
+        """J per mask row and sample, ``(R, S)``; ``R = 1`` without masks. Chunks rows to ``max_batch``: mask rows,
+        and the samples of one mask row when its evaluation set alone is more than ``max_batch`` UNet rows.
 
         The one place J is computed: every method, causal tracing included, calls it.
         ``target_context`` replaces the target prompts' text states: ``(P, L, D)`` for every row, or ``(R * P, L, D)``
@@ -244,7 +244,18 @@ class Objective:
                                  f"{P} per mask row")
             R = target_context.shape[0] // P
         S = self.n_samples if samples is None else len(samples)
-        per_row = S * (self.branches if self.config.kind != "classifier" else 2)
+        per_sample = self.branches if self.config.kind != "classifier" else 2
+        if S > 1 and S * per_sample > self.config.max_batch and record is None and unet_patches is None:
+            # One mask row's evaluation set is more than a pass (Stable Diffusion's default set is 80 UNet rows):
+            # split it into groups of samples, whose rows are independent, so max_batch bounds every pass's memory.
+            every = torch.arange(self.n_samples) if samples is None else torch.as_tensor(samples)
+            per_pass = max(1, self.config.max_batch // per_sample)
+            B = self.branches if intervene_anchor and self.config.kind != "classifier" else 1
+            return torch.cat([
+                self.values(plan, mult, _sample_rows(means, pos, S, B), target_context, None, every[pos],
+                            recompute_text, None, intervene_anchor)
+                for pos in torch.arange(S).split(per_pass)], dim=1)
+        per_row = S * per_sample
         chunk = max(1, self.config.max_batch // per_row)
         if record is not None and R > chunk:
             raise ValueError("record works on one chunk of mask rows; pass fewer rows")
@@ -304,9 +315,11 @@ class Objective:
     def _intact_anchor(self) -> torch.Tensor:
         """The anchor branch's prediction of the intact model (frozen anchor, or ``intervene_anchor=False``)."""
         if getattr(self, "eps_anchor", None) is None:
+            per, ctx = self.config.max_batch, self.ctx_anchor[self.image_index]  # passes of at most max_batch rows
             with torch.no_grad():
-                self.eps_anchor = run_unet(self.model, self.x_t, self.t,
-                                           self.ctx_anchor[self.image_index])[0].to(self.dtype)
+                self.eps_anchor = torch.cat([run_unet(self.model, self.x_t[s : s + per], self.t[s : s + per],
+                                                      ctx[s : s + per])[0].to(self.dtype)
+                                             for s in range(0, len(self.x_t), per)])
         return self.eps_anchor
 
     def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False,
@@ -449,7 +462,7 @@ class Objective:
         target = self.ctx_target if context is None else context
         ctx = torch.cat([target[self.image_index], self.ctx_anchor[self.image_index]][:full])
         self._replayed.update(intact_outputs(self.model, missing, self.x_t.repeat(full, 1, 1, 1), self.t.repeat(full),
-                                             ctx))
+                                             ctx, max_rows=self.config.max_batch))
 
     def mean(self, plan=None, mult=None, means=None) -> torch.Tensor:
         """J averaged over the evaluation set, per mask row."""
@@ -483,6 +496,16 @@ def as_dtype(model, dtype: torch.dtype):
     sched = model.scheduler.__class__.from_config(model.scheduler.config)
     return DiffusionModel(model.name, parts["unet"], parts["text_encoder"], model.tokenizer, sched, parts["vae"],
                           parts["classifier"], world=model.world, source=model.source)
+
+
+def _sample_rows(means: dict | None, pos: torch.Tensor, S: int, B: int) -> dict | None:
+    """``means`` for the samples at positions ``pos`` of a call's ``S``: per-row values (causal tracing's clean states,
+    one row per branch and sample) are cut to those rows; per-unit means (one row, or no row axis) are kept."""
+    if not means:
+        return means
+    rows = torch.cat([b * S + pos for b in range(B)])
+    return {k: v[rows.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == B * S else v
+            for k, v in means.items()}
 
 
 def grad_samples_per_pass(obj: Objective, masks: int = 1) -> int:

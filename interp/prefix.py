@@ -113,8 +113,21 @@ def earliest_active_event(model, plan, mult: torch.Tensor) -> int | None:
 
 
 @torch.no_grad()
-def intact_outputs(model, paths, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> dict:
-    """The outputs (whole, tuples included) of the modules ``paths`` in one intact, uncounted UNet pass."""
+def intact_outputs(model, paths, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                   max_rows: int | None = None) -> dict:
+    """The outputs (whole, tuples included) of the modules ``paths`` in one intact, uncounted UNet pass; in passes of
+    at most ``max_rows`` rows, concatenated, when there are more rows than that."""
+    if max_rows is not None and x.shape[0] > max_rows:
+        from torch.utils._pytree import tree_flatten, tree_unflatten
+
+        parts = [intact_outputs(model, paths, x[s : s + max_rows], t[s : s + max_rows], context[s : s + max_rows])
+                 for s in range(0, x.shape[0], max_rows)]
+        out = {}
+        for p in paths:
+            leaves, spec = zip(*(tree_flatten(part[p]) for part in parts))
+            out[p] = tree_unflatten([torch.cat(ls) if isinstance(ls[0], torch.Tensor) else ls[0]
+                                     for ls in zip(*leaves)], spec[0])
+        return out
     x = x.to(device=model.device, dtype=model.dtype)
     context = context.to(device=model.device, dtype=model.dtype)
     t = torch.as_tensor(t, device=model.device)

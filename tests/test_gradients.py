@@ -90,3 +90,36 @@ def test_gradient_passes_stay_within_max_batch_and_give_the_same_gradients(tiny_
                                rtol=1e-9, atol=1e-12)
     after = model.state_fingerprint()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_forward_passes_stay_within_max_batch_even_within_one_mask(tiny_world_model):
+    """``max_batch`` below one mask's evaluation set (SD's default set is 80 UNet rows) splits the set into sample
+    groups: every pass stays within it, and J, true ablation and causal tracing's restorations are the same numbers,
+    up to rounding, as with one pass per mask."""
+    import interp
+
+    model = tiny_world_model
+    big = ObjectiveConfig(n_images=3, timesteps=(200, 600), dtype="float64")  # 6 samples x 2 branches = 12 rows
+    small = ObjectiveConfig(**{**big.to_dict(), "max_batch": 4})
+    whole, split = Objective(model, "red", big), Objective(model, "red", small)
+    torch.testing.assert_close(split.intact, whole.intact, rtol=1e-12, atol=0)
+    comps = model.components("neuron", family="ff", kind="ff.net.2", block="mid_block")
+    for method, options in (("ablation", {}), ("tracing", {"maps": False, "n_noise": 1})):
+        rows, remove = _unet_rows_per_call(split.model)
+        try:
+            a = interp.attribute(method, model, "red", comps[:6], objective=split, **options)
+        finally:
+            remove()
+        assert rows and max(rows) <= 4, (method, rows)
+        b = interp.attribute(method, model, "red", comps[:6], objective=whole, **options)
+        torch.testing.assert_close(torch.tensor(a["score"].to_numpy()), torch.tensor(b["score"].to_numpy()),
+                                   rtol=1e-9, atol=1e-12)
+    frozen = {**big.to_dict(), "anchor": "frozen", "dtype": "float32"}  # the intact anchor branch, once, in passes
+    rows, remove = _unet_rows_per_call(model)
+    try:
+        got = Objective(model, "red", ObjectiveConfig(**{**frozen, "max_batch": 4})).intact
+    finally:
+        remove()
+    assert rows and max(rows) <= 4, rows
+    want = Objective(model, "red", ObjectiveConfig(**frozen)).intact
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
