@@ -334,6 +334,8 @@ def measure_passes(model, comps, shape: EvalShape, budget: float = FLOP_BUDGET) 
     f_fwd, f_grad = _meta_flops(model, unet_comps)
     per_mask = shape.rows_per_eval if shape.kind != "classifier" else shape.n_samples * shape.cfg_factor
     engine_fwd = max(1, shape.max_batch // max(1, shape.n_samples * shape.branches)) * per_mask
+    if shape.kind != "classifier" and per_mask > shape.max_batch:  # one mask's set is split into sample groups
+        engine_fwd = shape.branches * max(1, shape.max_batch // shape.branches)
     engine_grad = GRAD_MASKS * per_mask
     if shape.kind != "classifier":  # a gradient pass is split into sample groups of at most max_batch rows
         per_sample = GRAD_MASKS * shape.branches  # (objectives.mean_gradient)
