@@ -219,11 +219,19 @@ def run_unet(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pla
 
 
 @torch.no_grad()
-def unit_means(model, plan: Plan, ids: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+def unit_means(model, plan: Plan, ids: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+               max_rows: int | None = None) -> dict[str, torch.Tensor]:
     """Mean activation of every site over a reference batch, for mean-ablation.
 
     Units (neurons, head features) get their mean over rows and positions; whole layers their mean over rows.
+    A batch of more than ``max_rows`` rows (one per prompt ``ids`` and latent ``x``) runs in passes of at most that
+    many, whose means are combined weighted by their rows.
     """
+    if max_rows is not None and len(x) > max_rows:
+        parts = [(len(x[s : s + max_rows]), unit_means(model, plan, ids[s : s + max_rows], x[s : s + max_rows],
+                                                        t[s : s + max_rows]))
+                 for s in range(0, len(x), max_rows)]
+        return {k: sum(n / len(x) * means[k] for n, means in parts) for k in parts[0][1]}
     saves_t = [s.path for s in plan.sites["text_encoder"] if s.event == "out"]
     saves_u = [s.path for s in plan.sites["unet"] if s.event == "out"]
     ctx, st = run_text(model, ids, saves=saves_t)

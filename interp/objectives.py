@@ -586,4 +586,4 @@ def reference_means(obj: Objective, plan: Plan, branch: str = "target") -> dict[
         raise ValueError(f"branch must be 'target' or 'anchor', got {branch!r}")
     idx = obj.image_index
     ids = obj.target_ids if branch == "target" else obj.anchor_ids
-    return unit_means(obj.model, plan, ids[idx], obj.x_t, obj.t)
+    return unit_means(obj.model, plan, ids[idx], obj.x_t, obj.t, max_rows=obj.config.max_batch)

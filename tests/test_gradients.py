@@ -123,3 +123,30 @@ def test_forward_passes_stay_within_max_batch_even_within_one_mask(tiny_world_mo
     assert rows and max(rows) <= 4, rows
     want = Objective(model, "red", ObjectiveConfig(**frozen)).intact
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_mean_ablation_reference_means_stay_within_max_batch(tiny_world_model):
+    """Mean-ablation's reference means are taken in passes of at most ``max_batch`` rows and combined by their rows:
+    the same means, and the same mean-ablation scores, up to rounding."""
+    import interp
+    from interp.interventions import compile_plan
+    from interp.objectives import reference_means
+
+    model = tiny_world_model
+    big = ObjectiveConfig(n_images=3, timesteps=(200, 600), dtype="float64")
+    whole, split = Objective(model, "red", big), Objective(model, "red", ObjectiveConfig(**{**big.to_dict(),
+                                                                                          "max_batch": 4}))
+    comps = model.components("neuron", family="ff", kind="ff.net.2", block="mid_block")[:6]
+    rows, remove = _unet_rows_per_call(split.model)
+    try:
+        got = reference_means(split, compile_plan(split.model, comps))
+        a = interp.attribute("ablation", model, "red", comps, objective=split, mode="mean")
+    finally:
+        remove()
+    assert rows and max(rows) <= 4, rows
+    want = reference_means(whole, compile_plan(whole.model, comps))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-14)
+    b = interp.attribute("ablation", model, "red", comps, objective=whole, mode="mean")
+    torch.testing.assert_close(torch.tensor(a["score"].to_numpy()), torch.tensor(b["score"].to_numpy()),
+                               rtol=1e-9, atol=1e-12)
