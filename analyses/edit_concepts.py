@@ -81,8 +81,8 @@ class EditConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The options are EditConfig's fields, plus how to run: --out, --threads, --no-progress. Imports nothing heavy, so --help is
-    fast."""
+    """The options are EditConfig's fields, plus how to run: --out, --threads, --no-progress. Imports nothing heavy,
+    so --help is fast."""
     from analyses._cli import add_config_arguments, add_no_progress_argument
 
     p = argparse.ArgumentParser(prog="python -m analyses.edit_concepts", description=__doc__,

@@ -218,6 +218,17 @@ def run_unet(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pla
     return out, store
 
 
+def run_unet_in_passes(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, max_rows: int,
+                       saves: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
+    """:func:`run_unet` of the intact model over a batch of any size, in passes of at most ``max_rows`` rows whose
+    predictions and saved outputs are concatenated (one pass when the batch fits)."""
+    if x.shape[0] <= max_rows:
+        return run_unet(model, x, t, context, saves=saves)
+    parts = [run_unet(model, x[s : s + max_rows], t[s : s + max_rows], context[s : s + max_rows], saves=saves)
+             for s in range(0, x.shape[0], max_rows)]
+    return torch.cat([eps for eps, _ in parts]), {p: torch.cat([saved[p] for _, saved in parts]) for p in saves}
+
+
 @torch.no_grad()
 def unit_means(model, plan: Plan, ids: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                max_rows: int | None = None) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ import torch
 from . import diffusion
 from .concepts import Concept, resolve
 from .generation import generate
-from .interventions import Plan, run_text, run_unet
+from .interventions import Plan, run_text, run_unet, run_unet_in_passes
 
 KINDS = ("erase", "amplify", "classifier")
 #: Precision of the forward passes. Objective values, gradients with respect to multipliers and statistics are
@@ -315,11 +315,9 @@ class Objective:
     def _intact_anchor(self) -> torch.Tensor:
         """The anchor branch's prediction of the intact model (frozen anchor, or ``intervene_anchor=False``)."""
         if getattr(self, "eps_anchor", None) is None:
-            per, ctx = self.config.max_batch, self.ctx_anchor[self.image_index]  # passes of at most max_batch rows
             with torch.no_grad():
-                self.eps_anchor = torch.cat([run_unet(self.model, self.x_t[s : s + per], self.t[s : s + per],
-                                                      ctx[s : s + per])[0].to(self.dtype)
-                                             for s in range(0, len(self.x_t), per)])
+                self.eps_anchor = run_unet_in_passes(self.model, self.x_t, self.t, self.ctx_anchor[self.image_index],
+                                                     self.config.max_batch)[0].to(self.dtype)
         return self.eps_anchor
 
     def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import interp
+import interp.interventions as interventions_mod
 import interp.methods.tracing as tracing_mod
 import interp.objectives as objectives_mod
 from interp.interventions import Patch, compile_plan, run_unet
@@ -153,7 +154,7 @@ def test_state_untouched_after_an_error_inside_a_method(method, tiny_conformance
         return real(model, x, t, context, plan, mult, means, patches, saves, skips)
 
     monkeypatch.setattr(objectives_mod, "run_unet", failing)
-    monkeypatch.setattr(tracing_mod, "run_unet", failing)
+    monkeypatch.setattr(interventions_mod, "run_unet", failing)  # behind run_unet_in_passes
     try:
         run(method, tiny_world_model, tiny_red_objective, comps)
     except Exception:

@@ -42,7 +42,7 @@ from ..components import ComponentSet
 from ..engine import sweep
 from ..executors import Job
 from ..generation import generate
-from ..interventions import Patch, compile_plan, run_text, run_unet
+from ..interventions import Patch, compile_plan, run_text, run_unet_in_passes
 from .base import Capabilities, Method, MethodConfig, register, stderr_over
 
 
@@ -253,11 +253,8 @@ class CausalTracing(Method):
             generate(m, list(obj.target_prompts), steps=obj.config.gen_steps, guidance=obj.config.guidance,
                      latents=obj.noise0, record=paths, recorded=rec)
             return rec
-        per, S = obj.config.max_batch, len(obj.x_t)  # passes of at most max_batch rows
-        ctx = obj.ctx_target[obj.image_index]
-        parts = [run_unet(m, obj.x_t[s : s + per], obj.t[s : s + per], ctx[s : s + per], saves=paths)[1]
-                 for s in range(0, S, per)]
-        return parts[0] if len(parts) == 1 else {p: torch.cat([q[p] for q in parts]) for p in paths}
+        return run_unet_in_passes(m, obj.x_t, obj.t, obj.ctx_target[obj.image_index], obj.config.max_batch,
+                                  saves=paths)[1]
 
     def _maps(self, tr, j_clean, j_corr, ctx_corr):
         obj, m, cfg = tr.obj, tr.model, self.config
