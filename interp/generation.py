@@ -25,12 +25,14 @@ def generate(
     decode: bool = True,
     record: list[str] | None = None,
     recorded: dict | None = None,
+    checkpoint: bool = False,
 ) -> torch.Tensor:
     """Images in [0, 1] (or final latents with ``decode=False``) for ``prompts`` from seeded noise.
 
     ``mult`` rows apply per prompt (one row per prompt, or one row for all). ``context`` overrides the encoded
     prompts (causal tracing passes corrupted or restored states). ``unet_patches(step)`` gives patches for a step.
-    Runs with gradients if the caller enabled them.
+    Runs with gradients if the caller enabled them; ``checkpoint`` then re-runs each UNet call in the backward pass
+    instead of keeping its activations, so the memory of a gradient is one call's, not one per step.
     """
     prompts = model.check_prompts(prompts)
     n = len(prompts)
@@ -56,7 +58,7 @@ def generate(
         if patches and guided:  # patches are given for the conditional rows; the unconditional rows keep theirs
             patches = {k: Patch(torch.cat([p.clean, p.clean]), torch.cat([p.where, torch.zeros_like(p.where)]))
                        for k, p in patches.items()}
-        eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=record or ())
+        eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=record or (), checkpoint=checkpoint)
         if record:
             recorded[step] = {k: v[:n] for k, v in saved.items()}
         return eps

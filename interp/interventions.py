@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 
 from .components import Component, ComponentSet, head_dim
 
@@ -195,9 +196,11 @@ def run_text(model, ids: torch.Tensor, plan: Plan | None = None, mult: torch.Ten
 def run_unet(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, plan: Plan | None = None,
              mult: torch.Tensor | None = None, means: Mapping[str, torch.Tensor] | None = None,
              patches: Mapping[str, Patch] | None = None, saves: Sequence[str] = (),
-             skips: Mapping[str, object] | None = None) -> tuple[torch.Tensor, dict]:
+             skips: Mapping[str, object] | None = None, checkpoint: bool = False) -> tuple[torch.Tensor, dict]:
     """UNet forward (noise prediction) with interventions; returns ``(eps, saved)``. ``skips``: modules replayed
-    from given outputs instead of run (:mod:`interp.prefix`)."""
+    from given outputs instead of run (:mod:`interp.prefix`). ``checkpoint``: under gradients, keep only the call's
+    inputs and run it again during the backward pass (:func:`torch.utils.checkpoint.checkpoint`), so a loop of many
+    calls (a generation) holds one call's activations at a time instead of every call's."""
     sites = plan.sites["unet"] if plan is not None else []
     patches = dict(patches or {})
     # Forward passes run in the model's dtype on its device, whatever the caller keeps its tensors in.
@@ -206,16 +209,24 @@ def run_unet(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pla
     t = torch.as_tensor(t, device=model.device)
     mult, means, patches = _on_device(model, mult, means, patches)
     t = t.expand(x.shape[0]) if t.dim() == 0 else t
-    model.counters["unet_rows"] += x.shape[0]
+    model.counters["unet_rows"] += x.shape[0]  # counted here, not in the forward a checkpoint runs again
     if torch.is_grad_enabled():
         model.counters["unet_rows_grad"] += x.shape[0]
-    if not sites and not patches and not saves and not skips:
-        return model.unet(x, t, encoder_hidden_states=context, return_dict=False)[0], {}
-    store: dict = {}
-    with model.nn_unet.trace(x, t, encoder_hidden_states=context, return_dict=False):
-        _intervene(model.nn_unet, model, sites, mult, means, patches, list(saves), store, skips)
-        out = model.nn_unet.output[0].save()
-    return out, store
+
+    def forward(x, context):
+        if not sites and not patches and not saves and not skips:
+            return model.unet(x, t, encoder_hidden_states=context, return_dict=False)[0], {}
+        store: dict = {}
+        with model.nn_unet.trace(x, t, encoder_hidden_states=context, return_dict=False):
+            _intervene(model.nn_unet, model, sites, mult, means, patches, list(saves), store, skips)
+            out = model.nn_unet.output[0].save()
+        return out, store
+
+    if checkpoint and torch.is_grad_enabled():
+        # Early stop would end the re-run by raising inside nnsight's trace: re-run whole calls instead.
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            return torch.utils.checkpoint.checkpoint(forward, x, context, use_reentrant=False)
+    return forward(x, context)
 
 
 def run_unet_in_passes(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, max_rows: int,

@@ -184,6 +184,10 @@ class Objective:
             self.branches = 1
             g = cfg.guidance if cfg.guidance is not None else model.default_guidance
             self.rows_per_eval = cfg.n_images * cfg.gen_steps * (2 if g != 1 else 1)
+            self.rows_per_step = 2 if g != 1 else 1  # UNet rows of one image in one generation call
+            sched = diffusion.fresh_scheduler(model.scheduler)
+            sched.set_timesteps(cfg.gen_steps)
+            self.unet_calls = len(sched.timesteps)  # calls of one generation (PNDM's differ from gen_steps)
             self.label = c.value
         else:
             # A model kind with its own concepts may supply the images they describe (the concept world's renders).
@@ -332,9 +336,11 @@ class Objective:
             prompts = [self.target_prompts[i] for i in sel.tolist()] * r
             rows = None if mult is None else mult.repeat_interleave(S, 0)
             ctx = None if target_context is None else self.target_contexts(target_context, sel, r)
+            checkpoint = torch.is_grad_enabled() and checkpoints_generation(
+                len(prompts) * self.rows_per_step, self.unet_calls, cfg.max_batch)
             images = generate(model, prompts, steps=cfg.gen_steps, guidance=cfg.guidance, plan=plan, mult=rows,
                               means=means, context=ctx, latents=self.noise0[sel].repeat(r, 1, 1, 1),
-                              unet_patches=unet_patches)
+                              unet_patches=unet_patches, checkpoint=checkpoint)
             p = self.judge.probability(images, self.concept)
             return p.reshape(r, S)
         # With intervene_anchor=False the anchor branch is not run here: it is the intact model's (cached).
@@ -506,11 +512,24 @@ def _sample_rows(means: dict | None, pos: torch.Tensor, S: int, B: int) -> dict 
             for k, v in means.items()}
 
 
+def checkpoints_generation(rows_per_call: int, unet_calls: int, max_batch: int) -> bool:
+    """Whether a gradient through generation (the classifier objective) re-runs each UNet call in its backward pass
+    instead of keeping the activations of every call: when those would be more than ``max_batch`` UNet rows. A
+    gradient then holds one call's activations (plus every step's latents), at the price of one more forward."""
+    return rows_per_call * unet_calls > max_batch
+
+
 def grad_samples_per_pass(obj: Objective, masks: int = 1) -> int:
     """Evaluation samples per backward pass of :func:`mean_gradient` for ``masks`` mask rows: as many as keep a pass
-    within ``max_batch`` UNet rows (at least one)."""
-    per_sample = masks * (obj.branches if obj.config.kind != "classifier" else 2)
-    return max(1, obj.config.max_batch // per_sample)
+    within ``max_batch`` UNet rows (at least one). Through generation (classifier objective) a pass holds every
+    call's activations, ``unet_calls`` times a call's rows, while that fits in ``max_batch``; beyond, its calls are
+    re-run in the backward pass (:func:`checkpoints_generation`) and the bound is on one call's rows."""
+    if obj.config.kind == "classifier":
+        per_call = masks * obj.rows_per_step
+        if not checkpoints_generation(per_call, obj.unet_calls, obj.config.max_batch):
+            return max(1, obj.config.max_batch // (per_call * obj.unet_calls))
+        return max(1, obj.config.max_batch // per_call)
+    return max(1, obj.config.max_batch // (masks * obj.branches))
 
 
 def mean_gradient(obj: Objective, targets: list[torch.Tensor], samples: torch.Tensor | None = None, masks: int = 1,

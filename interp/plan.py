@@ -55,16 +55,19 @@ GRAD_MASKS = 4
 # -- counting ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Rows:
-    """UNet rows a piece of work runs: all of them, and those run with gradients (forward + backward)."""
+    """UNet rows a piece of work runs: all of them, those run with gradients (forward + backward), and of those the
+    ones whose forward runs again in the backward pass (generation gradients, see
+    :func:`interp.objectives.checkpoints_generation`; not counted by the model's counters, a cost only)."""
 
     total: int = 0
     grad: int = 0
+    recomputed: int = 0
 
     def __add__(self, other: "Rows") -> "Rows":
-        return Rows(self.total + other.total, self.grad + other.grad)
+        return Rows(self.total + other.total, self.grad + other.grad, self.recomputed + other.recomputed)
 
     def __mul__(self, k: int) -> "Rows":
-        return Rows(self.total * k, self.grad * k)
+        return Rows(self.total * k, self.grad * k, self.recomputed * k)
 
     __rmul__ = __mul__
 
@@ -102,10 +105,19 @@ class EvalShape:
         n = prompts * self.unet_calls * self.cfg_factor
         return Rows(n, n if grad else 0)
 
-    def values(self, masks: int = 1, grad: bool = False) -> Rows:
-        """``Objective.values`` with ``masks`` multiplier rows over the whole evaluation set."""
+    def values(self, masks: int = 1, grad: bool = False, per_pass: int = 1) -> Rows:
+        """``Objective.values`` with ``masks`` multiplier rows over the whole evaluation set; with ``grad``, in
+        backward passes of ``per_pass`` mask rows (the engine's ``batch``)."""
         if self.kind == "classifier":
-            return self.generation(masks * self.n_samples, grad)
+            rows = self.generation(masks * self.n_samples, grad)
+            if not grad:
+                return rows
+            from .objectives import checkpoints_generation
+
+            chunks = [per_pass] * (masks // per_pass) + ([masks % per_pass] if masks % per_pass else [])
+            again = sum(self.generation(c * self.n_samples).total for c in chunks
+                        if checkpoints_generation(c * self.cfg_factor, self.unet_calls, self.max_batch))
+            return Rows(rows.total, rows.grad, again)
         n = masks * self.n_samples * self.branches
         return Rows(n, n if grad else 0)
 
@@ -336,10 +348,17 @@ def measure_passes(model, comps, shape: EvalShape, budget: float = FLOP_BUDGET) 
     engine_fwd = max(1, shape.max_batch // max(1, shape.n_samples * shape.branches)) * per_mask
     if shape.kind != "classifier" and per_mask > shape.max_batch:  # one mask's set is split into sample groups
         engine_fwd = shape.branches * max(1, shape.max_batch // shape.branches)
-    engine_grad = GRAD_MASKS * per_mask
-    if shape.kind != "classifier":  # a gradient pass is split into sample groups of at most max_batch rows
-        per_sample = GRAD_MASKS * shape.branches  # (objectives.mean_gradient)
+    # A gradient pass is split into sample groups of at most max_batch rows (objectives.grad_samples_per_pass); one
+    # through generation holds every call's rows, unless its calls are re-run in the backward pass.
+    if shape.kind != "classifier":
+        per_sample = GRAD_MASKS * shape.branches
         engine_grad = per_sample * min(shape.n_samples, max(1, shape.max_batch // per_sample))
+    else:
+        from .objectives import checkpoints_generation
+
+        per_call = GRAD_MASKS * shape.cfg_factor
+        held = per_call if checkpoints_generation(per_call, shape.unet_calls, shape.max_batch) else per_call * shape.unet_calls
+        engine_grad = per_call * min(shape.n_samples, max(1, shape.max_batch // held))
     b_fwd = max(1, min(engine_fwd, int(budget // max(f_fwd, 1.0))))
     b_grad = max(1, min(engine_grad, int(budget // max(f_grad, 1.0))))
     plan = compile_plan(model, unet_comps) if len(unet_comps) else None  # text-only sets: a plain UNet pass
@@ -476,14 +495,16 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
     rows = []
     for concept in cfg.concepts:
         for name, rec, r in work:
-            flops = (r.nograd * passes["flops_per_row"] + r.grad * passes["flops_per_grad_row"]) if passes else float("nan")
-            secs = (r.nograd * passes["seconds_per_row"] + r.grad * passes["seconds_per_grad_row"]) if passes else float("nan")
+            fwd = r.nograd + r.recomputed  # a re-run forward costs what a forward does
+            flops = (fwd * passes["flops_per_row"] + r.grad * passes["flops_per_grad_row"]) if passes else float("nan")
+            secs = (fwd * passes["seconds_per_row"] + r.grad * passes["seconds_per_grad_row"]) if passes else float("nan")
             rows.append({"method": name, "concept": concept, "forward_evals": rec.total / shape.rows_per_eval,
                          "backward_evals": rec.grad / shape.rows_per_eval, "unet_rows": r.total,
                          "unet_rows_grad": r.grad, "flops": flops, "seconds": secs})
     notes = ["'(evaluation set)': building each concept's objective (its J of the intact model, and generated "
              "samples on models other than the concept world); projected time covers UNet passes only."]
-    if passes and any(m in cfg.methods for m in ("ablation", "screen", "tracing")):
+    if passes and shape.kind != "classifier" and any(m in cfg.methods for m in ("ablation", "screen", "tracing")):
+        # (a generation has no fixed upstream to replay: Objective._replayable)
         frac = replayed_fraction(model, comps)
         notes.append(f"single ablations (true ablation, screen-then-verify's verification) and causal tracing's "
                      f"restorations of UNet components replay the UNet upstream of the changed unit instead of "
@@ -491,6 +512,11 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
                      f"over the evaluation set runs full passes): at most {frac:.0%} of a pass's FLOPs on average for "
                      f"these components, so their projected FLOPs and time, counted as full passes, are upper "
                      f"bounds.")
+    again = sum(r.recomputed for _, _, r in work)
+    if again:
+        notes.append(f"gradients through generation keep one UNet call's activations at a time (more would exceed "
+                     f"--max-batch {shape.max_batch} rows): {again:,} of their rows per concept are run again in the "
+                     f"backward pass, counted in FLOPs and time.")
     table = pd.DataFrame(rows)
     if passes and workers and workers > 1:
         # Every sweep's items spread over the workers; the evaluation sets and J of the intact model stay on the driver.

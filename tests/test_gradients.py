@@ -150,3 +150,53 @@ def test_mean_ablation_reference_means_stay_within_max_batch(tiny_world_model):
     b = interp.attribute("ablation", model, "red", comps, objective=whole, mode="mean")
     torch.testing.assert_close(torch.tensor(a["score"].to_numpy()), torch.tensor(b["score"].to_numpy()),
                                rtol=1e-9, atol=1e-12)
+
+
+def test_gradients_through_generation_rerun_unet_calls_beyond_max_batch(tiny_world_folder):
+    """A gradient through generation (the classifier objective) holds every UNet call's activations until its
+    backward pass: ``unet_calls`` times a call's rows. While that fits in ``max_batch`` it is kept; beyond, each call
+    is re-run in the backward pass instead (checkpointing): the same gradients, the activations of one call held at
+    a time instead of one per step, and the plan counts the re-run rows as cost."""
+    import interp
+    from interp.engine import multiplier_gradients
+    from interp.plan import eval_shape
+
+    m = interp.load_model(str(tiny_world_folder))
+    big = ObjectiveConfig(kind="classifier", n_images=3, gen_steps=3, dtype="float64")
+    small = ObjectiveConfig(**{**big.to_dict(), "max_batch": 2})  # a call of 1 image x 3 calls > 2 rows: re-run
+    whole, split = Objective(m, "red", big), Objective(m, "red", small)
+    comps = m.components("neuron", family="ff", kind="ff.net.2", block="mid_block")
+    M = torch.rand(3, len(comps), generator=torch.Generator().manual_seed(0)).double()
+    before = split.model.state_fingerprint()
+
+    def run(obj, fn):
+        """``fn()``, the bytes autograd saved for backward outside re-run calls, and the rows re-run."""
+        saved, rows = [0], []
+        hook = obj.model.unet.conv_in.register_forward_hook(lambda mod, args, out: rows.append(out.shape[0]))
+        counted = obj.model.counters["unet_rows"]
+
+        def pack(t):
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = fn()
+        finally:
+            hook.remove()
+        return out, saved[0], sum(rows) - (obj.model.counters["unet_rows"] - counted)
+
+    kept, kept_bytes, kept_again = run(whole, lambda: multiplier_gradients(whole, comps, M, batch=2))
+    got, got_bytes, again = run(split, lambda: multiplier_gradients(split, comps, M, batch=2))
+    torch.testing.assert_close(got, kept, rtol=1e-9, atol=1e-12)
+    assert kept_again == 0 and again > 0
+    assert got_bytes < kept_bytes / 4, (got_bytes, kept_bytes)  # the UNet's activations are not all held
+    assert again == eval_shape(split.model, small).values(len(M), grad=True, per_pass=2).recomputed
+
+    cad = lambda obj: interp.attribute("cad", obj.model, "red", comps, objective=obj)  # noqa: E731
+    (kept, _, _), (got, _, again) = run(whole, lambda: cad(whole)), run(split, lambda: cad(split))
+    torch.testing.assert_close(torch.tensor(got["score"].to_numpy()), torch.tensor(kept["score"].to_numpy()),
+                               rtol=1e-9, atol=1e-12)
+    assert again == eval_shape(split.model, small).values(1, grad=True).recomputed > 0
+    after = split.model.state_fingerprint()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -123,7 +123,7 @@ class MaskGrad(Method):
     @classmethod
     def recorded_rows(cls, config, comps, shape):
         """The cost the result records as its own: one rate's K masks (the extra rates are separate estimates)."""
-        return shape.means(comps, config.mode) + shape.values(config.n_masks, grad=True)
+        return shape.means(comps, config.mode) + shape.values(config.n_masks, grad=True, per_pass=config.batch)
 
 
 @register
@@ -143,7 +143,7 @@ class IntegratedGradients(Method):
     @classmethod
     def planned_rows(cls, config, comps, shape):
         """UNet rows of a run (see :mod:`interp.plan`): one forward and backward pass per step."""
-        return shape.means(comps, config.mode) + shape.values(config.steps, grad=True)
+        return shape.means(comps, config.mode) + shape.values(config.steps, grad=True, per_pass=config.batch)
 
 
 @register
