@@ -20,6 +20,7 @@ import inspect
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.utils.checkpoint
 
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -169,9 +170,17 @@ def encode(images: torch.Tensor, vae) -> torch.Tensor:
         return vae.encode(images.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
 
 
-def decode(latents: torch.Tensor, vae=None) -> torch.Tensor:
-    """Latents to images in [0, 1] (float32): through the VAE if there is one, else the latents are pixels in [-1, 1]."""
+def decode(latents: torch.Tensor, vae=None, checkpoint: bool = False) -> torch.Tensor:
+    """Latents to images in [0, 1] (float32): through the VAE if there is one, else the latents are pixels in [-1, 1].
+
+    ``checkpoint``: under gradients, decode one image at a time and run its decoder again in the backward pass
+    (:func:`torch.utils.checkpoint.checkpoint`), so a gradient holds one image's decoder activations at a time (at
+    512x512 pixels, gigabytes each) instead of every image's."""
     if vae is not None:
         z = (latents / vae.config.scaling_factor).to(vae.dtype)
-        latents = vae.decode(z, return_dict=False)[0]
+        if checkpoint and torch.is_grad_enabled():
+            one = lambda zi: vae.decode(zi, return_dict=False)[0]  # noqa: E731
+            latents = torch.cat([torch.utils.checkpoint.checkpoint(one, zi, use_reentrant=False) for zi in z.split(1)])
+        else:
+            latents = vae.decode(z, return_dict=False)[0]
     return (latents.float() / 2 + 0.5).clamp(0, 1)

@@ -31,8 +31,9 @@ def generate(
 
     ``mult`` rows apply per prompt (one row per prompt, or one row for all). ``context`` overrides the encoded
     prompts (causal tracing passes corrupted or restored states). ``unet_patches(step)`` gives patches for a step.
-    Runs with gradients if the caller enabled them; ``checkpoint`` then re-runs each UNet call in the backward pass
-    instead of keeping its activations, so the memory of a gradient is one call's, not one per step.
+    Runs with gradients if the caller enabled them; ``checkpoint`` then re-runs each UNet call, and each image's VAE
+    decoding, in the backward pass instead of keeping their activations, so the memory of a gradient is one call's
+    or one image's decoding, not one per step and image.
     """
     prompts = model.check_prompts(prompts)
     n = len(prompts)
@@ -66,4 +67,4 @@ def generate(
     # Stochastic schedulers (DDPM, Euler ancestral, ...) draw from a generator seeded apart from the initial noise.
     step_gen = torch.Generator().manual_seed(seed + 7_919)
     out = diffusion.denoise(unet_fn, scheduler, latents, context, uncond, steps, guidance, generator=step_gen)
-    return diffusion.decode(out, model.vae) if decode else out
+    return diffusion.decode(out, model.vae, checkpoint=checkpoint) if decode else out

@@ -499,7 +499,8 @@ def as_dtype(model, dtype: torch.dtype):
             torch.nn.Module.to(v, dtype)  # diffusers' own .to() warns about fp32-pinned modules; none here
     sched = model.scheduler.__class__.from_config(model.scheduler.config)
     return DiffusionModel(model.name, parts["unet"], parts["text_encoder"], model.tokenizer, sched, parts["vae"],
-                          parts["classifier"], world=model.world, source=model.source)
+                          parts["classifier"], world=model.world, default_guidance=model.default_guidance,
+                          source=model.source)
 
 
 def _sample_rows(means: dict | None, pos: torch.Tensor, S: int, B: int) -> dict | None:

@@ -127,6 +127,43 @@ def test_latent_folder_guidance_comes_from_its_world_json(guided_folder, monkeyp
     assert calls == [3.0]  # generation samples at the folder's guidance when the caller gives none
 
 
+def test_gradients_through_guided_generation_and_the_vae_rerun_beyond_max_batch(guided_folder):
+    """On a latent model with guidance (2 UNet rows per image and step, a VAE): a classifier-objective gradient whose
+    calls would hold more than ``max_batch`` rows re-runs each UNet call and each image's decoding in the backward
+    pass: the same gradients as keeping them, no decoding of more than one image under a gradient, and the re-run
+    UNet rows are those the plan counts."""
+    from interp.engine import multiplier_gradients
+    from interp.objectives import Objective, ObjectiveConfig
+    from interp.plan import eval_shape
+
+    m = interp.load_model(str(guided_folder))
+    big = ObjectiveConfig(kind="classifier", n_images=3, gen_steps=2, dtype="float64")
+    small = ObjectiveConfig(**{**big.to_dict(), "max_batch": 3})  # one image: 2 rows x 2 calls > 3
+    whole, split = Objective(m, "red", big), Objective(m, "red", small)
+    assert split.model is not m and split.model.default_guidance == 3.0  # the float64 copy samples as the folder says
+    comps = m.components("neuron", kind="ff.net.2")[:6]
+    M = torch.rand(2, len(comps), generator=torch.Generator().manual_seed(0)).double()
+
+    def run(obj):
+        unet_rows, decoded = [], []
+        hooks = [obj.model.unet.conv_in.register_forward_hook(lambda mod, a, out: unet_rows.append(out.shape[0])),
+                 obj.model.vae.decoder.conv_in.register_forward_hook(lambda mod, a, out: decoded.append(out.shape[0]))]
+        counted = obj.model.counters["unet_rows"]
+        try:
+            g = multiplier_gradients(obj, comps, M, batch=1)
+        finally:
+            for h in hooks:
+                h.remove()
+        return g, sum(unet_rows) - (obj.model.counters["unet_rows"] - counted), decoded
+
+    kept, kept_again, kept_decoded = run(whole)
+    got, again, decoded = run(split)
+    torch.testing.assert_close(got, kept, rtol=1e-9, atol=1e-12)
+    assert kept_again == 0 and max(kept_decoded) == 3  # one decoding of the 3 images per mask row
+    assert again == eval_shape(split.model, small).values(len(M), grad=True, per_pass=1).recomputed == 2 * 3 * 2 * 2
+    assert set(decoded) == {1} and len(decoded) == 2 * len(M) * 3  # each image decoded, then decoded again
+
+
 def test_model_fingerprint_follows_the_default_guidance(guided_folder, tiny_latent_folder):
     """Cached generation-based results depend on the guidance a model samples at by default: two folders with the
     same weights and another world.json guidance are different models to every cache key."""
