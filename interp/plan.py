@@ -270,6 +270,8 @@ def _timed_pass(model, plan, rows: int, grad: bool, size: int | None = None) -> 
     from .interventions import run_text, run_unet
 
     dev, dt = model.device, model.dtype
+    # CUDA's allocator says what tensors hold: before the pass's inputs exist (weights, caches) and at its peak
+    base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
     shape = list(latent_shape(model.unet, rows))
     if size is not None:
         shape[-2:] = [size, size]
@@ -295,7 +297,26 @@ def _timed_pass(model, plan, rows: int, grad: bool, size: int | None = None) -> 
     _sync(dev)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else (_rss_peak() if reset else None)
-    return {"rows": rows, "seconds": seconds, "peak_bytes": peak}
+    return {"rows": rows, "seconds": seconds, "peak_bytes": peak, "base_bytes": base}
+
+
+def _device_bytes(device) -> int | None:
+    """The device's memory, where its allocator reports what tensors hold (CUDA); None elsewhere."""
+    return torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None
+
+
+def project_memory(q: dict, rows: int, device_bytes: float | None) -> dict:
+    """What a pass of ``rows`` rows would hold at its peak, from a measured pass ``q`` on an allocator that reports
+    its tensors (CUDA): ``base`` (held before the pass: weights, caches) + the measured pass's bytes per row x
+    ``rows``, and the most rows per pass that stay within 90% of ``device_bytes``. Empty without a base."""
+    if q.get("base_bytes") is None or not q.get("peak_bytes"):
+        return {}
+    base = float(q["base_bytes"])
+    per_row = max(float(q["peak_bytes"]) - base, 0.0) / q["rows"]
+    out = {"projected_rows": rows, "projected_bytes": base + per_row * rows, "device_bytes": device_bytes}
+    if device_bytes and per_row > 0:
+        out["fitting_rows"] = max(1, int((0.9 * device_bytes - base) // per_row))
+    return out
 
 
 def _steady_pass(model, plan, rows: int, grad: bool) -> dict:
@@ -372,9 +393,12 @@ def measure_passes(model, comps, shape: EvalShape, budget: float = FLOP_BUDGET) 
     finally:
         model.counters.clear()
         model.counters.update(saved)
+    total = _device_bytes(model.device)
     return {
-        "forward": {**fwd, "flops": f_fwd * fwd["rows"], "engine_batch": engine_fwd},
-        "grad": {**bwd, "flops": f_grad * bwd["rows"], "engine_batch": engine_grad},
+        "forward": {**fwd, "flops": f_fwd * fwd["rows"], "engine_batch": engine_fwd,
+                    **project_memory(fwd, engine_fwd, total)},
+        "grad": {**bwd, "flops": f_grad * bwd["rows"], "engine_batch": engine_grad,
+                 **project_memory(bwd, engine_grad, total)},
         "flops_per_row": f_fwd, "flops_per_grad_row": f_grad,
         "seconds_per_row": fwd["seconds"] / fwd["rows"], "seconds_per_grad_row": bwd["seconds"] / bwd["rows"],
         "threads": torch.get_num_threads(), "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
@@ -410,7 +434,8 @@ class ComparisonPlan:
         if p:
             for key, label in (("forward", "forward pass"), ("grad", "forward+backward pass")):
                 q = p[key]
-                mem = f", peak RSS {q['peak_bytes'] / 2**30:.2f} GiB" if q.get("peak_bytes") else ""
+                what = "peak allocated" if q.get("base_bytes") is not None else "peak RSS"
+                mem = f", {what} {q['peak_bytes'] / 2**30:.2f} GiB" if q.get("peak_bytes") else ""
                 lines.append(
                     f"measured {label}: {q['rows']} rows (engine batch {q['engine_batch']}) at latent {p['latent']} in "
                     f"{q['seconds']:.3f} s, {q['flops'] / 1e9:.1f} GFLOP -> {q['flops'] / q['seconds'] / 1e9:.1f} "
@@ -421,6 +446,16 @@ class ComparisonPlan:
                 fits = min(q["rows"] for q in tight)
                 lines.append(f"memory: a pass of {max(q['oom_rows'] for q in tight)} rows did not fit on {p['device']}"
                              f"; {fits} rows did, and the projection is at that batch: run with --max-batch {fits}")
+            over = [(key, p[key]) for key in ("forward", "grad")
+                    if p[key].get("device_bytes") and p[key].get("projected_bytes", 0) > 0.9 * p[key]["device_bytes"]]
+            if over:
+                said = [f"a {'forward' if key == 'forward' else 'forward+backward'} pass of {q['projected_rows']} rows "
+                        + ("would hold " if i == 0 else "") + f"about {q['projected_bytes'] / 2**30:.1f} GiB"
+                        + ("" if q["projected_rows"] == q["rows"] else f" (measured at {q['rows']} rows, scaled by rows)")
+                        for i, (key, q) in enumerate(over)]
+                lines.append(f"memory: at the engine's batch {' and '.join(said)}, more than 90% of {p['device']}'s "
+                             f"{over[0][1]['device_bytes'] / 2**30:.1f} GiB: run with --max-batch "
+                             f"{min(q['fitting_rows'] for _, q in over)}")
         t = self.totals()
         show = pd.DataFrame({
             "concepts": t["concepts"].astype(int),

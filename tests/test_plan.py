@@ -178,3 +178,28 @@ def test_a_pass_that_does_not_fit_is_halved_and_the_plan_names_the_batch(monkeyp
     _fake_passes(monkeypatch, lambda rows: 0.1, fits_up_to=0)
     with pytest.raises(torch.OutOfMemoryError):
         plan_mod._fitting_pass(None, None, 4, 4, False)
+
+
+def test_the_plan_projects_gpu_memory_to_the_engine_batch_and_names_the_batch_that_fits(monkeypatch, capsys):
+    """On CUDA a measured pass that stops short of the engine's batch (a pass took GROW_BELOW) tells what a pass
+    holds per row above what was held before it: the plan projects the engine's batch from it and, when that would
+    not fit in the device, says which --max-batch would, before anything runs."""
+    import interp.plan as plan_mod
+    from analyses.compare_methods import main
+
+    GiB = 2**30
+
+    def timed(model, plan, rows, grad, size=None):  # a GPU holding 4 GiB of weights, 0.5 GiB per row
+        return {"rows": rows, "seconds": 0.3 * rows, "peak_bytes": 4 * GiB + rows * GiB // 2, "base_bytes": 4 * GiB}
+
+    monkeypatch.setattr(plan_mod, "_timed_pass", timed)
+    monkeypatch.setattr(plan_mod, "_device_bytes", lambda device: 16 * GiB)
+    q = plan_mod.project_memory(timed(None, None, 6, False), 256, 16 * GiB)
+    assert q["projected_bytes"] == 4 * GiB + 128 * GiB and q["fitting_rows"] == 20  # (0.9 x 16 - 4) / 0.5
+    assert plan_mod.project_memory({"rows": 6, "peak_bytes": 5 * GiB, "base_bytes": None}, 256, None) == {}
+    assert main(["--plan", "--concepts", "red", "--methods", "ablation", "cad", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "peak allocated" in out and "at the engine's batch a forward pass of 256 rows would hold" in out and "run with --max-batch 20" in out, out
+    monkeypatch.setattr(plan_mod, "_device_bytes", lambda device: 1024 * GiB)  # fits: nothing to say
+    assert main(["--plan", "--concepts", "red", "--methods", "ablation", "cad", "--threads", "1"]) == 0
+    assert "at the engine's batch" not in capsys.readouterr().out
