@@ -69,6 +69,10 @@ class EditConfig:
                           "values")
     steps: int = opt(10, "denoising steps of the evaluation")
     attr_images: int = opt(4, "images of the attribution objective")
+    attr_steps: int = opt(10, "denoising steps of the attribution objective's generated images (models other than "
+                              "the concept world, which renders them)")
+    guidance: float | None = opt(None, "classifier-free guidance scale of every generation, held-out and attribution "
+                                       "images (default: the model's)")
     seed: int = opt(0, "seed of the attributions and the held-out stream offset")
     device: str = opt("auto", "device: auto (CUDA, else MPS, else CPU), cpu, cuda or mps", choices=DEVICES)
     precision: str = opt("float32", "precision of the model's forward passes", choices=PRECISIONS)
@@ -124,8 +128,10 @@ def check_config(config: EditConfig) -> None:
         raise ValueError(f"--k values must be non-negative integers, got {list(config.k)}")
     if any(not 0 <= r <= 1 for r in config.ratios) or not config.ratios:
         raise ValueError(f"--ratios must lie in [0, 1], got {list(config.ratios)}")
-    if config.images < 3 or config.steps < 1 or config.attr_images < 1:
-        raise ValueError("--images must be >= 3, --steps and --attr-images >= 1")
+    if config.images < 3 or config.steps < 1 or config.attr_images < 1 or config.attr_steps < 1:
+        raise ValueError("--images must be >= 3, --steps, --attr-images and --attr-steps >= 1")
+    if config.guidance is not None and not 0 <= config.guidance < 1e4:
+        raise ValueError(f"--guidance must be a scale >= 0 (1: unguided), got {config.guidance}")
     if config.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {config.seed}")
 
@@ -210,8 +216,10 @@ def _run(config, r, log) -> dict:
     check_memory((config.images + config.attr_images) * per_image * 3, f"--images {config.images}",
                  "pass fewer --images")
     fingerprint = model.state_fingerprint()
-    objective = ObjectiveConfig(kind="erase", n_images=config.attr_images, seed=config.seed)
-    cfg = ed.EvalConfig.from_total(config.images, steps=config.steps, seed=ed.EVAL_SEED + config.seed)
+    objective = ObjectiveConfig(kind="erase", n_images=config.attr_images, seed=config.seed,
+                                gen_steps=config.attr_steps, guidance=config.guidance)
+    cfg = ed.EvalConfig.from_total(config.images, steps=config.steps, seed=ed.EVAL_SEED + config.seed,
+                                   guidance=config.guidance)
     comps = ed.edit_components(model, config.components)
     evaluations, records, grids = [], [], {}
     for concept in config.concepts:

@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images of the attribution objective (default %(default)s)")
     g.add_argument("--timesteps", type=int, nargs="+", default=[250, 600],
                    help="timesteps of the attribution objective (default %(default)s)")
+    g.add_argument("--gen-steps", type=int, default=10,
+                   help="denoising steps of the attribution objective's generated images (models other than the "
+                        "concept world) (default %(default)s)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale of those generations (default: the model's)")
     t = p.add_argument_group("targeted erasure (rankings that ask for specificity; interp.erasure)")
     t.add_argument("--rankings", nargs="+", default=["plain"], choices=list(RANKINGS),
                    help="which rankings of every method to ablate: plain (its scores), contrastive (its normalized "
@@ -132,8 +137,10 @@ def check_args(parser: argparse.ArgumentParser, args) -> dict | None:
         fail(f"--random-rankings and --random-masks must be >= 0, got {args.random_rankings} and {args.random_masks}")
     if args.random_masks and (not args.mask_rates or any(not 0 < a < 1 for a in args.mask_rates)):
         fail(f"--mask-rates must lie in (0, 1), got {args.mask_rates}")
-    if args.images < 3 or args.steps < 1 or args.attr_images < 1:
-        fail("--images must be >= 3, --steps and --attr-images >= 1")
+    if args.images < 3 or args.steps < 1 or args.attr_images < 1 or args.gen_steps < 1:
+        fail("--images must be >= 3, --steps, --attr-images and --gen-steps >= 1")
+    if args.guidance is not None and not 0 <= args.guidance < 1e4:
+        fail(f"--guidance must be a scale >= 0 (1: unguided), got {args.guidance}")
     if args.n_boot < 100:
         fail(f"--n-boot must be >= 100 for a 95% interval, got {args.n_boot}")
     if len(set(args.rankings)) != len(args.rankings):
@@ -187,7 +194,8 @@ def ranking_config(args, compare: dict | None):
     return CompareConfig(model=args.model, concepts=tuple(args.concepts),
                          methods=tuple(dict.fromkeys(("ablation", *args.methods))), granularity=args.granularity,
                          families=tuple(args.families), kinds=tuple(args.kinds), blocks=tuple(args.blocks),
-                         n_images=args.attr_images, timesteps=tuple(args.timesteps), dtype=args.precision,
+                         n_images=args.attr_images, timesteps=tuple(args.timesteps), gen_steps=args.gen_steps,
+                         guidance=args.guidance, dtype=args.precision,
                          device=args.device, seed=args.seed)
 
 

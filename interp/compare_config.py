@@ -49,6 +49,11 @@ class CompareConfig:
     n_images: int = opt(4, "evaluation images per concept", flags=("--images", "--n-images"))
     timesteps: tuple[int, ...] = opt((250, 600), "diffusion timesteps of the evaluation set, within the "
                                                  "scheduler's training range")
+    gen_steps: int = opt(10, "denoising steps of the objective's generations: its evaluation images on models other "
+                             "than the concept world (which renders them), and every image of the classifier objective")
+    guidance: float | None = opt(None, "classifier-free guidance scale of those generations (default: the model's: "
+                                       "1 for the concept world, its world.json's for concept-world-latent, 7.5 for "
+                                       "Stable Diffusion)")
     dtype: str = opt("float32", "precision of the forward passes (statistics are accumulated in float32; float64 "
                                 "for ground truth)", choices=PRECISIONS, flags=("--precision", "--dtype"))
     device: str = opt("auto", "device: auto (CUDA, else MPS, else CPU), cpu, cuda or mps", choices=DEVICES)
@@ -103,6 +108,10 @@ class CompareConfig:
             raise ValueError(f"max_batch (--max-batch) must be >= 1, got {self.max_batch}")
         if not self.timesteps or any(t < 0 for t in self.timesteps):
             raise ValueError(f"timesteps must be non-empty and >= 0, got {self.timesteps}")
+        if self.gen_steps < 1:
+            raise ValueError(f"gen_steps (--gen-steps) must be >= 1, got {self.gen_steps}")
+        if self.guidance is not None and not 0 <= self.guidance < 1e4:
+            raise ValueError(f"guidance (--guidance) must be a scale >= 0 (1: unguided), got {self.guidance}")
         if self.coar_masks != 0 and self.coar_masks < 10:
             raise ValueError(f"coar_masks (--coar-masks) must be 0 (twice the components) or >= 10, got "
                              f"{self.coar_masks}")
@@ -142,8 +151,8 @@ class CompareConfig:
         from .objectives import ObjectiveConfig
 
         return ObjectiveConfig(kind=self.objective, anchor=self.anchor, n_images=self.n_images,
-                               timesteps=self.timesteps, seed=self.seed, dtype=self.dtype, judge=self.judge,
-                               max_batch=self.max_batch)
+                               timesteps=self.timesteps, seed=self.seed, gen_steps=self.gen_steps,
+                               guidance=self.guidance, dtype=self.dtype, judge=self.judge, max_batch=self.max_batch)
 
     def method_options(self, method: str, n: int) -> dict:
         """The options ``method`` runs with in this comparison over ``n`` components. Each method declares them

@@ -260,3 +260,38 @@ def test_compare_methods_runs_on_a_stable_diffusion_folder(sd_folders, tmp_path,
 def test_compare_methods_runs_with_every_scheduler_swapped_in(tmp_path, scheduler):
     folder = tiny_stable_diffusion(tmp_path / "m", "sd1", scheduler=scheduler)
     _compare_on(folder, tmp_path / "run")
+
+
+def test_generation_steps_and_guidance_are_options_of_every_command(sd_models, monkeypatch):
+    """The objective's generations on Stable Diffusion (its evaluation images; the classifier objective's images)
+    run at the steps and guidance a command is given: --gen-steps/--guidance of compare_methods and erasure_curves,
+    --attr-steps/--guidance of edit_concepts; bad values are one-line errors before anything loads."""
+    import interp.objectives as objectives_mod
+    from analyses import edit_concepts, erasure_curves
+    from interp.compare_config import CompareConfig
+
+    seen = []
+    real = objectives_mod.generate
+
+    def spy(model, prompts, seed=0, steps=20, guidance=None, **kw):
+        seen.append((steps, guidance))
+        return real(model, prompts, seed=seed, steps=steps, guidance=guidance, **kw)
+
+    monkeypatch.setattr(objectives_mod, "generate", spy)
+    cfg = CompareConfig(gen_steps=3, guidance=2.0, n_images=2, timesteps=(500,))
+    Objective(sd_models["sd1"], interp.text_concept("red"), cfg.objective_config())
+    assert seen == [(3, 2.0)]
+    assert CompareConfig().objective_config().gen_steps == ObjectiveConfig().gen_steps  # defaults unchanged
+    args = erasure_curves.build_parser().parse_args(["--gen-steps", "4", "--guidance", "3"])
+    assert (erasure_curves.ranking_config(args, None).objective_config().gen_steps,
+            erasure_curves.ranking_config(args, None).objective_config().guidance) == (4, 3.0)
+    config = edit_concepts.EditConfig(attr_steps=5, guidance=1.5)
+    edit_concepts.check_config(config)
+    for bad in (["--gen-steps", "0"], ["--guidance", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            erasure_curves.main(bad)
+        assert e.value.code == 2
+    with pytest.raises(ValueError, match="--gen-steps"):
+        CompareConfig(gen_steps=0)
+    with pytest.raises(ValueError, match="--guidance"):
+        edit_concepts.check_config(edit_concepts.EditConfig(guidance=-1.0))
