@@ -533,8 +533,20 @@ def grad_samples_per_pass(obj: Objective, masks: int = 1) -> int:
     return max(1, obj.config.max_batch // (masks * obj.branches))
 
 
+def _sum_of_means(J: torch.Tensor) -> torch.Tensor:
+    return J.mean(1).sum()
+
+
+def grad_masks_per_pass(obj: Objective, masks: int) -> int:
+    """Mask rows per backward pass of :func:`mean_gradient`: all ``masks``, unless one sample of each is already more
+    than ``max_batch`` UNet rows in a call (4 masks x 2 erase branches = 8 rows: a GPU at Stable Diffusion's size may
+    hold fewer), then as many as fit (at least one)."""
+    per_mask = obj.rows_per_step if obj.config.kind == "classifier" else obj.branches
+    return masks if masks * per_mask <= obj.config.max_batch else max(1, obj.config.max_batch // per_mask)
+
+
 def mean_gradient(obj: Objective, targets: list[torch.Tensor], samples: torch.Tensor | None = None, masks: int = 1,
-                  reduce=lambda J: J.mean(1).sum(), **values_kwargs) -> list[torch.Tensor]:
+                  reduce=_sum_of_means, **values_kwargs) -> list[torch.Tensor]:
     """``autograd.grad(reduce(obj.values(..., samples=samples)), targets)`` — the gradient of J's mean over the
     samples, summed over ``masks`` mask rows — in backward passes of at most ``max_batch`` UNet rows each.
 
@@ -544,8 +556,27 @@ def mean_gradient(obj: Objective, targets: list[torch.Tensor], samples: torch.Te
     samples (:func:`grad_samples_per_pass`), each group's mean gradient taken and freed before the next, and the
     groups summed weighted by their share of samples: the same gradient up to rounding, in memory bounded by
     ``max_batch`` (or ``masks`` x branches rows, if larger). A set that fits runs as one pass, exactly as before.
-    Gradients of recorded activations (``record=``) keep their batch layout only in one pass: not split. A target
-    that J does not depend on gets a zero gradient."""
+    When one sample of every mask row is already more than ``max_batch`` rows, the mask rows (``mult``), which are
+    independent, are split into groups too (:func:`grad_masks_per_pass`) and their gradients summed, as the default
+    ``reduce`` (a sum over mask rows) allows. Gradients of recorded activations (``record=``) keep their batch
+    layout only in one pass: not split. A target that J does not depend on gets a zero gradient."""
+    mult = values_kwargs.get("mult")
+    step = grad_masks_per_pass(obj, masks)
+    if (step < masks and mult is not None and reduce is _sum_of_means and values_kwargs.get("record") is None
+            and values_kwargs.get("target_context") is None
+            and (not mult.requires_grad or any(t is mult for t in targets))):
+        grads = [torch.zeros_like(t) for t in targets]
+        for rows in torch.arange(masks).split(step):
+            # a leaf of its own: a slice of ``mult`` would be one graph node shared by the groups' backward passes
+            sub = mult[rows].detach().requires_grad_(mult.requires_grad)
+            part = mean_gradient(obj, [sub if t is mult else t for t in targets], samples, len(rows), reduce,
+                                 **{**values_kwargs, "mult": sub})
+            for i, t in enumerate(targets):
+                if t is mult:
+                    grads[i][rows] += part[i]
+                else:
+                    grads[i] += part[i]
+        return grads
     every = torch.arange(obj.n_samples) if samples is None else torch.as_tensor(samples)
     per_pass = grad_samples_per_pass(obj, masks)
     if len(every) <= per_pass or values_kwargs.get("record") is not None:

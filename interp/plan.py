@@ -52,6 +52,11 @@ GROW_BELOW = 1.0
 GRAD_MASKS = 4
 
 
+def _split(n: int, step: int) -> list[int]:
+    """``n`` items in groups of ``step`` (the last one smaller): the group sizes."""
+    return [step] * (n // step) + ([n % step] if n % step else [])
+
+
 # -- counting ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Rows:
@@ -100,6 +105,11 @@ class EvalShape:
     def cfg_factor(self) -> int:
         return 2 if self.guided else 1
 
+    def grad_masks(self, masks: int) -> int:
+        """Mask rows per backward pass for a chunk of ``masks`` (mirrors ``objectives.grad_masks_per_pass``)."""
+        per_mask = self.cfg_factor if self.kind == "classifier" else self.branches
+        return masks if masks * per_mask <= self.max_batch else max(1, self.max_batch // per_mask)
+
     def generation(self, prompts: int, grad: bool = False) -> Rows:
         """One generation of ``prompts`` images."""
         n = prompts * self.unet_calls * self.cfg_factor
@@ -114,7 +124,7 @@ class EvalShape:
                 return rows
             from .objectives import checkpoints_generation
 
-            chunks = [per_pass] * (masks // per_pass) + ([masks % per_pass] if masks % per_pass else [])
+            chunks = [c for chunk in _split(masks, per_pass) for c in _split(chunk, self.grad_masks(chunk))]
             again = sum(self.generation(c * self.n_samples).total for c in chunks
                         if checkpoints_generation(c * self.cfg_factor, self.unet_calls, self.max_batch))
             return Rows(rows.total, rows.grad, again)
@@ -356,30 +366,73 @@ def _fitting_pass(model, plan, rows: int, engine_rows: int, grad: bool) -> dict:
         rows = min(engine_rows, max(2 * rows, int(rows * GROW_BELOW / max(q["seconds"], 1e-6))))
 
 
+def _unet_components(comps):
+    in_unet = [c for c in comps if c.model == "unet"]
+    return type(comps)(in_unet) if in_unet else []
+
+
+def engine_batches(shape: EvalShape, masks: int | None = None) -> tuple[int, int]:
+    """The most UNet rows in one forward pass and in one forward+backward pass (of :data:`GRAD_MASKS` masks) that the
+    engine makes on ``shape``'s evaluation set; ``masks``: the forward sweeps have at most that many mask rows."""
+    per_mask = shape.rows_per_eval if shape.kind != "classifier" else shape.n_samples * shape.cfg_factor
+    fit = max(1, shape.max_batch // max(1, shape.n_samples * shape.branches))
+    engine_fwd = (fit if masks is None else max(1, min(fit, masks))) * per_mask
+    if shape.kind != "classifier" and per_mask > shape.max_batch:  # one mask's set is split into sample groups
+        engine_fwd = shape.branches * max(1, shape.max_batch // shape.branches)
+    # A gradient pass is split into sample groups of at most max_batch rows (objectives.grad_samples_per_pass); one
+    # through generation holds every call's rows, unless its calls are re-run in the backward pass.
+    # Mask rows are split too when one sample of each is more than max_batch (objectives.grad_masks_per_pass).
+    if shape.kind != "classifier":
+        per_sample = shape.grad_masks(GRAD_MASKS) * shape.branches
+        engine_grad = per_sample * min(shape.n_samples, max(1, shape.max_batch // per_sample))
+    else:
+        from .objectives import checkpoints_generation
+
+        per_call = shape.grad_masks(GRAD_MASKS) * shape.cfg_factor
+        held = per_call if checkpoints_generation(per_call, shape.unet_calls, shape.max_batch) else per_call * shape.unet_calls
+        engine_grad = per_call * min(shape.n_samples, max(1, shape.max_batch // held))
+    return engine_fwd, engine_grad
+
+
+def preflight(model, comps, shape: EvalShape, grad: bool, masks: int | None = None) -> None:
+    """One forward pass, and with ``grad`` one forward+backward pass, at the largest batches a run will make
+    (:func:`engine_batches`), before its first method: on an accelerator a batch the device cannot hold then fails
+    in seconds, naming the ``--max-batch`` that fits, instead of hours into the run (``max_batch`` is part of every
+    cache key, so a run restarted with another one starts over). Raises
+    :class:`interp.runs.InsufficientMemoryError`; the model's counters are left as they were."""
+    from .interventions import compile_plan
+    from .runs import InsufficientMemoryError
+
+    unet_comps = _unet_components(comps)
+    plan = compile_plan(model, unet_comps) if len(unet_comps) else None
+    fwd, bwd = engine_batches(shape, masks)
+    saved = dict(model.counters)
+    tight = []
+    try:
+        for rows, g in ((fwd, False), (bwd, True))[: 2 if grad else 1]:
+            q = _fitting_pass(model, plan, rows, rows, g)
+            if q["oom_rows"]:
+                tight.append(("forward+backward" if g else "forward", rows, q["rows"]))
+    finally:
+        model.counters.clear()
+        model.counters.update(saved)
+    if tight:
+        what = ", ".join(f"{kind}: {rows} UNet rows" for kind, rows, _ in tight)
+        fits = min(r for _, _, r in tight)
+        raise InsufficientMemoryError(f"the run's largest passes do not fit on {model.device} ({what}; {fits} rows "
+                                      f"fit), checked before any method ran: run with --max-batch {fits} or a lower "
+                                      f"--precision")
+
+
 def measure_passes(model, comps, shape: EvalShape, budget: float = FLOP_BUDGET) -> dict:
     """Time, peak memory and FLOPs of one batched forward pass and one forward+backward pass at the engine's batch
     (capped by ``budget`` FLOPs); per-row figures for the projection. The model's counters are left as they were."""
     from .diffusion import latent_shape
     from .interventions import compile_plan
 
-    in_unet = [c for c in comps if c.model == "unet"]
-    unet_comps = type(comps)(in_unet) if in_unet else []
+    unet_comps = _unet_components(comps)
     f_fwd, f_grad = _meta_flops(model, unet_comps)
-    per_mask = shape.rows_per_eval if shape.kind != "classifier" else shape.n_samples * shape.cfg_factor
-    engine_fwd = max(1, shape.max_batch // max(1, shape.n_samples * shape.branches)) * per_mask
-    if shape.kind != "classifier" and per_mask > shape.max_batch:  # one mask's set is split into sample groups
-        engine_fwd = shape.branches * max(1, shape.max_batch // shape.branches)
-    # A gradient pass is split into sample groups of at most max_batch rows (objectives.grad_samples_per_pass); one
-    # through generation holds every call's rows, unless its calls are re-run in the backward pass.
-    if shape.kind != "classifier":
-        per_sample = GRAD_MASKS * shape.branches
-        engine_grad = per_sample * min(shape.n_samples, max(1, shape.max_batch // per_sample))
-    else:
-        from .objectives import checkpoints_generation
-
-        per_call = GRAD_MASKS * shape.cfg_factor
-        held = per_call if checkpoints_generation(per_call, shape.unet_calls, shape.max_batch) else per_call * shape.unet_calls
-        engine_grad = per_call * min(shape.n_samples, max(1, shape.max_batch // held))
+    engine_fwd, engine_grad = engine_batches(shape)
     b_fwd = max(1, min(engine_fwd, int(budget // max(f_fwd, 1.0))))
     b_grad = max(1, min(engine_grad, int(budget // max(f_grad, 1.0))))
     plan = compile_plan(model, unet_comps) if len(unet_comps) else None  # text-only sets: a plain UNet pass

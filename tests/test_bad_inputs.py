@@ -441,3 +441,38 @@ def test_cache_keys_name_the_device_and_the_judges_weights(tiny_world_folder):
             w.sub_(1.0)
     erase = Objective(model, "red", ObjectiveConfig(n_images=1, timesteps=(300,)))
     assert erase.identity()["judge"] is None
+
+
+def test_on_an_accelerator_the_largest_passes_are_tried_before_any_method(world, tmp_path, refused, monkeypatch):
+    """On a GPU the run first tries one forward and one forward+backward pass at the largest batches it will make:
+    a batch the device cannot hold fails in seconds, one line naming the --max-batch that fits, before any method
+    has run (max_batch keys every cache, so a run restarted with another starts over). GPU and its out-of-memory
+    error simulated: every UNet pass of more than 4 rows raises CUDA's error."""
+    from diffusers import UNet2DConditionModel
+
+    import interp.compare as compare_mod
+    from analyses.compare_methods import main
+
+    forward = UNet2DConditionModel.forward
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.")
+    passes = []
+
+    def small_gpu(self, sample, *args, **kwargs):
+        passes.append(sample.shape[0])
+        if sample.shape[0] > 4:
+            raise error
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(compare_mod, "_memory_bounded", lambda model: True)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", small_gpu)
+    out = tmp_path / "run"
+    line = refused(main, small_args(world, out))
+    # the evaluation set is 2 images x 1 timestep x 2 branches = 4 rows: the objectives fit; the sweeps' batches do not
+    assert "before any method ran" in line and "run with --max-batch 4" in line, line
+    # the largest sweep: 2 x 16 mid-block neurons' masks x 4 rows; a gradient pass: 4 masks x 2 branches x 2 samples
+    assert "(forward: 128 UNet rows, forward+backward: 16 UNet rows; 4 rows fit)" in line, line
+    assert methods_started(out) == [] and json.loads((out / "status.json").read_text())["status"] == "failed"
+    passes.clear()
+    out = tmp_path / "fits"
+    assert main(small_args(world, out, "--max-batch", "4")) == 0  # what the line says works, and is tried first
+    assert passes and max(passes) <= 4 and json.loads((out / "status.json").read_text())["status"] == "complete"

@@ -1,5 +1,7 @@
 """J's gradients through the engine: parameters and activations, checked against finite differences / autograd."""
 
+import contextlib
+
 import torch
 
 from interp.objectives import Objective, ObjectiveConfig, gradients
@@ -42,7 +44,33 @@ def _unet_rows_per_call(model):
     return rows, handle.remove
 
 
-def test_gradient_passes_stay_within_max_batch_and_give_the_same_gradients(tiny_world_model):
+@contextlib.contextmanager
+def _rows_per_backward(model, monkeypatch):
+    """The UNet rows run with gradients before each ``torch.autograd.grad`` call (the rows whose graph that backward
+    pass holds), recorded in the yielded list."""
+    held, running = [], [0]
+
+    def count(mod, args, out):
+        if torch.is_grad_enabled():
+            running[0] += out.shape[0]
+
+    real = torch.autograd.grad
+
+    def grad(*args, **kwargs):
+        held.append(running[0])
+        running[0] = 0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    handle = model.unet.conv_in.register_forward_hook(count)
+    try:
+        yield held
+    finally:
+        handle.remove()
+        monkeypatch.setattr(torch.autograd, "grad", real)
+
+
+def test_gradient_passes_stay_within_max_batch_and_give_the_same_gradients(tiny_world_model, monkeypatch):
     """Gradients over an evaluation set larger than one pass are taken in sample groups of at most ``max_batch``
     UNet rows, each freed before the next (memory bounded at Stable Diffusion's size): every gradient method gives
     the same numbers, up to rounding, as one backward pass over the whole set."""
@@ -60,10 +88,12 @@ def test_gradient_passes_stay_within_max_batch_and_give_the_same_gradients(tiny_
     M = torch.rand(3, len(comps), generator=torch.Generator().manual_seed(0)).double()
     rows, remove = _unet_rows_per_call(split.model)  # float64: the objective's own copy of the model
     try:
-        got = multiplier_gradients(split, comps, M, batch=2)
+        with _rows_per_backward(split.model, monkeypatch) as held:
+            got = multiplier_gradients(split, comps, M, batch=2)
     finally:
         remove()
     assert rows and max(rows) <= 4, rows  # 2 masks x 1 sample x 2 branches
+    assert held and max(held) <= 4, held  # and the graph one backward pass holds
     torch.testing.assert_close(got, multiplier_gradients(whole, comps, M, batch=2), rtol=1e-9, atol=1e-12)
 
     w = split.model.module(PATH).weight
@@ -90,6 +120,29 @@ def test_gradient_passes_stay_within_max_batch_and_give_the_same_gradients(tiny_
                                rtol=1e-9, atol=1e-12)
     after = model.state_fingerprint()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gradient_mask_rows_are_split_when_one_sample_of_each_is_more_than_max_batch(tiny_world_model, monkeypatch):
+    """The mask-averaged gradient takes 4 masks per backward pass: with both erase branches that is 8 UNet rows for a
+    single sample, more than a GPU may hold at Stable Diffusion's size. Below that, the mask rows are split as well
+    (each mask's rows are independent): every pass stays within ``max_batch``, down to one mask's branches, with the
+    same gradients up to rounding, and the plan's largest gradient batch is the one run."""
+    from interp.engine import multiplier_gradients
+    from interp.plan import engine_batches, eval_shape
+
+    model = tiny_world_model
+    big = ObjectiveConfig(n_images=2, timesteps=(200, 600), dtype="float64")  # 4 samples x 2 branches
+    whole = Objective(model, "red", big)
+    comps = model.components("neuron", family="ff", kind="ff.net.2", block="mid_block")
+    M = torch.rand(5, len(comps), generator=torch.Generator().manual_seed(1)).double()
+    want = multiplier_gradients(whole, comps, M, batch=4)
+    for max_batch in (2, 6):  # one mask per pass; three
+        split = Objective(model, "red", ObjectiveConfig(**{**big.to_dict(), "max_batch": max_batch}))
+        with _rows_per_backward(split.model, monkeypatch) as held:
+            got = multiplier_gradients(split, comps, M, batch=4)
+        assert held and max(held) <= max_batch, (max_batch, held)  # UNet rows whose graph one backward pass holds
+        assert max(held) == engine_batches(eval_shape(split.model, split.config))[1]
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
 def test_forward_passes_stay_within_max_batch_even_within_one_mask(tiny_world_model):
