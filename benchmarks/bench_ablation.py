@@ -170,11 +170,27 @@ def main(argv=None) -> int:
     if args.skip_naive:
         ways.pop("naive (deep copy)")
     flops = {name: flops_of(fn, name.startswith(("naive", "careful"))) for name, fn in ways.items()}
+    # The rate a plain UNet pass (no nnsight, no interventions) reaches at the engine's batch: what the engine's
+    # FLOPs would cost with no overhead at all, the bound of any exact ablation at this rate.
+    reps = max(1, obj.config.max_batch // rows)
+    ctx_all = torch.cat([obj.ctx_target[idx], obj.ctx_anchor[idx]])
+    xb, tb, cb = x.repeat(reps, 1, 1, 1), t.repeat(reps), ctx_all.repeat(reps, 1, 1)
+
+    def plain():
+        unet(xb, tb, encoder_hidden_states=cb, return_dict=False)
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc_plain:
+        plain()
     times = {k: [] for k in ways}
     faults = {k: [] for k in ways}  # minor page faults: memory the allocator got from the kernel again
-    peak = []
+    peak, plain_s = [], []
     for _ in range(args.rounds):
         peak.append(matmul_flops_per_s())
+        with torch.no_grad():
+            plain()  # warm: the allocator's pool at this size
+            t0 = time.perf_counter()
+            plain()
+            plain_s.append(time.perf_counter() - t0)
         for name, fn in ways.items():
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
@@ -201,6 +217,12 @@ def main(argv=None) -> int:
     if "naive (deep copy)" in times:
         print(f"engine vs naive: {statistics.median(times['naive (deep copy)']) / eng:.2f}x (target >= 6x); "
               f"engine vs careful: {statistics.median(times['careful (in place)']) / eng:.2f}x (target >= 3x)")
+    rate = fc_plain.get_total_flops() / statistics.median(plain_s)
+    bound = flops["engine"] / rate
+    print(f"plain UNet pass of {len(xb)} rows (no nnsight, no interventions): {rate / 1e9:.1f} GFLOP/s; the engine's "
+          f"{flops['engine'] / 1e6:.0f} MFLOP per component at that rate with no overhead: {bound * 1e3:.1f} ms, "
+          f"{statistics.median(times['careful (in place)']) / bound:.2f}x over the careful loop (the most an exact "
+          f"ablation of these FLOPs reaches here; the engine reaches {bound / eng:.0%} of it)")
     full = statistics.median(times["engine, full passes"])
     print(f"prefix replay: {full / eng:.2f}x faster than full passes, {flops['engine'] / flops['engine, full passes']:.0%} "
           f"of their FLOPs per component")
