@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     flops = {name: flops_of(fn, name.startswith(("naive", "careful"))) for name, fn in ways.items()}
     # The rate a plain UNet pass (no nnsight, no interventions) reaches at the engine's batch: what the engine's
     # FLOPs would cost with no overhead at all, the bound of any exact ablation at this rate.
-    reps = max(1, obj.config.max_batch // rows)
+    reps = max(1, min(obj.config.max_batch // rows, len(comps)))  # the engine batches at most every mask at once
     ctx_all = torch.cat([obj.ctx_target[idx], obj.ctx_anchor[idx]])
     xb, tb, cb = x.repeat(reps, 1, 1, 1), t.repeat(reps), ctx_all.repeat(reps, 1, 1)
 
