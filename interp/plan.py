@@ -23,7 +23,10 @@ encoder passes, regression fits, bootstrap intervals, figures and model loading 
 
 Peak memory is the resident-set high-water mark of the process during the pass (Linux ``/proc/self/status``
 ``VmHWM``, reset through ``/proc/self/clear_refs``; on CUDA ``torch.cuda.max_memory_allocated``): the weights plus
-the activations of the measured batch.
+the activations of the measured batch. On CUDA, whose allocator says what tensors hold, the bytes per row above
+what was held before the pass are scaled to the engine's batch (:func:`project_memory`), and the plan names the
+``--max-batch`` that fits when that batch would not. :func:`preflight` is the run's own check: on an accelerator,
+one pass of each kind at the largest batches the run will make (:func:`engine_batches`), before any method.
 """
 
 from __future__ import annotations
