@@ -375,8 +375,9 @@ def _unet_components(comps):
 
 
 def engine_batches(shape: EvalShape, masks: int | None = None) -> tuple[int, int]:
-    """The most UNet rows in one forward pass and in one forward+backward pass (of :data:`GRAD_MASKS` masks) that the
-    engine makes on ``shape``'s evaluation set; ``masks``: the forward sweeps have at most that many mask rows."""
+    """The most UNet rows in one forward pass, and whose graph one backward pass holds (of :data:`GRAD_MASKS` masks;
+    through generation, every call's rows), that the engine makes on ``shape``'s evaluation set; ``masks``: the
+    forward sweeps have at most that many mask rows."""
     per_mask = shape.rows_per_eval if shape.kind != "classifier" else shape.n_samples * shape.cfg_factor
     fit = max(1, shape.max_batch // max(1, shape.n_samples * shape.branches))
     engine_fwd = (fit if masks is None else max(1, min(fit, masks))) * per_mask
@@ -391,9 +392,10 @@ def engine_batches(shape: EvalShape, masks: int | None = None) -> tuple[int, int
     else:
         from .objectives import checkpoints_generation
 
+        # the rows whose graph one backward pass holds: every call's, unless each call is re-run in the backward
         per_call = shape.grad_masks(GRAD_MASKS) * shape.cfg_factor
         held = per_call if checkpoints_generation(per_call, shape.unet_calls, shape.max_batch) else per_call * shape.unet_calls
-        engine_grad = per_call * min(shape.n_samples, max(1, shape.max_batch // held))
+        engine_grad = held * min(shape.n_samples, max(1, shape.max_batch // held))
     return engine_fwd, engine_grad
 
 

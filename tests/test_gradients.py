@@ -205,14 +205,14 @@ def test_mean_ablation_reference_means_stay_within_max_batch(tiny_world_model):
                                rtol=1e-9, atol=1e-12)
 
 
-def test_gradients_through_generation_rerun_unet_calls_beyond_max_batch(tiny_world_folder):
+def test_gradients_through_generation_rerun_unet_calls_beyond_max_batch(tiny_world_folder, monkeypatch):
     """A gradient through generation (the classifier objective) holds every UNet call's activations until its
     backward pass: ``unet_calls`` times a call's rows. While that fits in ``max_batch`` it is kept; beyond, each call
     is re-run in the backward pass instead (checkpointing): the same gradients, the activations of one call held at
     a time instead of one per step, and the plan counts the re-run rows as cost."""
     import interp
     from interp.engine import multiplier_gradients
-    from interp.plan import eval_shape
+    from interp.plan import engine_batches, eval_shape
 
     m = interp.load_model(str(tiny_world_folder))
     big = ObjectiveConfig(kind="classifier", n_images=3, gen_steps=3, dtype="float64")
@@ -239,6 +239,10 @@ def test_gradients_through_generation_rerun_unet_calls_beyond_max_batch(tiny_wor
             hook.remove()
         return out, saved[0], sum(rows) - (obj.model.counters["unet_rows"] - counted)
 
+    M4 = torch.rand(4, len(comps), generator=torch.Generator().manual_seed(2)).double()  # the plan's 4 masks a pass
+    with _rows_per_backward(whole.model, monkeypatch) as held:
+        multiplier_gradients(whole, comps, M4, batch=4)
+    assert held == [4 * 3 * 3] == [engine_batches(eval_shape(whole.model, big))[1]]  # masks x images x calls, kept
     kept, kept_bytes, kept_again = run(whole, lambda: multiplier_gradients(whole, comps, M, batch=2))
     got, got_bytes, again = run(split, lambda: multiplier_gradients(split, comps, M, batch=2))
     torch.testing.assert_close(got, kept, rtol=1e-9, atol=1e-12)
