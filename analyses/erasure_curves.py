@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoising steps of the attribution objective's generated images (models other than the "
                         "concept world) (default %(default)s)")
     g.add_argument("--guidance", type=float, default=None,
-                   help="guidance scale of those generations (default: the model's)")
+                   help="classifier-free guidance scale of every generation: those images and the held-out images "
+                        "(default: the model's)")
     t = p.add_argument_group("targeted erasure (rankings that ask for specificity; interp.erasure)")
     t.add_argument("--rankings", nargs="+", default=["plain"], choices=list(RANKINGS),
                    help="which rankings of every method to ablate: plain (its scores), contrastive (its normalized "
@@ -262,7 +263,8 @@ def _run(args, r, compare, log) -> dict:
     check_memory(args.images * per_image * 3, f"--images {args.images}", "pass fewer --images")
     ocfg = ccfg.objective_config()
     objectives = {c: Objective(model, c, ocfg) for c in args.concepts}  # evaluation sets checked before work
-    cfg = ed.EvalConfig.from_total(args.images, steps=args.steps, seed=ed.EVAL_SEED + args.seed)
+    cfg = ed.EvalConfig.from_total(args.images, steps=args.steps, seed=ed.EVAL_SEED + args.seed,
+                                   guidance=args.guidance)
     store = Store(r.cache if args.store is None else args.store)
     results = read_results(args.compare / "results.parquet") if compare is not None else None
     log(f"{len(comps)} components, k = {list(ks)}, methods {args.methods}, concepts {args.concepts}")

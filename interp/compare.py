@@ -308,7 +308,8 @@ def erasure_setup(model, comps, cfg: CompareConfig) -> dict:
     else:
         alternatives = {c: [o for o in cfg.concepts if o != c] for c in cfg.concepts}
     return {"judge": resolve_judge(model, cfg.judge), "alternatives": alternatives,
-            "eval": EvalConfig.from_total(cfg.erasure_images, steps=cfg.erasure_steps, seed=EVAL_SEED + cfg.seed),
+            "eval": EvalConfig.from_total(cfg.erasure_images, steps=cfg.erasure_steps, seed=EVAL_SEED + cfg.seed,
+                                          guidance=cfg.guidance),
             "config": er.ErasureConfig(ks=cfg.erasure_k, n_boot=cfg.n_boot, seed=cfg.seed)}
 
 

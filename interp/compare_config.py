@@ -51,9 +51,9 @@ class CompareConfig:
                                                  "scheduler's training range")
     gen_steps: int = opt(10, "denoising steps of the objective's generations: its evaluation images on models other "
                              "than the concept world (which renders them), and every image of the classifier objective")
-    guidance: float | None = opt(None, "classifier-free guidance scale of those generations (default: the model's: "
-                                       "1 for the concept world, its world.json's for concept-world-latent, 7.5 for "
-                                       "Stable Diffusion)")
+    guidance: float | None = opt(None, "classifier-free guidance scale of every generation: those, and the erasure "
+                                       "curves' held-out images (default: the model's: 1 for the concept world, its "
+                                       "world.json's for concept-world-latent, 7.5 for Stable Diffusion)")
     dtype: str = opt("float32", "precision of the forward passes (statistics are accumulated in float32; float64 "
                                 "for ground truth)", choices=PRECISIONS, flags=("--precision", "--dtype"))
     device: str = opt("auto", "device: auto (CUDA, else MPS, else CPU), cpu, cuda or mps", choices=DEVICES)

@@ -285,6 +285,10 @@ def test_generation_steps_and_guidance_are_options_of_every_command(sd_models, m
     args = erasure_curves.build_parser().parse_args(["--gen-steps", "4", "--guidance", "3"])
     assert (erasure_curves.ranking_config(args, None).objective_config().gen_steps,
             erasure_curves.ranking_config(args, None).objective_config().guidance) == (4, 3.0)
+    from interp.compare import erasure_setup, select_components
+
+    cfg = CompareConfig(erasure_k=(1,), guidance=2.5, judge="concept-world-clip", concepts=("red", "blue"))
+    assert erasure_setup(sd_models["sd1"], select_components(sd_models["sd1"], cfg), cfg)["eval"].guidance == 2.5
     config = edit_concepts.EditConfig(attr_steps=5, guidance=1.5)
     edit_concepts.check_config(config)
     for bad in (["--gen-steps", "0"], ["--guidance", "-1"]):
