@@ -74,6 +74,9 @@ class EditConfig:
     guidance: float | None = opt(None, "classifier-free guidance scale of every generation, held-out and attribution "
                                        "images (default: the model's)")
     seed: int = opt(0, "seed of the attributions and the held-out stream offset")
+    max_batch: int = opt(256, "UNet rows per pass, >= 1: bounds the attribution objective's passes and every "
+                              "generation call (half as many images, at most 64, decoded together); lower it when a "
+                              "GPU runs out of memory")
     device: str = opt("auto", "device: auto (CUDA, else MPS, else CPU), cpu, cuda or mps", choices=DEVICES)
     precision: str = opt("float32", "precision of the model's forward passes", choices=PRECISIONS)
 
@@ -130,6 +133,8 @@ def check_config(config: EditConfig) -> None:
         raise ValueError(f"--ratios must lie in [0, 1], got {list(config.ratios)}")
     if config.images < 3 or config.steps < 1 or config.attr_images < 1 or config.attr_steps < 1:
         raise ValueError("--images must be >= 3, --steps, --attr-images and --attr-steps >= 1")
+    if config.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {config.max_batch}")
     if config.guidance is not None and not 0 <= config.guidance < 1e4:
         raise ValueError(f"--guidance must be a scale >= 0 (1: unguided), got {config.guidance}")
     if config.seed < 0:
@@ -217,9 +222,9 @@ def _run(config, r, log) -> dict:
                  "pass fewer --images")
     fingerprint = model.state_fingerprint()
     objective = ObjectiveConfig(kind="erase", n_images=config.attr_images, seed=config.seed,
-                                gen_steps=config.attr_steps, guidance=config.guidance)
+                                gen_steps=config.attr_steps, guidance=config.guidance, max_batch=config.max_batch)
     cfg = ed.EvalConfig.from_total(config.images, steps=config.steps, seed=ed.EVAL_SEED + config.seed,
-                                   guidance=config.guidance)
+                                   guidance=config.guidance, batch=ed.images_per_call(config.max_batch))
     comps = ed.edit_components(model, config.components)
     evaluations, records, grids = [], [], {}
     for concept in config.concepts:

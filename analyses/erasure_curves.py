@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gen-steps", type=int, default=10,
                    help="denoising steps of the attribution objective's generated images (models other than the "
                         "concept world) (default %(default)s)")
+    g.add_argument("--max-batch", type=int, default=256,
+                   help="UNet rows per pass, >= 1: bounds the rankings' passes and every generation call (half as "
+                        "many images, at most 64, decoded together); lower it when a GPU runs out of memory "
+                        "(default %(default)s)")
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale of every generation: those images and the held-out images "
                         "(default: the model's)")
@@ -138,8 +142,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> dict | None:
         fail(f"--random-rankings and --random-masks must be >= 0, got {args.random_rankings} and {args.random_masks}")
     if args.random_masks and (not args.mask_rates or any(not 0 < a < 1 for a in args.mask_rates)):
         fail(f"--mask-rates must lie in (0, 1), got {args.mask_rates}")
-    if args.images < 3 or args.steps < 1 or args.attr_images < 1 or args.gen_steps < 1:
-        fail("--images must be >= 3, --steps, --attr-images and --gen-steps >= 1")
+    if args.images < 3 or args.steps < 1 or args.attr_images < 1 or args.gen_steps < 1 or args.max_batch < 1:
+        fail("--images must be >= 3, --steps, --attr-images, --gen-steps and --max-batch >= 1")
     if args.guidance is not None and not 0 <= args.guidance < 1e4:
         fail(f"--guidance must be a scale >= 0 (1: unguided), got {args.guidance}")
     if args.n_boot < 100:
@@ -196,7 +200,7 @@ def ranking_config(args, compare: dict | None):
                          methods=tuple(dict.fromkeys(("ablation", *args.methods))), granularity=args.granularity,
                          families=tuple(args.families), kinds=tuple(args.kinds), blocks=tuple(args.blocks),
                          n_images=args.attr_images, timesteps=tuple(args.timesteps), gen_steps=args.gen_steps,
-                         guidance=args.guidance, dtype=args.precision,
+                         guidance=args.guidance, max_batch=args.max_batch, dtype=args.precision,
                          device=args.device, seed=args.seed)
 
 
@@ -264,7 +268,7 @@ def _run(args, r, compare, log) -> dict:
     ocfg = ccfg.objective_config()
     objectives = {c: Objective(model, c, ocfg) for c in args.concepts}  # evaluation sets checked before work
     cfg = ed.EvalConfig.from_total(args.images, steps=args.steps, seed=ed.EVAL_SEED + args.seed,
-                                   guidance=args.guidance)
+                                   guidance=args.guidance, batch=ed.images_per_call(args.max_batch))
     store = Store(r.cache if args.store is None else args.store)
     results = read_results(args.compare / "results.parquet") if compare is not None else None
     log(f"{len(comps)} components, k = {list(ks)}, methods {args.methods}, concepts {args.concepts}")

@@ -297,7 +297,7 @@ def erasure_setup(model, comps, cfg: CompareConfig) -> dict:
     """What the erasure curves need, checked before any method runs: the k grid against the component set, the
     judge, the values each concept is weighed against and the held-out image set."""
     from . import erasure as er
-    from .editing.evaluate import EVAL_SEED, EvalConfig, resolve_judge
+    from .editing.evaluate import EVAL_SEED, EvalConfig, images_per_call, resolve_judge
 
     er.k_grid(len(comps), cfg.erasure_k)
     if model.is_concept_world:
@@ -309,7 +309,7 @@ def erasure_setup(model, comps, cfg: CompareConfig) -> dict:
         alternatives = {c: [o for o in cfg.concepts if o != c] for c in cfg.concepts}
     return {"judge": resolve_judge(model, cfg.judge), "alternatives": alternatives,
             "eval": EvalConfig.from_total(cfg.erasure_images, steps=cfg.erasure_steps, seed=EVAL_SEED + cfg.seed,
-                                          guidance=cfg.guidance),
+                                          guidance=cfg.guidance, batch=images_per_call(cfg.max_batch)),
             "config": er.ErasureConfig(ks=cfg.erasure_k, n_boot=cfg.n_boot, seed=cfg.seed)}
 
 

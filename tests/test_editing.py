@@ -188,15 +188,26 @@ def test_frechet_distance_matches_sqrtm():
     assert ed.frechet_distance(a, b) == pytest.approx(ref, rel=1e-8)
 
 
-def test_main_writes_every_output(folder, tmp_path):
+def test_main_writes_every_output(folder, tmp_path, monkeypatch):
+    """Every output, with every UNet pass (attributions, held-out generations) within --max-batch rows."""
+    from diffusers import UNet2DConditionModel
+
     from analyses.edit_concepts import main
 
+    rows, forward = [], UNet2DConditionModel.forward
+
+    def counted(self, sample, *args, **kwargs):
+        rows.append(sample.shape[0])
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", counted)
     out = tmp_path / "run"
     code = main(["--model", str(folder), "--concepts", "red", "--edits", "cad-erase", "diff-quickfix",
                  "diff-quickfix-preserve", "coar-edit", "ablate:maskgrad", "--k", "3", "--ratios", "0.1",
                  "--components", "ff", "attn2", "--images", "6", "--steps", "2", "--attr-images", "1",
-                 "--out", str(out)])
+                 "--max-batch", "4", "--out", str(out)])
     assert code == 0
+    assert rows and max(rows) <= 4, sorted(set(rows))
     for f in ("index.html", "meta.json", "edits.json", "tables/tradeoff.csv", "tables/per_value.csv",
               "tables/edits.csv", "figures/tradeoff.png", "figures/tradeoff-drawn.png", "figures/grid-red.png"):
         assert (out / f).exists() and (out / f).stat().st_size > 0, f

@@ -177,11 +177,22 @@ def cli_args(folder, out, *extra):
             *extra]
 
 
-def test_cli_writes_every_output(tiny_world_folder, tmp_path):
+def test_cli_writes_every_output(tiny_world_folder, tmp_path, monkeypatch):
+    """Every output, with every UNet pass (rankings, held-out generations) within --max-batch rows."""
+    from diffusers import UNet2DConditionModel
+
     from analyses.erasure_curves import main
 
+    rows, forward = [], UNet2DConditionModel.forward
+
+    def counted(self, sample, *args, **kwargs):
+        rows.append(sample.shape[0])
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", counted)
     out = tmp_path / "run"
-    assert main(cli_args(tiny_world_folder, out)) == 0
+    assert main([*cli_args(tiny_world_folder, out), "--max-batch", "4"]) == 0
+    assert rows and max(rows) <= 4, sorted(set(rows))
     for f in ("index.html", "meta.json", "results.parquet", "tables/curves.csv", "tables/auc.csv",
               "tables/prediction.csv", "tables/points.csv", "tables/per_value.csv", "figures/erasure-curves.png"):
         assert (out / f).exists() and (out / f).stat().st_size > 0, f

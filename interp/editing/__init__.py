@@ -54,6 +54,7 @@ from .evaluate import (
     frechet_distance,
     heldout_set,
     image_grid,
+    images_per_call,
     judge,
     judge_images,
     resolve_judge,
@@ -70,7 +71,7 @@ __all__ = [
     "WeightEdit", "WeightScores", "WeightUpdate", "baseline", "cad_amplify", "cad_amplify_neurons", "cad_erase",
     "cad_erase_neurons", "cad_weight_scores", "coar_edit", "coar_edit_ranking", "default_edit_components",
     "edit_components", "COMPONENT_PRESETS", "DRAWN",
-    "diff_quickfix", "diff_quickfix_solution", "evaluate_edit", "frechet_distance", "heldout_set", "image_grid",
+    "diff_quickfix", "diff_quickfix_solution", "evaluate_edit", "frechet_distance", "heldout_set", "image_grid", "images_per_call",
     "judge", "judge_images", "resolve_judge", "per_row_count", "quickfix_solve", "rank_components", "select_per_row", "sweep_table", "tradeoff_plot",
     "welch_t",
 ]

@@ -213,6 +213,13 @@ def resolve_judge(model, judge: Judge | str | None = None) -> Judge:
     return load_judge("classifier" if judge is None else judge, model=model)
 
 
+def images_per_call(max_rows: int) -> int:
+    """Images per generation call of an evaluation that keeps every UNet pass within ``max_rows`` rows (two per
+    image under guidance), at most :class:`EvalConfig`'s default; each call's images are decoded together, so this
+    bounds the VAE's batch too (at 512x512 pixels, far more memory per image than a UNet row)."""
+    return max(1, min(EvalConfig.batch, max_rows // 2))
+
+
 def judge_images(model, edit, held: HeldoutSet, config: EvalConfig = EvalConfig(),
                  judge: Judge | str | None = None) -> Judged:
     """Generate every held-out image with ``edit`` applied (None: the unedited model) and let the judge name them."""
