@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-scale", type=float, default=3.0,
                    help="corruption: noise std in units of the embeddings' std (default %(default)s, as tracing)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, noises and corruption (default %(default)s)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale of the images (default: the model's)")
+    p.add_argument("--max-batch", type=int, default=256,
+                   help="UNet rows per pass, >= 1: lower it when a GPU runs out of memory (default %(default)s)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="device (default %(default)s: CUDA, else MPS, else CPU)")
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
+                   help="precision of the forward passes (default %(default)s)")
     p.add_argument("--out", type=Path, default=Path("reports/text-restoration.csv"),
                    help="CSV of the tidy table (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
@@ -46,8 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.images < 1 or args.steps < 1 or args.noise < 1 or args.noise_scale < 0 or args.threads < 1:
-        parser.exit(2, "error: --images, --steps, --noise, --threads must be >= 1 and --noise-scale >= 0\n")
+    if (args.images < 1 or args.steps < 1 or args.noise < 1 or args.noise_scale < 0 or args.threads < 1
+            or args.max_batch < 1):
+        parser.exit(2, "error: --images, --steps, --noise, --threads, --max-batch must be >= 1 and --noise-scale >= 0\n")
+    if args.guidance is not None and not 0 <= args.guidance < 1e4:
+        parser.exit(2, f"error: --guidance must be a scale >= 0 (1: unguided), got {args.guidance}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     import pandas as pd
     import torch
@@ -58,9 +69,10 @@ def main(argv=None) -> int:
     from interp.objectives import ObjectiveConfig
 
     def restore_every_concept() -> list:
-        model = interp.load_model(args.model)
+        model = interp.load_model(args.model, device=args.device, dtype=args.precision)
         cfg = ObjectiveConfig(kind="classifier", n_images=args.images, gen_steps=args.steps, seed=args.seed,
-                              judge=args.judge)
+                              judge=args.judge, guidance=args.guidance, max_batch=args.max_batch,
+                              dtype=args.precision)
         frames = []
         for c in args.concepts:
             t1 = time.perf_counter()

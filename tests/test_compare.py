@@ -329,3 +329,26 @@ def test_library_progress_bars_restores_the_state_it_found():
                     assert _library_bars() == (not start, not start)
                     raise RuntimeError("inside")
             assert _library_bars() == (start, start)
+
+def test_text_restoration_takes_device_precision_guidance_and_max_batch(tiny_world, tmp_path, monkeypatch, refused):
+    """text_restoration runs where and how the other commands do: --device, --precision, --guidance, and every UNet
+    pass within --max-batch rows (with guidance, two rows per image)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from analyses.text_restoration import main
+
+    seen, forward = [], UNet2DConditionModel.forward
+
+    def counted(self, sample, *args, **kwargs):
+        seen.append((sample.shape[0], sample.dtype))
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", counted)
+    common = ["--model", str(tiny_world), "--concepts", "red", "--images", "3", "--steps", "1", "--noise", "1",
+              "--threads", "1", "--no-progress", "--out", str(tmp_path / "r.csv")]
+    assert main([*common, "--device", "cpu", "--precision", "float64", "--guidance", "2", "--max-batch", "2"]) == 0
+    # (one row: the pass that finds the modules' execution order when the model loads)
+    assert seen and max(rows for rows, _ in seen) == 2 and {dt for _, dt in seen} == {torch.float64}, seen
+    for bad in (["--max-batch", "0"], ["--guidance", "-1"]):
+        assert "--" in refused(main, [*common, *bad])

@@ -400,10 +400,14 @@ def text_restoration(model, concept, objective=None, positions=RESTORE_POSITIONS
     c = obj.concept
     values = (c.value or c.name, *c.alternatives) if c.attribute and c.alternatives else None
 
+    per_call = max(1, obj.config.max_batch // obj.rows_per_step)  # images per generation within max_batch rows
+
     def judged(ctx):
         with torch.no_grad():
-            images = generate(model, list(obj.target_prompts), steps=objective.gen_steps,
-                              guidance=objective.guidance, context=ctx, latents=obj.noise0)
+            images = torch.cat([
+                generate(model, list(obj.target_prompts[s : s + per_call]), steps=objective.gen_steps,
+                         guidance=objective.guidance, context=ctx[s : s + per_call], latents=obj.noise0[s : s + per_call])
+                for s in range(0, P, per_call)])
             p = obj.judge.probability(images, c).double()
             hit = (obj.judge.predict(images, {c.attribute: values})[c.attribute].argmax(-1) == 0).double() \
                 if values else (p > 0.5).double()
