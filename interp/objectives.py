@@ -195,9 +195,17 @@ class Objective:
             if x0 is not None:  # supplied images are pixels: a latent model (with a VAE) denoises their latents
                 x0 = diffusion.encode(x0, model.vae)
             else:
+                g = cfg.guidance if cfg.guidance is not None else model.default_guidance
+                per_call = max(1, cfg.max_batch // (2 if g != 1 else 1))  # images per call within max_batch rows
+                n = len(self.target_prompts)
+                # the noise generate draws for all n at once, so that calls within max_batch start where one would
+                noise = diffusion.initial_noise(model.unet, n, torch.Generator().manual_seed(cfg.seed),
+                                                diffusion.accumulation_dtype(model.dtype), model.device)
                 with torch.no_grad():
-                    x0 = generate(model, self.target_prompts, seed=cfg.seed, steps=cfg.gen_steps,
-                                  guidance=cfg.guidance, decode=False)
+                    x0 = torch.cat([generate(model, self.target_prompts[s : s + per_call], seed=cfg.seed,
+                                             steps=cfg.gen_steps, guidance=cfg.guidance, decode=False,
+                                             latents=noise[s : s + per_call])
+                                    for s in range(0, n, per_call)])
             x0 = x0.to(dt)
             n_t = len(cfg.timesteps)
             gen = torch.Generator().manual_seed(cfg.seed + 1)

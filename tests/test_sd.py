@@ -299,3 +299,25 @@ def test_generation_steps_and_guidance_are_options_of_every_command(sd_models, m
         CompareConfig(gen_steps=0)
     with pytest.raises(ValueError, match="--guidance"):
         edit_concepts.check_config(edit_concepts.EditConfig(guidance=-1.0))
+
+
+def test_the_evaluation_set_is_generated_within_max_batch(sd_models):
+    """On Stable Diffusion the objective's evaluation images are generated (two UNet rows per image under guidance):
+    in calls of at most max_batch rows, from the noise one call draws, so a deterministic sampler gives the same
+    images up to rounding; the default, one call, is bitwise what generate gives."""
+    from interp.generation import generate
+
+    model = sd_models["sd1"]  # PNDM: deterministic
+    concept = interp.text_concept("red")
+    big = ObjectiveConfig(n_images=3, timesteps=(500,), gen_steps=2)
+    one = Objective(model, concept, big)
+    x0 = generate(model, one.target_prompts, seed=0, steps=2, decode=False).to(one.dtype)
+    assert torch.equal(one.x_t, interp.diffusion.add_noise(model.scheduler, x0[one.image_index], one.noise, one.t))
+    rows = []
+    handle = model.unet.conv_in.register_forward_hook(lambda mod, args, out: rows.append(out.shape[0]))
+    try:
+        split = Objective(model, concept, ObjectiveConfig(**{**big.to_dict(), "max_batch": 2}))
+    finally:
+        handle.remove()
+    assert rows and max(rows) <= 2, rows  # one image (2 rows) per call
+    torch.testing.assert_close(split.x_t, one.x_t, rtol=1e-4, atol=1e-5)
