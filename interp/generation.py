@@ -26,6 +26,7 @@ def generate(
     record: list[str] | None = None,
     recorded: dict | None = None,
     checkpoint: bool = False,
+    max_rows: int | None = None,
 ) -> torch.Tensor:
     """Images in [0, 1] (or final latents with ``decode=False``) for ``prompts`` from seeded noise.
 
@@ -33,7 +34,8 @@ def generate(
     prompts (causal tracing passes corrupted or restored states). ``unet_patches(step)`` gives patches for a step.
     Runs with gradients if the caller enabled them; ``checkpoint`` then re-runs each UNet call, and each image's VAE
     decoding, in the backward pass instead of keeping their activations, so the memory of a gradient is one call's
-    or one image's decoding, not one per step and image.
+    or one image's decoding, not one per step and image. ``max_rows``: the UNet rows a pass may hold (the caller's
+    ``max_batch``); the VAE decodes the images in slices that hold about as much (:func:`diffusion.decode_batch`).
     """
     prompts = model.check_prompts(prompts)
     n = len(prompts)
@@ -67,4 +69,4 @@ def generate(
     # Stochastic schedulers (DDPM, Euler ancestral, ...) draw from a generator seeded apart from the initial noise.
     step_gen = torch.Generator().manual_seed(seed + 7_919)
     out = diffusion.denoise(unet_fn, scheduler, latents, context, uncond, steps, guidance, generator=step_gen)
-    return diffusion.decode(out, model.vae, checkpoint=checkpoint) if decode else out
+    return diffusion.decode(out, model.vae, checkpoint=checkpoint, max_rows=max_rows) if decode else out

@@ -348,7 +348,7 @@ class Objective:
                 len(prompts) * self.rows_per_step, self.unet_calls, cfg.max_batch)
             images = generate(model, prompts, steps=cfg.gen_steps, guidance=cfg.guidance, plan=plan, mult=rows,
                               means=means, context=ctx, latents=self.noise0[sel].repeat(r, 1, 1, 1),
-                              unet_patches=unet_patches, checkpoint=checkpoint)
+                              unet_patches=unet_patches, checkpoint=checkpoint, max_rows=cfg.max_batch)
             p = self.judge.probability(images, self.concept)
             return p.reshape(r, S)
         # With intervene_anchor=False the anchor branch is not run here: it is the intact model's (cached).

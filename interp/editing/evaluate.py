@@ -235,10 +235,10 @@ def judge_images(model, edit, held: HeldoutSet, config: EvalConfig = EvalConfig(
             lat = held.latents[s : s + config.batch]
             if edited is None:
                 chunks.append(generate(model, prompts[s : s + config.batch], steps=config.steps,
-                                       guidance=config.guidance, latents=lat))
+                                       guidance=config.guidance, latents=lat, max_rows=2 * config.batch))
             else:
                 chunks.append(edited.generate(prompts[s : s + config.batch], steps=config.steps,
-                                              guidance=config.guidance, latents=lat))
+                                              guidance=config.guidance, latents=lat, max_rows=2 * config.batch))
     images = torch.cat(chunks).float().cpu()
     probs = judge.predict(images, held.values)
     table = held.prompts.copy()

@@ -406,7 +406,8 @@ def text_restoration(model, concept, objective=None, positions=RESTORE_POSITIONS
         with torch.no_grad():
             images = torch.cat([
                 generate(model, list(obj.target_prompts[s : s + per_call]), steps=objective.gen_steps,
-                         guidance=objective.guidance, context=ctx[s : s + per_call], latents=obj.noise0[s : s + per_call])
+                         guidance=objective.guidance, context=ctx[s : s + per_call], latents=obj.noise0[s : s + per_call],
+                         max_rows=obj.config.max_batch)
                 for s in range(0, P, per_call)])
             p = obj.judge.probability(images, c).double()
             hit = (obj.judge.predict(images, {c.attribute: values})[c.attribute].argmax(-1) == 0).double() \
