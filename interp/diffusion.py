@@ -171,13 +171,12 @@ def encode(images: torch.Tensor, vae) -> torch.Tensor:
 
 
 #: UNet rows at Stable Diffusion's 64x64 latents whose activations one image's VAE decoding (to 512x512 pixels)
-#: matches, rounded up: 0.69 GiB per decoded image against 0.12 GiB per UNet row, measured as the growth of the
-#: memory high-water mark from one to two images (rows) on SD 1.5's VAE and UNet (CPU, float32, random weights).
-DECODE_ROWS_PER_IMAGE = 8
+#: matches, with room for the spread of measuring it (``benchmarks/bench_decode_memory.py``; README, Benchmarks).
+DECODE_ROWS_PER_IMAGE = 6
 
 
 def decode_batch(latent_shape: Sequence[int], max_rows: int) -> int:
-    """Images one VAE decoding may take to hold about what a UNet pass of ``max_rows`` rows does: ``max_rows / 8``
+    """Images one VAE decoding may take to hold about what a UNet pass of ``max_rows`` rows does: ``max_rows / 6``
     at 64x64 latents, more at smaller ones (a decoder's activations grow with the pixels)."""
     h, w = latent_shape[-2:]
     return max(1, max_rows * 64 * 64 // (DECODE_ROWS_PER_IMAGE * h * w))
