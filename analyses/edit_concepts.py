@@ -226,6 +226,13 @@ def _run(config, r, log) -> dict:
     cfg = ed.EvalConfig.from_total(config.images, steps=config.steps, seed=ed.EVAL_SEED + config.seed,
                                    guidance=config.guidance, batch=ed.images_per_call(config.max_batch))
     comps = ed.edit_components(model, config.components)
+    from interp.plan import preflight_run
+
+    # the methods behind the edits (CAD's weight scores take gradients), then the largest passes, before any work
+    methods = {m for spec in config.edits for m in (
+        ["cad"] if spec.startswith("cad-") else ["coar"] if spec == "coar-edit" else
+        [spec.split(":", 1)[1]] if spec.startswith("ablate:") else [])}
+    preflight_run(model, comps, objective, sorted(methods), 2 * len(comps), log)
     evaluations, records, grids = [], [], {}
     for concept in config.concepts:
         t0 = time.perf_counter()

@@ -271,6 +271,10 @@ def _run(args, r, compare, log) -> dict:
                                    guidance=args.guidance, batch=ed.images_per_call(args.max_batch))
     store = Store(r.cache if args.store is None else args.store)
     results = read_results(args.compare / "results.parquet") if compare is not None else None
+    from interp.plan import preflight_run
+
+    # the rankings' methods (when computed here), the erasure's own ablations and generations: largest passes first
+    preflight_run(model, comps, ocfg, args.methods if results is None else (), 2 * len(comps), log)
     log(f"{len(comps)} components, k = {list(ks)}, methods {args.methods}, concepts {args.concepts}")
     all_rankings, means, seconds = {}, {}, {}
     layer_of = {c.address: c.layer for c in comps}

@@ -85,12 +85,6 @@ def estimate_memory(cfg: CompareConfig, n: int, sample_numel: int) -> dict[str, 
     }
 
 
-def _memory_bounded(model) -> bool:
-    """Whether the model runs on an accelerator: a fixed memory whose allocator raises a catchable out-of-memory
-    error (a CPU pages, or its process is killed, instead), so the run's largest passes are tried first."""
-    return model.device.type != "cpu"
-
-
 def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = True, log=None, executor=None) -> dict:
     """Run the comparison and write the run folder; returns the frames and tables. ``executor``: where the sweeps
     run (:mod:`interp.executors`; default this process); it changes no result, so it is not part of the config.
@@ -124,13 +118,9 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
         frames, map_frames, heldout, seconds = [], [], {}, {}
         ocfg = cfg.objective_config()
         objectives = {c: Objective(model, c, ocfg) for c in cfg.concepts}  # every evaluation set checked first
-        if _memory_bounded(model):  # the largest passes of the run, once, before hours of work depend on them
-            from .plan import eval_shape, preflight
+        from .plan import preflight_run
 
-            t0 = time.perf_counter()
-            preflight(model, comps, eval_shape(model, ocfg), any(get(m).capabilities.gradients for m in cfg.methods),
-                      masks=max(2 * len(comps), cfg.coar_masks, cfg.heldout_masks))
-            say(f"the run's largest passes fit on {model.device} ({time.perf_counter() - t0:.1f} s)")
+        preflight_run(model, comps, ocfg, cfg.methods, max(2 * len(comps), cfg.coar_masks, cfg.heldout_masks), say)
         for concept, obj in objectives.items():
             for method, m in methods.items():
                 t0 = time.perf_counter()

@@ -429,6 +429,26 @@ def preflight(model, comps, shape: EvalShape, grad: bool, masks: int | None = No
                                       f"--precision")
 
 
+def memory_bounded(model) -> bool:
+    """Whether the model runs on an accelerator: a fixed memory whose allocator raises a catchable out-of-memory
+    error (a CPU pages, or its process is killed, instead), so a run's largest passes are tried first."""
+    return model.device.type != "cpu"
+
+
+def preflight_run(model, comps, objective_config, methods, masks: int, log=None) -> None:
+    """A run's :func:`preflight` on an accelerator (:func:`memory_bounded`; nothing on a CPU), before its first
+    method: gradients are tried when one of ``methods`` takes them, forward sweeps of up to ``masks`` masks."""
+    if not memory_bounded(model):
+        return
+    from .methods import get
+
+    t0 = time.perf_counter()
+    preflight(model, comps, eval_shape(model, objective_config), any(get(m).capabilities.gradients for m in methods),
+              masks=masks)
+    if log is not None:
+        log(f"the run's largest passes fit on {model.device} ({time.perf_counter() - t0:.1f} s)")
+
+
 def measure_passes(model, comps, shape: EvalShape, budget: float = FLOP_BUDGET) -> dict:
     """Time, peak memory and FLOPs of one batched forward pass and one forward+backward pass at the engine's batch
     (capped by ``budget`` FLOPs); per-row figures for the projection. The model's counters are left as they were."""

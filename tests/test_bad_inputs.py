@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -450,7 +451,7 @@ def test_on_an_accelerator_the_largest_passes_are_tried_before_any_method(world,
     error simulated: every UNet pass of more than 4 rows raises CUDA's error."""
     from diffusers import UNet2DConditionModel
 
-    import interp.compare as compare_mod
+    import interp.plan as plan_mod
     from analyses.compare_methods import main
 
     forward = UNet2DConditionModel.forward
@@ -463,7 +464,7 @@ def test_on_an_accelerator_the_largest_passes_are_tried_before_any_method(world,
             raise error
         return forward(self, sample, *args, **kwargs)
 
-    monkeypatch.setattr(compare_mod, "_memory_bounded", lambda model: True)
+    monkeypatch.setattr(plan_mod, "memory_bounded", lambda model: True)
     monkeypatch.setattr(UNet2DConditionModel, "forward", small_gpu)
     out = tmp_path / "run"
     line = refused(main, small_args(world, out))
@@ -476,3 +477,36 @@ def test_on_an_accelerator_the_largest_passes_are_tried_before_any_method(world,
     out = tmp_path / "fits"
     assert main(small_args(world, out, "--max-batch", "4")) == 0  # what the line says works, and is tried first
     assert passes and max(passes) <= 4 and json.loads((out / "status.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("command", ["edit_concepts", "erasure_curves"])
+def test_the_other_long_commands_try_their_largest_passes_first_on_an_accelerator(command, world, tmp_path, refused,
+                                                                                     monkeypatch):
+    """edit_concepts and erasure_curves also try their largest passes (their methods' gradients included) before any
+    work on an accelerator, and name the --max-batch that fits (GPU and out-of-memory error simulated)."""
+    import importlib
+
+    from diffusers import UNet2DConditionModel
+
+    import interp.plan as plan_mod
+
+    main = importlib.import_module(f"analyses.{command}").main
+    forward = UNet2DConditionModel.forward
+
+    def small_gpu(self, sample, *args, **kwargs):
+        if sample.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.")
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(plan_mod, "memory_bounded", lambda model: True)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", small_gpu)
+    common = ["--model", str(world), "--concepts", "red", "--threads", "1", "--no-progress", "--out",
+              str(tmp_path / "run")]
+    args = {"edit_concepts": ["--edits", "cad-erase", "--images", "3", "--steps", "1", "--attr-images", "2"],
+            "erasure_curves": ["--methods", "cad", "--blocks", "mid_block", "--k", "1", "--images", "3", "--steps",
+                               "1", "--random-rankings", "1", "--random-masks", "1", "--n-boot", "100",
+                               "--attr-images", "2", "--timesteps", "300"]}[command]
+    line = refused(main, [*common, *args])
+    fits = re.search(r"run with --max-batch (\d+)", line)
+    assert "checked before any method ran" in line and fits and 1 <= int(fits.group(1)) <= 4, line  # halved to fit
+    assert "forward+backward" in line, line  # CAD's gradients were tried
