@@ -57,6 +57,21 @@ def killed_at_second_masked_call(monkeypatch) -> None:
 
 
 # -- the main job, small, and killed midway ------------------------------------------------------------------------
+def unet_rows(monkeypatch) -> list[int]:
+    """The batch size of every UNet forward from now on (diffusers' ``UNet2DConditionModel.forward`` wrapped, in
+    whatever process-local model a command loads), in a list that fills as they run."""
+    from diffusers import UNet2DConditionModel
+
+    rows, forward = [], UNet2DConditionModel.forward
+
+    def counted(self, sample, *args, **kwargs):
+        rows.append(sample.shape[0])
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", counted)
+    return rows
+
+
 def compare_args(world, out, *extra) -> list[str]:
     """``compare_methods`` arguments of a small run on a tiny concept-world folder (a few seconds)."""
     return ["--model", str(world), "--concepts", "red", "circle", "--images", "2", "--timesteps", "300",

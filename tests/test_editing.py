@@ -190,17 +190,11 @@ def test_frechet_distance_matches_sqrtm():
 
 def test_main_writes_every_output(folder, tmp_path, monkeypatch):
     """Every output, with every UNet pass (attributions, held-out generations) within --max-batch rows."""
-    from diffusers import UNet2DConditionModel
+    from helpers import unet_rows
 
     from analyses.edit_concepts import main
 
-    rows, forward = [], UNet2DConditionModel.forward
-
-    def counted(self, sample, *args, **kwargs):
-        rows.append(sample.shape[0])
-        return forward(self, sample, *args, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", counted)
+    rows = unet_rows(monkeypatch)
     out = tmp_path / "run"
     code = main(["--model", str(folder), "--concepts", "red", "--edits", "cad-erase", "diff-quickfix",
                  "diff-quickfix-preserve", "coar-edit", "ablate:maskgrad", "--k", "3", "--ratios", "0.1",

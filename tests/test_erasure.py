@@ -179,17 +179,11 @@ def cli_args(folder, out, *extra):
 
 def test_cli_writes_every_output(tiny_world_folder, tmp_path, monkeypatch):
     """Every output, with every UNet pass (rankings, held-out generations) within --max-batch rows."""
-    from diffusers import UNet2DConditionModel
+    from helpers import unet_rows
 
     from analyses.erasure_curves import main
 
-    rows, forward = [], UNet2DConditionModel.forward
-
-    def counted(self, sample, *args, **kwargs):
-        rows.append(sample.shape[0])
-        return forward(self, sample, *args, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", counted)
+    rows = unet_rows(monkeypatch)
     out = tmp_path / "run"
     assert main([*cli_args(tiny_world_folder, out), "--max-batch", "4"]) == 0
     assert rows and max(rows) <= 4, sorted(set(rows))
