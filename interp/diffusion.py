@@ -194,8 +194,8 @@ def decode(latents: torch.Tensor, vae=None, checkpoint: bool = False, max_rows: 
         if checkpoint and torch.is_grad_enabled():
             one = lambda zi: vae.decode(zi, return_dict=False)[0]  # noqa: E731
             latents = torch.cat([torch.utils.checkpoint.checkpoint(one, zi, use_reentrant=False) for zi in z.split(1)])
-        elif max_rows is not None and len(z) > decode_batch(z.shape, max_rows):
-            latents = torch.cat([vae.decode(zi, return_dict=False)[0] for zi in z.split(decode_batch(z.shape, max_rows))])
         else:
-            latents = vae.decode(z, return_dict=False)[0]
+            step = len(z) if max_rows is None else decode_batch(z.shape, max_rows)
+            parts = [vae.decode(zi, return_dict=False)[0] for zi in z.split(step)]
+            latents = parts[0] if len(parts) == 1 else torch.cat(parts)
     return (latents.float() / 2 + 0.5).clamp(0, 1)

@@ -177,14 +177,14 @@ class Objective:
         with torch.no_grad():
             self.ctx_target = run_text(model, self.target_ids)[0]
             self.ctx_anchor = run_text(model, self.anchor_ids)[0]
+        g = cfg.guidance if cfg.guidance is not None else model.default_guidance
+        self.rows_per_step = 2 if g != 1 else 1  # UNet rows of one image in one generation call (guidance: two)
         if cfg.kind == "classifier":
             gen = torch.Generator().manual_seed(cfg.seed)
             self.noise0 = diffusion.initial_noise(model.unet, cfg.n_images, gen, dt, dev)
             self.n_samples = cfg.n_images
             self.branches = 1
-            g = cfg.guidance if cfg.guidance is not None else model.default_guidance
-            self.rows_per_eval = cfg.n_images * cfg.gen_steps * (2 if g != 1 else 1)
-            self.rows_per_step = 2 if g != 1 else 1  # UNet rows of one image in one generation call
+            self.rows_per_eval = cfg.n_images * cfg.gen_steps * self.rows_per_step
             sched = diffusion.fresh_scheduler(model.scheduler)
             sched.set_timesteps(cfg.gen_steps)
             self.unet_calls = len(sched.timesteps)  # calls of one generation (PNDM's differ from gen_steps)
@@ -195,8 +195,7 @@ class Objective:
             if x0 is not None:  # supplied images are pixels: a latent model (with a VAE) denoises their latents
                 x0 = diffusion.encode(x0, model.vae)
             else:
-                g = cfg.guidance if cfg.guidance is not None else model.default_guidance
-                per_call = max(1, cfg.max_batch // (2 if g != 1 else 1))  # images per call within max_batch rows
+                per_call = max(1, cfg.max_batch // self.rows_per_step)  # images per call within max_batch rows
                 n = len(self.target_prompts)
                 # the noise generate draws for all n at once, so that calls within max_batch start where one would
                 noise = diffusion.initial_noise(model.unet, n, torch.Generator().manual_seed(cfg.seed),
@@ -545,12 +544,17 @@ def _sum_of_means(J: torch.Tensor) -> torch.Tensor:
     return J.mean(1).sum()
 
 
+def masks_per_grad_pass(masks: int, rows_per_mask: int, max_batch: int) -> int:
+    """Mask rows per backward pass of :func:`mean_gradient`: all ``masks``, unless one sample of each (``rows_per_mask``
+    UNet rows in a call) is already more than ``max_batch`` (4 masks x 2 erase branches = 8 rows: a GPU at Stable
+    Diffusion's size may hold fewer), then as many as fit (at least one). Shared with :mod:`interp.plan`."""
+    return masks if masks * rows_per_mask <= max_batch else max(1, max_batch // rows_per_mask)
+
+
 def grad_masks_per_pass(obj: Objective, masks: int) -> int:
-    """Mask rows per backward pass of :func:`mean_gradient`: all ``masks``, unless one sample of each is already more
-    than ``max_batch`` UNet rows in a call (4 masks x 2 erase branches = 8 rows: a GPU at Stable Diffusion's size may
-    hold fewer), then as many as fit (at least one)."""
+    """:func:`masks_per_grad_pass` for ``obj``'s rows per mask and sample in a call."""
     per_mask = obj.rows_per_step if obj.config.kind == "classifier" else obj.branches
-    return masks if masks * per_mask <= obj.config.max_batch else max(1, obj.config.max_batch // per_mask)
+    return masks_per_grad_pass(masks, per_mask, obj.config.max_batch)
 
 
 def mean_gradient(obj: Objective, targets: list[torch.Tensor], samples: torch.Tensor | None = None, masks: int = 1,

@@ -109,9 +109,11 @@ class EvalShape:
         return 2 if self.guided else 1
 
     def grad_masks(self, masks: int) -> int:
-        """Mask rows per backward pass for a chunk of ``masks`` (mirrors ``objectives.grad_masks_per_pass``)."""
-        per_mask = self.cfg_factor if self.kind == "classifier" else self.branches
-        return masks if masks * per_mask <= self.max_batch else max(1, self.max_batch // per_mask)
+        """Mask rows per backward pass for a chunk of ``masks`` (``objectives.masks_per_grad_pass``)."""
+        from .objectives import masks_per_grad_pass
+
+        return masks_per_grad_pass(masks, self.cfg_factor if self.kind == "classifier" else self.branches,
+                                   self.max_batch)
 
     def generation(self, prompts: int, grad: bool = False) -> Rows:
         """One generation of ``prompts`` images."""
