@@ -301,13 +301,14 @@ def test_generation_steps_and_guidance_are_options_of_every_command(sd_models, m
         edit_concepts.check_config(edit_concepts.EditConfig(guidance=-1.0))
 
 
-def test_the_evaluation_set_is_generated_within_max_batch(sd_models):
+@pytest.mark.parametrize("style", ["sd1", "sd2"])  # PNDM with epsilon prediction; DDIM with v-prediction
+def test_the_evaluation_set_is_generated_within_max_batch(sd_models, style):
     """On Stable Diffusion the objective's evaluation images are generated (two UNet rows per image under guidance):
     in calls of at most max_batch rows, from the noise one call draws, so a deterministic sampler gives the same
     images up to rounding; the default, one call, is bitwise what generate gives."""
     from interp.generation import generate
 
-    model = sd_models["sd1"]  # PNDM: deterministic
+    model = sd_models[style]  # both samplers deterministic
     concept = interp.text_concept("red")
     big = ObjectiveConfig(n_images=3, timesteps=(500,), gen_steps=2)
     one = Objective(model, concept, big)
