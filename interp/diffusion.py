@@ -128,14 +128,15 @@ def denoise(
     uncond: torch.Tensor | None,
     num_inference_steps: int,
     guidance_scale: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``latents`` (unit-variance noise); ``unet_fn(x, t, context, step) -> eps``.
 
     With ``guidance_scale != 1`` the conditional and unconditional branches run as one batch (cond rows first),
     exactly as diffusers' pipelines do. ``scheduler`` is used as given (pass :func:`fresh_scheduler`'s copy);
-    ``generator`` seeds stochastic schedulers (DDPM, Euler ancestral, SDE solvers) and is ignored by the others.
+    ``generator`` seeds stochastic schedulers (DDPM, Euler ancestral, SDE solvers) and is ignored by the others; a
+    list holds one generator per row of ``latents``, as diffusers' ``randn_tensor`` takes it.
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")

@@ -27,6 +27,7 @@ def generate(
     recorded: dict | None = None,
     checkpoint: bool = False,
     max_rows: int | None = None,
+    noise_ids=None,
 ) -> torch.Tensor:
     """Images in [0, 1] (or final latents with ``decode=False``) for ``prompts`` from seeded noise.
 
@@ -36,6 +37,10 @@ def generate(
     decoding, in the backward pass instead of keeping their activations, so the memory of a gradient is one call's
     or one image's decoding, not one per step and image. ``max_rows``: the UNet rows a pass may hold (the caller's
     ``max_batch``); the VAE decodes the images in slices that hold about as much (:func:`diffusion.decode_batch`).
+    ``noise_ids``: one integer per prompt naming its stream of step noise for stochastic schedulers (DDPM, Euler
+    ancestral, ...; :func:`step_generators`): an image gets the same noise under every intervention and in every
+    call, whatever else the call holds, so callers that split their images into calls, or run one image under
+    many masks, pass each image's index. Default: the prompts' positions in this call.
     """
     prompts = model.check_prompts(prompts)
     n = len(prompts)
@@ -44,6 +49,9 @@ def generate(
         raise ValueError(f"{mult.shape[0]} multiplier rows for {n} prompts")
     if mult is not None and mult.shape[0] == 1:
         mult = mult.expand(n, -1)
+    noise_ids = list(range(n)) if noise_ids is None else [int(i) for i in noise_ids]
+    if len(noise_ids) != n:
+        raise ValueError(f"{len(noise_ids)} noise_ids for {n} prompts")
     ids = diffusion.tokenize(model.tokenizer, prompts, model.device)
     uncond_ids = diffusion.tokenize(model.tokenizer, [""] * n, model.device)
     if context is None:
@@ -66,7 +74,15 @@ def generate(
             recorded[step] = {k: v[:n] for k, v in saved.items()}
         return eps
 
-    # Stochastic schedulers (DDPM, Euler ancestral, ...) draw from a generator seeded apart from the initial noise.
-    step_gen = torch.Generator().manual_seed(seed + 7_919)
-    out = diffusion.denoise(unet_fn, scheduler, latents, context, uncond, steps, guidance, generator=step_gen)
+    out = diffusion.denoise(unet_fn, scheduler, latents, context, uncond, steps, guidance,
+                            generator=step_generators(seed, noise_ids))
     return diffusion.decode(out, model.vae, checkpoint=checkpoint, max_rows=max_rows) if decode else out
+
+
+def step_generators(seed: int, noise_ids) -> list[torch.Generator]:
+    """One CPU generator per image for a stochastic scheduler's step noise (diffusers draws row ``i`` from the
+    ``i``-th), seeded by ``seed`` and the image's id apart from the initial noise. Per image, not per call: a
+    single generator would give an image the noise of its position in the batch, so two calls that hold it at
+    different positions (a mask row beside another, a split into calls within ``max_batch``) would denoise it
+    differently, and an ablation's change in J would carry that difference."""
+    return [torch.Generator().manual_seed(((seed + 7_919) * 1_000_003 + i) % 2**63) for i in noise_ids]

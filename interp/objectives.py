@@ -203,7 +203,7 @@ class Objective:
                 with torch.no_grad():
                     x0 = torch.cat([generate(model, self.target_prompts[s : s + per_call], seed=cfg.seed,
                                              steps=cfg.gen_steps, guidance=cfg.guidance, decode=False,
-                                             latents=noise[s : s + per_call])
+                                             latents=noise[s : s + per_call], noise_ids=range(s, min(s + per_call, n)))
                                     for s in range(0, n, per_call)])
             x0 = x0.to(dt)
             n_t = len(cfg.timesteps)
@@ -235,7 +235,9 @@ class Objective:
         The one place J is computed: every method, causal tracing included, calls it.
         ``target_context`` replaces the target prompts' text states: ``(P, L, D)`` for every row, or ``(R * P, L, D)``
         one block of ``P = n_images`` per row (causal tracing's corrupted and restored runs; then ``R`` may come
-        from it). ``intervene_anchor=False`` keeps the erase objective's anchor branch at the intact model (the
+        from it). ``unet_patches(step, rows)`` gives the UNet patches of a denoising step (causal tracing's clean
+        states) for the target-branch rows ``rows``, indices ``mask_row * n_samples + sample``: a call runs the rows
+        that fit in ``max_batch`` and asks for theirs. ``intervene_anchor=False`` keeps the erase objective's anchor branch at the intact model (the
         interventions, patches and contexts act on the target branch only), as causal tracing needs.
         ``samples`` restricts the evaluation set to those sample indices (CAD's per-group gradients);
         ``recompute_text`` runs the text encoder inside the call (so gradients reach its weights).
@@ -256,14 +258,14 @@ class Objective:
             R = target_context.shape[0] // P
         S = self.n_samples if samples is None else len(samples)
         per_sample = self.branches if self.config.kind != "classifier" else 2
-        if S > 1 and S * per_sample > self.config.max_batch and record is None and unet_patches is None:
+        if S > 1 and S * per_sample > self.config.max_batch and record is None:
             # One mask row's evaluation set is more than a pass (Stable Diffusion's default set is 80 UNet rows):
             # split it into groups of samples, whose rows are independent, so max_batch bounds every pass's memory.
             every = torch.arange(self.n_samples) if samples is None else torch.as_tensor(samples)
             per_pass = max(1, self.config.max_batch // per_sample)
             B = self.branches if intervene_anchor and self.config.kind != "classifier" else 1
             return torch.cat([
-                self.values(plan, mult, _sample_rows(means, pos, S, B), target_context, None, every[pos],
+                self.values(plan, mult, _sample_rows(means, pos, S, B), target_context, unet_patches, every[pos],
                             recompute_text, None, intervene_anchor)
                 for pos in torch.arange(S).split(per_pass)], dim=1)
         per_row = S * per_sample
@@ -292,9 +294,12 @@ class Objective:
                                      replay=True)
         else:
             outs = []
+            sel = torch.arange(self.n_samples) if samples is None else torch.as_tensor(samples)
             for s in range(0, R, chunk):
                 ctx = target_context[s * P : (s + chunk) * P] if per_row_context else target_context
-                outs.append(self._chunk(plan, None if mult is None else mult[s : s + chunk], means, ctx, unet_patches,
+                patches = None if unet_patches is None else _patch_rows(unet_patches, range(s, min(s + chunk, R)),
+                                                                        sel, self.n_samples)
+                outs.append(self._chunk(plan, None if mult is None else mult[s : s + chunk], means, ctx, patches,
                                         samples, recompute_text, record, intervene_anchor))
             J = torch.cat(outs)
         if not torch.isfinite(J).all():
@@ -345,9 +350,11 @@ class Objective:
             ctx = None if target_context is None else self.target_contexts(target_context, sel, r)
             checkpoint = torch.is_grad_enabled() and checkpoints_generation(
                 len(prompts) * self.rows_per_step, self.unet_calls, cfg.max_batch)
-            images = generate(model, prompts, steps=cfg.gen_steps, guidance=cfg.guidance, plan=plan, mult=rows,
+            images = generate(model, prompts, seed=cfg.seed, steps=cfg.gen_steps, guidance=cfg.guidance, plan=plan,
+                              mult=rows,
                               means=means, context=ctx, latents=self.noise0[sel].repeat(r, 1, 1, 1),
-                              unet_patches=unet_patches, checkpoint=checkpoint, max_rows=cfg.max_batch)
+                              unet_patches=unet_patches, checkpoint=checkpoint, max_rows=cfg.max_batch,
+                              noise_ids=sel.tolist() * r)
             p = self.judge.probability(images, self.concept)
             return p.reshape(r, S)
         # With intervene_anchor=False the anchor branch is not run here: it is the intact model's (cached).
@@ -518,6 +525,13 @@ def _sample_rows(means: dict | None, pos: torch.Tensor, S: int, B: int) -> dict 
     rows = torch.cat([b * S + pos for b in range(B)])
     return {k: v[rows.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == B * S else v
             for k, v in means.items()}
+
+
+def _patch_rows(unet_patches, mask_rows, sel: torch.Tensor, n_samples: int):
+    """``unet_patches(step, rows)`` bound to the rows one call runs: mask rows ``mask_rows``, samples ``sel``, as
+    indices ``mask_row * n_samples + sample`` in the order the call's rows come (mask row, then sample)."""
+    idx = (torch.as_tensor(list(mask_rows))[:, None] * n_samples + sel[None].cpu()).flatten()
+    return lambda step: unet_patches(step, idx)
 
 
 def checkpoints_generation(rows_per_call: int, unet_calls: int, max_batch: int) -> bool:

@@ -233,12 +233,15 @@ def judge_images(model, edit, held: HeldoutSet, config: EvalConfig = EvalConfig(
     with ctx as edited, torch.no_grad():
         for s in range(0, len(prompts), config.batch):
             lat = held.latents[s : s + config.batch]
+            ids = range(s, s + len(lat))  # each image its own step noise, edited or not, in any batch
             if edited is None:
                 chunks.append(generate(model, prompts[s : s + config.batch], steps=config.steps,
-                                       guidance=config.guidance, latents=lat, max_rows=2 * config.batch))
+                                       guidance=config.guidance, latents=lat, max_rows=2 * config.batch,
+                                       noise_ids=ids))
             else:
                 chunks.append(edited.generate(prompts[s : s + config.batch], steps=config.steps,
-                                              guidance=config.guidance, latents=lat, max_rows=2 * config.batch))
+                                              guidance=config.guidance, latents=lat, max_rows=2 * config.batch,
+                                              noise_ids=ids))
     images = torch.cat(chunks).float().cpu()
     probs = judge.predict(images, held.values)
     table = held.prompts.copy()

@@ -248,11 +248,20 @@ class CausalTracing(Method):
         paths = [s.path for s in plan.sites[part]]
         if part == "text_encoder":
             return run_text(m, obj.target_ids, saves=paths)[1]
-        if tr.kind == "classifier":
-            rec: dict = {}
-            generate(m, list(obj.target_prompts), steps=obj.config.gen_steps, guidance=obj.config.guidance,
-                     latents=obj.noise0, record=paths, recorded=rec)
-            return rec
+        if tr.kind == "classifier":  # every step's states, recorded in generations within max_batch rows
+            cfg, n = obj.config, len(obj.target_prompts)
+            per_call = max(1, cfg.max_batch // obj.rows_per_step)
+            parts: dict = {}
+            with torch.no_grad():
+                for s in range(0, n, per_call):
+                    rec: dict = {}
+                    generate(m, list(obj.target_prompts[s : s + per_call]), seed=cfg.seed, steps=cfg.gen_steps,
+                             guidance=cfg.guidance, latents=obj.noise0[s : s + per_call], record=paths,
+                             recorded=rec, decode=False, noise_ids=range(s, min(s + per_call, n)))
+                    for step, saved in rec.items():
+                        for k, v in saved.items():  # kept in host memory: each call moves the rows it needs
+                            parts.setdefault(step, {}).setdefault(k, []).append(v.cpu())
+            return {step: {k: torch.cat(v) for k, v in saved.items()} for step, saved in parts.items()}
         return run_unet_in_passes(m, obj.x_t, obj.t, obj.ctx_target[obj.image_index], obj.config.max_batch,
                                   saves=paths)[1]
 
@@ -405,9 +414,10 @@ def text_restoration(model, concept, objective=None, positions=RESTORE_POSITIONS
     def judged(ctx):
         with torch.no_grad():
             images = torch.cat([
-                generate(model, list(obj.target_prompts[s : s + per_call]), steps=objective.gen_steps,
-                         guidance=objective.guidance, context=ctx[s : s + per_call], latents=obj.noise0[s : s + per_call],
-                         max_rows=obj.config.max_batch)
+                generate(model, list(obj.target_prompts[s : s + per_call]), seed=objective.seed,
+                         steps=objective.gen_steps, guidance=objective.guidance, context=ctx[s : s + per_call],
+                         latents=obj.noise0[s : s + per_call], max_rows=obj.config.max_batch,
+                         noise_ids=range(s, min(s + per_call, P)))
                 for s in range(0, P, per_call)])
             p = obj.judge.probability(images, c).double()
             hit = (obj.judge.predict(images, {c.attribute: values})[c.attribute].argmax(-1) == 0).double() \
@@ -451,29 +461,32 @@ def text_restoration(model, concept, objective=None, positions=RESTORE_POSITIONS
 
 
 def _unit_patches(plan, M, clean_by_step, obj, only_step=None):
-    """Per-step patches that restore, for row i, the clean value of the units whose multiplier is 0 in ``M[i]``."""
-    P = obj.target_ids.shape[0]
+    """Per-step patches that restore, for mask row i, the clean value of the units whose multiplier is 0 in
+    ``M[i]``: ``fn(step, rows)`` for the rows ``mask_row * n_samples + image`` a generation call runs
+    (:meth:`Objective.values`), built for those rows only, so a call's patches hold what its rows need."""
+    P = obj.n_samples  # the classifier objective's samples are its images
 
-    def fn(step):
+    def fn(step, rows):
         if only_step is not None and step != only_step:
             return {}
+        mrow, img = rows // P, rows % P
         patches = {}
         for s in plan.sites["unet"]:
             clean = clean_by_step[step][s.path]
             h_shape = clean.shape
-            keep = torch.ones(M.shape[0], s.n_features, dtype=torch.bool)
+            keep = torch.ones(len(rows), s.n_features, dtype=torch.bool)
             if s.whole:
-                keep = (M[:, s.columns[0]] != 0)[:, None].expand(-1, s.n_features)
+                keep = (M[mrow][:, s.columns[0]] != 0)[:, None].expand(-1, s.n_features)
             else:
-                keep[:, s.features] = M[:, s.columns] != 0
-            where = ~keep.repeat_interleave(P, 0)
+                keep[:, s.features] = M[mrow][:, s.columns] != 0
+            where = ~keep
             if s.whole:
                 where = where[:, :1].reshape(-1, *([1] * (len(h_shape) - 1)))
             elif s.axis == 1:
                 where = where.reshape(where.shape[0], s.n_features, *([1] * (len(h_shape) - 2)))
             else:
                 where = where.reshape(where.shape[0], *([1] * (len(h_shape) - 2)), s.n_features)
-            patches[s.path] = Patch(clean.repeat(M.shape[0], *([1] * (len(h_shape) - 1))), where)
+            patches[s.path] = Patch(clean[img.to(clean.device)], where)
         return patches
 
     return fn
