@@ -126,9 +126,10 @@ class CompareConfig:
             raise ValueError(f"screen fraction must be in (0, 1], got {self.screen_fraction}")
         if any(k < 1 for k in self.erasure_k):
             raise ValueError(f"erasure_k values must be >= 1, got {self.erasure_k}")
-        if self.erasure_k and (self.erasure_images < 1 or self.erasure_steps < 1):
-            raise ValueError(f"erasure_images and erasure_steps must be >= 1, got {self.erasure_images}, "
-                             f"{self.erasure_steps}")
+        if self.erasure_k and self.erasure_images < 3:  # a quarter show the concept, the rest other values
+            raise ValueError(f"erasure_images (--erasure-images) must be >= 3, got {self.erasure_images}")
+        if self.erasure_k and self.erasure_steps < 1:
+            raise ValueError(f"erasure_steps (--erasure-steps) must be >= 1, got {self.erasure_steps}")
         if self.tracing_noise < 1:
             raise ValueError(f"tracing_noise must be >= 1, got {self.tracing_noise}")
         if not self.lds_alphas:

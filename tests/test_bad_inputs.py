@@ -58,6 +58,8 @@ CLI_CASES = {
     "negative seed": (["--seed", "-1"], "seed"),
     "unknown concept word": (["--concepts", "magenta"], "magenta"),
     "empty concept word": (["--concepts", " "], "non-empty"),
+    "two erasure images": (["--erasure-k", "1", "--erasure-images", "2"], "--erasure-images"),
+    "erasure steps 0": (["--erasure-k", "1", "--erasure-steps", "0"], "--erasure-steps"),
     "no reference method": (["--methods", "cad"], "ablation"),
     "unknown method": (["--methods", "ablation", "nosuch"], "nosuch"),
     "empty component selection": (["--families", "ff", "--kinds", "attn2.to_q"], "component set is empty"),
