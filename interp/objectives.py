@@ -237,8 +237,9 @@ class Objective:
         one block of ``P = n_images`` per row (causal tracing's corrupted and restored runs; then ``R`` may come
         from it). ``unet_patches(step, rows)`` gives the UNet patches of a denoising step (causal tracing's clean
         states) for the target-branch rows ``rows``, indices ``mask_row * n_samples + sample``: a call runs the rows
-        that fit in ``max_batch`` and asks for theirs. ``intervene_anchor=False`` keeps the erase objective's anchor branch at the intact model (the
-        interventions, patches and contexts act on the target branch only), as causal tracing needs.
+        that fit in ``max_batch`` and asks for theirs. ``intervene_anchor=False`` keeps the erase objective's anchor
+        branch at the intact model (the interventions, patches and contexts act on the target branch only), as
+        causal tracing needs.
         ``samples`` restricts the evaluation set to those sample indices (CAD's per-group gradients);
         ``recompute_text`` runs the text encoder inside the call (so gradients reach its weights).
         ``record``: a dict whose keys are module paths; their outputs (rows as in the batch: mask row, branch,
@@ -351,8 +352,7 @@ class Objective:
             checkpoint = torch.is_grad_enabled() and checkpoints_generation(
                 len(prompts) * self.rows_per_step, self.unet_calls, cfg.max_batch)
             images = generate(model, prompts, seed=cfg.seed, steps=cfg.gen_steps, guidance=cfg.guidance, plan=plan,
-                              mult=rows,
-                              means=means, context=ctx, latents=self.noise0[sel].repeat(r, 1, 1, 1),
+                              mult=rows, means=means, context=ctx, latents=self.noise0[sel].repeat(r, 1, 1, 1),
                               unet_patches=unet_patches, checkpoint=checkpoint, max_rows=cfg.max_batch,
                               noise_ids=sel.tolist() * r)
             p = self.judge.probability(images, self.concept)
