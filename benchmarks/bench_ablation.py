@@ -223,6 +223,16 @@ def main(argv=None) -> int:
           f"{flops['engine'] / 1e6:.0f} MFLOP per component at that rate with no overhead: {bound * 1e3:.1f} ms, "
           f"{statistics.median(times['careful (in place)']) / bound:.2f}x over the careful loop (the most an exact "
           f"ablation of these FLOPs reaches here; the engine reaches {bound / eng:.0%} of it)")
+    # The floor of any exact ablation: each component re-runs only the UNet after its own unit (the UNet before it
+    # replayed for free, no fill pass), whatever the batching.
+    from interp.prefix import frontier, upstream_share
+
+    floor = statistics.mean(1 - upstream_share(model, frontier(model, model.events[("out", c.module)])) for c in comps)
+    floor_s = floor * fc_full.get_total_flops() / rate
+    print(f"floor of an exact ablation (each component re-runs only what follows its unit, nothing else): "
+          f"{floor:.1%} of a full pass's FLOPs, the engine {flops['engine'] / fc_full.get_total_flops():.1%}; at the "
+          f"plain pass's rate {floor_s * 1e3:.1f} ms, {statistics.median(times['careful (in place)']) / floor_s:.2f}x "
+          f"over the careful loop")
     full = statistics.median(times["engine, full passes"])
     print(f"prefix replay: {full / eng:.2f}x faster than full passes, {flops['engine'] / flops['engine, full passes']:.0%} "
           f"of their FLOPs per component")
