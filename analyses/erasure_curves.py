@@ -239,7 +239,7 @@ def _run(args, r, compare, log) -> dict:
     from analyses.edit_concepts import alternatives_for
     from interp import editing as ed
     from interp import erasure as er
-    from interp.compare import select_components
+    from interp.compare import concept_spec, select_components
     from interp.diffusion import latent_shape
     from interp.objectives import Objective
     from interp.report import render_report, settings_rows
@@ -266,7 +266,8 @@ def _run(args, r, compare, log) -> dict:
     per_image = int(np.prod(latent_shape(model.unet, 1))) * 4 * 8
     check_memory(args.images * per_image * 3, f"--images {args.images}", "pass fewer --images")
     ocfg = ccfg.objective_config()
-    objectives = {c: Objective(model, c, ocfg) for c in args.concepts}  # evaluation sets checked before work
+    specs = {c: concept_spec(model, c, ccfg) for c in args.concepts}  # a compare run's --alternatives, if any
+    objectives = {c: Objective(model, specs[c], ocfg) for c in args.concepts}  # evaluation sets checked before work
     cfg = ed.EvalConfig.from_total(args.images, steps=args.steps, seed=ed.EVAL_SEED + args.seed,
                                    guidance=args.guidance, batch=ed.images_per_call(args.max_batch))
     store = Store(r.cache if args.store is None else args.store)
@@ -281,7 +282,7 @@ def _run(args, r, compare, log) -> dict:
     contrastive = any(r.startswith("contrastive") for r in args.rankings)
 
     def attribution(m, c):  # one method's result frame on one concept (cached in the store)
-        obj = objectives.get(c) or Objective(model, c, ocfg)
+        obj = objectives.get(c) or Objective(model, concept_spec(model, c, ccfg), ocfg)
         return interp.attribute(m, model, c, comps, objective=obj, store=store, **ccfg.method_options(m, len(comps)))
 
     for concept in args.concepts:
@@ -308,7 +309,7 @@ def _run(args, r, compare, log) -> dict:
             means[concept] = er.ablation_means(objectives[concept], comps)
     t0 = time.perf_counter()
     study = er.erasure_study(model, comps, all_rankings, ocfg, cfg, ecfg, judge, alternatives, store, log,
-                             means=means if args.ablation == "mean" else None)
+                             means=means if args.ablation == "mean" else None, concepts=specs)
     seconds["measure"] = time.perf_counter() - t0
     log(f"erasure measured in {seconds['measure']:.1f} s")
     tables, uri = study["tables"], study["figure"]

@@ -111,13 +111,17 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
         biggest = max(parts, key=parts.get)
         check_memory(sum(parts.values()), f"this configuration ({len(comps)} components; most for the {biggest})",
                      "lower the counts named there")
+        if cfg.alternatives and model.is_concept_world:
+            raise ValueError(f"--alternatives is for models other than the concept world: on {cfg.model!r} a "
+                             f"concept is weighed against the other values of its attribute; leave it out")
         methods = {m: get(m)(**cfg.method_options(m, len(comps))) for m in cfg.methods}  # options checked now
         erasure = erasure_setup(model, comps, cfg) if cfg.erasure_k else None  # k, judge, values: checked now
         say(f"{len(comps)} components ({cfg.granularity}, kinds {list(cfg.kinds)}), {len(cfg.concepts)} concepts, "
             f"methods {list(cfg.methods)}")
         frames, map_frames, heldout, seconds = [], [], {}, {}
         ocfg = cfg.objective_config()
-        objectives = {c: Objective(model, c, ocfg) for c in cfg.concepts}  # every evaluation set checked first
+        objectives = {c: Objective(model, concept_spec(model, c, cfg), ocfg)  # every evaluation set checked first
+                      for c in cfg.concepts}
         from .plan import preflight_run
 
         preflight_run(model, comps, ocfg, cfg.methods, max(2 * len(comps), cfg.coar_masks, cfg.heldout_masks), say)
@@ -283,6 +287,17 @@ def _main_and_variants(frame: pd.DataFrame) -> tuple[list[str], list[str]]:
     return list(pairs.loc[main, "variant"]), list(pairs.loc[~main, "variant"])
 
 
+def concept_spec(model, concept: str, cfg: CompareConfig):
+    """The concept a run's objective is built on: the word itself (the concept world's own concepts, or a phrase
+    with the judge's generic alternatives), or on other models with ``--alternatives`` a text concept weighed
+    against them."""
+    if model.is_concept_world or not cfg.alternatives:
+        return concept
+    from .concepts import DEFAULT_TEMPLATES, text_concept
+
+    return text_concept(concept, n=min(cfg.n_images, len(DEFAULT_TEMPLATES)), alternatives=cfg.alternatives_for(concept))
+
+
 def erasure_setup(model, comps, cfg: CompareConfig) -> dict:
     """What the erasure curves need, checked before any method runs: the k grid against the component set, the
     judge, the values each concept is weighed against and the held-out image set."""
@@ -292,9 +307,11 @@ def erasure_setup(model, comps, cfg: CompareConfig) -> dict:
     er.k_grid(len(comps), cfg.erasure_k)
     if model.is_concept_world:
         alternatives = {c: None for c in cfg.concepts}  # the other values of each concept's attribute
+    elif cfg.alternatives:
+        alternatives = {c: list(cfg.alternatives_for(c)) for c in cfg.concepts}
     elif len(cfg.concepts) < 2:
         raise ValueError("erasure curves on a model other than the concept world weigh each concept against the "
-                         "other --concepts: give at least two, or leave --erasure-k empty")
+                         "other --concepts or --alternatives: give either, or leave --erasure-k empty")
     else:
         alternatives = {c: [o for o in cfg.concepts if o != c] for c in cfg.concepts}
     return {"judge": resolve_judge(model, cfg.judge), "alternatives": alternatives,
@@ -312,7 +329,8 @@ def erasure_curves(model, comps, results: pd.DataFrame, cfg: CompareConfig, setu
     rankings = {c: {m: Ranking.from_frame(rows[(rows["method"] == m) & (rows["concept"] == c)], name=m)
                     for m in cfg.methods} for c in cfg.concepts}
     return er.erasure_study(model, comps, rankings, cfg.objective_config(), setup["eval"], setup["config"],
-                            setup["judge"], setup["alternatives"], store, say)
+                            setup["judge"], setup["alternatives"], store, say,
+                            concepts={c: concept_spec(model, c, cfg) for c in cfg.concepts})
 
 
 def write_outputs(out: Path, results, maps, tables, figures, meta, cfg: CompareConfig, extra_sections=(),

@@ -44,6 +44,11 @@ class CompareConfig:
     objective: str = opt("erase", "objective J", choices=OBJECTIVES)
     judge: str = opt("classifier", "image judge of the classifier objective: 'classifier' (the concept world's), "
                                    "'concept-world-clip' (shipped), or a CLIPModel folder or hub id")
+    alternatives: tuple[str, ...] = opt((), "models other than the concept world: the phrases the image judge weighs "
+                                            "each concept against (classifier objective, causal tracing's score, "
+                                            "erasure curves), the concept itself left out; empty: the judge's "
+                                            "generic ones for the objective, the other --concepts for the erasure "
+                                            "curves", nargs="*", metavar="PHRASE")
     anchor: str = opt("shared", "erase objective: ablate the anchor branch too (shared) or keep it intact (frozen, "
                                 "CAD's stop-gradient literally)", choices=("shared", "frozen"))
     n_images: int = opt(4, "evaluation images per concept", flags=("--images", "--n-images"))
@@ -91,6 +96,13 @@ class CompareConfig:
             raise ValueError(f"concept words must be non-empty, got {self.concepts}")
         if len(set(self.concepts)) != len(self.concepts):
             raise ValueError(f"duplicate concepts in {self.concepts}")
+        if any(not a.strip() for a in self.alternatives) or len(set(self.alternatives)) != len(self.alternatives):
+            raise ValueError(f"alternatives (--alternatives) must be distinct non-empty phrases, got "
+                             f"{list(self.alternatives)}")
+        alone = [c for c in self.concepts if self.alternatives and set(self.alternatives) <= {c}]
+        if alone:
+            raise ValueError(f"alternatives (--alternatives) {list(self.alternatives)} leave {alone[0]!r} nothing to "
+                             f"be weighed against: name phrases other than the concept")
         if not self.methods:
             raise ValueError("no methods given")
         from .methods import REGISTRY  # imported here, not at module level: --help must not load torch
@@ -147,6 +159,11 @@ class CompareConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def alternatives_for(self, concept: str) -> tuple[str, ...]:
+        """What the judge weighs ``concept`` against on a model other than the concept world: ``alternatives``
+        without the concept (empty when none were given)."""
+        return tuple(a for a in self.alternatives if a != concept)
 
     def objective_config(self):
         from .objectives import ObjectiveConfig

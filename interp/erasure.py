@@ -635,11 +635,13 @@ def report_sections(tables: Mapping[str, pd.DataFrame], figure_uri: str, eval_co
 
 def erasure_study(model, comps, rankings: Mapping[str, Mapping[str, Ranking]], objective: ObjectiveConfig,
                   eval_config: EvalConfig, config: ErasureConfig, judge, alternatives: Mapping[str, list | None],
-                  store=None, log=None, means: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> dict:
+                  store=None, log=None, means: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                  concepts: Mapping | None = None) -> dict:
     """The whole measurement for several concepts: ``rankings[concept][name]`` are measured (:func:`measure`) on
     the held-out images of ``eval_config`` judged by ``judge`` (``alternatives[concept]``: the values weighed
     against, None on the concept world), J on the held-out evaluation set of ``objective``; ``means[concept]``
-    switches to mean-ablation. Returns ``tables``, the figure (PNG bytes ``figure_png`` and a data URI ``figure``),
+    switches to mean-ablation; ``concepts[concept]``: what J's objective is built on, when not the word itself
+    (a text concept with the judge's alternatives, as the attribution's objective was). Returns ``tables``, the figure (PNG bytes ``figure_png`` and a data URI ``figure``),
     the report ``sections`` and ``findings`` sentences. The weights are checked bitwise unchanged afterwards (ablations are multipliers)."""
     from .editing.evaluate import baseline
     from .plots import fig_to_png, png_to_data_uri
@@ -648,7 +650,7 @@ def erasure_study(model, comps, rankings: Mapping[str, Mapping[str, Ranking]], o
     erasures = []
     for concept, ranks in rankings.items():
         base = baseline(model, concept, eval_config, judge, alternatives.get(concept))
-        j_obj = Objective(model, concept, heldout_objective_config(objective))
+        j_obj = Objective(model, (concepts or {}).get(concept, concept), heldout_objective_config(objective))
         erasures.append(measure(model, concept, comps, ranks, base, j_obj, config, store, log,
                                 means=None if means is None else means.get(concept)))
     changed = [n for n, p in model.parameters() if not torch.equal(p, before[n])]

@@ -272,6 +272,28 @@ def test_sd_evaluation_with_a_clip_judge(sd, clip):
     assert not any(p.startswith(("a photo of", "an image of")) for p in prompts)  # held-out templates only
 
 
+@needs_clip
+def test_compare_on_stable_diffusion_weighs_concepts_against_alternatives(sd_folder, tmp_path, refused):
+    """compare_methods --objective classifier on an SD folder: --alternatives are what the judge weighs each concept
+    against, in the objective, causal tracing's score and the erasure curves' J alike (the shipped CLIP knows a
+    few words only, so the generic "something else" is refused up front: before any method runs)."""
+    from analyses.compare_methods import main
+
+    args = ["--model", str(sd_folder), "--objective", "classifier", "--judge", "concept-world-clip", "--concepts",
+            "red", "--tracing-noise", "1", "--images", "2", "--gen-steps", "2", "--blocks", "mid_block", "--methods", "ablation",
+            "tracing", "--heldout-masks", "10", "--erasure-k", "1", "--erasure-images", "3", "--erasure-steps",
+            "2", "--n-boot", "100", "--max-batch", "4", "--no-progress", "--threads", "1"]
+    line = refused(main, args + ["--erasure-k", "--out", str(tmp_path / "generic")])  # no erasure: the objective
+    assert "does not know the word" in line and not (tmp_path / "generic" / "cache").exists()
+    out = tmp_path / "run"
+    assert main(args + ["--alternatives", "blue", "green", "--out", str(out)]) == 0
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "complete"
+    results = pd.read_parquet(out / "results.parquet")
+    assert set(results["method"]) == {"ablation", "tracing"} and set(results["concept"]) == {"red"}
+    assert (out / "tables" / "erasure_curves.csv").exists()  # one concept: weighed against --alternatives
+
+
 def test_coar_edit_asks_for_references_off_the_concept_world(sd):
     with pytest.raises(ValueError, match="references"):
         ed.coar_edit(sd, "red", k=2, objective=ObjectiveConfig(n_images=1, timesteps=(500,), gen_steps=2))
