@@ -24,11 +24,15 @@ def tiny_config(folder: Path, **kw) -> CompareConfig:
     return CompareConfig(**base)
 
 
-@pytest.mark.parametrize("objective,anchor", [("erase", "shared"),
-                                              pytest.param("amplify", "shared", marks=pytest.mark.slow),
-                                              pytest.param("erase", "frozen", marks=pytest.mark.slow)])
-def test_planned_counts_equal_the_runs_recorded_counts(tiny_world_folder, tmp_path, monkeypatch, objective, anchor):
-    cfg = tiny_config(tiny_world_folder, objective=objective, anchor=anchor)
+@pytest.mark.parametrize("objective,anchor,extra", [
+    ("erase", "shared", {}),
+    pytest.param("amplify", "shared", {}, marks=pytest.mark.slow),
+    pytest.param("erase", "frozen", {}, marks=pytest.mark.slow),
+    # through generation, its calls split within a small max_batch (causal tracing's patched calls included)
+    pytest.param("classifier", "shared", {"gen_steps": 2, "max_batch": 4}, marks=pytest.mark.slow)])
+def test_planned_counts_equal_the_runs_recorded_counts(tiny_world_folder, tmp_path, monkeypatch, objective, anchor,
+                                                       extra):
+    cfg = tiny_config(tiny_world_folder, objective=objective, anchor=anchor, **extra)
     model = interp.load_model(cfg.model)
     plan = plan_comparison(cfg, model=model, measure=True)
     assert model.counters["unet_rows"] == 0, "the plan's measured passes must not count as work"
