@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concepts", nargs="+", default=["red", "circle", "striped"],
                    help="concepts (default %(default)s)")
     p.add_argument("--judge", default="classifier", help="image judge (default %(default)s)")
+    p.add_argument("--alternatives", nargs="+", default=(), metavar="PHRASE",
+                   help="models other than the concept world: the phrases the judge weighs each concept against "
+                        "(default: the judge's generic ones)")
     p.add_argument("--images", type=int, default=24, help="prompts (one image each) per concept (default %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps (default %(default)s)")
     p.add_argument("--noise", type=int, default=3, help="noise draws of the corruption (default %(default)s)")
@@ -65,6 +68,7 @@ def main(argv=None) -> int:
 
     import interp
     from analyses._cli import quiet_if_asked, run_or_exit
+    from interp.concepts import judged_concept
     from interp.methods.tracing import text_restoration
     from interp.objectives import ObjectiveConfig
 
@@ -76,7 +80,8 @@ def main(argv=None) -> int:
         frames = []
         for c in args.concepts:
             t1 = time.perf_counter()
-            frames.append(text_restoration(model, c, cfg, noise_scale=args.noise_scale, n_noise=args.noise,
+            concept = judged_concept(model, c, args.alternatives, n=args.images)
+            frames.append(text_restoration(model, concept, cfg, noise_scale=args.noise_scale, n_noise=args.noise,
                                            seed=args.seed))
             logging.info("%s: %.1f s", c, time.perf_counter() - t1)
         return frames

@@ -111,9 +111,6 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
         biggest = max(parts, key=parts.get)
         check_memory(sum(parts.values()), f"this configuration ({len(comps)} components; most for the {biggest})",
                      "lower the counts named there")
-        if cfg.alternatives and model.is_concept_world:
-            raise ValueError(f"--alternatives is for models other than the concept world: on {cfg.model!r} a "
-                             f"concept is weighed against the other values of its attribute; leave it out")
         methods = {m: get(m)(**cfg.method_options(m, len(comps))) for m in cfg.methods}  # options checked now
         erasure = erasure_setup(model, comps, cfg) if cfg.erasure_k else None  # k, judge, values: checked now
         say(f"{len(comps)} components ({cfg.granularity}, kinds {list(cfg.kinds)}), {len(cfg.concepts)} concepts, "
@@ -291,11 +288,9 @@ def concept_spec(model, concept: str, cfg: CompareConfig):
     """The concept a run's objective is built on: the word itself (the concept world's own concepts, or a phrase
     with the judge's generic alternatives), or on other models with ``--alternatives`` a text concept weighed
     against them."""
-    if model.is_concept_world or not cfg.alternatives:
-        return concept
-    from .concepts import DEFAULT_TEMPLATES, text_concept
+    from .concepts import judged_concept
 
-    return text_concept(concept, n=min(cfg.n_images, len(DEFAULT_TEMPLATES)), alternatives=cfg.alternatives_for(concept))
+    return judged_concept(model, concept, cfg.alternatives, n=cfg.n_images)
 
 
 def erasure_setup(model, comps, cfg: CompareConfig) -> dict:

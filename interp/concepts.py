@@ -82,6 +82,22 @@ def resolve(model, concept: str | Concept, n: int = 8, seed: int = 0) -> Concept
     return text_concept(concept, n=min(n, len(DEFAULT_TEMPLATES)))
 
 
+def judged_concept(model, phrase: str, alternatives=(), n: int = 8) -> "str | Concept":
+    """What an objective is built on for ``phrase`` when an image judge may weigh it against ``alternatives``:
+    the word itself on a model with its own concepts (whose alternatives are the other values of the attribute;
+    giving any is an error) or when none are given; otherwise a text concept weighed against them, the phrase
+    itself left out."""
+    alternatives = tuple(a for a in alternatives if a != phrase)
+    if model.is_concept_world:
+        if alternatives:
+            raise ValueError(f"alternatives are for models other than the concept world: on {model.name!r} a concept "
+                             f"is weighed against the other values of its attribute; leave --alternatives out")
+        return phrase
+    if not alternatives:
+        return phrase
+    return text_concept(phrase, n=min(n, len(DEFAULT_TEMPLATES)), alternatives=alternatives)
+
+
 class FragmentedConceptWarning(UserWarning):
     """A concept word the tokenizer only knows letter by letter."""
 

@@ -60,7 +60,7 @@ CLI_CASES = {
     "empty concept word": (["--concepts", " "], "non-empty"),
     "two erasure images": (["--erasure-k", "1", "--erasure-images", "2"], "--erasure-images"),
     "erasure steps 0": (["--erasure-k", "1", "--erasure-steps", "0"], "--erasure-steps"),
-    "alternatives on the concept world": (["--alternatives", "blue"], "--alternatives is for models other"),
+    "alternatives on the concept world": (["--alternatives", "blue"], "alternatives are for models other"),
     "duplicate alternatives": (["--alternatives", "blue", "blue"], "--alternatives"),
     "the concept its only alternative": (["--alternatives", "red"], "nothing to be weighed against"),
     "no reference method": (["--methods", "cad"], "ablation"),

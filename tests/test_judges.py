@@ -294,6 +294,18 @@ def test_compare_on_stable_diffusion_weighs_concepts_against_alternatives(sd_fol
     assert (out / "tables" / "erasure_curves.csv").exists()  # one concept: weighed against --alternatives
 
 
+@needs_clip
+def test_text_restoration_on_stable_diffusion_weighs_concepts_against_alternatives(sd_folder, tmp_path, refused):
+    from analyses.text_restoration import main
+
+    args = ["--model", str(sd_folder), "--judge", "concept-world-clip", "--concepts", "red", "--images", "2",
+            "--steps", "1", "--noise", "1", "--threads", "1", "--no-progress", "--out", str(tmp_path / "r.csv")]
+    assert "does not know the word" in refused(main, args)  # the generic "something else"
+    assert main(args + ["--alternatives", "blue", "green"]) == 0
+    df = pd.read_csv(tmp_path / "r.csv")
+    assert set(df["concept"]) == {"red"} and df["p_concept"].between(0, 1).all()
+
+
 def test_coar_edit_asks_for_references_off_the_concept_world(sd):
     with pytest.raises(ValueError, match="references"):
         ed.coar_edit(sd, "red", k=2, objective=ObjectiveConfig(n_images=1, timesteps=(500,), gen_steps=2))
