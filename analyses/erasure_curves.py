@@ -307,6 +307,7 @@ def _run(args, r, compare, log) -> dict:
         all_rankings[concept] = rankings
         if args.ablation == "mean":
             means[concept] = er.ablation_means(objectives[concept], comps)
+        objectives[concept].release()  # its replay cache: one concept's is held at a time
     t0 = time.perf_counter()
     study = er.erasure_study(model, comps, all_rankings, ocfg, cfg, ecfg, judge, alternatives, store, log,
                              means=means if args.ablation == "mean" else None, concepts=specs)

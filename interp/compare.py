@@ -138,6 +138,7 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
                                                               progress, executor)
             say(f"{concept}: held-out joint ablations ({cfg.heldout_masks} masks x {len(cfg.lds_alphas)} rates) done "
                 f"in {time.perf_counter() - t0:.1f} s")
+            obj.release()  # this concept's replay cache: one concept's is held at a time
         results = concat(frames)
         maps = pd.concat(map_frames, ignore_index=True) if map_frames else empty_maps()
         tables, figures = derived_outputs(results, maps, heldout, cfg, store, say)

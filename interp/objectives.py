@@ -47,6 +47,11 @@ KINDS = ("erase", "amplify", "classifier")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+#: Bytes an objective's replay cache may hold (:attr:`Objective.replay_budget`; :func:`interp.plan.preflight`
+#: holds as much of the device while it tries a run's largest passes).
+REPLAY_BUDGET = 2**31
+
+
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """Which J, on which evaluation set. Frozen; :meth:`hash` keys caches."""
@@ -143,15 +148,17 @@ class Objective:
         #: running it (:mod:`interp.prefix`); equal to running it up to the rounding of batch sizes. True: where
         #: that saves FLOPs (see :meth:`replay_prefix`); "always"; False only to measure what it saves.
         self.replay_prefix = True
-        #: Bytes of replayed outputs kept between calls (at Stable Diffusion's size one frontier is ~1 GB).
-        self.replay_budget = 2**31
+        #: Bytes the replay cache may hold. A call whose outputs to replay would be more runs full passes instead
+        #: (SD 1.5 at 64x64 latents, float16: up to 72 MB per evaluation row, 5.6 GB for its default 80 rows).
+        self.replay_budget = REPLAY_BUDGET
         self._replayed: dict = {}  # module path -> its intact output over the whole evaluation set
         self._replay_context = None  # the target context those outputs were computed with (None: the objective's)
         self._build()
-        if cfg.kind != "classifier":  # the FLOP shares replay decisions read, counted now (on a meta-device copy)
-            from .prefix import module_flops  # rather than inside a later call a caller may be measuring
-
+        if cfg.kind != "classifier":  # the FLOP shares and output sizes replay decisions read, counted now (on a
+            from .prefix import module_bytes, module_flops  # meta-device copy) rather than inside a later call a
+                                                            # caller may be measuring
             module_flops(self.model)
+            module_bytes(self.model)
 
     @property
     def replay_prefix(self) -> bool | str:
@@ -450,11 +457,16 @@ class Objective:
         """Whether replaying ``fronts`` for batches of ``rows`` UNet rows saves FLOPs, counting the intact pass that
         fills the cache (:func:`interp.prefix.replay_pays`) whether or not an earlier call filled it: the choice, and
         so every value's rounding, is a function of the call alone, the same in a resumed run and on every worker.
-        ``replay_prefix="always"`` replays whatever it costs."""
+        ``replay_prefix="always"`` replays whatever it costs in FLOPs. Never when the outputs to cache are more than
+        ``replay_budget`` bytes (from per-module output sizes counted on the meta device: a function of the call
+        and the model, like the rest)."""
+        from .prefix import fill_bytes, replay_pays
+
+        need = dict.fromkeys(p for f in fronts for p in f)
+        if fill_bytes(self.model, need, self.n_samples * self.branches) > self.replay_budget:
+            return False  # the cache would outgrow its budget: full passes, the same values up to rounding
         if self.replay_prefix == "always":
             return True
-        from .prefix import replay_pays
-
         return replay_pays(self.model, fronts, rows, self.n_samples * self.branches)
 
     def _cached_context(self, context) -> bool:
@@ -466,21 +478,28 @@ class Objective:
         """Make sure the outputs of ``paths`` over the whole evaluation set, without interventions, on the target
         context ``context`` (None: the objective's own), are cached: one uncounted pass for all that are missing.
         One context is cached at a time (causal tracing works through its noise draws one after another). Past
-        ``replay_budget`` bytes, outputs not asked for now are dropped first."""
-        from .prefix import intact_outputs, nbytes
+        ``replay_budget`` bytes, outputs not asked for now are dropped first (what a call asks for fits:
+        :meth:`_replay_pays`)."""
+        from .prefix import fill_bytes, intact_outputs, nbytes
 
         if not self._cached_context(context):
             self._replayed, self._replay_context = {}, context
         missing = [p for p in paths if p not in self._replayed]
         if not missing:
             return
-        if sum(nbytes(v) for v in self._replayed.values()) > self.replay_budget:
+        kept = sum(nbytes(v) for v in self._replayed.values())
+        if kept + fill_bytes(self.model, missing, self.n_samples * self.branches) > self.replay_budget:
             self._replayed = {p: v for p, v in self._replayed.items() if p in paths}
         full = self.branches
         target = self.ctx_target if context is None else context
         ctx = torch.cat([target[self.image_index], self.ctx_anchor[self.image_index]][:full])
         self._replayed.update(intact_outputs(self.model, missing, self.x_t.repeat(full, 1, 1, 1), self.t.repeat(full),
                                              ctx, max_rows=self.config.max_batch))
+
+    def release(self) -> None:
+        """Free the replay cache (a later call that replays fills it again): a run calls it when it is done with
+        this objective's sweeps, so that the caches of several concepts are not held at once."""
+        self._replayed, self._replay_context = {}, None
 
     def mean(self, plan=None, mult=None, means=None) -> torch.Tensor:
         """J averaged over the evaluation set, per mask row."""

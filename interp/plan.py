@@ -239,6 +239,26 @@ def replayed_fraction(model, comps) -> float:
     return replayed / len(comps)
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def replay_reserve(model, comps, shape: EvalShape) -> int:
+    """Bytes an objective's replay cache may hold during a run over ``comps``: the intact outputs of every module
+    upstream of a component's unit over the evaluation set, at most the cache's budget (nothing through generation,
+    which never replays). The preflight holds as much of the device while it tries the largest passes."""
+    from .interventions import compile_plan
+    from .objectives import REPLAY_BUDGET
+    from .prefix import fill_bytes, frontier
+
+    in_unet = [c for c in comps if c.model == "unet"]
+    if shape.kind == "classifier" or not in_unet:
+        return 0
+    paths = {p for site in compile_plan(model, in_unet).sites["unet"]
+             for p in frontier(model, model.events[(site.event, site.path)])}
+    return min(REPLAY_BUDGET, fill_bytes(model, paths, shape.n_samples * shape.branches))
+
+
 def _meta_flops(model, comps, rows: int = 1) -> tuple[float, float]:
     """FLOPs of a forward pass and of a forward+backward pass (gradients with respect to multipliers at the
     components' sites, weights frozen) for ``rows`` rows, counted on a meta-device copy of the UNet."""
@@ -408,27 +428,40 @@ def preflight(model, comps, shape: EvalShape, grad: bool, masks: int | None = No
     cache key, so a run restarted with another one starts over). Raises
     :class:`interp.runs.InsufficientMemoryError`; the model's counters are left as they were."""
     from .interventions import compile_plan
-    from .runs import InsufficientMemoryError
+    from .runs import InsufficientMemoryError, is_out_of_memory
 
     unet_comps = _unet_components(comps)
     plan = compile_plan(model, unet_comps) if len(unet_comps) else None
     fwd, bwd = engine_batches(shape, masks)
     saved = dict(model.counters)
     tight = []
+    reserve = replay_reserve(model, unet_comps, shape)
+    try:  # the replay cache lives beside the forward sweeps' passes: as much is held while they are tried
+        held = torch.empty(reserve, dtype=torch.uint8, device=model.device) if reserve else None
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        raise InsufficientMemoryError(
+            f"the replay cache of the run's evaluation set ({_size(reserve)}) does not fit on "
+            f"{model.device}, checked before any method ran: evaluate fewer --images or --timesteps, or a lower "
+            f"--precision") from None
     try:
         for rows, g in ((fwd, False), (bwd, True))[: 2 if grad else 1]:
             q = _fitting_pass(model, plan, rows, rows, g)
             if q["oom_rows"]:
                 tight.append(("forward+backward" if g else "forward", rows, q["rows"]))
+            held = None  # gradient sweeps do not replay
     finally:
+        del held
         model.counters.clear()
         model.counters.update(saved)
     if tight:
         what = ", ".join(f"{kind}: {rows} UNet rows" for kind, rows, _ in tight)
         fits = min(r for _, _, r in tight)
+        cache = f", beside the replay cache's {_size(reserve)}" if reserve else ""
         raise InsufficientMemoryError(f"the run's largest passes do not fit on {model.device} ({what}; {fits} rows "
-                                      f"fit), checked before any method ran: run with --max-batch {fits} or a lower "
-                                      f"--precision")
+                                      f"fit{cache}), checked before any method ran: run with --max-batch {fits} or a "
+                                      f"lower --precision")
 
 
 def memory_bounded(model) -> bool:
@@ -616,6 +649,8 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
             rows.append({"method": name, "concept": concept, "forward_evals": rec.total / shape.rows_per_eval,
                          "backward_evals": rec.grad / shape.rows_per_eval, "unet_rows": r.total,
                          "unet_rows_grad": r.grad, "flops": flops, "seconds": secs})
+    from .objectives import REPLAY_BUDGET
+
     notes = ["'(evaluation set)': building each concept's objective (its J of the intact model, and generated "
              "samples on models other than the concept world); projected time covers UNet passes only."]
     if passes and shape.kind != "classifier" and any(m in cfg.methods for m in ("ablation", "screen", "tracing")):
@@ -626,7 +661,8 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
                      f"running it where that saves FLOPs (a call whose batches would skip less than one intact pass "
                      f"over the evaluation set runs full passes): at most {frac:.0%} of a pass's FLOPs on average for "
                      f"these components, so their projected FLOPs and time, counted as full passes, are upper "
-                     f"bounds.")
+                     f"bounds. Its cache of intact outputs takes up to {_size(replay_reserve(model, comps, shape))} "
+                     f"per concept (a call that would cache more than {_size(REPLAY_BUDGET)} runs full passes).")
     again = sum(r.recomputed for _, _, r in work)
     if again:
         notes.append(f"gradients through generation keep one UNet call's activations at a time (more would exceed "

@@ -90,6 +90,34 @@ def module_flops(model) -> tuple[dict[str, float], float]:
     return cached
 
 
+def module_bytes(model) -> dict[str, int]:
+    """Bytes of one row's output of every UNet module (by path, ``unet.…``; tuples whole) in the model's dtype,
+    counted once per model on the meta-device copy: what the replay cache holds per evaluation row of a module."""
+    cached = getattr(model, "_module_bytes", None)
+    if cached is None:
+        meta, x, t, ctx = meta_unet(model)
+        sizes: dict[str, int] = {}
+
+        def record(name):
+            return lambda module, args, out: sizes.__setitem__("unet." + name, nbytes(out))
+
+        hooks = [m.register_forward_hook(record(name)) for name, m in meta.named_modules() if name]
+        try:
+            with torch.no_grad():
+                meta(x, t, encoder_hidden_states=ctx, return_dict=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        cached = model._module_bytes = sizes
+    return cached
+
+
+def fill_bytes(model, paths, rows: int) -> int:
+    """Bytes the replay cache holds for the outputs of ``paths`` over ``rows`` evaluation rows."""
+    per = module_bytes(model)
+    return rows * sum(per.get(p, 0) for p in paths)
+
+
 def upstream_share(model, paths) -> float:
     """The fraction of a UNet pass's FLOPs spent in the modules ``paths`` (a frontier): what replaying them saves."""
     per, total = module_flops(model)

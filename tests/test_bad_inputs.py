@@ -476,12 +476,38 @@ def test_on_an_accelerator_the_largest_passes_are_tried_before_any_method(world,
     # the evaluation set is 2 images x 1 timestep x 2 branches = 4 rows: the objectives fit; the sweeps' batches do not
     assert "before any method ran" in line and "run with --max-batch 4" in line, line
     # the largest sweep: 2 x 16 mid-block neurons' masks x 4 rows; a gradient pass: 4 masks x 2 branches x 2 samples
-    assert "(forward: 128 UNet rows, forward+backward: 16 UNet rows; 4 rows fit)" in line, line
+    assert "(forward: 128 UNet rows, forward+backward: 16 UNet rows; 4 rows fit, beside the replay cache's" in line, line
     assert methods_started(out) == [] and json.loads((out / "status.json").read_text())["status"] == "failed"
     passes.clear()
     out = tmp_path / "fits"
     assert main(small_args(world, out, "--max-batch", "4")) == 0  # what the line says works, and is tried first
     assert passes and max(passes) <= 4 and json.loads((out / "status.json").read_text())["status"] == "complete"
+
+
+def test_on_an_accelerator_the_replay_cache_is_held_while_the_largest_passes_are_tried(world, tmp_path, refused,
+                                                                                      monkeypatch):
+    """Prefix replay's cache (the intact outputs upstream of the ablated units, up to its budget) lives on the
+    device beside the sweeps' passes, so the preflight holds as much while it tries them; a cache that cannot fit
+    at all is one line before any method runs. The allocator's error is real: a 40 TB reservation."""
+    import interp.plan as plan_mod
+    from analyses.compare_methods import main
+
+    asked = []
+    real = plan_mod.replay_reserve
+
+    def reserve(*args):
+        asked.append(real(*args))
+        return asked[-1]
+
+    monkeypatch.setattr(plan_mod, "memory_bounded", lambda model: True)
+    monkeypatch.setattr(plan_mod, "replay_reserve", reserve)
+    assert main(small_args(world, tmp_path / "fits")) == 0
+    assert asked and asked[0] > 0
+    monkeypatch.setattr(plan_mod, "replay_reserve", lambda *args: 40 * 2**40)
+    out = tmp_path / "run"
+    line = refused(main, small_args(world, out))
+    assert "replay cache" in line and "--images" in line and "before any method ran" in line, line
+    assert methods_started(out) == []
 
 
 @pytest.mark.parametrize("command", ["edit_concepts", "erasure_curves"])

@@ -254,3 +254,49 @@ def test_replay_runs_only_where_it_saves_flops(tiny_world_model):
     assert not replay_pays(model, [front], [10], fill_rows=int(10 * share) + 1)
     with pytest.raises(ValueError, match="replay_prefix"):
         obj.replay_prefix = "yes"
+
+
+def test_the_replay_cache_stays_within_its_budget(tiny_world_model):
+    """The cache holds at most ``replay_budget`` bytes, counted beforehand from per-module output sizes on the meta
+    device (equal to the real outputs'): a call whose outputs to cache would be more runs full passes, bitwise as
+    with replay off, and a fill drops what the call does not need first. (SD 1.5 at 64x64 latents caches up to
+    72 MB per evaluation row in float16.)"""
+    from interp.interventions import compile_plan
+    from interp.plan import eval_shape, replay_reserve
+    from interp.prefix import fill_bytes, intact_outputs, module_bytes, nbytes
+
+    model = tiny_world_model
+    obj = Objective(model, "red", ObjectiveConfig(n_images=2, timesteps=(300,), dtype="float64"))
+    rows = obj.n_samples * obj.branches
+    per = module_bytes(model)
+    paths = ["unet.down_blocks.1", "unet.mid_block", "unet.up_blocks.0.attentions.0"]
+    real = intact_outputs(model, paths, obj.x_t.repeat(2, 1, 1, 1), obj.t.repeat(2),
+                          torch.cat([obj.ctx_target[obj.image_index], obj.ctx_anchor[obj.image_index]]))
+    assert {p: nbytes(real[p]) for p in paths} == {p: rows * per[p] for p in paths}
+    sets = {b: _sample(ComponentSet(list(model.space.select("neuron", block=b))), 6) for b in ("mid_block",
+                                                                                               "up_blocks.1")}
+    plans = {b: compile_plan(model, c) for b, c in sets.items()}
+    M = torch.ones(6, 6, dtype=obj.dtype) - torch.eye(6, dtype=obj.dtype)
+    # what each call caches: the frontier of its earliest unit (its 6 masks are one batch), in the float64 copy
+    # of the model that the objective runs
+    need = {b: fill_bytes(obj.model, frontier(model, model.events[(p.sites["unet"][0].event, p.sites["unet"][0].path)]),
+                          rows) for b, p in plans.items()}
+    assert need["mid_block"] < need["up_blocks.1"]
+    obj.replay_prefix = False
+    full = {b: obj.values(p, M) for b, p in plans.items()}
+    obj.replay_prefix = "always"
+    replayed = {b: obj.values(p, M) for b, p in plans.items()}
+    assert sum(nbytes(v) for v in obj._replayed.values()) > need["up_blocks.1"]  # both calls' outputs kept
+    obj.release()
+    obj.replay_budget = need["up_blocks.1"] - 1  # the later units' call would cache more than the budget
+    got = {b: obj.values(p, M) for b, p in plans.items()}
+    assert torch.equal(got["up_blocks.1"], full["up_blocks.1"])  # not replayed: the full passes' values, bitwise
+    assert torch.equal(got["mid_block"], replayed["mid_block"])  # replayed as before
+    assert sum(nbytes(v) for v in obj._replayed.values()) == need["mid_block"]
+    obj.replay_budget = need["up_blocks.1"]  # fits alone: the mid block's outputs are dropped to make room
+    assert torch.equal(obj.values(plans["up_blocks.1"], M), replayed["up_blocks.1"])
+    assert sum(nbytes(v) for v in obj._replayed.values()) <= obj.replay_budget
+    # the preflight holds what a run's cache may reach: its frontiers' outputs, at most the budget
+    assert replay_reserve(model, sets["up_blocks.1"], eval_shape(model, obj.config)) >= need["up_blocks.1"]
+    assert replay_reserve(model, sets["up_blocks.1"],
+                          eval_shape(model, ObjectiveConfig(kind="classifier", n_images=2))) == 0
