@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -23,14 +24,15 @@ ctx = torch.randn(B, m.tokenizer.model_max_length, m.unet.config.cross_attention
 t = torch.full((B,), 500)
 with torch.no_grad():
     m.unet(x, t, ctx)
-    per_pass = []
-    for _ in range(5):  # the fewest faults of a pass: a busy machine adds stray ones to some passes, not to all
+    per_pass, digest = [], None
+    for _ in range(9):
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         out = m.unet(x, t, ctx).sample
         per_pass.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    faults = min(per_pass)
-print(json.dumps({"tuned": tune_cpu_allocator(), "again": tune_cpu_allocator(), "faults": faults,
-                  "digest": hashlib.sha256(out.numpy().tobytes()).hexdigest()}))
+        digest = digest or hashlib.sha256(out.numpy().tobytes()).hexdigest()
+        del out
+print(json.dumps({"tuned": tune_cpu_allocator(), "again": tune_cpu_allocator(), "faults": per_pass,
+                  "digest": digest}))
 """
 
 
@@ -46,8 +48,12 @@ def test_load_model_tunes_the_allocator_so_passes_stop_faulting_in_memory():
     tuned, default = _run(), _run(INTERP_TUNE_MALLOC="0")
     assert tuned["tuned"] and tuned["again"]  # idempotent
     assert not default["tuned"] and not default["again"]
-    # the untuned allocator hands every pass's activations back to the kernel and faults them in again
-    assert default["faults"] > 5 * max(tuned["faults"], 1), (default, tuned)
+    # The untuned allocator hands the passes' activations back to the kernel and faults them in again; the tuned one
+    # keeps them once its pool has grown. Per pass this varies with where the heap's layout puts what outlives a
+    # pass (an untuned pass may fault nothing, a tuned one a few hundred pages while its pool grows), so the
+    # steady state is compared: the median of the last six of nine passes.
+    steady = {name: statistics.median(r["faults"][3:]) for name, r in (("tuned", tuned), ("default", default))}
+    assert steady["default"] > 5 * max(steady["tuned"], 1), (default, tuned)
     assert tuned["digest"] == default["digest"]  # the same bits either way
     # the user's own glibc setting wins: nothing is changed
     assert not _run(MALLOC_MMAP_THRESHOLD_="1048576")["tuned"]
