@@ -141,18 +141,6 @@ def check_config(config: EditConfig) -> None:
         raise ValueError(f"--seed must be >= 0, got {config.seed}")
 
 
-def alternatives_for(model, concept: str, config) -> list[str] | None:
-    """Concept world: None (the other values of the attribute). Other models: --alternatives, else the other
-    --concepts; a clear error when there are none."""
-    if model.is_concept_world:
-        return None
-    alts = [a for a in (config.alternatives or config.concepts) if a != concept]
-    if not alts:
-        raise ValueError(f"on {config.model!r} (not the concept world) give --alternatives: the phrases {concept!r} is "
-                         f"weighed against, whose retention is measured and which coar-edit uses as references")
-    return alts
-
-
 def make_edits(model, concept: str, spec: str, config, objective, comps):
     """The edits of one spec for one concept, one per budget of its sweep."""
     from dataclasses import replace
@@ -179,7 +167,10 @@ def make_edits(model, concept: str, spec: str, config, objective, comps):
         ranking = ed.rank_components(model, concept, "cad", comps, objective=replace(objective, kind="amplify"),
                                      side="negative", name=spec)
     elif spec == "coar-edit":
-        ranking = ed.coar_edit_ranking(model, concept, alternatives_for(model, concept, config), components=comps,
+        from interp.concepts import weighed_against
+
+        refs = weighed_against(model, concept, config.alternatives or (), config.concepts)
+        ranking = ed.coar_edit_ranking(model, concept, refs, components=comps,
                                        objective=objective)
     else:
         ranking = ed.rank_components(model, concept, spec.split(":", 1)[1], comps, objective=objective, name=spec,
@@ -233,10 +224,13 @@ def _run(config, r, log) -> dict:
         ["cad"] if spec.startswith("cad-") else ["coar"] if spec == "coar-edit" else
         [spec.split(":", 1)[1]] if spec.startswith("ablate:") else [])}
     preflight_run(model, comps, objective, sorted(methods), 2 * len(comps), log)
+    from interp.concepts import weighed_against
+
     evaluations, records, grids = [], [], {}
     for concept in config.concepts:
         t0 = time.perf_counter()
-        base = ed.baseline(model, concept, cfg, judge, alternatives_for(model, concept, config))
+        base = ed.baseline(model, concept, cfg, judge,
+                           weighed_against(model, concept, config.alternatives or (), config.concepts))
         bt = base.judged.table
         rate = float((bt.loc[bt["set"] == "target", f"pred_{base.held.attribute}"] == concept).mean())
         log(f"{concept}: baseline of {cfg.n_images} held-out images in {time.perf_counter() - t0:.1f} s "

@@ -236,10 +236,10 @@ def _run(args, r, compare, log) -> dict:
     import numpy as np
 
     import interp
-    from analyses.edit_concepts import alternatives_for
     from interp import editing as ed
     from interp import erasure as er
     from interp.compare import concept_spec, select_components
+    from interp.concepts import weighed_against
     from interp.diffusion import latent_shape
     from interp.objectives import Objective
     from interp.report import render_report, settings_rows
@@ -261,8 +261,7 @@ def _run(args, r, compare, log) -> dict:
     ecfg = er.ErasureConfig(ks=tuple(args.k or ()), n_random=args.random_rankings, n_masks=args.random_masks,
                             mask_rates=tuple(args.mask_rates), n_boot=args.n_boot, seed=args.seed)
     ks = er.k_grid(len(comps), ecfg.ks)  # k beyond the component set: refused before any work
-    alternatives = {c: alternatives_for(model, c, argparse.Namespace(**{**vars(args), "model": ccfg.model}))
-                    for c in args.concepts}
+    alternatives = {c: weighed_against(model, c, args.alternatives or (), args.concepts) for c in args.concepts}
     per_image = int(np.prod(latent_shape(model.unet, 1))) * 4 * 8
     check_memory(args.images * per_image * 3, f"--images {args.images}", "pass fewer --images")
     ocfg = ccfg.objective_config()

@@ -300,16 +300,10 @@ def erasure_setup(model, comps, cfg: CompareConfig) -> dict:
     from . import erasure as er
     from .editing.evaluate import EVAL_SEED, EvalConfig, images_per_call, resolve_judge
 
+    from .concepts import weighed_against
+
     er.k_grid(len(comps), cfg.erasure_k)
-    if model.is_concept_world:
-        alternatives = {c: None for c in cfg.concepts}  # the other values of each concept's attribute
-    elif cfg.alternatives:
-        alternatives = {c: list(cfg.alternatives_for(c)) for c in cfg.concepts}
-    elif len(cfg.concepts) < 2:
-        raise ValueError("erasure curves on a model other than the concept world weigh each concept against the "
-                         "other --concepts or --alternatives: give either, or leave --erasure-k empty")
-    else:
-        alternatives = {c: [o for o in cfg.concepts if o != c] for c in cfg.concepts}
+    alternatives = {c: weighed_against(model, c, cfg.alternatives, cfg.concepts) for c in cfg.concepts}
     return {"judge": resolve_judge(model, cfg.judge), "alternatives": alternatives,
             "eval": EvalConfig.from_total(cfg.erasure_images, steps=cfg.erasure_steps, seed=EVAL_SEED + cfg.seed,
                                           guidance=cfg.guidance, batch=images_per_call(cfg.max_batch)),

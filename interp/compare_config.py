@@ -160,11 +160,6 @@ class CompareConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def alternatives_for(self, concept: str) -> tuple[str, ...]:
-        """What the judge weighs ``concept`` against on a model other than the concept world: ``alternatives``
-        without the concept (empty when none were given)."""
-        return tuple(a for a in self.alternatives if a != concept)
-
     def objective_config(self):
         from .objectives import ObjectiveConfig
 

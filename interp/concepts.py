@@ -98,6 +98,19 @@ def judged_concept(model, phrase: str, alternatives=(), n: int = 8) -> "str | Co
     return text_concept(phrase, n=min(n, len(DEFAULT_TEMPLATES)), alternatives=alternatives)
 
 
+def weighed_against(model, concept: str, alternatives=(), concepts=()) -> list[str] | None:
+    """What held-out images of ``concept`` are judged against (and whose retention an erasure or edit measures):
+    None on the concept world (the other values of its attribute); elsewhere ``alternatives``, else the other
+    ``concepts`` of the run, the concept itself left out. A clear error when none remain."""
+    if model.is_concept_world:
+        return None
+    alts = [a for a in (alternatives or concepts) if a != concept]
+    if not alts:
+        raise ValueError(f"on {model.name!r} (not the concept world) {concept!r} has nothing to be weighed against: "
+                         f"give --alternatives (the phrases whose retention is measured) or more --concepts")
+    return alts
+
+
 class FragmentedConceptWarning(UserWarning):
     """A concept word the tokenizer only knows letter by letter."""
 
