@@ -149,7 +149,7 @@ class Objective:
         #: that saves FLOPs (see :meth:`replay_prefix`); "always"; False only to measure what it saves.
         self.replay_prefix = True
         #: Bytes the replay cache may hold. A call whose outputs to replay would be more runs full passes instead
-        #: (SD 1.5 at 64x64 latents, float16: up to 72 MB per evaluation row, 5.6 GB for its default 80 rows).
+        #: (at Stable Diffusion's 64x64 latents a late unit's are gigabytes for an 80-row set: see the README).
         self.replay_budget = REPLAY_BUDGET
         self._replayed: dict = {}  # module path -> its intact output over the whole evaluation set
         self._replay_context = None  # the target context those outputs were computed with (None: the objective's)

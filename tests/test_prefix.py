@@ -259,8 +259,7 @@ def test_replay_runs_only_where_it_saves_flops(tiny_world_model):
 def test_the_replay_cache_stays_within_its_budget(tiny_world_model):
     """The cache holds at most ``replay_budget`` bytes, counted beforehand from per-module output sizes on the meta
     device (equal to the real outputs'): a call whose outputs to cache would be more runs full passes, bitwise as
-    with replay off, and a fill drops what the call does not need first. (SD 1.5 at 64x64 latents caches up to
-    72 MB per evaluation row in float16.)"""
+    with replay off, and a fill drops what the call does not need first."""
     from interp.interventions import compile_plan
     from interp.plan import eval_shape, replay_reserve
     from interp.prefix import fill_bytes, intact_outputs, module_bytes, nbytes
