@@ -29,7 +29,9 @@
 # %matplotlib inline
 import interp
 
-SMALL = interp.notebook_setup()  # quiet library chatter; the tests set a small configuration
+from interp.notebook import notebook_setup
+
+SMALL = notebook_setup()  # quiet library chatter; the tests set a small configuration
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -38,6 +40,7 @@ import torch
 
 import interp.plots
 from interp.objectives import ObjectiveConfig
+from interp.world.concepts import world_concept
 from interp.world.render import ConceptWorld
 from interp.world.vocab import ATTRIBUTES, TEMPLATES
 
@@ -171,7 +174,7 @@ except interp.UnknownComponentError as err:
 
 # %%
 cfg = ObjectiveConfig(kind="erase", n_images=2, timesteps=(250, 600)) if SMALL else ObjectiveConfig(kind="erase")
-concept = interp.world_concept("red", n=cfg.n_images)
+concept = world_concept("red", n=cfg.n_images)
 for target, anchor in list(zip(concept.target_prompts, concept.anchor_prompts))[:4]:
     print(f"{target!r:55} anchor: {anchor!r}")
 

@@ -37,7 +37,9 @@ import time
 
 import interp
 
-SMALL = interp.notebook_setup()  # quiet library chatter; the tests set a small configuration
+from interp.notebook import notebook_setup
+
+SMALL = notebook_setup()  # quiet library chatter; the tests set a small configuration
 
 import matplotlib.pyplot as plt
 import numpy as np

@@ -35,7 +35,9 @@
 # %matplotlib inline
 import interp
 
-SMALL = interp.notebook_setup()  # quiet library chatter; the tests set a small configuration
+from interp.notebook import notebook_setup
+
+SMALL = notebook_setup()  # quiet library chatter; the tests set a small configuration
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -44,6 +46,7 @@ from IPython.display import display
 
 import interp.plots
 from interp.objectives import ObjectiveConfig
+from interp.world.concepts import world_concept
 
 model = interp.load_model("concept-world")
 print("small configuration" if SMALL else "full configuration")
@@ -87,7 +90,7 @@ maps = pd.concat(maps.values(), ignore_index=True)  # axis "timestep" or "token"
 
 # %%
 for concept in CONCEPTS:
-    c = interp.world_concept(concept, n=cfg.n_images)
+    c = world_concept(concept, n=cfg.n_images)
     positions = frames[concept].attrs["meta"]["subject_positions"]
     for prompt, pos in list(zip(c.target_prompts, positions))[:2]:
         tokens = model.tokenizer.convert_ids_to_tokens(model.tokenizer(prompt).input_ids)

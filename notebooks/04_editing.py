@@ -39,7 +39,9 @@ from dataclasses import replace
 
 import interp
 
-SMALL = interp.notebook_setup()  # quiet library chatter; the tests set a small configuration
+from interp.notebook import notebook_setup
+
+SMALL = notebook_setup()  # quiet library chatter; the tests set a small configuration
 
 import matplotlib.pyplot as plt
 import pandas as pd

@@ -22,6 +22,7 @@ from interp.interventions import compile_plan
 from interp.judges import (GENERIC_ALTERNATIVES, SHIPPED_JUDGES, ClassifierJudge, CLIPJudge, JudgeLoadError,
                            load_judge)
 from interp.objectives import Objective, ObjectiveConfig
+from interp.world.concepts import world_concept
 from interp.world.model import ModelConfig, build_pipeline
 from interp.world.vocab import ATTRIBUTES
 
@@ -74,7 +75,7 @@ def test_classifier_judge_is_the_classifier(world):
     assert isinstance(judge, ClassifierJudge) and judge.name == "classifier"
     x, _ = renders()
     clf = world.classifier
-    assert torch.equal(judge.probability(x, interp.world_concept("red", n=2)), clf.concept_probability(x, "color", "red"))
+    assert torch.equal(judge.probability(x, world_concept("red", n=2)), clf.concept_probability(x, "color", "red"))
     full = judge.predict(x, {a: list(v) for a, v in ATTRIBUTES.items()})
     for a, p in clf.predict(x).items():
         assert torch.equal(full[a], p)
@@ -92,7 +93,7 @@ def test_classifier_judge_is_the_classifier(world):
 
 def test_clip_judge_interface(clip):
     x, attrs = renders(8)
-    red = interp.world_concept("red", n=2)
+    red = world_concept("red", n=2)
     assert red.alternatives == tuple(v for v in ATTRIBUTES["color"] if v != "red")
     xg = x.clone().requires_grad_(True)
     p = clip.probability(xg, red)
@@ -342,7 +343,7 @@ def test_train_clip_cli_writes_a_loadable_judge(tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as f:  # shipped small: float16 on disk
         assert all(f.get_tensor(k).dtype == torch.float16 for k in list(f.keys())[:5])
     x, _ = renders(3)
-    assert judge.probability(x, interp.world_concept("blue", n=1)).shape == (3,)
+    assert judge.probability(x, world_concept("blue", n=1)).shape == (3,)
 
 
 def test_contrastive_targets_treat_consistent_captions_as_positives():

@@ -163,7 +163,7 @@ def test_causal_tracing_replays_its_corrupted_run_exactly(tiny_world_model):
     try:
         for replay in ("always", False):
             obj.replay_prefix = replay
-            method = interp.REGISTRY["tracing"](n_noise=2, chunk=8)
+            method = interp.methods.REGISTRY["tracing"](n_noise=2, chunk=8)
             with FlopCounterMode(display=False) as fc:
                 df = method.attribute(model, "red", comps, objective=obj)
             maps = method.maps(model, "red", comps, objective=obj)  # the same run's
