@@ -18,6 +18,7 @@ SAGA on 50k+ masks; here the output is a diffusion objective and M is in the tho
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -30,7 +31,23 @@ from .base import Capabilities, Method, MethodConfig, register, stderr_over
 
 @dataclass(frozen=True)
 class COARConfig(MethodConfig):
-    n_masks: int = 2000
+    """COAR's options.
+
+    Attributes:
+        n_masks: random masks M; 0 (the default, as ``compare_methods --coar-masks``) means twice the number of
+            components, the budget COAR needs (fewer masks fit far worse); otherwise at least 10.
+        alpha: the masks' ablation rate, in (0, 1).
+        heldout: share of the masks kept out of the fit to measure its LDS, in (0, 1).
+        ridge: ridge penalty of the fit (0: unregularized least squares, as COAR).
+        mode: ``"zero"`` or ``"mean"`` ablation.
+        chunk: masks per cached chunk.
+        curve: also fit on the first m training masks, for each m (rows of variant ``coar@m``).
+    """
+
+    #: ``n_masks`` may be 0 (twice the components), so it is checked here rather than as a count.
+    COUNTS: ClassVar[tuple[str, ...]] = ("chunk",)
+
+    n_masks: int = 0
     alpha: float = 0.05
     heldout: float = 0.2
     ridge: float = 0.0
@@ -46,8 +63,13 @@ class COARConfig(MethodConfig):
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
         if not 0 < self.heldout < 1:
             raise ValueError(f"heldout must be in (0, 1), got {self.heldout}")
-        if self.n_masks < 10:
-            raise ValueError(f"COAR needs at least 10 masks, got {self.n_masks}")
+        if isinstance(self.n_masks, bool) or not isinstance(self.n_masks, (int, np.integer)) or (
+                self.n_masks != 0 and self.n_masks < 10):
+            raise ValueError(f"COAR needs at least 10 masks (or 0: twice the components), got {self.n_masks!r}")
+
+    def masks_for(self, n_components: int) -> int:
+        """The number of masks for ``n_components`` components: ``n_masks``, or twice the components when 0."""
+        return self.n_masks or 2 * n_components
 
 
 def fit_linear(Z: np.ndarray, Y: np.ndarray, ridge: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -77,10 +99,11 @@ class COAR(Method):
 
     def _scores(self, obj, comps, entry, progress):
         cfg = self.config
-        masks = random_masks(cfg.n_masks, len(comps), cfg.alpha, cfg.seed)
+        n_masks = cfg.masks_for(len(comps))
+        masks = random_masks(n_masks, len(comps), cfg.alpha, cfg.seed)
         J = masked_values(obj, comps, masks, cfg.mode, entry, cfg.chunk, progress, tag="coar",
                           executor=self.executor).double().numpy()
-        n_test = max(1, int(round(cfg.heldout * cfg.n_masks)))
+        n_test = max(1, int(round(cfg.heldout * n_masks)))
         Z = masks.numpy().astype(np.float64)
         Ztr, Zte, Jtr, Jte = Z[:-n_test], Z[-n_test:], J[:-n_test], J[-n_test:]
         b0, coef = fit_linear(Ztr, Jtr, cfg.ridge)  # coef (n, S)
@@ -98,7 +121,7 @@ class COAR(Method):
                                        "mask_alpha": cfg.alpha}})
             curve[f"coar@{m}"] = {"n_masks": m, **lds(b0m.mean() + Zte @ cm.mean(1), Jte.mean(1))}
         return {
-            "extra_frames": extra, "estimate": {"budget": cfg.n_masks, "mask_alpha": cfg.alpha},
+            "extra_frames": extra, "estimate": {"budget": n_masks, "mask_alpha": cfg.alpha},
             "variant_costs": {v: Cost(float(p["n_masks"])) for v, p in curve.items()},  # its first m masks
             "score": score, "stderr": stderr_over(torch.from_numpy(-coef), 1).numpy(),
             "meta": {"alpha": cfg.alpha, "n_train": len(Ztr), "n_test": n_test,
@@ -121,4 +144,4 @@ class COAR(Method):
     @classmethod
     def planned_rows(cls, config, comps, shape):
         """UNet rows of a run (see :mod:`interp.plan`): one evaluation of J per random mask."""
-        return shape.means(comps, config.mode) + shape.values(config.n_masks)
+        return shape.means(comps, config.mode) + shape.values(config.masks_for(len(comps)))
