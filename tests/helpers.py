@@ -136,3 +136,74 @@ def require_ray() -> None:
         if os.environ.get("CI", "").lower() in ("true", "1"):
             raise ImportError("CI=true but Ray is not installed: .ci/run must install the '.[ray]' extra") from None
         pytest.skip("Ray is not installed (pip install -e '.[ray]')", allow_module_level=True)
+
+
+# -- test objectives with known answers ------------------------------------------------------------------------------
+MID = "unet.mid_block.attentions.0.transformer_blocks.0"
+
+
+def _objective_base():
+    from interp.objectives import Objective
+
+    return Objective
+
+
+class LinearFF(_objective_base()):
+    """``J = mean over tokens and features of v * (output of one block's ff.net.2)``: exactly linear in the
+    multipliers of that block's GEGLU hidden units (``ff.net.0[j]``), with one evaluation branch (kind="amplify"), the
+    rows laid out as :meth:`Objective._chunk` does (mask row r, then sample s)."""
+
+    def __init__(self, model, concept, config, block, v):
+        self.block, self.v = block, v
+        super().__init__(model, concept, config)
+
+    def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False,
+               record=None, intervene_anchor=True, replay=False):  # full passes whatever replay says
+        from interp.interventions import run_unet
+
+        r = 1 if mult is None else mult.shape[0]
+        if target_context is not None and target_context.shape[0] != self.config.n_images:  # causal tracing's rows
+            r = target_context.shape[0] // self.config.n_images
+        sel = torch.arange(self.n_samples) if samples is None else torch.as_tensor(samples)
+        S = len(sel)
+        ctx = self.target_contexts(target_context, sel, r)
+        x, t = self.x_t[sel].repeat(r, 1, 1, 1), self.t[sel].repeat(r)
+        rows = None if mult is None else mult.repeat_interleave(S, 0)
+        path = f"{self.block}.ff.net.2"
+        _, saved = run_unet(self.model, x, t, ctx, plan, rows, means, saves=[path])
+        h = saved[path]
+        return (h * self.v.to(h.dtype)).mean(dim=(1, 2)).reshape(r, S)
+
+
+class ProductFF(LinearFF):
+    """``J = 1e3 * L1 * L2 (* L3 ...)`` with ``L_i`` linear readouts (:class:`LinearFF`) of one block's ff.net.2
+    output: an exact polynomial in the GEGLU units' multipliers with known interactions (for two readouts
+    ``dJ/dm_a = 1e3 (g1_a L2 + g2_a L1)``)."""
+
+    def __init__(self, model, concept, config, block, *vs):
+        if len(vs) < 2:
+            raise ValueError("a product needs at least two readouts")
+        self.vs = vs
+        super().__init__(model, concept, config, block, vs[0])
+
+    def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False,
+               record=None, intervene_anchor=True, replay=False):  # full passes whatever replay says
+        J = 1e3
+        for L in self._readouts(plan, mult, means, target_context, unet_patches, samples, recompute_text, record):
+            J = J * L
+        return J
+
+    def _readouts(self, *args):
+        out, v = [], self.v
+        try:
+            for vi in self.vs:
+                self.v = vi
+                out.append(LinearFF._chunk(self, *args))
+        finally:
+            self.v = v
+        return out
+
+    def readouts(self, plan, M) -> torch.Tensor:
+        """The readouts ``L_i`` under multiplier rows ``M``, averaged over the samples: ``(len(vs), rows)``."""
+        with torch.no_grad():
+            return torch.stack([L.mean(1) for L in self._readouts(plan, M, None, None, None, None)])
