@@ -98,8 +98,12 @@ def test_coar_with_ten_masks_needs_no_budget_curve():
     from interp.compare import CompareConfig
     from interp.methods.base import get
 
-    cfg = CompareConfig(coar_masks=10)
-    get("coar")(**cfg.method_options("coar", 32))  # its options are valid: no curve point below 10 masks
+    opts = CompareConfig(coar_masks=10).method_options("coar", 32)
+    assert opts["n_masks"] == 10 and opts["curve"] == ()  # 8 training masks: no curve point of >= 10 fits below
+    assert get("coar")(**opts).config.curve == ()
+    for masks in (13, 20, 200):  # every curve point a comparison asks for is one COAR's fit accepts
+        opts = CompareConfig(coar_masks=masks).method_options("coar", 32)
+        assert all(10 <= k < int(masks * 0.8) for k in opts["curve"]), (masks, opts)
 
 
 def test_out_that_is_a_file(world, tmp_path, refused):
@@ -223,24 +227,29 @@ def test_library_refuses_bad_values(tiny_world_model):
     from interp.concepts import Concept
     from interp.methods.base import get
 
-    bad = {
-        "negative timestep": lambda: ObjectiveConfig(timesteps=(-1,)),
-        "timesteps as one int": lambda: ObjectiveConfig(timesteps=300),
-        "timestep beyond the scheduler": lambda: Objective(tiny_world_model, "red", ObjectiveConfig(timesteps=(5000,))),
-        "midpoint alpha -1": lambda: get("midpoint")(alpha=-1),
-        "midpoint alpha 2": lambda: get("midpoint")(alpha=2),
-        "ig steps 0": lambda: get("ig")(steps=0),
-        "cad n_groups 0": lambda: get("cad")(n_groups=0),
-        "ablation chunk 0": lambda: get("ablation")(chunk=0),
-        "coar chunk 0": lambda: get("coar")(chunk=0),
-        "prompts as plain strings": lambda: Concept("red", "a red circle", "a circle"),
-        "empty target prompt": lambda: Concept("red", ("",), ("",)),
-        "concepts as a plain string": lambda: CompareConfig(concepts="red"),
-        "held-out masks for an LDS": lambda: CompareConfig(heldout_masks=2),
-        "count as a float": lambda: CompareConfig(n_images=2.5),
+    bad = {  # the value and what its refusal must say
+        "negative timestep": (lambda: ObjectiveConfig(timesteps=(-1,)), "timesteps must be an integer >= 0, got -1"),
+        "timesteps as one int": (lambda: ObjectiveConfig(timesteps=300),
+                                 "timesteps must be a non-empty sequence of integers, got 300"),
+        "timestep beyond the scheduler": (
+            lambda: Objective(tiny_world_model, "red", ObjectiveConfig(timesteps=(5000,))),
+            r"timesteps \[5000\] are outside the scheduler's training range 0\.\.999"),
+        "midpoint alpha -1": (lambda: get("midpoint")(alpha=-1), r"MidpointConfig: alpha .* in \(0, 1\), got -1"),
+        "midpoint alpha 2": (lambda: get("midpoint")(alpha=2), r"MidpointConfig: alpha .* in \(0, 1\), got 2"),
+        "ig steps 0": (lambda: get("ig")(steps=0), "IGConfig: steps must be an integer >= 1, got 0"),
+        "cad n_groups 0": (lambda: get("cad")(n_groups=0), "CADConfig: n_groups must be an integer >= 1, got 0"),
+        "ablation chunk 0": (lambda: get("ablation")(chunk=0), "AblationConfig: chunk must be an integer >= 1, got 0"),
+        "coar chunk 0": (lambda: get("coar")(chunk=0), "COARConfig: chunk must be an integer >= 1, got 0"),
+        "prompts as plain strings": (lambda: Concept("red", "a red circle", "a circle"),
+                                     "target_prompts must be a sequence of strings, got the string 'a red circle'"),
+        "empty target prompt": (lambda: Concept("red", ("",), ("",)), r"target prompts \[0\] are empty"),
+        "concepts as a plain string": (lambda: CompareConfig(concepts="red"),
+                                       "concepts must be a sequence of str values, got 'red'"),
+        "held-out masks for an LDS": (lambda: CompareConfig(heldout_masks=2), "heldout_masks .* must be >= 10"),
+        "count as a float": (lambda: CompareConfig(n_images=2.5), r"n_images must be an int, got 2\.5"),
     }
-    for name, make in bad.items():
-        with pytest.raises(ValueError):
+    for name, (make, message) in bad.items():
+        with pytest.raises(ValueError, match=message):
             make()
             pytest.fail(f"accepted: {name}")
 
@@ -364,7 +373,7 @@ def test_failed_rerun_leaves_no_earlier_outputs(tmp_path):
 
     out = tmp_path / "run"
     _finished_folder(out)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         with Run(out, {"concepts": ["blue"]}, "edit"):
             raise RuntimeError("boom")
     assert sorted(p.name for p in out.iterdir()) == ["cache", "status.json", "traceback.txt"]

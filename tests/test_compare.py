@@ -140,7 +140,7 @@ def test_bad_arguments_exit_nonzero(tiny_world, tmp_path, refused):
     from analyses.compare_methods import main
 
     assert "magenta" in refused(main, ["--model", str(tiny_world), "--concepts", "magenta", "--out", str(tmp_path / "x")])
-    refused(main, ["--methods", "cad", "--out", str(tmp_path / "y")])
+    assert "needs 'ablation'" in refused(main, ["--methods", "cad", "--out", str(tmp_path / "y")])
     assert "missing" in refused(main, ["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "z")])
 
 
@@ -314,8 +314,11 @@ def test_every_command_that_loads_a_model_takes_no_progress(command, tiny_world,
         err = capfd.readouterr().err
         assert "Loading" not in err and "it/s]" not in err and "%|" not in err, err
         assert _library_bars() == (True, True)
-        with pytest.raises(SystemExit):  # a failure (a model folder that is not one) restores the bars too
+        # a failure (a model folder that is not one) restores the bars too
+        with pytest.raises(SystemExit) as e:
             main(["--model", str(tmp_path / "no-such-model"), *common[2:], *args])
+        err = capfd.readouterr().err
+        assert e.value.code == 2 and "error: model folder" in err and "no-such-model' does not exist" in err, err
         assert _library_bars() == (True, True)
 
 
@@ -324,7 +327,7 @@ def test_library_progress_bars_restores_the_state_it_found():
 
     for start in (True, False):
         with library_progress_bars(start):
-            with pytest.raises(RuntimeError):
+            with pytest.raises(RuntimeError, match="inside"):
                 with library_progress_bars(not start):
                     assert _library_bars() == (not start, not start)
                     raise RuntimeError("inside")

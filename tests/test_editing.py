@@ -80,7 +80,7 @@ def test_ablation_edit_touches_no_weight(model):
         assert edited.plan is not None and edited.mult.shape == (1, edit.k) and not edited.mult.any()
         a = edited.generate(PROMPTS, steps=2)
         assert same_weights(model, before)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="inside"):
         with edit.apply(model):
             raise ValueError("inside")
     assert same_weights(model, before)

@@ -180,7 +180,7 @@ def test_a_pass_that_does_not_fit_is_halved_and_the_plan_names_the_batch(monkeyp
     out = capsys.readouterr().out
     assert "memory: a pass of 64 rows did not fit" in out and "run with --max-batch 32" in out, out
     _fake_passes(monkeypatch, lambda rows: 0.1, fits_up_to=0)
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate 1 GiB"):  # not even one row fits
         plan_mod._fitting_pass(None, None, 4, 4, False)
 
 

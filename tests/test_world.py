@@ -39,11 +39,11 @@ def test_renderer_is_deterministic_per_seed_and_index():
 
 def test_dataset_bounds_and_validation():
     w = ConceptWorld(3, seed=0)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="^3$"):  # (the index alone: IndexError's usual message)
         w[3]
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="^-1$"):
         w[-1]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs n > 0 images, got 0"):
         ConceptWorld(0)
     with pytest.raises(ValueError, match="not a color"):
         ConceptWorld(2, color="magenta")
@@ -176,7 +176,7 @@ def test_empty_and_overlong_prompt_lists_are_refused():
         check_prompts([])
     with pytest.raises(ValueError, match="at most"):
         check_prompts(" ".join(["red"] * 20))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="prompts must be strings, got int: 3"):
         check_prompts([3])
     pipe = build_pipeline(ModelConfig.tiny(), seed=0)
     with pytest.raises(ValueError, match="empty"):
@@ -284,9 +284,9 @@ def test_training_state_of_another_config_is_ignored(tmp_path, caplog):
 
 
 def test_train_config_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="steps and batch_size must be positive, got 0 and"):
         TrainConfig(steps=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"caption_dropout must be in \[0, 1\), got 1\.0"):
         TrainConfig(caption_dropout=1.0)
     assert _cfg().hash() == _cfg().hash() and _cfg().hash() != _cfg(seed=1).hash()
 
