@@ -123,6 +123,33 @@ def assert_same_tables(a, b) -> None:
             assert (a / "tables" / name).read_text() == (b / "tables" / name).read_text(), name
 
 
+def in_ci() -> bool:
+    """Whether this run is CI's (``CI=true``, as ``.ci/run`` sets), where nothing may be skipped quietly."""
+    import os
+
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
+def skip_unless_ci(reason: str, module_level: bool = False):
+    """Skip the calling test (or module) for ``reason``; under ``CI=true`` fail instead: in CI every optional
+    dependency is installed and every tracked file is checked out, so a skip would hide a test that never ran."""
+    import pytest
+
+    if in_ci():
+        pytest.fail(f"CI=true, and this test would have been skipped: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=module_level)
+
+
+def import_or_skip(name: str, module_level: bool = False):
+    """``pytest.importorskip`` that fails under ``CI=true`` (:func:`skip_unless_ci`)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        skip_unless_ci(f"{name} is not installed ({err}; pip install -e '.[dev]')", module_level)
+
+
 def require_ray() -> None:
     """Skip the calling test module without Ray (an optional extra), except under ``CI=true``, where ``.ci/run``
     installs it and a skip would hide that the executor was never tested."""

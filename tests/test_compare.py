@@ -120,20 +120,61 @@ def test_rerun_reuses_cache(run_dir, tiny_world):
     assert time.perf_counter() - t0 < 120
 
 
-def test_changed_table_code_remakes_tables_not_methods(run_dir, tiny_world, monkeypatch):
-    """Cached tables and figures are keyed by the source of the code that makes them: changed code remakes them
-    (one new derived entry) while every method result still comes from the cache."""
-    from analyses.compare_methods import main
+#: Run in a fresh interpreter on an edited copy of the package: the digest of the edited source, the run, then the
+#: digest with the edit undone and with an edit of a module that makes no table or figure.
+EDITED_RUN = r"""
+import json, pathlib, sys
+from interp import compare, plots, store
+from analyses.compare_methods import main
+
+edited = compare.derived_code_digest()
+code = main(json.loads(sys.argv[1]))
+p = pathlib.Path(plots.__file__)
+p.write_text(p.read_text().replace(sys.argv[2], ""))
+undone = compare.derived_code_digest()
+q = pathlib.Path(store.__file__)
+q.write_text(q.read_text() + "\n# an edit outside the table and figure code\n")
+print(json.dumps({"edited": edited, "code": code, "undone": undone, "unrelated": compare.derived_code_digest(),
+                  "plots": plots.__file__}))
+"""
+
+
+def test_changed_table_code_remakes_tables_not_methods(run_dir, tiny_world, tmp_path):
+    """Cached tables and figures are keyed by the source of the code that makes them: a copy of the package whose
+    figure code is edited remakes them (one new derived entry, the same tables) while every method result still comes
+    from the cache; undoing the edit gives back the digest, and an edit elsewhere leaves it."""
+    import os
+    import shutil
+    import subprocess
+
     from interp import compare
 
     digest = compare.derived_code_digest()
     assert digest == compare.derived_code_digest() and len(digest) == 16
-    before = set((run_dir / "cache").glob("derived-*/meta.json"))
-    monkeypatch.setattr(compare, "derived_code_digest", lambda: "changed-code")
-    assert main(args_for(tiny_world, run_dir)) == 0
-    meta = json.loads((run_dir / "meta.json").read_text())
-    assert sum(meta["seconds_this_run"].values()) < 5.0, meta["seconds_this_run"]
-    assert len(set((run_dir / "cache").glob("derived-*/meta.json")) - before) == 1
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", "assets", "*.egg-info")
+    for pkg in ("interp", "analyses"):
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=skip)
+    (src / "interp" / "world" / "assets").symlink_to(ROOT / "interp" / "world" / "assets")
+    added = "\n\ndef _an_edited_helper():\n    return None\n"
+    plots_py = src / "interp" / "plots.py"
+    plots_py.write_text(plots_py.read_text() + added)
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)  # the shared run folder stays as it was
+    before = set((run / "cache").glob("derived-*/meta.json"))
+    out = subprocess.run([sys.executable, "-c", EDITED_RUN, json.dumps(args_for(tiny_world, run)), added],
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(src)}, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert Path(got["plots"]).resolve() == plots_py.resolve()  # the copy ran, not the installed package
+    assert got["code"] == 0
+    assert got["edited"] != digest  # edited figure code: another digest
+    assert got["undone"] == digest and got["unrelated"] == digest
+    meta = json.loads((run / "meta.json").read_text())
+    assert sum(meta["seconds_this_run"].values()) < 5.0, meta["seconds_this_run"]  # no method ran again
+    assert len(set((run / "cache").glob("derived-*/meta.json")) - before) == 1  # tables and figures remade
+    assert_same_tables(run_dir, run)
 
 
 def test_bad_arguments_exit_nonzero(tiny_world, tmp_path, refused):

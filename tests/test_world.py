@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import skip_unless_ci
 from interp.world import vocab
 from interp.world.classifier import ConceptClassifier, accuracy, train_classifier
 from interp.world.model import ConceptWorldPipeline, ModelConfig, build_pipeline
@@ -330,8 +331,8 @@ def test_shipped_classifier_accuracy():
 
     folder = ASSETS / "concept-world"
     if not (folder / "classifier.json").exists():
-        pytest.skip(f"no shipped classifier at {folder / 'classifier.json'} (the concept world has not been trained "
-                    f"and shipped yet: `python -m analyses.train_world`)")
+        skip_unless_ci(f"no shipped classifier at {folder / 'classifier.json'} (the concept world has not been "
+                       f"trained and shipped yet: `python -m analyses.train_world`)")
     clf = ConceptClassifier.load(folder)
     acc = accuracy(clf, ConceptWorld(300, seed=4242))
     assert all(v >= 0.98 for v in acc.values()), acc
@@ -351,7 +352,7 @@ def test_shipped_checkpoint_loads_and_its_fidelity_is_what_it_claims():
 
     folder = ASSETS / "concept-world"
     if not (folder / "fidelity.json").exists():
-        pytest.skip(f"no shipped checkpoint at {folder}")
+        skip_unless_ci(f"no shipped checkpoint at {folder}")
     claimed = json.loads((folder / "fidelity.json").read_text())
     acc = claimed["accuracy"]
     assert acc["color"] >= 0.95 and acc["shape"] >= 0.90 and acc["texture"] >= 0.85 and acc["background"] >= 0.95
