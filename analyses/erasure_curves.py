@@ -262,7 +262,7 @@ def _run(args, r, compare, log) -> dict:
                             mask_rates=tuple(args.mask_rates), n_boot=args.n_boot, seed=args.seed)
     ks = er.k_grid(len(comps), ecfg.ks)  # k beyond the component set: refused before any work
     alternatives = {c: weighed_against(model, c, args.alternatives or (), args.concepts) for c in args.concepts}
-    per_image = int(np.prod(latent_shape(model.unet, 1))) * 4 * 8
+    per_image = int(np.prod(latent_shape(model, 1))) * 4 * 8
     check_memory(args.images * per_image * 3, f"--images {args.images}", "pass fewer --images")
     ocfg = ccfg.objective_config()
     specs = {c: concept_spec(model, c, ccfg) for c in args.concepts}  # a compare run's --alternatives, if any

@@ -107,7 +107,7 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
         if len(comps) == 0:
             raise ValueError(f"no {cfg.granularity} components match families {list(cfg.families)}, kinds "
                              f"{list(cfg.kinds)}, blocks {list(cfg.blocks)}: widen --families/--kinds/--blocks")
-        parts = estimate_memory(cfg, len(comps), int(np.prod(latent_shape(model.unet, 1))))
+        parts = estimate_memory(cfg, len(comps), int(np.prod(latent_shape(model, 1))))
         biggest = max(parts, key=parts.get)
         check_memory(sum(parts.values()), f"this configuration ({len(comps)} components; most for the {biggest})",
                      "lower the counts named there")

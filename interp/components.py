@@ -36,11 +36,40 @@ class FamilyRule:
     kind: str  # what the module is, e.g. "ff.net.0"
     granularities: tuple[str, ...]
     site: str  # how neurons/heads are reached: "out_last" | "out_channel" | "heads" | "none"
+    #: tensors of the module's output tuple that make up its state: 2 for a joint block or joint attention (the
+    #: image and the context stream); a layer's multiplier scales each, a mean ablation uses each one's mean
+    streams: int = 1
 
 
 _TB = r"(?P<layer>(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+)"
 _RES = r"(?P<layer>(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.resnets\.\d+)"
 _TXT = r"(?P<layer>(?:text_model\.)?encoder\.layers\.\d+)"
+_T5 = r"(?P<layer>encoder\.block\.\d+)"
+_DIT = r"(?P<layer>transformer_blocks\.\d+)"  # a diffusion transformer's (joint or cross-attention) block
+_SINGLE = r"(?P<layer>single_transformer_blocks\.\d+)"  # FLUX's single-stream blocks
+
+_CLIP_TABLE = (
+    FamilyRule("text_layer", _TXT + r"$", "encoder_layer", ("layer",), "none"),
+    FamilyRule("text_attn", _TXT + r"\.self_attn$", "self_attn", ("layer", "head"), "heads"),
+    FamilyRule("text_attn", _TXT + r"\.self_attn\.(?P<k>q_proj|k_proj|v_proj|out_proj)$", "self_attn.{k}", ("layer", "neuron", "weight"), "out_last"),
+    FamilyRule("text_mlp", _TXT + r"\.mlp$", "mlp", ("layer",), "none"),
+    FamilyRule("text_mlp", _TXT + r"\.mlp\.(?P<k>fc1|fc2)$", "mlp.{k}", ("layer", "neuron", "weight"), "out_last"),
+)
+
+#: Blocks of joint attention (SD3's and FLUX's MM-DiT): an image stream and a context (text) stream that attend
+#: together; ``attn`` heads span both streams, ``attn.add_*``/``to_add_out`` and ``ff_context`` are the context's.
+_JOINT = (
+    FamilyRule("block", _DIT + r"$", "transformer_block", ("layer",), "none", streams=2),
+    FamilyRule("attn", _DIT + r"\.attn$", "attn", ("layer", "head"), "heads", streams=2),
+    FamilyRule("attn", _DIT + r"\.attn\.(?P<k>to_q|to_k|to_v|to_out\.0)$", "attn.{k}", ("layer", "neuron", "weight"), "out_last"),
+    FamilyRule("attn_context", _DIT + r"\.attn\.(?P<k>add_q_proj|add_k_proj|add_v_proj|to_add_out)$", "attn.{k}", ("layer", "neuron", "weight"), "out_last"),
+    FamilyRule("ff", _DIT + r"\.ff$", "ff", ("layer",), "none"),
+    FamilyRule("ff", _DIT + r"\.ff\.net\.0$", "ff.net.0", ("layer", "neuron"), "out_last"),
+    FamilyRule("ff", _DIT + r"\.ff\.net\.2$", "ff.net.2", ("layer", "neuron", "weight"), "out_last"),
+    FamilyRule("ff_context", _DIT + r"\.ff_context$", "ff_context", ("layer",), "none"),
+    FamilyRule("ff_context", _DIT + r"\.ff_context\.net\.0$", "ff_context.net.0", ("layer", "neuron"), "out_last"),
+    FamilyRule("ff_context", _DIT + r"\.ff_context\.net\.2$", "ff_context.net.2", ("layer", "neuron", "weight"), "out_last"),
+)
 
 #: Family tables per architecture (keyed by the class name of the model the prefix points to).
 FAMILY_TABLES: dict[str, tuple[FamilyRule, ...]] = {
@@ -57,12 +86,32 @@ FAMILY_TABLES: dict[str, tuple[FamilyRule, ...]] = {
         FamilyRule("resnet", _RES + r"$", "resnet", ("layer",), "none"),
         FamilyRule("resnet", _RES + r"\.(?P<k>conv1|conv2)$", "{k}", ("layer", "neuron", "weight"), "out_channel"),
     ),
-    "CLIPTextModel": (
-        FamilyRule("text_layer", _TXT + r"$", "encoder_layer", ("layer",), "none"),
-        FamilyRule("text_attn", _TXT + r"\.self_attn$", "self_attn", ("layer", "head"), "heads"),
-        FamilyRule("text_attn", _TXT + r"\.self_attn\.(?P<k>q_proj|k_proj|v_proj|out_proj)$", "self_attn.{k}", ("layer", "neuron", "weight"), "out_last"),
-        FamilyRule("text_mlp", _TXT + r"\.mlp$", "mlp", ("layer",), "none"),
-        FamilyRule("text_mlp", _TXT + r"\.mlp\.(?P<k>fc1|fc2)$", "mlp.{k}", ("layer", "neuron", "weight"), "out_last"),
+    # PixArt: a stack of BasicTransformerBlocks (self-attention, cross-attention to T5, feed-forward)
+    "PixArtTransformer2DModel": (
+        FamilyRule("block", _DIT + r"$", "transformer_block", ("layer",), "none"),
+        FamilyRule("attn1", _DIT + r"\.attn1$", "attn1", ("layer", "head"), "heads"),
+        FamilyRule("attn1", _DIT + r"\.attn1\.(?P<k>to_q|to_k|to_v|to_out\.0)$", "attn1.{k}", ("layer", "neuron", "weight"), "out_last"),
+        FamilyRule("attn2", _DIT + r"\.attn2$", "attn2", ("layer", "head"), "heads"),
+        FamilyRule("attn2", _DIT + r"\.attn2\.(?P<k>to_q|to_k|to_v|to_out\.0)$", "attn2.{k}", ("layer", "neuron", "weight"), "out_last"),
+        FamilyRule("ff", _DIT + r"\.ff$", "ff", ("layer",), "none"),
+        FamilyRule("ff", _DIT + r"\.ff\.net\.0$", "ff.net.0", ("layer", "neuron"), "out_last"),
+        FamilyRule("ff", _DIT + r"\.ff\.net\.2$", "ff.net.2", ("layer", "neuron", "weight"), "out_last"),
+    ),
+    "SD3Transformer2DModel": _JOINT,
+    "FluxTransformer2DModel": _JOINT + (
+        FamilyRule("single_block", _SINGLE + r"$", "single_block", ("layer",), "none", streams=2),
+        FamilyRule("single_attn", _SINGLE + r"\.attn$", "attn", ("layer", "head"), "heads"),
+        FamilyRule("single_attn", _SINGLE + r"\.attn\.(?P<k>to_q|to_k|to_v)$", "attn.{k}", ("layer", "neuron", "weight"), "out_last"),
+        FamilyRule("single_mlp", _SINGLE + r"\.(?P<k>proj_mlp|proj_out)$", "{k}", ("layer", "neuron", "weight"), "out_last"),
+    ),
+    "CLIPTextModel": _CLIP_TABLE,
+    "CLIPTextModelWithProjection": _CLIP_TABLE,
+    "T5EncoderModel": (
+        FamilyRule("text_layer", _T5 + r"$", "encoder_layer", ("layer",), "none"),
+        FamilyRule("text_attn", _T5 + r"\.layer\.0\.SelfAttention$", "SelfAttention", ("layer", "head"), "heads"),
+        FamilyRule("text_attn", _T5 + r"\.layer\.0\.SelfAttention\.(?P<k>q|k|v|o)$", "SelfAttention.{k}", ("layer", "neuron", "weight"), "out_last"),
+        FamilyRule("text_mlp", _T5 + r"\.layer\.1\.DenseReluDense$", "DenseReluDense", ("layer",), "none"),
+        FamilyRule("text_mlp", _T5 + r"\.layer\.1\.DenseReluDense\.(?P<k>wi|wi_0|wi_1|wo)$", "DenseReluDense.{k}", ("layer", "neuron", "weight"), "out_last"),
     ),
 }
 
@@ -81,7 +130,7 @@ class Component:
     """A parsed component address. ``str(c)`` is the address; :meth:`ComponentSpace.parse` builds it."""
 
     address: str
-    model: str = field(compare=False)  # "unet" | "text_encoder"
+    model: str = field(compare=False)  # the part: "unet" | "transformer" | "text_encoder" | "text_encoder_2" | ...
     module: str = field(compare=False)  # full module path, e.g. "unet.mid_block....ff.net.0"
     param: str | None = field(compare=False)  # "weight" | "bias" for weight granularity
     unit: tuple[int, ...] | None = field(compare=False)
@@ -123,38 +172,93 @@ def unit_count(module: nn.Module, site: str) -> int:
     if site == "out_channel":
         return module.out_channels
     if site == "out_last":
-        if isinstance(module, nn.Linear):
-            return module.out_features
-        proj = getattr(module, "proj", None)  # GEGLU: half of its projection's outputs
-        if isinstance(proj, nn.Linear):
-            return proj.out_features // 2
+        return neuron_count(module)
     raise TypeError(f"no unit count for {type(module).__name__} at site {site!r}")
 
 
+#: Activation modules whose output is half their projection's width (gated: GEGLU) or all of it (GELU).
+_GATED = {"GEGLU": 2, "SwiGLU": 2, "GELU": 1, "ApproximateGELU": 1}
+
+
+def neuron_count(module: nn.Module) -> int:
+    """Output features of a module whose neurons are reached at its output's last axis (or channels, for a conv)."""
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    proj = getattr(module, "proj", None)  # diffusers' activation modules: a projection, then the nonlinearity
+    if isinstance(proj, nn.Linear) and type(module).__name__ in _GATED:
+        return proj.out_features // _GATED[type(module).__name__]
+    raise TypeError(f"no neuron count for {type(module).__name__}")
+
+
 def _n_heads(module: nn.Module) -> int:
-    for name in ("heads", "num_heads"):
+    for name in ("heads", "num_heads", "n_heads"):  # diffusers, CLIP, T5
         if isinstance(getattr(module, name, None), int):
             return getattr(module, name)
     raise TypeError(f"{type(module).__name__} has no head count")
 
 
+def _out_projections(module: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The output projections that heads' features enter: diffusers' ``to_out.0`` (and a joint attention's
+    context-stream ``to_add_out``), CLIP's ``out_proj``, T5's ``o``; none for FLUX's single-stream attention."""
+    if hasattr(module, "to_out"):
+        outs = [(".to_out.0", module.to_out[0])] if module.to_out is not None else []
+        if getattr(module, "to_add_out", None) is not None:
+            outs.append((".to_add_out", module.to_add_out))
+        return outs
+    for name in ("out_proj", "o"):
+        if isinstance(getattr(module, name, None), nn.Linear):
+            return [(f".{name}", getattr(module, name))]
+    return []
+
+
 def head_dim(module: nn.Module) -> int:
-    out = module.to_out[0] if hasattr(module, "to_out") else module.out_proj
-    return out.in_features // _n_heads(module)
+    return head_sites(module)[0][3]
+
+
+def head_sites(module: nn.Module) -> list[tuple[str, str, int, int]]:
+    """Where an attention module's heads are reached: ``(path suffix, event, features, head width)`` for each input
+    of an output projection; or the attention's own output (``("", "out", ...)``) when it has none (FLUX's
+    single-stream blocks project attention and MLP together)."""
+    heads = _n_heads(module)
+    outs = _out_projections(module)
+    if outs:
+        return [(suffix, "in", lin.in_features, lin.in_features // heads) for suffix, lin in outs]
+    width = module.to_q.out_features  # heads x head width (the query's, which the output has)
+    return [("", "out", width, width // heads)]
+
+
+def is_text_part(model: str) -> bool:
+    """Whether an address prefix names a text encoder (``text_encoder``, ``text_encoder_2``, ``text_encoder_3``)."""
+    return model.startswith("text_encoder")
+
+
+def part_rank(model: str) -> tuple[int, str]:
+    """Sort key of a model part in execution order: the text encoders (in order), then the denoiser."""
+    return (0, model) if is_text_part(model) else (1, model)
 
 
 def _stage(rel: str, model: str) -> str:
-    if model == "text_encoder":
-        return "text_encoder"
+    if is_text_part(model):
+        return model
     m = re.match(r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)", rel)
     return m.group(1) if m else rel.split(".")[0]
 
 
 def short_layer(layer: str, model: str) -> str:
-    """A compact label for plots: ``down_blocks.1.attentions.0.transformer_blocks.0`` -> ``down1.a0.tb0``."""
-    s = layer.replace("text_model.", "").replace("encoder.layers.", "text.L").replace("down_blocks.", "down")
+    """A compact label for plots: ``down_blocks.1.attentions.0.transformer_blocks.0`` -> ``down1.a0.tb0``; a
+    transformer's ``transformer_blocks.3`` -> ``tb3`` (FLUX's single-stream ``single_transformer_blocks.0`` ->
+    ``stb0``); a text layer ``text.L3`` (``text2.L3``, ``text3.L3`` in a second and third encoder)."""
+    text = "text" + model[len("text_encoder"):].replace("_", "") if is_text_part(model) else "text"
+    s = layer.replace("text_model.", "").replace("encoder.layers.", f"{text}.L").replace("encoder.block.", f"{text}.L")
+    s = s.replace("down_blocks.", "down")
     s = s.replace("up_blocks.", "up").replace("mid_block", "mid").replace(".attentions.", ".a")
     s = s.replace(".transformer_blocks.", ".tb").replace(".resnets.", ".res")
+    if s.startswith("single_transformer_blocks."):
+        s = "stb" + s[len("single_transformer_blocks."):]
+    elif s.startswith("transformer_blocks."):
+        s = "tb" + s[len("transformer_blocks."):]
     return s
 
 
@@ -266,7 +370,7 @@ class ComponentSpace:
         sets = {k: ({v} if isinstance(v, str) else set(v)) for k, v in filters.items() if v is not None}
         layer_set = None if layer is None else ({layer} if isinstance(layer, str) else set(layer))
         self._check_filters(sets, layer_set)
-        infos = sorted(self.modules.values(), key=lambda i: (i.model != "text_encoder", i.depth, i.path))
+        infos = sorted(self.modules.values(), key=lambda i: (part_rank(i.model), i.depth, i.path))
         for info in infos:
             if any(getattr(info, k) not in v for k, v in sets.items() if k != "family") or (
                 "family" in sets and info.rule.family not in sets["family"]
@@ -342,7 +446,7 @@ class ComponentSpace:
         seen: dict[str, tuple] = {}
         for i in self.modules.values():
             if model is None or i.model == model:
-                seen[short_layer(i.layer, i.model)] = (i.model != "text_encoder", i.depth)
+                seen[short_layer(i.layer, i.model)] = (part_rank(i.model), i.depth)
         return sorted(seen, key=seen.get)
 
 

@@ -30,10 +30,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def tokenize(tokenizer, prompts: Sequence[str], device=None) -> torch.Tensor:
-    """Token ids padded to the tokenizer's full context, as Stable Diffusion does."""
+def tokenize(tokenizer, prompts: Sequence[str], device=None, max_length: int | None = None) -> torch.Tensor:
+    """Token ids padded to ``max_length`` (default: the tokenizer's full context, as Stable Diffusion does)."""
     ids = tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        list(prompts), padding="max_length", max_length=max_length or tokenizer.model_max_length, truncation=True,
         return_tensors="pt",
     ).input_ids
     return ids.to(device) if device is not None else ids
@@ -44,7 +44,13 @@ def encode_ids(text_encoder, ids: torch.Tensor) -> torch.Tensor:
     return text_encoder(ids)[0]
 
 
-def latent_shape(unet, batch: int) -> tuple[int, ...]:
+def latent_shape(model, batch: int) -> tuple[int, ...]:
+    """``(batch, channels, height, width)`` of the latents a model denoises (unpacked, for every family: see
+    :mod:`interp.families`); ``model`` is a loaded model, or a bare UNet."""
+    family = getattr(model, "family", None)
+    if family is not None:
+        return family.latent_shape(model, batch)
+    unet = model
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     return (batch, unet.config.in_channels, *size)
@@ -56,8 +62,21 @@ def randn(shape, generator: torch.Generator | None, dtype=torch.float32, device=
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
-def initial_noise(unet, batch: int, generator: torch.Generator | None, dtype=torch.float32, device="cpu"):
-    return randn(latent_shape(unet, batch), generator, dtype, device)
+def initial_noise(model, batch: int, generator: torch.Generator | None, dtype=torch.float32, device="cpu"):
+    return randn(latent_shape(model, batch), generator, dtype, device)
+
+
+def noise_model(scheduler) -> str:
+    """``"flow"`` for flow-matching schedulers (SD3, FLUX: ``FlowMatchEulerDiscreteScheduler`` and its kin), else
+    ``"ddpm"`` (the variance-preserving schedule of Stable Diffusion 1.x/2.x/XL and PixArt, any sampler)."""
+    return "flow" if type(scheduler).__name__.startswith("FlowMatch") else "ddpm"
+
+
+def flow_sigma(scheduler, t: torch.Tensor, dtype) -> torch.Tensor:
+    """Flow matching's noise level at training timestep ``t``: ``sigma = t / num_train_timesteps`` (the timestep
+    the transformer is told is ``1000 sigma``, as in training; SD3's and FLUX's shifts only choose which sigmas a
+    sampler visits)."""
+    return t.to(dtype) / num_train_timesteps(scheduler)
 
 
 def training_schedule(scheduler):
@@ -93,12 +112,19 @@ def prediction_type(scheduler) -> str:
 
 
 def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``x_t`` at training timesteps ``t`` under the model's training schedule (any sampler)."""
+    """``x_t`` at training timesteps ``t`` under the model's training schedule (any sampler): ``sqrt(a_t) x0 +
+    sqrt(1 - a_t) eps`` (DDPM), or ``(1 - sigma) x0 + sigma eps`` with ``sigma = t / 1000`` (flow matching)."""
+    if noise_model(scheduler) == "flow":
+        s = flow_sigma(scheduler, t, x0.dtype).to(x0.device).reshape(-1, *([1] * (x0.dim() - 1)))
+        return (1 - s) * x0 + s * noise
     return training_schedule(scheduler).add_noise(x0, noise, t.cpu()).to(x0.dtype)
 
 
 def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet predicts: the noise (epsilon models, SD 1.x) or the velocity (v models, SD 2.x, the world)."""
+    """What the denoiser predicts: the noise (epsilon models, SD 1.x, SDXL, PixArt), the velocity ``sqrt(a_t) eps -
+    sqrt(1 - a_t) x0`` (v models, SD 2.x, the world), or flow matching's velocity ``eps - x0`` (SD3, FLUX)."""
+    if noise_model(scheduler) == "flow":
+        return noise - x0
     kind = prediction_type(scheduler)
     if kind == "v_prediction":
         return training_schedule(scheduler).get_velocity(x0, noise, t.cpu()).to(x0.dtype)
@@ -130,28 +156,36 @@ def denoise(
     guidance_scale: float = 1.0,
     generator: torch.Generator | list[torch.Generator] | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    set_timesteps: Callable | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``latents`` (unit-variance noise); ``unet_fn(x, t, context, step) -> eps``.
 
     With ``guidance_scale != 1`` the conditional and unconditional branches run as one batch (cond rows first),
     exactly as diffusers' pipelines do. ``scheduler`` is used as given (pass :func:`fresh_scheduler`'s copy);
     ``generator`` seeds stochastic schedulers (DDPM, Euler ancestral, SDE solvers) and is ignored by the others; a
-    list holds one generator per row of ``latents``, as diffusers' ``randn_tensor`` takes it.
+    list holds one generator per row of ``latents``, as diffusers' ``randn_tensor`` takes it. ``set_timesteps(scheduler,
+    steps, device, shape)`` sets the schedule as the model's pipeline does (FLUX's sigmas and shift; default:
+    ``scheduler.set_timesteps(steps)``). Without ``uncond`` (FLUX, whose guidance is an input of the transformer)
+    each image is one row.
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    kwargs = {"device": latents.device} if _accepts(scheduler.set_timesteps, "device") else {}
-    scheduler.set_timesteps(num_inference_steps, **kwargs)
+    if set_timesteps is not None:
+        set_timesteps(scheduler, num_inference_steps, latents.device, latents.shape)
+    else:
+        kwargs = {"device": latents.device} if _accepts(scheduler.set_timesteps, "device") else {}
+        scheduler.set_timesteps(num_inference_steps, **kwargs)
     step_kwargs = {"return_dict": False}
     if generator is not None and _accepts(scheduler.step, "generator"):
         step_kwargs["generator"] = generator
     acc = accumulation_dtype(latents.dtype)
-    latents = latents.to(acc) * scheduler.init_noise_sigma
+    latents = latents.to(acc) * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching has none: 1
     guided = uncond is not None and guidance_scale != 1.0
     context = torch.cat([cond, uncond]) if guided else cond
     for step, t in enumerate(scheduler.timesteps):
         x = torch.cat([latents, latents]) if guided else latents
-        x = scheduler.scale_model_input(x, t)
+        if hasattr(scheduler, "scale_model_input"):  # flow-matching schedulers have none (nothing to scale)
+            x = scheduler.scale_model_input(x, t)
         eps = unet_fn(x, t, context, step).to(acc)
         if guided:
             eps_c, eps_u = eps.chunk(2)
@@ -168,7 +202,8 @@ def encode(images: torch.Tensor, vae) -> torch.Tensor:
     if vae is None:
         return images
     with torch.no_grad():
-        return vae.encode(images.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        mean = vae.encode(images.to(vae.dtype)).latent_dist.mean
+        return (mean - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
 
 
 #: UNet rows at Stable Diffusion's 64x64 latents whose activations one image's VAE decoding (to 512x512 pixels)
@@ -191,7 +226,8 @@ def decode(latents: torch.Tensor, vae=None, checkpoint: bool = False, max_rows: 
     the backward pass (:func:`torch.utils.checkpoint.checkpoint`), so a gradient holds one image's decoder
     activations at a time (at 512x512 pixels, gigabytes each) instead of every image's."""
     if vae is not None:
-        z = (latents / vae.config.scaling_factor).to(vae.dtype)
+        shift = vae.config.get("shift_factor")  # SD3's and FLUX's VAEs shift their latents too
+        z = (latents / vae.config.scaling_factor + (shift or 0.0)).to(vae.dtype)
         if checkpoint and torch.is_grad_enabled():
             one = lambda zi: vae.decode(zi, return_dict=False)[0]  # noqa: E731
             latents = torch.cat([torch.utils.checkpoint.checkpoint(one, zi, use_reentrant=False) for zi in z.split(1)])

@@ -52,16 +52,19 @@ def generate(
     noise_ids = list(range(n)) if noise_ids is None else [int(i) for i in noise_ids]
     if len(noise_ids) != n:
         raise ValueError(f"{len(noise_ids)} noise_ids for {n} prompts")
-    ids = diffusion.tokenize(model.tokenizer, prompts, model.device)
-    uncond_ids = diffusion.tokenize(model.tokenizer, [""] * n, model.device)
+    # Classifier-free guidance runs an unconditional branch; FLUX's guidance is an input of its transformer instead.
+    guided = guidance != 1.0 and model.family.cfg
     if context is None:
-        context = run_text(model, ids, plan, mult, means)[0]
-    uncond = run_text(model, uncond_ids, plan, mult, means)[0]
+        context = run_text(model, model.tokenize(prompts, model.device), plan, mult, means)[0]
+    uncond = None
+    if guided:
+        uncond = model.family.uncond(model, context)  # SDXL's pipeline zeroes the empty prompt's states
+        if uncond is None:
+            uncond = run_text(model, model.tokenize([""] * n, model.device), plan, mult, means)[0]
     gen = torch.Generator().manual_seed(seed)  # CPU: the same draws on every device
     if latents is None:
-        latents = diffusion.initial_noise(model.unet, n, gen, diffusion.accumulation_dtype(model.dtype), model.device)
+        latents = diffusion.initial_noise(model, n, gen, diffusion.accumulation_dtype(model.dtype), model.device)
     scheduler = diffusion.fresh_scheduler(model.scheduler)  # never mutate the model's own
-    guided = guidance != 1.0
     rows = torch.cat([mult, mult]) if (mult is not None and guided) else mult
 
     def unet_fn(x, t, ctx, step):
@@ -69,13 +72,14 @@ def generate(
         if patches and guided:  # patches are given for the conditional rows; the unconditional rows keep theirs
             patches = {k: Patch(torch.cat([p.clean, p.clean]), torch.cat([p.where, torch.zeros_like(p.where)]))
                        for k, p in patches.items()}
-        eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=record or (), checkpoint=checkpoint)
+        eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=record or (), checkpoint=checkpoint,
+                              guidance=guidance)
         if record:
             recorded[step] = {k: v[:n] for k, v in saved.items()}
         return eps
 
     out = diffusion.denoise(unet_fn, scheduler, latents, context, uncond, steps, guidance,
-                            generator=step_generators(seed, noise_ids))
+                            generator=step_generators(seed, noise_ids), set_timesteps=model.family.set_timesteps)
     return diffusion.decode(out, model.vae, checkpoint=checkpoint, max_rows=max_rows) if decode else out
 
 

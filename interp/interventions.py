@@ -19,10 +19,11 @@ import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import nnsight
 import torch
 import torch.utils.checkpoint
 
-from .components import Component, ComponentSet, head_dim
+from .components import Component, ComponentSet, head_sites, neuron_count
 
 @dataclass
 class Site:
@@ -35,6 +36,7 @@ class Site:
     features: torch.Tensor  # feature indices touched
     columns: torch.Tensor  # column of the multiplier matrix for each touched feature
     whole: bool = False  # layer granularity: one multiplier scales the whole output
+    streams: int = 1  # tensors of the output tuple the multiplier scales (a joint block's image and context streams)
 
 
 @dataclass
@@ -42,11 +44,26 @@ class Plan:
     """Compiled interventions for one component set, in the model's execution order."""
 
     components: ComponentSet
-    sites: dict[str, list[Site]] = field(default_factory=dict)  # "unet" | "text_encoder" -> sites in order
+    sites: dict[str, list[Site]] = field(default_factory=dict)  # address prefix (model part) -> sites in order
+    denoiser_part: str = "unet"
 
     @property
     def parts(self) -> set[str]:
         return {p for p, s in self.sites.items() if s}
+
+    @property
+    def denoiser(self) -> list[Site]:
+        """The sites in the denoiser, in execution order."""
+        return self.sites.get(self.denoiser_part, [])
+
+    @property
+    def text(self) -> list[Site]:
+        """The sites in every text encoder, encoder by encoder, each in execution order."""
+        return [s for p, sites in self.sites.items() if p != self.denoiser_part for s in sites]
+
+    def with_denoiser(self, sites: list[Site]) -> "Plan":
+        """This plan with the denoiser's sites replaced."""
+        return Plan(self.components, {**self.sites, self.denoiser_part: sites}, self.denoiser_part)
 
 
 def compile_plan(model, components: ComponentSet | Sequence[Component | str]) -> Plan:
@@ -62,16 +79,15 @@ def compile_plan(model, components: ComponentSet | Sequence[Component | str]) ->
     for col, c in enumerate(components):
         mod = model.module(c.module)
         if c.granularity == "head":
-            out = mod.to_out[0] if hasattr(mod, "to_out") else mod.out_proj
-            suffix = ".to_out.0" if hasattr(mod, "to_out") else ".out_proj"
-            key = (c.module + suffix, "in")
-            d = head_dim(mod)
-            g = groups.setdefault(key, {"axis": -1, "n": out.in_features, "f": [], "c": [], "whole": False})
-            g["f"].extend(range(c.index * d, (c.index + 1) * d))
-            g["c"].extend([col] * d)
+            # a head's output features, where they enter the output projection(s) (both streams of a joint
+            # attention), or the attention's own output when it has no projection (FLUX's single-stream blocks)
+            for suffix, event, n, d in head_sites(mod):
+                g = groups.setdefault((c.module + suffix, event), {"axis": -1, "n": n, "f": [], "c": [], "whole": False})
+                g["f"].extend(range(c.index * d, (c.index + 1) * d))
+                g["c"].extend([col] * d)
         elif c.granularity == "neuron":
             axis = 1 if isinstance(mod, torch.nn.Conv2d) else -1
-            n = mod.out_channels if axis == 1 else (mod.out_features if hasattr(mod, "out_features") else mod.proj.out_features // 2)
+            n = neuron_count(mod)
             if groups.get((c.module, "out"), {}).get("whole"):
                 raise ValueError(f"{c.module} appears both as a layer and through its units in one component set")
             g = groups.setdefault((c.module, "out"), {"axis": axis, "n": n, "f": [], "c": [], "whole": False})
@@ -81,12 +97,24 @@ def compile_plan(model, components: ComponentSet | Sequence[Component | str]) ->
             key = (c.module, "out")
             if key in groups:
                 raise ValueError(f"{c.module} appears both as a layer and through its units in one component set")
-            groups[key] = {"axis": 0, "n": 1, "f": [0], "c": [col], "whole": True}
-    plan = Plan(components, {"text_encoder": [], "unet": []})
+            groups[key] = {"axis": 0, "n": 1, "f": [0], "c": [col], "whole": True,
+                           "streams": model.space.modules[c.module].rule.streams}
+    plan = Plan(components, {p: [] for p in model.modules()}, model.denoiser_part)
     for (path, event), g in sorted(groups.items(), key=lambda kv: model.events[(kv[0][1], kv[0][0])]):
-        site = Site(path, event, g["axis"], g["n"], torch.tensor(g["f"]), torch.tensor(g["c"]), g["whole"])
+        site = Site(path, event, g["axis"], g["n"], torch.tensor(g["f"]), torch.tensor(g["c"]), g["whole"],
+                    g.get("streams", 1))
         plan.sites[path.split(".", 1)[0]].append(site)
     return plan
+
+
+def stream_key(path: str, k: int) -> str:
+    """The key of stream ``k`` of a module's output in saved states and means (``path`` itself for stream 0)."""
+    return path if k == 0 else f"{path}#{k}"
+
+
+def _streams(model, path: str) -> int:
+    info = model.space.modules.get(path) if getattr(model, "space", None) is not None else None
+    return 1 if info is None else info.rule.streams
 
 
 def _first(x):
@@ -132,35 +160,49 @@ class Patch:
     where: torch.Tensor  # bool, broadcastable to the output, e.g. (N, 1, 1, 1) or (N, T, 1)
 
 
-def _intervene(root_envoy, model, sites: Sequence[Site], mult, means, patches, saves, store, skips=None):
+def _intervene(root_envoy, model, sites: Sequence[Site], mult, means, patches, saves, store, skips=None,
+               save_inputs=()):
     """The body shared by every trace: visit all touched modules in execution order.
 
     At one module, ablation comes first, then patching, then saving: a saved output is the value that flowed
     downstream in this run (after its interventions). ``skips`` (module path -> output) are modules not run at all,
     their given outputs used instead (:mod:`interp.prefix`)."""
-    order = {"skip": -1, "site": 0, "patch": 1, "save": 2}
+    order = {"skip": -1, "save_in": -1, "site": 0, "patch": 1, "save": 2}
     todo = [(model.events[("in", p)], "skip", p) for p in (skips or {})]
+    todo += [(model.events[("in", p)], "save_in", p) for p in save_inputs]
     todo += [(model.events[(s.event, s.path)], "site", s) for s in sites]
     todo += [(model.events[("out", p)], "patch", p) for p in patches]
     todo += [(model.events[("out", p)], "save", p) for p in saves]
     for _, what, x in sorted(todo, key=lambda t: (t[0], order[t[1]])):
         if what == "skip":
             model.envoy(x).skip(skips[x])
+        elif what == "save_in":
+            store[x] = model.envoy(x).input.save()
         elif what == "site":
             env = model.envoy(x.path)
             if x.event == "in":
                 env.input = apply_site(x, env.input, mult, None if means is None else means.get(x.path))
-            else:
+            elif x.streams == 1:
                 old = env.output
                 new = apply_site(x, _first(old), mult, None if means is None else means.get(x.path))
                 env.output = _replace_first(old, new)
+            else:  # every stream of a joint block (an absent one, None, stays so)
+                old = env.output
+                new = [h if h is None else apply_site(x, h, mult, None if means is None else means.get(stream_key(x.path, k)))
+                       for k, h in enumerate(old[: x.streams])]
+                env.output = (*new, *old[x.streams :])
         elif what == "patch":
             env = model.envoy(x)
             old = env.output
             p = patches[x]
             env.output = _replace_first(old, torch.where(p.where, p.clean.to(_first(old).dtype), _first(old)))
         else:
-            store[x] = _first(model.envoy(x).output).save()
+            out = model.envoy(x).output
+            if _first(out) is not None:  # SD3's last block has no context stream left: (None, image)
+                store[x] = _first(out).save()
+            for k in range(1, _streams(model, x)):  # a joint block's other stream, for its mean
+                if out[k] is not None:
+                    store[stream_key(x, k)] = out[k].save()
 
 
 def _on_device(model, mult, means, patches):
@@ -176,32 +218,71 @@ def _on_device(model, mult, means, patches):
     return mult, means, patches
 
 
+def _encoder_kwargs(model, enc, ids: torch.Tensor) -> dict:
+    """Keyword arguments the family's pipeline calls a text encoder with, besides the ids."""
+    kw = {}
+    if enc.hidden_states:
+        kw["output_hidden_states"] = True
+    if enc.attention_mask:
+        kw["attention_mask"] = (ids != model.tokenizers[enc.part].pad_token_id).long()
+    return kw
+
+
 def run_text(model, ids: torch.Tensor, plan: Plan | None = None, mult: torch.Tensor | None = None,
              means: Mapping[str, torch.Tensor] | None = None, patches: Mapping[str, Patch] | None = None,
-             saves: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
-    """Text encoder forward (``last_hidden_state``) with interventions; returns ``(states, saved)``."""
-    sites = plan.sites["text_encoder"] if plan is not None else []
+             saves: Sequence[str] = (), save_inputs: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
+    """Every text encoder's forward with interventions, assembled into the denoiser's packed context
+    (:mod:`interp.families`; for Stable Diffusion 1.x/2.x, CLIP's ``last_hidden_state``): ``(context, saved)``.
+    ``ids`` are :meth:`DiffusionModel.tokenize`'s packed ids."""
     patches = dict(patches or {})
     ids = ids.to(model.device)
     mult, means, patches = _on_device(model, mult, means, patches)
-    if not sites and not patches and not saves:
-        return model.text_encoder(ids)[0], {}
+    per = model.split_ids(ids)
+    reads: dict = {}
     store: dict = {}
-    with model.nn_text.trace(ids):
-        _intervene(model.nn_text, model, sites, mult, means, patches, list(saves), store)
-        out = model.nn_text.output[0].save()
-    return out, store
+    for enc in model.encoders:
+        part = enc.part
+        sites = plan.sites.get(part, []) if plan is not None else []
+        mine = {k: v for k, v in patches.items() if k.split(".", 1)[0] == part}
+        keep = [k for k in saves if k.split(".", 1)[0] == part]
+        keep_in = [k for k in save_inputs if k.split(".", 1)[0] == part]
+        kwargs = _encoder_kwargs(model, enc, per[part])
+        if not sites and not mine and not keep and not keep_in:
+            reads[part] = model.family.read(enc, model.text_encoders[part](per[part], **kwargs))
+            continue
+        root = model.nn[part]
+        with root.trace(per[part], **kwargs):
+            _intervene(root, model, sites, mult, means, mine, keep, store, save_inputs=keep_in)
+            kept = nnsight.save([v for v in model.family.read(enc, root.output)])
+        reads[part] = tuple(kept)
+    ctx, layout = model.family.assemble(model, reads, ids)
+    model.layout = layout
+    return ctx, store
+
+
+def encode_prompts(model, ids: torch.Tensor) -> torch.Tensor:
+    """The packed context of the intact text encoders for :meth:`DiffusionModel.tokenize`'s ids."""
+    return run_text(model, ids)[0]
+
+
+def call_denoiser(model, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, guidance: float | None = None):
+    """One plain denoiser call (no interventions), as the family's pipeline makes it; the prediction."""
+    kw = model.family.denoiser_inputs(model, x, t, ctx, guidance)
+    return model.family.prediction(model, model.unet(**kw, return_dict=False)[0], x)
 
 
 def run_unet(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, plan: Plan | None = None,
              mult: torch.Tensor | None = None, means: Mapping[str, torch.Tensor] | None = None,
              patches: Mapping[str, Patch] | None = None, saves: Sequence[str] = (),
-             skips: Mapping[str, object] | None = None, checkpoint: bool = False) -> tuple[torch.Tensor, dict]:
-    """UNet forward (noise prediction) with interventions; returns ``(eps, saved)``. ``skips``: modules replayed
+             skips: Mapping[str, object] | None = None, checkpoint: bool = False,
+             guidance: float | None = None, save_inputs: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
+    """Denoiser forward (its prediction, in the latents' layout) with interventions; returns ``(eps, saved)``.
+    ``context`` is the packed context of :func:`run_text`; ``guidance`` is FLUX's embedded guidance scale (default:
+    the model's), unused by families that guide with two branches. ``skips``: modules replayed
     from given outputs instead of run (:mod:`interp.prefix`). ``checkpoint``: under gradients, keep only the call's
     inputs and run it again during the backward pass (:func:`torch.utils.checkpoint.checkpoint`), so a loop of many
     calls (a generation) holds one call's activations at a time instead of every call's."""
-    sites = plan.sites["unet"] if plan is not None else []
+    sites = plan.denoiser if plan is not None else []
     patches = dict(patches or {})
     # Forward passes run in the model's dtype on its device, whatever the caller keeps its tensors in.
     x = x.to(device=model.device, dtype=model.dtype)
@@ -214,13 +295,15 @@ def run_unet(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pla
         model.counters["unet_rows_grad"] += x.shape[0]
 
     def forward(x, context):
-        if not sites and not patches and not saves and not skips:
-            return model.unet(x, t, encoder_hidden_states=context, return_dict=False)[0], {}
+        kw = model.family.denoiser_inputs(model, x, t, context, guidance)
+        if not sites and not patches and not saves and not skips and not save_inputs:
+            return model.family.prediction(model, model.unet(**kw, return_dict=False)[0], x), {}
         store: dict = {}
-        with model.nn_unet.trace(x, t, encoder_hidden_states=context, return_dict=False):
-            _intervene(model.nn_unet, model, sites, mult, means, patches, list(saves), store, skips)
+        first = kw.pop(next(iter(kw)))  # the latents go positionally: nnsight's trace takes its input that way
+        with model.nn_unet.trace(first, **kw, return_dict=False):
+            _intervene(model.nn_unet, model, sites, mult, means, patches, list(saves), store, skips, save_inputs)
             out = model.nn_unet.output[0].save()
-        return out, store
+        return model.family.prediction(model, out, x), store
 
     if checkpoint and torch.is_grad_enabled():
         # Early stop would end the re-run by raising inside nnsight's trace: re-run whole calls instead.
@@ -237,7 +320,7 @@ def run_unet_in_passes(model, x: torch.Tensor, t: torch.Tensor, context: torch.T
         return run_unet(model, x, t, context, saves=saves)
     parts = [run_unet(model, x[s : s + max_rows], t[s : s + max_rows], context[s : s + max_rows], saves=saves)
              for s in range(0, x.shape[0], max_rows)]
-    return torch.cat([eps for eps, _ in parts]), {p: torch.cat([saved[p] for _, saved in parts]) for p in saves}
+    return torch.cat([eps for eps, _ in parts]), {p: torch.cat([saved[p] for _, saved in parts]) for p in parts[0][1]}
 
 
 @torch.no_grad()
@@ -254,45 +337,26 @@ def unit_means(model, plan: Plan, ids: torch.Tensor, x: torch.Tensor, t: torch.T
                                                         t[s : s + max_rows]))
                  for s in range(0, len(x), max_rows)]
         return {k: sum(n / len(x) * means[k] for n, means in parts) for k in parts[0][1]}
-    saves_t = [s.path for s in plan.sites["text_encoder"] if s.event == "out"]
-    saves_u = [s.path for s in plan.sites["unet"] if s.event == "out"]
-    ctx, st = run_text(model, ids, saves=saves_t)
-    _, su = run_unet(model, x, t, ctx, saves=saves_u)
+    saves_t = [s.path for s in plan.text if s.event == "out"]
+    saves_u = [s.path for s in plan.denoiser if s.event == "out"]
+    # heads are reached at an input (their output projection's): saved as it enters
+    ins_t = [s.path for s in plan.text if s.event == "in"]
+    ins_u = [s.path for s in plan.denoiser if s.event == "in"]
+    ctx, st = run_text(model, ids, saves=saves_t, save_inputs=ins_t)
+    _, su = run_unet(model, x, t, ctx, saves=saves_u, save_inputs=ins_u)
     saved = {**st, **su}
-    # heads are reached at an input: read it through a plain forward pre-hook-free path by saving the projection's input
-    ins = [s for part in ("text_encoder", "unet") for s in plan.sites[part] if s.event == "in"]
-    if ins:
-        saved.update(_save_inputs(model, [s.path for s in ins], ids, x, t))
     means = {}
-    for part in ("text_encoder", "unet"):
-        for s in plan.sites[part]:
-            h = saved[s.path]
-            if s.whole:
-                means[s.path] = h.mean(0, keepdim=True)
-            elif s.axis == 1:
-                means[s.path] = h.mean(dim=[d for d in range(h.dim()) if d != 1]).reshape(1, -1, *([1] * (h.dim() - 2)))
-            else:
-                means[s.path] = h.reshape(-1, h.shape[-1]).mean(0)
+    for s in plan.text + plan.denoiser:
+        h = saved.get(s.path)
+        if s.whole:
+            for k in range(s.streams):
+                if stream_key(s.path, k) in saved:
+                    means[stream_key(s.path, k)] = saved[stream_key(s.path, k)].mean(0, keepdim=True)
+        elif s.axis == 1:
+            means[s.path] = h.mean(dim=[d for d in range(h.dim()) if d != 1]).reshape(1, -1, *([1] * (h.dim() - 2)))
+        else:
+            means[s.path] = h.reshape(-1, h.shape[-1]).mean(0)
     return means
-
-
-def _save_inputs(model, paths: Sequence[str], ids, x, t) -> dict[str, torch.Tensor]:
-    out = {}
-    text_paths = [p for p in paths if p.startswith("text_encoder.")]
-    unet_paths = [p for p in paths if p.startswith("unet.")]
-    saved_t: dict = {}
-    with model.nn_text.trace(ids):
-        for p in sorted(text_paths, key=lambda p: model.events[("in", p)]):
-            saved_t[p] = model.envoy(p).input.save()
-        ctx = model.nn_text.output[0].save()
-    out.update(saved_t)
-    if unet_paths:
-        saved_u: dict = {}
-        with model.nn_unet.trace(x, t, encoder_hidden_states=ctx, return_dict=False):
-            for p in sorted(unet_paths, key=lambda p: model.events[("in", p)]):
-                saved_u[p] = model.envoy(p).input.save()
-        out.update(saved_u)
-    return out
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ import torch.nn as nn
 from nnsight import NNsight
 
 from .components import ComponentSpace
+from .families import FAMILIES, Family, family_of
 from .runtime import tune_cpu_allocator
 
 
@@ -94,7 +95,15 @@ class ModelLoadError(ValueError):
 
 @dataclass(eq=False)
 class DiffusionModel:
-    """A loaded model: pipeline parts, their nnsight wrappers and the component space."""
+    """A loaded model: pipeline parts, their nnsight wrappers and the component space.
+
+    ``unet`` is the denoiser, a UNet or a diffusion transformer (also reachable as :attr:`denoiser`); its
+    components' addresses start with the pipeline's own attribute name for it (``unet.`` or ``transformer.``).
+    ``text_encoder``/``tokenizer`` are the first text encoder and its tokenizer; :attr:`text_encoders` holds every
+    one (``text_encoder``, ``text_encoder_2``, ``text_encoder_3``) under the pipeline's attribute names, which are
+    their components' address prefixes too. ``family`` (:mod:`interp.families`) says how prompts become the
+    denoiser's conditioning and how the denoiser is called.
+    """
 
     name: str
     unet: nn.Module
@@ -107,24 +116,57 @@ class DiffusionModel:
     world: object | None = field(default=None, repr=False)
     pipeline: object = field(default=None, repr=False)
     #: Classifier-free guidance scale used when a caller gives none: the kind's (the concept world samples best
-    #: unguided), else Stable Diffusion's usual 7.5.
+    #: unguided), else the pipeline family's default (Stable Diffusion's 7.5, SDXL's 5, FLUX's embedded 3.5, ...).
     default_guidance: float | None = None
     #: Where the weights were loaded from, loadable again by :func:`load_model` in another process (a Ray worker):
     #: the shipped name, the folder's absolute path or the hub id; None for a model built in memory.
     source: str | None = None
+    #: How the pipeline conditions and calls its denoiser (None: Stable Diffusion 1.x/2.x's UNet and CLIP).
+    family: Family | None = field(default=None, repr=False)
+    #: Every text encoder and tokenizer by pipeline attribute (None: ``text_encoder`` and ``tokenizer`` alone).
+    text_encoders: dict | None = field(default=None, repr=False)
+    tokenizers: dict | None = field(default=None, repr=False)
 
     def __post_init__(self):
+        self.family = self.family or FAMILIES["sd"]
         if self.default_guidance is None:
-            self.default_guidance = getattr(self.world, "default_guidance", 7.5)
-        for m in (self.unet, self.text_encoder, self.vae, self.classifier):
+            self.default_guidance = getattr(self.world, "default_guidance", self.family.default_guidance)
+        self.text_encoders = dict(self.text_encoders or {"text_encoder": self.text_encoder})
+        self.tokenizers = dict(self.tokenizers or {"text_encoder": self.tokenizer})
+        parts = _Parts(self.tokenizers)
+        #: The text encoders in the order the family runs them, with the token length each is run at.
+        self.encoders = self.family.encoders(parts)
+        for m in (self.unet, *self.text_encoders.values(), self.vae, self.classifier):
             if m is not None:
                 m.eval().requires_grad_(False)
         self.counters: Counter = Counter()  # UNet rows run (and with gradients): the methods' cost accounting
-        self.nn_unet = NNsight(self.unet)
-        self.nn_text = NNsight(self.text_encoder)
-        self.events, self.calls = _event_order({"unet": self.unet, "text_encoder": self.text_encoder}, self)
+        self.nn = {part: NNsight(m) for part, m in self.modules().items()}
+        self.nn_unet = self.nn[self.denoiser_part]
+        self.nn_text = self.nn["text_encoder"] if "text_encoder" in self.nn else None
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        self.layout = None  # where the extras sit in a packed context (set by the first encoding)
+        self.events, self.calls = _event_order(self.modules(), self)
         order = {p: i for (kind, p), i in self.events.items() if kind == "in"}
-        self.space = ComponentSpace({"text_encoder": self.text_encoder, "unet": self.unet}, order)
+        self.space = ComponentSpace(self.modules(), order)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The denoiser (UNet or transformer)."""
+        return self.unet
+
+    @property
+    def denoiser_part(self) -> str:
+        """The denoiser's address prefix: the pipeline's attribute name for it (``unet`` or ``transformer``)."""
+        return self.family.denoiser
+
+    @property
+    def text_parts(self) -> list[str]:
+        """The text encoders' address prefixes, in the order they run."""
+        return [e.part for e in self.encoders]
+
+    def is_text(self, part: str) -> bool:
+        """Whether an address prefix (a component's ``model``) names a text encoder."""
+        return part in self.text_encoders
 
     @property
     def is_concept_world(self) -> bool:
@@ -133,12 +175,12 @@ class DiffusionModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The UNet's dtype, as diffusers reports it."""
+        """The denoiser's dtype, as diffusers reports it."""
         return self._placement()[0]
 
     @property
     def device(self) -> torch.device:
-        """The UNet's device, as diffusers reports it."""
+        """The denoiser's device, as diffusers reports it."""
         return self._placement()[1]
 
     def _placement(self) -> tuple[torch.dtype, torch.device]:
@@ -153,7 +195,8 @@ class DiffusionModel:
         return cached[1]
 
     def modules(self):
-        return {"unet": self.unet, "text_encoder": self.text_encoder}
+        """Every part the suite intervenes on, by address prefix: the text encoders, then the denoiser."""
+        return {**{e.part: self.text_encoders[e.part] for e in self.encoders}, self.denoiser_part: self.unet}
 
     def module(self, path: str) -> nn.Module:
         prefix, _, rel = path.partition(".")
@@ -161,8 +204,25 @@ class DiffusionModel:
 
     def envoy(self, path: str):
         prefix, _, rel = path.partition(".")
-        root = self.nn_unet if prefix == "unet" else self.nn_text
+        root = self.nn[prefix]
         return root.get(rel) if rel else root
+
+    def tokenize(self, prompts, device=None) -> torch.Tensor:
+        """Token ids of ``prompts`` for every text encoder, side by side: ``(len(prompts), sum of lengths)``, each
+        tokenizer's ids padded to the length its pipeline uses (Stable Diffusion 1.x/2.x: CLIP's 77)."""
+        from .diffusion import tokenize
+
+        ids = [tokenize(self.tokenizers[e.part], prompts, max_length=e.length) for e in self.encoders]
+        ids = ids[0] if len(ids) == 1 else torch.cat(ids, 1)
+        return ids if device is None else ids.to(device)
+
+    def split_ids(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The packed ids of :meth:`tokenize` per text encoder."""
+        out, at = {}, 0
+        for e in self.encoders:
+            out[e.part] = ids[:, at : at + e.length]
+            at += e.length
+        return out
 
     def check_prompts(self, prompts):
         """Validate prompts: non-empty list; the model's kind may check more (the concept world: every word known)."""
@@ -184,23 +244,45 @@ class DiffusionModel:
         return {n: p.detach().clone() for n, p in self.parameters()}
 
     def components(self, granularity: str = "neuron", **filters):
+        """The model's components of one granularity (``layer``, ``neuron``, ``head``, ``weight``), filtered by
+        ``family``, ``kind``, ``block``, ``layer`` or ``model`` (an address prefix such as ``text_encoder_2``);
+        :meth:`ComponentSpace.families` lists the families this model has."""
         return self.space.select(granularity, **filters)
+
+
+class _Parts:
+    """Attribute access to a model's tokenizers by pipeline name (``tokenizer_2``), for :meth:`Family.encoders`."""
+
+    def __init__(self, tokenizers: dict):
+        self._by_attr = {("tokenizer" if p == "text_encoder" else "tokenizer" + p[len("text_encoder"):]): t
+                         for p, t in tokenizers.items()}
+        for p in tokenizers:
+            setattr(self, p, True)
+
+    def __getattr__(self, name):
+        if name.startswith("tokenizer"):
+            return self.__dict__["_by_attr"].get(name)
+        raise AttributeError(name)
 
 
 def _event_order(models: dict[str, nn.Module], owner: DiffusionModel) -> tuple[dict[tuple[str, str], int], Counter]:
     """Execution order of every module's input and output events (its first call), and how often each module is
-    called, from one forward pass with plain hooks.
+    called, from one forward pass with plain hooks (the empty prompt through every text encoder, then the
+    denoiser). It also records the model's packed-context layout (:mod:`interp.families`).
 
     nnsight must be asked for modules in the order they run (``named_modules`` lists the UNet's up blocks before
     its mid block, but the mid block runs first). A module called more than once per pass (a resnet's shared
     ``nonlinearity``) can never be skipped with a cached output (:mod:`interp.prefix`).
     """
+    from .diffusion import latent_shape
+    from .interventions import encode_prompts, call_denoiser
+
     events: dict[tuple[str, str], int] = {}
     calls: Counter = Counter()
     handles = []
 
     def pre(name):
-        def hook(mod, args):
+        def hook(mod, args, kwargs):
             events.setdefault(("in", name), len(events))
         return hook
 
@@ -214,15 +296,12 @@ def _event_order(models: dict[str, nn.Module], owner: DiffusionModel) -> tuple[d
         for prefix, root in models.items():
             for n, m in root.named_modules():
                 name = f"{prefix}.{n}" if n else prefix
-                handles.append(m.register_forward_pre_hook(pre(name)))
+                handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
                 handles.append(m.register_forward_hook(post(name)))
         with torch.no_grad():
-            ids = torch.full((1, owner.tokenizer.model_max_length), owner.tokenizer.pad_token_id or 0, dtype=torch.long)
-            ctx = owner.text_encoder(ids.to(owner.device))[0]
-            from .diffusion import latent_shape
-
-            x = torch.zeros(latent_shape(owner.unet, 1), dtype=owner.unet.dtype, device=owner.device)
-            owner.unet(x, torch.tensor([1], device=owner.device), encoder_hidden_states=ctx.to(owner.unet.dtype))
+            ctx = encode_prompts(owner, owner.tokenize([""], owner.device))
+            x = torch.zeros(latent_shape(owner, 1), dtype=owner.unet.dtype, device=owner.device)
+            call_denoiser(owner, x, torch.tensor([1], device=owner.device), ctx.to(owner.unet.dtype))
     finally:
         for h in handles:
             h.remove()
@@ -431,22 +510,30 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
     else:
         raise TypeError(f"load_model takes a name, a folder or a DiffusionPipeline, not {type(spec).__name__}")
 
-    for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
+    try:
+        family = family_of(pipe)
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
+    encoders = family.encoders(pipe)
+    for part in (family.denoiser, "scheduler", *[e.part for e in encoders], *[e.tokenizer for e in encoders]):
         if getattr(pipe, part, None) is None:
-            raise ModelLoadError(f"the pipeline has no {part}: the suite needs a text-conditioned UNet pipeline")
+            raise ModelLoadError(f"the {type(pipe).__name__} has no {part}: the suite needs every part a "
+                                 f"{family.label} pipeline conditions its {family.denoiser} with; load the full "
+                                 f"pipeline (save_pretrained writes every part)")
     # A kind whose pipeline is a plain diffusers class (the latent world's StableDiffusionPipeline) is known only by
     # its folder; a user's SD pipeline matches no kind and stays a plain model.
     kind = folder_kind or next((k for k in KINDS.values() if k.matches_pipeline(pipe)), None)
     classifier = extras.get("classifier")
-    if pipe.unet.dtype != dtype or pipe.unet.device != torch.device(device):
+    denoiser = getattr(pipe, family.denoiser)
+    if denoiser.dtype != dtype or denoiser.device != torch.device(device):
         pipe.to(device=device, dtype=dtype)
     if classifier is not None:
         classifier.to(device=device, dtype=dtype)
     return DiffusionModel(
         name=name,
-        unet=pipe.unet,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
+        unet=denoiser,
+        text_encoder=getattr(pipe, encoders[0].part),
+        tokenizer=getattr(pipe, encoders[0].tokenizer),
         scheduler=pipe.scheduler,
         vae=getattr(pipe, "vae", None),
         classifier=classifier,
@@ -454,6 +541,9 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
         pipeline=pipe,
         source=source,
         default_guidance=extras.get("default_guidance"),
+        family=family,
+        text_encoders={e.part: getattr(pipe, e.part) for e in encoders},
+        tokenizers={e.part: getattr(pipe, e.tokenizer) for e in encoders},
     )
 
 

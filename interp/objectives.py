@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from . import diffusion
+from .components import is_text_part
 from .concepts import Concept, resolve
 from .generation import generate
 from .interventions import Plan, run_text, run_unet, run_unet_in_passes
@@ -179,16 +180,16 @@ class Objective:
         dev, dt = model.device, self.dtype
         self.target_prompts = [c.target_prompts[i] for i in self.prompt_index]
         self.anchor_prompts = [c.anchor_prompts[i] for i in self.prompt_index]
-        self.target_ids = diffusion.tokenize(model.tokenizer, model.check_prompts(self.target_prompts), dev)
-        self.anchor_ids = diffusion.tokenize(model.tokenizer, model.check_prompts(self.anchor_prompts), dev)
+        self.target_ids = model.tokenize(model.check_prompts(self.target_prompts), dev)
+        self.anchor_ids = model.tokenize(model.check_prompts(self.anchor_prompts), dev)
         with torch.no_grad():
             self.ctx_target = run_text(model, self.target_ids)[0]
             self.ctx_anchor = run_text(model, self.anchor_ids)[0]
         g = cfg.guidance if cfg.guidance is not None else model.default_guidance
-        self.rows_per_step = 2 if g != 1 else 1  # UNet rows of one image in one generation call (guidance: two)
+        self.rows_per_step = 2 if (g != 1 and model.family.cfg) else 1  # UNet rows of one image in one generation call (guidance: two)
         if cfg.kind == "classifier":
             gen = torch.Generator().manual_seed(cfg.seed)
-            self.noise0 = diffusion.initial_noise(model.unet, cfg.n_images, gen, dt, dev)
+            self.noise0 = diffusion.initial_noise(model, cfg.n_images, gen, dt, dev)
             self.n_samples = cfg.n_images
             self.branches = 1
             self.rows_per_eval = cfg.n_images * cfg.gen_steps * self.rows_per_step
@@ -205,7 +206,7 @@ class Objective:
                 per_call = max(1, cfg.max_batch // self.rows_per_step)  # images per call within max_batch rows
                 n = len(self.target_prompts)
                 # the noise generate draws for all n at once, so that calls within max_batch start where one would
-                noise = diffusion.initial_noise(model.unet, n, torch.Generator().manual_seed(cfg.seed),
+                noise = diffusion.initial_noise(model, n, torch.Generator().manual_seed(cfg.seed),
                                                 diffusion.accumulation_dtype(model.dtype), model.device)
                 with torch.no_grad():
                     x0 = torch.cat([generate(model, self.target_prompts[s : s + per_call], seed=cfg.seed,
@@ -280,7 +281,7 @@ class Objective:
         chunk = max(1, self.config.max_batch // per_row)
         if record is not None and R > chunk:
             raise ValueError("record works on one chunk of mask rows; pass fewer rows")
-        if record is not None and any(k.startswith("text_encoder.") for k in record):
+        if record is not None and any(is_text_part(k.split(".", 1)[0]) for k in record):
             recompute_text = True
         replay = self._replayable(plan, mult, recompute_text, target_context, unet_patches, record)
         if replay:  # rows that start at the same point run together (interp.prefix), where that saves FLOPs
@@ -367,11 +368,11 @@ class Objective:
         # With intervene_anchor=False the anchor branch is not run here: it is the intact model's (cached).
         B = self.branches if intervene_anchor else 1
         idx = self.image_index[sel]
-        has_text = (plan is not None and plan.sites["text_encoder"]) or recompute_text
+        has_text = (plan is not None and plan.text) or recompute_text
         if has_text:
             ids = torch.cat([self.target_ids[idx], self.anchor_ids[idx]][:B])
             text_rows = None if mult is None else mult.repeat_interleave(B * S, 0)
-            tpaths = [k for k in (record or {}) if k.startswith("text_encoder.")]
+            tpaths = [k for k in (record or {}) if is_text_part(k.split(".", 1)[0])]
             ctx, saved = run_text(model, ids.repeat(r, 1), plan, text_rows, means, saves=tpaths)
             record.update(saved) if record is not None else None
         else:
@@ -384,7 +385,7 @@ class Objective:
         t = self.t[sel].repeat(r * B)
         rows = None if mult is None else mult.repeat_interleave(B * S, 0)
         patches = unet_patches(0) if unet_patches is not None else None
-        upaths = [k for k in (record or {}) if k.startswith("unet.")]
+        upaths = [k for k in (record or {}) if not is_text_part(k.split(".", 1)[0])]
         skips = None
         if replay:
             skips, plan = self._replay(plan, mult, sel, r, B, self._shared_context(target_context))
@@ -405,7 +406,7 @@ class Objective:
         replaced context such as causal tracing's corrupted one), and a one-step objective (the classifier
         objective's generation loop has no fixed upstream)."""
         return (self.replay_prefix and mult is not None and not mult.requires_grad and self.config.kind != "classifier"
-                and not plan.sites["text_encoder"] and not recompute_text and unet_patches is None and record is None
+                and not plan.text and not recompute_text and unet_patches is None and record is None
                 and self._shared_context(target_context) is not False)
 
     def _shared_context(self, target_context):
@@ -423,7 +424,7 @@ class Objective:
         last); a group of fewer than ``min_rows`` rows (one batch) takes in the next groups until it has them, and
         replays from its earliest row's start: a batch of a few rows costs nearly what a full one does, so filling
         it beats replaying a little more. None when one group remains (the plain chunked loop does the same)."""
-        sites = plan.sites["unet"]
+        sites = plan.denoiser
         if not sites:
             return None
         active = torch.stack([(mult[:, s.columns] != 1).any(1) for s in sites], 1)  # (R, n_sites)
@@ -447,8 +448,8 @@ class Objective:
         paths = () if event is None else frontier(self.model, event)
         if not paths:
             return None, plan
-        later = [s for s in plan.sites["unet"] if self.model.events[(s.event, s.path)] >= event]
-        plan = Plan(plan.components, {**plan.sites, "unet": later})
+        later = [s for s in plan.denoiser if self.model.events[(s.event, s.path)] >= event]
+        plan = plan.with_denoiser(later)
         self._fill_replay(paths, context)
         index = torch.cat([b * self.n_samples + sel for b in range(B)])
         return rows_of({p: self._replayed[p] for p in paths}, index, r), plan
@@ -526,14 +527,17 @@ def as_dtype(model, dtype: torch.dtype):
 
     from .models import DiffusionModel
 
-    parts = {k: copy.deepcopy(getattr(model, k)) for k in ("unet", "text_encoder", "vae", "classifier")}
-    for v in parts.values():
+    parts = {k: copy.deepcopy(getattr(model, k)) for k in ("unet", "vae", "classifier")}
+    texts = {p: copy.deepcopy(m) for p, m in model.text_encoders.items()}
+    for v in [*parts.values(), *texts.values()]:
         if v is not None:
             torch.nn.Module.to(v, dtype)  # diffusers' own .to() warns about fp32-pinned modules; none here
     sched = model.scheduler.__class__.from_config(model.scheduler.config)
-    return DiffusionModel(model.name, parts["unet"], parts["text_encoder"], model.tokenizer, sched, parts["vae"],
-                          parts["classifier"], world=model.world, default_guidance=model.default_guidance,
-                          source=model.source)
+    first = model.encoders[0].part
+    return DiffusionModel(model.name, parts["unet"], texts[first], model.tokenizer, sched, parts["vae"],
+                          parts["classifier"], world=model.world, pipeline=model.pipeline,
+                          default_guidance=model.default_guidance, source=model.source, family=model.family,
+                          text_encoders=texts, tokenizers=model.tokenizers)
 
 
 def _sample_rows(means: dict | None, pos: torch.Tensor, S: int, B: int) -> dict | None:
@@ -650,7 +654,7 @@ def gradients(obj: Objective, params: dict[str, torch.nn.Parameter] | None = Non
     record = {p: None for p in (activations or [])}
     for p in record:
         obj.model.space.parse(p)  # a clear error for an unknown path
-    text = any(n.startswith("text_encoder.") for n in params)
+    text = any(is_text_part(n.split(".", 1)[0]) for n in params)
     # Activations only join the autograd graph if something upstream requires grad: let every weight do so for
     # this call (restored afterwards); autograd.grad then computes only what was asked.
     every = [p for _, p in obj.model.parameters()] if record else list(params.values())

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from .components import is_text_part
+
 #: FLOPs one measured pass may cost (a fraction of a second on an idle 2-core CPU).
 FLOP_BUDGET = 5e10
 
@@ -151,7 +153,7 @@ class EvalShape:
         to read the inputs of output projections when heads of the UNet are among the components."""
         if mode != "mean":
             return Rows()
-        heads = any(c.model == "unet" and c.granularity == "head" for c in comps)
+        heads = any(not is_text_part(c.model) and c.granularity == "head" for c in comps)
         return Rows(self.n_samples * (2 if heads else 1))
 
     def setup(self) -> Rows:
@@ -182,9 +184,10 @@ def eval_shape(model, ocfg) -> EvalShape:
         rows_per_eval = S * B
     return EvalShape(
         kind=ocfg.kind, anchor=ocfg.anchor, n_images=ocfg.n_images, n_samples=S, branches=B,
-        rows_per_eval=rows_per_eval, unet_calls=calls, gen_steps=ocfg.gen_steps, guided=g != 1,
-        concept_world=bool(model.is_concept_world), text_length=int(model.tokenizer.model_max_length),
-        trace_unet_layers=len(model.components("layer", family=("block", "resnet"))),
+        rows_per_eval=rows_per_eval, unet_calls=calls, gen_steps=ocfg.gen_steps, guided=g != 1 and model.family.cfg,
+        concept_world=bool(model.is_concept_world), text_length=sum(e.length for e in model.encoders),
+        trace_unet_layers=len(model.components("layer", family=[f for f in ("block", "single_block", "resnet")
+                                                                 if f in model.space.families()])),
         trace_text_layers=len(model.components("layer", family="text_layer")), max_batch=ocfg.max_batch,
     )
 
@@ -229,11 +232,11 @@ def replayed_fraction(model, comps) -> float:
     from .interventions import compile_plan
     from .prefix import frontier, upstream_share
 
-    in_unet = [c for c in comps if c.model == "unet"]
+    in_unet = [c for c in comps if not is_text_part(c.model)]
     if not in_unet:
         return 0.0
     replayed = 0.0
-    for site in compile_plan(model, in_unet).sites["unet"]:
+    for site in compile_plan(model, in_unet).denoiser:
         front = frontier(model, model.events[(site.event, site.path)])
         replayed += len(set(site.columns.tolist())) * upstream_share(model, front)
     return replayed / len(comps)
@@ -251,10 +254,10 @@ def replay_reserve(model, comps, shape: EvalShape) -> int:
     from .objectives import REPLAY_BUDGET
     from .prefix import fill_bytes, frontier
 
-    in_unet = [c for c in comps if c.model == "unet"]
+    in_unet = [c for c in comps if not is_text_part(c.model)]
     if shape.kind == "classifier" or not in_unet:
         return 0
-    paths = {p for site in compile_plan(model, in_unet).sites["unet"]
+    paths = {p for site in compile_plan(model, in_unet).denoiser
              for p in frontier(model, model.events[(site.event, site.path)])}
     return min(REPLAY_BUDGET, fill_bytes(model, paths, shape.n_samples * shape.branches))
 
@@ -265,10 +268,10 @@ def _meta_flops(model, comps, rows: int = 1) -> tuple[float, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from .interventions import compile_plan
-    from .prefix import meta_unet
+    from .prefix import meta_call, meta_unet
 
     meta, x, t, ctx0 = meta_unet(model, rows)
-    sites = compile_plan(model, comps).sites["unet"] if len(comps) else []
+    sites = compile_plan(model, comps).denoiser if len(comps) else []
     out = []
     for grad in (False, True):
         mults = []
@@ -284,7 +287,7 @@ def _meta_flops(model, comps, rows: int = 1) -> tuple[float, float]:
         ctx = ctx0.clone().requires_grad_(grad and not sites)
         try:
             with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as fc:
-                eps = meta(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+                eps = meta_call(model, meta, x, t, ctx)[0]
                 if grad:
                     eps.float().pow(2).mean().backward()
         finally:
@@ -307,14 +310,14 @@ def _timed_pass(model, plan, rows: int, grad: bool, size: int | None = None) -> 
     dev, dt = model.device, model.dtype
     # CUDA's allocator says what tensors hold: before the pass's inputs exist (weights, caches) and at its peak
     base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
-    shape = list(latent_shape(model.unet, rows))
+    shape = list(latent_shape(model, rows))
     if size is not None:
         shape[-2:] = [size, size]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(dev, dt)
     t = torch.full((rows,), 500, device=dev)
     with torch.no_grad():
-        ctx = run_text(model, tokenize(model.tokenizer, [""], dev))[0].expand(rows, -1, -1)
+        ctx = run_text(model, model.tokenize([""], dev))[0].expand(rows, -1, -1)
     n = 0 if plan is None else len(plan.components)
     mult = torch.ones(rows, n, dtype=torch.float32, requires_grad=grad) if n else None
     if dev.type == "cuda":
@@ -392,7 +395,7 @@ def _fitting_pass(model, plan, rows: int, engine_rows: int, grad: bool) -> dict:
 
 
 def _unet_components(comps):
-    in_unet = [c for c in comps if c.model == "unet"]
+    in_unet = [c for c in comps if not is_text_part(c.model)]
     return type(comps)(in_unet) if in_unet else []
 
 
@@ -515,7 +518,7 @@ def measure_passes(model, comps, shape: EvalShape, budget: float = FLOP_BUDGET) 
         "flops_per_row": f_fwd, "flops_per_grad_row": f_grad,
         "seconds_per_row": fwd["seconds"] / fwd["rows"], "seconds_per_grad_row": bwd["seconds"] / bwd["rows"],
         "threads": torch.get_num_threads(), "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
-        "latent": list(latent_shape(model.unet, 1)[1:]),
+        "latent": list(latent_shape(model, 1)[1:]),
     }
 
 

@@ -37,8 +37,10 @@ def skippable(model) -> list[tuple[str, int, int]]:
     cached = getattr(model, "_skippable", None)
     if cached is None:
         rows = []
+        unbatched = batchless_outputs(model)
         for (kind, path), i in model.events.items():
-            if kind == "in" and path.startswith("unet.") and model.calls.get(path) == 1:
+            if (kind == "in" and path.startswith(model.denoiser_part + ".") and model.calls.get(path) == 1
+                    and path not in unbatched):
                 rows.append((path, i, model.events[("out", path)]))
         cached = sorted(rows, key=lambda r: r[1])
         model._skippable = cached
@@ -56,20 +58,26 @@ def frontier(model, event: int) -> tuple[str, ...]:
 
 
 def meta_unet(model, rows: int = 1):
-    """A copy of the model's UNet on the ``meta`` device (no memory, no compute) and inputs of ``rows`` rows:
-    ``(unet, x, t, context)``, for counting FLOPs."""
+    """A copy of the model's denoiser on the ``meta`` device (no memory, no compute) and inputs of ``rows`` rows:
+    ``(denoiser, x, t, context)``, for counting FLOPs; call it through :func:`meta_call`."""
     from .diffusion import latent_shape
+    from .families import context_rows
 
     unet = model.unet
     with torch.device("meta"):
         meta = type(unet).from_config(unet.config)
     torch.nn.Module.to(meta.requires_grad_(False), unet.dtype)  # diffusers' own .to() warns about fp32 modules
-    ctx_dim = unet.config.cross_attention_dim
-    ctx_dim = ctx_dim if isinstance(ctx_dim, int) else ctx_dim[0]
-    ctx = torch.zeros(rows, model.tokenizer.model_max_length, ctx_dim, device="meta", dtype=unet.dtype)
-    x = torch.zeros(latent_shape(unet, rows), device="meta", dtype=unet.dtype)
+    layout = model.layout
+    ctx = torch.zeros(rows, context_rows(layout), layout.width, device="meta", dtype=unet.dtype)
+    x = torch.zeros(latent_shape(model, rows), device="meta", dtype=unet.dtype)
     t = torch.zeros(rows, device="meta", dtype=torch.long)
     return meta, x, t, ctx
+
+
+def meta_call(model, meta, x, t, ctx):
+    """The meta-device denoiser's output for latents ``x`` and packed context ``ctx``, called as the family does."""
+    kw = model.family.denoiser_inputs(model, x, t, ctx, None)
+    return meta(**kw, return_dict=False)
 
 
 def module_flops(model) -> tuple[dict[str, float], float]:
@@ -82,11 +90,38 @@ def module_flops(model) -> tuple[dict[str, float], float]:
 
         meta, x, t, ctx = meta_unet(model)
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            meta(x, t, encoder_hidden_states=ctx, return_dict=False)
+            meta_call(model, meta, x, t, ctx)
         counts, root = fc.get_flop_counts(), type(meta).__name__
-        per = {"unet" + name[len(root):]: float(sum(c.values())) for name, c in counts.items()
+        per = {model.denoiser_part + name[len(root):]: float(sum(c.values())) for name, c in counts.items()
                if name == root or name.startswith(root + ".")}
         cached = model._module_flops = (per, float(sum(counts["Global"].values())))
+    return cached
+
+
+def batchless_outputs(model) -> set[str]:
+    """Denoiser modules whose output is not batch-first (FLUX's rotary position embedding: one per token, shared by
+    every row), which a replay cache could not index by row; found on a two-row meta-device pass."""
+    cached = getattr(model, "_batchless", None)
+    if cached is None:
+        from torch.utils._pytree import tree_leaves
+
+        meta, x, t, ctx = meta_unet(model, rows=2)
+        found: set[str] = set()
+
+        def check(name):
+            def hook(module, args, out):
+                if any(isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != 2) for v in tree_leaves(out)):
+                    found.add(f"{model.denoiser_part}.{name}")
+            return hook
+
+        hooks = [m.register_forward_hook(check(name)) for name, m in meta.named_modules() if name]
+        try:
+            with torch.no_grad():
+                meta_call(model, meta, x, t, ctx)
+        finally:
+            for h in hooks:
+                h.remove()
+        cached = model._batchless = found
     return cached
 
 
@@ -99,12 +134,12 @@ def module_bytes(model) -> dict[str, int]:
         sizes: dict[str, int] = {}
 
         def record(name):
-            return lambda module, args, out: sizes.__setitem__("unet." + name, nbytes(out))
+            return lambda module, args, out: sizes.__setitem__(f"{model.denoiser_part}.{name}", nbytes(out))
 
         hooks = [m.register_forward_hook(record(name)) for name, m in meta.named_modules() if name]
         try:
             with torch.no_grad():
-                meta(x, t, encoder_hidden_states=ctx, return_dict=False)
+                meta_call(model, meta, x, t, ctx)
         finally:
             for h in hooks:
                 h.remove()
@@ -134,7 +169,7 @@ def replay_pays(model, fronts, rows: list[int], fill_rows: int) -> bool:
 
 def earliest_active_event(model, plan, mult: torch.Tensor) -> int | None:
     """The first UNet intervention event at which some row's multiplier differs from 1 (None: no row ablates)."""
-    for site in plan.sites["unet"]:  # in execution order
+    for site in plan.denoiser:  # in execution order
         if (mult[:, site.columns] != 1).any():
             return model.events[(site.event, site.path)]
     return None
@@ -160,7 +195,9 @@ def intact_outputs(model, paths, x: torch.Tensor, t: torch.Tensor, context: torc
     context = context.to(device=model.device, dtype=model.dtype)
     t = torch.as_tensor(t, device=model.device)
     store: dict = {}
-    with model.nn_unet.trace(x, t, encoder_hidden_states=context, return_dict=False):
+    kw = model.family.denoiser_inputs(model, x, t, context, None)
+    first = kw.pop(next(iter(kw)))  # the latents go positionally, as in interventions.run_unet
+    with model.nn_unet.trace(first, **kw, return_dict=False):
         for p in sorted(paths, key=lambda p: model.events[("out", p)]):  # outputs in the order they appear
             store[p] = model.envoy(p).output.save()
     return store

@@ -284,12 +284,12 @@ def tiny_sdxl(folder: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
     return folder
 
 
-def tiny_pixart(folder: str | Path, seed: int = 0, sample_size: int = 128) -> Path:
+def tiny_pixart(folder: str | Path, seed: int = 0, sample_size: int = 32) -> Path:
     """Tiny random PixArt-α (``PixArtAlphaPipeline``), saved into ``folder``; returns it.
 
     ``sample_size`` is the transformer's config value, which the pipeline reads as the model's native resolution:
-    128 (the default) is PixArt-α 1024 (micro-conditions ``resolution`` / ``aspect_ratio`` used, 1024 px default image
-    with resolution binning), 64 / 32 are PixArt-α 512 / 256 (no micro-conditions). Generate small images with
+    128 is PixArt-α 1024 (micro-conditions ``resolution`` / ``aspect_ratio`` used, 1024 px default image
+    with resolution binning), 64 / 32 (the default, the fastest) are PixArt-α 512 / 256 (no micro-conditions). Generate small images with
     :func:`generation_kwargs`. The transformer (2 layers, 3 heads x 8 = 24 wide, patch 2) predicts learned sigma
     (8 output channels for 4 latent channels), cross-attends to a 32-wide T5 encoder."""
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
@@ -371,6 +371,9 @@ def tiny_flux(folder: str | Path, seed: int = 0, guidance_embeds: bool = True) -
         joint_attention_dim=text_encoder_2.config.d_model, pooled_projection_dim=text_encoder.config.hidden_size,
         guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
     )
+    # FLUX's transformer has no sample size (its pipeline defaults to 1024 px, 128 latents); the suite reads one
+    # recorded in the config, so the tiny model works on 8x8 latents (64 px)
+    transformer.register_to_config(sample_size=8)
     vae = _vae(16, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
                use_post_quant_conv=False)
     scheduler = FlowMatchEulerDiscreteScheduler(

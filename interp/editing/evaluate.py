@@ -169,7 +169,7 @@ def heldout_set(model, concept: str, config: EvalConfig = EvalConfig(),
     prompts = pd.DataFrame(rows)
     model.check_prompts(list(prompts["prompt"]))
     gen = torch.Generator().manual_seed(config.seed)
-    latents = diffusion.initial_noise(model.unet, len(prompts), gen, model.dtype, model.device)
+    latents = diffusion.initial_noise(model, len(prompts), gen, model.dtype, model.device)
     return HeldoutSet(concept, attribute, prompts, tuple(scenes), latents)
 
 
@@ -193,7 +193,7 @@ def _text_heldout_set(model, concept: str, config: EvalConfig, alternatives) -> 
     prompts = pd.DataFrame(rows)
     model.check_prompts(list(prompts["prompt"]))
     gen = torch.Generator().manual_seed(config.seed)
-    latents = diffusion.initial_noise(model.unet, len(prompts), gen, model.dtype, model.device)
+    latents = diffusion.initial_noise(model, len(prompts), gen, model.dtype, model.device)
     return HeldoutSet(concept, TEXT_ATTRIBUTE, prompts, (), latents, {TEXT_ATTRIBUTE: (concept, *alternatives)})
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..components import ComponentSet
+from ..components import ComponentSet, is_text_part
 from ..objectives import Objective, ObjectiveConfig
 from ..results import SCHEMA, Cost, empty_maps, make_frame, make_map_frame
 from ..store import Store
@@ -118,7 +118,7 @@ class Method:
         if bad:
             raise ValueError(f"{self.name} does not handle {sorted(bad)} granularity; it handles "
                              f"{self.capabilities.granularities}")
-        if not self.capabilities.text_encoder and any(c.model == "text_encoder" for c in comps):
+        if not self.capabilities.text_encoder and any(is_text_part(c.model) for c in comps):
             raise ValueError(f"{self.name} does not attribute text-encoder components")
         store = store if isinstance(store, Store) else Store(store)
         key = {"method": self.name, "method_config": self.config.to_dict(), **obj.identity(),

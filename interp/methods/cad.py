@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..components import Component, head_dim
+from ..components import Component, head_sites, is_text_part
 from ..interventions import compile_plan, parameters_requiring_grad
 from ..objectives import mean_gradient
 from .base import Capabilities, Method, MethodConfig, register, stderr_over
@@ -41,19 +41,22 @@ def weight_slices(model, c: Component) -> list[tuple[torch.nn.Parameter, tuple]]
     mod = model.module(c.module)
     if c.granularity == "weight":
         return [(getattr(mod, c.param), c.unit)]
-    if c.kind.endswith("ff.net.0") and c.kind == "ff.net.0":  # GEGLU hidden unit -> a column of ff.net.2
+    if c.kind in ("ff.net.0", "ff_context.net.0"):  # a (GE)GLU/GELU hidden unit -> a column of net.2
         out = model.module(c.module[: -len(".0")] + ".2")
         return [(out.weight, (slice(None), c.index if c.granularity == "neuron" else slice(None)))]
     if c.granularity == "head":
-        out = mod.to_out[0] if hasattr(mod, "to_out") else mod.out_proj
-        d = head_dim(mod)
-        return [(out.weight, (slice(None), slice(c.index * d, (c.index + 1) * d)))]
+        sites = head_sites(mod)
+        if sites[0][1] != "in":  # no output projection of its own (FLUX's single-stream attention)
+            return None
+        # the head's columns of every output projection it feeds (both streams of a joint attention)
+        return [(model.module(c.module + suffix).weight, (slice(None), slice(c.index * d, (c.index + 1) * d)))
+                for suffix, _, _, d in sites]
     if c.granularity == "neuron":
         sl = [(mod.weight, (c.index,))]
         return sl + ([(mod.bias, (c.index,))] if mod.bias is not None else [])
     # layer granularity: the module whose output is the layer's output
-    target = {"attn1": "to_out.0", "attn2": "to_out.0", "self_attn": "out_proj", "ff": "net.2", "mlp": "fc2"}.get(
-        c.kind)
+    target = {"attn1": "to_out.0", "attn2": "to_out.0", "self_attn": "out_proj", "ff": "net.2", "mlp": "fc2",
+              "ff_context": "net.2", "SelfAttention": "o", "DenseReluDense": "wo"}.get(c.kind)
     if target is not None:
         mod = mod.get_submodule(target)
     if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -73,7 +76,7 @@ class CAD(Method):
         fallback = [i for i, s in enumerate(slices) if s is None]
         params = list({id(p): p for s in slices if s for p, _ in s}.values())
         plan = compile_plan(obj.model, [comps[i] for i in fallback]) if fallback else None
-        text = any(c.model == "text_encoder" for c in comps)
+        text = any(is_text_part(c.model) for c in comps)
         groups = torch.arange(obj.n_samples).tensor_split(min(self.config.n_groups, obj.n_samples))
         per_group = []
         with parameters_requiring_grad(params):
@@ -106,7 +109,7 @@ class CAD(Method):
 def weight_scores(obj, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     """CAD's raw per-scalar scores ``w * dJ/dw`` for named parameters (the input of CAD-Erase's selection)."""
     plist = list(params.values())
-    text = any(n.startswith("text_encoder.") for n in params)
+    text = any(is_text_part(n.split(".", 1)[0]) for n in params)
     with parameters_requiring_grad(plist):
         grads = mean_gradient(obj, plist, reduce=lambda J: J.mean(), recompute_text=text)
     return {n: (p.detach().to(obj.dtype) * g.to(obj.dtype)).detach() for (n, p), g in zip(params.items(), grads)}

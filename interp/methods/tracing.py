@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 from .. import diffusion
-from ..components import ComponentSet
+from ..components import ComponentSet, is_text_part
 from ..engine import sweep
 from ..executors import Job
 from ..generation import generate
@@ -59,33 +59,44 @@ class TracingConfig(MethodConfig):
             raise ValueError("noise_scale must be >= 0 and n_noise >= 1")
 
 
-def embedding_path(model) -> str:
-    emb = model.text_encoder.get_input_embeddings()
-    for n, m in model.text_encoder.named_modules():
-        if m is emb:
-            return f"text_encoder.{n}"
-    raise RuntimeError("the text encoder's token embedding is not among its modules")
+def embedding_path(model, part: str | None = None) -> str:
+    """The token-embedding module of a text encoder (default: the first), by address."""
+    part = part or model.encoders[0].part
+    enc = model.text_encoders[part]
+    emb = enc.get_input_embeddings()
+    # T5 ties ``shared`` and ``encoder.embed_tokens`` (one weight): the one its forward calls is the one to patch
+    for n, m in enc.named_modules(remove_duplicate=False):
+        if (m is emb or getattr(m, "weight", None) is emb.weight) and ("out", f"{part}.{n}") in model.events:
+            return f"{part}.{n}"
+    raise RuntimeError(f"the token embedding of {part} is not among the modules its forward pass calls")
 
 
-def subject_positions(model, obj) -> list[list[int]]:
+def subject_positions(model, obj, part: str | None = None) -> list[list[int]]:
     """Token positions of the concept's subject in every target prompt (all its tokens; the last one is the 'last
-    subject token')."""
+    subject token'), for one text encoder's tokenizer (default: the first). A SentencePiece tokenizer (T5) writes a
+    word differently at the start of a text and after a space: the subject is looked up as it reads mid-prompt."""
+    part = part or model.encoders[0].part
+    tok = model.tokenizers[part]
     words = obj.concept.value or obj.concept.name
-    sub = model.tokenizer(words, add_special_tokens=False).input_ids
+    forms = [tok(words, add_special_tokens=False).input_ids, tok(" " + words, add_special_tokens=False).input_ids]
     out = []
-    for i, ids in enumerate(obj.target_ids.tolist()):
-        hits = [p for p in range(len(ids) - len(sub) + 1) if ids[p : p + len(sub)] == sub]
+    for i, ids in enumerate(model.split_ids(obj.target_ids)[part].tolist()):
+        hits = [(p, len(sub)) for sub in forms if sub for p in range(len(ids) - len(sub) + 1) if ids[p : p + len(sub)] == sub]
         if not hits:
-            raise ValueError(f"the subject {words!r} does not occur in target prompt {obj.target_prompts[i]!r}")
-        out.append(list(range(hits[-1], hits[-1] + len(sub))))
+            raise ValueError(f"the subject {words!r} does not occur in target prompt {obj.target_prompts[i]!r} as "
+                             f"{part}'s tokenizer reads it")
+        p, n = max(hits)
+        out.append(list(range(p, p + n)))
     return out
 
 
-def end_of_text_offsets(model, obj, subj) -> list[int]:
+def end_of_text_offsets(model, obj, subj, part: str | None = None) -> list[int]:
     """Per target prompt, the end-of-text token's position relative to the last subject token (from the attention
     mask: the last attended position; padding follows it)."""
-    mask = model.tokenizer(list(obj.target_prompts), padding="max_length", max_length=obj.target_ids.shape[1],
-                           truncation=True).attention_mask
+    part = part or model.encoders[0].part
+    length = model.split_ids(obj.target_ids)[part].shape[1]
+    mask = model.tokenizers[part](list(obj.target_prompts), padding="max_length", max_length=length,
+                                  truncation=True).attention_mask
     return [int(sum(row)) - 1 - pos[-1] for row, pos in zip(mask, subj)]
 
 
@@ -95,26 +106,30 @@ class _Tracer:
     def __init__(self, obj, cfg: TracingConfig):
         self.obj, self.cfg, self.model = obj, cfg, obj.model
         m = self.model
-        self.emb_path = embedding_path(m)
-        self.subj = subject_positions(m, obj)
-        ids = obj.target_ids
-        P, L = ids.shape
-        with torch.no_grad():
-            emb = m.text_encoder.get_input_embeddings()
-            self.emb_clean = emb(ids)
-            sd = emb.weight.std()
-        self.subject_mask = torch.zeros(P, L, 1, dtype=torch.bool)
-        for i, pos in enumerate(self.subj):
-            self.subject_mask[i, pos] = True
+        #: every text encoder's subject tokens are corrupted (a concept read by one encoder alone is not removed)
+        self.subj_by = {e.part: subject_positions(m, obj, e.part) for e in m.encoders}
+        self.subj = self.subj_by[m.encoders[0].part]
+        ids = m.split_ids(obj.target_ids)
         gen = torch.Generator().manual_seed(cfg.seed + 12345)
-        self.noises = [diffusion.randn(self.emb_clean.shape, gen, self.emb_clean.dtype, self.emb_clean.device)
-                       * sd * cfg.noise_scale for _ in range(cfg.n_noise)]
+        self.parts = {}
+        for e in m.encoders:
+            P, L = ids[e.part].shape
+            with torch.no_grad():
+                emb = m.text_encoders[e.part].get_input_embeddings()
+                clean = emb(ids[e.part])
+                sd = emb.weight.std()
+            mask = torch.zeros(P, L, 1, dtype=torch.bool)
+            for i, pos in enumerate(self.subj_by[e.part]):
+                mask[i, pos] = True
+            noises = [diffusion.randn(clean.shape, gen, clean.dtype, clean.device) * sd * cfg.noise_scale
+                      for _ in range(cfg.n_noise)]
+            self.parts[e.part] = (embedding_path(m, e.part), clean, mask, noises)
         self.kind = obj.config.kind
 
     def corruption(self, k: int, rows: int) -> dict[str, Patch]:
-        """The embedding patch of noise draw ``k`` for ``rows`` repetitions of the prompts."""
-        bad = (self.emb_clean + self.noises[k]).repeat(rows, 1, 1)
-        return {self.emb_path: Patch(bad, self.subject_mask.repeat(rows, 1, 1))}
+        """The embedding patches of noise draw ``k`` for ``rows`` repetitions of the prompts (one per encoder)."""
+        return {path: Patch((clean + noises[k]).repeat(rows, 1, 1), mask.repeat(rows, 1, 1))
+                for path, clean, mask, noises in self.parts.values()}
 
     def J(self, ctx_prompts: torch.Tensor, r: int, unet_patches=None, plan=None, mult=None, means=None) -> torch.Tensor:
         """J for ``r`` row blocks of target contexts ``ctx_prompts`` (r * P, L, D): the objective's own J, with the
@@ -224,8 +239,8 @@ class CausalTracing(Method):
     def _components(self, tr, comps, j_clean, j_corr, ctx_corr, entry, progress):
         obj, m, cfg = tr.obj, tr.model, self.config
         n = len(comps)
-        text_idx = [i for i, c in enumerate(comps) if c.model == "text_encoder"]
-        unet_idx = [i for i, c in enumerate(comps) if c.model == "unet"]
+        text_idx = [i for i, c in enumerate(comps) if is_text_part(c.model)]
+        unet_idx = [i for i, c in enumerate(comps) if not is_text_part(c.model)]
         out = torch.empty(n, cfg.n_noise, dtype=torch.float64)
         for part, idx in (("text_encoder", text_idx), ("unet", unet_idx)):
             if not idx:
@@ -245,9 +260,9 @@ class CausalTracing(Method):
     def _clean_states(self, tr, plan, part):
         """Clean values at every site of ``plan`` (per prompt for text, per sample or per step for the UNet)."""
         obj, m = tr.obj, tr.model
-        paths = [s.path for s in plan.sites[part]]
-        if part == "text_encoder":
-            return run_text(m, obj.target_ids, saves=paths)[1]
+        paths = [s.path for s in (plan.text if part == "text_encoder" else plan.denoiser)]
+        if part == "text_encoder":  # every text encoder's sites
+            return run_text(m, obj.target_ids, saves=[s.path for s in plan.text])[1]
         if tr.kind == "classifier":  # every step's states, recorded in generations within max_batch rows
             cfg, n = obj.config, len(obj.target_prompts)
             per_call = max(1, cfg.max_batch // obj.rows_per_step)
@@ -269,7 +284,7 @@ class CausalTracing(Method):
         obj, m, cfg = tr.obj, tr.model, self.config
         frames = []
         # UNet layers x timestep: restore one layer's clean output; read each timestep's samples separately.
-        layers = m.components("layer", family=("block", "resnet"))
+        layers = m.components("layer", family=[f for f in ("block", "single_block", "resnet") if f in m.space.families()])
         plan = compile_plan(m, layers)
         clean = self._clean_states(tr, plan, "unet")
         r = len(layers)
@@ -297,16 +312,20 @@ class CausalTracing(Method):
         tlayers = m.components("layer", family="text_layer")
         paths = [c.module for c in tlayers]
         clean_t = run_text(m, obj.target_ids, saves=paths)[1]
-        P, L = obj.target_ids.shape
+        P = obj.target_ids.shape[0]
         # Every position of the context counts: the subject, the tokens before it, and the end-of-text and padding
         # positions after it (where Basu et al. look for what the subject passes on). Not found from pad_token_id:
-        # CLIP's pad token IS the end-of-text token in SD 1.x.
-        lengths = [L] * P
-        last = [pos[-1] for pos in tr.subj]
-        offsets = range(-max(last), max(l - 1 - s for l, s in zip(lengths, last)) + 1)
+        # CLIP's pad token IS the end-of-text token in SD 1.x. Positions count in each layer's own encoder.
+        length = {e.part: e.length for e in m.encoders}
+        lasts = {part: [pos[-1] for pos in subj] for part, subj in tr.subj_by.items()}
+        offsets = sorted({o for part, last in lasts.items()
+                          for o in range(-max(last), max(length[part] - 1 - s for s in last) + 1)})
         table = {}
         for k in range(cfg.n_noise):
             for li, path in enumerate(paths):
+                part = path.split(".", 1)[0]
+                L, last = length[part], lasts[part]
+                lengths = [L] * P
                 R = L  # one row block per absolute position
                 where = torch.zeros(R, P, L, 1, dtype=torch.bool)
                 for p in range(L):
@@ -400,12 +419,13 @@ def text_restoration(model, concept, objective=None, positions=RESTORE_POSITIONS
     obj = Objective(model, concept, objective)
     tr = _Tracer(obj, TracingConfig(noise_scale=noise_scale, n_noise=n_noise, seed=seed, maps=False))
     ids, P = obj.target_ids, obj.target_ids.shape[0]
-    L = ids.shape[1]
     paths = [c.module for c in model.components("layer", family="text_layer")]
     clean = run_text(model, ids, saves=paths)[1]
-    last = [pos[-1] for pos in tr.subj]
-    eot = [s + o for s, o in zip(last, end_of_text_offsets(model, obj, tr.subj))]
-    where = {"subject": last, "end_of_text": eot}
+    where_by, length = {}, {e.part: e.length for e in model.encoders}
+    for part, subj in tr.subj_by.items():  # positions in each encoder's own tokens
+        last = [pos[-1] for pos in subj]
+        eot = [s + o for s, o in zip(last, end_of_text_offsets(model, obj, subj, part))]
+        where_by[part] = {"subject": last, "end_of_text": eot}
     c = obj.concept
     values = (c.value or c.name, *c.alternatives) if c.attribute and c.alternatives else None
 
@@ -432,6 +452,8 @@ def text_restoration(model, concept, objective=None, positions=RESTORE_POSITIONS
         rows.append({"layer": -1, "module": None, "position": "corrupted", "noise": k, "rate": rate_corr,
                      "p": p_corr, "rate_corr": rate_corr, "p_corr": p_corr})
         for li, path in enumerate(paths):
+            part = path.split(".", 1)[0]
+            L, where = length[part], where_by[part]
             for pos in positions:
                 mask = torch.zeros(P, L, 1, dtype=torch.bool)
                 if pos == "all":
@@ -471,7 +493,7 @@ def _unit_patches(plan, M, clean_by_step, obj, only_step=None):
             return {}
         mrow, img = rows // P, rows % P
         patches = {}
-        for s in plan.sites["unet"]:
+        for s in plan.denoiser:
             clean = clean_by_step[step][s.path]
             h_shape = clean.shape
             keep = torch.ones(len(rows), s.n_features, dtype=torch.bool)
