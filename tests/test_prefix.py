@@ -74,8 +74,10 @@ def test_joint_and_mean_ablations_equal_full_passes(tiny_world_model, mode):
     _close(on, off, obj)
 
 
-def test_replayed_modules_are_not_run(tiny_world_model, tiny_red_objective):
-    model, obj = tiny_world_model, tiny_red_objective
+def test_replayed_modules_are_not_run(tiny_world_model, tiny_objective_config):
+    # an objective of its own: the session's shared one may hold a replay cache other tests filled, and this test's
+    # sweep leaves one
+    model, obj = tiny_world_model, Objective(tiny_world_model, "red", tiny_objective_config)
     late = ComponentSet(list(model.space.select("neuron", block="up_blocks.2"))[-3:])
     assert all(c.module.startswith("unet.up_blocks.") for c in late)
     calls = {"down": 0, "up": 0}
@@ -127,14 +129,15 @@ def test_stable_diffusion_layouts_replay_exactly(tmp_path, style):
     assert obj._replay_context is not None  # the replay cache was filled from the corrupted run
 
 
-def test_replayed_fraction_is_the_flops_a_replayed_pass_saves(tiny_world_model, tiny_red_objective):
+def test_replayed_fraction_is_the_flops_a_replayed_pass_saves(tiny_world_model, tiny_objective_config):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from interp.interventions import compile_plan
     from interp.plan import replayed_fraction
 
-    model, obj = tiny_world_model, tiny_red_objective
+    # an objective of its own: this test switches replay and fills the cache (the session's shared one stays as it is)
+    model, obj = tiny_world_model, Objective(tiny_world_model, "red", tiny_objective_config)
     for comp in (model.space.select("neuron", block="up_blocks.1")[0], model.space.select("neuron", block="mid_block")[5]):
         plan, mult = compile_plan(model, [comp]), torch.zeros(1, 1)
         obj.replay_prefix = "always"  # one ablation alone would not pay for the fill pass

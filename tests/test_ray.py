@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -104,11 +102,11 @@ def test_stable_diffusion_folders_give_the_local_result_on_ray(style, ray_execut
         assert local.attrs["meta"]["cost"]["forward_evals"] == remote.attrs["meta"]["cost"]["forward_evals"]
 
 
-def test_a_killed_worker_costs_only_its_items(tiny_loaded, ray_executor, tmp_path):
+def test_a_killed_worker_costs_only_its_items(tiny_loaded, ray_executor, tmp_path, monkeypatch):
     """SIGKILL one worker while a sweep runs: Ray restarts it (it loads the model again) and retries its items; the
     result is the uninterrupted one and every item is stored once."""
     import interp
-    from interp.store import Store
+    from interp.store import Entry, Store
 
     comps = tiny_loaded.components("neuron", family="ff", kind="ff.net.2")
     obj = _objective(tiny_loaded)
@@ -116,23 +114,23 @@ def test_a_killed_worker_costs_only_its_items(tiny_loaded, ray_executor, tmp_pat
     ray_executor.actors(__import__("interp.executors", fromlist=["x"]).ObjectiveRecipe.of(obj))
     pids = ray_executor.worker_pids()
     killed = {}
+    put_chunk = Entry.put_chunk
 
-    def kill_after_first_item():
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if list(tmp_path.glob("*/chunks/*.pt")):
-                os.kill(pids[0], signal.SIGKILL)
-                killed["at"] = len(list(tmp_path.glob("*/chunks/*.pt")))
-                return
-            time.sleep(0.01)
+    def kill_at_first_item(self, key, out, counters):
+        """The driver stores every item a worker returns: the worker is killed when the first is stored, in the
+        driver's own thread, so the sweep cannot finish first (a watcher thread polling the folder could lose that
+        race)."""
+        put_chunk(self, key, out, counters)
+        if not killed:
+            os.kill(pids[0], signal.SIGKILL)
+            killed["at"] = len(list(tmp_path.glob("*/chunks/*.pt")))
 
-    t = threading.Thread(target=kill_after_first_item)
-    t.start()
+    monkeypatch.setattr(Entry, "put_chunk", kill_at_first_item)
     remote = interp.attribute("ablation", tiny_loaded, "red", comps, objective=obj, store=Store(tmp_path),
                               executor=ray_executor, chunk=2)
-    t.join()
+    monkeypatch.undo()
     n_chunks = (len(comps) + 1) // 2
-    assert "at" in killed and killed["at"] < n_chunks, "the sweep finished before the worker could be killed"
+    assert killed == {"at": 1} and n_chunks > 1
     pd.testing.assert_frame_equal(local, remote)
     assert remote.attrs["meta"]["cost"]["forward_evals"] == local.attrs["meta"]["cost"]["forward_evals"]
     assert len(list(tmp_path.glob("*/chunks/*.pt"))) == n_chunks
