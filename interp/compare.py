@@ -35,6 +35,19 @@ from .store import Store, atomic_write_bytes, atomic_write_text, frame_to_parque
 
 
 def select_components(model, cfg: CompareConfig):
+    """The components a comparison attributes: ``cfg.components`` by address, else the model's components of
+    ``cfg.granularity`` filtered by ``cfg.families``, ``cfg.kinds`` and ``cfg.blocks``.
+
+    Args:
+        model: the loaded model.
+        cfg: the comparison's :class:`~interp.compare_config.CompareConfig`.
+
+    Returns:
+        A :class:`~interp.components.ComponentSet` (possibly empty: the caller refuses that).
+
+    Raises:
+        interp.components.UnknownComponentError: an address names no component (with the nearest valid ones).
+    """
     if getattr(cfg, "components", ()):  # named addresses (unknown ones fail with the nearest valid ones)
         from .components import ComponentSet
 

@@ -158,9 +158,11 @@ class CompareConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
     def to_dict(self) -> dict:
+        """The fields as a dict: what the run's hash, ``meta.json`` and the caches' keys are made of."""
         return asdict(self)
 
     def objective_config(self):
+        """The :class:`~interp.objectives.ObjectiveConfig` every method of the run attributes."""
         from .objectives import ObjectiveConfig
 
         return ObjectiveConfig(kind=self.objective, anchor=self.anchor, n_images=self.n_images,

@@ -114,6 +114,7 @@ class ErasureConfig:
             raise ValueError(f"ErasureConfig.n_boot must be >= 100 for a 95% interval, got {self.n_boot!r}")
 
     def to_dict(self) -> dict:
+        """The fields as a dict (part of the cache keys and ``meta.json``)."""
         return asdict(self)
 
 

@@ -72,6 +72,7 @@ class LocalExecutor:
             yield span, out, used
 
     def close(self) -> None:
+        """Nothing to release: the local executor runs in this process."""
         pass
 
 
@@ -92,6 +93,12 @@ class ObjectiveRecipe:
 
     @classmethod
     def of(cls, obj) -> "ObjectiveRecipe":
+        """The recipe that rebuilds objective ``obj`` in a worker: the model's source, precision and weight
+        fingerprint, the concept and the objective's config.
+
+        Raises:
+            ValueError: the model was built in memory (no folder or name a worker could load it from).
+        """
         from .models import model_fingerprint
 
         m = obj.model
@@ -104,6 +111,7 @@ class ObjectiveRecipe:
 
     @property
     def model_key(self) -> tuple:
+        """What identifies the model a worker must hold: source, name, device, precision and fingerprint."""
         return self.source, self.name, self.device, self.dtype, self.fingerprint
 
 
@@ -233,6 +241,7 @@ class RayExecutor:
             time.sleep(0.2)
 
     def worker_pids(self) -> list[int]:
+        """The process ids of the Ray worker actors (the tests kill one to check recovery)."""
         import ray
 
         return ray.get([a.pid.remote() for a in self._actors])

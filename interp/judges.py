@@ -125,6 +125,11 @@ class ClassifierJudge(Judge):
         return _resize(images, (self.size, self.size)).to(self._device(), self._dtype())
 
     def check(self, concept):
+        """The attribute of ``concept``'s value (the classifier's head that scores it).
+
+        Raises:
+            ValueError: the value is not one the classifier knows.
+        """
         from .world.vocab import attribute_of
 
         value, attribute, _ = concept_target(concept)
@@ -135,10 +140,12 @@ class ClassifierJudge(Judge):
                              f"a CLIP judge (judge='concept-world-clip', a CLIPModel folder or a hub id)") from None
 
     def probability(self, images, concept):
+        """``(N,)`` probability the classifier gives ``concept``'s value on each image; differentiable."""
         value = concept_target(concept)[0]
         return self.classifier.concept_probability(self._prep(images), self.check(concept), value)
 
     def predict(self, images, attribute_values):
+        """Per attribute, ``(N, n_values)`` probabilities over the given values (renormalized over them)."""
         from .world.vocab import ATTRIBUTES
 
         with torch.no_grad():
@@ -158,10 +165,12 @@ class ClassifierJudge(Judge):
         return out
 
     def features(self, images):
+        """``(N, D)`` float64 features: the classifier's trunk output (for Fréchet distances)."""
         with torch.no_grad():  # the trunk's output, with the classifier's own input normalization
             return self.classifier.trunk(self._prep(images) * 2 - 1).double().cpu().numpy()
 
     def to(self, device):
+        """Move the classifier to ``device``; returns this judge."""
         self.classifier.to(device)
         return self
 
@@ -218,6 +227,7 @@ class CLIPJudge(Judge):
 
     # -- text side ---------------------------------------------------------------------------------------------
     def prompts(self, value: str, attribute: str | None = None) -> list[str]:
+        """The prompts of class ``value``: the templates of ``attribute`` (or the default ones) filled in."""
         return [t.format(value) for t in self.templates.get(attribute or "default", self.templates["default"])]
 
     def _check_vocabulary(self, prompts: list[str]) -> None:
@@ -254,6 +264,7 @@ class CLIPJudge(Judge):
 
     # -- image side --------------------------------------------------------------------------------------------
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` normalized CLIP image embeddings of ``images`` (resized and normalized as CLIP expects)."""
         dev = self.model.logit_scale.device
         x = _resize(images, self.size).to(dev, torch.float32)
         x = (x - self.mean.to(dev)) / self.std.to(dev)
@@ -274,14 +285,21 @@ class CLIPJudge(Judge):
         return [(value, attribute)] + [(v, attribute) for v in alternatives]
 
     def check(self, concept):
+        """Refuse a concept whose prompts the tokenizer cannot read (a word-level vocabulary's unknown words).
+
+        Raises:
+            ValueError: naming the words the vocabulary lacks.
+        """
         for v, a in self._classes_of(concept):
             self.class_embedding(v, a)  # refuses words a word-level vocabulary does not know
 
     def probability(self, images, concept):
+        """``(N,)`` softmax probability of ``concept`` against its alternatives on each image; differentiable."""
         p = self.logits(images, self._classes_of(concept)).softmax(-1)[:, 0]
         return p.to(images.device, images.dtype if images.is_floating_point() else torch.float32)
 
     def predict(self, images, attribute_values):
+        """Per attribute, ``(N, n_values)`` zero-shot probabilities over the given values."""
         out = {}
         with torch.no_grad():
             for a, values in attribute_values.items():
@@ -291,10 +309,12 @@ class CLIPJudge(Judge):
         return out
 
     def features(self, images):
+        """``(N, D)`` float64 CLIP image embeddings (for Fréchet distances)."""
         with torch.no_grad():
             return self.image_embeddings(images).double().cpu().numpy()
 
     def to(self, device):
+        """Move the CLIP model to ``device``; returns this judge."""
         self.model.to(device)
         return self
 

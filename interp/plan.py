@@ -543,6 +543,9 @@ class ComparisonPlan:
         return t
 
     def format(self) -> str:
+        """The plan as the text ``--plan`` prints: the evaluation set, the measured passes, memory warnings
+        with the ``--max-batch`` that fits, and per method the counted rows, FLOPs and projected time.
+        """
         s = self.shape
         lines = [f"Plan: {self.model}, {self.n_components} components, evaluation set of {s.rows_per_eval} UNet rows "
                  f"({s.kind} objective, {s.n_samples} samples x {s.branches} branch(es))"]
@@ -600,10 +603,26 @@ def _duration(s: float) -> str:
 
 
 def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None = None) -> ComparisonPlan:
-    """The cost plan of :func:`interp.compare.run_comparison` for ``cfg``: counts, and with ``measure`` one measured
-    forward and one forward+backward pass projected to seconds. ``model``: an already loaded model (else
-    ``cfg.model`` is loaded). ``workers``: the sweeps run on that many executor workers (Ray); the plan then also
-    says what its projection becomes if each worker runs passes at the speed measured here."""
+    """The cost plan of :func:`interp.compare.run_comparison` for ``cfg``, before running anything.
+
+    Counts the UNet rows every method and held-out set will run (each method's ``planned_rows``, checked against the
+    run's own counts by the tests) and, with ``measure``, times one forward and one forward+backward pass on the model
+    to project the wall time and the memory a pass holds. ``python -m analyses.compare_methods --plan`` prints it.
+
+    Args:
+        cfg: the comparison's :class:`~interp.compare_config.CompareConfig`.
+        model: an already loaded model; None loads ``cfg.model`` on ``cfg.device`` in ``cfg.dtype``.
+        measure: time the passes (False: counts only, in a fraction of a second).
+        workers: the sweeps run on that many executor workers (Ray); the plan also says what its projection becomes
+            if each worker runs passes at the speed measured here.
+
+    Returns:
+        A :class:`ComparisonPlan`; ``plan.format()`` is the text ``--plan`` prints.
+
+    Raises:
+        ValueError: the component selection is empty, or the configuration is invalid for the model.
+        interp.models.ModelLoadError: ``cfg.model`` cannot be loaded.
+    """
     from .compare import select_components
     from .objectives import DTYPES
 

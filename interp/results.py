@@ -60,10 +60,20 @@ MAP_DTYPES = {**{c: DTYPES[c] for c in MAP_COLUMNS if c in DTYPES}, "axis": "str
 
 @dataclass(frozen=True)
 class Cost:
-    """What one estimate cost: passes of its evaluation set through the UNet, forward only (``forward_evals``) and
-    forward + backward (``backward_evals``), and the wall time of the run that made it (``seconds``; None for a
-    budget or rate variant, which has no run of its own). Counted passes are a property of the configuration: a
-    resumed run, or one on Ray workers, records the same."""
+    """What one estimate cost, in passes of its evaluation set through the UNet.
+
+    Counted passes are a property of the configuration: a resumed run, or one on Ray workers, records the same.
+
+    Attributes:
+        forward_evals: forward-only passes over the evaluation set.
+        backward_evals: forward + backward passes over the evaluation set (each counts as three forward-pass
+            equivalents: :attr:`forward_equivalents`).
+        seconds: wall time of the run that made the estimate; None for a budget or rate variant, which has no run of
+            its own.
+
+    Raises:
+        ValueError: a count that is negative, NaN or infinite.
+    """
 
     forward_evals: float
     backward_evals: float = 0.0
@@ -81,10 +91,23 @@ class Cost:
         return self.forward_evals + 2 * self.backward_evals
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (what results' metadata stores under ``cost``)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Cost":
+        """The :class:`Cost` a :meth:`to_dict` dict describes (unknown keys are ignored).
+
+        Args:
+            d: a dict with ``forward_evals`` and optionally ``backward_evals`` and ``seconds``.
+
+        Returns:
+            The cost.
+
+        Raises:
+            KeyError: ``forward_evals`` is missing.
+            ValueError: a count is negative or not finite.
+        """
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 

@@ -51,10 +51,19 @@ class Run:
 
     @property
     def cache(self) -> Path:
+        """The run folder's result store (``<out>/cache``), reused by every rerun of the same configuration."""
         return self.out / "cache"
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> "Run":
+        """Claim the folder for this run: clear a previous run's outputs and write ``status.json`` = running.
+
+        Returns:
+            This run.
+
+        Raises:
+            RunFolderError: ``out`` is a file, or a non-empty folder that no run of this suite wrote.
+        """
         out = self.out
         if out.exists() and not out.is_dir():
             raise RunFolderError(f"--out {out} is an existing file, not a folder: pass a folder path (created if "
@@ -73,6 +82,7 @@ class Run:
         return self
 
     def complete(self) -> None:
+        """Mark the run complete (``status.json`` = complete)."""
         self._status("complete")
 
     def fail(self, err: BaseException) -> None:
@@ -100,20 +110,25 @@ class Run:
 
     # -- writing ---------------------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> Path:
+        """Write ``data`` to ``rel`` under the run folder, atomically; returns the path."""
         path = self.out / rel
         atomic_write_bytes(path, data)
         return path
 
     def write_text(self, rel: str, text: str) -> Path:
+        """Write ``text`` (UTF-8) to ``rel`` under the run folder, atomically; returns the path."""
         return self.write_bytes(rel, text.encode())
 
     def write_json(self, rel: str, obj) -> Path:
+        """Write ``obj`` as indented JSON to ``rel`` under the run folder, atomically; returns the path."""
         return self.write_text(rel, json.dumps(obj, indent=1, default=str))
 
     def write_csv(self, rel: str, df) -> Path:
+        """Write the frame ``df`` as CSV (no index) to ``rel`` under the run folder, atomically; returns the path."""
         return self.write_text(rel, df.to_csv(index=False))
 
     def write_parquet(self, rel: str, df) -> Path:
+        """Write the frame ``df`` as Parquet to ``rel`` under the run folder, atomically; returns the path."""
         from .store import frame_to_parquet_bytes
 
         return self.write_bytes(rel, frame_to_parquet_bytes(df))

@@ -120,6 +120,7 @@ class Entry:
     # -- the finished item ---------------------------------------------------------------------------------
     @property
     def manifest_path(self) -> Path:
+        """The item's ``meta.json``: the files it holds with their checksums, its key and metadata."""
         return self.dir / "meta.json"
 
     def _check(self) -> dict | None:
@@ -149,15 +150,22 @@ class Entry:
         return manifest
 
     def manifest(self) -> dict | None:
+        """The manifest if every file it lists is present and intact, else None (a broken one warns once)."""
         if self._manifest is False:
             self._manifest = self._check()
         return self._manifest
 
     @property
     def complete(self) -> bool:
+        """Whether the finished result is stored and intact."""
         return self.manifest() is not None and "result.parquet" in self.manifest()["files"]
 
     def load(self) -> pd.DataFrame:
+        """The stored result frame, with its metadata in ``df.attrs["meta"]``.
+
+        Raises:
+            FileNotFoundError: no intact result is stored (check :attr:`complete` first).
+        """
         manifest = self.manifest()
         if manifest is None:
             raise FileNotFoundError(f"no intact cached result in {self.dir}")
@@ -233,12 +241,28 @@ class Entry:
 
 
 class Store:
-    """A folder of cached results. ``Store(None)`` caches nothing (every call computes, chunks stay in memory)."""
+    """A folder of cached results, content-addressed: every item is keyed by everything it depends on.
+
+    ``interp.attribute(..., store="cache/")`` and every command's run folder use one. Items are written atomically
+    with checksums; a missing, truncated or corrupted item is recomputed with a warning naming the file.
+
+    Args:
+        root: the folder (created on first write); None caches nothing (every call computes, chunks stay in memory).
+    """
 
     def __init__(self, root: str | Path | None):
         self.root = None if root is None else Path(root)
 
     def entry(self, name: str, config: dict) -> "Entry | MemoryEntry":
+        """The cached item ``name`` for ``config`` (read it if complete, or fill it chunk by chunk).
+
+        Args:
+            name: a readable prefix of the item's folder (the method and concept, for attributions).
+            config: everything the item depends on (JSON-serializable); its hash names the folder.
+
+        Returns:
+            An :class:`Entry` under ``root``, or an in-memory entry when ``root`` is None.
+        """
         return MemoryEntry(config) if self.root is None else Entry(self.root, name, config)
 
 

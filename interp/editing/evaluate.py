@@ -119,9 +119,11 @@ class EvalConfig:
 
     @property
     def n_images(self) -> int:
+        """Held-out images per evaluation: target, target alone and other values together."""
         return self.n_target + self.n_alone + self.n_other
 
     def to_dict(self) -> dict:
+        """The fields as a dict (part of the cache keys and ``meta.json``)."""
         return asdict(self)
 
 
