@@ -21,6 +21,12 @@ from .base import Capabilities, Method, MethodConfig, register, stderr_over
 
 @dataclass(frozen=True)
 class AblationConfig(MethodConfig):
+    """True ablation's options.
+
+    Attributes:
+        mode: ``"zero"`` (the component's output set to 0) or ``"mean"`` (to its mean over the evaluation inputs).
+        chunk: components per cached chunk (a killed run resumes from the last finished one).
+    """
     mode: str = "zero"
     chunk: int = 64  # components per cached chunk
 
@@ -32,6 +38,9 @@ class AblationConfig(MethodConfig):
 
 @register
 class Ablation(Method):
+    """True ablation: ``J(intact) - J(with this component alone ablated)`` for each component, measured
+    (see the module docstring). One evaluation of J per component; the ground truth of every comparison.
+    """
     name = "ablation"
     Config = AblationConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head", "weight"), exact=True)

@@ -35,6 +35,15 @@ REGISTRY: dict[str, type["Method"]] = {}
 
 @dataclass(frozen=True)
 class Capabilities:
+    """What a method can do, so callers can choose methods without trying them.
+
+    Attributes:
+        granularities: the component granularities it handles (``layer``, ``neuron``, ``head``, ``weight``).
+        gradients: whether it takes gradients (it then needs a differentiable objective and more memory per row).
+        exact: whether its scores are measured ablation effects rather than estimates.
+        text_encoder: whether it attributes text-encoder components.
+        maps: whether it also localizes along timesteps and tokens (read with :meth:`Method.maps`).
+    """
     granularities: tuple[str, ...] = ("layer", "neuron", "head")
     gradients: bool = False
     exact: bool = False  # scores are measured ablation effects, not estimates
@@ -44,7 +53,17 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Base of every method's frozen config."""
+    """Base of every method's frozen config: ``seed`` plus the method's own options.
+
+    Fields named in :attr:`COUNTS` must be integers >= 1 and those in :attr:`RATES` rates in (0, 1); a ``mode`` must be
+    ``"zero"`` or ``"mean"``. Checked on construction.
+
+    Attributes:
+        seed: seed of the method's random choices (masks), >= 0.
+
+    Raises:
+        ValueError: a field out of its range, naming it.
+    """
 
     seed: int = 0
 
@@ -67,16 +86,35 @@ class MethodConfig:
             raise ValueError(f"{type(self).__name__}: mode must be 'zero' or 'mean', got {self.mode!r}")
 
     def to_dict(self) -> dict:
+        """The options as a dict (part of every cached result's key and of its metadata)."""
         return asdict(self)
 
 
 def register(cls):
+    """Class decorator: add a :class:`Method` subclass to :data:`REGISTRY` under its ``name``.
+
+    Args:
+        cls: the method class (it must set ``name``).
+
+    Returns:
+        The class, unchanged: ``@register`` above its definition.
+    """
     REGISTRY[cls.name] = cls
     return cls
 
 
 class Method:
-    """Base class: subclasses set ``name``, ``Config``, ``capabilities`` and implement :meth:`_scores`."""
+    """Base class of the attribution methods: subclasses set ``name``, ``Config``, ``capabilities`` and implement
+    :meth:`_scores` and ``planned_rows`` (what ``--plan`` counts).
+
+    Args:
+        config: the method's frozen config (an instance of ``Config``); or give its fields as ``**overrides``.
+        **overrides: config fields, e.g. ``MaskGrad(n_masks=24, alpha=0.2)``.
+
+    Raises:
+        TypeError: both a config and overrides, or an unknown option (the message lists the method's options).
+        ValueError: an option out of its range.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
@@ -95,16 +133,42 @@ class Method:
     # -- the interface ---------------------------------------------------------------------------------------
     def attribute(self, model, concept, components, *, objective: ObjectiveConfig | Objective | None = None,
                   store: Store | str | None = None, progress: bool = False, executor=None) -> pd.DataFrame:
-        """Attribute ``concept``'s objective to ``components``; returns the tidy result frame. ``executor``: where
-        the sweeps run (:mod:`interp.executors`: this process by default, or a ``RayExecutor``); results are the
-        same."""
+        """Attribute ``concept``'s objective to ``components``.
+
+        Args:
+            model: a loaded :class:`~interp.models.DiffusionModel`.
+            concept: a concept word or phrase, or a :class:`~interp.concepts.Concept`.
+            components: a :class:`~interp.components.ComponentSet`, a list of addresses or components, or a dict of
+                filters for ``model.components``.
+            objective: an :class:`~interp.objectives.ObjectiveConfig` (default: ``ObjectiveConfig()``), or an already built
+                :class:`~interp.objectives.Objective` of this model and concept.
+            store: a :class:`~interp.store.Store` or folder that caches the result and its chunks (None: nothing cached).
+            progress: show a progress bar.
+            executor: where the engine's sweeps run (:mod:`interp.executors`: this process by default, or a
+                ``RayExecutor``); the result is the same.
+
+        Returns:
+            The tidy result frame (:data:`interp.results.SCHEMA`): one row per component and estimate, ``score > 0`` when
+            ablating the component lowers J; metadata (config, objective, cost, versions) in ``df.attrs["meta"]``.
+
+        Raises:
+            ValueError: a granularity or text-encoder component the method does not handle, or an empty selection.
+            interp.components.UnknownComponentError: an address that names no component.
+        """
         return self._run(model, concept, components, objective, store, progress, executor)[0]
 
     def maps(self, model, concept, components, *, objective: ObjectiveConfig | Objective | None = None,
              store: Store | str | None = None, progress: bool = False, executor=None) -> pd.DataFrame:
-        """The maps of a method with the ``maps`` capability (:data:`interp.results.MAP_COLUMNS`), from the same
-        run as :meth:`attribute` with the same arguments: read from the store, or from this object's last run,
-        when that run was made."""
+        """The maps of a method with the ``maps`` capability, from the same run as :meth:`attribute`.
+
+        Takes the same arguments as :meth:`attribute`; the run is read from the store, or from this object's last run.
+
+        Returns:
+            A frame of :data:`interp.results.MAP_COLUMNS` (``axis``, ``position``, ``score``, ...).
+
+        Raises:
+            ValueError: the method makes no maps (the message names those that do).
+        """
         if not self.capabilities.maps:
             makers = sorted(n for n, m in REGISTRY.items() if m.capabilities.maps)
             raise ValueError(f"{self.name} makes no maps; methods that do: {makers}")
@@ -180,17 +244,36 @@ class Method:
 
     @classmethod
     def compare_options(cls, cfg, n_components: int) -> dict:
-        """The options this method runs with in a comparison (:class:`interp.compare_config.CompareConfig` ``cfg``,
-        over ``n_components`` components), so that the comparison needs no list of methods: ``seed``, and each
-        option ``x`` of :attr:`Config` for which the comparison has a field ``<name>_x`` (``screen_fraction`` sets
-        screen's ``fraction``). A method whose options derive from other fields extends this."""
+        """The options this method runs with in a comparison.
+
+        By default ``seed``, and each option ``x`` of :attr:`Config` for which
+        :class:`~interp.compare_config.CompareConfig` has a field ``<name>_x`` (``screen_fraction`` sets screen's
+        ``fraction``), so a new method needs no list of methods; a method whose options derive from other fields extends
+        this.
+
+        Args:
+            cfg: the comparison's config.
+            n_components: how many components it attributes.
+
+        Returns:
+            ``{option: value}`` for the method's constructor.
+        """
         given = {f.name for f in dataclasses.fields(cfg)}
         return {"seed": cfg.seed, **{x: getattr(cfg, f"{cls.name}_{x}") for x in cls.Config.__dataclass_fields__
                                      if f"{cls.name}_{x}" in given}}
 
     @classmethod
     def recorded_rows(cls, config, comps, shape):
-        """The UNet rows the result records as its cost (:mod:`interp.plan`); by default all it runs."""
+        """The UNet rows the result records as its cost (:mod:`interp.plan`); by default all it runs.
+
+        Args:
+            config: the method's config.
+            comps: the components.
+            shape: the evaluation set's shape (:class:`interp.plan.EvalShape`).
+
+        Returns:
+            The rows, as :class:`interp.plan.Rows`.
+        """
         return cls.planned_rows(config, comps, shape)
 
 
@@ -235,6 +318,17 @@ def stderr_over(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def get(name: str) -> type[Method]:
+    """The registered method class called ``name``.
+
+    Args:
+        name: a registry name (``"cad"``, ``"ablation"``, ...).
+
+    Returns:
+        The :class:`Method` subclass.
+
+    Raises:
+        KeyError: no method of that name (the message lists the registered ones).
+    """
     if name not in REGISTRY:
         raise KeyError(f"unknown method {name!r}; registered methods are {sorted(REGISTRY)}")
     return REGISTRY[name]
@@ -242,13 +336,49 @@ def get(name: str) -> type[Method]:
 
 def attribute(method: str, model, concept, components, *, objective=None, store=None, progress=False,
               executor=None, **config) -> pd.DataFrame:
-    """Run a registered method by name: ``attribute("cad", model, "red", components, objective=..., **options)``."""
+    """Run a registered method by name: ``interp.attribute("cad", model, "red", components, objective=..., **options)``.
+
+    Args:
+        method: a registry name: ``ablation``, ``cad``, ``coar``, ``tracing``, ``maskgrad``, ``ig``, ``midpoint``,
+            ``screen`` or one you registered (:data:`REGISTRY`).
+        model: a loaded :class:`~interp.models.DiffusionModel`.
+        concept: a concept word (concept world), a phrase (other models) or a :class:`~interp.concepts.Concept`.
+        components: a :class:`~interp.components.ComponentSet`, a list of addresses, or a dict of filters for
+            ``model.components``.
+        objective: an :class:`~interp.objectives.ObjectiveConfig` (default ``ObjectiveConfig()``: the erase objective)
+            or a built :class:`~interp.objectives.Objective`.
+        store: a :class:`~interp.store.Store` or folder that caches results; an interrupted run resumes there.
+        progress: show a progress bar.
+        executor: where the sweeps run (this process by default, or an :class:`interp.executors.RayExecutor`).
+        **config: the method's options (its config's fields, e.g. ``n_masks=896`` for COAR; see each method's page).
+
+    Returns:
+        The tidy result frame: one row per component and estimate (columns ``method``, ``variant``, ``concept``,
+        ``component``, ``block``, ``layer``, ``unit``, ``score``, ``stderr``, ...; :data:`interp.results.SCHEMA`),
+        ``score > 0`` when ablating the component lowers J. Metadata, the cost included, in ``df.attrs["meta"]``.
+
+    Raises:
+        KeyError: an unknown method name.
+        TypeError: an option the method does not have (the message lists its options).
+        ValueError: an invalid option, objective, concept or component selection, naming it.
+    """
     return get(method)(**config).attribute(model, concept, components, objective=objective, store=store,
                                            progress=progress, executor=executor)
 
 
 def maps(method: str, model, concept, components, *, objective=None, store=None, progress=False, executor=None,
          **config) -> pd.DataFrame:
-    """The maps of a registered method with the ``maps`` capability, by name, as :func:`attribute`."""
+    """The maps of a registered method with the ``maps`` capability (causal tracing), by name.
+
+    Takes the same arguments as :func:`attribute` and reads the same run (cached in ``store``).
+
+    Returns:
+        A frame of :data:`interp.results.MAP_COLUMNS`: per component and position along ``axis`` (``timestep`` or
+        ``token``), the score.
+
+    Raises:
+        KeyError: an unknown method name.
+        ValueError: the method makes no maps.
+    """
     return get(method)(**config).maps(model, concept, components, objective=objective, store=store,
                                       progress=progress, executor=executor)

@@ -33,6 +33,11 @@ from .base import Capabilities, Method, MethodConfig, register, stderr_over
 
 @dataclass(frozen=True)
 class CADConfig(MethodConfig):
+    """CAD's options.
+
+    Attributes:
+        n_groups: disjoint groups of evaluation samples, one gradient each; the standard error is over them.
+    """
     n_groups: int = 8
 
 
@@ -67,6 +72,9 @@ def weight_slices(model, c: Component) -> list[tuple[torch.nn.Parameter, tuple]]
 
 @register
 class CAD(Method):
+    """CAD: ``w * dJ/dw`` aggregated to components (see the module docstring). One forward and one backward
+    pass over the evaluation set, for any number of components.
+    """
     name = "cad"
     Config = CADConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head", "weight"), gradients=True)

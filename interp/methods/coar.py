@@ -93,6 +93,9 @@ def lds(pred: np.ndarray, true: np.ndarray) -> dict:
 
 @register
 class COAR(Method):
+    """COAR: a linear model from random ablation masks to J, its coefficients negated (see the module
+    docstring). One evaluation of J per mask; its held-out LDS is in the result's metadata.
+    """
     name = "coar"
     Config = COARConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head"))

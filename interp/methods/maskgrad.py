@@ -36,6 +36,16 @@ from .base import Capabilities, Method, MethodConfig, register, stderr_over
 
 @dataclass(frozen=True)
 class MaskGradConfig(MethodConfig):
+    """The mask-averaged gradient's options.
+
+    Attributes:
+        n_masks: random masks K; the score averages ``dJ/dm`` over them.
+        alpha: the masks' ablation rate, in (0, 1): the point the estimate linearizes around.
+        mode: ``"zero"`` or ``"mean"`` ablation.
+        batch: masks per forward+backward pass.
+        extra_alphas: also estimate at these rates (rows of variant ``maskgrad@<alpha>``, each costing as much again).
+        curve: also report the estimate from the first K masks, for each K (free; variant ``maskgrad@<alpha>-K<K>``).
+    """
     n_masks: int = 12
     alpha: float = 0.05
     mode: str = "zero"
@@ -57,6 +67,14 @@ class MaskGradConfig(MethodConfig):
 
 @dataclass(frozen=True)
 class IGConfig(MethodConfig):
+    """Integrated gradients' options.
+
+    Attributes:
+        steps: steps K along the path.
+        path_end: where every multiplier ends (0: all ablated).
+        mode: ``"zero"`` or ``"mean"`` ablation.
+        batch: steps per forward+backward pass.
+    """
     steps: int = 16
     path_end: float = 0.0
     mode: str = "zero"
@@ -65,12 +83,21 @@ class IGConfig(MethodConfig):
 
 @dataclass(frozen=True)
 class MidpointConfig(MethodConfig):
+    """The midpoint gradient's options.
+
+    Attributes:
+        alpha: the gradient is taken at multipliers ``1 - alpha/2``.
+        mode: ``"zero"`` or ``"mean"`` ablation.
+    """
     alpha: float = 0.05
     mode: str = "zero"
 
 
 @register
 class MaskGrad(Method):
+    """The mask-averaged gradient: ``dJ/dm`` averaged over K random alpha-ablation masks (see the module
+    docstring). K forward and K backward passes per ablation rate.
+    """
     name = "maskgrad"
     Config = MaskGradConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head"), gradients=True)
@@ -128,6 +155,9 @@ class MaskGrad(Method):
 
 @register
 class IntegratedGradients(Method):
+    """Integrated gradients along the ablation path: every multiplier from 1 to ``path_end`` in K steps
+    (see the module docstring). One forward and one backward pass per step.
+    """
     name = "ig"
     Config = IGConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head"), gradients=True)
@@ -148,6 +178,9 @@ class IntegratedGradients(Method):
 
 @register
 class Midpoint(Method):
+    """The midpoint gradient: one ``dJ/dm`` at multipliers ``1 - alpha/2`` (see the module docstring). One
+    forward and one backward pass.
+    """
     name = "midpoint"
     Config = MidpointConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head"), gradients=True)

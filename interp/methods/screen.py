@@ -20,6 +20,15 @@ from .base import Capabilities, Method, MethodConfig, get, register, stderr_over
 
 @dataclass(frozen=True)
 class ScreenConfig(MethodConfig):
+    """Screen-then-verify's options.
+
+    Attributes:
+        screen: the registry name of the screening method.
+        fraction: share of the components, ranked by the screen, whose true ablation effect is measured, in (0, 1].
+        by: rank by ``"abs"`` score, ``"positive"`` or ``"negative"``.
+        mode: ``"zero"`` or ``"mean"`` ablation of the verification.
+        screen_options: ``((key, value), ...)`` options of the screening method.
+    """
     screen: str = "maskgrad"
     fraction: float = 0.1
     by: str = "abs"  # rank by |score|, or "positive" / "negative"
@@ -36,6 +45,9 @@ class ScreenConfig(MethodConfig):
 
 @register
 class ScreenThenVerify(Method):
+    """Screen-then-verify: rank with a cheap method, then measure true ablation for the top fraction (see
+    the module docstring). The screening method's cost plus one evaluation per verified component.
+    """
     name = "screen"
     Config = ScreenConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head"), gradients=True)
