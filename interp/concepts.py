@@ -18,7 +18,27 @@ DEFAULT_TEMPLATES = ("a photo of {}", "an image of {}", "a picture of {}", "a pa
 
 @dataclass(frozen=True)
 class Concept:
-    """Target prompts, matching anchor prompts, and (concept world) the attribute and value judged."""
+    """What a method localizes: target prompts, matching anchor prompts, and what a judge weighs it against.
+
+    Build one with :func:`text_concept` (a phrase on any model), ``interp.world.concepts.world_concept`` (a concept-world
+    attribute value), or directly for full control over the prompts. Frozen; sequences are stored as tuples.
+
+    Attributes:
+        name: the concept's name (a word or phrase); it names cached results.
+        target_prompts: prompts that show the concept; the objective's images cycle through them.
+        anchor_prompts: one anchor per target prompt, the prompt the erase objective compares it with (the caption
+            without the concept; may be empty strings, as in CAD).
+        attribute: concept world: the attribute the concept's value belongs to (``color``, ``shape``, ...).
+        value: concept world: the attribute value judged (``red``); None elsewhere.
+        scenes_seed: concept world: the seed of the scenes behind the prompts.
+        alternatives: what an image judge weighs the concept against (CLIP zero-shot: a softmax over the concept and
+            these). Concept world: the other values of its attribute. Text concepts: given by the user, else the judge's
+            generic default (:data:`interp.judges.GENERIC_ALTERNATIVES`), which says little.
+
+    Raises:
+        ValueError: an empty name, no or empty target prompts, a string where a sequence of prompts is expected, or
+            anchor prompts not one per target.
+    """
 
     name: str
     target_prompts: tuple[str, ...]
@@ -57,9 +77,20 @@ class Concept:
 
 
 def text_concept(phrase: str, n: int = 4, anchor: str = "", alternatives=()) -> Concept:
-    """A concept on a general model: templates around ``phrase``, with a fixed anchor (default empty, as in CAD).
+    """A concept on a general model: the phrase in a few prompt templates, with a fixed anchor (default empty, as in CAD).
 
-    ``alternatives``: phrases an image judge weighs the concept against ("van gogh" vs "monet", "picasso").
+    Args:
+        phrase: the concept, e.g. ``"Van Gogh style"``.
+        n: number of target prompts, cycling through the templates (``"a photo of {}"``, ``"an image of {}"``,
+            ``"a picture of {}"``, ``"a painting of {}"``).
+        anchor: the anchor prompt of every target.
+        alternatives: phrases an image judge weighs the concept against (``("Monet style", "a photograph")``).
+
+    Returns:
+        The :class:`Concept`.
+
+    Raises:
+        ValueError: an empty phrase, or the phrase among its own alternatives.
     """
     if not phrase.strip():
         raise ValueError("the concept phrase is empty")
@@ -71,7 +102,22 @@ def text_concept(phrase: str, n: int = 4, anchor: str = "", alternatives=()) -> 
 
 
 def resolve(model, concept: str | Concept, n: int = 8, seed: int = 0) -> Concept:
-    """A Concept from a word (concept world: must be an attribute value) or a phrase (other models)."""
+    """The :class:`Concept` for ``concept``.
+
+    Args:
+        model: the loaded model.
+        concept: a :class:`Concept` (returned as is, its words checked against a general model's tokenizer), a
+            concept-world attribute value (on a model with its own concepts), or a phrase (other models: a
+            :func:`text_concept`).
+        n: number of target prompts (at most the four templates for a phrase).
+        seed: seed of the concept world's scenes.
+
+    Returns:
+        The concept.
+
+    Raises:
+        KeyError: a word the concept world does not know.
+    """
     if isinstance(concept, Concept):
         if not model.is_concept_world:
             check_tokenization(model.tokenizer, concept.value or concept.name)
@@ -83,10 +129,21 @@ def resolve(model, concept: str | Concept, n: int = 8, seed: int = 0) -> Concept
 
 
 def judged_concept(model, phrase: str, alternatives=(), n: int = 8) -> "str | Concept":
-    """What an objective is built on for ``phrase`` when an image judge may weigh it against ``alternatives``:
-    the word itself on a model with its own concepts (whose alternatives are the other values of the attribute;
-    giving any is an error) or when none are given; otherwise a text concept weighed against them, the phrase
-    itself left out."""
+    """What an objective is built on for ``phrase`` when an image judge may weigh it against ``alternatives``.
+
+    Args:
+        model: the loaded model.
+        phrase: the concept.
+        alternatives: phrases to weigh it against (the phrase itself is left out).
+        n: number of target prompts of the text concept.
+
+    Returns:
+        The word itself on a model with its own concepts (whose alternatives are the other values of the attribute) or
+        when no alternatives are given; otherwise a :func:`text_concept` weighed against them.
+
+    Raises:
+        ValueError: alternatives given on the concept world.
+    """
     alternatives = tuple(a for a in alternatives if a != phrase)
     if model.is_concept_world:
         if alternatives:
@@ -99,9 +156,21 @@ def judged_concept(model, phrase: str, alternatives=(), n: int = 8) -> "str | Co
 
 
 def weighed_against(model, concept: str, alternatives=(), concepts=()) -> list[str] | None:
-    """What held-out images of ``concept`` are judged against (and whose retention an erasure or edit measures):
-    None on the concept world (the other values of its attribute); elsewhere ``alternatives``, else the other
-    ``concepts`` of the run, the concept itself left out. A clear error when none remain."""
+    """What held-out images of ``concept`` are judged against, and whose retention an erasure or edit measures.
+
+    Args:
+        model: the loaded model.
+        concept: the concept.
+        alternatives: phrases given by the user (``--alternatives``).
+        concepts: the run's concepts.
+
+    Returns:
+        None on the concept world (the other values of its attribute); elsewhere ``alternatives``, else the other
+        ``concepts`` of the run, the concept itself left out.
+
+    Raises:
+        ValueError: nothing remains to weigh the concept against.
+    """
     if model.is_concept_world:
         return None
     alts = [a for a in (alternatives or concepts) if a != concept]
@@ -116,8 +185,18 @@ class FragmentedConceptWarning(UserWarning):
 
 
 def check_tokenization(tokenizer, phrase: str) -> None:
-    """Warn when the tokenizer splits a word of ``phrase`` into single characters: the text encoder then sees its
-    letters, not a word it learned, and every method localizes whatever those letters evoke."""
+    """Warn when the tokenizer splits a word of ``phrase`` into single characters.
+
+    The text encoder then sees its letters, not a word it learned, and every method localizes whatever those letters
+    evoke.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        phrase: the concept phrase.
+
+    Warns:
+        FragmentedConceptWarning: naming the word and its pieces.
+    """
     for word in phrase.split():
         pieces = tokenizer.tokenize(word)
         bare = [p.replace("</w>", "").lstrip("Ġ▁") for p in pieces]

@@ -69,7 +69,12 @@ def concept_target(concept) -> tuple[str, str | None, tuple[str, ...]]:
 
 
 class Judge(ABC):
-    """An image judge (see the module docstring)."""
+    """An image judge: how sure it is that images show a concept (see the module docstring).
+
+    Subclasses implement :meth:`probability`, :meth:`predict`, :meth:`features` and :meth:`to`, and may refuse a
+    concept early in :meth:`check`. Images are ``(N, 3, H, W)`` in ``[0, 1]`` of any size. Pass an instance wherever a
+    judge is taken, or load one by name with :func:`load_judge`.
+    """
 
     name: str = "judge"
 
@@ -323,10 +328,23 @@ _CACHE: dict[tuple[str, str], Judge] = {}
 
 
 def load_judge(spec: str | os.PathLike | Judge = "classifier", device=None, model=None) -> Judge:
-    """A judge from a spec: a :class:`Judge` (returned as is); ``"classifier"``: ``model``'s concept classifier (or,
-    without a model, the shipped concept world's); ``"concept-world-clip"``: the shipped small CLIP; a folder (a
-    ``CLIPModel`` saved with ``save_pretrained``, or a concept-world folder with ``classifier.safetensors``); a hub id
-    of a CLIP model. ``device`` defaults to the model's (else the CPU). Loaded CLIP judges are cached per spec.
+    """A judge from a spec.
+
+    Args:
+        spec: a :class:`Judge` (returned as is, moved to ``device`` if given); ``"classifier"``: ``model``'s concept
+            classifier (without a model, the shipped concept world's); ``"concept-world-clip"``: the shipped small CLIP;
+            a folder (a ``CLIPModel`` saved with ``save_pretrained``, or a concept-world folder with
+            ``classifier.safetensors``); or a hub id of a CLIP model (downloaded when online).
+        device: where it runs; default the model's, else the CPU.
+        model: the model whose classifier ``"classifier"`` means.
+
+    Returns:
+        The judge. Loaded CLIP judges are cached per spec and device.
+
+    Raises:
+        ValueError: ``"classifier"`` for a model without one (the message names the CLIP judges to use instead).
+        JudgeLoadError: a folder that holds no judge, or a hub id that cannot be loaded.
+        FileNotFoundError: a shipped judge missing from the installation.
     """
     if isinstance(spec, Judge):
         return spec.to(device) if device is not None else spec
