@@ -119,13 +119,23 @@ class Edit:
     name: str
 
     def apply(self, model) -> contextlib.AbstractContextManager[EditedModel]:
+        """A context in which ``model`` is edited; on exit it is bitwise what it was.
+
+        Args:
+            model: the loaded model.
+
+        Returns:
+            A context manager yielding an :class:`EditedModel` (``edited.generate(prompts)`` draws with the edit).
+        """
         raise NotImplementedError
 
     def record(self) -> dict:
+        """What the edit did, as a JSON-ready dict (``edits.json`` of an edit run)."""
         raise NotImplementedError
 
     @property
     def label(self) -> str:
+        """A short name for tables and figures (the edit's name and budget)."""
         return self.name
 
 
@@ -156,14 +166,27 @@ class AblationEdit(Edit):
 
     @property
     def k(self) -> int:
+        """The number of ablated components."""
         return len(self.components)
 
     @property
     def label(self) -> str:
+        """The edit's name and ``k``."""
         return f"{self.name} (k={self.k})"
 
     @contextlib.contextmanager
     def apply(self, model) -> Iterator[EditedModel]:
+        """A context in which the components are ablated through multipliers (the weights are never touched).
+
+        Args:
+            model: the loaded model.
+
+        Returns:
+            A context manager yielding an :class:`EditedModel`.
+
+        Raises:
+            ValueError: mean-ablation without means for some of the components' modules.
+        """
         if not self.components:  # nothing to ablate: the intact model, with no trace overhead
             yield EditedModel(model, self)
             return
@@ -177,9 +200,11 @@ class AblationEdit(Edit):
 
     @property
     def mode(self) -> str:
+        """``"zero"``, or ``"mean"`` when the edit carries means."""
         return "zero" if self.means is None else "mean"
 
     def record(self) -> dict:
+        """What the edit ablates, as a JSON-ready dict: components, their scores, the method and budget."""
         return {
             "edit": self.name, "mechanism": f"ablation (multipliers, {self.mode})", "method": self.method,
             "concept": self.concept, "side": self.side, "objective": self.objective, "budget": self.budget,
@@ -422,14 +447,28 @@ class WeightEdit(Edit):
 
     @property
     def n_changed(self) -> int:
+        """The number of scalar weights the edit writes."""
         return sum(u.n_changed for u in self.updates)
 
     @property
     def label(self) -> str:
+        """The edit's name and budget."""
         return self.name if self.budget is None else f"{self.name} ({self.budget:g})"
 
     @contextlib.contextmanager
     def apply(self, model) -> Iterator[EditedModel]:
+        """A context in which the updates are written into the weights; on exit the weights are restored bitwise.
+
+        Args:
+            model: the loaded model.
+
+        Returns:
+            A context manager yielding an :class:`EditedModel`.
+
+        Raises:
+            KeyError: an update names a parameter the model does not have.
+            ValueError: an update's values do not match the entries it indexes.
+        """
         params = dict(model.parameters())
         for u in self.updates:  # validate everything before writing anything
             if u.param not in params:
@@ -456,6 +495,7 @@ class WeightEdit(Edit):
                     p.copy_(old)
 
     def record(self) -> dict:
+        """What the edit writes, as a JSON-ready dict: the parameters and how many weights of each."""
         return {
             "edit": self.name, "mechanism": "weights (restored on exit)", "method": self.method,
             "concept": self.concept, "side": self.info.get("side"), "objective": self.objective,
