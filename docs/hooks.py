@@ -1,8 +1,8 @@
 """MkDocs hooks of the documentation site (``hooks:`` in mkdocs.yml).
 
 A line ``<!-- cli-help: NAME -->`` in a page becomes the ``--help`` text of ``python -m analyses.NAME``, generated
-while the site builds, so the command-line page cannot drift from the commands. Building the parsers imports
-nothing heavy (each command's ``build_parser`` is fast by design).
+while the site builds, so the command-line page cannot drift from the commands (most parsers import nothing heavy).
+The Sphinx roles of docstrings (``:func:`x```) are dropped from the rendered API pages, leaving the name as code.
 """
 
 from __future__ import annotations
@@ -43,3 +43,11 @@ def cli_help(name: str) -> str:
 def on_page_markdown(markdown: str, **kwargs) -> str:
     """Replace every ``<!-- cli-help: NAME -->`` line by that command's help in a text block."""
     return MARKER.sub(lambda m: "```text\n" + cli_help(m.group(1)).rstrip() + "\n```", markdown)
+
+
+ROLE = re.compile(r":(?:mod|func|class|meth|attr|data|exc|obj):(?=<code>)")
+
+
+def on_page_content(html: str, **kwargs) -> str:
+    """Docstrings name objects with Sphinx roles (``:func:`x```); the rendered page shows the name alone, as code."""
+    return ROLE.sub("", html)
