@@ -1,13 +1,47 @@
-"""What the commands share: options generated from a config dataclass, and an expected failure turned into one line
-and exit code 2."""
+"""What the commands share: options generated from a config dataclass, in the same argument groups on every command,
+and an expected failure turned into one line and exit code 2."""
 
 from __future__ import annotations
 
 import argparse
+import textwrap
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from interp.compare_config import field_type
+
+#: The glossary every command's help points to for its terms (J, anchor, UNet rows, alpha, LDS, ...).
+GLOSSARY = "docs/concepts.md"
+
+#: The option groups of every command's --help, in order: (title, description, config fields in the group). A
+#: field of a config that no group names goes to "other options", so a new field still shows. The options a command
+#: adds itself (--out, --threads, --plan, ...) are the last group, OUTPUTS.
+GROUPS = (
+    ("model and device", "which model, where its passes run and in what precision; a UNet row is one image at one "
+     "timestep through the UNet",
+     ("model", "device", "dtype", "precision", "max_batch")),
+    ("concepts and objective", "what is localized, and J, the objective every method explains: erase (how "
+     "differently the model denoises with and without the concept; the anchor is the prompt without it), amplify "
+     "(how well it denoises images of the concept) or classifier (an image judge's probability of the concept on "
+     "generated images)",
+     ("concepts", "objective", "anchor", "judge", "alternatives", "n_images", "timesteps", "gen_steps", "guidance",
+      "attr_images", "attr_steps")),
+    ("components", "the parts of the model that are scored, addressed by module path: a family (ff: feed-forward, "
+     "attn1: self-attention, attn2: cross-attention, resnet, block, text_attn, text_mlp, text_layer), a module kind "
+     "within it, and a UNet stage",
+     ("granularity", "families", "kinds", "blocks", "components")),
+    ("methods and budgets", "which methods or edits run, and how many masks or steps each may spend; alpha is the "
+     "share of the components a random mask ablates",
+     ("methods", "edits", "k", "ratios", "coar_masks", "coar_alpha", "maskgrad_masks", "maskgrad_alpha",
+      "maskgrad_curve", "screen_fraction", "tracing_noise")),
+    ("held-out sets and statistics", "what the estimates are checked on: the LDS (linear datamodeling score) is the "
+     "Spearman correlation between J predicted from summed scores and J measured under held-out random joint "
+     "ablations at each rate alpha; held-out images are prompts and seeds no attribution saw, judged by the image "
+     "judge",
+     ("lds_alphas", "heldout_masks", "erasure_k", "erasure_images", "erasure_steps", "images", "steps", "n_boot",
+      "seed")),
+)
+OUTPUTS = ("outputs and execution", "where results go and how the run executes")
 
 
 def run_or_exit(parser, out: Path | None, fn):
@@ -25,9 +59,22 @@ def run_or_exit(parser, out: Path | None, fn):
         parser.exit(2, f"error: {msg}{where}\n")
 
 
+def option_group(parser: argparse.ArgumentParser, title: str, description: str | None = None):
+    """The argument group ``title`` of ``parser``, created (with ``description``) on first use. "outputs and
+    execution" is the parser's own optional group, where ``parser.add_argument`` puts an option."""
+    if title == OUTPUTS[0]:
+        return parser._optionals
+    for g in parser._action_groups:
+        if g.title == title:
+            return g
+    # wrapped here: the commands' formatter keeps descriptions as written (their module docstrings are laid out)
+    return parser.add_argument_group(title, description and textwrap.fill(description, 100))
+
+
 def add_no_progress_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bars (the libraries' model-loading bars included)")
+    """``--no-progress``, in the "outputs and execution" group."""
+    option_group(parser, OUTPUTS[0]).add_argument(
+        "--no-progress", action="store_true", help="no progress bars (the libraries' model-loading bars included)")
 
 
 def quiet_if_asked(args: argparse.Namespace):
@@ -43,7 +90,19 @@ def quiet_if_asked(args: argparse.Namespace):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One option per field of dataclass ``cls``, typed and documented from the field (its default in the help)."""
+    """One option per field of dataclass ``cls``, typed and documented from the field (its default in the help), in
+    the argument groups of :data:`GROUPS`.
+
+    The options a command adds itself with ``parser.add_argument`` (``--out``, ``--threads``, ...) land in the last
+    group, "outputs and execution", and the help ends by pointing at the glossary. A field's metadata may give
+    ``help``, ``flags`` (the first is the option's name, the others aliases shown with it), ``hidden_flags`` (old
+    names still accepted, not shown), ``choices``, ``nargs`` and ``metavar``.
+    """
+    where = {name: title for title, _, names in GROUPS for name in names}
+    described = {title: description for title, description, _ in GROUPS}
+    for title, description, _ in GROUPS:  # the groups in their order, whatever the order of the fields
+        if any(where.get(f.name) == title for f in fields(cls)):
+            option_group(parser, title, description)
     for f in fields(cls):
         kind, tp = field_type(f)
         flags = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
@@ -57,21 +116,33 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if kind == "tuple":
             kw["nargs"] = f.metadata.get("nargs", "+")
             kw["metavar"] = f.metadata.get("metavar") or (f.name.upper()[:-1] if tp is str else tp.__name__.upper())
-        parser.add_argument(*flags, **kw)
+        title = where.get(f.name, "other options")
+        group = option_group(parser, title, described.get(title))
+        group.add_argument(*flags, **kw)
+        hidden = tuple(f.metadata.get("hidden_flags", ()))
+        if hidden:  # an old name that keeps working: the same destination, no line in --help
+            group.add_argument(*hidden, **{**kw, "help": argparse.SUPPRESS})
+    # the parser's own group (-h, then --out, --threads, ...) is "outputs and execution", listed last
+    parser._optionals.title, parser._optionals.description = OUTPUTS
+    parser._action_groups.remove(parser._optionals)
+    parser._action_groups.append(parser._optionals)
+    glossary = f"Terms (J, anchor, UNet rows, alpha, LDS, forward-pass equivalents) are defined in {GLOSSARY}."
+    parser.epilog = f"{parser.epilog}\n\n{glossary}" if parser.epilog else glossary
 
 
 def config_from_args(cls, args: argparse.Namespace):
+    """An instance of config dataclass ``cls`` from parsed options (lists become tuples; None keeps the default)."""
     return cls(**{f.name: (tuple(v) if isinstance(v, list) else v)
                   for f in fields(cls) if (v := getattr(args, f.name)) is not None})
 
 
 def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where the sweeps run (:mod:`interp.executors`): results and caches do not depend on it."""
-    g = parser.add_argument_group("executor", "where the sweeps run; the results are the same, so a run started on "
-                                              "one executor resumes on the other")
+    """Where the sweeps run (:mod:`interp.executors`), in the "outputs and execution" group: results and caches do
+    not depend on it, so a run started on one executor resumes on the other."""
+    g = option_group(parser, OUTPUTS[0])
     g.add_argument("--executor", choices=("local", "ray"), default="local",
-                   help="local: this process; ray: Ray workers that each load the model once (pip install -e "
-                        "'.[ray]') (default: %(default)s)")
+                   help="where the sweeps run: local (this process) or ray (Ray workers that each load the model "
+                        "once; pip install -e '.[ray]'); the results are the same (default: %(default)s)")
     g.add_argument("--ray-address", default=None,
                    help="an existing Ray cluster ('auto', 'host:6379', 'ray://host:10001'); default: start a local one")
     g.add_argument("--ray-workers", type=int, default=None,

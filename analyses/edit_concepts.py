@@ -78,7 +78,8 @@ class EditConfig:
                               "generation call (half as many images, at most 64, decoded together); lower it when a "
                               "GPU runs out of memory")
     device: str = opt("auto", "device: auto (CUDA, else MPS, else CPU), cpu, cuda or mps", choices=DEVICES)
-    precision: str = opt("float32", "precision of the model's forward passes", choices=PRECISIONS)
+    precision: str = opt("float32", "precision of the forward passes (statistics are accumulated in float32)",
+                         choices=PRECISIONS, flags=("--precision",), hidden_flags=("--dtype",))
 
     def __post_init__(self):
         check_fields(self)  # types and choices; what needs the registry or the model is checked by check_config

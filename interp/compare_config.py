@@ -41,7 +41,9 @@ class CompareConfig:
     components: tuple[str, ...] = opt((), "explicit component addresses, e.g. "
                                           "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2[5]; when given, "
                                           "granularity/families/kinds/blocks are not used", nargs="*")
-    objective: str = opt("erase", "objective J", choices=OBJECTIVES)
+    objective: str = opt("erase", "the objective J: erase (how differently the model denoises with and without the "
+                                  "concept), amplify (how well it denoises images of the concept) or classifier (an "
+                                  "image judge's probability of the concept on generated images)", choices=OBJECTIVES)
     judge: str = opt("classifier", "image judge of the classifier objective: 'classifier' (the concept world's), "
                                    "'concept-world-clip' (shipped), or a CLIPModel folder or hub id")
     alternatives: tuple[str, ...] = opt((), "models other than the concept world: the phrases the image judge weighs "
@@ -60,14 +62,15 @@ class CompareConfig:
                                        "curves' held-out images (default: the model's: 1 for the concept world, its "
                                        "world.json's for concept-world-latent, 7.5 for Stable Diffusion)")
     dtype: str = opt("float32", "precision of the forward passes (statistics are accumulated in float32; float64 "
-                                "for ground truth)", choices=PRECISIONS, flags=("--precision", "--dtype"))
+                                "for ground truth)", choices=PRECISIONS, flags=("--precision",),
+                  hidden_flags=("--dtype",))
     device: str = opt("auto", "device: auto (CUDA, else MPS, else CPU), cpu, cuda or mps", choices=DEVICES)
     max_batch: int = opt(256, "UNet rows per forward pass, >= 1: a speed and memory knob (results differ only by "
-                              "rounding); README 'Benchmarks' measures it on a 2-core CPU, a GPU takes more")
+                              "rounding); 256 was the fastest on a 2-core CPU (docs/benchmarks.md), a GPU takes more")
     coar_masks: int = opt(0, "COAR's random masks (0: twice the number of components; otherwise at least 10)")
     coar_alpha: float = opt(0.05, "COAR's ablation rate, in (0, 1)")
-    maskgrad_masks: int = opt(12, "random masks K of the mask-averaged gradient (measured choice: see "
-                                  "MaskGradConfig)")
+    maskgrad_masks: int = opt(12, "random masks K of the mask-averaged gradient (12 was chosen by a sweep of K: "
+                                  "docs/results.md)")
     maskgrad_alpha: float = opt(0.05, "ablation rate of the mask-averaged gradient and the midpoint gradient, in "
                                       "(0, 1)")
     maskgrad_curve: tuple[int, ...] = opt((4, 8), "also report the mask-averaged gradient from its first K masks, "
