@@ -42,6 +42,18 @@ GROUPS = (
       "seed")),
 )
 OUTPUTS = ("outputs and execution", "where results go and how the run executes")
+#: Options that commands without a config dataclass (erasure_curves, text_restoration) add by hand, by destination:
+#: :func:`group_options` files them into the same groups.
+COMMAND_OPTIONS = {
+    "model and device": ("model", "device", "precision", "max_batch"),
+    "concepts and objective": ("concepts", "judge", "alternatives", "attr_images", "timesteps", "gen_steps",
+                               "guidance"),
+    "components": ("granularity", "families", "kinds", "blocks"),
+    "methods and budgets": ("methods", "compare", "rankings", "contrast", "ablation", "k", "random_rankings",
+                            "noise", "noise_scale"),
+    "held-out sets and statistics": ("random_masks", "mask_rates", "images", "steps", "n_boot", "seed"),
+    OUTPUTS[0]: ("help", "out", "store", "threads", "no_progress"),
+}
 
 
 def run_or_exit(parser, out: Path | None, fn):
@@ -72,9 +84,45 @@ def option_group(parser: argparse.ArgumentParser, title: str, description: str |
 
 
 def add_no_progress_argument(parser: argparse.ArgumentParser) -> None:
-    """``--no-progress``, in the "outputs and execution" group."""
+    """``--no-progress``, in the "outputs and execution" group. Every command adds it last, so a command built by
+    hand has all its options by now: they are filed into the common groups (:func:`group_options`)."""
     option_group(parser, OUTPUTS[0]).add_argument(
         "--no-progress", action="store_true", help="no progress bars (the libraries' model-loading bars included)")
+    if not getattr(parser, "_interp_grouped", False):
+        group_options(parser)
+
+
+def group_options(parser: argparse.ArgumentParser) -> bool:
+    """File the options of a parser built by hand into the groups of :data:`GROUPS` and :data:`OUTPUTS`, by
+    destination (:data:`COMMAND_OPTIONS`), when every option has a group there; returns whether it did (a command
+    with options of its own kind, such as the trainers, keeps its layout)."""
+    where = {dest: title for title, dests in COMMAND_OPTIONS.items() for dest in dests}
+    actions = [(g, a) for g in parser._action_groups for a in g._group_actions if a.dest != argparse.SUPPRESS]
+    if not actions or any(a.dest not in where for _, a in actions):
+        return False
+    described = {title: description for title, description, _ in GROUPS}
+    for title, _, _ in GROUPS:  # in their order, those that will hold an option
+        if any(where[a.dest] == title for _, a in actions):
+            option_group(parser, title, described[title])
+    for group, action in actions:
+        target = option_group(parser, where[action.dest])
+        if target is not group:
+            group._group_actions.remove(action)
+            target._group_actions.append(action)
+    _finish(parser)
+    return True
+
+
+def _finish(parser: argparse.ArgumentParser) -> None:
+    """The parser's own group (-h, --out, --threads, ...) is "outputs and execution", listed last; empty groups go;
+    the help ends by pointing at the glossary."""
+    parser._interp_grouped = True
+    parser._optionals.title, parser._optionals.description = OUTPUTS
+    parser._action_groups[:] = [g for g in parser._action_groups if g._group_actions and g is not parser._optionals]
+    parser._action_groups.append(parser._optionals)
+    glossary = f"Terms (J, anchor, UNet rows, alpha, LDS, forward-pass equivalents) are defined in {GLOSSARY}."
+    if glossary not in (parser.epilog or ""):
+        parser.epilog = f"{parser.epilog}\n\n{glossary}" if parser.epilog else glossary
 
 
 def quiet_if_asked(args: argparse.Namespace):
@@ -122,12 +170,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         hidden = tuple(f.metadata.get("hidden_flags", ()))
         if hidden:  # an old name that keeps working: the same destination, no line in --help
             group.add_argument(*hidden, **{**kw, "help": argparse.SUPPRESS})
-    # the parser's own group (-h, then --out, --threads, ...) is "outputs and execution", listed last
-    parser._optionals.title, parser._optionals.description = OUTPUTS
-    parser._action_groups.remove(parser._optionals)
-    parser._action_groups.append(parser._optionals)
-    glossary = f"Terms (J, anchor, UNet rows, alpha, LDS, forward-pass equivalents) are defined in {GLOSSARY}."
-    parser.epilog = f"{parser.epilog}\n\n{glossary}" if parser.epilog else glossary
+    _finish(parser)
 
 
 def config_from_args(cls, args: argparse.Namespace):
