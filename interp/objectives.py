@@ -156,10 +156,11 @@ class Objective:
         self._replay_context = None  # the target context those outputs were computed with (None: the objective's)
         self._build()
         if cfg.kind != "classifier":  # the FLOP shares and output sizes replay decisions read, counted now (on a
-            from .prefix import module_bytes, module_flops  # meta-device copy) rather than inside a later call a
-                                                            # caller may be measuring
+            from .prefix import module_bytes, module_flops, skippable  # meta-device copy) rather than inside a
+                                                                       # later call a caller may be measuring
             module_flops(self.model)
             module_bytes(self.model)
+            skippable(self.model)
 
     @property
     def replay_prefix(self) -> bool | str:

@@ -155,3 +155,29 @@ def test_compare_methods_runs_on_every_family(folders, tmp_path, fam):
     assert results["component"].str.startswith("unet." if fam == "sdxl" else "transformer.").all()
     corr = pd.read_csv(out / "tables" / "correlations.csv")
     assert corr["spearman"].notna().any()
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_closed_form_edits_refuse_other_families_by_name(models, fam):
+    from interp.editing.edits import quickfix_module_path
+    from interp.editing.uce import cross_attention_projections
+
+    label = models[fam].family.label
+    with pytest.raises(ValueError, match=f"UCE is implemented for Stable Diffusion 1.x/2.x .*not yet for {label}"):
+        cross_attention_projections(models[fam])
+    with pytest.raises(ValueError, match=f"Diff-QuickFix is implemented .*not yet for {label}"):
+        quickfix_module_path(models[fam])
+
+
+def test_flow_matching_noising_and_target_are_the_papers():
+    """x_t = (1 - sigma) x0 + sigma eps with sigma = t / 1000, and the velocity target eps - x0 (SD3, FLUX)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    t = torch.tensor([0, 250, 999])
+    s = torch.tensor([0.0, 0.25, 0.999]).reshape(3, 1, 1, 1)
+    assert diffusion.noise_model(sched) == "flow"
+    torch.testing.assert_close(diffusion.add_noise(sched, x0, eps, t), (1 - s) * x0 + s * eps)
+    torch.testing.assert_close(diffusion.denoising_target(sched, x0, eps, t), eps - x0)

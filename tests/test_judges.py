@@ -227,7 +227,9 @@ def test_tracing_on_the_judge_holds_max_batch(monkeypatch):
     assert max(rows) == 2
     for big, small in zip(out[256], out[2]):
         assert len(big) == len(small)
-        np.testing.assert_allclose(small["score"], big["score"], rtol=0, atol=1e-5)
+        # 1.3e-5 measured with transformers 5.25 (on the commit before the model families too): a gap of ~1e-4
+        # between clean and corrupted J divides float32 rounding of ~1e-9
+        np.testing.assert_allclose(small["score"], big["score"], rtol=0, atol=5e-5)
 
 
 def test_classifier_objective_gives_an_image_the_same_step_noise_in_any_call():

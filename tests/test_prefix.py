@@ -202,8 +202,10 @@ def test_rows_on_different_contexts_are_not_replayed(tiny_world_model):
 def test_rows_group_by_their_first_site_and_small_groups_fill_a_batch():
     from types import SimpleNamespace
 
-    plan = SimpleNamespace(sites={"unet": [SimpleNamespace(columns=[0]), SimpleNamespace(columns=[1]),
-                                           SimpleNamespace(columns=[2])]})
+    from interp.interventions import Plan
+
+    plan = Plan(None, {"unet": [SimpleNamespace(columns=[0]), SimpleNamespace(columns=[1]),
+                                SimpleNamespace(columns=[2])]}, "unet")
     first = [0, 0, 0, 1, 2, 2, 2, 2]
     mult = torch.ones(len(first), 3)
     mult[torch.arange(len(first)), torch.tensor(first)] = 0

@@ -624,6 +624,9 @@ def quickfix_solve(W0: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
 
 def quickfix_module_path(model, layer: int = 0) -> str:
     """The text encoder's layer-``layer`` self-attention output projection (``text_model.`` prefix or not)."""
+    from .uce import refuse_other_families
+
+    refuse_other_families(model, "Diff-QuickFix")
     pattern = re.compile(rf"^text_encoder\.(?:text_model\.)?encoder\.layers\.{layer}\.self_attn\.out_proj$")
     hits = [p for p in model.space.modules if pattern.match(p)]
     if len(hits) != 1:

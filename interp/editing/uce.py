@@ -81,8 +81,18 @@ def uce_solve(W0: torch.Tensor, C: torch.Tensor, V: torch.Tensor, P: torch.Tenso
     return UCESolution(W_star, W0, C, V, P, lam, erase_scale, preserve_scale)
 
 
+def refuse_other_families(model, edit: str) -> None:
+    """The closed-form edits solve for one text encoder's states and a UNet's cross-attention: Stable Diffusion
+    1.x/2.x. Other families (SDXL's two encoders, the transformers' context streams) are refused by name."""
+    if model.family.name != "sd":
+        raise ValueError(f"{edit} is implemented for Stable Diffusion 1.x/2.x (one CLIP text encoder, UNet "
+                         f"cross-attention), not yet for {model.family.label}; use the attribution-guided ablations "
+                         f"of erasure_curves on this model")
+
+
 def cross_attention_projections(model, with_to_k: bool = True) -> list[str]:
     """Module paths of every UNet cross-attention's value (and key) projection, in execution order."""
+    refuse_other_families(model, "UCE")
     paths = [p for p in model.space.modules if p.startswith("unet.") and p.endswith(".attn2.to_v")]
     if with_to_k:
         paths += [p[: -len("to_v")] + "to_k" for p in paths]
