@@ -209,7 +209,7 @@ def _run(config, r, log) -> dict:
     check_finite_weights(model, config.model)
     judge = ed.resolve_judge(model, config.judge)  # a clear error (naming --judge) when the model has no classifier
     # held-out images of one evaluation (generated, judged, kept with their features) and the attribution samples
-    per_image = int(np.prod(latent_shape(model.unet, 1))) * 4 * 8
+    per_image = int(np.prod(latent_shape(model, 1))) * 4 * 8
     check_memory((config.images + config.attr_images) * per_image * 3, f"--images {config.images}",
                  "pass fewer --images")
     fingerprint = model.state_fingerprint()
