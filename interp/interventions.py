@@ -223,7 +223,7 @@ def _encoder_kwargs(model, enc, ids: torch.Tensor) -> dict:
     kw = {}
     if enc.hidden_states:
         kw["output_hidden_states"] = True
-    if enc.attention_mask:
+    if enc.attention_mask and ids.device.type != "meta":  # a meta-device plan: no values to mask by, same cost
         kw["attention_mask"] = (ids != model.tokenizers[enc.part].pad_token_id).long()
     return kw
 

@@ -195,7 +195,7 @@ class Objective:
             self.branches = 1
             self.rows_per_eval = cfg.n_images * cfg.gen_steps * self.rows_per_step
             sched = diffusion.fresh_scheduler(model.scheduler)
-            sched.set_timesteps(cfg.gen_steps)
+            model.family.set_timesteps(sched, cfg.gen_steps, "cpu", diffusion.latent_shape(model, 1))
             self.unet_calls = len(sched.timesteps)  # calls of one generation (PNDM's differ from gen_steps)
             self.label = c.value
         else:

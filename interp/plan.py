@@ -169,10 +169,10 @@ class EvalShape:
 
 def eval_shape(model, ocfg) -> EvalShape:
     """The :class:`EvalShape` of ``ObjectiveConfig`` ``ocfg`` on ``model``, without a forward pass."""
-    from .diffusion import fresh_scheduler
+    from .diffusion import fresh_scheduler, latent_shape
 
     sched = fresh_scheduler(model.scheduler)
-    sched.set_timesteps(ocfg.gen_steps)
+    model.family.set_timesteps(sched, ocfg.gen_steps, "cpu", latent_shape(model, 1))
     calls = len(sched.timesteps)
     g = ocfg.guidance if ocfg.guidance is not None else model.default_guidance
     if ocfg.kind == "classifier":
@@ -222,8 +222,11 @@ def _rss_peak() -> float | None:
 
 
 def _min_size(unet) -> int:
-    """The smallest latent side the UNet accepts: one pixel after every downsampling."""
-    return 2 ** (len(unet.config.block_out_channels) - 1)
+    """The smallest latent side the denoiser accepts: one pixel after every downsampling of a UNet; one patch of a
+    transformer (two latents for FLUX's 2x2 packing)."""
+    if "block_out_channels" in unet.config:
+        return 2 ** (len(unet.config.block_out_channels) - 1)
+    return max(2, unet.config.get("patch_size", 1))
 
 
 def replayed_fraction(model, comps) -> float:
@@ -295,6 +298,57 @@ def _meta_flops(model, comps, rows: int = 1) -> tuple[float, float]:
                 h.remove()
         out.append(float(fc.get_total_flops()))
     return out[0], out[1]
+
+
+def _meta_grad_bytes(model, comps, rows: int = 1) -> int:
+    """Bytes autograd keeps for the backward pass of ``rows`` rows (gradients with respect to multipliers at the
+    components' sites), counted on a meta-device copy of the denoiser: what a gradient pass holds besides the
+    weights, without running it. Attention runs PyTorch's math kernel on the meta device, which keeps every
+    attention matrix: an upper bound where a GPU's flash or memory-efficient kernel keeps none."""
+    from .interventions import compile_plan
+    from .prefix import meta_call, meta_unet
+
+    meta, x, t, ctx = meta_unet(model, rows)
+    sites = compile_plan(model, comps).denoiser if len(comps) else []
+    saved: dict[int, int] = {}
+    weights = {id(p) for p in meta.parameters()}
+
+    def pack(v):  # a tensor saved twice is held once; weights (and views of them) are held anyway
+        if isinstance(v, torch.Tensor) and id(v) not in weights and id(getattr(v, "_base", None)) not in weights:
+            saved.setdefault(id(v), v.numel() * v.element_size())
+        return v
+
+    def hook(mod, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        m = torch.ones(h.shape[0], *([1] * (h.dim() - 1)), device="meta", dtype=h.dtype, requires_grad=True)
+        h = h * m
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    handles = [meta.get_submodule(s.path.split(".", 1)[1]).register_forward_hook(hook) for s in sites]
+    ctx = ctx.requires_grad_(not sites)
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+            meta_call(model, meta, x, t, ctx)
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(saved.values())
+
+
+def measure_meta(model, comps) -> dict:
+    """What the plan can say of a model on the ``meta`` device (a published architecture without its weights):
+    FLOPs of a forward and of a forward+backward row, the weights' bytes in the model's dtype and the activation
+    bytes a gradient row keeps; no time (nothing runs)."""
+    from .diffusion import latent_shape
+
+    unet_comps = _unet_components(comps)
+    f_fwd, f_grad = _meta_flops(model, unet_comps)
+    parts = [m for m in (model.unet, *model.text_encoders.values(), model.vae) if m is not None]
+    weights = sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
+    return {"meta": True, "flops_per_row": f_fwd, "flops_per_grad_row": f_grad, "seconds_per_row": float("nan"),
+            "seconds_per_grad_row": float("nan"), "weights_bytes": weights,
+            "grad_bytes_per_row": _meta_grad_bytes(model, unet_comps), "dtype": str(model.dtype).replace("torch.", ""),
+            "latent": list(latent_shape(model, 1)[1:]), "device": "meta"}
 
 
 def _sync(device):
@@ -493,6 +547,8 @@ def measure_passes(model, comps, shape: EvalShape, budget: float = FLOP_BUDGET) 
     from .diffusion import latent_shape
     from .interventions import compile_plan
 
+    if model.device.type == "meta":  # a published architecture without weights: counted, not timed
+        return measure_meta(model, comps)
     unet_comps = _unet_components(comps)
     f_fwd, f_grad = _meta_flops(model, unet_comps)
     engine_fwd, engine_grad = engine_batches(shape)
@@ -537,9 +593,9 @@ class ComparisonPlan:
     def totals(self) -> pd.DataFrame:
         """The table summed over concepts, one row per method (and held-out set), with a total."""
         cols = ["forward_evals", "backward_evals", "unet_rows", "flops", "seconds"]
-        t = self.table.groupby("method", sort=False)[cols].sum()
+        t = self.table.groupby("method", sort=False)[cols].sum(min_count=1)  # unmeasured (NaN) stays unmeasured
         t.insert(0, "concepts", self.table.groupby("method", sort=False)["concept"].nunique())
-        t.loc["TOTAL"] = [self.table["concept"].nunique(), *self.table[cols].sum().tolist()]
+        t.loc["TOTAL"] = [self.table["concept"].nunique(), *self.table[cols].sum(min_count=1).tolist()]
         return t
 
     def format(self) -> str:
@@ -550,7 +606,19 @@ class ComparisonPlan:
         lines = [f"Plan: {self.model}, {self.n_components} components, evaluation set of {s.rows_per_eval} UNet rows "
                  f"({s.kind} objective, {s.n_samples} samples x {s.branches} branch(es))"]
         p = self.passes
-        if p:
+        if p and p.get("meta"):
+            rows80 = int((0.9 * 80 * 2**30 - p["weights_bytes"]) // max(p["grad_bytes_per_row"], 1))
+            lines.append(
+                f"counted on the meta device (no weights loaded, nothing run) at latent {p['latent']} in {p['dtype']}: "
+                f"{p['flops_per_row'] / 1e9:,.1f} GFLOP per forward row, {p['flops_per_grad_row'] / 1e9:,.1f} GFLOP "
+                f"per forward+backward row; weights {p['weights_bytes'] / 2**30:.1f} GiB; a gradient row keeps at most "
+                f"{p['grad_bytes_per_row'] / 2**30:.2f} GiB of activations (every attention matrix counted, as the "
+                f"math kernel keeps them), so "
+                + (f"an 80 GiB GPU takes at least {rows80} rows per gradient pass (--max-batch)" if rows80 >= 1 else
+                   "with that kernel not one gradient row fits an 80 GiB GPU (a flash kernel keeps far less: measure "
+                   "it there)")
+                + ". Time is not projected: run --plan on the GPU with the weights to measure it.")
+        elif p:
             for key, label in (("forward", "forward pass"), ("grad", "forward+backward pass")):
                 q = p[key]
                 what = "peak allocated" if q.get("base_bytes") is not None else "peak RSS"

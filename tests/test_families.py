@@ -3,6 +3,7 @@ loaded as a user's folder, through every part of the suite (interp.families)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import types
 
@@ -181,3 +182,32 @@ def test_flow_matching_noising_and_target_are_the_papers():
     assert diffusion.noise_model(sched) == "flow"
     torch.testing.assert_close(diffusion.add_noise(sched, x0, eps, t), (1 - s) * x0 + s * eps)
     torch.testing.assert_close(diffusion.denoising_target(sched, x0, eps, t), eps - x0)
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_plan_on_every_family_and_on_the_meta_device(models, folders, fam, capsys):
+    """`compare_methods --plan` measures a family's passes; the same model moved to the meta device (a published
+    architecture without weights) is planned with the same counts and FLOPs, and says that it ran nothing."""
+    from analyses import compare_methods
+    from interp.compare_config import CompareConfig
+    from interp.models import DiffusionModel
+    from interp.plan import plan_comparison
+
+    block = "mid_block" if fam == "sdxl" else "transformer_blocks"
+    argv = ["--model", str(folders[fam]), "--concepts", "red", "--blocks", block, "--images", "2", "--timesteps",
+            "300", "700", "--methods", "ablation", "cad", "--lds-alphas", "0.05", "--threads", "1", "--plan"]
+    assert compare_methods.main(argv) == 0
+    assert "measured forward pass" in capsys.readouterr().out
+    m = models[fam]
+    cfg = CompareConfig(model=str(folders[fam]), concepts=("red",), blocks=(block,), methods=("ablation", "cad"),
+                        n_images=2, timesteps=(300, 700), lds_alphas=(0.05,))
+    real = plan_comparison(cfg, model=m)
+    texts = {p: copy.deepcopy(t).to("meta") for p, t in m.text_encoders.items()}
+    meta = DiffusionModel(m.name, torch.nn.Module.to(copy.deepcopy(m.unet), "meta"), texts[m.text_parts[0]],
+                          m.tokenizer, m.scheduler, None, family=m.family, pipeline=m.pipeline, text_encoders=texts,
+                          tokenizers=m.tokenizers)
+    planned = plan_comparison(cfg, model=meta)
+    pd.testing.assert_series_equal(planned.table["unet_rows"], real.table["unet_rows"])
+    assert planned.passes["flops_per_row"] == real.passes["flops_per_row"] > 0
+    assert planned.passes["grad_bytes_per_row"] > 0 and planned.table["seconds"].isna().all()
+    assert "counted on the meta device" in planned.format()
