@@ -76,7 +76,7 @@ def compare_args(world, out, *extra) -> list[str]:
     """``compare_methods`` arguments of a small run on a tiny concept-world folder (a few seconds)."""
     return ["--model", str(world), "--concepts", "red", "circle", "--images", "2", "--timesteps", "300",
             "--blocks", "mid_block", "--heldout-masks", "16", "--maskgrad-masks", "4", "--maskgrad-curve", "2",
-            "--out", str(out), "--no-progress", "--threads", "1", *extra]
+            "--n-boot", "100", "--out", str(out), "--no-progress", "--threads", "1", *extra]
 
 
 def killed_compare_run(args: list[str], out, root, results: int = 3, timeout: float = 300) -> int:

@@ -8,7 +8,8 @@ al. 2024: erase ``mean (eps(x_t, c) - eps(x_t, c_anchor))^2``, amplify ``-mean (
 pixels) and, for the classifier objective, a classifier-free guided sampling loop of the scheduler's own steps. Only
 the evaluation set's random draws (the noise, and on Stable Diffusion the generated images, recovered from x_t) are
 read from the objective. The models are tiny: Stable Diffusion 1.x style (epsilon, PNDM), 2.x style (v-prediction,
-DDIM) and the shipped concept world (v-prediction, a cosine schedule, pixel space, its trained classifier).
+DDIM), the shipped concept world (v-prediction, a cosine schedule, pixel space, its trained classifier) and SD3 (flow
+matching: ``x_t = (1 - sigma) x_0 + sigma eps``, target ``eps - x_0``, its own pipeline's conditioning).
 
 Second part: known answers of the estimators beyond first order (integrated gradients, the midpoint gradient,
 screen-then-verify) on an objective whose multiplier dependence is an exact polynomial, and CAD's aggregation of
@@ -276,6 +277,66 @@ def test_classifier_objective_is_the_judges_probability_on_images_sampled_from_t
     # images reach a judge in float32 (and a CLIP judge scores in float32) whatever the objective's dtype: rounding
     # of a few float32 ulps
     torch.testing.assert_close(obj.intact.double(), want, rtol=1e-5, atol=0)
+
+
+# -- flow matching (SD3, FLUX) --------------------------------------------------------------------------------------
+def test_flow_matching_noising_and_target_follow_the_definitions():
+    """Rectified flow (Liu et al. 2022; SD3, Esser et al. 2024): ``x_t = (1 - sigma) x_0 + sigma eps`` and the velocity
+    target ``eps - x_0``, at ``sigma = t / 1000`` for the timestep ``t`` the transformer is told: the relation of the
+    scheduler's own training table (its timesteps are its sigmas times 1000, whatever its shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    torch.testing.assert_close(sched.timesteps.double(), sched.sigmas[: len(sched.timesteps)].double() * 1000,
+                               rtol=1e-6, atol=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 16, 8, 8, generator=gen, dtype=torch.float64)
+    eps = torch.randn(4, 16, 8, 8, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0, 1, 500, 999])
+    sigma = (t.double() / 1000).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(diffusion.add_noise(sched, x0, eps, t), (1 - sigma) * x0 + sigma * eps, rtol=1e-12,
+                               atol=1e-12)
+    torch.testing.assert_close(diffusion.denoising_target(sched, x0, eps, t), eps - x0, rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def known_sd3(tmp_path_factory):
+    from interp.testing import tiny_pipeline
+
+    return tiny_pipeline(tmp_path_factory.mktemp("known-sd3") / "sd3", "sd3")
+
+
+@pytest.mark.parametrize("kind", ["erase", "amplify"])
+def test_flow_matching_objectives_are_the_definitions(kind, known_sd3):
+    """J on a tiny SD3 from its own diffusers pipeline, loaded apart in float64: the pipeline's ``encode_prompt`` (the
+    CLIP and T5 states and the pooled vector), the transformer told ``t``, the objective's x_t solved for x_0 by the
+    flow-matching noising (consistent across an image's timesteps), the velocity target ``eps - x_0``."""
+    from diffusers import StableDiffusion3Pipeline
+
+    obj = Objective(interp.load_model(str(known_sd3), device="cpu"), CONCEPT,
+                    ObjectiveConfig(kind=kind, n_images=2, timesteps=TIMESTEPS, dtype="float64", gen_steps=2))
+    pipe = StableDiffusion3Pipeline.from_pretrained(known_sd3, dtype=torch.float64)
+    sigma = (obj.t.double() / 1000).reshape(-1, 1, 1, 1)
+    x0 = (obj.x_t - sigma * obj.noise) / (1 - sigma)
+    per_image = x0.reshape(obj.config.n_images, len(TIMESTEPS), *x0.shape[1:])
+    torch.testing.assert_close(per_image[:, 1], per_image[:, 0], rtol=1e-9, atol=1e-9)
+    idx = obj.image_index
+
+    def velocity_prediction(prompts):
+        states, _, pooled, _ = pipe.encode_prompt(list(prompts), list(prompts), list(prompts),
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=pipe.tokenizer_3.model_max_length)
+        return pipe.transformer(hidden_states=obj.x_t, timestep=obj.t, encoder_hidden_states=states[idx],
+                                pooled_projections=pooled[idx]).sample
+
+    with torch.no_grad():
+        v = velocity_prediction(obj.target_prompts)
+        if kind == "erase":
+            want = ((v - velocity_prediction(obj.anchor_prompts)) ** 2).mean(dim=(1, 2, 3))
+        else:
+            want = -((v - (obj.noise - x0)) ** 2).mean(dim=(1, 2, 3))
+    assert (want != 0).all()
+    torch.testing.assert_close(obj.intact, want, rtol=1e-9, atol=0)
 
 
 # -- estimators beyond first order: an objective that is an exact polynomial of the multipliers -----------------------

@@ -25,12 +25,16 @@ nbclient = import_or_skip("nbclient", module_level=True)
 import_or_skip("ipykernel", module_level=True)
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+#: The quickstart runs in the fast tier (a kernel and the library end to end); the others, ~13 s of a kernel each on
+#: this machine, in the slow tier (`pytest -m slow`, which CI runs too).
 NOTEBOOKS = [
     "01_quickstart.py",
-    "02_comparing_methods.py",
-    "03_causal_tracing.py",
-    "04_editing.py",
-    "05_your_own_model.py",
+    *(pytest.param(name, marks=pytest.mark.slow) for name in (
+        "02_comparing_methods.py",
+        "03_causal_tracing.py",
+        "04_editing.py",
+        "05_your_own_model.py",
+    )),
 ]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colours of IPython tracebacks
 CELL_TIMEOUT = 600  # seconds per cell; the small configuration needs far less
@@ -52,6 +56,11 @@ def kernel_env(tmp_path_factory):
         "display_name": "Python 3 (interp venv)", "language": "python",
     }))
     return root
+
+
+def test_every_notebook_is_tested():
+    listed = {n if isinstance(n, str) else n.values[0] for n in NOTEBOOKS}
+    assert listed == {p.name for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.py")}
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
