@@ -171,7 +171,7 @@ def _intervene(root_envoy, model, sites: Sequence[Site], mult, means, patches, s
     todo = [(model.events[("in", p)], "skip", p) for p in (skips or {})]
     todo += [(model.events[("in", p)], "save_in", p) for p in save_inputs]
     todo += [(model.events[(s.event, s.path)], "site", s) for s in sites]
-    todo += [(model.events[("out", p)], "patch", p) for p in patches]
+    todo += [(model.events[("out", p.split("#")[0])], "patch", p) for p in patches]
     todo += [(model.events[("out", p)], "save", p) for p in saves]
     for _, what, x in sorted(todo, key=lambda t: (t[0], order[t[1]])):
         if what == "skip":
@@ -191,11 +191,16 @@ def _intervene(root_envoy, model, sites: Sequence[Site], mult, means, patches, s
                 new = [h if h is None else apply_site(x, h, mult, None if means is None else means.get(stream_key(x.path, k)))
                        for k, h in enumerate(old[: x.streams])]
                 env.output = (*new, *old[x.streams :])
-        elif what == "patch":
-            env = model.envoy(x)
+        elif what == "patch":  # a key "path#k" patches stream k of a joint block's output
+            path, _, k = x.partition("#")
+            env = model.envoy(path)
             old = env.output
             p = patches[x]
-            env.output = _replace_first(old, torch.where(p.where, p.clean.to(_first(old).dtype), _first(old)))
+            if k:
+                h = old[int(k)]
+                env.output = (*old[: int(k)], torch.where(p.where, p.clean.to(h.dtype), h), *old[int(k) + 1 :])
+            else:
+                env.output = _replace_first(old, torch.where(p.where, p.clean.to(_first(old).dtype), _first(old)))
         else:
             out = model.envoy(x).output
             if _first(out) is not None:  # SD3's last block has no context stream left: (None, image)

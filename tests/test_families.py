@@ -211,3 +211,18 @@ def test_plan_on_every_family_and_on_the_meta_device(models, folders, fam, capsy
     assert planned.passes["flops_per_row"] == real.passes["flops_per_row"] > 0
     assert planned.passes["grad_bytes_per_row"] > 0 and planned.table["seconds"].isna().all()
     assert "counted on the meta device" in planned.format()
+
+
+@pytest.mark.parametrize("fam", ("sd3", "flux"))
+def test_tracing_through_generation_restores_both_streams_within_max_batch(models, fam):
+    """Causal tracing under the classifier objective patches both streams of a joint block at every step ("path#1"
+    keys for the second), built per generation call: the scores within --max-batch 2 are those of one big call."""
+    m = models[fam]
+    red = interp.text_concept("red", alternatives=("blue", "green"), n=2)
+    comps = m.components("layer", family="block")
+    out = []
+    for mb in (2, 256):
+        cfg = interp.ObjectiveConfig(kind="classifier", judge="concept-world-clip", n_images=2, gen_steps=2, max_batch=mb)
+        out.append(interp.attribute("tracing", m, red, comps, objective=cfg, n_noise=1)["score"].to_numpy())
+    assert len(out[0]) == len(comps)
+    torch.testing.assert_close(torch.tensor(out[0]), torch.tensor(out[1]), rtol=0, atol=5e-5)

@@ -42,7 +42,7 @@ from ..components import ComponentSet, is_text_part
 from ..engine import sweep
 from ..executors import Job
 from ..generation import generate
-from ..interventions import Patch, compile_plan, run_text, run_unet_in_passes
+from ..interventions import Patch, compile_plan, run_text, run_unet_in_passes, stream_key
 from .base import Capabilities, Method, MethodConfig, register, stderr_over
 
 
@@ -494,21 +494,28 @@ def _unit_patches(plan, M, clean_by_step, obj, only_step=None):
         mrow, img = rows // P, rows % P
         patches = {}
         for s in plan.denoiser:
-            clean = clean_by_step[step][s.path]
-            h_shape = clean.shape
-            keep = torch.ones(len(rows), s.n_features, dtype=torch.bool)
-            if s.whole:
-                keep = (M[mrow][:, s.columns[0]] != 0)[:, None].expand(-1, s.n_features)
-            else:
-                keep[:, s.features] = M[mrow][:, s.columns] != 0
-            where = ~keep
-            if s.whole:
-                where = where[:, :1].reshape(-1, *([1] * (len(h_shape) - 1)))
-            elif s.axis == 1:
-                where = where.reshape(where.shape[0], s.n_features, *([1] * (len(h_shape) - 2)))
-            else:
-                where = where.reshape(where.shape[0], *([1] * (len(h_shape) - 2)), s.n_features)
-            patches[s.path] = Patch(clean[img.to(clean.device)], where)
+            for k in range(s.streams):  # a joint block's two streams are restored together
+                key = stream_key(s.path, k)
+                if key in clean_by_step[step]:  # (SD3's last block has no context stream)
+                    patches[key] = _restore_patch(s, clean_by_step[step][key], M, mrow, img)
         return patches
 
     return fn
+
+
+def _restore_patch(s, clean, M, mrow, img) -> Patch:
+    """The patch of site ``s`` that puts back ``clean`` where mask rows ``mrow`` zero a unit, for images ``img``."""
+    h_shape = clean.shape
+    keep = torch.ones(len(mrow), s.n_features, dtype=torch.bool)
+    if s.whole:
+        keep = (M[mrow][:, s.columns[0]] != 0)[:, None].expand(-1, s.n_features)
+    else:
+        keep[:, s.features] = M[mrow][:, s.columns] != 0
+    where = ~keep
+    if s.whole:
+        where = where[:, :1].reshape(-1, *([1] * (len(h_shape) - 1)))
+    elif s.axis == 1:
+        where = where.reshape(where.shape[0], s.n_features, *([1] * (len(h_shape) - 2)))
+    else:
+        where = where.reshape(where.shape[0], *([1] * (len(h_shape) - 2)), s.n_features)
+    return Patch(clean[img.to(clean.device)], where)
