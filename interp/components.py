@@ -394,9 +394,11 @@ class ComponentSpace:
                         yield self.parse(f"{info.path}.{pname}[{','.join(map(str, idx))}]")
 
     def select(self, granularity: str = "neuron", **filters) -> "ComponentSet":
+        """:meth:`iter`'s components as a :class:`ComponentSet` (raises ValueError when none match)."""
         return ComponentSet(list(self.iter(granularity, **filters)))
 
     def count(self, granularity: str = "neuron", **filters) -> int:
+        """How many components :meth:`iter` would give (scalar weights counted without building them)."""
         if granularity == "weight":  # counting scalars does not need their dataclasses
             sets = {k: ({v} if isinstance(v, str) else set(v)) for k, v in filters.items()
                     if v is not None and k != "layer"}
@@ -439,6 +441,7 @@ class ComponentSpace:
                 raise ValueError(f"unknown layer {sorted(bad)}; layers are {sorted(layers)}")
 
     def families(self) -> list[str]:
+        """The component families this model has (``ff``, ``attn2``, ``attn_context``, ``text_mlp``, ...), sorted."""
         return sorted({i.rule.family for i in self.modules.values()})
 
     def layers(self, model: str | None = None) -> list[str]:
@@ -480,14 +483,17 @@ class ComponentSet(Sequence[Component]):
         return len(self._items)
 
     def index(self, c: Component | str) -> int:
+        """The column of component ``c`` (or its address) in mask matrices; KeyError if absent."""
         return self._pos[str(c)]
 
     @property
     def addresses(self) -> list[str]:
+        """Every component's address, in order."""
         return [c.address for c in self._items]
 
     @property
     def granularities(self) -> set[str]:
+        """The granularities present in the set."""
         return {c.granularity for c in self._items}
 
     def frame(self):

@@ -194,15 +194,22 @@ class DiffusionModel:
             cached = self._placement_cache = (key, (self.unet.dtype, self.unet.device))
         return cached[1]
 
-    def modules(self):
+    def modules(self) -> dict[str, nn.Module]:
         """Every part the suite intervenes on, by address prefix: the text encoders, then the denoiser."""
         return {**{e.part: self.text_encoders[e.part] for e in self.encoders}, self.denoiser_part: self.unet}
 
     def module(self, path: str) -> nn.Module:
+        """The module at an address's path (``"transformer.transformer_blocks.3.ff.net.2"``).
+
+        Raises:
+            KeyError: the prefix names no part of this model.
+            AttributeError: no such submodule.
+        """
         prefix, _, rel = path.partition(".")
         return self.modules()[prefix].get_submodule(rel)
 
     def envoy(self, path: str):
+        """The nnsight envoy of the module at ``path`` (for use inside a trace of its part's :attr:`nn` wrapper)."""
         prefix, _, rel = path.partition(".")
         root = self.nn[prefix]
         return root.get(rel) if rel else root
@@ -244,9 +251,20 @@ class DiffusionModel:
         return {n: p.detach().clone() for n, p in self.parameters()}
 
     def components(self, granularity: str = "neuron", **filters):
-        """The model's components of one granularity (``layer``, ``neuron``, ``head``, ``weight``), filtered by
-        ``family``, ``kind``, ``block``, ``layer`` or ``model`` (an address prefix such as ``text_encoder_2``);
-        :meth:`ComponentSpace.families` lists the families this model has."""
+        """The model's components of one granularity, in execution order.
+
+        Args:
+            granularity: ``"layer"``, ``"neuron"``, ``"head"`` or ``"weight"``.
+            **filters: ``family``, ``kind``, ``block``, ``layer`` or ``model`` (an address prefix such as
+                ``text_encoder_2``), each a name or a list of names; :meth:`ComponentSpace.families` lists the
+                families this model has.
+
+        Returns:
+            A :class:`~interp.components.ComponentSet`.
+
+        Raises:
+            ValueError: an unknown granularity or filter value, or a selection that is empty.
+        """
         return self.space.select(granularity, **filters)
 
 
@@ -437,8 +455,9 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
     """Load a model into the suite.
 
     ``spec``: ``"concept-world"``; a folder written by the concept-world trainer or by ``save_pretrained`` of a
-    diffusers text-to-image pipeline; a hub id (``"org/name"``, needs the weights in the local cache here); or a
-    pipeline object. ``device``: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda[:N]"`` or ``"mps"``;
+    diffusers text-to-image pipeline of a known family (Stable Diffusion 1.x/2.x, SDXL, PixArt-α/Σ, SD3, FLUX.1:
+    :mod:`interp.families`); a hub id (``"org/name"``: downloaded into the Hugging Face cache when online, read from
+    it otherwise); or a pipeline object. ``device``: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda[:N]"`` or ``"mps"``;
     ``dtype``: the precision of the forward passes (``float32``, ``bfloat16``, ``float16``, or ``float64`` for ground
     truth); objective values and statistics are accumulated in float32 whatever it is. On the CPU it tunes glibc's
     allocator for the process (:func:`interp.runtime.tune_cpu_allocator`; ``INTERP_TUNE_MALLOC=0`` opts out). Raises

@@ -94,9 +94,11 @@ class ObjectiveConfig:
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (for metadata and the hash)."""
         return asdict(self)
 
     def hash(self) -> str:
+        """12 hex digits of the SHA-256 of the fields: the key caches of this objective's results use."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -518,6 +520,7 @@ class Objective:
                 "judge": None if self.judge is None else module_digest(self.judge.weights())}
 
     def describe(self) -> dict:
+        """The objective as the columns and metadata a result records: its kind, anchor, samples and config."""
         return {"objective": self.config.kind, "anchor": self.config.anchor, "n_samples": self.n_samples,
                 "objective_hash": self.config.hash(), **{f"objective_{k}": v for k, v in self.config.to_dict().items()}}
 

@@ -218,14 +218,7 @@ def test_your_model_recipe_runs_on_a_tiny_sd_folder(tmp_path, tiny_sd, capsys):
 # -- docstrings ------------------------------------------------------------------------------------------------------
 #: Methods of core classes in modules that were being rewritten when this test was written (their owners document
 #: them); every other public name must have a docstring.
-PENDING = {"interp.models.DiffusionModel.modules", "interp.models.DiffusionModel.module",
-           "interp.models.DiffusionModel.envoy", "interp.models.DiffusionModel.components",
-           "interp.components.ComponentSet.index", "interp.components.ComponentSet.addresses",
-           "interp.components.ComponentSet.granularities", "interp.components.ComponentSpace.select",
-           "interp.components.ComponentSpace.count", "interp.components.ComponentSpace.families",
-           "interp.objectives.ObjectiveConfig.to_dict", "interp.objectives.ObjectiveConfig.hash",
-           "interp.objectives.Objective.describe", "interp.methods.tracing.TracingConfig",
-           "interp.methods.tracing.CausalTracing"}
+PENDING: set[str] = set()  # public names still without a docstring: none
 
 
 def api_names() -> list[str]:

@@ -48,6 +48,10 @@ from .base import Capabilities, Method, MethodConfig, register, stderr_over
 
 @dataclass(frozen=True)
 class TracingConfig(MethodConfig):
+    """Causal tracing's options: ``noise_scale`` (corruption noise in standard deviations of the token embeddings,
+    ROME's 3), ``n_noise`` (noise draws; scores' standard errors are over them), ``maps`` (also make the layer x
+    timestep and layer x token maps), ``chunk`` (restorations per cached chunk)."""
+
     noise_scale: float = 3.0
     n_noise: int = 3
     maps: bool = True
@@ -215,6 +219,9 @@ def _frac(j_rest, j_corr, j_clean, groups=None):
 
 @register
 class CausalTracing(Method):
+    """Causal tracing (Basu et al., ICLR 2024): the fraction of the concept that restoring one component's clean
+    state brings back into a run whose subject tokens are corrupted (this module's docstring has the details)."""
+
     name = "tracing"
     Config = TracingConfig
     capabilities = Capabilities(granularities=("layer", "neuron"), maps=True)
