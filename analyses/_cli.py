@@ -56,6 +56,20 @@ COMMAND_OPTIONS = {
 }
 
 
+#: The most torch threads a command accepts: beyond it torch's thread pool fails to allocate (a MemoryError).
+MAX_THREADS = 1024
+
+
+def threads_error(threads: int) -> str | None:
+    """The one-line complaint about a ``--threads`` value, or None when it is usable."""
+    if not 1 <= threads <= MAX_THREADS:
+        import os
+
+        return (f"--threads must be between 1 and {MAX_THREADS}, got {threads} (this machine has {os.cpu_count()} "
+                f"CPU cores: use at most that many)")
+    return None
+
+
 def run_or_exit(parser, out: Path | None, fn):
     """``fn()``; an expected failure (:func:`interp.runs.user_message` knows it) becomes one ``error:`` line naming the
     cause, and the traceback's file in the run folder, with exit code 2. A bug still shows its traceback."""
@@ -194,6 +208,8 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-cpus-per-worker", type=int, default=None, help="CPUs (torch threads) per worker (default 1)")
     g.add_argument("--ray-gpus-per-worker", type=float, default=None,
                    help="GPUs per worker, e.g. 1 (with --device cuda) or 0.5 to share one (default 0)")
+    g.add_argument("--ray-connect-timeout", type=float, default=None,
+                   help="seconds to wait for the cluster at --ray-address to answer before failing (default 10)")
 
 
 def executor_from_args(parser, args):
@@ -201,8 +217,8 @@ def executor_from_args(parser, args):
     from interp.executors import make_executor
 
     options = {"address": args.ray_address, "workers": args.ray_workers, "cpus_per_worker": args.ray_cpus_per_worker,
-               "gpus_per_worker": args.ray_gpus_per_worker}
+               "gpus_per_worker": args.ray_gpus_per_worker, "connect_timeout": args.ray_connect_timeout}
     try:
         return make_executor(args.executor, **options)
-    except (ValueError, ImportError) as err:
+    except (ValueError, ImportError, ConnectionError) as err:
         parser.exit(2, f"error: {err}\n")

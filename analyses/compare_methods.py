@@ -38,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.exit(2, f"error: --threads must be >= 1, got {args.threads}\n")
+    from analyses._cli import threads_error
+
+    if threads_error(args.threads):
+        parser.exit(2, f"error: {threads_error(args.threads)}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from analyses._cli import config_from_args
     from interp.compare_config import CompareConfig

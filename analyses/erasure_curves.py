@@ -123,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args) -> dict | None:
     """Refuse bad arguments before anything heavy loads; returns the comparison's config with --compare."""
+    from analyses._cli import threads_error
     from interp.compare import check_concept_words
     from interp.methods import REGISTRY
+    from interp.objectives import MAX_SEED
 
     def fail(msg):
         parser.exit(2, f"error: {msg}\n")
@@ -152,8 +154,10 @@ def check_args(parser: argparse.ArgumentParser, args) -> dict | None:
         fail(f"duplicate --rankings in {args.rankings}")
     if args.contrast is not None and any(c in args.concepts for c in args.contrast) and len(args.concepts) == 1:
         fail(f"--contrast {args.contrast} lists the concept being erased")
-    if args.threads < 1 or args.seed < 0:
-        fail(f"--threads must be >= 1 and --seed >= 0, got {args.threads} and {args.seed}")
+    if threads_error(args.threads):
+        fail(threads_error(args.threads))
+    if not 0 <= args.seed <= MAX_SEED:
+        fail(f"--seed must be between 0 and {MAX_SEED} (2**62), got {args.seed}")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         fail(f"--out {args.out} is an existing file, not a folder: pass a folder path")
     compare = None

@@ -157,8 +157,8 @@ class CompareConfig:
                              f"got {self.heldout_masks}")
         if self.n_boot < 100:
             raise ValueError(f"n_boot must be >= 100 for a 95% interval, got {self.n_boot}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed <= 2**62:  # ObjectiveConfig.seed's bound: seeds are offset into 64-bit generators
+            raise ValueError(f"seed must be between 0 and {2**62} (2**62), got {self.seed}")
 
     def to_dict(self) -> dict:
         """The fields as a dict: what the run's hash, ``meta.json`` and the caches' keys are made of."""

@@ -164,14 +164,20 @@ class RayExecutor:
     sets each worker's torch threads; ``gpus_per_worker`` > 0 puts a worker on each GPU share (then load the model
     with ``device="cuda"`` so workers use it). ``max_retries``: restarts of a killed actor and retries of its items.
     ``placement_timeout``: seconds to wait for a local cluster to free the workers' CPUs/GPUs (workers of a previous
-    model release theirs asynchronously) before failing.
+    model release theirs asynchronously) before failing. ``connect_timeout``: seconds to wait for a cluster at
+    ``address`` to accept a connection, checked when the executor is made (Ray itself retries for minutes).
+
+    Raises:
+        ValueError: a bad worker count or share.
+        ConnectionError: nothing answers at ``address`` within ``connect_timeout``.
+        ImportError: Ray is not installed.
     """
 
     name = "ray"
 
     def __init__(self, address: str | None = None, workers: int | None = None, cpus_per_worker: int = 1,
                  gpus_per_worker: float = 0, max_retries: int = 3, in_flight: int = 2,
-                 placement_timeout: float = 30.0):
+                 placement_timeout: float = 30.0, connect_timeout: float = 10.0):
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if cpus_per_worker < 1 or gpus_per_worker < 0:
@@ -182,6 +188,8 @@ class RayExecutor:
         except ImportError:
             raise ImportError("the Ray executor needs Ray: pip install -e '.[ray]' (or pip install 'ray[default]')") \
                 from None
+        if address is not None and address != "auto":
+            _check_reachable(address, connect_timeout)
         self.address, self.workers = address, workers
         self.cpus, self.gpus, self.max_retries, self.in_flight = cpus_per_worker, gpus_per_worker, max_retries, in_flight
         self.placement_timeout = placement_timeout
@@ -297,6 +305,23 @@ class RayExecutor:
 
             ray.shutdown()
             self._started = False
+
+
+def _check_reachable(address: str, timeout: float) -> None:
+    """A one-line ConnectionError when nothing accepts a TCP connection at a Ray address (``host:port`` or
+    ``ray://host:port``) within ``timeout`` seconds."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"Ray address {address!r} is not 'auto', 'host:port' or 'ray://host:port'")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({err.strerror or type(err).__name__}; waited at "
+                              f"most {timeout:g} s): start one there with `ray start --head`, or leave out --ray-address "
+                              f"to start a local one") from None
 
 
 def make_executor(name: str = "local", **options):

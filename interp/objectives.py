@@ -48,6 +48,9 @@ KINDS = ("erase", "amplify", "classifier")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+#: The largest seed: every seed is offset (and mixed) into torch's 64-bit generator seeds, which overflow beyond.
+MAX_SEED = 2**62
+
 #: Bytes an objective's replay cache may hold (:attr:`Objective.replay_budget`; :func:`interp.plan.preflight`
 #: holds as much of the device while it tries a run's largest passes).
 REPLAY_BUDGET = 2**31
@@ -87,6 +90,8 @@ class ObjectiveConfig:
             whole("timesteps", t, 0)  # the upper bound is the scheduler's: checked by Objective
         for name, low in (("n_images", 1), ("seed", 0), ("gen_steps", 1), ("max_batch", 1)):
             whole(name, getattr(self, name), low)
+        if self.seed > MAX_SEED:  # seeds are offset and mixed into 64-bit generator seeds
+            raise ValueError(f"ObjectiveConfig.seed must be at most {MAX_SEED} (2**62), got {self.seed}")
         if self.guidance is not None and not (isinstance(self.guidance, (int, float)) and 0 <= self.guidance < 1e4):
             raise ValueError(f"guidance must be None (the model's default) or a scale >= 0, got {self.guidance!r}")
         if self.dtype not in DTYPES:
