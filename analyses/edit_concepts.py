@@ -366,8 +366,10 @@ def main(argv=None) -> int:
         check_config(config)
     except (ValueError, TypeError) as err:
         parser.exit(2, f"error: {err}\n")
-    if args.threads < 1:
-        parser.exit(2, f"error: --threads must be >= 1, got {args.threads}\n")
+    from analyses._cli import threads_error
+
+    if threads_error(args.threads):
+        parser.exit(2, f"error: {threads_error(args.threads)}\n")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         parser.exit(2, f"error: --out {args.out} is an existing file, not a folder: pass a folder path\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
