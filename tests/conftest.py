@@ -87,3 +87,12 @@ def tiny_red_objective(tiny_world_model, tiny_objective_config):
     from interp.objectives import Objective
 
     return Objective(tiny_world_model, "red", tiny_objective_config)
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """Runs in this test make empty figures written as 1x1 PNGs (:func:`helpers.placeholder_figures`): for tests that
+    never look at a figure."""
+    from helpers import placeholder_figures
+
+    placeholder_figures(monkeypatch)

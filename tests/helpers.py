@@ -234,3 +234,27 @@ class ProductFF(LinearFF):
         """The readouts ``L_i`` under multiplier rows ``M``, averaged over the samples: ``(len(vs), rows)``."""
         with torch.no_grad():
             return torch.stack([L.mean(1) for L in self._readouts(plan, M, None, None, None, None)])
+
+
+# -- runs whose figures no test looks at ---------------------------------------------------------------------------
+def placeholder_figures(monkeypatch) -> None:
+    """Every figure :mod:`interp.plots` makes becomes an empty one, and every figure written (by any module, through
+    ``plots.fig_to_png``) a 1x1 PNG: for tests of runs that look at tables, caches, counts and files but never at a
+    figure's pixels. Drawing is most of a small run's time (seaborn's heatmaps and scatter plots, constrained layout,
+    a tight bounding box); the names and number of the figures stay the run's own. ``monkeypatch.undo()`` restores."""
+    import inspect
+    import io
+
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    import interp.plots as plots
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1), "white").save(buf, format="PNG")
+    png = buf.getvalue()
+    for name, fn in vars(plots).items():
+        if (inspect.isfunction(fn) and fn.__module__ == plots.__name__ and not name.startswith("_")
+                and inspect.signature(fn).return_annotation in ("Figure", Figure)):
+            monkeypatch.setattr(plots, name, lambda *args, **kwargs: Figure())
+    monkeypatch.setattr(plots, "fig_to_png", lambda fig, dpi=110: png)

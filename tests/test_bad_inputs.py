@@ -421,7 +421,7 @@ def test_foreign_folder_is_refused(world, tmp_path, refused):
     assert (out / "notes.txt").read_text() == "a user's file"
 
 
-def test_rerun_with_another_concept_clears_the_old_outputs(world, tmp_path):
+def test_rerun_with_another_concept_clears_the_old_outputs(world, tmp_path, no_figures):
     from analyses.compare_methods import main
 
     out = tmp_path / "run"
@@ -435,7 +435,7 @@ def test_rerun_with_another_concept_clears_the_old_outputs(world, tmp_path):
     assert json.loads((out / "status.json").read_text())["status"] == "complete"
 
 
-def test_reused_out_with_other_blocks_matches_a_fresh_folder(world, tmp_path):
+def test_reused_out_with_other_blocks_matches_a_fresh_folder(world, tmp_path, no_figures):
     """Issue 16's stale held-out reuse, end to end: blocks {down_blocks.1, mid_block}, then {down_blocks.1,
     down_blocks.2} into the same folder; the second run's tables equal a fresh folder's (same count, same first
     addresses)."""
@@ -474,7 +474,8 @@ def test_cache_keys_name_the_device_and_the_judges_weights(tiny_world_folder):
     assert erase.identity()["judge"] is None
 
 
-def test_on_an_accelerator_the_largest_passes_are_tried_before_any_method(world, tmp_path, refused, monkeypatch):
+def test_on_an_accelerator_the_largest_passes_are_tried_before_any_method(world, tmp_path, refused, monkeypatch,
+                                                                          no_figures):
     """On a GPU the run first tries one forward and one forward+backward pass at the largest batches it will make:
     a batch the device cannot hold fails in seconds, one line naming the --max-batch that fits, before any method
     has run (max_batch keys every cache, so a run restarted with another starts over). GPU and its out-of-memory
@@ -510,7 +511,7 @@ def test_on_an_accelerator_the_largest_passes_are_tried_before_any_method(world,
 
 
 def test_on_an_accelerator_the_replay_cache_is_held_while_the_largest_passes_are_tried(world, tmp_path, refused,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, no_figures):
     """Prefix replay's cache (the intact outputs upstream of the ablated units, up to its budget) lives on the
     device beside the sweeps' passes, so the preflight holds as much while it tries them; a cache that cannot fit
     at all is one line before any method runs. The allocator's error is real: a 40 TB reservation."""

@@ -20,6 +20,9 @@ from interp.results import COLUMNS, Cost
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# One xdist worker runs this module (`--dist loadgroup`): the module's run folder (~20 s) is made once, not per worker.
+pytestmark = pytest.mark.xdist_group("compare")
+
 
 @pytest.fixture(scope="module")
 def tiny_world(tiny_world_folder) -> Path:
@@ -312,7 +315,7 @@ def _library_bars():
     return diffusers.utils.logging.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
 
 
-def test_no_progress_hides_the_libraries_loading_bars_too(tiny_world, tmp_path, capfd):
+def test_no_progress_hides_the_libraries_loading_bars_too(tiny_world, tmp_path, capfd, no_figures):
     """``--no-progress`` means no bar at all: diffusers' and transformers' loading bars, which a plain run shows
     when it loads the model, are switched off with the suite's own, and back on after the call (the libraries'
     switch is process-wide: a notebook calling ``main`` keeps its bars)."""
@@ -334,7 +337,7 @@ def test_no_progress_hides_the_libraries_loading_bars_too(tiny_world, tmp_path, 
 
 
 @pytest.mark.parametrize("command", ["edit_concepts", "erasure_curves", "text_restoration"])
-def test_every_command_that_loads_a_model_takes_no_progress(command, tiny_world, tmp_path, capfd):
+def test_every_command_that_loads_a_model_takes_no_progress(command, tiny_world, tmp_path, capfd, no_figures):
     """The other commands that load a model take ``--no-progress`` too: no loading bar, and the libraries' bars as
     they were after ``main`` returns, also when it fails."""
     import importlib
@@ -374,7 +377,8 @@ def test_library_progress_bars_restores_the_state_it_found():
                     raise RuntimeError("inside")
             assert _library_bars() == (start, start)
 
-def test_text_restoration_takes_device_precision_guidance_and_max_batch(tiny_world, tmp_path, monkeypatch, refused):
+def test_text_restoration_takes_device_precision_guidance_and_max_batch(tiny_world, tmp_path, monkeypatch, refused,
+                                                                        no_figures):
     """text_restoration runs where and how the other commands do: --device, --precision, --guidance, and every UNet
     pass within --max-batch rows (with guidance, two rows per image)."""
     import torch

@@ -180,7 +180,7 @@ def cli_args(folder, out, *extra):
             *extra]
 
 
-def test_cli_writes_every_output(tiny_world_folder, tmp_path, monkeypatch):
+def test_cli_writes_every_output(tiny_world_folder, tmp_path, monkeypatch, no_figures):
     """Every output, with every UNet pass (rankings, held-out generations) within --max-batch rows."""
     from helpers import unet_rows
 
@@ -226,7 +226,7 @@ def test_cli_refuses_k_beyond_the_component_set(tiny_world_folder, tmp_path, ref
     assert not (out / "cache").exists() or not any((out / "cache").iterdir())  # refused before any attribution
 
 
-def test_cli_reads_rankings_from_a_comparison(tiny_world_folder, tmp_path, refused):
+def test_cli_reads_rankings_from_a_comparison(tiny_world_folder, tmp_path, refused, no_figures):
     """--compare: the rankings are the comparison's own result rows (no method runs again)."""
     from analyses.compare_methods import main as compare
     from analyses.erasure_curves import main
@@ -327,7 +327,7 @@ def test_mean_ablation_edit_replaces_units_by_their_anchor_means(tiny_world_mode
     assert_weights_equal(m, before)
 
 
-def test_cli_targeted_rankings_and_mean_ablation(tiny_world_folder, tmp_path):
+def test_cli_targeted_rankings_and_mean_ablation(tiny_world_folder, tmp_path, no_figures):
     from analyses.erasure_curves import main
 
     out = tmp_path / "targeted"

@@ -281,7 +281,7 @@ def test_sd_evaluation_with_a_clip_judge(sd, clip):
 
 
 @pytest.mark.usefixtures("needs_clip")
-def test_compare_on_stable_diffusion_weighs_concepts_against_alternatives(sd_folder, tmp_path, refused):
+def test_compare_on_stable_diffusion_weighs_concepts_against_alternatives(sd_folder, tmp_path, refused, no_figures):
     """compare_methods --objective classifier on an SD folder: --alternatives are what the judge weighs each concept
     against, in the objective, causal tracing's score and the erasure curves' J alike (the shipped CLIP knows a
     few words only, so the generic "something else" is refused up front: before any method runs)."""
@@ -303,7 +303,8 @@ def test_compare_on_stable_diffusion_weighs_concepts_against_alternatives(sd_fol
 
 
 @pytest.mark.usefixtures("needs_clip")
-def test_text_restoration_on_stable_diffusion_weighs_concepts_against_alternatives(sd_folder, tmp_path, refused):
+def test_text_restoration_on_stable_diffusion_weighs_concepts_against_alternatives(sd_folder, tmp_path, refused,
+                                                                                   no_figures):
     from analyses.text_restoration import main
 
     args = ["--model", str(sd_folder), "--judge", "concept-world-clip", "--concepts", "red", "--images", "2",
@@ -319,7 +320,7 @@ def test_coar_edit_asks_for_references_off_the_concept_world(sd):
         ed.coar_edit(sd, "red", k=2, objective=ObjectiveConfig(n_images=1, timesteps=(500,), gen_steps=2))
 
 
-def test_edit_concepts_on_stable_diffusion_with_the_clip_judge(sd_folder, tmp_path):
+def test_edit_concepts_on_stable_diffusion_with_the_clip_judge(sd_folder, tmp_path, no_figures):
     from analyses.edit_concepts import main
 
     out = tmp_path / "run"

@@ -31,7 +31,7 @@ def tiny_config(folder: Path, **kw) -> CompareConfig:
     # through generation, its calls split within a small max_batch (causal tracing's patched calls included)
     pytest.param("classifier", "shared", {"gen_steps": 2, "max_batch": 4}, marks=pytest.mark.slow)])
 def test_planned_counts_equal_the_runs_recorded_counts(tiny_world_folder, tmp_path, monkeypatch, objective, anchor,
-                                                       extra):
+                                                       extra, no_figures):
     cfg = tiny_config(tiny_world_folder, objective=objective, anchor=anchor, **extra)
     model = interp.load_model(cfg.model)
     plan = plan_comparison(cfg, model=model, measure=True)

@@ -250,14 +250,14 @@ def _compare_on(folder, out):
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_compare_methods_runs_on_a_stable_diffusion_folder(sd_folders, tmp_path, style):
+def test_compare_methods_runs_on_a_stable_diffusion_folder(sd_folders, tmp_path, style, no_figures):
     """`compare_methods --model <folder>` on the SD 1.x-style (PNDM) and SD 2.x-style (v-prediction) pipelines."""
     _compare_on(sd_folders[style], tmp_path / "run")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scheduler", [s for s in SCHEDULERS if s != "PNDMScheduler"])
-def test_compare_methods_runs_with_every_scheduler_swapped_in(tmp_path, scheduler):
+def test_compare_methods_runs_with_every_scheduler_swapped_in(tmp_path, scheduler, no_figures):
     folder = tiny_stable_diffusion(tmp_path / "m", "sd1", scheduler=scheduler)
     _compare_on(folder, tmp_path / "run")
 
