@@ -5,9 +5,10 @@
 
 Edits (``--edits``): cad-erase, cad-amplify (CAD's per-weight rule on the UNet's feed-forward matrices, swept over
 ``--ratios``); diff-quickfix (the paper's closed form, no budget) and diff-quickfix-preserve (the same plus keys of
-32 prompts without the concept that keep their outputs; not in the paper); uce (Unified Concept Editing,
-Gandikota et al. WACV 2024: closed-form edit of every cross-attention's key and value projections, 32 preserved
-prompts); and the ablation edits, swept over
+32 prompts without the concept that keep their outputs; not in the paper; every text encoder's layer-0 attention
+output on pipelines with several); uce (Unified Concept Editing, Gandikota et al. WACV 2024: closed-form edit of
+every cross-attention's key and value projections, or on SD3 and FLUX of every joint block's context key and value
+projections, 32 preserved prompts); and the ablation edits, swept over
 ``--k`` on the ``--components`` (default: the GEGLU hidden units of every UNet feed-forward and the value neurons
 of every cross-attention): cad-erase-neurons, cad-amplify-neurons (CAD's scores of whole units), coar-edit (Welch t
 of per-sample CAD attributions, target vs the other values of its attribute), and ablate:<method> for any
@@ -60,9 +61,11 @@ class EditConfig:
                                                metavar="PHRASE")
     edits: tuple[str, ...] = opt(DEFAULT_EDITS, f"edits: {', '.join(EDIT_CHOICES)}, or ablate:<method>")
     k: tuple[int, ...] = opt(DEFAULT_K, "numbers of ablated components swept by the ablation edits", metavar="K")
-    components: tuple[str, ...] = opt(DEFAULT_COMPONENTS, "component sets the ablation edits rank: ff (GEGLU hidden "
-                                                          "units), attn2 (cross-attention value neurons), "
-                                                          "attn2-heads, text-mlp")
+    components: tuple[str, ...] = opt(DEFAULT_COMPONENTS, "component sets the ablation edits rank: ff (the "
+                                                          "denoiser's feed-forward hidden units), attn2 "
+                                                          "(cross-attention value neurons; SD3/FLUX: the context "
+                                                          "stream's, attn.add_v_proj), attn2-heads, text-mlp (every "
+                                                          "text encoder's MLP units)")
     ratios: tuple[float, ...] = opt(DEFAULT_RATIOS, "CAD per-row ratios swept by cad-erase / cad-amplify",
                                     metavar="RATIO")
     images: int = opt(96, "held-out images per evaluation: 1/4 target prompts, 1/12 target alone, the rest other "
@@ -218,6 +221,16 @@ def _run(config, r, log) -> dict:
     cfg = ed.EvalConfig.from_total(config.images, steps=config.steps, seed=ed.EVAL_SEED + config.seed,
                                    guidance=config.guidance, batch=ed.images_per_call(config.max_batch))
     comps = ed.edit_components(model, config.components)
+    # the closed-form edits' projections: where one does not apply to the model's family, refused before any work
+    for spec in config.edits:
+        if spec == "uce":
+            from interp.editing.uce import cross_attention_projections
+
+            cross_attention_projections(model)
+        elif spec.startswith("diff-quickfix"):
+            from interp.editing.edits import quickfix_module_paths
+
+            quickfix_module_paths(model)
     from interp.plan import preflight_run
 
     # the methods behind the edits (CAD's weight scores take gradients), then the largest passes, before any work

@@ -159,15 +159,24 @@ def test_compare_methods_runs_on_every_family(folders, tmp_path, fam):
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_closed_form_edits_refuse_other_families_by_name(models, fam):
-    from interp.editing.edits import quickfix_module_path
-    from interp.editing.uce import cross_attention_projections
+def test_closed_form_edits_act_where_each_family_reads_the_text(models, fam, monkeypatch):
+    """UCE edits the projections that read the text (cross-attention K/V; SD3's and FLUX's joint blocks' context
+    K/V), Diff-QuickFix every text encoder's layer-0 attention output; a family UCE does not know is refused by
+    name (tests/test_edit_families.py runs both edits on every family)."""
+    import importlib
+    import re
 
-    label = models[fam].family.label
-    with pytest.raises(ValueError, match=f"UCE is implemented for Stable Diffusion 1.x/2.x .*not yet for {label}"):
-        cross_attention_projections(models[fam])
-    with pytest.raises(ValueError, match=f"Diff-QuickFix is implemented .*not yet for {label}"):
-        quickfix_module_path(models[fam])
+    from interp.editing.edits import quickfix_module_paths
+
+    uce = importlib.import_module("interp.editing.uce")
+    m = models[fam]
+    kinds = {p.rsplit(".", 2)[-2] + "." + p.rsplit(".", 1)[-1] for p in uce.cross_attention_projections(m)}
+    assert kinds == ({"attn.add_k_proj", "attn.add_v_proj"} if fam in ("sd3", "flux") else {"attn2.to_k", "attn2.to_v"})
+    assert [p.split(".", 1)[0] for p in quickfix_module_paths(m)] == TEXT_PARTS[fam]
+    monkeypatch.setattr(uce, "READERS", {k: v for k, v in uce.READERS.items() if k != fam})
+    label = re.escape(m.family.label)
+    with pytest.raises(ValueError, match=f"UCE does not know through which projections the {label} denoiser"):
+        uce.cross_attention_projections(m)
 
 
 def test_flow_matching_noising_and_target_are_the_papers():

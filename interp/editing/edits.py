@@ -35,7 +35,10 @@ Diff-QuickFix (Basu et al., "Localizing and Editing Knowledge in Text-to-Image G
     are the projection's inputs for prompts with the concept, at the last subject token and every later position;
     the values ``v_i`` what the *unedited* projection writes for the anchor prompts (the concept word left out, or
     replaced) at the matching positions. Solved in float64 (:func:`quickfix_solve`). The bias is left alone, so
-    ``v_i`` is the anchor's output minus the bias. ``preserve`` (not in the paper, default 0) adds keys of prompts
+    ``v_i`` is the anchor's output minus the bias. A pipeline with several text encoders (SDXL's two CLIPs, SD3's
+    CLIPs and T5, FLUX's CLIP and T5, PixArt's T5) has each one's layer-0 projection edited the same way (T5's
+    ``SelfAttention.o``; T5 attends both ways, so its keys also cover the positions before the subject).
+    ``preserve`` (not in the paper, default 0) adds keys of prompts
     without the concept mapped to their own unedited outputs: on a text encoder as narrow as the concept world's
     (64 features) the ~140 concept keys span the whole input space (rank 64), the paper's edit changes the
     projection by several times its norm and rewrites it for every prompt: on the shipped model erasing "red"
@@ -287,7 +290,8 @@ class Ranking:
                              "score": list(self.scores), "method": self.method, "edit": self.name})
 
 
-#: Named component sets for ablation edits (granularity + filters of ``model.components``).
+#: Named component sets for ablation edits (granularity + filters of ``model.components``), as on a Stable Diffusion
+#: UNet; :func:`preset_filters` gives each one's filters on the model's own family.
 COMPONENT_PRESETS: dict[str, dict] = {
     "ff": {"granularity": "neuron", "family": "ff", "kind": "ff.net.0", "model": "unet"},  # GEGLU hidden units
     "attn2": {"granularity": "neuron", "family": "attn2", "kind": "attn2.to_v", "model": "unet"},  # cross-attn values
@@ -296,20 +300,54 @@ COMPONENT_PRESETS: dict[str, dict] = {
 }
 
 
+def preset_filters(model, name: str) -> list[dict]:
+    """The filters of component set ``name`` (:data:`COMPONENT_PRESETS`) on the model's family: the denoiser's own
+    feed-forward hidden units (``ff``); the value neurons of the projections that read the text (``attn2``: every
+    cross-attention's ``to_v``, or the joint blocks' context values ``attn.add_v_proj`` on SD3 and FLUX); the
+    cross-attention heads (``attn2-heads``, refused where there is no cross-attention); every text encoder's MLP
+    hidden units (``text-mlp``: CLIP's ``mlp.fc1``, T5's ``DenseReluDense.wi`` or, gated, ``wi_0``)."""
+    if name not in COMPONENT_PRESETS:
+        raise ValueError(f"unknown component set {name!r}; choose from {sorted(COMPONENT_PRESETS)}")
+    f, den = dict(COMPONENT_PRESETS[name]), model.denoiser_part
+    families = set(model.space.families())
+    if name == "ff":
+        return [{**f, "model": den}]
+    if name in ("attn2", "attn2-heads"):
+        if "attn2" in families:
+            return [{**f, "model": den}]
+        if name == "attn2" and "attn_context" in families:
+            return [{"granularity": "neuron", "family": "attn_context", "kind": "attn.add_v_proj", "model": den}]
+        raise ValueError(f"component set {name}: the {model.family.label} {den} has no cross-attention"
+                         + ("; its joint attention's heads (family attn) attend over the image and the text at once: "
+                            "use attn2 (the context stream's value neurons) on this model"
+                            if "attn_context" in families else ""))
+    out = []  # text-mlp: every text encoder's
+    for part in model.text_parts:
+        kinds = {i.kind for i in model.space.modules.values() if i.model == part and i.rule.family == "text_mlp"}
+        kind = next((k for k in ("mlp.fc1", "DenseReluDense.wi", "DenseReluDense.wi_0") if k in kinds), None)
+        if kind is None:
+            raise ValueError(f"component set text-mlp: {part} of the {model.family.label} pipeline has no MLP the "
+                             f"suite knows (CLIP's mlp.fc1 or T5's DenseReluDense.wi)")
+        out.append({**f, "kind": kind, "model": part})
+    return out
+
+
 def edit_components(model, presets: Sequence[str] = ("ff",)) -> ComponentSet:
-    """The union of named component sets (:data:`COMPONENT_PRESETS`), in the order given."""
+    """The union of named component sets (:data:`COMPONENT_PRESETS`, as :func:`preset_filters` reads them on the
+    model's family), in the order given."""
     unknown = [p for p in presets if p not in COMPONENT_PRESETS]
     if unknown or not presets:
         raise ValueError(f"unknown component set(s) {unknown}; choose from {sorted(COMPONENT_PRESETS)}")
     out = []
     for p in dict.fromkeys(presets):
-        f = dict(COMPONENT_PRESETS[p])
-        out.extend(model.components(f.pop("granularity"), **f))
+        for f in preset_filters(model, p):
+            f = dict(f)
+            out.extend(model.components(f.pop("granularity"), **f))
     return ComponentSet(out)
 
 
 def default_edit_components(model) -> ComponentSet:
-    """The UNet's GEGLU hidden units (``ff.net.0[j]``): the feed-forward neurons CAD's weights feed."""
+    """The denoiser's feed-forward hidden units (``ff.net.0[j]``): the neurons CAD's weights feed."""
     return edit_components(model, ("ff",))
 
 
@@ -555,7 +593,8 @@ class WeightScores:
 
 def cad_weight_scores(model, concept, kind: str = "erase", objective: ObjectiveConfig | None = None,
                       kinds: Sequence[str] = CAD_KINDS) -> WeightScores:
-    """Score every weight of the UNet's feed-forward matrices with CAD on the erase or amplify objective."""
+    """Score every weight of the denoiser's feed-forward matrices (a UNet's or a transformer's, image stream) with
+    CAD on the erase or amplify objective."""
     from ..methods.cad import weight_scores
 
     objective = objective or ObjectiveConfig(kind=kind)
@@ -564,11 +603,18 @@ def cad_weight_scores(model, concept, kind: str = "erase", objective: ObjectiveC
     t0 = time.perf_counter()
     obj = Objective(model, concept, objective)
     params = {}
-    for path, info in obj.model.space.modules.items():
-        if info.model == "unet" and info.kind in kinds:
+    space = obj.model.space.modules
+    for path, info in space.items():
+        if info.model != obj.model.denoiser_part:
+            continue
+        if info.kind in kinds:
             params[f"{path}.weight"] = info.module.weight
+        elif (f"{info.kind}.proj" in kinds and f"{path}.proj" not in space
+              and isinstance(getattr(info.module, "proj", None), torch.nn.Linear)):
+            # a diffusion transformer's GELU feed-forward: ff.net.0 holds its input projection (not a component)
+            params[f"{path}.proj.weight"] = info.module.proj.weight
     if not params:
-        raise ValueError(f"the model has no UNet modules of kinds {list(kinds)}")
+        raise ValueError(f"the model's {obj.model.denoiser_part} has no modules of kinds {list(kinds)}")
     scores = weight_scores(obj, params)
     side = "positive" if kind == "erase" else "negative"
     return WeightScores({n: s.double() for n, s in scores.items()}, obj.concept.name, kind, side,
@@ -622,17 +668,46 @@ def quickfix_solve(W0: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
     return QuickFixSolution(W_star, W0, K, V, lam)
 
 
-def quickfix_module_path(model, layer: int = 0) -> str:
-    """The text encoder's layer-``layer`` self-attention output projection (``text_model.`` prefix or not)."""
-    from .uce import refuse_other_families
+_LAYER_PATTERNS = {  # a text encoder's self-attention output projections, by architecture
+    "clip": r"(?:text_model\.)?encoder\.layers\.(?P<layer>\d+)\.self_attn\.out_proj",  # causal
+    "t5": r"encoder\.block\.(?P<layer>\d+)\.layer\.0\.SelfAttention\.o",  # attends both ways
+}
 
-    refuse_other_families(model, "Diff-QuickFix")
-    pattern = re.compile(rf"^text_encoder\.(?:text_model\.)?encoder\.layers\.{layer}\.self_attn\.out_proj$")
-    hits = [p for p in model.space.modules if pattern.match(p)]
-    if len(hits) != 1:
-        raise ValueError(f"found {len(hits)} text-encoder layer-{layer} self-attention output projections; "
-                         f"Diff-QuickFix needs a CLIP-style text encoder")
-    return hits[0]
+
+def _encoder_kind(model, part: str) -> str:
+    """``"clip"`` (a causal CLIP-style text transformer), ``"t5"`` (T5's encoder, which reads in both directions),
+    from the encoder's module paths; or the encoder's class name when it is neither."""
+    for kind, pattern in _LAYER_PATTERNS.items():
+        if any(re.fullmatch(rf"{re.escape(part)}\.{pattern}", p) for p in model.space.modules):
+            return kind
+    return type(model.text_encoders[part]).__name__
+
+
+def quickfix_module_paths(model, layer: int = 0) -> list[str]:
+    """Every text encoder's layer-``layer`` self-attention output projection, in the order the encoders run:
+    CLIP's ``encoder.layers.{layer}.self_attn.out_proj`` (``text_model.`` prefix or not) and T5's
+    ``encoder.block.{layer}.layer.0.SelfAttention.o``. An encoder of another architecture is refused by name."""
+    out = []
+    for part in model.text_parts:
+        kind = _encoder_kind(model, part)
+        if kind not in _LAYER_PATTERNS:
+            raise ValueError(f"Diff-QuickFix edits the layer-{layer} self-attention output projection of CLIP and T5 "
+                             f"text encoders; the {model.family.label} pipeline's {part} is a {kind}, whose "
+                             f"layer-{layer} projection the suite does not know")
+        pattern = rf"{re.escape(part)}\.{_LAYER_PATTERNS[kind]}"
+        hits = [p for p in model.space.modules
+                if (m := re.fullmatch(pattern, p)) is not None and int(m.group("layer")) == layer]
+        if len(hits) != 1:
+            raise ValueError(f"found {len(hits)} layer-{layer} self-attention output projections in {part}; "
+                             f"Diff-QuickFix needs a CLIP-style (or T5) text encoder with a layer {layer}")
+        out.append(hits[0])
+    return out
+
+
+def quickfix_module_path(model, layer: int = 0) -> str:
+    """The first text encoder's layer-``layer`` self-attention output projection (``text_model.`` prefix or not):
+    Stable Diffusion 1.x/2.x's only one; :func:`quickfix_module_paths` lists every encoder's."""
+    return quickfix_module_paths(model, layer)[0]
 
 
 def quickfix_prompts(model, concept: str, anchor: str | None = None, n_per_template: int = 2,
@@ -666,58 +741,122 @@ def _real_length(tokenizer, prompt: str) -> int:
     return len(tokenizer(prompt).input_ids)
 
 
-def aligned_positions(tokenizer, row: list[int], subject: list[int], concept: str, concept_prompt: str,
-                      anchor_prompt: str) -> tuple[list[int], list[int]]:
+def subject_forms(tokenizer, concept: str) -> list[list[int]]:
+    """The concept's token ids as the tokenizer writes it alone and after a space (a SentencePiece tokenizer, T5's,
+    writes a word differently at the start of a text and mid-prompt); empty and repeated spellings dropped."""
+    forms = []
+    for text in (concept, " " + concept):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if ids and ids not in forms:
+            forms.append(ids)
+    return forms
+
+
+def aligned_positions(tokenizer, row: list[int], subject: list[int] | Sequence[list[int]], concept: str,
+                      concept_prompt: str, anchor_prompt: str, *, before: bool = False,
+                      attended: tuple[Sequence[bool], Sequence[bool]] | None = None) -> tuple[list[int], list[int]]:
     """Positions of a concept prompt's token ids ``row`` from the concept's last token to the end of the context,
     and the anchor prompt's matching positions (shifted by the difference of the two prompts' token counts: -1 when
-    the word is left out): where the closed-form edits read what the concept passes on."""
+    the word is left out): where the closed-form edits read what the concept passes on.
+
+    ``subject``: the concept's ids, or several spellings of them (:func:`subject_forms`; the first one found in the
+    row is used, at its last occurrence). ``before``: also the positions before the subject, each matched to the
+    same position of the anchor prompt: a reader that sees the whole prompt (T5's encoder, which attends both ways,
+    or a denoiser whose joint attention mixes the tokens) carries the concept there too. ``attended``: per position
+    of the concept row and of the anchor row, whether the reader sees it; pairs where either is masked (padding
+    under an attention mask) are left out."""
+    forms = [list(subject)] if subject and isinstance(subject[0], int) else [list(s) for s in subject if s]
     L = len(row)
-    hits = [p for p in range(L - len(subject) + 1) if row[p : p + len(subject)] == subject]
+    hits = []
+    for sub in forms:  # in order: a later spelling only when the earlier ones do not occur
+        hits = [(p, len(sub)) for p in range(L - len(sub) + 1) if row[p : p + len(sub)] == sub]
+        if hits:
+            break
     if not hits:
         raise ValueError(f"the concept {concept!r} does not occur in prompt {concept_prompt!r}")
-    last = hits[-1] + len(subject) - 1
+    first, n = max(hits)
+    last = first + n - 1
     shift = _real_length(tokenizer, anchor_prompt) - _real_length(tokenizer, concept_prompt)
     pos = [p for p in range(last, L) if 0 <= p + shift < L]
-    return pos, [p + shift for p in pos]
+    apos = [p + shift for p in pos]
+    if before:
+        pos, apos = list(range(first)) + pos, list(range(first)) + apos
+    if attended is not None:
+        keep = [i for i, (p, q) in enumerate(zip(pos, apos)) if attended[0][p] and attended[1][q]]
+        pos, apos = [pos[i] for i in keep], [apos[i] for i in keep]
+    return pos, apos
+
+
+def encoder_kwargs(model, part: str, ids: torch.Tensor) -> dict:
+    """Keyword arguments besides the ids that the family's pipeline runs text encoder ``part`` with that change its
+    states: the tokenizer's attention mask (PixArt's T5)."""
+    enc = next(e for e in model.encoders if e.part == part)
+    if enc.attention_mask:
+        return {"attention_mask": (ids != model.tokenizers[part].pad_token_id).long()}
+    return {}
+
+
+def attended_mask(model, part: str, ids: torch.Tensor) -> torch.Tensor | None:
+    """Per token, whether the family's pipeline lets its readers see it (False at padding under an attention
+    mask: PixArt's T5 and its cross-attention); None when every position is seen."""
+    kw = encoder_kwargs(model, part, ids)
+    return kw["attention_mask"].bool() if "attention_mask" in kw else None
+
+
+def reads_whole_prompt(model, part: str) -> bool:
+    """Whether encoder ``part``'s states at a position depend on tokens after it (T5 attends both ways; CLIP is
+    causal): then the positions before the subject carry the concept too."""
+    return _encoder_kind(model, part) != "clip"
 
 
 def quickfix_keys_values(model, pairs: Sequence[tuple[str, str]], concept: str, layer: int = 0,
-                         preserve_prompts: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    """Keys (in, N), values (out, N) and W0 for Diff-QuickFix, float64.
+                         preserve_prompts: Sequence[str] = (),
+                         part: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Keys (in, N), values (out, N) and W0 for Diff-QuickFix on text encoder ``part`` (default: the first), float64.
 
     For each pair: the concept prompt's inputs of the output projection at the last subject token and every later
     position (padding included: the UNet attends to every position), and the unedited projection's output minus
     bias (``W0 k``) for the anchor prompt at the matching position. Positions match counting from the end of the
     subject: the anchor's position is shifted by the difference of the two prompts' token counts (-1 when the word
     is left out). ``preserve_prompts`` add their keys at every position with values ``W0 k`` (keep their outputs).
+
+    A T5 encoder attends in both directions, so its layer-0 attention carries the concept to the positions before
+    the subject as well: there the keys are every position but the subject's tokens before its last, those before
+    it matched to the same position of the anchor prompt. Positions its pipeline masks (PixArt's T5 padding, which
+    neither T5 nor the transformer reads) are left out, for the concept, anchor and preserved prompts alike.
     """
     from .. import diffusion
 
-    path = quickfix_module_path(model, layer)
+    part = part or model.text_parts[0]
+    paths = quickfix_module_paths(model, layer)
+    path = paths[model.text_parts.index(part)]
     W0 = model.module(path).weight.detach().to(torch.float64)
-    tok = model.tokenizer
-    subject = tok(concept, add_special_tokens=False).input_ids
+    tok = model.tokenizers[part]
+    length = next(e.length for e in model.encoders if e.part == part)
+    subject = subject_forms(tok, concept)
     concept_prompts = model.check_prompts([c for c, _ in pairs])
     anchor_prompts = model.check_prompts([a for _, a in pairs])
+    before = reads_whole_prompt(model, part)
 
     def inputs(prompts):
-        ids = diffusion.tokenize(tok, prompts, model.device)
-        with torch.no_grad(), model.nn_text.trace(ids):
+        ids = diffusion.tokenize(tok, prompts, model.device, max_length=length)
+        with torch.no_grad(), model.nn[part].trace(ids, **encoder_kwargs(model, part, ids)):
             x = model.envoy(path).input.save()
-        return ids, x.detach().to(torch.float64)
+        return ids, x.detach().to(torch.float64), attended_mask(model, part, ids)
 
-    ids_c, x_c = inputs(concept_prompts)
-    _, x_a = inputs(anchor_prompts)
+    ids_c, x_c, m_c = inputs(concept_prompts)
+    _, x_a, m_a = inputs(anchor_prompts)
     keys, vals, n_positions = [], [], []
     for i, (cp, ap) in enumerate(zip(concept_prompts, anchor_prompts)):
-        pos, apos = aligned_positions(tok, ids_c[i].tolist(), subject, concept, cp, ap)
+        seen = None if m_c is None else (m_c[i].tolist(), m_a[i].tolist())
+        pos, apos = aligned_positions(tok, ids_c[i].tolist(), subject, concept, cp, ap, before=before, attended=seen)
         keys.append(x_c[i, pos])
         vals.append(x_a[i, apos] @ W0.T)
         n_positions.append(len(pos))
     n_concept_keys = sum(n_positions)
     if preserve_prompts:
-        _, x_p = inputs(model.check_prompts(list(preserve_prompts)))
-        kp = x_p.reshape(-1, x_p.shape[-1])
+        _, x_p, m_p = inputs(model.check_prompts(list(preserve_prompts)))
+        kp = x_p.reshape(-1, x_p.shape[-1]) if m_p is None else x_p[m_p.to(x_p.device)]
         keys.append(kp)
         vals.append(kp @ W0.T)
     K = torch.cat(keys).T.contiguous()
@@ -746,10 +885,29 @@ def _preserve_prompts(model, concept: str, n: int, seed: int) -> list[str]:
     return out
 
 
+def diff_quickfix_solutions(model, concept: str, anchor: str | None = None, lam: float = QUICKFIX_LAMBDA,
+                            n_per_template: int = 2, preserve: int = 0, layer: int = 0,
+                            seed: int = EDIT_SEED) -> list[tuple[QuickFixSolution, dict]]:
+    """Diff-QuickFix's solution for every text encoder of the model (in the order they run), each with its
+    bookkeeping (module, prompts, key counts): a concept a pipeline reads through two or three encoders (SDXL's two
+    CLIPs, SD3's CLIPs and T5, FLUX's CLIP and T5) is still read through any encoder left unedited."""
+    pairs = quickfix_prompts(model, concept, anchor, n_per_template, seed)
+    keep = _preserve_prompts(model, concept, preserve, seed)
+    out = []
+    for part in model.text_parts:
+        K, V, W0, info = quickfix_keys_values(model, pairs, concept, layer, keep, part)
+        sol = quickfix_solve(W0, K, V, lam)
+        info = {**info, "encoder": part, "pairs": pairs, "preserve_prompts": keep, "lambda": lam, "anchor": anchor,
+                "key_rank": int(torch.linalg.matrix_rank(K)), "in_features": K.shape[0]}
+        out.append((sol, info))
+    return out
+
+
 def diff_quickfix_solution(model, concept: str, anchor: str | None = None, lam: float = QUICKFIX_LAMBDA,
                            n_per_template: int = 2, preserve: int = 0, layer: int = 0,
                            seed: int = EDIT_SEED) -> tuple[QuickFixSolution, dict]:
-    """Diff-QuickFix's solution and its bookkeeping (module, prompts, key counts)."""
+    """Diff-QuickFix's solution and its bookkeeping (module, prompts, key counts) for the first text encoder (Stable
+    Diffusion 1.x/2.x's only one; :func:`diff_quickfix_solutions` gives every encoder's)."""
     pairs = quickfix_prompts(model, concept, anchor, n_per_template, seed)
     keep = _preserve_prompts(model, concept, preserve, seed)
     K, V, W0, info = quickfix_keys_values(model, pairs, concept, layer, keep)
@@ -761,15 +919,33 @@ def diff_quickfix_solution(model, concept: str, anchor: str | None = None, lam: 
 
 def diff_quickfix(model, concept: str, anchor: str | None = None, lam: float = QUICKFIX_LAMBDA,
                   n_per_template: int = 2, preserve: int = 0, layer: int = 0, seed: int = EDIT_SEED) -> WeightEdit:
-    """Diff-QuickFix: rewrite the layer-0 self-attention output projection so the concept reads as the anchor."""
+    """Diff-QuickFix: rewrite the layer-0 self-attention output projection so the concept reads as the anchor; on a
+    pipeline with several text encoders, every encoder's (CLIP's ``out_proj``, T5's ``SelfAttention.o``)."""
     t0 = time.perf_counter()
-    sol, info = diff_quickfix_solution(model, concept, anchor, lam, n_per_template, preserve, layer, seed)
-    update = WeightUpdate(f"{info['module']}.weight", sol.W_star.reshape(-1).clone())
-    rel = float((sol.W_star - sol.W0).norm() / sol.W0.norm())
-    return WeightEdit((update,), name="diff-quickfix", method="closed form (no attribution)", concept=concept,
+    solutions = diff_quickfix_solutions(model, concept, anchor, lam, n_per_template, preserve, layer, seed)
+    updates = tuple(WeightUpdate(f"{info['module']}.weight", sol.W_star.reshape(-1).clone())
+                    for sol, info in solutions)
+    rel = [float((sol.W_star - sol.W0).norm() / sol.W0.norm()) for sol, _ in solutions]
+    first = solutions[0][1]
+    if len(solutions) == 1:  # Stable Diffusion 1.x/2.x: the record as it always was
+        info = {"module": first["module"], "key_rank": first["key_rank"], "in_features": first["in_features"],
+                "relative_change": rel[0], "normal_equation_residual": solutions[0][0].residual()}
+    else:
+        info = {"module": ", ".join(i["module"] for _, i in solutions),
+                "key_rank": ", ".join(str(i["key_rank"]) for _, i in solutions),
+                "in_features": ", ".join(str(i["in_features"]) for _, i in solutions),
+                "relative_change": max(rel), "normal_equation_residual": max(s.residual() for s, _ in solutions),
+                "per_encoder": {i["encoder"]: {"module": i["module"], "n_keys": i["n_keys"],
+                                               "n_preserve_keys": i["n_preserve_keys"], "key_rank": i["key_rank"],
+                                               "in_features": i["in_features"], "relative_change": r}
+                                for (_, i), r in zip(solutions, rel)}}
+    return WeightEdit(updates, name="diff-quickfix", method="closed form (no attribution)", concept=concept,
                       objective=None, seconds=time.perf_counter() - t0, budget=None,
                       info={"module": info["module"], "lambda": lam, "anchor": anchor or "(word left out)",
-                            "n_keys": info["n_keys"], "n_preserve_keys": info["n_preserve_keys"],
+                            "n_keys": sum(i["n_keys"] for _, i in solutions),
+                            "n_preserve_keys": sum(i["n_preserve_keys"] for _, i in solutions),
                             "key_rank": info["key_rank"], "in_features": info["in_features"],
-                            "relative_change": rel, "normal_equation_residual": sol.residual(),
-                            "n_prompt_pairs": len(info["pairs"])})
+                            "relative_change": info["relative_change"],
+                            "normal_equation_residual": info["normal_equation_residual"],
+                            "n_prompt_pairs": len(first["pairs"]),
+                            **({"per_encoder": info["per_encoder"]} if "per_encoder" in info else {})})
