@@ -106,6 +106,8 @@ class Family:
 
     # -- text ----------------------------------------------------------------------------------------------
     def encoders(self, pipe) -> list[Encoder]:
+        """The text encoders the family's pipeline runs, in order, with the token length it runs each at (``pipe``:
+        anything with the pipeline's attributes)."""
         return [Encoder("text_encoder", "tokenizer", pipe.tokenizer.model_max_length)]
 
     def read(self, enc: Encoder, output) -> tuple[torch.Tensor, ...]:
@@ -122,6 +124,7 @@ class Family:
 
     # -- the denoiser ----------------------------------------------------------------------------------------
     def latent_shape(self, model, batch: int) -> tuple[int, ...]:
+        """``(batch, channels, height, width)`` of the (unpacked) latents the denoiser works on by default."""
         size = model.denoiser.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         return (batch, model.denoiser.config.in_channels, *size)
