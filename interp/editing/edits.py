@@ -830,7 +830,7 @@ def quickfix_keys_values(model, pairs: Sequence[tuple[str, str]], concept: str, 
     part = part or model.text_parts[0]
     paths = quickfix_module_paths(model, layer)
     path = paths[model.text_parts.index(part)]
-    W0 = model.module(path).weight.detach().to(torch.float64)
+    W0 = model.module(path).weight.detach().to(torch.float64).cpu()  # solved on the CPU, as UCE is
     tok = model.tokenizers[part]
     length = next(e.length for e in model.encoders if e.part == part)
     subject = subject_forms(tok, concept)
@@ -842,7 +842,7 @@ def quickfix_keys_values(model, pairs: Sequence[tuple[str, str]], concept: str, 
         ids = diffusion.tokenize(tok, prompts, model.device, max_length=length)
         with torch.no_grad(), model.nn[part].trace(ids, **encoder_kwargs(model, part, ids)):
             x = model.envoy(path).input.save()
-        return ids, x.detach().to(torch.float64), attended_mask(model, part, ids)
+        return ids, x.detach().to(torch.float64).cpu(), attended_mask(model, part, ids)
 
     ids_c, x_c, m_c = inputs(concept_prompts)
     _, x_a, m_a = inputs(anchor_prompts)
