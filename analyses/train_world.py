@@ -2,6 +2,7 @@
 
     python -m analyses.train_world --out interp/world/assets/concept-world
     python -m analyses.train_world --model concept-world-latent     # CLIP (its text tower), VAE, then latent UNet
+    python -m analyses.train_world --model concept-world-dit        # an SD3 transformer on the latent model's VAE
 
 Resumable: an interrupted training continues from its last saved state in the output folder.
 """
@@ -19,22 +20,26 @@ import torch
 
 from interp.world.plugin import ASSETS
 
+#: The guidance scale concept-world-dit samples at by default (its world.json), chosen by the scan in its model card.
+DIT_GUIDANCE = 2.0
+
 
 def parse(argv):
     from analyses._cli import add_no_progress_argument
 
     p = argparse.ArgumentParser(prog="python -m analyses.train_world", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=("concept-world", "concept-world-latent"), default="concept-world",
+    p.add_argument("--model", choices=("concept-world", "concept-world-latent", "concept-world-dit"), default="concept-world",
                    help="which model to train (default: the pixel-space concept-world)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the shipped checkpoint's)")
     p.add_argument("--steps", type=int, default=None,
                    help="diffusion training steps (default: the model's, 3600 for concept-world, ~40 min on 2 idle "
                         "cores; 2000 for concept-world-latent)")
     p.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (concept-world-latent only)")
-    p.add_argument("--guidance", type=float, default=2.0,
-                   help="concept-world-latent only: the guidance scale it samples at by default, written to its "
-                        "world.json and used for its fidelity (default %(default)s; 1: unguided)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="concept-world-latent and -dit: the guidance scale it samples at by default, written to its "
+                        "world.json and used for its fidelity (default: 2 for the latent model, "
+                        f"{DIT_GUIDANCE:g} for the DiT; 1: unguided)")
     p.add_argument("--text-encoder", default=None,
                    help="concept-world-latent only: the CLIP whose text tower is the frozen text encoder (default: "
                         "one trained first, with a 6-layer text tower; or a shipped judge's name such as "
@@ -46,7 +51,9 @@ def parse(argv):
     p.add_argument("--classifier-steps", type=int, default=1500, help="concept-classifier training steps")
     p.add_argument("--retrain-classifier", action="store_true", help="retrain the classifier even if one exists in --out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 2; 1 for concept-world-dit, whose shipped files were trained on "
+                        "one: training is bitwise reproducible for a given thread count)")
     p.add_argument("--fidelity-images", type=int, default=360, help="held-out images generated to measure fidelity")
     add_no_progress_argument(p)
     return p.parse_args(argv)
@@ -54,6 +61,10 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.threads is None:
+        args.threads = 1 if args.model == "concept-world-dit" else 2
+    if args.guidance is None:
+        args.guidance = DIT_GUIDANCE if args.model == "concept-world-dit" else 2.0
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
     from analyses._cli import quiet_if_asked
@@ -71,6 +82,8 @@ def _train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.model == "concept-world-latent":
         return train_latent(args, out)
+    if args.model == "concept-world-dit":
+        return train_dit(args, out)
     if args.retrain_classifier or not (out / "classifier.safetensors").exists():
         clf, acc = train_classifier(steps=args.classifier_steps, seed=args.seed, progress=not args.no_progress)
         clf.save(out, {"heldout_accuracy": acc, "n_test": 2000, "steps": args.classifier_steps})
@@ -131,6 +144,42 @@ def train_latent(args, out: Path) -> int:
     summary = evaluate_checkpoint(out, args.fidelity_images, progress=not args.no_progress,
                                   targets={"color": 0.95, "shape": 0.95, "texture": 0.90, "background": 0.95})
     logging.info("fidelity: %s; VAE reconstructions: %s", summary["accuracy"], summary["vae_reconstruction_accuracy"])
+    return 0
+
+
+def dit_config(args):
+    """The DiT's training config from the command line: ``DiTTrainConfig()`` where no flag is given, so the command
+    without flags reproduces the shipped model."""
+    from interp.world.dit import DiTTrainConfig
+
+    defaults = DiTTrainConfig()
+    return DiTTrainConfig(steps=args.steps or defaults.steps, batch_size=args.batch_size or defaults.batch_size,
+                          seed=args.seed)
+
+
+def train_dit(args, out: Path) -> int:
+    """``concept-world-dit``: an SD3 transformer trained with flow matching on the latents of concept-world-latent's
+    shipped VAE, conditioned by its shipped frozen text tower (:func:`interp.world.dit.train_dit`, resumable from
+    ``out/train_state.pt``); the judge is the pixel world's classifier, reused as for the latent model."""
+    from interp.world.dit import save_dit, train_dit as train_transformer
+    from interp.world.plugin import DIT_KIND
+
+    for flag in ("vae_steps", "clip_steps", "text_encoder"):
+        if getattr(args, flag) is not None:
+            raise SystemExit(f"--{flag.replace('_', '-')}: concept-world-dit reuses concept-world-latent's VAE and "
+                             f"text tower; it trains only its transformer")
+    if args.retrain_classifier:
+        raise SystemExit("--retrain-classifier: concept-world-dit reuses the concept-world classifier")
+    if not 0 <= args.guidance < 1e4:
+        raise SystemExit(f"--guidance must be a scale >= 0 (1: unguided), got {args.guidance}")
+    cfg = dit_config(args)
+    pipe, history, records = train_transformer(cfg, out, progress=not args.no_progress)
+    save_dit(pipe, out, cfg, history, records)
+    (out / "world.json").write_text(json.dumps({"kind": DIT_KIND, "image_size": cfg.model.image_size,
+                                                "default_guidance": args.guidance}, indent=1))
+    summary = evaluate_checkpoint(out, args.fidelity_images, progress=not args.no_progress,
+                                  targets={"color": 0.95, "shape": 0.95, "texture": 0.90, "background": 0.95})
+    logging.info("fidelity: %s", summary["accuracy"])
     return 0
 
 

@@ -6,9 +6,10 @@ their prompts and scenes, the renders an objective's evaluation set is built fro
 through the model's ``classifier``, the image judge of :mod:`interp.judges`. The core finds it through the
 ``interp.plugins`` entry point declared in ``pyproject.toml``, the way any other model family would register.
 
-It registers two kinds: ``concept-world`` (the pixel-space ``ConceptWorldPipeline``) and ``concept-world-latent``
-(:mod:`.latent`), a plain ``StableDiffusionPipeline`` folder that is loaded exactly as a user's SD folder is; only
-its folder (a ``world.json`` marker next to ``pipeline/``) tells it apart, and only the provider (the same concepts,
+It registers three kinds: ``concept-world`` (the pixel-space ``ConceptWorldPipeline``), ``concept-world-latent``
+(:mod:`.latent`), a plain ``StableDiffusionPipeline`` folder that is loaded exactly as a user's SD folder is, and
+``concept-world-dit`` (:mod:`.dit`), a plain ``StableDiffusion3Pipeline`` folder (without T5). Only their folders
+(a ``world.json`` marker next to ``pipeline/``) tell the last two apart, and only the provider (the same concepts,
 rendered at 32x32) and the classifier judge are added.
 """
 
@@ -62,6 +63,8 @@ WORLD = ConceptWorldProvider()
 
 LATENT_WORLD = ConceptWorldProvider(name="concept-world-latent", image_size=32)
 LATENT_KIND = "concept-world-latent"
+DIT_WORLD = ConceptWorldProvider(name="concept-world-dit", image_size=32)
+DIT_KIND = "concept-world-dit"
 
 
 def _pipeline_class(index: Path) -> str | None:
@@ -99,16 +102,26 @@ def load_world_folder(path: Path, dtype) -> tuple[object, dict]:
     return pipe, extras
 
 
-def is_latent_world_folder(path: Path) -> bool:
-    """A ``concept-world-latent`` checkpoint: ``pipeline/`` (a StableDiffusionPipeline) and ``world.json`` naming
-    the kind. A user's SD folder (``model_index.json`` at its top, no marker) never matches."""
+def _marked(path: Path, kind: str) -> bool:
     marker = path / "world.json"
     if not (marker.is_file() and (path / "pipeline" / "model_index.json").is_file()):
         return False
     try:
-        return json.loads(marker.read_text()).get("kind") == LATENT_KIND
+        return json.loads(marker.read_text()).get("kind") == kind
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def is_latent_world_folder(path: Path) -> bool:
+    """A ``concept-world-latent`` checkpoint: ``pipeline/`` (a StableDiffusionPipeline) and ``world.json`` naming
+    the kind. A user's SD folder (``model_index.json`` at its top, no marker) never matches."""
+    return _marked(path, LATENT_KIND)
+
+
+def is_dit_world_folder(path: Path) -> bool:
+    """A ``concept-world-dit`` checkpoint: ``pipeline/`` (a StableDiffusion3Pipeline) and ``world.json`` naming
+    the kind."""
+    return _marked(path, DIT_KIND)
 
 
 def load_latent_world_folder(path: Path, dtype) -> tuple[object, dict]:
@@ -120,7 +133,10 @@ def load_latent_world_folder(path: Path, dtype) -> tuple[object, dict]:
 
     from .classifier import ConceptClassifier
 
-    pipe = DiffusionPipeline.from_pretrained(path / "pipeline", dtype=dtype, local_files_only=True)
+    # A pipeline that ships without T5 (concept-world-dit) is loaded as diffusers documents for SD3 without it
+    index = json.loads((path / "pipeline" / "model_index.json").read_text())
+    absent = {k: None for k in ("text_encoder_3", "tokenizer_3") if k in index and index[k][0] is None}
+    pipe = DiffusionPipeline.from_pretrained(path / "pipeline", dtype=dtype, local_files_only=True, **absent)
     own = (path / "classifier.safetensors").exists()
     extras = {"classifier": ConceptClassifier.load(path if own else ASSETS / "concept-world")}
     guidance = json.loads((path / "world.json").read_text()).get("default_guidance")
@@ -150,4 +166,10 @@ def register() -> None:
         load_folder=load_latent_world_folder, matches_pipeline=lambda pipe: False, provider=LATENT_WORLD,
         missing_hint="reinstall the package or retrain it with `python -m analyses.train_world --model "
                      "concept-world-latent`",
+    ))
+    register_kind(ModelKind(
+        name=DIT_KIND, shipped={DIT_KIND: ASSETS / DIT_KIND}, matches_folder=is_dit_world_folder,
+        load_folder=load_latent_world_folder, matches_pipeline=lambda pipe: False, provider=DIT_WORLD,
+        missing_hint="reinstall the package or retrain it with `python -m analyses.train_world --model "
+                     "concept-world-dit`",
     ))
