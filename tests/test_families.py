@@ -64,12 +64,20 @@ def test_family_components_and_addresses(models, fam):
     assert c.granularity == "neuron" and c.index == 3
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
-def test_sampling_equals_the_pipelines_own(models, fam):
+@pytest.fixture(scope="module")
+def pixart_1024(tmp_path_factory):
+    """PixArt-α 1024 (sample_size 128): micro-conditions (resolution, aspect ratio) on 128x128 latents."""
+    return interp.load_model(str(testing.tiny_pixart(tmp_path_factory.mktemp("p1024") / "p", sample_size=128)),
+                             device="cpu")
+
+
+@pytest.mark.parametrize("fam", FAMILIES + ("pixart-1024",))
+def test_sampling_equals_the_pipelines_own(models, pixart_1024, fam):
     """The suite's loop on the family's conditioning gives the pipeline's own latents for the same noise: the
     prompts are encoded, packed and passed as the pipeline does (pooled embeddings, time ids, masks, FLUX's packing,
     ids and guidance embedding, flow-matching schedules)."""
-    m = models[fam]
+    m = pixart_1024 if fam == "pixart-1024" else models[fam]
+    assert (fam == "pixart-1024") == (fam.startswith("pixart") and m.denoiser.use_additional_conditions)
     noise = diffusion.initial_noise(m, 1, torch.Generator().manual_seed(0))
     ours = generate(m, ["a red circle"], seed=0, steps=3, decode=False)
     H, W = noise.shape[-2:]

@@ -77,7 +77,9 @@ def weight_hashes(folder):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    return {family: tiny_pipeline(root / family, family) for family in NEW}
+    # PixArt-α 1024 (sample_size 128): the variant with micro-conditions, whose default image is 1024 px
+    return {family: tiny_pipeline(root / family, family, **({"sample_size": 128} if family == "pixart" else {}))
+            for family in NEW}
 
 
 def test_families_and_dispatcher(tmp_path):
