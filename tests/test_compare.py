@@ -29,12 +29,14 @@ def tiny_world(tiny_world_folder) -> Path:
     return tiny_world_folder
 
 
-@pytest.fixture(scope="module")
-def run_dir(tiny_world, tmp_path_factory) -> Path:
+@pytest.fixture(scope="session")
+def run_dir(tiny_world_folder, tmp_path_factory) -> Path:
+    """The module's comparison run, made once per worker: session-scoped, because xdist may tear a module's fixtures
+    down between two of its tests (it did: the run was made twice on one worker)."""
     from analyses.compare_methods import main
 
     out = tmp_path_factory.mktemp("cmp") / "run"
-    assert main(args_for(tiny_world, out)) == 0
+    assert main(args_for(tiny_world_folder, out)) == 0
     return out
 
 
@@ -126,10 +128,13 @@ def test_rerun_reuses_cache(run_dir, tiny_world):
 #: Run in a fresh interpreter on an edited copy of the package: the digest of the edited source, the run, then the
 #: digest with the edit undone and with an edit of a module that makes no table or figure.
 EDITED_RUN = r"""
-import json, pathlib, sys
+import json, pathlib, sys, types
 from interp import compare, plots, store
 from analyses.compare_methods import main
 
+sys.path.insert(0, sys.argv[3])  # the tests' helpers: no test looks at this run's figures (their code's digest is
+from helpers import placeholder_figures  # what matters), so they are placeholders
+placeholder_figures(types.SimpleNamespace(setattr=setattr))
 edited = compare.derived_code_digest()
 code = main(json.loads(sys.argv[1]))
 p = pathlib.Path(plots.__file__)
@@ -165,7 +170,8 @@ def test_changed_table_code_remakes_tables_not_methods(run_dir, tiny_world, tmp_
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)  # the shared run folder stays as it was
     before = set((run / "cache").glob("derived-*/meta.json"))
-    out = subprocess.run([sys.executable, "-c", EDITED_RUN, json.dumps(args_for(tiny_world, run)), added],
+    out = subprocess.run([sys.executable, "-c", EDITED_RUN, json.dumps(args_for(tiny_world, run)), added,
+                          str(Path(__file__).parent)],
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(src)}, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
