@@ -191,11 +191,13 @@ class PixArt(Family):
     name, label = "pixart", "PixArt-α/Σ"
     denoiser = "transformer"
     default_guidance = 4.5
-    #: T5 tokens the pipeline encodes (``max_sequence_length``; PixArt-Σ's pipeline uses 300)
+    #: T5 tokens the pipeline encodes by default (``max_sequence_length``): PixArt-α's 120, PixArt-Σ's 300
     length = 120
+    sigma_length = 300
 
     def encoders(self, pipe):
-        n = min(self.length, pipe.tokenizer.model_max_length)
+        sigma = type(pipe).__name__ == "PixArtSigmaPipeline" or getattr(pipe, "pixart_sigma", False)
+        n = min(self.sigma_length if sigma else self.length, pipe.tokenizer.model_max_length)
         return [Encoder("text_encoder", "tokenizer", n, attention_mask=True)]
 
     def read(self, enc, output):
@@ -252,8 +254,8 @@ class SD3(Family):
         clip = F.pad(clip, (0, width - clip.shape[-1]))
         if "text_encoder_3" in reads:
             t5 = reads["text_encoder_3"][0]
-        else:  # a pipeline loaded without T5 conditions on zeros in its place, as diffusers does
-            t5 = clip.new_zeros(len(clip), model.tokenizers["text_encoder"].model_max_length, width)
+        else:  # a pipeline loaded without T5 conditions on zeros in its place (max_sequence_length rows), as diffusers does
+            t5 = clip.new_zeros(len(clip), self.length, width)
         return pack(torch.cat([clip, t5], -2), {"pooled": pooled})
 
     def denoiser_inputs(self, model, x, t, ctx, guidance):

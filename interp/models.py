@@ -133,9 +133,9 @@ class DiffusionModel:
             self.default_guidance = getattr(self.world, "default_guidance", self.family.default_guidance)
         self.text_encoders = dict(self.text_encoders or {"text_encoder": self.text_encoder})
         self.tokenizers = dict(self.tokenizers or {"text_encoder": self.tokenizer})
-        parts = _Parts(self.tokenizers)
-        #: The text encoders in the order the family runs them, with the token length each is run at.
-        self.encoders = self.family.encoders(parts)
+        #: The text encoders in the order the family runs them, with the token length each is run at (asked of the
+        #: pipeline when there is one: PixArt-Σ's encodes more tokens than PixArt-α's).
+        self.encoders = self.family.encoders(self.pipeline if self.pipeline is not None else _Parts(self.tokenizers))
         for m in (self.unet, *self.text_encoders.values(), self.vae, self.classifier):
             if m is not None:
                 m.eval().requires_grad_(False)
@@ -372,6 +372,10 @@ UNUSED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
 def _unused_parts(index: dict) -> dict:
     """``from_pretrained`` keyword arguments that skip the :data:`UNUSED_PARTS` a ``model_index.json`` lists."""
     kw = {part: None for part in UNUSED_PARTS if isinstance(index.get(part), list) and index[part][0] is not None}
+    # a part saved as absent (SD3 without its T5: [null, null]) is passed as None, as the folder was made (diffusers
+    # otherwise asks for it by name)
+    kw.update({part: None for part, spec in index.items()
+               if not part.startswith("_") and isinstance(spec, list) and spec[:1] == [None]})
     if kw and "requires_safety_checker" in index:
         kw["requires_safety_checker"] = False  # else diffusers warns that the checker is off, which is the point
     return kw

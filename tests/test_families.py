@@ -243,3 +243,48 @@ def test_tracing_through_generation_restores_both_streams_within_max_batch(model
         out.append(interp.attribute("tracing", m, red, comps, objective=cfg, n_noise=1)["score"].to_numpy())
     assert len(out[0]) == len(comps)
     torch.testing.assert_close(torch.tensor(out[0]), torch.tensor(out[1]), rtol=0, atol=5e-5)
+
+
+def _variant(folder, tmp, name):
+    """Other pipelines of the same families, assembled from a tiny folder's parts as a user's checkpoints are: SD3
+    loaded without its T5 (``text_encoder_3=None``), PixArt-Σ's pipeline around PixArt's parts."""
+    import diffusers
+
+    out = tmp / name
+    if name == "sd3-no-t5":
+        p = diffusers.StableDiffusion3Pipeline.from_pretrained(folder)
+        pipe = diffusers.StableDiffusion3Pipeline(**{**p.components, "text_encoder_3": None, "tokenizer_3": None})
+    else:
+        p = diffusers.PixArtAlphaPipeline.from_pretrained(folder)
+        pipe = diffusers.PixArtSigmaPipeline(tokenizer=p.tokenizer, text_encoder=p.text_encoder, vae=p.vae,
+                                             transformer=p.transformer, scheduler=p.scheduler)
+    pipe.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("name", ["sd3-no-t5", "pixart-sigma", "flux-schnell"])
+def test_other_checkpoints_of_the_families_sample_as_their_pipelines(folders, tmp_path, name):
+    """SD3 without T5 (diffusers conditions on zeros in its place), PixArt-Σ (300 T5 tokens) and FLUX.1-schnell (no
+    guidance embedding, static shift): the suite's sampling equals each pipeline's own."""
+    if name == "flux-schnell":
+        folder = testing.tiny_flux(tmp_path / name, guidance_embeds=False)
+    else:
+        folder = _variant(folders[name.split("-")[0]], tmp_path, name)
+    m = interp.load_model(str(folder), device="cpu")
+    if name == "pixart-sigma":
+        assert m.encoders[0].length == min(300, m.tokenizer.model_max_length)
+    if name == "sd3-no-t5":
+        assert m.text_parts == ["text_encoder", "text_encoder_2"]
+    noise = diffusion.initial_noise(m, 1, torch.Generator().manual_seed(0))
+    ours = generate(m, ["a red circle"], seed=0, steps=3, decode=False)
+    H, W = noise.shape[-2:]
+    latents = noise
+    if name == "flux-schnell":
+        ctx = interp.interventions.encode_prompts(m, m.tokenize([""]))
+        latents = m.family.denoiser_inputs(m, noise, torch.zeros(1), ctx, None)["hidden_states"]
+    out = m.pipeline("a red circle", num_inference_steps=3, guidance_scale=m.default_guidance, latents=latents,
+                     output_type="latent", height=H * m.vae_scale_factor, width=W * m.vae_scale_factor,
+                     **m.family.pipeline_kwargs(m)).images
+    if name == "flux-schnell":
+        out = m.family.prediction(m, out, noise)
+    assert float((ours - out.float()).abs().max()) <= 1e-5 * float(out.abs().max()), name
