@@ -61,3 +61,28 @@ def test_the_world_is_registered_as_a_plugin():
 
     assert "concept-world" in {ep.name for ep in entry_points(group="interp.plugins")}
     assert "concept-world" in interp.models.shipped_models()
+
+
+#: Every module of the core, the methods and the studies: importing any of them loads no concept-world module.
+LOADED_WITHOUT_THE_WORLD = (
+    "interp.models", "interp.components", "interp.families", "interp.concepts", "interp.objectives",
+    "interp.judges", "interp.interventions", "interp.diffusion", "interp.generation", "interp.engine",
+    "interp.prefix", "interp.methods", "interp.compare", "interp.compare_config", "interp.plan", "interp.erasure",
+    "interp.editing", "interp.editing.evaluate", "interp.editing.uce", "interp.evaluation", "interp.report",
+    "interp.plots", "interp.runs", "interp.store", "interp.executors",
+)
+
+
+def test_importing_the_core_loads_no_world_module():
+    """Checked on ``sys.modules`` in a fresh interpreter, so an indirect import (a core module importing one that
+    imports the world) fails too; the world is reached at run time through ``model.world`` and the plugin."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import importlib, json, sys\n"
+            f"for m in {list(LOADED_WITHOUT_THE_WORLD)!r}:\n"
+            "    importlib.import_module(m)\n"
+            "print(json.dumps(sorted(k for k in sys.modules if k == 'interp.world' or k.startswith('interp.world.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -60,8 +60,6 @@ from matplotlib.figure import Figure
 
 from .. import diffusion
 from ..judges import Judge, load_judge
-from ..world.render import ConceptWorld, Scene, random_caption, random_scene, render
-from ..world.vocab import ATTRIBUTES, TEMPLATES, attribute_of, caption
 
 #: Before-rate from which a value counts as drawn by the model (for ``retained_drawn``).
 DRAWN = 0.5
@@ -134,9 +132,9 @@ class HeldoutSet:
     concept: str
     attribute: str
     prompts: pd.DataFrame  # set, prompt, and per attribute the value the prompt asks for (None if not named)
-    scenes: tuple[Scene, ...]  # concept world only (empty otherwise)
+    scenes: tuple  # the concept world's scenes behind the prompts (empty on other models)
     latents: torch.Tensor
-    values: dict = field(default_factory=lambda: dict(ATTRIBUTES))  # attribute -> the values the judge chooses among
+    values: dict  # attribute -> the values the judge chooses among
 
 
 def heldout_set(model, concept: str, config: EvalConfig = EvalConfig(),
@@ -148,31 +146,14 @@ def heldout_set(model, concept: str, config: EvalConfig = EvalConfig(),
     """
     if not model.is_concept_world:
         return _text_heldout_set(model, concept, config, alternatives)
-    attribute = attribute_of(concept)  # a clear error for a word that is no concept-world value
-    rows, scenes = [], []
-    target = ConceptWorld(config.n_target, seed=config.seed, **{attribute: concept})
-    for i in range(config.n_target):
-        rng = np.random.default_rng([config.seed, 1, i])
-        s = target.scene(i)
-        rows.append({"set": "target", "prompt": random_caption(rng, s), **s.attributes()})
-        scenes.append(s)
-    for i in range(config.n_alone):
-        s = random_scene(np.random.default_rng([config.seed, 2, i]), **{attribute: concept})
-        named = {**dict.fromkeys(ATTRIBUTES), attribute: concept}
-        rows.append({"set": "alone", "prompt": caption(named, i % len(TEMPLATES)), **named})
-        scenes.append(s)
-    for i in range(config.n_other):
-        rng = np.random.default_rng([config.seed, 3, i])
-        s = random_scene(rng)
-        while getattr(s, attribute) == concept:  # the specificity set never asks for the target
-            s = random_scene(rng)
-        rows.append({"set": "other", "prompt": random_caption(rng, s), **s.attributes()})
-        scenes.append(s)
+    # the world provides its own sets (scenes with the value, the value alone, scenes without it)
+    attribute, rows, scenes = model.world.heldout_prompts(concept, config.n_target, config.n_alone, config.n_other,
+                                                          config.seed)
     prompts = pd.DataFrame(rows)
     model.check_prompts(list(prompts["prompt"]))
     gen = torch.Generator().manual_seed(config.seed)
     latents = diffusion.initial_noise(model, len(prompts), gen, model.dtype, model.device)
-    return HeldoutSet(concept, attribute, prompts, tuple(scenes), latents)
+    return HeldoutSet(concept, attribute, prompts, scenes, latents, model.world.attributes)
 
 
 def _text_heldout_set(model, concept: str, config: EvalConfig, alternatives) -> HeldoutSet:
@@ -289,8 +270,8 @@ def reference_features(model, held: HeldoutSet, sets: Sequence[str] = ("target",
     if not held.scenes:
         raise ValueError("only concept-world held-out sets have scenes to render")
     keep = held.prompts["set"].isin(sets).to_numpy()
-    size = model.world.image_size  # the size the model generates (32 on the latent concept world)
-    renders = torch.from_numpy(np.stack([render(s, size) for s, k in zip(held.scenes, keep) if k]))
+    # at the size the model generates (32 on the latent concept world)
+    renders = model.world.render([s for s, k in zip(held.scenes, keep) if k])
     return resolve_judge(model, judge).features(renders)
 
 

@@ -48,6 +48,53 @@ class ConceptWorldProvider:
         for w in words:
             attribute_of(w)  # a KeyError naming the word and listing the known ones
 
+    @property
+    def attributes(self) -> dict:
+        """Attribute -> its values: what a judge of this world chooses among."""
+        from .vocab import ATTRIBUTES
+
+        return dict(ATTRIBUTES)
+
+    def heldout_prompts(self, concept: str, n_target: int, n_alone: int, n_other: int, seed: int):
+        """The concept world's held-out sets of a concept-world value (:func:`interp.editing.evaluate.heldout_set`):
+        ``(attribute, rows, scenes)``, one row (set, prompt, the value asked for per attribute) and one scene per
+        image: ``target`` (scenes with the value, full captions), ``alone`` (the value named alone, in the caption
+        templates) and ``other`` (scenes without it), each from its own stream of ``seed``."""
+        import numpy as np
+
+        from .render import ConceptWorld, random_caption, random_scene
+        from .vocab import ATTRIBUTES, TEMPLATES, attribute_of, caption
+
+        attribute = attribute_of(concept)  # a clear error for a word that is no concept-world value
+        rows, scenes = [], []
+        target = ConceptWorld(n_target, seed=seed, **{attribute: concept})
+        for i in range(n_target):
+            rng = np.random.default_rng([seed, 1, i])
+            s = target.scene(i)
+            rows.append({"set": "target", "prompt": random_caption(rng, s), **s.attributes()})
+            scenes.append(s)
+        for i in range(n_alone):
+            s = random_scene(np.random.default_rng([seed, 2, i]), **{attribute: concept})
+            named = {**dict.fromkeys(ATTRIBUTES), attribute: concept}
+            rows.append({"set": "alone", "prompt": caption(named, i % len(TEMPLATES)), **named})
+            scenes.append(s)
+        for i in range(n_other):
+            rng = np.random.default_rng([seed, 3, i])
+            s = random_scene(rng)
+            while getattr(s, attribute) == concept:  # the specificity set never asks for the target
+                s = random_scene(rng)
+            rows.append({"set": "other", "prompt": random_caption(rng, s), **s.attributes()})
+            scenes.append(s)
+        return attribute, rows, tuple(scenes)
+
+    def render(self, scenes, size: int | None = None) -> torch.Tensor:
+        """Ground-truth renders of ``scenes`` (``(N, 3, size, size)`` in [0, 1]; default size: the model's)."""
+        import numpy as np
+
+        from .render import render
+
+        return torch.from_numpy(np.stack([render(s, size or self.image_size) for s in scenes]))
+
     def evaluation_images(self, concept, n: int, device, dtype) -> torch.Tensor | None:
         """Renders of the scenes behind a concept-world concept, in [-1, 1]; None for any other concept."""
         if concept.scenes_seed is None or concept.attribute is None:
