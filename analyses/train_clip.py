@@ -77,7 +77,8 @@ def main(argv=None) -> int:
 
 
 def _train(parser, args) -> int:
-    from interp.judges import CLIPJudge, ClassifierJudge
+    from interp.judges import CLIPJudge
+    from interp.world.judge import ClassifierJudge
     from interp.world.clip import (CLIPTrainConfig, agreement_on_generated, heldout_renders, train_clip,
                                    zero_shot_accuracy)
 

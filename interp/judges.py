@@ -12,10 +12,8 @@ through the judge).
 ``features(images)``
     an image embedding, for the Frechet distance of edit evaluation.
 
-Two judges:
+Judges:
 
-:class:`ClassifierJudge`
-    the concept world's concept classifier (:mod:`interp.world.classifier`): one softmax head per attribute.
 :class:`CLIPJudge`
     zero-shot scoring with any transformers ``CLIPModel`` (Radford et al., ICML 2021), the judge Stable Diffusion
     erasure papers use: each class is the mean of the normalized text embeddings of a few prompt templates
@@ -27,9 +25,13 @@ Two judges:
     A folder may carry a ``judge.json`` with its own templates per attribute (the shipped concept-world CLIP does:
     its vocabulary only knows the world's words) and a ``preprocessor_config.json`` with the image mean and std.
 
-:func:`load_judge` turns a spec into a judge: ``"classifier"`` (the model's own, concept world),
-``"concept-world-clip"`` (the small CLIP the suite trains on concept-world renders, :mod:`interp.world.clip`),
-a folder, or a hub id.
+judges of a registered kind (:class:`JudgeKind`, :func:`register_judge_kind`)
+    a plugin's own judges: the concept world registers its concept classifier (``interp.world.judge``), the judge
+    its models carry, and its shipped small CLIP by name.
+
+:func:`load_judge` turns a spec into a judge: ``"classifier"`` (the model's own: a concept-world model's
+classifier), a name a judge kind ships (``"concept-world-clip"``), a folder, or a hub id. This module never imports
+a plugin.
 """
 
 from __future__ import annotations
@@ -38,15 +40,48 @@ import json
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-ASSETS = Path(__file__).parent / "world" / "assets"
-SHIPPED_JUDGES = {"concept-world-clip": ASSETS / "concept-world-clip"}
+
+def _no_folder(folder: Path) -> bool:
+    """A judge kind that loads no folders (it only ships judges by name)."""
+    return False
+
+
+@dataclass(frozen=True)
+class JudgeKind:
+    """A family of judges a plugin teaches the core: the judges it ships by name, how to recognise and load its
+    folders, and the folder ``load_judge("classifier")`` means without a model."""
+
+    name: str
+    shipped: dict[str, Path] = field(default_factory=dict)
+    matches_folder: Callable[[Path], bool] = _no_folder
+    #: ``folder, name -> Judge`` (on the CPU; load_judge moves it)
+    load_folder: Callable[[Path, str], "Judge"] | None = None
+    default_classifier: Path | None = None
+
+
+JUDGE_KINDS: dict[str, JudgeKind] = {}
+
+
+def register_judge_kind(kind: JudgeKind) -> None:
+    """Teach :func:`load_judge` a kind of judge (plugins call this from their ``interp.plugins`` entry point)."""
+    JUDGE_KINDS[kind.name] = kind
+
+
+def shipped_judges() -> dict[str, Path]:
+    """Every judge a registered kind ships, by name (``"concept-world-clip"``) -> its folder."""
+    from .models import load_plugins
+
+    load_plugins()
+    return {name: path for kind in JUDGE_KINDS.values() for name, path in kind.shipped.items()}
+
 #: Zero-shot templates of a CLIP folder without a ``judge.json``.
 DEFAULT_TEMPLATES = ("a photo of {}", "a picture of {}", "an image of {}", "a rendering of {}")
 #: What a concept without alternatives is weighed against by a CLIP judge (a weak fallback; see the docstring).
@@ -114,72 +149,6 @@ def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=down)
 
 
-class ClassifierJudge(Judge):
-    """The concept world's concept classifier as a judge; images are resized to its 16x16 input."""
-
-    def __init__(self, classifier, name: str = "classifier", size: int = 16):
-        self.classifier, self.name, self.size = classifier, name, size
-
-    def _dtype(self):
-        return next(self.classifier.parameters()).dtype
-
-    def _device(self):
-        return next(self.classifier.parameters()).device
-
-    def _prep(self, images):
-        return _resize(images, (self.size, self.size)).to(self._device(), self._dtype())
-
-    def check(self, concept):
-        """The attribute of ``concept``'s value (the classifier's head that scores it).
-
-        Raises:
-            ValueError: the value is not one the classifier knows.
-        """
-        from .world.vocab import attribute_of
-
-        value, attribute, _ = concept_target(concept)
-        try:
-            return attribute or attribute_of(value)
-        except KeyError as err:
-            raise ValueError(f"the concept classifier cannot judge {value!r}: {err.args[0]}. On another model use "
-                             f"a CLIP judge (judge='concept-world-clip', a CLIPModel folder or a hub id)") from None
-
-    def probability(self, images, concept):
-        """``(N,)`` probability the classifier gives ``concept``'s value on each image; differentiable."""
-        value = concept_target(concept)[0]
-        return self.classifier.concept_probability(self._prep(images), self.check(concept), value)
-
-    def predict(self, images, attribute_values):
-        """Per attribute, ``(N, n_values)`` probabilities over the given values (renormalized over them)."""
-        from .world.vocab import ATTRIBUTES
-
-        with torch.no_grad():
-            probs = self.classifier.predict(self._prep(images))
-        out = {}
-        for a, values in attribute_values.items():
-            if a not in ATTRIBUTES:
-                raise ValueError(f"the concept classifier has no attribute {a!r}; it judges {list(ATTRIBUTES)}")
-            unknown = [v for v in values if v not in ATTRIBUTES[a]]
-            if unknown:
-                raise ValueError(f"the concept classifier knows no {a} {unknown}; its {a}s are {ATTRIBUTES[a]}")
-            if tuple(values) == ATTRIBUTES[a]:
-                out[a] = probs[a]
-            else:  # a subset or another order: the classifier's distribution restricted to those values
-                p = probs[a][:, [ATTRIBUTES[a].index(v) for v in values]]
-                out[a] = p / p.sum(1, keepdim=True).clamp_min(1e-12)
-        return out
-
-    def features(self, images):
-        """``(N, D)`` float64 features: the classifier's trunk output (for Fréchet distances)."""
-        with torch.no_grad():  # the trunk's output, with the classifier's own input normalization
-            return self.classifier.trunk(self._prep(images) * 2 - 1).double().cpu().numpy()
-
-    def to(self, device):
-        """Move the classifier to ``device``; returns this judge."""
-        self.classifier.to(device)
-        return self
-
-
 class CLIPJudge(Judge):
     """Zero-shot judge with a transformers ``CLIPModel`` (see the module docstring)."""
 
@@ -241,9 +210,8 @@ class CLIPJudge(Judge):
         if getattr(self.tokenizer, "unk_token", None) is not None or type(backend).__name__ != "WordLevel":
             return
         vocab = self.tokenizer.get_vocab()
-        from .world.vocab import words_of
-
-        unknown = sorted({w for p in prompts for w in words_of(p) if w not in vocab})
+        # words as a word-level tokenizer splits them: lower case, commas and periods as spaces
+        unknown = sorted({w for p in prompts for w in re.sub(r"[,.]", " ", p.lower()).split() if w not in vocab})
         if unknown:
             raise ValueError(
                 f"the judge {self.name!r} does not know the word(s) {unknown}: its vocabulary is "
@@ -349,31 +317,36 @@ def load_judge(spec: str | os.PathLike | Judge = "classifier", device=None, mode
     if isinstance(spec, Judge):
         return spec.to(device) if device is not None else spec
     device = torch.device(device) if device is not None else (model.device if model is not None else torch.device("cpu"))
+    shipped = shipped_judges()  # (loads the plugins, which register their judge kinds)
     text = str(spec)
     if text == "classifier":
         if model is not None:
-            if getattr(model, "classifier", None) is None:
+            make = getattr(getattr(model, "world", None), "classifier_judge", None)
+            if getattr(model, "classifier", None) is None or make is None:
                 raise ValueError(
                     f"model {model.name!r} has no concept classifier to judge images with: pass a CLIP judge "
                     f"(judge='concept-world-clip', a CLIPModel folder or a hub id; --judge on the command line)"
                 )
-            return ClassifierJudge(model.classifier)
-        text = str(ASSETS / "concept-world")
-    folder = SHIPPED_JUDGES.get(text, Path(text).expanduser())
+            return make(model.classifier)
+        default = next((k.default_classifier for k in JUDGE_KINDS.values() if k.default_classifier), None)
+        if default is None:
+            raise JudgeLoadError("'classifier' names a model's own classifier, and no model was given: pass model=, "
+                                 "or a CLIP judge")
+        text = str(default)
+    folder = shipped.get(text, Path(text).expanduser())
     key = (str(folder), str(device))
     if key in _CACHE:
         return _CACHE[key]
     if folder.exists():
-        if (folder / "classifier.safetensors").exists():
-            from .world.classifier import ConceptClassifier
-
-            judge: Judge = ClassifierJudge(ConceptClassifier.load(folder), name=text).to(device)
+        kind = next((k for k in JUDGE_KINDS.values() if k.load_folder is not None and k.matches_folder(folder)), None)
+        if kind is not None:
+            judge: Judge = kind.load_folder(folder, text).to(device)
         elif (folder / "config.json").exists():
             judge = CLIPJudge.from_pretrained(folder, name=text, device=device)
         else:
             raise JudgeLoadError(f"{folder} holds no judge: point at a CLIPModel folder written by save_pretrained "
                                  f"(config.json) or a concept-world folder with classifier.safetensors")
-    elif text in SHIPPED_JUDGES:
+    elif text in shipped:
         raise FileNotFoundError(f"the shipped judge {text!r} is missing from {folder}; rebuild it with "
                                 f"`python -m analyses.train_clip`")
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/", "~")):
@@ -388,7 +361,7 @@ def load_judge(spec: str | os.PathLike | Judge = "classifier", device=None, mode
     elif any(sep in text for sep in ("/", "\\")) or text.startswith((".", "~")):
         raise FileNotFoundError(f"judge folder {text!r} does not exist")
     else:
-        raise JudgeLoadError(f"unknown judge {text!r}: use 'classifier', {', '.join(map(repr, SHIPPED_JUDGES))}, "
+        raise JudgeLoadError(f"unknown judge {text!r}: use 'classifier', {', '.join(map(repr, shipped))}, "
                              f"a CLIPModel folder or a hub id like 'openai/clip-vit-base-patch32'")
     _CACHE[key] = judge
     return judge

@@ -19,16 +19,16 @@ from interp.testing import tiny_stable_diffusion
 from interp import editing as ed
 from helpers import skip_unless_ci, unet_rows
 from interp.interventions import compile_plan
-from interp.judges import (GENERIC_ALTERNATIVES, SHIPPED_JUDGES, ClassifierJudge, CLIPJudge, JudgeLoadError,
-                           load_judge)
+from interp.judges import GENERIC_ALTERNATIVES, CLIPJudge, JudgeLoadError, load_judge, shipped_judges
 from interp.objectives import Objective, ObjectiveConfig
 from interp.world.concepts import world_concept
+from interp.world.judge import ClassifierJudge
 from interp.world.model import ModelConfig, build_pipeline
 from interp.world.vocab import ATTRIBUTES
 
 torch.set_num_threads(1)
 
-CLIP_DIR = SHIPPED_JUDGES["concept-world-clip"]
+CLIP_DIR = shipped_judges()["concept-world-clip"]
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ def test_32px_render_is_the_same_scene_at_twice_the_resolution():
 def test_the_16px_classifier_judges_resized_32px_renders():
     """The latent model reuses the pixel world's classifier through ClassifierJudge's resize (measured 100% on 2,000
     held-out renders per attribute when the latent model was made)."""
-    from interp.judges import ClassifierJudge
+    from interp.world.judge import ClassifierJudge
     from interp.world.classifier import ConceptClassifier
     from interp.world.vocab import ATTRIBUTES
 

@@ -27,7 +27,7 @@ def measure_fidelity(model, n: int = 360, seed: int = HELDOUT_SEED, steps: int =
 
     if model.classifier is None:
         raise ValueError("fidelity needs the concept classifier: load the model with load_model('concept-world')")
-    from ..judges import ClassifierJudge
+    from .judge import ClassifierJudge
 
     judge = ClassifierJudge(model.classifier)
     world = ConceptWorld(n, seed=seed)
@@ -61,7 +61,7 @@ def reconstruction_accuracy(model, size: int, n: int = 2000, seed: int = HELDOUT
     """The classifier's per-attribute accuracy on VAE reconstructions (posterior mean, decoded) of ``n`` held-out
     renders at ``size``: what the latent model loses before its UNet is involved."""
     from .. import diffusion
-    from ..judges import ClassifierJudge
+    from .judge import ClassifierJudge
 
     judge = ClassifierJudge(model.classifier)
     world = ConceptWorld(n, seed=seed, size=size)

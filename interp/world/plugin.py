@@ -48,6 +48,12 @@ class ConceptWorldProvider:
         for w in words:
             attribute_of(w)  # a KeyError naming the word and listing the known ones
 
+    def classifier_judge(self, classifier):
+        """The judge a model of this world carries: its concept classifier (:class:`interp.world.judge.ClassifierJudge`)."""
+        from .judge import ClassifierJudge
+
+        return ClassifierJudge(classifier)
+
     @property
     def attributes(self) -> dict:
         """Attribute -> its values: what a judge of this world chooses among."""
@@ -220,3 +226,19 @@ def register() -> None:
         missing_hint="reinstall the package or retrain it with `python -m analyses.train_world --model "
                      "concept-world-dit`",
     ))
+    # Its judges: the concept classifier (a folder with classifier.safetensors; "classifier" without a model means
+    # the pixel world's) and, by name, the small CLIP trained on its renders (a plain CLIPModel folder).
+    from ..judges import JudgeKind, register_judge_kind
+
+    register_judge_kind(JudgeKind(
+        name="concept-world", shipped={"concept-world-clip": ASSETS / "concept-world-clip"},
+        matches_folder=lambda folder: (folder / "classifier.safetensors").exists(), load_folder=_load_classifier_judge,
+        default_classifier=ASSETS / "concept-world",
+    ))
+
+
+def _load_classifier_judge(folder: Path, name: str):
+    from .classifier import ConceptClassifier
+    from .judge import ClassifierJudge
+
+    return ClassifierJudge(ConceptClassifier.load(folder), name=name)

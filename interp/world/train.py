@@ -268,9 +268,9 @@ def pretrained_text_encoder(spec: str, model_cfg: LatentModelConfig):
     digest of its weights."""
     from transformers import CLIPModel
 
-    from ..judges import SHIPPED_JUDGES
+    from ..judges import shipped_judges
 
-    folder = Path(SHIPPED_JUDGES.get(spec, spec))
+    folder = Path(shipped_judges().get(spec, spec))
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"text encoder {spec!r}: no CLIPModel folder at {folder}; give a CLIPModel folder or "
                                 f"build the suite's with `python -m analyses.train_clip`")
