@@ -413,13 +413,6 @@ def welch_t(target: pd.DataFrame, references: Sequence[pd.DataFrame]) -> pd.Seri
     return pd.Series(t, index=comps, name="t")
 
 
-def default_references(concept: str) -> list[str]:
-    """The other values of the concept's attribute (concept world): what a specific edit must leave alone."""
-    from ..world.vocab import ATTRIBUTES, attribute_of
-
-    return [v for v in ATTRIBUTES[attribute_of(concept)] if v != concept]
-
-
 def coar_edit_ranking(model, concept: str, references: Sequence[str] | None = None, method: str = "cad",
                       components=None, objective: ObjectiveConfig | None = None, **options) -> Ranking:
     """COAR-Edit's ranking: components ordered by Welch t (target vs references) of ``method``'s attributions."""
@@ -431,7 +424,7 @@ def coar_edit_ranking(model, concept: str, references: Sequence[str] | None = No
             f"coar_edit on {model.name!r} (not the concept world) needs the references argument: the concepts the "
             f"edit must leave alone, e.g. references=['a dog', 'a car'] (only the concept world has defaults)"
         )
-    references = list(default_references(concept) if references is None else references)
+    references = list(model.world.references(concept) if references is None else references)
     if concept in references:
         raise ValueError(f"the target {concept!r} is among its own references")
     if method == "cad" and "n_groups" not in options:
@@ -720,20 +713,7 @@ def quickfix_prompts(model, concept: str, anchor: str | None = None, n_per_templ
     phrase and the anchor phrase (empty by default, as CAD's anchor).
     """
     if model.is_concept_world:
-        from ..world.render import ConceptWorld
-        from ..world.vocab import ATTRIBUTES, TEMPLATES, attribute_of, caption
-
-        attribute = attribute_of(concept)
-        if anchor is not None and attribute_of(anchor) != attribute:
-            raise ValueError(f"anchor {anchor!r} is not a {attribute} like {concept!r}")
-        pairs = []
-        for t in range(len(TEMPLATES)):
-            world = ConceptWorld(n_per_template, seed=seed + t, **{attribute: concept})
-            alone = {**dict.fromkeys(ATTRIBUTES), attribute: concept}  # the concept named without other words
-            scenes = [world.scene(i).attributes() for i in range(n_per_template)] + [alone]
-            for attrs in scenes:
-                pairs.append((caption(attrs, t), caption({**attrs, attribute: anchor}, t)))
-        return pairs
+        return model.world.swapped_captions(concept, anchor, n_per_template, seed)
     return [(" ".join(t.format(concept).split()), " ".join(t.format(anchor or "").split())) for t in DEFAULT_TEMPLATES]
 
 
@@ -865,24 +845,14 @@ def quickfix_keys_values(model, pairs: Sequence[tuple[str, str]], concept: str, 
                       "n_preserve_keys": K.shape[1] - n_concept_keys}
 
 
-def _preserve_prompts(model, concept: str, n: int, seed: int) -> list[str]:
-    """Captions of scenes without the concept (concept world), for the optional preservation keys."""
+def preserve_prompts(model, concept: str, n: int, seed: int) -> list[str]:
+    """``n`` prompts without the concept, for an edit's optional preservation keys: captions of scenes without its
+    value on the concept world (from its provider), the default templates around "a thing" elsewhere."""
     if n <= 0:
         return []
     if not model.is_concept_world:
         return [t.format("a thing") for t in DEFAULT_TEMPLATES][:n]
-    from ..world.render import random_caption, random_scene
-    from ..world.vocab import attribute_of
-
-    attribute = attribute_of(concept)
-    out = []
-    for i in range(n):
-        rng = np.random.default_rng([seed, 77, i])
-        scene = random_scene(rng)
-        while getattr(scene, attribute) == concept:
-            scene = random_scene(rng)
-        out.append(random_caption(rng, scene))
-    return out
+    return model.world.captions_without(concept, n, seed)
 
 
 def diff_quickfix_solutions(model, concept: str, anchor: str | None = None, lam: float = QUICKFIX_LAMBDA,
@@ -892,7 +862,7 @@ def diff_quickfix_solutions(model, concept: str, anchor: str | None = None, lam:
     bookkeeping (module, prompts, key counts): a concept a pipeline reads through two or three encoders (SDXL's two
     CLIPs, SD3's CLIPs and T5, FLUX's CLIP and T5) is still read through any encoder left unedited."""
     pairs = quickfix_prompts(model, concept, anchor, n_per_template, seed)
-    keep = _preserve_prompts(model, concept, preserve, seed)
+    keep = preserve_prompts(model, concept, preserve, seed)
     out = []
     for part in model.text_parts:
         K, V, W0, info = quickfix_keys_values(model, pairs, concept, layer, keep, part)
@@ -909,7 +879,7 @@ def diff_quickfix_solution(model, concept: str, anchor: str | None = None, lam: 
     """Diff-QuickFix's solution and its bookkeeping (module, prompts, key counts) for the first text encoder (Stable
     Diffusion 1.x/2.x's only one; :func:`diff_quickfix_solutions` gives every encoder's)."""
     pairs = quickfix_prompts(model, concept, anchor, n_per_template, seed)
-    keep = _preserve_prompts(model, concept, preserve, seed)
+    keep = preserve_prompts(model, concept, preserve, seed)
     K, V, W0, info = quickfix_keys_values(model, pairs, concept, layer, keep)
     sol = quickfix_solve(W0, K, V, lam)
     info = {**info, "pairs": pairs, "preserve_prompts": keep, "lambda": lam, "anchor": anchor,

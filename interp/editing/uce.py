@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .edits import (EDIT_SEED, WeightEdit, WeightUpdate, _preserve_prompts, aligned_positions, attended_mask,
+from .edits import (EDIT_SEED, WeightEdit, WeightUpdate, preserve_prompts, aligned_positions, attended_mask,
                     quickfix_prompts, reads_whole_prompt, subject_forms)
 
 UCE_LAMBDA = 0.1
@@ -404,7 +404,7 @@ def uce_solutions(model, concept: str, anchor: str | None = None, preserve: int 
     """UCE's solution for every edited projection, ``[(path, solution)]`` in execution order, and its bookkeeping
     (see :func:`uce`)."""
     pairs = quickfix_prompts(model, concept, anchor, n_per_template, seed)
-    keep = list(preserve) if not isinstance(preserve, int) else _preserve_prompts(model, concept, preserve, seed)
+    keep = list(preserve) if not isinstance(preserve, int) else preserve_prompts(model, concept, preserve, seed)
     if not isinstance(preserve, int) and any(not isinstance(p, str) or not p.strip() for p in keep):
         raise ValueError("preserve prompts must be non-empty strings")
     if isinstance(preserve, int) and not model.is_concept_world:
@@ -447,7 +447,7 @@ def uce(model, concept: str, anchor: str | None = None, preserve: int | Sequence
                             "preserve_scale": preserve_scale, "anchor": anchor or "(word left out)",
                             "n_concept_states": info["n_concept_states"],
                             "n_preserve_states": info["n_preserve_states"],
-                            "n_preserve_prompts": len(info["preserve_prompts"]), "with_to_k": with_to_k,
+                            "npreserve_prompts": len(info["preserve_prompts"]), "with_to_k": with_to_k,
                             "max_normal_equation_residual": max(residuals),
                             "mean_relative_change": sum(changes) / len(changes), "n_prompt_pairs": len(info["pairs"]),
                             "projections": "cross-attention to_k/to_v" if text_reader(model) == "cross" else

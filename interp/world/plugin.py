@@ -93,6 +93,49 @@ class ConceptWorldProvider:
             scenes.append(s)
         return attribute, rows, tuple(scenes)
 
+    def references(self, concept: str) -> list[str]:
+        """The other values of the concept's attribute: what a specific edit of it must leave alone."""
+        from .vocab import ATTRIBUTES, attribute_of
+
+        return [v for v in ATTRIBUTES[attribute_of(concept)] if v != concept]
+
+    def swapped_captions(self, concept: str, anchor: str | None, n_per_template: int, seed: int):
+        """(concept caption, anchor caption) pairs that differ only in the concept word: every caption template,
+        ``n_per_template`` scenes with the concept's value (the other attributes from ``seed + template``) plus one
+        caption naming the concept alone; the anchor caption leaves the word out (``None``) or puts ``anchor``
+        (a value of the same attribute) in its place."""
+        from .render import ConceptWorld
+        from .vocab import ATTRIBUTES, TEMPLATES, attribute_of, caption
+
+        attribute = attribute_of(concept)
+        if anchor is not None and attribute_of(anchor) != attribute:
+            raise ValueError(f"anchor {anchor!r} is not a {attribute} like {concept!r}")
+        pairs = []
+        for t in range(len(TEMPLATES)):
+            world = ConceptWorld(n_per_template, seed=seed + t, **{attribute: concept})
+            alone = {**dict.fromkeys(ATTRIBUTES), attribute: concept}  # the concept named without other words
+            scenes = [world.scene(i).attributes() for i in range(n_per_template)] + [alone]
+            for attrs in scenes:
+                pairs.append((caption(attrs, t), caption({**attrs, attribute: anchor}, t)))
+        return pairs
+
+    def captions_without(self, concept: str, n: int, seed: int) -> list[str]:
+        """Captions of ``n`` random scenes without the concept's value (an edit's preserved prompts)."""
+        import numpy as np
+
+        from .render import random_caption, random_scene
+        from .vocab import attribute_of
+
+        attribute = attribute_of(concept)
+        out = []
+        for i in range(n):
+            rng = np.random.default_rng([seed, 77, i])
+            scene = random_scene(rng)
+            while getattr(scene, attribute) == concept:
+                scene = random_scene(rng)
+            out.append(random_caption(rng, scene))
+        return out
+
     def render(self, scenes, size: int | None = None) -> torch.Tensor:
         """Ground-truth renders of ``scenes`` (``(N, 3, size, size)`` in [0, 1]; default size: the model's)."""
         import numpy as np
