@@ -71,32 +71,32 @@ _JOINT = (
     FamilyRule("ff_context", _DIT + r"\.ff_context\.net\.2$", "ff_context.net.2", ("layer", "neuron", "weight"), "out_last"),
 )
 
+
+def _basic_blocks(layer: str, gelu_proj: bool) -> tuple[FamilyRule, ...]:
+    """Rules of diffusers' BasicTransformerBlock at ``layer``: self-attention, cross-attention, feed-forward
+    (``ff.net.0.proj``, a GEGLU's projection, is a kind of its own in the UNet)."""
+    proj = (FamilyRule("ff", layer + r"\.ff\.net\.0\.proj$", "ff.net.0.proj", ("layer", "neuron", "weight"), "out_last"),)
+    return (
+        FamilyRule("block", layer + r"$", "transformer_block", ("layer",), "none"),
+        FamilyRule("attn1", layer + r"\.attn1$", "attn1", ("layer", "head"), "heads"),
+        FamilyRule("attn1", layer + r"\.attn1\.(?P<k>to_q|to_k|to_v|to_out\.0)$", "attn1.{k}", ("layer", "neuron", "weight"), "out_last"),
+        FamilyRule("attn2", layer + r"\.attn2$", "attn2", ("layer", "head"), "heads"),
+        FamilyRule("attn2", layer + r"\.attn2\.(?P<k>to_q|to_k|to_v|to_out\.0)$", "attn2.{k}", ("layer", "neuron", "weight"), "out_last"),
+        FamilyRule("ff", layer + r"\.ff$", "ff", ("layer",), "none"),
+        FamilyRule("ff", layer + r"\.ff\.net\.0$", "ff.net.0", ("layer", "neuron"), "out_last"),
+        *(proj if gelu_proj else ()),
+        FamilyRule("ff", layer + r"\.ff\.net\.2$", "ff.net.2", ("layer", "neuron", "weight"), "out_last"),
+    )
+
+
 #: Family tables per architecture (keyed by the class name of the model the prefix points to).
 FAMILY_TABLES: dict[str, tuple[FamilyRule, ...]] = {
-    "UNet2DConditionModel": (
-        FamilyRule("block", _TB + r"$", "transformer_block", ("layer",), "none"),
-        FamilyRule("attn1", _TB + r"\.attn1$", "attn1", ("layer", "head"), "heads"),
-        FamilyRule("attn1", _TB + r"\.attn1\.(?P<k>to_q|to_k|to_v|to_out\.0)$", "attn1.{k}", ("layer", "neuron", "weight"), "out_last"),
-        FamilyRule("attn2", _TB + r"\.attn2$", "attn2", ("layer", "head"), "heads"),
-        FamilyRule("attn2", _TB + r"\.attn2\.(?P<k>to_q|to_k|to_v|to_out\.0)$", "attn2.{k}", ("layer", "neuron", "weight"), "out_last"),
-        FamilyRule("ff", _TB + r"\.ff$", "ff", ("layer",), "none"),
-        FamilyRule("ff", _TB + r"\.ff\.net\.0$", "ff.net.0", ("layer", "neuron"), "out_last"),
-        FamilyRule("ff", _TB + r"\.ff\.net\.0\.proj$", "ff.net.0.proj", ("layer", "neuron", "weight"), "out_last"),
-        FamilyRule("ff", _TB + r"\.ff\.net\.2$", "ff.net.2", ("layer", "neuron", "weight"), "out_last"),
+    "UNet2DConditionModel": _basic_blocks(_TB, gelu_proj=True) + (
         FamilyRule("resnet", _RES + r"$", "resnet", ("layer",), "none"),
         FamilyRule("resnet", _RES + r"\.(?P<k>conv1|conv2)$", "{k}", ("layer", "neuron", "weight"), "out_channel"),
     ),
     # PixArt: a stack of BasicTransformerBlocks (self-attention, cross-attention to T5, feed-forward)
-    "PixArtTransformer2DModel": (
-        FamilyRule("block", _DIT + r"$", "transformer_block", ("layer",), "none"),
-        FamilyRule("attn1", _DIT + r"\.attn1$", "attn1", ("layer", "head"), "heads"),
-        FamilyRule("attn1", _DIT + r"\.attn1\.(?P<k>to_q|to_k|to_v|to_out\.0)$", "attn1.{k}", ("layer", "neuron", "weight"), "out_last"),
-        FamilyRule("attn2", _DIT + r"\.attn2$", "attn2", ("layer", "head"), "heads"),
-        FamilyRule("attn2", _DIT + r"\.attn2\.(?P<k>to_q|to_k|to_v|to_out\.0)$", "attn2.{k}", ("layer", "neuron", "weight"), "out_last"),
-        FamilyRule("ff", _DIT + r"\.ff$", "ff", ("layer",), "none"),
-        FamilyRule("ff", _DIT + r"\.ff\.net\.0$", "ff.net.0", ("layer", "neuron"), "out_last"),
-        FamilyRule("ff", _DIT + r"\.ff\.net\.2$", "ff.net.2", ("layer", "neuron", "weight"), "out_last"),
-    ),
+    "PixArtTransformer2DModel": _basic_blocks(_DIT, gelu_proj=False),
     "SD3Transformer2DModel": _JOINT,
     "FluxTransformer2DModel": _JOINT + (
         FamilyRule("single_block", _SINGLE + r"$", "single_block", ("layer",), "none", streams=2),

@@ -98,6 +98,22 @@ def module_flops(model) -> tuple[dict[str, float], float]:
     return cached
 
 
+def _each_output(model, rows: int, see) -> None:
+    """``see(path, output)`` for every denoiser module's output in one meta-device pass of ``rows`` rows."""
+    meta, x, t, ctx = meta_unet(model, rows)
+
+    def hook(path):
+        return lambda module, args, out: see(path, out)
+
+    hooks = [m.register_forward_hook(hook(f"{model.denoiser_part}.{name}")) for name, m in meta.named_modules() if name]
+    try:
+        with torch.no_grad():
+            meta_call(model, meta, x, t, ctx)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def batchless_outputs(model) -> set[str]:
     """Denoiser modules whose output is not batch-first (FLUX's rotary position embedding: one per token, shared by
     every row), which a replay cache could not index by row; found on a two-row meta-device pass."""
@@ -105,22 +121,13 @@ def batchless_outputs(model) -> set[str]:
     if cached is None:
         from torch.utils._pytree import tree_leaves
 
-        meta, x, t, ctx = meta_unet(model, rows=2)
         found: set[str] = set()
 
-        def check(name):
-            def hook(module, args, out):
-                if any(isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != 2) for v in tree_leaves(out)):
-                    found.add(f"{model.denoiser_part}.{name}")
-            return hook
+        def check(path, out):
+            if any(isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != 2) for v in tree_leaves(out)):
+                found.add(path)
 
-        hooks = [m.register_forward_hook(check(name)) for name, m in meta.named_modules() if name]
-        try:
-            with torch.no_grad():
-                meta_call(model, meta, x, t, ctx)
-        finally:
-            for h in hooks:
-                h.remove()
+        _each_output(model, 2, check)
         cached = model._batchless = found
     return cached
 
@@ -130,19 +137,8 @@ def module_bytes(model) -> dict[str, int]:
     counted once per model on the meta-device copy: what the replay cache holds per evaluation row of a module."""
     cached = getattr(model, "_module_bytes", None)
     if cached is None:
-        meta, x, t, ctx = meta_unet(model)
         sizes: dict[str, int] = {}
-
-        def record(name):
-            return lambda module, args, out: sizes.__setitem__(f"{model.denoiser_part}.{name}", nbytes(out))
-
-        hooks = [m.register_forward_hook(record(name)) for name, m in meta.named_modules() if name]
-        try:
-            with torch.no_grad():
-                meta_call(model, meta, x, t, ctx)
-        finally:
-            for h in hooks:
-                h.remove()
+        _each_output(model, 1, lambda path, out: sizes.__setitem__(path, nbytes(out)))
         cached = model._module_bytes = sizes
     return cached
 
