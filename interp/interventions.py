@@ -196,6 +196,13 @@ def _intervene(root_envoy, model, sites: Sequence[Site], mult, means, patches, s
             env = model.envoy(path)
             old = env.output
             p = patches[x]
+            h0 = old[int(k)] if k else _first(old)
+            try:
+                torch.broadcast_shapes(p.clean.shape, p.where.shape, h0.shape)
+            except RuntimeError:
+                raise ValueError(f"the patch of {x} does not fit its output: clean {tuple(p.clean.shape)} and where "
+                                 f"{tuple(p.where.shape)} must broadcast to {tuple(h0.shape)} (rows x the module's "
+                                 f"output)") from None
             if k:
                 h = old[int(k)]
                 env.output = (*old[: int(k)], torch.where(p.where, p.clean.to(h.dtype), h), *old[int(k) + 1 :])

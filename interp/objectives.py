@@ -372,7 +372,7 @@ class Objective:
                               unet_patches=unet_patches, checkpoint=checkpoint, max_rows=cfg.max_batch,
                               noise_ids=sel.tolist() * r)
             p = self.judge.probability(images, self.concept)
-            return p.reshape(r, S)
+            return p.to(self.dtype).reshape(r, S)  # in the objective's dtype, whatever the judge computes in
         # With intervene_anchor=False the anchor branch is not run here: it is the intact model's (cached).
         B = self.branches if intervene_anchor else 1
         idx = self.image_index[sel]
