@@ -46,6 +46,9 @@ def parse(argv):
                         "concept-world-clip, or a CLIPModel folder), or 'joint' to train one with the UNet")
     p.add_argument("--clip-steps", type=int, default=None,
                    help="concept-world-latent only: training steps of that CLIP (default 1500)")
+    p.add_argument("--timesteps", choices=("logit_normal", "uniform"), default=None,
+                   help="concept-world-dit only: how training draws the noise level sigma (default: the shipped "
+                        "recipe's; logit_normal is SD3's)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per training step (default: the model's, 128 for concept-world, 64 for the latent one)")
     p.add_argument("--classifier-steps", type=int, default=1500, help="concept-classifier training steps")
@@ -78,6 +81,8 @@ def _train(args) -> int:
     from interp.world.model import ModelConfig
     from interp.world.train import TrainConfig, save_model, train
 
+    if args.timesteps is not None and args.model != "concept-world-dit":
+        raise SystemExit("--timesteps: only concept-world-dit is trained with flow matching")
     out: Path = args.out or ASSETS / args.model
     out.mkdir(parents=True, exist_ok=True)
     if args.model == "concept-world-latent":
@@ -154,7 +159,7 @@ def dit_config(args):
 
     defaults = DiTTrainConfig()
     return DiTTrainConfig(steps=args.steps or defaults.steps, batch_size=args.batch_size or defaults.batch_size,
-                          seed=args.seed)
+                          timesteps=args.timesteps or defaults.timesteps, seed=args.seed)
 
 
 def train_dit(args, out: Path) -> int:

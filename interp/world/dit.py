@@ -14,8 +14,11 @@ its last hidden states). Both encoders here are that tower, unchanged, with an i
 (``projection_dim`` = hidden = 64, ``text_projection`` = I): ``text_embeds`` is the tower's own pooled output (the
 final-layer-normed end-of-text token), nothing is trained or invented in the text path, and the pipeline's
 contract holds. The transformer thus sees the tower's penultimate states twice side by side (128 features =
-``joint_attention_dim``, no zero padding), then 16 zero rows where T5's states would be (the pipeline conditions
-on zeros when ``text_encoder_3`` is None, as diffusers does), and a 128-wide pooled vector. No T5 is shipped.
+``joint_attention_dim``, no zero padding), then 16 zero rows where T5's states would be, and a 128-wide pooled
+vector. The zero rows come from an all-zero T5 (:func:`zero_t5`): no T5 is trained, and diffusers conditions a
+pipeline loaded without one on 256 zero rows (its ``max_sequence_length``), which the suite's SD3 family follows;
+the zero T5's 16-token tokenizer makes the family condition on the 16 rows the transformer was trained on (plain
+diffusers: pass ``max_sequence_length=16``).
 
 The VAE is the latent model's, weights unchanged, with ``shift_factor`` 0 written into its config (SD3's pipeline
 adds it when decoding; the latent model's config leaves it null).
@@ -54,10 +57,12 @@ class DiTModelConfig:
     shift: float = 1.0  # the sampler's timestep shift (SD3 uses 3 at 1024 px; low resolution needs none)
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (what the training config hashes)."""
         return asdict(self)
 
     @property
     def inner_dim(self) -> int:
+        """The width of both streams: heads x head dimension."""
         return self.num_heads * self.head_dim
 
     @classmethod
@@ -97,6 +102,7 @@ class DiTTrainConfig(Recipe):
 
 
 def build_transformer(cfg: DiTModelConfig):
+    """A freshly initialized ``SD3Transformer2DModel`` of ``cfg`` (call ``torch.manual_seed`` first to fix it)."""
     from diffusers import SD3Transformer2DModel
 
     return SD3Transformer2DModel(
@@ -109,6 +115,7 @@ def build_transformer(cfg: DiTModelConfig):
 
 
 def flow_scheduler(cfg: DiTModelConfig):
+    """The sampler that ships: SD3's ``FlowMatchEulerDiscreteScheduler``, with ``cfg.shift``."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift)
@@ -126,6 +133,32 @@ def with_projection(tower):
     with torch.no_grad():
         enc.text_projection.weight.copy_(torch.eye(tower.config.hidden_size))
     return enc.eval().requires_grad_(False)
+
+
+def zero_t5(width: int, max_length: int):
+    """SD3's third encoder slot, filled so that the transformer is conditioned exactly as trained: a T5 encoder
+    (``T5EncoderModel``, one layer, every weight zero, so its output is exactly zero for every prompt) over a
+    ``T5TokenizerFast`` of the world's words whose ``model_max_length`` is the CLIP tokenizer's (16).
+
+    Why: without a T5 the suite's SD3 family (as diffusers' ``encode_prompt``) conditions on ``max_sequence_length``
+    = 256 zero rows in T5's place; the transformer was trained on 16 (:func:`encode_captions`; 256 would make each
+    training step 3.5x as expensive: 336 tokens instead of 96). With this encoder present, the family reads T5's
+    length from its tokenizer (16) and conditions on 16 zero rows, as in training. Returns ``(encoder, tokenizer)``."""
+    from transformers import T5Config, T5EncoderModel
+
+    from ..testing import t5_tokenizer
+    from .vocab import vocabulary
+
+    tokenizer = t5_tokenizer([w for w in vocabulary() if w.isalpha()], max_length=max_length)
+    encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=8, num_layers=1, num_heads=1,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.zero_()
+    return encoder.eval().requires_grad_(False), tokenizer
 
 
 def base_parts(base: str | Path | None = None):
@@ -159,19 +192,20 @@ def build_dit_pipeline(cfg: DiTModelConfig | None = None, seed: int = 0, base: s
     torch.manual_seed(seed)
     transformer = build_transformer(cfg)
     encoder = with_projection(tower)
+    t5, t5_tokenizer = zero_t5(2 * cfg.text_hidden, tokenizer.model_max_length)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=flow_scheduler(cfg), vae=vae,
         text_encoder=encoder, tokenizer=tokenizer, text_encoder_2=copy.deepcopy(encoder),
-        tokenizer_2=copy.deepcopy(tokenizer), text_encoder_3=None, tokenizer_3=None,
+        tokenizer_2=copy.deepcopy(tokenizer), text_encoder_3=t5, tokenizer_3=t5_tokenizer,
     )
     return pipe, digest
 
 
 def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pipeline's own conditioning of ``captions``: ``(prompt_embeds, pooled_projections)``, with as many zero
-    rows in T5's place as the CLIP tokenizer's length (16), as the suite's SD3 family conditions
-    (:meth:`interp.families.SD3.assemble`); diffusers' ``encode_prompt`` and ``__call__`` do so with
-    ``max_sequence_length=16`` (their default, 256 zero rows, is not what the model was trained on)."""
+    """The pipeline's own conditioning of ``captions``: ``(prompt_embeds, pooled_projections)``, with 16 zero rows
+    from the all-zero T5 (:func:`zero_t5`), as the suite's SD3 family conditions (it reads T5's length from
+    ``tokenizer_3``); diffusers' ``encode_prompt`` and ``__call__`` do so with ``max_sequence_length=16`` (their
+    default, 256 rows, is not what the model was trained on)."""
     with torch.no_grad():
         embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False,
                                                   max_sequence_length=pipe.tokenizer.model_max_length)
@@ -246,18 +280,8 @@ def train_dit(cfg: DiTTrainConfig, out_dir: str | Path, progress: bool = True, b
 
 
 def save_dit(pipe, out_dir: str | Path, cfg: DiTTrainConfig, history: list[dict], records: dict) -> Path:
-    """Write the pipeline (float16) and ``train_config.json`` as :func:`.train.save_model` does; the pipeline's
-    ``model_index.json`` names ``text_encoder_3``/``tokenizer_3`` as absent (``[null, null]``, as diffusers writes
-    any absent optional part), so ``StableDiffusion3Pipeline.from_pretrained`` loads the folder without T5."""
-    import json
-
+    """Write the pipeline (float16 safetensors, a plain ``StableDiffusion3Pipeline`` folder in ``pipeline/``) and
+    ``train_config.json`` (with ``records``), as :func:`.train.save_model` does for the other world models."""
     from .train import save_model
 
-    out_dir = Path(out_dir)
-    save_model(pipe, out_dir, cfg, history, extra=records)
-    index_path = out_dir / "pipeline" / "model_index.json"
-    index = json.loads(index_path.read_text())
-    for part in ("text_encoder_3", "tokenizer_3"):
-        index.setdefault(part, [None, None])
-    index_path.write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
-    return out_dir
+    return save_model(pipe, out_dir, cfg, history, extra=records)

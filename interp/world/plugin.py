@@ -8,7 +8,7 @@ through the model's ``classifier``, the image judge of :mod:`interp.judges`. The
 
 It registers three kinds: ``concept-world`` (the pixel-space ``ConceptWorldPipeline``), ``concept-world-latent``
 (:mod:`.latent`), a plain ``StableDiffusionPipeline`` folder that is loaded exactly as a user's SD folder is, and
-``concept-world-dit`` (:mod:`.dit`), a plain ``StableDiffusion3Pipeline`` folder (without T5). Only their folders
+``concept-world-dit`` (:mod:`.dit`), a plain ``StableDiffusion3Pipeline`` folder. Only their folders
 (a ``world.json`` marker next to ``pipeline/``) tell the last two apart, and only the provider (the same concepts,
 rendered at 32x32) and the classifier judge are added.
 """
@@ -229,7 +229,7 @@ def load_latent_world_folder(path: Path, dtype) -> tuple[object, dict]:
 
     from .classifier import ConceptClassifier
 
-    # A pipeline that ships without T5 (concept-world-dit) is loaded as diffusers documents for SD3 without it
+    # an SD3 folder saved without its T5 loads as diffusers documents it (text_encoder_3=None, tokenizer_3=None)
     index = json.loads((path / "pipeline" / "model_index.json").read_text())
     absent = {k: None for k in ("text_encoder_3", "tokenizer_3") if k in index and index[k][0] is None}
     pipe = DiffusionPipeline.from_pretrained(path / "pipeline", dtype=dtype, local_files_only=True, **absent)
