@@ -2,6 +2,8 @@
 
     python -m analyses.models_side_by_side concept-world=reports/cw concept-world-latent=reports/cwl \
         --out reports/side-by-side.md
+    python -m analyses.models_side_by_side concept-world=reports/cw concept-world-latent=reports/cwl \
+        concept-world-dit=reports/cwd --out reports/side-by-side.md     # any number of models, e.g. the DiT too
 
 Reads each run folder written by ``python -m analyses.compare_methods`` (its ``tables/*.csv`` and
 ``results.parquet``) and writes one Markdown file: Spearman with true ablation per method, LDS at every held-out
