@@ -1,5 +1,5 @@
-"""Errors that name the problem: a patch of the wrong shape, a scene index out of range; and a float64 objective
-through a judge stays float64."""
+"""Errors that name the problem (a patch of the wrong shape); and a float64 objective through a judge stays
+float64."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import torch
 
 import interp
 from interp.interventions import Patch, run_unet
-from interp.world.render import ConceptWorld
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +20,6 @@ def test_a_patch_that_does_not_fit_its_output_is_named(world):
     bad = Patch(torch.zeros(3, 5), torch.ones(1, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"the patch of unet.conv_norm_out does not fit its output: clean \(3, 5\)"):
         run_unet(world, obj.x_t, obj.t, obj.ctx_target, patches={"unet.conv_norm_out": bad})
-
-
-def test_a_scene_index_out_of_range_says_the_range():
-    with pytest.raises(IndexError, match=r"scene 4 of a ConceptWorld of 4 scenes: indices are 0..3"):
-        ConceptWorld(4, seed=0)[4]
 
 
 def test_a_float64_classifier_objective_is_float64(world):

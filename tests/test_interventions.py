@@ -340,8 +340,8 @@ def test_weights_bitwise_unchanged_after_interventions_and_errors(tiny_world_mod
             pass
     assert_weights_equal(m, before)
 
-    # a patch of the wrong shape fails inside the trace (torch's broadcasting error, passed through)
-    with pytest.raises(RuntimeError, match=r"size of tensor a \(7\) must match the size of tensor b \(16\)"):
+    # a patch of the wrong shape fails inside the trace, naming the module and the shapes
+    with pytest.raises(ValueError, match=r"the patch of unet.conv_norm_out does not fit its output: clean \(3, 5, 7\)"):
         with torch.no_grad():
             run_unet(m, x, t, ctx, plan, torch.zeros(1, len(UNET_SET) + 1),
                      patches={"unet.conv_norm_out": Patch(torch.zeros(3, 5, 7), torch.tensor(True))})

@@ -155,17 +155,17 @@ def test_state_untouched_after_an_error_inside_a_method(method, tiny_conformance
 
     monkeypatch.setattr(objectives_mod, "run_unet", failing)
     monkeypatch.setattr(interventions_mod, "run_unet", failing)  # behind run_unet_in_passes
-    planted = r"size of tensor a \(5\) must match"  # torch's error for the planted patch, and no other error
+    planted = r"the patch of unet.conv_norm_out does not fit its output"  # the planted patch's error, no other
     try:
         run(method, tiny_world_model, tiny_red_objective, comps)
-    except RuntimeError as err:
+    except ValueError as err:
         if not re.search(planted, str(err)):
             raise
         assert calls["n"] == 2
     else:  # the method made a single UNet call: fail that one instead
         assert calls["n"] == 1
         calls.update(n=0, fail_at=1)
-        with pytest.raises(RuntimeError, match=planted):
+        with pytest.raises(ValueError, match=planted):
             run(method, tiny_world_model, tiny_red_objective, comps)
     monkeypatch.undo()
     assert_untouched(tiny_world_model, before)

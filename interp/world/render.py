@@ -145,7 +145,7 @@ class ConceptWorld(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.n:
-            raise IndexError(f"scene {i} of a ConceptWorld of {self.n} scenes: indices are 0..{self.n - 1}")
+            raise IndexError(i)  # the index alone, as a sequence's IndexError (iteration stops on it)
         rng = np.random.default_rng([self.seed, i])
         scene = random_scene(rng, **self.fixed)
         return {
