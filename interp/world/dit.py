@@ -174,7 +174,8 @@ def base_parts(base: str | Path | None = None):
         for name, value in sorted(getattr(pipe, part).state_dict().items()):
             sha.update(f"{part}.{name}".encode() + value.contiguous().numpy().tobytes())
     vae = pipe.vae.eval().requires_grad_(False)
-    vae.register_to_config(shift_factor=0.0)
+    # the folder it came from, named relative to the assets (not this machine's path, which diffusers records)
+    vae.register_to_config(shift_factor=0.0, _name_or_path=f"{BASE}/pipeline/vae")
     return vae, pipe.text_encoder, pipe.tokenizer, sha.hexdigest()[:16]
 
 
