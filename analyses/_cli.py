@@ -4,6 +4,7 @@ and an expected failure turned into one line and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -32,8 +33,7 @@ GROUPS = (
      ("granularity", "families", "kinds", "blocks", "components")),
     ("methods and budgets", "which methods or edits run, and how many masks or steps each may spend; alpha is the "
      "share of the components a random mask ablates",
-     ("methods", "edits", "k", "ratios", "coar_masks", "coar_alpha", "maskgrad_masks", "maskgrad_alpha",
-      "maskgrad_curve", "screen_fraction", "tracing_noise")),
+     ("methods", "edits", "k", "ratios")),
     ("held-out sets and statistics", "what the estimates are checked on: the LDS (linear datamodeling score) is the "
      "Spearman correlation between J predicted from summed scores and J measured under held-out random joint "
      "ablations at each rate alpha; held-out images are prompts and seeds no attribution saw, judged by the image "
@@ -50,7 +50,7 @@ COMMAND_OPTIONS = {
                                "guidance"),
     "components": ("granularity", "families", "kinds", "blocks"),
     "methods and budgets": ("methods", "compare", "rankings", "contrast", "ablation", "k", "random_rankings",
-                            "noise", "noise_scale"),
+                            "noise", "noise_scale", "plugin"),
     "held-out sets and statistics": ("random_masks", "mask_rates", "images", "steps", "n_boot", "seed"),
     OUTPUTS[0]: ("help", "out", "store", "threads", "no_progress"),
 }
@@ -60,9 +60,27 @@ COMMAND_OPTIONS = {
 MAX_THREADS = 1024
 
 
-def threads_error(threads: int) -> str | None:
-    """The one-line complaint about a ``--threads`` value, or None when it is usable."""
-    if not 1 <= threads <= MAX_THREADS:
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads``, the same on every command: not given, torch keeps its own default (the machine's physical
+    cores); results differ between thread counts only by rounding."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads, 1 to 1024 (default: torch's own, one per physical core)")
+
+
+def apply_threads(parser: argparse.ArgumentParser, threads: int | None) -> None:
+    """Check ``--threads`` (exit 2 with one line when unusable) and set torch's thread count when given."""
+    if threads is None:
+        return
+    if threads_error(threads):
+        parser.exit(2, f"error: {threads_error(threads)}\n")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def threads_error(threads: int | None) -> str | None:
+    """The one-line complaint about a ``--threads`` value, or None when it is usable (None: torch's default)."""
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
         import os
 
         return (f"--threads must be between 1 and {MAX_THREADS}, got {threads} (this machine has {os.cpu_count()} "
@@ -167,8 +185,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
             option_group(parser, title, description)
     for f in fields(cls):
         kind, tp = field_type(f)
+        if kind == "dict":  # the methods' options: add_method_arguments makes their flags
+            continue
         flags = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
         default = f.default if f.default is not MISSING else f.default_factory()
+        if "cli_default" in f.metadata:  # a default known once the registry is loaded (shown in --help)
+            default = f.metadata["cli_default"]()
         if kind == "tuple" and default is not None:
             default = list(default)
         kw = {"dest": f.name, "type": tp, "default": default,
@@ -188,9 +210,80 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def config_from_args(cls, args: argparse.Namespace):
-    """An instance of config dataclass ``cls`` from parsed options (lists become tuples; None keeps the default)."""
-    return cls(**{f.name: (tuple(v) if isinstance(v, list) else v)
-                  for f in fields(cls) if (v := getattr(args, f.name)) is not None})
+    """An instance of config dataclass ``cls`` from parsed options (lists become tuples; None keeps the default);
+    a dict field ``options`` gathers the methods' flags (:func:`add_method_arguments`) given on the command line."""
+    values = {f.name: (tuple(v) if isinstance(v, list) else v)
+              for f in fields(cls) if field_type(f)[0] != "dict" and (v := getattr(args, f.name)) is not None}
+    if "options" in {f.name for f in fields(cls)}:
+        values["options"] = method_options_from_args(args)
+    return cls(**values)
+
+
+#: Destination prefix of a method's option on the command line: ``method:<name>:<field>``.
+METHOD_DEST = "method:"
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options each registered method declares (:func:`interp.methods.option`): ``--<method>-<flag>``, one
+    argument group per method after "methods and budgets". A plugin's methods show once it is loaded
+    (:func:`load_plugins`). An option not given keeps the method's comparison default."""
+    from interp.methods import REGISTRY
+
+    for name, cls in REGISTRY.items():
+        options = cls.command_options()
+        if not options:
+            continue
+        group = parser.add_argument_group(f"options of {cls.label or name} ({name})")
+        for f in options:
+            kind, tp = field_type(f)
+            shown = f.metadata.get("compare", f.default if f.default is not MISSING else f.default_factory())
+            kw = {"dest": f"{METHOD_DEST}{name}:{f.name}", "type": tp, "default": None,
+                  "help": f"{f.metadata['help']} (default: {' '.join(map(str, shown)) if kind == 'tuple' else shown})"}
+            kw["metavar"] = (f.metadata.get("flag") or f.name).upper()
+            if kind == "tuple":
+                kw["nargs"] = "*"
+            if "choices" in f.metadata:
+                kw["choices"] = list(f.metadata["choices"])
+            group.add_argument(cls.flag(f), **kw)
+    # after "methods and budgets", before the held-out sets: in the order the help reads
+    groups = parser._action_groups
+    mine = [g for g in groups if (g.title or "").startswith("options of ")]
+    rest = [g for g in groups if g not in mine]
+    at = next((i + 1 for i, g in enumerate(rest) if g.title == "methods and budgets"), len(rest))
+    groups[:] = rest[:at] + mine + rest[at:]
+
+
+def method_options_from_args(args: argparse.Namespace) -> dict:
+    """``{method: {option: value}}`` of the method flags given (lists as tuples)."""
+    out: dict = {}
+    for dest, v in vars(args).items():
+        if dest.startswith(METHOD_DEST) and v is not None:
+            method, name = dest[len(METHOD_DEST):].split(":")
+            out.setdefault(method, {})[name] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def add_plugin_argument(parser: argparse.ArgumentParser) -> None:
+    """``--plugin`` (repeatable), read before the parser is built (:func:`load_plugins`); here it is documented."""
+    option_group(parser, "methods and budgets").add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                        help="a .py file or module that registers attribution methods (interp.methods.register); "
+                             "their options and results then appear like the shipped methods' (repeatable)")
+
+
+def load_plugins(argv, prog: str) -> None:
+    """Load the ``--plugin`` files and modules of ``argv`` before the parser is built, so their methods' options
+    are options of the command; a missing one exits with one line."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    from interp.methods import load_plugin
+
+    for spec in known.plugin:
+        try:
+            load_plugin(spec)
+        except ValueError as err:  # as parser.exit would: one line, exit 2
+            sys.stderr.write(f"error: {err}\n")
+            raise SystemExit(2) from None
 
 
 def add_executor_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,8 @@
 Writes a run folder (default reports/compare-<hash>/) with results.parquet, meta.json, tables/, figures/, a
 self-contained index.html and status.json (running, complete, or failed with traceback.txt). Re-running the same
 configuration reuses the cache in the folder; an interrupted run resumes where it stopped. Every option below is a
-field of interp.compare_config.CompareConfig. Expected failures print one line and exit with code 2.
+field of interp.compare_config.CompareConfig, or an option a method's file declares (--plugin FILE.py loads
+a method of your own). Expected failures print one line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The options are CompareConfig's fields (typed and documented there), plus how to run: --out, --threads,
-    --plan, --no-progress. Imports nothing heavy, so --help is fast."""
-    from analyses._cli import add_config_arguments, add_executor_arguments, add_no_progress_argument
+    """The options are CompareConfig's fields (typed and documented there), each registered method's options (its
+    file declares them), plus how to run: --out, --threads, --plan, --no-progress."""
+    from analyses._cli import (add_config_arguments, add_executor_arguments, add_method_arguments,
+                               add_no_progress_argument, add_plugin_argument, add_threads_argument)
     from interp.compare_config import CompareConfig
 
     p = argparse.ArgumentParser(prog="python -m analyses.compare_methods", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, CompareConfig)
+    add_plugin_argument(p)
+    add_method_arguments(p)
     p.add_argument("--out", type=Path, default=None, help="run folder (default reports/compare-<config hash>)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads, >= 1 (default %(default)s)")
+    add_threads_argument(p)
     p.add_argument("--plan", action="store_true",
                    help="print the run's cost plan (counts and projected time) and exit without running it")
     add_no_progress_argument(p)
@@ -36,11 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from analyses._cli import load_plugins
+
+    load_plugins(sys.argv[1:] if argv is None else argv, "compare_methods")
     parser = build_parser()
     args = parser.parse_args(argv)
     from analyses._cli import threads_error
 
-    if threads_error(args.threads):
+    if threads_error(args.threads):  # before the config: a bad value is named even with other bad options
         parser.exit(2, f"error: {threads_error(args.threads)}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from analyses._cli import config_from_args
@@ -52,10 +59,9 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: {err}\n")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         parser.exit(2, f"error: --out {args.out} is an existing file, not a folder: pass a folder path\n")
-    import torch
+    from analyses._cli import apply_threads, quiet_if_asked
 
-    torch.set_num_threads(args.threads)
-    from analyses._cli import quiet_if_asked
+    apply_threads(parser, args.threads)
 
     with quiet_if_asked(args):
         return _run(parser, args, cfg)
@@ -91,13 +97,6 @@ def _run(parser, args, cfg) -> int:
                  corr[["concept", "variant", "n", "pearson", "spearman", "kendall"]].to_string(index=False))
     lds = result["tables"]["lds"].pivot_table(index=["concept", "variant"], columns="alpha", values="lds_spearman")
     logging.info("\nLDS (Spearman) on held-out joint ablations, by ablation rate:\n%s", lds.round(3).to_string())
-    from interp.results import meta_key
-
-    for concept in cfg.concepts:
-        m = result["meta"]["methods"].get(meta_key("coar", concept))
-        if m is not None:
-            logging.info("COAR %s: held-out LDS on its own %d test masks: Spearman %.3f, Pearson %.3f",
-                         concept, m["n_test"], m["lds_spearman"], m["lds_pearson"])
     logging.info("report: %s", (out / "index.html").resolve())
     return 0
 

@@ -81,8 +81,8 @@ class EditConfig:
                               "generation call (half as many images, at most 64, decoded together); lower it when a "
                               "GPU runs out of memory")
     device: str = opt("auto", "device: auto (CUDA, else MPS, else CPU), cpu, cuda or mps", choices=DEVICES)
-    precision: str = opt("float32", "precision of the forward passes (statistics are accumulated in float32)",
-                         choices=PRECISIONS, flags=("--precision",), hidden_flags=("--dtype",))
+    dtype: str = opt("float32", "precision of the forward passes (statistics are accumulated in float32)",
+                     choices=PRECISIONS, flags=("--precision",), hidden_flags=("--dtype",))
 
     def __post_init__(self):
         check_fields(self)  # types and choices; what needs the registry or the model is checked by check_config
@@ -94,13 +94,13 @@ class EditConfig:
 def build_parser() -> argparse.ArgumentParser:
     """The options are EditConfig's fields, plus how to run: --out, --threads, --no-progress. Imports nothing heavy,
     so --help is fast."""
-    from analyses._cli import add_config_arguments, add_no_progress_argument
+    from analyses._cli import add_config_arguments, add_no_progress_argument, add_threads_argument
 
     p = argparse.ArgumentParser(prog="python -m analyses.edit_concepts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, EditConfig)
     p.add_argument("--out", type=Path, default=None, help="run folder (default reports/edit-<config hash>)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads, >= 1 (default %(default)s)")
+    add_threads_argument(p)
     add_no_progress_argument(p)
     return p
 
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_config(config: EditConfig) -> None:
     """Refuse a bad configuration before anything loads (ValueError naming the option): unknown concept words or
     edits, empty or invalid sweeps."""
-    from interp.compare import check_concept_words
+    from interp.compare_config import check_concept_words
     from interp.methods import REGISTRY
 
     if any(not c.strip() for c in config.concepts):
@@ -208,7 +208,7 @@ def _run(config, r, log) -> dict:
 
     t_start = time.perf_counter()
     out = r.out
-    model = interp.load_model(config.model, device=config.device, dtype=config.precision)
+    model = interp.load_model(config.model, device=config.device, dtype=config.dtype)
     check_finite_weights(model, config.model)
     judge = ed.resolve_judge(model, config.judge)  # a clear error (naming --judge) when the model has no classifier
     # held-out images of one evaluation (generated, judged, kept with their features) and the attribution samples
@@ -386,12 +386,10 @@ def main(argv=None) -> int:
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         parser.exit(2, f"error: --out {args.out} is an existing file, not a folder: pass a folder path\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    import torch
-
-    from analyses._cli import quiet_if_asked, run_or_exit
+    from analyses._cli import apply_threads, quiet_if_asked, run_or_exit
     from interp.store import config_hash
 
-    torch.set_num_threads(args.threads)
+    apply_threads(parser, args.threads)
     out = args.out or Path("reports") / f"edit-{config_hash(config.to_dict())[:10]}"
     t0 = time.perf_counter()
     with quiet_if_asked(args):

@@ -1,6 +1,6 @@
 """Erasure curves: ablate each method's top-k components jointly and judge the generated images on held-out prompts.
 
-    python -m analyses.erasure_curves                                   # red, circle; cad ablation coar maskgrad
+    python -m analyses.erasure_curves                                   # red, circle; ablation cad coar maskgrad
     python -m analyses.erasure_curves --compare reports/default --concepts red circle striped --k 1 4 16 64 224
     python -m analyses.erasure_curves --model <sd-folder> --judge <clip-folder> --concepts "van gogh" \\
         --alternatives monet picasso --kinds ff.net.0 --blocks mid_block
@@ -35,14 +35,14 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_METHODS = ("cad", "ablation", "coar", "maskgrad")
 #: --rankings: the suffix each ranking of a method is named with
 RANKINGS = {"plain": "", "contrastive": "+contrastive", "per-layer": "+per-layer",
             "contrastive-per-layer": "+contrastive+per-layer"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from analyses._cli import add_no_progress_argument
+    from analyses._cli import add_method_arguments, add_no_progress_argument, add_plugin_argument, add_threads_argument
+    from interp.methods import REGISTRY
 
     p = argparse.ArgumentParser(prog="python -m analyses.erasure_curves", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'concept-world' (shipped), a concept-world folder, or a Stable Diffusion folder / hub id "
                         "(then give --judge and --alternatives; default %(default)s)")
     p.add_argument("--concepts", nargs="+", default=["red", "circle"], help="concepts to erase (default %(default)s)")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+    p.add_argument("--methods", nargs="+", default=[n for n, m in REGISTRY.items() if m.default_erasure],
                    help="attribution methods whose rankings are ablated (default %(default)s)")
+    add_plugin_argument(p)
     p.add_argument("--compare", type=Path, default=None,
                    help="a finished comparison run folder: read the rankings from its results.parquet and take its "
                         "components and objective (the component and objective options below are then not used)")
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device (default %(default)s)")
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
                    help="precision of the forward passes (default %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads, >= 1 (default %(default)s)")
+    add_threads_argument(p)
+    add_method_arguments(p)
     add_no_progress_argument(p)
     return p
 
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(parser: argparse.ArgumentParser, args) -> dict | None:
     """Refuse bad arguments before anything heavy loads; returns the comparison's config with --compare."""
     from analyses._cli import threads_error
-    from interp.compare import check_concept_words
+    from interp.compare_config import check_concept_words
     from interp.methods import REGISTRY
     from interp.objectives import MAX_SEED
 
@@ -190,6 +192,12 @@ def read_comparison(folder: Path, args, fail) -> dict:
     if missing:
         fail(f"--compare {folder} has no results for {missing[:4]}: it ranked methods "
              f"{sorted(have['method'].unique())} on concepts {sorted(have['concept'].unique())}")
+    from interp.compare_config import CompareConfig
+
+    try:
+        CompareConfig.from_dict(body["config"], f"--compare {folder}")
+    except (TypeError, ValueError) as err:
+        fail(str(err))
     return body["config"]
 
 
@@ -197,11 +205,15 @@ def ranking_config(args, compare: dict | None):
     """The comparison configuration the rankings come from (its components, objective and method options)."""
     from interp.compare_config import CompareConfig
 
+    from analyses._cli import method_options_from_args
+    from interp.methods import reference
+
     if compare is not None:
-        return CompareConfig(**compare)
-    # 'ablation' is listed because a comparison needs its reference; only args.methods are computed
-    return CompareConfig(model=args.model, concepts=tuple(args.concepts),
-                         methods=tuple(dict.fromkeys(("ablation", *args.methods))), granularity=args.granularity,
+        return CompareConfig.from_dict(compare, f"--compare {args.compare}")
+    # the reference is listed because a comparison needs it; only args.methods are computed
+    methods = tuple(dict.fromkeys((reference(), *args.methods)))
+    return CompareConfig(model=args.model, concepts=tuple(args.concepts), methods=methods,
+                         options=method_options_from_args(args), granularity=args.granularity,
                          families=tuple(args.families), kinds=tuple(args.kinds), blocks=tuple(args.blocks),
                          n_images=args.attr_images, timesteps=tuple(args.timesteps), gen_steps=args.gen_steps,
                          guidance=args.guidance, max_batch=args.max_batch, dtype=args.precision,
@@ -221,8 +233,11 @@ def contrast_concepts(model, concept: str, args, alternatives) -> list[str]:
 
 
 def run_config(args) -> dict:
+    from analyses._cli import METHOD_DEST
+
+    # how to run is not part of the result (out, threads, progress), nor a method option not given
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-            if k not in ("out", "threads", "no_progress")}  # how to run, not what: not part of the result
+            if k not in ("out", "threads", "no_progress") and not (k.startswith(METHOD_DEST) and v is None)}
 
 
 def run(args, out: Path, compare: dict | None, log) -> dict:
@@ -335,16 +350,17 @@ def _run(args, r, compare, log) -> dict:
 
 
 def main(argv=None) -> int:
+    from analyses._cli import load_plugins
+
+    load_plugins(sys.argv[1:] if argv is None else argv, "erasure_curves")
     parser = build_parser()
     args = parser.parse_args(argv)
     compare = check_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    import torch
-
-    from analyses._cli import quiet_if_asked, run_or_exit
+    from analyses._cli import apply_threads, quiet_if_asked, run_or_exit
     from interp.store import config_hash
 
-    torch.set_num_threads(args.threads)
+    apply_threads(parser, args.threads)
     out = args.out or Path("reports") / f"erasure-{config_hash(run_config(args))[:10]}"
     t0 = time.perf_counter()
     with quiet_if_asked(args):

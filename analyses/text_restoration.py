@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from analyses._cli import add_no_progress_argument
+    from analyses._cli import add_no_progress_argument, add_threads_argument
 
     p = argparse.ArgumentParser(prog="python -m analyses.text_restoration", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the forward passes (default %(default)s)")
     p.add_argument("--out", type=Path, default=Path("reports/text-restoration.csv"),
                    help="CSV of the tidy table (default %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
+    add_threads_argument(p)
     add_no_progress_argument(p)
     return p
 
@@ -57,14 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if (args.images < 1 or args.steps < 1 or args.noise < 1 or args.noise_scale < 0 or args.threads < 1
-            or args.max_batch < 1):
-        parser.exit(2, "error: --images, --steps, --noise, --threads, --max-batch must be >= 1 and --noise-scale >= 0\n")
+    if args.images < 1 or args.steps < 1 or args.noise < 1 or args.noise_scale < 0 or args.max_batch < 1:
+        parser.exit(2, "error: --images, --steps, --noise, --max-batch must be >= 1 and --noise-scale >= 0\n")
+    from analyses._cli import threads_error
+
+    if threads_error(args.threads):
+        parser.exit(2, f"error: {threads_error(args.threads)}\n")
     if args.guidance is not None and not 0 <= args.guidance < 1e4:
         parser.exit(2, f"error: --guidance must be a scale >= 0 (1: unguided), got {args.guidance}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     import pandas as pd
-    import torch
 
     import interp
     from analyses._cli import quiet_if_asked, run_or_exit
@@ -86,7 +88,9 @@ def main(argv=None) -> int:
             logging.info("%s: %.1f s", c, time.perf_counter() - t1)
         return frames
 
-    torch.set_num_threads(args.threads)
+    from analyses._cli import apply_threads
+
+    apply_threads(parser, args.threads)
     t0 = time.perf_counter()
     with quiet_if_asked(args):  # an expected failure (a missing model, an unknown concept) is one line, exit 2
         frames = run_or_exit(parser, None, restore_every_concept)

@@ -9,13 +9,17 @@ import numbers
 import typing
 from dataclasses import asdict, dataclass, field, fields
 
-#: Methods of the default run.
-DEFAULT_METHODS = ("ablation", "cad", "coar", "maskgrad", "ig", "midpoint", "screen", "tracing")
 OBJECTIVES = ("erase", "amplify", "classifier")
 GRANULARITIES = ("layer", "neuron", "head")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("float32", "bfloat16", "float16", "float64")
 MIN_HELDOUT_MASKS = 10  # an LDS (a rank correlation) over fewer held-out masks is noise
+
+
+def _default_methods() -> list[str]:
+    from .methods import default_methods
+
+    return list(default_methods())
 
 
 def opt(default, help: str, **cli):
@@ -31,7 +35,9 @@ class CompareConfig:
     model: str = opt("concept-world", "'concept-world' (shipped), a folder written by save_pretrained, or a hub id")
     concepts: tuple[str, ...] = opt(("red", "blue", "circle", "square", "striped"),
                                     "concept words (concept world: attribute values such as red, circle, striped)")
-    methods: tuple[str, ...] = opt(DEFAULT_METHODS, "methods to run; 'ablation' is always needed as the reference")
+    methods: tuple[str, ...] = opt((), "methods to run, by registered name (a plugin's too, with --plugin); the "
+                                        "reference, true ablation, is always needed; empty: every method the "
+                                        "registry runs by default", cli_default=_default_methods)
     granularity: str = opt("neuron", "component granularity", choices=GRANULARITIES)
     families: tuple[str, ...] = opt(("ff",), "component families: ff attn1 attn2 resnet text_attn text_mlp ...",
                                     nargs="*", metavar="FAMILY")
@@ -67,17 +73,6 @@ class CompareConfig:
     device: str = opt("auto", "device: auto (CUDA, else MPS, else CPU), cpu, cuda or mps", choices=DEVICES)
     max_batch: int = opt(256, "UNet rows per forward pass, >= 1: a speed and memory knob (results differ only by "
                               "rounding); 256 was the fastest on a 2-core CPU (docs/benchmarks.md), a GPU takes more")
-    coar_masks: int = opt(0, "COAR's random masks (0: twice the number of components; otherwise at least 10)")
-    coar_alpha: float = opt(0.05, "COAR's ablation rate, in (0, 1)")
-    maskgrad_masks: int = opt(12, "random masks K of the mask-averaged gradient (12 was chosen by a sweep of K: "
-                                  "docs/results.md)")
-    maskgrad_alpha: float = opt(0.05, "ablation rate of the mask-averaged gradient and the midpoint gradient, in "
-                                      "(0, 1)")
-    maskgrad_curve: tuple[int, ...] = opt((4, 8), "also report the mask-averaged gradient from its first K masks, "
-                                                  "for each K (free)", nargs="*")
-    screen_fraction: float = opt(0.1, "screen-then-verify: share of components, ranked by the mask-averaged "
-                                      "gradient, whose true ablation effect is measured, in (0, 1]")
-    tracing_noise: int = opt(2, "causal tracing: noise draws per corrupted run")
     erasure_k: tuple[int, ...] = opt((), "erasure curves in the report: ablate each method's top k components "
                                          "jointly, for each k given, and judge held-out generated images (empty: "
                                          "not measured; see analyses.erasure_curves for more options)", nargs="*")
@@ -88,6 +83,8 @@ class CompareConfig:
                                  f"{MIN_HELDOUT_MASKS})")
     n_boot: int = opt(1000, "bootstrap resamples of the confidence intervals (at least 100)")
     seed: int = opt(0, "seed of every random choice (>= 0)")
+    options: dict = opt({}, "each method's options by method, e.g. {'coar': {'n_masks': 800}} (the commands' "
+                            "--<method>-<option> flags; each method's file declares them)")
 
     def __post_init__(self):
         check_fields(self)
@@ -106,17 +103,21 @@ class CompareConfig:
         if alone:
             raise ValueError(f"alternatives (--alternatives) {list(self.alternatives)} leave {alone[0]!r} nothing to "
                              f"be weighed against: name phrases other than the concept")
-        if not self.methods:
-            raise ValueError("no methods given")
-        from .methods import REGISTRY  # imported here, not at module level: --help must not load torch
+        from .methods import REGISTRY, default_methods, reference  # here, not at module level: importing the config
+        # must not load torch
 
+        if not self.methods:
+            object.__setattr__(self, "methods", default_methods())
         unknown = [m for m in self.methods if m not in REGISTRY]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; registered methods are {sorted(REGISTRY)}")
-        if "ablation" not in self.methods:
-            raise ValueError("the comparison needs 'ablation' (true ablation is the reference of every table)")
+            raise ValueError(f"unknown method(s) {unknown}; registered methods are {sorted(REGISTRY)} (a method of "
+                             f"your own: --plugin FILE.py)")
+        if reference() not in self.methods:
+            raise ValueError(f"the comparison needs {reference()!r} (the reference of every table): add it to "
+                             f"--methods")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"duplicate methods in {self.methods}")
+        object.__setattr__(self, "options", check_method_options(self.options, self.methods))
         if self.n_images < 1:
             raise ValueError(f"n_images (--images) must be >= 1, got {self.n_images}")
         if self.max_batch < 1:
@@ -127,26 +128,12 @@ class CompareConfig:
             raise ValueError(f"gen_steps (--gen-steps) must be >= 1, got {self.gen_steps}")
         if self.guidance is not None and not 0 <= self.guidance < 1e4:
             raise ValueError(f"guidance (--guidance) must be a scale >= 0 (1: unguided), got {self.guidance}")
-        if self.coar_masks != 0 and self.coar_masks < 10:
-            raise ValueError(f"coar_masks (--coar-masks) must be 0 (twice the components) or >= 10, got "
-                             f"{self.coar_masks}")
-        for name in ("coar_alpha", "maskgrad_alpha"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
-        if self.maskgrad_masks < 1:
-            raise ValueError(f"maskgrad_masks must be >= 1, got {self.maskgrad_masks}")
-        if any(k < 1 for k in self.maskgrad_curve):
-            raise ValueError(f"maskgrad_curve values must be >= 1, got {self.maskgrad_curve}")
-        if not 0 < self.screen_fraction <= 1:
-            raise ValueError(f"screen fraction must be in (0, 1], got {self.screen_fraction}")
         if any(k < 1 for k in self.erasure_k):
             raise ValueError(f"erasure_k values must be >= 1, got {self.erasure_k}")
         if self.erasure_k and self.erasure_images < 3:  # a quarter show the concept, the rest other values
             raise ValueError(f"erasure_images (--erasure-images) must be >= 3, got {self.erasure_images}")
         if self.erasure_k and self.erasure_steps < 1:
             raise ValueError(f"erasure_steps (--erasure-steps) must be >= 1, got {self.erasure_steps}")
-        if self.tracing_noise < 1:
-            raise ValueError(f"tracing_noise must be >= 1, got {self.tracing_noise}")
         if not self.lds_alphas:
             raise ValueError("lds_alphas is empty: give at least one ablation rate in (0, 1)")
         for a in self.lds_alphas:
@@ -164,6 +151,22 @@ class CompareConfig:
         """The fields as a dict: what the run's hash, ``meta.json`` and the caches' keys are made of."""
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "the configuration") -> "CompareConfig":
+        """The config a run folder's ``status.json`` or ``meta.json`` records (:meth:`to_dict`).
+
+        Raises:
+            ValueError: fields this version does not have (a run written by an older version, whose method options
+                were fields of their own such as ``coar_masks``), naming them and the fix.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where} has fields this version does not know ({', '.join(unknown)}): it was written "
+                             f"by an older version; run the comparison again (method options are now "
+                             f"--<method>-<option> flags, e.g. --coar-masks)")
+        return cls(**d)
+
     def objective_config(self):
         """The :class:`~interp.objectives.ObjectiveConfig` every method of the run attributes."""
         from .objectives import ObjectiveConfig
@@ -180,6 +183,74 @@ class CompareConfig:
         return get(method).compare_options(self, n)
 
 
+def select_components(model, cfg: CompareConfig):
+    """The components a comparison attributes: ``cfg.components`` by address, else the model's components of
+    ``cfg.granularity`` filtered by ``cfg.families``, ``cfg.kinds`` and ``cfg.blocks``.
+
+    Args:
+        model: the loaded model.
+        cfg: the comparison's config (or any with those fields).
+
+    Returns:
+        A :class:`~interp.components.ComponentSet` (possibly empty: the caller refuses that).
+
+    Raises:
+        interp.components.UnknownComponentError: an address names no component (with the nearest valid ones).
+    """
+    if getattr(cfg, "components", ()):  # named addresses (unknown ones fail with the nearest valid ones)
+        from .components import ComponentSet  # (this module loads no torch)
+
+        return ComponentSet([model.space.parse(a) for a in cfg.components])
+    filters = {"family": list(cfg.families) or None, "kind": list(cfg.kinds) or None,
+               "block": list(cfg.blocks) or None}
+    return model.components(cfg.granularity, **{k: v for k, v in filters.items() if v})
+
+
+def check_concept_words(model: str, concepts) -> None:
+    """On a model kind with its own concepts (the concept world, by name or folder), refuse unknown concept words
+    before the model loads."""
+    from .models import model_kind
+
+    kind = model_kind(model)
+    if kind is not None and hasattr(kind.provider, "check_concept_words"):
+        kind.provider.check_concept_words(concepts)
+
+
+def check_method_options(options, methods) -> dict:
+    """``options`` (``{method: {option: value}}``) checked against each method's config, as plain sorted dicts with
+    sequences as tuples; a method with no options given is left out. A registered method that is not run may have
+    options: screen-then-verify screens with the mask-averaged gradient's. Every option is checked by the method's config
+    on its own; those that depend on the component count (COAR's curve) are checked again before any method runs.
+
+    Raises:
+        ValueError: not a dict of dicts, an unknown method or option, or a bad value, naming the method's flag.
+    """
+    from dataclasses import fields as dc_fields
+
+    from .methods import get
+
+    if not isinstance(options, dict) or any(not isinstance(v, dict) for v in options.values()):
+        raise ValueError(f"options must be a dict of dicts, {{method: {{option: value}}}}, got {options!r}")
+    out = {}
+    for method in sorted(options):
+        given = {k: tuple(v) if isinstance(v, list) else v for k, v in sorted(options[method].items())}
+        if not given:
+            continue
+        cls = get(method)  # (a method not run may still set another's options: screen screens with maskgrad's)
+        names = [f.name for f in dc_fields(cls.Config) if f.name != "seed"]
+        unknown = [k for k in given if k not in names]
+        if unknown:
+            raise ValueError(f"{method} has no option {unknown[0]!r}; its options are {names}")
+        try:
+            cls.Config(**given)
+        except (TypeError, ValueError) as err:
+            flags = {f.name: cls.flag(f) for f in cls.command_options()}
+            shown = ", ".join(f"{flags.get(k, k)} {v}" for k, v in given.items())
+            raise ValueError(f"{method} options ({shown}): {err}") from None
+        out[method] = given
+    return out
+
+
 # -- field types, which the command line (analyses/_cli.py) is generated from -----------------------------------------
 _SCALARS = {"str": str, "int": int, "float": float}
 
@@ -190,7 +261,7 @@ def check_fields(cfg) -> None:
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         tp = field_type(f)
-        if value is None and optional(f):
+        if value is None and optional(f) or tp[0] == "dict":  # a dict field is checked by its config
             continue
         if tp[0] == "tuple":
             if isinstance(value, str) or not isinstance(value, typing.Iterable):
@@ -218,8 +289,11 @@ def optional(f) -> bool:
 
 
 def field_type(f) -> tuple[str, type]:
-    """("scalar" or "tuple", the element type) of a config field, from its annotation (``| None`` aside)."""
+    """("scalar", "tuple" or "dict", the element type) of a config field, from its annotation (``| None``
+    aside)."""
     t = _annotation(f).removesuffix("|None")
+    if t == "dict":
+        return "dict", dict
     if t.startswith("tuple[") and t.endswith(",...]"):
         return "tuple", _SCALARS[t[len("tuple["):-len(",...]")]]
     return "scalar", _SCALARS[t]

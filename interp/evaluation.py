@@ -1,7 +1,7 @@
 """Evaluation: turns tidy result frames (:mod:`interp.results`) into tables.
 
-Every function compares methods with a *reference* method, named by a parameter; the default ``"ablation"`` is true
-single-component ablation, the ground truth. Rows are matched between a method and the reference on
+Every function compares methods with a *reference* method, named by a parameter; the default is the registry's
+reference (:func:`interp.methods.reference`: true single-component ablation, the ground truth). Rows are matched between a method and the reference on
 ``(concept, component)``. Tables have one row per estimate: ``method`` (the registered method) and
 ``variant`` (its main estimate is named as the method; budget and rate variants have their own names, see
 :mod:`interp.results`); a reference or baseline names a variant.
@@ -37,12 +37,29 @@ CORR_COLUMNS = CORR_KEYS + [
     "kendall", "kendall_lo", "kendall_hi",
 ]
 
-#: Display names for the summary sentences; other method names are shown as they are.
-METHOD_LABELS = {
-    "ablation": "true ablation", "cad": "CAD", "coar": "COAR", "tracing": "causal tracing",
-    "ig": "integrated gradients", "maskgrad": "the mask-averaged gradient", "midpoint": "the midpoint gradient",
-    "screen": "screen-then-verify",
-}
+
+
+def method_labels() -> dict[str, str]:
+    """Display names of the registered methods (each method's ``label``); other names are shown as they are."""
+    from . import methods  # the registry loads torch; a table of scores does not need it until it asks
+
+    return {n: m.label or n for n, m in methods.REGISTRY.items()}
+
+
+def reference_method(reference: str | None = None) -> str:
+    """``reference``, or the registry's reference method (:func:`interp.methods.reference`)."""
+    from . import methods
+
+    return reference or methods.reference()
+
+
+def reference_users() -> tuple[str, ...]:
+    """Methods whose scores are partly the reference's measurements (``Capabilities.uses_reference``): they do not
+    compete in "which method agrees best", their agreement being partly by construction."""
+    from . import methods
+
+    return tuple(n for n, m in methods.REGISTRY.items() if m.capabilities.uses_reference)
+
 
 _PART_ORDER = {"text_encoder": 0, "unet": 1}
 
@@ -60,6 +77,7 @@ _CHUNK_ENTRIES = 2_000_000
 # -- matching ------------------------------------------------------------------------------------------------------
 def _paired(df: pd.DataFrame, reference: str, keys: Sequence[str]) -> pd.DataFrame:
     """Non-reference rows with the reference's score alongside (column ``ref``), matched on (concept, component)."""
+    reference = reference_method(reference)
     ref = df.loc[df["variant"] == reference, ["concept", "component", "score"]]
     if ref.empty:
         raise ValueError(f"no rows of the reference method {reference!r}; methods present: "
@@ -196,7 +214,7 @@ def _corr_with_ci(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int, level: f
 
 
 # -- correlation tables --------------------------------------------------------------------------------------------
-def correlations(df: pd.DataFrame, reference: str = "ablation", by: Sequence[str] = ("concept", "method", "variant"),
+def correlations(df: pd.DataFrame, reference: str | None = None, by: Sequence[str] = ("concept", "method", "variant"),
                  n_boot: int = 1000, seed: int = 0, *, ci: float = 0.95,
                  n_boot_kendall: int | None = None) -> pd.DataFrame:
     """Correlation of each group's scores with the reference's, over the components both scored.
@@ -217,7 +235,7 @@ def correlations(df: pd.DataFrame, reference: str = "ablation", by: Sequence[str
     return pd.DataFrame(records, columns=lead + CORR_COLUMNS[len(CORR_KEYS):])
 
 
-def correlations_by_layer(df: pd.DataFrame, reference: str = "ablation", level: str = "layer", n_boot: int = 200,
+def correlations_by_layer(df: pd.DataFrame, reference: str | None = None, level: str = "layer", n_boot: int = 200,
                           seed: int = 0, **kwargs) -> pd.DataFrame:
     """:func:`correlations` per layer (``level="layer"``) or per stage (``level="block"``).
 
@@ -236,7 +254,7 @@ def correlations_by_layer(df: pd.DataFrame, reference: str = "ablation", level: 
 
 
 # -- top-k agreement -----------------------------------------------------------------------------------------------
-def topk_agreement(df: pd.DataFrame, reference: str = "ablation",
+def topk_agreement(df: pd.DataFrame, reference: str | None = None,
                    fractions: Sequence[float] = (0.01, 0.05, 0.10)) -> pd.DataFrame:
     """Precision of each method's top-k components against the reference's top-k, per concept and fraction.
 
@@ -343,15 +361,19 @@ def _row_spearman(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
         return (rp * rt).sum(1) / np.sqrt((rp**2).sum(1) * (rt**2).sum(1))
 
 
-def lds_versus(df: pd.DataFrame, heldout: dict, baseline: str = "coar", *, n_boot: int = 1000, seed: int = 0,
+def lds_versus(df: pd.DataFrame, heldout: dict, baseline: str | None = None, *, n_boot: int = 1000, seed: int = 0,
                level: float = 0.95) -> pd.DataFrame:
     """Is a method's LDS better than ``baseline``'s on the same held-out masks? A paired bootstrap.
 
     For every concept, ablation rate and method that scored every masked component: the Spearman LDS of the method
     and of the baseline, their difference, and a percentile interval of the difference from resampling the held-out
     masks (the same resample for both, so the noise they share cancels). An interval that contains 0 is a tie at
-    this many masks.
+    this many masks. ``baseline`` defaults to the registry's (:func:`interp.methods.baseline`: COAR).
     """
+    if baseline is None:
+        from . import methods
+
+        baseline = methods.baseline()
     rng = np.random.default_rng(seed)
     records = []
     for (concept, alpha), h in heldout.items():
@@ -449,15 +471,18 @@ def corruption_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- sentences -----------------------------------------------------------------------------------------------------
-def summary_sentences(corr_table: pd.DataFrame, reference: str = "ablation",
-                      labels: dict | None = None, exclude: tuple[str, ...] = ("screen",)) -> list[str]:
+def summary_sentences(corr_table: pd.DataFrame, reference: str | None = None,
+                      labels: dict | None = None, exclude: tuple[str, ...] | None = None) -> list[str]:
     """One sentence per concept naming the method with the highest Spearman correlation with the reference.
 
-    ``labels`` maps method names to display names (default :data:`METHOD_LABELS`). Budget and rate variants (rows
-    whose ``variant`` is not the method's main estimate) and the methods in ``exclude`` do not compete:
-    screen-then-verify's top scores *are* the reference's measurements, so its agreement is partly by construction.
+    ``labels`` maps method names to display names (default: each method's ``label``). Budget and rate variants
+    (rows whose ``variant`` is not the method's main estimate) and the methods in ``exclude`` (default
+    :func:`reference_users`) do not compete: screen-then-verify's top scores *are* the reference's measurements, so
+    its agreement is partly by construction.
     """
-    labels = {**METHOD_LABELS, **(labels or {})}
+    reference = reference_method(reference)
+    exclude = reference_users() if exclude is None else exclude
+    labels = {**method_labels(), **(labels or {})}
     ref = labels.get(reference, reference)
     out = []
     for concept, g in corr_table.groupby("concept", sort=True):

@@ -62,8 +62,8 @@ class ObjectiveConfig:
 
     kind: str = "erase"
     anchor: str = "shared"
-    n_images: int = 8
-    timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
+    n_images: int = 4  # the comparison's defaults (compare_methods --images, --timesteps): one evaluation set
+    timesteps: tuple[int, ...] = (250, 600)
     seed: int = 0
     gen_steps: int = 10
     guidance: float | None = None  # None: the model's default (1.0 for the concept world, 7.5 otherwise)

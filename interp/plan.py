@@ -358,7 +358,7 @@ def _sync(device):
 
 def _timed_pass(model, plan, rows: int, grad: bool, size: int | None = None) -> dict:
     """One batched UNet pass through the engine (nnsight, multipliers at every site), timed."""
-    from .diffusion import latent_shape, tokenize
+    from .diffusion import latent_shape
     from .interventions import run_text, run_unet
 
     dev, dt = model.device, model.dtype
@@ -691,7 +691,7 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
         ValueError: the component selection is empty, or the configuration is invalid for the model.
         interp.models.ModelLoadError: ``cfg.model`` cannot be loaded.
     """
-    from .compare import select_components
+    from .compare_config import select_components
     from .objectives import DTYPES
 
     if model is None:
@@ -708,22 +708,21 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
     n = len(comps)
     # (name, rows the result records as its cost, rows this run executes): they differ where a method reuses
     # another's cached result (screen-then-verify screens with the run's own mask-averaged gradient).
+    from .methods import get
+
     work: list[tuple[str, Rows, Rows]] = [("(evaluation set)", shape.setup(), shape.setup())]
     done: set[tuple[str, str]] = set()
     for method in cfg.methods:
         options = cfg.method_options(method, n)
         recorded = planned_rows(method, options, comps, shape)
         run = recorded
-        if method == "screen":
-            from .methods import get
-
-            cls = get("screen")
-            sc = cls.Config(**options)
-            rec, full = cls.screener_rows(sc, comps, shape)
-            screener_key = (sc.screen, repr(sorted({**dict(sc.screen_options), "seed": sc.seed}.items())))
-            run = Rows(recorded.total - rec.total, recorded.grad - rec.grad)
-            if screener_key not in done:
-                run = run + full
+        for other, other_options in get(method).reuses(get(method).Config(**options)):
+            cls = get(other)
+            oc = cls.Config(**other_options)
+            rec = cls.recorded_rows(oc, comps, shape)
+            run = Rows(run.total - rec.total, run.grad - rec.grad)  # its record counts the reused result's cost
+            if (other, repr(sorted(other_options.items()))) not in done:  # not computed by the run yet: runs now
+                run = run + cls.planned_rows(oc, comps, shape)
         done.add((method, repr(sorted(options.items()))))
         work.append((method, recorded, run))
     for alpha in cfg.lds_alphas:  # compare.heldout_ablations: zero-ablation masks through the same engine
@@ -743,7 +742,7 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
 
     notes = ["'(evaluation set)': building each concept's objective (its J of the intact model, and generated "
              "samples on models other than the concept world); projected time covers UNet passes only."]
-    if passes and shape.kind != "classifier" and any(m in cfg.methods for m in ("ablation", "screen", "tracing")):
+    if passes and shape.kind != "classifier" and any(get(m).capabilities.single_changes for m in cfg.methods):
         # (a generation has no fixed upstream to replay: Objective._replayable)
         frac = replayed_fraction(model, comps)
         notes.append(f"single ablations (true ablation, screen-then-verify's verification) and causal tracing's "

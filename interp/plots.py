@@ -149,12 +149,15 @@ def localization_heatmap(df: pd.DataFrame, method: str) -> Figure:
 
 
 # -- agreement with the reference ----------------------------------------------------------------------------------
-def scatter_vs_reference(df: pd.DataFrame, concept: str, reference: str = "ablation", methods=None,
+def scatter_vs_reference(df: pd.DataFrame, concept: str, reference: str | None = None, methods=None,
                          ncol: int = 7) -> Figure:
     """Small multiples: each method's score (y) against the reference's (x) on shared components, with Pearson r and
     Spearman rho and the line y = x. The x axis (the reference) is shared; each y axis keeps its own range, so that
     one method on another scale (causal tracing's restored fractions) does not flatten the others. ``methods`` picks
     the panels (default every method sharing components with the reference)."""
+    from .evaluation import reference_method
+
+    reference = reference_method(reference)
     rows = df[df["concept"] == concept]
     ref = rows.loc[rows["variant"] == reference, ["component", "score"]].rename(columns={"score": "ref"})
     others = sorted(m for m in rows["variant"].unique() if m != reference) if methods is None else \
@@ -192,6 +195,19 @@ def scatter_vs_reference(df: pd.DataFrame, concept: str, reference: str = "ablat
 
 
 # -- causal tracing maps -------------------------------------------------------------------------------------------
+def _map_method(maps: pd.DataFrame, method: str | None) -> tuple[str, str, str]:
+    """(method, its label, what its map scores are) of a maps frame: ``method``, or the one method in it."""
+    if method is None:
+        found = sorted(set(maps["method"]))
+        if len(found) > 1:
+            raise ValueError(f"the maps hold several methods {found}: pass method=")
+        method = found[0] if found else ""  # no maps: an empty figure
+    from . import methods  # the registry loads torch; a frame of maps alone does not need it until drawn
+
+    cls = methods.REGISTRY.get(method)
+    return method, (cls.label if cls is not None and cls.label else method), (cls.map_score if cls else "score")
+
+
 def _trace_rows(maps, concept, method, part, axis):
     return maps[(maps["method"] == method) & (maps["concept"] == concept) & (maps["model_part"] == part)
                 & (maps["axis"] == axis)]
@@ -209,9 +225,11 @@ def _trace_grid(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return grid, order
 
 
-def trace_map_unet(maps: pd.DataFrame, concept: str, method: str = "tracing") -> Figure:
-    """Causal tracing in the UNet: restored fraction (score) per layer x timestep, in denoising order. ``maps``: the
-    method's map frame (``Method.maps``, or a comparison's ``maps.parquet``)."""
+def trace_map_unet(maps: pd.DataFrame, concept: str, method: str | None = None) -> Figure:
+    """A method's map in the UNet (causal tracing: the restored fraction) per layer x timestep, in denoising order.
+    ``maps``: the method's map frame (``Method.maps``, or a comparison's ``maps.parquet``); ``method`` the one to
+    draw (default: the only one in it)."""
+    method, name, what = _map_method(maps, method)
     rows = _trace_rows(maps, concept, method, "unet", "timestep")
     if rows.empty:
         return _empty(f"no UNet tracing rows with a timestep for concept {concept!r}")
@@ -219,21 +237,22 @@ def trace_map_unet(maps: pd.DataFrame, concept: str, method: str = "tracing") ->
     grid = grid[sorted(grid.columns, reverse=True)]  # sampling runs from high (noisy) to low timesteps
     fig = Figure(figsize=(max(5.0, 0.45 * grid.shape[1] + 3), _height(len(order))), layout="constrained")
     ax = fig.add_subplot()
-    sns.heatmap(grid, ax=ax, cmap="viridis", cbar_kws={"label": "restored fraction"}, yticklabels=True)
+    sns.heatmap(grid, ax=ax, cmap="viridis", cbar_kws={"label": what}, yticklabels=True)
     ax.tick_params(axis="y", labelrotation=0)
     ax.set_xlabel("timestep (denoising order: noisy \u2192 clean)")
     ax.set_ylabel("layer")
-    ax.set_title(f"causal tracing, UNet, concept '{concept}'")
+    ax.set_title(f"{name}, UNet, concept '{concept}'")
     return fig
 
 
 def trace_map_text(maps: pd.DataFrame, concept: str, tokens: list[str] | None = None,
-                   method: str = "tracing") -> Figure:
-    """Causal tracing in the text encoder: restored fraction per layer x token position.
+                   method: str | None = None) -> Figure:
+    """A method's map in the text encoder (causal tracing: the restored fraction) per layer x token position.
 
     Columns are token offsets relative to the last subject token. ``tokens`` (optional) labels them: a list
     indexed by offset + its first offset is not supported; pass labels for offsets 0, 1, ... only when they align.
     """
+    method, name, what = _map_method(maps, method)
     rows = _trace_rows(maps, concept, method, "text_encoder", "token")
     if rows.empty:
         return _empty(f"no text-encoder tracing rows with a token for concept {concept!r}")
@@ -241,7 +260,7 @@ def trace_map_text(maps: pd.DataFrame, concept: str, tokens: list[str] | None = 
     grid = grid[sorted(grid.columns)]
     fig = Figure(figsize=(max(5.0, 0.55 * grid.shape[1] + 3), _height(len(order))), layout="constrained")
     ax = fig.add_subplot()
-    sns.heatmap(grid, ax=ax, cmap="viridis", cbar_kws={"label": "restored fraction"}, yticklabels=True)
+    sns.heatmap(grid, ax=ax, cmap="viridis", cbar_kws={"label": what}, yticklabels=True)
     ax.tick_params(axis="y", labelrotation=0)
     if tokens is not None:
         ax.set_xticks(np.arange(grid.shape[1]) + 0.5)
@@ -249,13 +268,14 @@ def trace_map_text(maps: pd.DataFrame, concept: str, tokens: list[str] | None = 
                            ha="right")
     ax.set_xlabel("token offset from the last subject token (0 = that token)")
     ax.set_ylabel("layer")
-    ax.set_title(f"causal tracing, text encoder, concept '{concept}'")
+    ax.set_title(f"{name}, text encoder, concept '{concept}'")
     return fig
 
 
-def trace_maps(maps: pd.DataFrame, concepts, part: str = "unet", method: str = "tracing") -> Figure:
-    """Causal tracing for several concepts side by side on one colour scale: restored fraction per layer x timestep
-    (``part="unet"``, noisy to clean) or per layer x token offset (``part="text_encoder"``)."""
+def trace_maps(maps: pd.DataFrame, concepts, part: str = "unet", method: str | None = None) -> Figure:
+    """A method's maps for several concepts side by side on one colour scale (causal tracing: the restored fraction)
+    per layer x timestep (``part="unet"``, noisy to clean) or per layer x token offset (``part="text_encoder"``)."""
+    method, name, what = _map_method(maps, method)
     axis = "timestep" if part == "unet" else "token"
     grids = {}
     for c in concepts:
@@ -275,7 +295,7 @@ def trace_maps(maps: pd.DataFrame, concepts, part: str = "unet", method: str = "
     axes = np.atleast_1d(fig.subplots(1, len(grids), sharey=True, squeeze=False)).ravel()
     for j, (ax, (c, g)) in enumerate(zip(axes, grids.items())):
         sns.heatmap(g, ax=ax, cmap="viridis", vmin=vmin, vmax=vmax, cbar=j == len(grids) - 1,
-                    cbar_kws={"label": "restored fraction"}, yticklabels=True)
+                    cbar_kws={"label": what}, yticklabels=True)
         ax.tick_params(axis="y", labelleft=j == 0)
         ax.set_title(f"'{c}'", fontsize=9)
         ax.set_xlabel("timestep (noisy \u2192 clean)" if axis == "timestep" else "token offset", fontsize=8)
@@ -283,7 +303,7 @@ def trace_maps(maps: pd.DataFrame, concepts, part: str = "unet", method: str = "
         ax.tick_params(axis="y", labelrotation=0, labelsize=7)
         ax.tick_params(axis="x", labelsize=7)
     where = "UNet layer x timestep" if axis == "timestep" else "text-encoder layer x token offset (0 = last subject token)"
-    fig.suptitle(f"causal tracing, {where}: fraction of the concept restored", fontsize=9.5)
+    fig.suptitle(f"{name}, {where}: {what}", fontsize=9.5)
     return fig
 
 

@@ -51,8 +51,8 @@ CLI_CASES = {
     "held-out masks beyond memory": (["--heldout-masks", "2000000000"], "held-out masks"),
     "images beyond memory": (["--images", "100000000"], "evaluation set"),
     "batch 0": (["--max-batch", "0"], "max_batch"),
-    "too few COAR masks": (["--coar-masks", "5"], "coar_masks"),
-    "rate above 1": (["--maskgrad-alpha", "1.5"], "maskgrad_alpha"),
+    "too few COAR masks": (["--coar-masks", "5"], "--coar-masks 5"),
+    "rate above 1": (["--maskgrad-alpha", "1.5"], "--maskgrad-alpha 1.5"),
     "LDS rate 0": (["--lds-alphas", "0"], "LDS ablation rates"),
     "bootstrap 0": (["--n-boot", "0"], "n_boot"),
     "negative seed": (["--seed", "-1"], "seed"),
@@ -98,11 +98,11 @@ def test_coar_with_ten_masks_needs_no_budget_curve():
     from interp.compare import CompareConfig
     from interp.methods.base import get
 
-    opts = CompareConfig(coar_masks=10).method_options("coar", 32)
+    opts = CompareConfig(options={"coar": {"n_masks": 10}}).method_options("coar", 32)
     assert opts["n_masks"] == 10 and opts["curve"] == ()  # 8 training masks: no curve point of >= 10 fits below
     assert get("coar")(**opts).config.curve == ()
     for masks in (13, 20, 200):  # every curve point a comparison asks for is one COAR's fit accepts
-        opts = CompareConfig(coar_masks=masks).method_options("coar", 32)
+        opts = CompareConfig(options={"coar": {"n_masks": masks}}).method_options("coar", 32)
         assert all(10 <= k < int(masks * 0.8) for k in opts["curve"]), (masks, opts)
 
 
@@ -125,27 +125,34 @@ with contextlib.redirect_stdout(out):
         runpy.run_module("analyses.compare_methods", run_name="__main__")
     except SystemExit as e:
         code = e.code
-heavy = ("torch", "diffusers", "transformers", "nnsight", "numpy", "pandas", "scipy", "matplotlib")
+heavy = ("matplotlib", "seaborn", "interp.world", "interp.compare", "interp.report")
 print(json.dumps({"code": code, "help": out.getvalue(), "imported": [m for m in heavy if m in sys.modules]}))
 """
 
 
-def test_help_is_fast_and_documents_every_field():
-    """--help answers without importing torch or any other heavy library (what makes it fast: about 0.1 s against
-    several seconds for torch alone; benchmarks/bench_cli_help.py times it), and documents every option."""
+def test_help_documents_every_field_and_every_methods_option():
+    """--help documents every option: the config's fields and each registered method's options (read from the
+    method's own file, so the registry is imported: torch, but no plotting, report, comparison or world module;
+    benchmarks/bench_cli_help.py times it)."""
     import subprocess
     import sys
     from dataclasses import fields
 
     from interp.compare_config import CompareConfig
+    from interp.methods import REGISTRY
 
     got = json.loads(subprocess.run([sys.executable, "-c", HELP], capture_output=True, text=True, check=True,
                                     cwd=Path(__file__).resolve().parents[1]).stdout)
     assert got["code"] in (0, None) and got["imported"] == [], got["imported"]
     text = got["help"]
     for f in fields(CompareConfig):
+        if f.name == "options":  # the methods' flags stand for it
+            continue
         flag = (f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),))[0]
         assert flag in text and f.metadata["help"].split()[0] in text, f.name
+    for name, cls in REGISTRY.items():
+        for f in cls.command_options():
+            assert cls.flag(f) in text and f.metadata["help"].split()[0] in text, (name, f.name)
 
 
 # -- corrupt files and failures of the machine: one line naming the file, status failed, traceback kept -------------

@@ -268,7 +268,11 @@ def test_a_registered_method_appears_in_tables_figures_and_report(tiny_world, to
 
     cfg = CompareConfig(methods=("ablation", "toy"), seed=3)
     assert cfg.method_options("toy", 16) == {"seed": 3}
-    assert cfg.method_options("screen", 16)["fraction"] == cfg.screen_fraction  # <name>_<option> fields
+    from interp.methods import get
+
+    assert get("screen")(**cfg.method_options("screen", 16)).config.fraction == 0.1  # its declared default
+    given = CompareConfig(methods=("ablation", "screen"), options={"screen": {"fraction": 0.3}})
+    assert given.method_options("screen", 16)["fraction"] == 0.3
     out = tmp_path / "run"
     assert main(["--model", str(tiny_world), "--concepts", "red", "--images", "1", "--timesteps", "300",
                  "--blocks", "mid_block", "--methods", "ablation", "cad", "toy", "--lds-alphas", "0.2",

@@ -18,8 +18,8 @@ from interp.plan import plan_comparison
 
 def tiny_config(folder: Path, **kw) -> CompareConfig:
     base = dict(model=str(folder), concepts=("red",), methods=tuple(sorted(REGISTRY, key=lambda m: m != "ablation")),
-                n_images=2, timesteps=(300,), blocks=("mid_block",), heldout_masks=12, maskgrad_masks=3,
-                maskgrad_curve=(2,), lds_alphas=(0.05, 0.2), n_boot=100)
+                n_images=2, timesteps=(300,), blocks=("mid_block",), heldout_masks=12,
+                options={"maskgrad": {"n_masks": 3, "curve": (2,)}}, lds_alphas=(0.05, 0.2), n_boot=100)
     base.update(kw)
     return CompareConfig(**base)
 

@@ -57,9 +57,12 @@ def test_every_scheduler_samples_and_builds_the_evaluation_set(tmp_path, style, 
 
 
 def test_text_concept_default_agrees_with_the_default_objective(sd_models):
-    """The README's example: ``text_concept("red")`` (4 prompts) with the default config (8 images) works; images
-    cycle through the prompts."""
+    """The README's example: ``text_concept("red")`` (4 prompts) with the default config (4 images) works; more
+    images cycle through the prompts."""
     obj = Objective(sd_models["sd1"], interp.text_concept("red"), ObjectiveConfig(gen_steps=2, timesteps=(500,)))
+    assert obj.target_prompts == list(interp.text_concept("red").target_prompts)
+    obj = Objective(sd_models["sd1"], interp.text_concept("red"), ObjectiveConfig(n_images=8, gen_steps=2,
+                                                                                  timesteps=(500,)))
     assert len(obj.target_prompts) == 8 and obj.target_prompts[:4] == obj.target_prompts[4:]
     with pytest.warns(UserWarning, match="n_images=4"):
         obj = Objective(sd_models["sd1"], interp.text_concept("red", n=4), ObjectiveConfig(n_images=2, gen_steps=2,
@@ -281,7 +284,7 @@ def test_generation_steps_and_guidance_are_options_of_every_command(sd_models, m
     cfg = CompareConfig(gen_steps=3, guidance=2.0, n_images=2, timesteps=(500,))
     Objective(sd_models["sd1"], interp.text_concept("red"), cfg.objective_config())
     assert seen == [(3, 2.0)]
-    assert CompareConfig().objective_config().gen_steps == ObjectiveConfig().gen_steps  # defaults unchanged
+    assert CompareConfig().objective_config() == ObjectiveConfig()  # the API's defaults are the command line's
     args = erasure_curves.build_parser().parse_args(["--gen-steps", "4", "--guidance", "3"])
     assert (erasure_curves.ranking_config(args, None).objective_config().gen_steps,
             erasure_curves.ranking_config(args, None).objective_config().guidance) == (4, 3.0)

@@ -71,8 +71,9 @@ def test_comparison_on_a_stable_diffusion_15_sized_model(tmp_path, monkeypatch):
 
     methods = ("ablation", "cad", "coar", "maskgrad", "ig", "midpoint", "screen")
     cfg = CompareConfig(model=str(folder), concepts=("red",), methods=methods, n_images=1, timesteps=(500,),
-                        components=NEURONS, coar_masks=12, coar_alpha=0.2, maskgrad_masks=2, maskgrad_curve=(1,),
-                        maskgrad_alpha=0.2, lds_alphas=(0.2,), heldout_masks=10, n_boot=100, device="cpu")
+                        components=NEURONS, lds_alphas=(0.2,), heldout_masks=10, n_boot=100, device="cpu",
+                        options={"coar": {"n_masks": 12, "alpha": 0.2},
+                                 "maskgrad": {"n_masks": 2, "curve": (1,), "alpha": 0.2}})
     plan = plan_comparison(cfg, model=model, measure=False)
     digest = _weights_digest(model)
     monkeypatch.setattr(interp.models, "load_model", lambda *a, **k: model)  # the loaded model, counters readable

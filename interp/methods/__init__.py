@@ -1,18 +1,26 @@
 """The registry of attribution methods: one module per method, one interface, one result shape.
 
 ``interp.methods.REGISTRY`` maps names to classes; :func:`attribute` runs one by name (:func:`maps`: the maps of
-one with the ``maps`` capability). A new method is a subclass of
-:class:`Method` with a frozen :class:`MethodConfig` and its :class:`Capabilities`, decorated with :func:`register`.
+one with the ``maps`` capability). A new method is one file: a subclass of :class:`Method` with a frozen
+:class:`MethodConfig` (its command-line options declared with :func:`option`), its :class:`Capabilities` and its
+cost (``planned_rows``), decorated with :func:`register`. Its file is a module of this package, a plugin the
+commands load with ``--plugin FILE.py`` (:func:`load_plugin`), or a module an installed package names under the
+entry point group ``interp.methods``. Tables, figures, the report, ``--plan`` and the erasure curves read the
+registry, so they show it with no other edit (docs/contributing.md walks through one).
 """
 
 from . import ablation, cad, coar, maskgrad, screen, tracing  # noqa: F401  (registration)
 from .ablation import Ablation
-from .base import REGISTRY, Capabilities, Method, MethodConfig, attribute, get, maps, register
+from .base import (REGISTRY, Capabilities, Method, MethodConfig, attribute, baseline, default_methods, get, label,
+                   load_entry_points, load_plugin, maps, option, reference, register)
 from .cad import CAD
 from .coar import COAR
 from .maskgrad import IntegratedGradients, MaskGrad, Midpoint
 from .screen import ScreenThenVerify
 from .tracing import CausalTracing
 
-__all__ = ["REGISTRY", "Capabilities", "Method", "MethodConfig", "attribute", "get", "maps", "register", "Ablation",
-           "CAD", "COAR", "CausalTracing", "IntegratedGradients", "MaskGrad", "Midpoint", "ScreenThenVerify"]
+load_entry_points()
+
+__all__ = ["REGISTRY", "Capabilities", "Method", "MethodConfig", "attribute", "baseline", "default_methods", "get",
+           "label", "load_plugin", "maps", "option", "reference", "register", "Ablation", "CAD", "COAR",
+           "CausalTracing", "IntegratedGradients", "MaskGrad", "Midpoint", "ScreenThenVerify"]

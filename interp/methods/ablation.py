@@ -42,8 +42,13 @@ class Ablation(Method):
     (see the module docstring). One evaluation of J per component; the ground truth of every comparison.
     """
     name = "ablation"
+    default_erasure = True
+    label = "true ablation"
+    default_run = True
+    variants_help = "'ablation' is the sum of single-ablation effects."
     Config = AblationConfig
-    capabilities = Capabilities(granularities=("layer", "neuron", "head", "weight"), exact=True)
+    capabilities = Capabilities(granularities=("layer", "neuron", "head", "weight"), exact=True, reference=True,
+                                single_changes=True)
 
     def _scores(self, obj, comps, entry, progress):
         delta = single_ablation_deltas(obj, comps, self.config.mode, entry, self.config.chunk, progress,

@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
+import importlib.util
 import platform
+import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -43,12 +48,46 @@ class Capabilities:
         exact: whether its scores are measured ablation effects rather than estimates.
         text_encoder: whether it attributes text-encoder components.
         maps: whether it also localizes along timesteps and tokens (read with :meth:`Method.maps`).
+        reference: it is the ground truth every comparison checks the others against (true ablation; one method).
+        uses_reference: part of its scores are the reference's own measurements (screen-then-verify), so it is left
+            out when the tables ask which estimate agrees best with the reference.
+        baseline: the method every other's LDS is set against on the same held-out masks (COAR, for which the LDS
+            was defined; one method).
+        single_changes: it evaluates J with one unit changed at a time, which prefix replay speeds up (the plan
+            says so).
     """
     granularities: tuple[str, ...] = ("layer", "neuron", "head")
     gradients: bool = False
     exact: bool = False  # scores are measured ablation effects, not estimates
     text_encoder: bool = True
     maps: bool = False  # also localizes along the timestep / token axes (read with Method.maps)
+    reference: bool = False
+    uses_reference: bool = False
+    baseline: bool = False
+    single_changes: bool = False
+
+
+def option(default, help: str, *, flag: str | None = None, compare=MISSING, choices=None):
+    """A method option that the commands show: ``--<method>-<flag>`` (``flag`` defaults to the field's name with
+    dashes) in the method's own group of ``compare_methods --help``, with ``help``.
+
+    Args:
+        default: the option's default when the method is called from Python.
+        help: one line for ``--help``.
+        flag: the option's name after ``--<method>-`` (default: the field name, ``_`` as ``-``).
+        compare: the default in a comparison run, when it differs from ``default`` (shown in ``--help``).
+        choices: the values a string option accepts.
+
+    Returns:
+        A dataclass field for a :class:`MethodConfig` subclass.
+    """
+    meta = {"help": help, "flag": flag}
+    if compare is not MISSING:
+        meta["compare"] = compare
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    kw = {"default_factory": (lambda d=default: d)} if isinstance(default, (list, dict)) else {"default": default}
+    return field(**kw, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -94,18 +133,29 @@ def register(cls):
     """Class decorator: add a :class:`Method` subclass to :data:`REGISTRY` under its ``name``.
 
     Args:
-        cls: the method class (it must set ``name``).
+        cls: the method class (it must set ``name``; a name is lower-case letters, digits and ``_``).
 
     Returns:
         The class, unchanged: ``@register`` above its definition.
+
+    Raises:
+        ValueError: a bad name, or one another class has.
     """
-    REGISTRY[cls.name] = cls
+    name = getattr(cls, "name", "")
+    if not name or not name.replace("_", "").isalnum() or name.lower() != name:
+        raise ValueError(f"{cls.__name__}.name must be lower-case letters, digits and '_', got {name!r}")
+    if name in REGISTRY and REGISTRY[name].__qualname__ != cls.__qualname__:
+        raise ValueError(f"method name {name!r} is taken by {REGISTRY[name].__module__}.{REGISTRY[name].__qualname__}:"
+                         f" give {cls.__name__} another name")
+    REGISTRY[name] = cls
     return cls
 
 
 class Method:
-    """Base class of the attribution methods: subclasses set ``name``, ``Config``, ``capabilities`` and implement
-    :meth:`_scores` and ``planned_rows`` (what ``--plan`` counts).
+    """Base class of the attribution methods: subclasses set ``name``, ``label``, ``Config``, ``capabilities`` and
+    implement :meth:`_scores` and :meth:`planned_rows` (what ``--plan`` counts). Everything else about a method (its
+    command-line options, its options in a comparison, its memory, what it reuses) has a default here that a method
+    overrides in its own file: adding a method edits no other file.
 
     Args:
         config: the method's frozen config (an instance of ``Config``); or give its fields as ``**overrides``.
@@ -117,6 +167,16 @@ class Method:
     """
 
     name: ClassVar[str]
+    #: How tables, figures and report sentences name the method ("true ablation", "CAD").
+    label: ClassVar[str] = ""
+    #: In a comparison run when ``methods`` is not given (a method from a plugin runs when named).
+    default_run: ClassVar[bool] = False
+    #: Among the rankings ``analyses.erasure_curves`` ablates when ``--methods`` is not given.
+    default_erasure: ClassVar[bool] = False
+    #: One sentence on the variants it reports beside its main estimate (rows with a ``variant`` of their own).
+    variants_help: ClassVar[str] = ""
+    #: What its maps' scores are, for their colour bars (a method with the ``maps`` capability).
+    map_score: ClassVar[str] = "score"
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     capabilities: ClassVar[Capabilities] = Capabilities()
     executor = None  # where the engine's sweeps run (set by attribute); None: this process
@@ -243,24 +303,54 @@ class Method:
         raise NotImplementedError
 
     @classmethod
+    def command_options(cls) -> list[dataclasses.Field]:
+        """The options of :attr:`Config` that the commands show (declared with :func:`option`), in order."""
+        return [f for f in dataclasses.fields(cls.Config) if "help" in f.metadata]
+
+    @classmethod
+    def flag(cls, f: dataclasses.Field) -> str:
+        """The command-line flag of option ``f``: ``--<method>-<flag>``."""
+        return f"--{cls.name}-" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+    @classmethod
     def compare_options(cls, cfg, n_components: int) -> dict:
         """The options this method runs with in a comparison.
 
-        By default ``seed``, and each option ``x`` of :attr:`Config` for which
-        :class:`~interp.compare_config.CompareConfig` has a field ``<name>_x`` (``screen_fraction`` sets screen's
-        ``fraction``), so a new method needs no list of methods; a method whose options derive from other fields extends
-        this.
+        By default: the comparison's ``seed``, each option's comparison default (``option(compare=...)``), and what
+        the comparison gives for this method (``CompareConfig.options[name]``, the ``--<method>-...`` flags). A method
+        whose options derive from the comparison (its component count, its LDS rates) extends this.
 
         Args:
-            cfg: the comparison's config.
+            cfg: the comparison's :class:`~interp.compare_config.CompareConfig`.
             n_components: how many components it attributes.
 
         Returns:
             ``{option: value}`` for the method's constructor.
         """
-        given = {f.name for f in dataclasses.fields(cfg)}
-        return {"seed": cfg.seed, **{x: getattr(cfg, f"{cls.name}_{x}") for x in cls.Config.__dataclass_fields__
-                                     if f"{cls.name}_{x}" in given}}
+        defaults = {f.name: f.metadata["compare"] for f in dataclasses.fields(cls.Config) if "compare" in f.metadata}
+        return {"seed": cfg.seed, **defaults, **cfg.options.get(cls.name, {})}
+
+    @classmethod
+    def planned_rows(cls, config, comps, shape):
+        """UNet rows a run of this method executes (:class:`interp.plan.Rows`), from its config, the components and
+        the evaluation set's shape (:class:`interp.plan.EvalShape`): what ``--plan`` counts and the run records.
+
+        Raises:
+            NotImplementedError: a method that does not say (``--plan`` then names it).
+        """
+        raise NotImplementedError(f"method {cls.name!r} does not declare planned_rows, so its cost cannot be planned")
+
+    @classmethod
+    def reuses(cls, config) -> list[tuple[str, dict]]:
+        """Other methods' results this one reads from the same store, as ``(name, options)``: the plan counts them
+        once in a run that also reports them (screen-then-verify screens with the run's own estimate)."""
+        return []
+
+    @classmethod
+    def memory_bytes(cls, config, n_components: int) -> dict[str, float]:
+        """The host memory of its largest allocations beyond the engine's, by what holds it (``{description:
+        bytes}``), so a run that cannot fit is refused before it starts."""
+        return {}
 
     @classmethod
     def recorded_rows(cls, config, comps, shape):
@@ -382,3 +472,75 @@ def maps(method: str, model, concept, components, *, objective=None, store=None,
     """
     return get(method)(**config).maps(model, concept, components, objective=objective, store=store,
                                       progress=progress, executor=executor)
+
+
+def reference() -> str:
+    """The registry name of the reference method (``Capabilities.reference``: true ablation)."""
+    return _the("reference")
+
+
+def baseline() -> str:
+    """The registry name of the LDS baseline (``Capabilities.baseline``: COAR)."""
+    return _the("baseline")
+
+
+def _the(flag: str) -> str:
+    found = [n for n, m in REGISTRY.items() if getattr(m.capabilities, flag)]
+    if len(found) != 1:
+        raise RuntimeError(f"the registry needs exactly one method with capability {flag!r}, found {found}")
+    return found[0]
+
+
+def label(name: str) -> str:
+    """How prose names a method or one of its variants (``"coar@40"`` is COAR's): its :attr:`Method.label`."""
+    base = name.split("@", 1)[0]
+    m = REGISTRY.get(base)
+    return (m.label or m.name) if m is not None and base == name else name
+
+
+def default_methods() -> tuple[str, ...]:
+    """The methods of a comparison run that names none: the registered ones with ``default_run``, in registry
+    order."""
+    return tuple(n for n, m in REGISTRY.items() if m.default_run)
+
+
+def load_plugin(spec: str) -> list[str]:
+    """Import a module that registers methods (``@register``), by module name or ``.py`` file path; returns the
+    names it added to the registry.
+
+    Installed packages may instead declare the entry point group ``interp.methods``, loaded with the registry.
+
+    Raises:
+        ValueError: the file or module does not exist (naming it), or registers a name already taken.
+    """
+    before = dict(REGISTRY)
+    if spec.endswith(".py"):
+        path = Path(spec).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"plugin file {spec} does not exist: pass a .py file that registers a method, or an "
+                             f"importable module name")
+        name = f"interp_plugin_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+        if name not in sys.modules:
+            spec_ = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec_)
+            sys.modules[name] = module  # dataclasses and pickling look the module up by name
+            try:
+                spec_.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+    else:
+        try:
+            importlib.import_module(spec)
+        except ModuleNotFoundError as err:
+            if err.name != spec.split(".")[0] and err.name != spec:
+                raise
+            raise ValueError(f"plugin module {spec!r} cannot be imported: pass a .py file path or a module on the "
+                             f"Python path") from None
+    return [n for n in REGISTRY if n not in before]
+
+
+def load_entry_points() -> None:
+    """Register the methods of installed packages (entry point group ``interp.methods``)."""
+    for ep in entry_points(group="interp.methods"):
+        ep.load()

@@ -28,7 +28,7 @@ import torch
 from ..components import Component, head_sites, is_text_part
 from ..interventions import compile_plan, parameters_requiring_grad
 from ..objectives import mean_gradient
-from .base import Capabilities, Method, MethodConfig, register, stderr_over
+from .base import Capabilities, Method, MethodConfig, option, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class CADConfig(MethodConfig):
     Attributes:
         n_groups: disjoint groups of evaluation samples, one gradient each; the standard error is over them.
     """
-    n_groups: int = 8
+    n_groups: int = option(8, "disjoint groups of evaluation samples, one gradient each (its standard error is "
+                              "over them)", flag="groups")
 
 
 def weight_slices(model, c: Component) -> list[tuple[torch.nn.Parameter, tuple]] | None:
@@ -76,6 +77,9 @@ class CAD(Method):
     pass over the evaluation set, for any number of components.
     """
     name = "cad"
+    default_erasure = True
+    label = "CAD"
+    default_run = True
     Config = CADConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head", "weight"), gradients=True)
 

@@ -26,7 +26,7 @@ from scipy import stats
 
 from ..engine import masked_values, random_masks
 from ..results import Cost
-from .base import Capabilities, Method, MethodConfig, register, stderr_over
+from .base import Capabilities, Method, MethodConfig, option, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,9 @@ class COARConfig(MethodConfig):
     #: ``n_masks`` may be 0 (twice the components), so it is checked here rather than as a count.
     COUNTS: ClassVar[tuple[str, ...]] = ("chunk",)
 
-    n_masks: int = 0
-    alpha: float = 0.05
+    n_masks: int = option(0, "COAR's random masks (0: twice the number of components; otherwise at least 10)",
+                          flag="masks")
+    alpha: float = option(0.05, "COAR's ablation rate, in (0, 1)")
     heldout: float = 0.2
     ridge: float = 0.0
     mode: str = "zero"
@@ -97,8 +98,12 @@ class COAR(Method):
     docstring). One evaluation of J per mask; its held-out LDS is in the result's metadata.
     """
     name = "coar"
+    default_erasure = True
+    label = "COAR"
+    default_run = True
+    variants_help = "'coar@m' is COAR fitted on its first m masks."
     Config = COARConfig
-    capabilities = Capabilities(granularities=("layer", "neuron", "head"))
+    capabilities = Capabilities(granularities=("layer", "neuron", "head"), baseline=True)
 
     def _scores(self, obj, comps, entry, progress):
         cfg = self.config
@@ -137,12 +142,23 @@ class COAR(Method):
 
     @classmethod
     def compare_options(cls, cfg, n_components):
-        """``coar_masks`` masks (0: twice the components) at ``coar_alpha``, and the budget curve at 1/8, 1/4 and
-        1/2 of the training masks, where at least 10 masks are left to fit."""
-        m = cfg.coar_masks or 2 * n_components
-        n_train = m - max(1, int(round(COARConfig.heldout * m)))  # the default share of masks is the test set
-        curve = tuple(sorted({k for f in (0.125, 0.25, 0.5) if 10 <= (k := max(10, int(m * 0.8 * f))) < n_train}))
-        return {**super().compare_options(cfg, n_components), "n_masks": m, "curve": curve}
+        """``--coar-masks`` masks (0: twice the components) at ``--coar-alpha``, and the budget curve at 1/8, 1/4
+        and 1/2 of the training masks, where at least 10 masks are left to fit."""
+        opts = super().compare_options(cfg, n_components)
+        m = opts["n_masks"] = opts.get("n_masks") or 2 * n_components
+        heldout = opts.get("heldout", COARConfig.heldout)
+        n_train = m - max(1, int(round(heldout * m)))
+        if "curve" not in cfg.options.get(cls.name, {}):
+            opts["curve"] = tuple(sorted({k for f in (0.125, 0.25, 0.5)
+                                          if 10 <= (k := max(10, int(m * (1 - heldout) * f))) < n_train}))
+        return opts
+
+    @classmethod
+    def memory_bytes(cls, config, n_components):
+        """The masks (a float32 draw, a bool mask) and the float64 design matrix with its train and test copies and
+        the least-squares matrix: about 29 bytes per mask and component."""
+        return {f"COAR masks ({cls.flag(cls.command_options()[0])} x components)":
+                config.masks_for(n_components) * n_components * 29}
 
     @classmethod
     def planned_rows(cls, config, comps, shape):

@@ -31,7 +31,7 @@ import torch
 
 from ..engine import multiplier_gradients, random_masks
 from ..results import Cost
-from .base import Capabilities, Method, MethodConfig, register, stderr_over
+from .base import Capabilities, Method, MethodConfig, option, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,17 @@ class MaskGradConfig(MethodConfig):
         extra_alphas: also estimate at these rates (rows of variant ``maskgrad@<alpha>``, each costing as much again).
         curve: also report the estimate from the first K masks, for each K (free; variant ``maskgrad@<alpha>-K<K>``).
     """
-    n_masks: int = 12
-    alpha: float = 0.05
+    n_masks: int = option(12, "random masks K of the mask-averaged gradient (12 was chosen by a sweep of K: "
+                              "docs/results.md)", flag="masks")
+    alpha: float = option(0.05, "ablation rate of the mask-averaged gradient (and of the midpoint gradient unless "
+                                "--midpoint-alpha is given), in (0, 1)")
     mode: str = "zero"
     batch: int = 4  # masks per forward+backward pass
     extra_alphas: tuple[float, ...] = ()  # also estimate at these ablation rates; rows of variant "maskgrad@<alpha>"
     #: Also report the estimate from the first K masks, for each K here (free: the same masks' running average),
     #: as rows of variant "maskgrad@<alpha>-K<K>": the accuracy-vs-cost curve of this method.
-    curve: tuple[int, ...] = ()
+    curve: tuple[int, ...] = option((), "also report the mask-averaged gradient from its first K masks, for each K "
+                                        "(free)", compare=(4, 8))
 
     def __post_init__(self):
         super().__post_init__()
@@ -75,7 +78,7 @@ class IGConfig(MethodConfig):
         mode: ``"zero"`` or ``"mean"`` ablation.
         batch: steps per forward+backward pass.
     """
-    steps: int = 16
+    steps: int = option(16, "steps K of integrated gradients along the ablation path")
     path_end: float = 0.0
     mode: str = "zero"
     batch: int = 4
@@ -89,7 +92,8 @@ class MidpointConfig(MethodConfig):
         alpha: the gradient is taken at multipliers ``1 - alpha/2``.
         mode: ``"zero"`` or ``"mean"`` ablation.
     """
-    alpha: float = 0.05
+    alpha: float = option(0.05, "the midpoint gradient is taken at multipliers 1 - alpha/2, in (0, 1) (default in "
+                                "a comparison: --maskgrad-alpha)")
     mode: str = "zero"
 
 
@@ -99,6 +103,11 @@ class MaskGrad(Method):
     docstring). K forward and K backward passes per ablation rate.
     """
     name = "maskgrad"
+    default_erasure = True
+    label = "the mask-averaged gradient"
+    default_run = True
+    variants_help = ("'maskgrad@a' averages gradients over masks drawn at ablation rate a, '-K4' over its first 4 "
+                     "masks.")
     Config = MaskGradConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head"), gradients=True)
 
@@ -136,11 +145,14 @@ class MaskGrad(Method):
 
     @classmethod
     def compare_options(cls, cfg, n_components):
-        """``maskgrad_masks`` masks at ``maskgrad_alpha``, also at the comparison's other LDS rates (free variants:
-        the rate being predicted is the linearization point that matters), and the budget curve below K."""
-        return {**super().compare_options(cfg, n_components), "n_masks": cfg.maskgrad_masks,
-                "extra_alphas": tuple(a for a in cfg.lds_alphas if a != cfg.maskgrad_alpha),
-                "curve": tuple(k for k in cfg.maskgrad_curve if k < cfg.maskgrad_masks)}
+        """``--maskgrad-masks`` masks at ``--maskgrad-alpha``, also at the comparison's other LDS rates (variants:
+        the rate being predicted is the linearization point that matters), and the budget curve below K (its
+        comparison default, (4, 8), keeps the points below ``--maskgrad-masks``)."""
+        opts = super().compare_options(cfg, n_components)
+        k, alpha = opts.get("n_masks", MaskGradConfig.n_masks), opts.get("alpha", MaskGradConfig.alpha)
+        if "curve" not in cfg.options.get(cls.name, {}):
+            opts["curve"] = tuple(c for c in opts["curve"] if c < k)
+        return {**opts, "extra_alphas": tuple(a for a in cfg.lds_alphas if a != alpha)}
 
     @classmethod
     def planned_rows(cls, config, comps, shape):
@@ -159,6 +171,8 @@ class IntegratedGradients(Method):
     (see the module docstring). One forward and one backward pass per step.
     """
     name = "ig"
+    label = "integrated gradients"
+    default_run = True
     Config = IGConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head"), gradients=True)
 
@@ -182,6 +196,8 @@ class Midpoint(Method):
     forward and one backward pass.
     """
     name = "midpoint"
+    label = "the midpoint gradient"
+    default_run = True
     Config = MidpointConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head"), gradients=True)
 
@@ -193,8 +209,12 @@ class Midpoint(Method):
 
     @classmethod
     def compare_options(cls, cfg, n_components):
-        """The mask-averaged gradient's rate (``maskgrad_alpha``): the midpoint is its one-step counterpart."""
-        return {**super().compare_options(cfg, n_components), "alpha": cfg.maskgrad_alpha}
+        """``--midpoint-alpha``, else the mask-averaged gradient's rate (``--maskgrad-alpha``): the midpoint is its
+        one-step counterpart."""
+        opts = super().compare_options(cfg, n_components)
+        if "alpha" not in opts and "alpha" in cfg.options.get(MaskGrad.name, {}):
+            opts["alpha"] = cfg.options[MaskGrad.name]["alpha"]
+        return opts
 
     @classmethod
     def planned_rows(cls, config, comps, shape):

@@ -15,7 +15,7 @@ import numpy as np
 from ..components import ComponentSet
 from ..engine import single_ablation_deltas
 from ..results import Cost, is_main
-from .base import Capabilities, Method, MethodConfig, get, register, stderr_over
+from .base import Capabilities, Method, MethodConfig, get, option, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class ScreenConfig(MethodConfig):
         screen_options: ``((key, value), ...)`` options of the screening method.
     """
     screen: str = "maskgrad"
-    fraction: float = 0.1
+    fraction: float = option(0.1, "share of components, ranked by the screening method (the mask-averaged "
+                                   "gradient), whose true ablation effect is measured, in (0, 1]")
     by: str = "abs"  # rank by |score|, or "positive" / "negative"
     mode: str = "zero"
     screen_options: tuple = ()  # ((key, value), ...) passed to the screening method
@@ -49,8 +50,11 @@ class ScreenThenVerify(Method):
     the module docstring). The screening method's cost plus one evaluation per verified component.
     """
     name = "screen"
+    label = "screen-then-verify"
+    default_run = True
     Config = ScreenConfig
-    capabilities = Capabilities(granularities=("layer", "neuron", "head"), gradients=True)
+    capabilities = Capabilities(granularities=("layer", "neuron", "head"), gradients=True, uses_reference=True,
+                                single_changes=True)
 
     def _scores(self, obj, comps, entry, progress):
         cfg = self.config
@@ -83,12 +87,17 @@ class ScreenThenVerify(Method):
 
     @classmethod
     def compare_options(cls, cfg, n_components):
-        """``screen_fraction``, screened by the screening method with the options it has in the same comparison
+        """``--screen-fraction``, screened by the screening method with the options it has in the same comparison
         (the same cached result): the two rows differ only by the verified components."""
         screener = ScreenConfig.screen
         opts = get(screener).compare_options(cfg, n_components)
         return {**super().compare_options(cfg, n_components), "screen": screener,
                 "screen_options": tuple((k, v) for k, v in opts.items() if k != "seed")}
+
+    @classmethod
+    def reuses(cls, config):
+        """The screening method's result, with the options it is run with."""
+        return [(config.screen, {**dict(config.screen_options), "seed": config.seed})]
 
     @classmethod
     def planned_rows(cls, config, comps, shape):

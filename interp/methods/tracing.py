@@ -43,7 +43,7 @@ from ..engine import sweep
 from ..executors import Job
 from ..generation import generate
 from ..interventions import Patch, compile_plan, run_text, run_unet_in_passes, stream_key
-from .base import Capabilities, Method, MethodConfig, register, stderr_over
+from .base import Capabilities, Method, MethodConfig, option, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class TracingConfig(MethodConfig):
     timestep and layer x token maps), ``chunk`` (restorations per cached chunk)."""
 
     noise_scale: float = 3.0
-    n_noise: int = 3
+    n_noise: int = option(2, "causal tracing: noise draws per corrupted run", flag="noise")
     maps: bool = True
     chunk: int = 64
 
@@ -223,8 +223,11 @@ class CausalTracing(Method):
     state brings back into a run whose subject tokens are corrupted (this module's docstring has the details)."""
 
     name = "tracing"
+    label = "causal tracing"
+    map_score = "fraction of the concept restored"
+    default_run = True
     Config = TracingConfig
-    capabilities = Capabilities(granularities=("layer", "neuron"), maps=True)
+    capabilities = Capabilities(granularities=("layer", "neuron"), maps=True, single_changes=True)
 
     def _scores(self, obj, comps, entry, progress):
         cfg, m = self.config, obj.model
@@ -367,11 +370,6 @@ class CausalTracing(Method):
                 frames.append({"components": tlayers, "score": np.nan_to_num(vals_t), "stderr": errs, "axis": "token",
                                "position": off})
         return frames
-
-    @classmethod
-    def compare_options(cls, cfg, n_components):
-        """``tracing_noise`` noise draws per corrupted run."""
-        return {**super().compare_options(cfg, n_components), "n_noise": cfg.tracing_noise}
 
     @classmethod
     def planned_rows(cls, config, comps, shape):

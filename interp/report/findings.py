@@ -22,14 +22,14 @@ import math
 
 import pandas as pd
 
-from ..evaluation import METHOD_LABELS
+from ..evaluation import method_labels, reference_method, reference_users
 from ..results import is_main
 
 
 def label(variant: str, labels: dict | None = None, method: str | None = None) -> str:
     """An estimate's display name: its method's; a variant (``method`` given, and not the variant's own name) is
     its method's name with the variant in brackets."""
-    labels = {**METHOD_LABELS, **(labels or {})}
+    labels = {**method_labels(), **(labels or {})}
     if variant in labels:
         return labels[variant]
     return f"{labels[method]} ({variant})" if method in labels else variant
@@ -54,10 +54,12 @@ def _cost_text(v: float) -> str:
     return "an unrecorded cost" if math.isnan(v) else f"{v:,.0f} forward-pass equivalents"
 
 
-def single_trust(corr: pd.DataFrame, cost: pd.DataFrame | None = None, reference: str = "ablation",
-                 exclude=("screen",), tolerance: float = 0.02) -> dict:
+def single_trust(corr: pd.DataFrame, cost: pd.DataFrame | None = None, reference: str | None = None,
+                 exclude=None, tolerance: float = 0.02) -> dict:
     """Per main method its lowest and highest per-concept Spearman with the reference; the trusted method (see the
     module docstring) and the methods that agree as closely. Empty when no method has a correlation."""
+    reference = reference_method(reference)
+    exclude = reference_users() if exclude is None else exclude
     c = corr.dropna(subset=["spearman"])
     c = c[(c["variant"] != reference) & is_main(c)]
     if c.empty:
@@ -76,10 +78,11 @@ def single_trust(corr: pd.DataFrame, cost: pd.DataFrame | None = None, reference
             "weak": [m for m in per if m not in agree and m not in exclude and per[m]["worst"] < top - tolerance]}
 
 
-def joint_trust(acc: pd.DataFrame, reference: str = "ablation", alpha: float | None = None) -> dict:
+def joint_trust(acc: pd.DataFrame, reference: str | None = None, alpha: float | None = None) -> dict:
     """At ablation rate ``alpha`` (default the largest): per method the mean, lowest (and its concept) LDS over
     concepts and the mean cost, per variant (a method's main estimate is named as the method); the trusted one is the
     highest mean (ties to the cheaper). Empty without rows."""
+    reference = reference_method(reference)
     a = acc.dropna(subset=["lds_spearman"])
     if a.empty:
         return {}
@@ -98,14 +101,18 @@ def joint_trust(acc: pd.DataFrame, reference: str = "ablation", alpha: float | N
     return {"alpha": alpha, "per": per, "trusted": best}
 
 
-def compare_findings(tables: dict, reference: str = "ablation", labels: dict | None = None,
-                     exclude=("screen",), tolerance: float = 0.02, n_components: int | None = None) -> list[str]:
+def compare_findings(tables: dict, reference: str | None = None, labels: dict | None = None,
+                     exclude=None, tolerance: float = 0.02, n_components: int | None = None,
+                     baseline: str | None = None) -> list[str]:
     """The comparison's findings in a few sentences (see the module docstring for the rules).
 
     ``tables`` holds :func:`interp.evaluation.correlations` as ``correlations``, and optionally ``cost`` (with
-    ``forward_equivalents``), ``accuracy_vs_cost`` (LDS with cost per method, concept and rate) and ``lds_vs_coar``
-    (:func:`interp.evaluation.lds_versus` against COAR).
+    ``forward_equivalents``), ``accuracy_vs_cost`` (LDS with cost per method, concept and rate) and
+    ``lds_vs_<baseline>`` (:func:`interp.evaluation.lds_versus` against the LDS baseline, COAR by default).
     """
+    from .. import methods
+
+    reference, baseline = reference_method(reference), baseline or methods.baseline()
     cost = tables.get("cost")
     methods = {}  # the method of each variant, to name a variant after its method
     for table in (tables.get("accuracy_vs_cost"), cost):
@@ -145,13 +152,14 @@ def compare_findings(tables: dict, reference: str = "ablation", labels: dict | N
     sentence = (f"Joint ablations of {alpha:.0%} of the components (linear datamodeling score, LDS{masks}): trust "
                 f"{L(b)}, mean LDS {jb['mean']:.3f} (lowest for '{jb['worst_concept']}', {jb['worst']:.3f}) at "
                 f"{_cost_text(jb['fpe'])}")
-    if "coar" in jp and b != "coar":
-        jc = jp["coar"]
+    B = L(baseline)
+    if baseline in jp and b != baseline:
+        jc = jp[baseline]
         share = jb["fpe"] / jc["fpe"] if jc["fpe"] else math.nan
-        sentence += (f", {share:.1%} of COAR's {jc['fpe']:,.0f} (COAR: mean {jc['mean']:.3f}, lowest "
+        sentence += (f", {share:.1%} of {B}'s {jc['fpe']:,.0f} ({B}: mean {jc['mean']:.3f}, lowest "
                      f"{jc['worst']:.3f})") if not math.isnan(share) else ""
     out.append(sentence + ".")
-    vs = tables.get("lds_vs_coar")
+    vs = tables.get(f"lds_vs_{baseline}")
     if vs is not None and len(vs):
         d = vs[(vs["variant"] == b) & (vs["alpha"] == alpha)]
         if len(d):
@@ -159,7 +167,7 @@ def compare_findings(tables: dict, reference: str = "ablation", labels: dict | N
             better = int((d["difference_lo"] > 0).sum())
             worse = int((d["difference_hi"] < 0).sum())
             out.append(
-                f"Against COAR on the same masks its LDS differs by {lo_row['difference']:+.3f} "
+                f"Against {B} on the same masks its LDS differs by {lo_row['difference']:+.3f} "
                 f"('{lo_row['concept']}', 95% interval [{lo_row['difference_lo']:+.3f}, "
                 f"{lo_row['difference_hi']:+.3f}]) to {hi_row['difference']:+.3f} ('{hi_row['concept']}', "
                 f"[{hi_row['difference_lo']:+.3f}, {hi_row['difference_hi']:+.3f}]): significantly better for "
