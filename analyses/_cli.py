@@ -33,13 +33,13 @@ GROUPS = (
      ("granularity", "families", "kinds", "blocks", "components")),
     ("methods and budgets", "which methods or edits run, and how many masks or steps each may spend; alpha is the "
      "share of the components a random mask ablates",
-     ("methods", "edits", "k", "ratios")),
+     ("methods", "edits", "k", "ratios", "compare", "rankings", "contrast", "ablation", "random_rankings")),
     ("held-out sets and statistics", "what the estimates are checked on: the LDS (linear datamodeling score) is the "
      "Spearman correlation between J predicted from summed scores and J measured under held-out random joint "
      "ablations at each rate alpha; held-out images are prompts and seeds no attribution saw, judged by the image "
      "judge",
      ("lds_alphas", "heldout_masks", "erasure_k", "erasure_images", "erasure_steps", "images", "steps", "n_boot",
-      "seed")),
+      "seed", "random_masks", "mask_rates")),
 )
 OUTPUTS = ("outputs and execution", "where results go and how the run executes")
 #: Options that commands without a config dataclass (erasure_curves, text_restoration) add by hand, by destination:
@@ -179,6 +179,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     names still accepted, not shown), ``choices``, ``nargs`` and ``metavar``.
     """
     where = {name: title for title, _, names in GROUPS for name in names}
+    where.update({name: OUTPUTS[0] for name in COMMAND_OPTIONS[OUTPUTS[0]]})  # e.g. a cache folder (--store)
     described = {title: description for title, description, _ in GROUPS}
     for title, description, _ in GROUPS:  # the groups in their order, whatever the order of the fields
         if any(where.get(f.name) == title for f in fields(cls)):
@@ -193,8 +194,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
             default = f.metadata["cli_default"]()
         if kind == "tuple" and default is not None:
             default = list(default)
-        kw = {"dest": f.name, "type": tp, "default": default,
-              "help": f.metadata.get("help", "") + " (default: %(default)s)"}
+        kw = {"dest": f.name, "type": tp, "default": default,  # a None default is explained in the help itself
+              "help": f.metadata.get("help", "") + ("" if default is None else " (default: %(default)s)")}
         if "choices" in f.metadata:
             kw["choices"] = list(f.metadata["choices"])
         if kind == "tuple":

@@ -33,143 +33,163 @@ import json
 import logging
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from interp.compare_config import DEVICES, GRANULARITIES, PRECISIONS, check_fields, check_method_options, opt
 
 #: --rankings: the suffix each ranking of a method is named with
 RANKINGS = {"plain": "", "contrastive": "+contrastive", "per-layer": "+per-layer",
             "contrastive-per-layer": "+contrastive+per-layer"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from analyses._cli import add_method_arguments, add_no_progress_argument, add_plugin_argument, add_threads_argument
+def _erasure_methods() -> list[str]:
     from interp.methods import REGISTRY
+
+    return [n for n, m in REGISTRY.items() if m.default_erasure]
+
+
+@dataclass(frozen=True)
+class ErasureCurvesConfig:
+    """Everything an erasure-curves run depends on; its hash names the run folder. The command line is generated
+    from it (the options' help is here); validated on construction, before anything loads."""
+
+    model: str = opt("concept-world", "'concept-world' (shipped), a concept-world folder, or a Stable Diffusion "
+                                      "folder / hub id (then give --judge and --alternatives)")
+    concepts: tuple[str, ...] = opt(("red", "circle"), "concepts to erase")
+    methods: tuple[str, ...] = opt((), "attribution methods whose rankings are ablated (empty: the registry's "
+                                       "erasure defaults)", cli_default=_erasure_methods)
+    compare: str | None = opt(None, "a finished comparison run folder: read the rankings from its results.parquet "
+                                    "and take its components and objective (the component and objective options "
+                                    "are then not used)")
+    store: str | None = opt(None, "cache folder of the attributions (default: <out>/cache; a comparison's cache "
+                                  "folder reuses its results when components, objective and options match)")
+    granularity: str = opt("neuron", "component granularity", choices=GRANULARITIES)
+    families: tuple[str, ...] = opt(("ff",), "component families", nargs="*")
+    kinds: tuple[str, ...] = opt(("ff.net.2",), "module kinds", nargs="*")
+    blocks: tuple[str, ...] = opt((), "UNet stages to include (empty: all)", nargs="*")
+    attr_images: int = opt(4, "images of the attribution objective")
+    timesteps: tuple[int, ...] = opt((250, 600), "timesteps of the attribution objective")
+    gen_steps: int = opt(10, "denoising steps of the attribution objective's generated images (models other than "
+                             "the concept world)")
+    max_batch: int = opt(256, "UNet rows per pass, >= 1: bounds the rankings' passes and every generation call "
+                              "(half as many images, at most 64, decoded together); lower it when a GPU runs out "
+                              "of memory")
+    guidance: float | None = opt(None, "classifier-free guidance scale of every generation: the objective's images "
+                                       "and the held-out images (default: the model's)")
+    rankings: tuple[str, ...] = opt(("plain",), "which rankings of every method to ablate: plain (its scores), "
+                                                "contrastive (its normalized score on the concept minus the mean "
+                                                "over --contrast concepts), per-layer (top-k spread evenly over the "
+                                                "layers), contrastive-per-layer (both); named <method>+contrastive, "
+                                                "...", choices=tuple(RANKINGS))
+    contrast: tuple[str, ...] | None = opt(None, "the concepts a contrastive score subtracts (default: on the "
+                                                 "concept world every other value of every attribute, elsewhere "
+                                                 "the --alternatives)")
+    ablation: str = opt("zero", "zero-ablate, or replace each ablated unit by its mean over the attribution "
+                                "objective's anchor prompts (the concept word left out)", choices=("zero", "mean"))
+    judge: str | None = opt(None, "image judge: 'classifier' (the concept world's, its default), "
+                                  "'concept-world-clip', a CLIPModel folder or a hub id (required on other models)")
+    alternatives: tuple[str, ...] | None = opt(None, "models other than the concept world: phrases each concept is "
+                                                     "weighed against and whose retention is measured (default: "
+                                                     "the other --concepts)")
+    k: tuple[int, ...] | None = opt(None, "numbers of jointly ablated components (default: 1, 2, 4, ... up to half "
+                                          "the set)")
+    random_rankings: int = opt(3, "seeded random orders of the baseline")
+    random_masks: int = opt(12, "random joint masks of the end-to-end prediction test")
+    mask_rates: tuple[float, ...] = opt((0.01, 0.05, 0.2), "ablation rates of the random joint masks, cycled")
+    images: int = opt(96, "held-out images per concept: 1/4 target prompts, 1/12 target alone, the rest other values")
+    steps: int = opt(10, "denoising steps of the evaluation")
+    n_boot: int = opt(1000, "bootstrap resamples, >= 100")
+    seed: int = opt(0, "seed of everything random")
+    device: str = opt("auto", "device: auto (CUDA, else MPS, else CPU), cpu, cuda or mps", choices=DEVICES)
+    dtype: str = opt("float32", "precision of the forward passes", choices=PRECISIONS, flags=("--precision",),
+                     hidden_flags=("--dtype",))
+    options: dict = opt({}, "each method's options by method (the --<method>-<option> flags)")
+
+    def __post_init__(self):
+        check_fields(self)
+        from interp.methods import REGISTRY
+        from interp.objectives import MAX_SEED
+
+        if not self.methods:
+            object.__setattr__(self, "methods", tuple(_erasure_methods()))
+        if not self.concepts or any(not c.strip() for c in self.concepts) or len(set(self.concepts)) != len(
+                self.concepts):
+            raise ValueError(f"concepts must be non-empty and distinct, got {list(self.concepts)}")
+        unknown = [m for m in self.methods if m not in REGISTRY]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; registered methods are {sorted(REGISTRY)} (a method of "
+                             f"your own: --plugin FILE.py)")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"duplicate methods in {list(self.methods)}")
+        if self.k is not None and (not self.k or any(k < 1 for k in self.k) or len(set(self.k)) != len(self.k)):
+            raise ValueError(f"--k values must be distinct integers >= 1, got {list(self.k)}")
+        if self.random_rankings < 0 or self.random_masks < 0:
+            raise ValueError(f"--random-rankings and --random-masks must be >= 0, got {self.random_rankings} and "
+                             f"{self.random_masks}")
+        if self.random_masks and (not self.mask_rates or any(not 0 < a < 1 for a in self.mask_rates)):
+            raise ValueError(f"--mask-rates must lie in (0, 1), got {list(self.mask_rates)}")
+        if self.images < 3 or self.steps < 1 or self.attr_images < 1 or self.gen_steps < 1 or self.max_batch < 1:
+            raise ValueError("--images must be >= 3, --steps, --attr-images, --gen-steps and --max-batch >= 1")
+        if self.guidance is not None and not 0 <= self.guidance < 1e4:
+            raise ValueError(f"--guidance must be a scale >= 0 (1: unguided), got {self.guidance}")
+        if self.n_boot < 100:
+            raise ValueError(f"--n-boot must be >= 100 for a 95% interval, got {self.n_boot}")
+        if len(set(self.rankings)) != len(self.rankings):
+            raise ValueError(f"duplicate --rankings in {list(self.rankings)}")
+        if self.contrast is not None and any(c in self.concepts for c in self.contrast) and len(self.concepts) == 1:
+            raise ValueError(f"--contrast {list(self.contrast)} lists the concept being erased")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be between 0 and {MAX_SEED} (2**62), got {self.seed}")
+        object.__setattr__(self, "options", check_method_options(self.options, self.methods))
+
+    def to_dict(self) -> dict:
+        """The fields as a dict: what the run folder's hash and ``meta.json`` are made of."""
+        return asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options are ErasureCurvesConfig's fields, each registered method's options, plus how to run: --out,
+    --threads, --no-progress, --plugin."""
+    from analyses._cli import (add_config_arguments, add_method_arguments, add_no_progress_argument,
+                               add_plugin_argument, add_threads_argument)
 
     p = argparse.ArgumentParser(prog="python -m analyses.erasure_curves", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="concept-world",
-                   help="'concept-world' (shipped), a concept-world folder, or a Stable Diffusion folder / hub id "
-                        "(then give --judge and --alternatives; default %(default)s)")
-    p.add_argument("--concepts", nargs="+", default=["red", "circle"], help="concepts to erase (default %(default)s)")
-    p.add_argument("--methods", nargs="+", default=[n for n, m in REGISTRY.items() if m.default_erasure],
-                   help="attribution methods whose rankings are ablated (default %(default)s)")
+    add_config_arguments(p, ErasureCurvesConfig)
     add_plugin_argument(p)
-    p.add_argument("--compare", type=Path, default=None,
-                   help="a finished comparison run folder: read the rankings from its results.parquet and take its "
-                        "components and objective (the component and objective options below are then not used)")
-    p.add_argument("--store", type=Path, default=None,
-                   help="cache folder of the attributions (default: <out>/cache; a comparison's cache folder reuses "
-                        "its results when components, objective and options match)")
-    g = p.add_argument_group("components and objective of the rankings (as in analyses.compare_methods)")
-    g.add_argument("--granularity", default="neuron", choices=["layer", "neuron", "head"],
-                   help="component granularity (default %(default)s)")
-    g.add_argument("--families", nargs="*", default=["ff"], help="component families (default %(default)s)")
-    g.add_argument("--kinds", nargs="*", default=["ff.net.2"], help="module kinds (default %(default)s)")
-    g.add_argument("--blocks", nargs="*", default=[], help="UNet stages to include (default: all)")
-    g.add_argument("--attr-images", type=int, default=4,
-                   help="images of the attribution objective (default %(default)s)")
-    g.add_argument("--timesteps", type=int, nargs="+", default=[250, 600],
-                   help="timesteps of the attribution objective (default %(default)s)")
-    g.add_argument("--gen-steps", type=int, default=10,
-                   help="denoising steps of the attribution objective's generated images (models other than the "
-                        "concept world) (default %(default)s)")
-    g.add_argument("--max-batch", type=int, default=256,
-                   help="UNet rows per pass, >= 1: bounds the rankings' passes and every generation call (half as "
-                        "many images, at most 64, decoded together); lower it when a GPU runs out of memory "
-                        "(default %(default)s)")
-    g.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale of every generation: those images and the held-out images "
-                        "(default: the model's)")
-    t = p.add_argument_group("targeted erasure (rankings that ask for specificity; interp.erasure)")
-    t.add_argument("--rankings", nargs="+", default=["plain"], choices=list(RANKINGS),
-                   help="which rankings of every method to ablate: plain (its scores), contrastive (its normalized "
-                        "score on the concept minus the mean over --contrast concepts), per-layer (top-k spread "
-                        "evenly over the layers), contrastive-per-layer (both); named <method>+contrastive, ... "
-                        "(default %(default)s)")
-    t.add_argument("--contrast", nargs="+", default=None,
-                   help="the concepts a contrastive score subtracts (default: on the concept world every other value "
-                        "of every attribute, elsewhere the --alternatives)")
-    t.add_argument("--ablation", default="zero", choices=["zero", "mean"],
-                   help="zero-ablate, or replace each ablated unit by its mean over the attribution objective's "
-                        "anchor prompts (the concept word left out; default %(default)s)")
-    e = p.add_argument_group("evaluation")
-    e.add_argument("--judge", default=None,
-                   help="image judge: 'classifier' (the concept world's, its default), 'concept-world-clip', a "
-                        "CLIPModel folder or a hub id (required on other models)")
-    e.add_argument("--alternatives", nargs="+", default=None,
-                   help="models other than the concept world: phrases each concept is weighed against and whose "
-                        "retention is measured (default: the other --concepts)")
-    e.add_argument("--k", type=int, nargs="+", default=None,
-                   help="numbers of jointly ablated components (default: 1, 2, 4, ... up to half the set)")
-    e.add_argument("--random-rankings", type=int, default=3,
-                   help="seeded random orders of the baseline (default %(default)s)")
-    e.add_argument("--random-masks", type=int, default=12,
-                   help="random joint masks of the end-to-end prediction test (default %(default)s)")
-    e.add_argument("--mask-rates", type=float, nargs="+", default=[0.01, 0.05, 0.2],
-                   help="ablation rates of the random joint masks, cycled (default %(default)s)")
-    e.add_argument("--images", type=int, default=96,
-                   help="held-out images per concept: 1/4 target prompts, 1/12 target alone, the rest other values "
-                        "(default %(default)s)")
-    e.add_argument("--steps", type=int, default=10, help="denoising steps of the evaluation (default %(default)s)")
-    e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples, >= 100 (default %(default)s)")
-    e.add_argument("--seed", type=int, default=0, help="seed of everything random (default %(default)s)")
-    p.add_argument("--out", type=Path, default=None, help="run folder (default reports/erasure-<config hash>)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="device (default %(default)s)")
-    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
-                   help="precision of the forward passes (default %(default)s)")
-    add_threads_argument(p)
     add_method_arguments(p)
+    p.add_argument("--out", type=Path, default=None, help="run folder (default reports/erasure-<config hash>)")
+    add_threads_argument(p)
     add_no_progress_argument(p)
     return p
 
 
-def check_args(parser: argparse.ArgumentParser, args) -> dict | None:
-    """Refuse bad arguments before anything heavy loads; returns the comparison's config with --compare."""
-    from analyses._cli import threads_error
+def check_args(parser: argparse.ArgumentParser, args) -> tuple[ErasureCurvesConfig, dict | None]:
+    """The run's config from the options, refused with one line before anything heavy loads when bad; with
+    ``--compare``, that comparison's config too."""
+    from analyses._cli import config_from_args, threads_error
     from interp.compare_config import check_concept_words
-    from interp.methods import REGISTRY
-    from interp.objectives import MAX_SEED
 
     def fail(msg):
         parser.exit(2, f"error: {msg}\n")
 
-    if any(not c.strip() for c in args.concepts) or len(set(args.concepts)) != len(args.concepts):
-        fail(f"concepts must be non-empty and distinct, got {args.concepts}")
-    unknown = [m for m in args.methods if m not in REGISTRY]
-    if unknown:
-        fail(f"unknown method(s) {unknown}; registered methods are {sorted(REGISTRY)}")
-    if len(set(args.methods)) != len(args.methods):
-        fail(f"duplicate methods in {args.methods}")
-    if args.k is not None and (not args.k or any(k < 1 for k in args.k) or len(set(args.k)) != len(args.k)):
-        fail(f"--k values must be distinct integers >= 1, got {args.k}")
-    if args.random_rankings < 0 or args.random_masks < 0:
-        fail(f"--random-rankings and --random-masks must be >= 0, got {args.random_rankings} and {args.random_masks}")
-    if args.random_masks and (not args.mask_rates or any(not 0 < a < 1 for a in args.mask_rates)):
-        fail(f"--mask-rates must lie in (0, 1), got {args.mask_rates}")
-    if args.images < 3 or args.steps < 1 or args.attr_images < 1 or args.gen_steps < 1 or args.max_batch < 1:
-        fail("--images must be >= 3, --steps, --attr-images, --gen-steps and --max-batch >= 1")
-    if args.guidance is not None and not 0 <= args.guidance < 1e4:
-        fail(f"--guidance must be a scale >= 0 (1: unguided), got {args.guidance}")
-    if args.n_boot < 100:
-        fail(f"--n-boot must be >= 100 for a 95% interval, got {args.n_boot}")
-    if len(set(args.rankings)) != len(args.rankings):
-        fail(f"duplicate --rankings in {args.rankings}")
-    if args.contrast is not None and any(c in args.concepts for c in args.contrast) and len(args.concepts) == 1:
-        fail(f"--contrast {args.contrast} lists the concept being erased")
     if threads_error(args.threads):
         fail(threads_error(args.threads))
-    if not 0 <= args.seed <= MAX_SEED:
-        fail(f"--seed must be between 0 and {MAX_SEED} (2**62), got {args.seed}")
+    try:
+        cfg = config_from_args(ErasureCurvesConfig, args)
+    except (ValueError, TypeError) as err:
+        fail(str(err))
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         fail(f"--out {args.out} is an existing file, not a folder: pass a folder path")
     compare = None
-    if args.compare is not None:
-        compare = read_comparison(args.compare, args, fail)
+    if cfg.compare is not None:
+        compare = read_comparison(Path(cfg.compare), cfg, fail)
     try:
-        check_concept_words(compare["model"] if compare else args.model, args.concepts)
+        check_concept_words(compare["model"] if compare else cfg.model, cfg.concepts)
     except KeyError as err:
         fail(err.args[0])
-    return compare
+    return cfg, compare
 
 
 def read_comparison(folder: Path, args, fail) -> dict:
@@ -205,7 +225,6 @@ def ranking_config(args, compare: dict | None):
     """The comparison configuration the rankings come from (its components, objective and method options)."""
     from interp.compare_config import CompareConfig
 
-    from analyses._cli import method_options_from_args
     from interp.methods import reference
 
     if compare is not None:
@@ -213,10 +232,10 @@ def ranking_config(args, compare: dict | None):
     # the reference is listed because a comparison needs it; only args.methods are computed
     methods = tuple(dict.fromkeys((reference(), *args.methods)))
     return CompareConfig(model=args.model, concepts=tuple(args.concepts), methods=methods,
-                         options=method_options_from_args(args), granularity=args.granularity,
+                         options=args.options, granularity=args.granularity,
                          families=tuple(args.families), kinds=tuple(args.kinds), blocks=tuple(args.blocks),
                          n_images=args.attr_images, timesteps=tuple(args.timesteps), gen_steps=args.gen_steps,
-                         guidance=args.guidance, max_batch=args.max_batch, dtype=args.precision,
+                         guidance=args.guidance, max_batch=args.max_batch, dtype=args.dtype,
                          device=args.device, seed=args.seed)
 
 
@@ -232,18 +251,10 @@ def contrast_concepts(model, concept: str, args, alternatives) -> list[str]:
     return [c for c in (alternatives or []) if c != concept]
 
 
-def run_config(args) -> dict:
-    from analyses._cli import METHOD_DEST
-
-    # how to run is not part of the result (out, threads, progress), nor a method option not given
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-            if k not in ("out", "threads", "no_progress") and not (k.startswith(METHOD_DEST) and v is None)}
-
-
 def run(args, out: Path, compare: dict | None, log) -> dict:
     from interp.runs import Run
 
-    with Run(out, run_config(args), "erasure") as r:
+    with Run(out, args.to_dict(), "erasure") as r:
         result = _run(args, r, compare, log)
         r.complete()
     return result
@@ -269,7 +280,7 @@ def _run(args, r, compare, log) -> dict:
     t_start = time.perf_counter()
     ccfg = ranking_config(args, compare)
     t0 = time.perf_counter()
-    model = interp.load_model(ccfg.model, device=args.device, dtype=args.precision)
+    model = interp.load_model(ccfg.model, device=args.device, dtype=args.dtype)
     check_finite_weights(model, ccfg.model)
     log(f"model {ccfg.model} loaded in {time.perf_counter() - t0:.1f} s")
     judge = ed.resolve_judge(model, args.judge)
@@ -289,7 +300,7 @@ def _run(args, r, compare, log) -> dict:
     cfg = ed.EvalConfig.from_total(args.images, steps=args.steps, seed=ed.EVAL_SEED + args.seed,
                                    guidance=args.guidance, batch=ed.images_per_call(args.max_batch))
     store = Store(r.cache if args.store is None else args.store)
-    results = read_results(args.compare / "results.parquet") if compare is not None else None
+    results = read_results(Path(args.compare) / "results.parquet") if compare is not None else None
     from interp.plan import preflight_run
 
     # the rankings' methods (when computed here), the erasure's own ablations and generations: largest passes first
@@ -355,16 +366,16 @@ def main(argv=None) -> int:
     load_plugins(sys.argv[1:] if argv is None else argv, "erasure_curves")
     parser = build_parser()
     args = parser.parse_args(argv)
-    compare = check_args(parser, args)
+    cfg, compare = check_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from analyses._cli import apply_threads, quiet_if_asked, run_or_exit
     from interp.store import config_hash
 
     apply_threads(parser, args.threads)
-    out = args.out or Path("reports") / f"erasure-{config_hash(run_config(args))[:10]}"
+    out = args.out or Path("reports") / f"erasure-{config_hash(cfg.to_dict())[:10]}"
     t0 = time.perf_counter()
     with quiet_if_asked(args):
-        result = run_or_exit(parser, out, lambda: run(args, out, compare, logging.info))
+        result = run_or_exit(parser, out, lambda: run(cfg, out, compare, logging.info))
     pred = result["tables"]["prediction"]
     logging.info("\narea under the concept-rate curve (lower erases earlier):\n%s",
                  result["tables"]["auc"].pivot_table(index=["concept", "method"], columns="metric", values="auc")

@@ -274,8 +274,11 @@ def check_fields(cfg) -> None:
         else:
             _check_type(f.name, value, tp[1])
         choices = f.metadata.get("choices")
-        if choices and getattr(cfg, f.name) not in choices:
-            raise ValueError(f"{f.name} must be one of {list(choices)}, got {value!r}")
+        given = getattr(cfg, f.name)
+        bad = [v for v in (given if tp[0] == "tuple" else (given,)) if v not in choices] if choices else []
+        if bad:
+            raise ValueError(f"{f.name} must be {'each ' if tp[0] == 'tuple' else ''}one of {list(choices)}, got "
+                             f"{bad[0]!r}")
 
 
 def _annotation(f) -> str:

@@ -285,9 +285,11 @@ def test_generation_steps_and_guidance_are_options_of_every_command(sd_models, m
     Objective(sd_models["sd1"], interp.text_concept("red"), cfg.objective_config())
     assert seen == [(3, 2.0)]
     assert CompareConfig().objective_config() == ObjectiveConfig()  # the API's defaults are the command line's
+    from analyses._cli import config_from_args
+
     args = erasure_curves.build_parser().parse_args(["--gen-steps", "4", "--guidance", "3"])
-    assert (erasure_curves.ranking_config(args, None).objective_config().gen_steps,
-            erasure_curves.ranking_config(args, None).objective_config().guidance) == (4, 3.0)
+    ranking = erasure_curves.ranking_config(config_from_args(erasure_curves.ErasureCurvesConfig, args), None)
+    assert (ranking.objective_config().gen_steps, ranking.objective_config().guidance) == (4, 3.0)
     from interp.compare import erasure_setup, select_components
 
     cfg = CompareConfig(erasure_k=(1,), guidance=2.5, judge="concept-world-clip", concepts=("red", "blue"))
