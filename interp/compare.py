@@ -134,7 +134,7 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
                 f"{seconds['erasure curves']:.1f} s")
         meta = run.metadata(n_components=len(comps), seconds_this_run=seconds, methods=results.attrs["meta"])
         meta["wall_seconds_this_run"] = meta.pop("wall_seconds")
-        write_outputs(run.out, results, maps, tables, figures, meta, cfg, extra.get("sections", ()),
+        write_outputs(run, results, maps, tables, figures, meta, cfg, extra.get("sections", ()),
                       extra.get("findings", ()))
         run.complete()
     return {"results": results, "maps": maps, "tables": tables, "meta": meta}

@@ -31,7 +31,7 @@ from interp.interventions import compile_plan
 from interp.objectives import Objective, ObjectiveConfig
 from interp.testing import make_scheduler, tiny_stable_diffusion
 
-from helpers import MID, LinearFF, ProductFF
+from helpers import MID, ProductFF
 
 pytestmark = pytest.mark.xdist_group("known_answers")
 

@@ -19,6 +19,7 @@ from browser import inspect_page, require_chromium  # tests/ is on sys.path (roo
 from interp import evaluation as ev
 from interp import plots
 from interp.report import render_report, settings_rows
+from interp.runs import Run
 from interp.report.findings import compare_findings, edit_findings
 from interp.results import concat, is_main, make_frame, make_map_frame
 
@@ -462,7 +463,9 @@ def default_shaped_run(tmp_path_factory):
             "machine": {"platform": "test", "threads": 1}, "wall_seconds_this_run": 1.0,
             "seconds_this_run": {k: 1.0 for k in results.attrs["meta"]}, "methods": results.attrs["meta"]}
     out = tmp_path_factory.mktemp("default-shaped")
-    compare.write_outputs(out, results, maps, tables, figures, meta, cfg)
+    with Run(out, cfg.to_dict(), "compare") as run:  # the one run-folder writer
+        compare.write_outputs(run, results, maps, tables, figures, meta, cfg)
+        run.complete()
     return out
 
 

@@ -4,36 +4,34 @@ self-contained ``index.html`` with its sections (:func:`report_sections`) and fi
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pandas as pd
 
 from .. import evaluation, plots
 from ..compare_config import CompareConfig
 from ..compare_outputs import _main_and_variants
 from ..methods.base import baseline, get, reference
-from ..store import atomic_write_bytes, atomic_write_text, frame_to_parquet_bytes
 from . import render_report, settings_rows
 from . import tables as rt
 from .findings import compare_findings, joint_trust
 
 
-def write_outputs(out: Path, results, maps, tables, figures, meta, cfg: CompareConfig, extra_sections=(),
+def write_outputs(run, results, maps, tables, figures, meta, cfg: CompareConfig, extra_sections=(),
                   extra_findings=()) -> None:
-    """Write the run's files atomically, the report last (the run layer then marks the run complete); sections and
-    findings of optional measurements (the erasure curves) follow the comparison's own."""
+    """Write the run's files through its :class:`~interp.runs.Run` (atomically), the report last (the run then marks
+    itself complete); sections and findings of optional measurements (the erasure curves) follow the comparison's
+    own."""
     for name, df in tables.items():
-        atomic_write_text(out / "tables" / f"{name}.csv", df.to_csv(index=False))
+        run.write_csv(f"tables/{name}.csv", df)
     uris = {}
     for name, png in figures.items():
-        atomic_write_bytes(out / "figures" / f"{name}.png", png)
+        run.write_bytes(f"figures/{name}.png", png)
         uris[name] = plots.png_to_data_uri(png)
     sections = report_sections(tables, uris, cfg) + list(extra_sections)
     summary = compare_findings(tables, n_components=meta.get("n_components")) + list(extra_findings)
-    atomic_write_bytes(out / "results.parquet", frame_to_parquet_bytes(results))
-    atomic_write_bytes(out / "maps.parquet", frame_to_parquet_bytes(maps))
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1, default=str))
+    run.write_parquet("results.parquet", results)
+    run.write_parquet("maps.parquet", maps)
+    run.write_json("meta.json", meta)
+    out = run.out
     render_report(out, title="Where does the model keep each concept? Methods vs true ablation",
                   summary=summary, sections=sections, config=meta,
                   headline=[(cap, uris[k]) for k, cap in (
