@@ -36,7 +36,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from interp.compare_config import DEVICES, GRANULARITIES, PRECISIONS, check_fields, check_method_options, opt
+from interp.compare_config import (DEVICES, GRANULARITIES, OBJECTIVES, PRECISIONS, check_fields, check_method_options,
+                                   opt)
 
 #: --rankings: the suffix each ranking of a method is named with
 RANKINGS = {"plain": "", "contrastive": "+contrastive", "per-layer": "+per-layer",
@@ -68,8 +69,15 @@ class ErasureCurvesConfig:
     families: tuple[str, ...] = opt(("ff",), "component families", nargs="*")
     kinds: tuple[str, ...] = opt(("ff.net.2",), "module kinds", nargs="*")
     blocks: tuple[str, ...] = opt((), "UNet stages to include (empty: all)", nargs="*")
+    objective: str = opt("erase", "the objective J the rankings attribute and the curves report: erase, amplify, or "
+                                  "classifier (the judge's probability of the concept on generated images: an "
+                                  "objective through generation)", choices=OBJECTIVES)
+    anchor: str = opt("shared", "erase objective: ablate the anchor branch too (shared) or keep it intact (frozen)",
+                      choices=("shared", "frozen"))
     attr_images: int = opt(4, "images of the attribution objective")
-    timesteps: tuple[int, ...] = opt((250, 600), "timesteps of the attribution objective")
+    timesteps: tuple[int, ...] = opt((250, 600), "timesteps of the attribution objective: J is averaged over them "
+                                                 "(700 800 900: the high-noise band, where layout and colour are "
+                                                 "decided; 100 200 300: the low-noise band)")
     gen_steps: int = opt(10, "denoising steps of the attribution objective's generated images (models other than "
                              "the concept world)")
     max_batch: int = opt(256, "UNet rows per pass, >= 1: bounds the rankings' passes and every generation call "
@@ -231,7 +239,8 @@ def ranking_config(args, compare: dict | None):
         return CompareConfig.from_dict(compare, f"--compare {args.compare}")
     # the reference is listed because a comparison needs it; only args.methods are computed
     methods = tuple(dict.fromkeys((reference(), *args.methods)))
-    return CompareConfig(model=args.model, concepts=tuple(args.concepts), methods=methods,
+    return CompareConfig(model=args.model, concepts=tuple(args.concepts), methods=methods, objective=args.objective,
+                         anchor=args.anchor, judge=(args.judge or "classifier") if args.objective == "classifier" else "classifier",
                          options=args.options, granularity=args.granularity,
                          families=tuple(args.families), kinds=tuple(args.kinds), blocks=tuple(args.blocks),
                          n_images=args.attr_images, timesteps=tuple(args.timesteps), gen_steps=args.gen_steps,

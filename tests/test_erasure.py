@@ -339,3 +339,19 @@ def test_cli_targeted_rankings_and_mean_ablation(tiny_world_folder, tmp_path, no
     assert set(curves["method"]) == {"cad", "cad+contrastive", "cad+per-layer", "cad+contrastive+per-layer",
                                      er.RANDOM}
     assert json.loads((out / "meta.json").read_text())["model_unchanged"] is True
+
+
+def test_cli_ranks_with_an_objective_through_generation_or_a_timestep_band(tiny_world_folder, tmp_path, no_figures):
+    """The rankings' objective is an option: the classifier objective (the judge through generation) and J averaged
+    over a high-noise band of timesteps both rank, and the run records which."""
+    from analyses.erasure_curves import main
+
+    for objective, timesteps in (("classifier", ["300"]), ("erase", ["700", "800", "900"])):
+        out = tmp_path / objective
+        argv = cli_args(tiny_world_folder, out) + ["--methods", "cad", "--objective", objective,
+                                                   "--timesteps", *timesteps, "--gen-steps", "2"]
+        assert main(argv) == 0
+        meta = json.loads((out / "meta.json").read_text())
+        ranking = meta["ranking_config"]
+        assert ranking["objective"] == objective and ranking["timesteps"] == [int(t) for t in timesteps]
+        assert "cad" in set(pd.read_parquet(out / "results.parquet")["method"])
