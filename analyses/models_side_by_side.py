@@ -105,6 +105,42 @@ def localization(runs: dict[str, dict], method: str = "ablation") -> pd.DataFram
     return pd.DataFrame(cols)
 
 
+def depth_and_stream(runs: dict[str, dict], method: str = "ablation") -> pd.DataFrame:
+    """Per concept, where ``method``'s (true ablation's) |score| mass sits along the denoiser: the share in its
+    early half (the first half of its layers in execution order: a UNet's down path and a DiT's first blocks) and,
+    on a diffusion transformer whose run scored both streams, the share in the context (text) stream."""
+    cols = {}
+    for name, run in runs.items():
+        r = run["results"]
+        r = r[(r["method"] == method) & (r["variant"] == method) & (r["model_part"] != "text_encoder")]
+        order = list(dict.fromkeys(r["layer"]))  # the results follow the components' execution order
+        early = set(order[: len(order) // 2])
+        a = r.assign(a=r["score"].abs(), early=r["layer"].isin(early), context=r["kind"].str.contains("context"))
+        cells = {}
+        for concept, g in a.groupby("concept"):
+            total = g["a"].sum()
+            cell = f"early {g.loc[g['early'], 'a'].sum() / total:.0%}"
+            if g["context"].any():
+                cell += f", context stream {g.loc[g['context'], 'a'].sum() / total:.0%}"
+            cells[concept] = cell
+        cols[name] = cells
+    return pd.DataFrame(cols)
+
+
+def corruption_validity(runs: dict[str, dict]) -> pd.DataFrame:
+    """Per model and concept: whether causal tracing's corruption removed the concept in every noise draw (its
+    ``corruption`` table), with the share of J each draw removed."""
+    rows = []
+    for name, run in runs.items():
+        c = run.get("corruption")
+        if c is None or not len(c):
+            continue
+        for concept, g in c.groupby("concept"):
+            rows.append({"model": name, "concept": concept, "valid": bool(g["valid"].astype(bool).all()),
+                         "removed per draw": ", ".join(f"{r:+.0%}" for r in g["removed"])})
+    return pd.DataFrame(rows)
+
+
 def erasure_best(runs: dict[str, dict]) -> pd.DataFrame:
     """Per model and concept: the method whose top-k ablations lower the concept rate most (smallest area under the
     concept-rate curve), with the area of the random order beside it."""
@@ -198,6 +234,10 @@ def report(runs: dict[str, dict]) -> str:
                 ("The best estimate against COAR, on the same held-out masks", best_versus_coar(runs), False),
                 ("Where each concept lives by true ablation: the block with the largest share of |score|",
                  localization(runs), True),
+                ("Early against late, and image against context stream: shares of true ablation's |score|",
+                 depth_and_stream(runs), True),
+                ("Does causal tracing's corruption remove each concept? (every noise draw must lower J)",
+                 corruption_validity(runs), False),
                 ("Erasure: the method whose top-k ablations lower the concept rate most", erasure_best(runs), False),
                 ("Findings, each checked by its rule on every model", findings(runs), False)]
     for title, table, index in sections:

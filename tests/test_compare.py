@@ -305,8 +305,11 @@ def test_models_side_by_side_reads_runs_and_checks_every_finding(run_dir, tmp_pa
     assert main([f"one={run_dir}", f"two={run_dir}", "--out", str(out)]) == 0
     text = out.read_text()
     for section in ("Spearman with true ablation", "LDS per held-out ablation rate", "against COAR",
-                    "Where each concept lives", "Findings, each checked"):
+                    "Where each concept lives", "Early against late", "corruption remove each concept",
+                    "Findings, each checked"):
         assert section in text
+    depth = text.split("Early against late")[1].split("##")[0].split("\n", 1)[1]  # the table, not its title
+    assert "early " in depth and "context stream" not in depth  # a UNet has one stream
     findings = text.split("Findings, each checked")[1]
     rows = [r for r in findings.splitlines() if r.startswith("| ") and "finding" not in r]
     assert len(rows) == 5
