@@ -227,7 +227,7 @@ def check_method_options(options, methods) -> dict:
     """
     from dataclasses import fields as dc_fields
 
-    from .methods import get
+    from .methods import REGISTRY, get
 
     if not isinstance(options, dict) or any(not isinstance(v, dict) for v in options.values()):
         raise ValueError(f"options must be a dict of dicts, {{method: {{option: value}}}}, got {options!r}")
@@ -236,6 +236,9 @@ def check_method_options(options, methods) -> dict:
         given = {k: tuple(v) if isinstance(v, list) else v for k, v in sorted(options[method].items())}
         if not given:
             continue
+        if method not in REGISTRY:
+            raise ValueError(f"options are given for {method!r}, which is no registered method; registered methods "
+                             f"are {sorted(REGISTRY)}")
         cls = get(method)  # (a method not run may still set another's options: screen screens with maskgrad's)
         names = [f.name for f in dc_fields(cls.Config) if f.name != "seed"]
         unknown = [k for k in given if k not in names]

@@ -157,7 +157,8 @@ class COAR(Method):
     def memory_bytes(cls, config, n_components):
         """The masks (a float32 draw, a bool mask) and the float64 design matrix with its train and test copies and
         the least-squares matrix: about 29 bytes per mask and component."""
-        return {f"COAR masks ({cls.flag(cls.command_options()[0])} x components)":
+        masks = next(f for f in cls.command_options() if f.name == "n_masks")
+        return {f"COAR masks ({cls.flag(masks)} x components)":
                 config.masks_for(n_components) * n_components * 29}
 
     @classmethod
