@@ -420,3 +420,30 @@ def test_train_sae_command(tmp_path, refused):
     assert (out / "sae.safetensors").read_bytes() == first
     assert "--k must be >= 1" in refused(train_sae.main, ["--k", "0", "--out", str(out)])
     assert "is no module of this model" in refused(train_sae.main, [*argv[2:], "--site", "unet.nowhere"])
+
+
+def test_compare_methods_on_features_end_to_end(tiny_world_folder, tmp_path, refused, no_figures):
+    """``compare_methods --granularity feature --sae FOLDER`` on the tiny world: every default method that
+    attributes features (not causal tracing) runs, and the tables hold one row per feature."""
+    import pandas as pd
+
+    from analyses.compare_methods import main
+    from interp.features import planted, save_sae
+
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    save_sae(planted(SITE, torch.cat([q, -q]), k=4), tmp_path / "sae")
+    common = ["--model", str(tiny_world_folder), "--concepts", "red", "--images", "1", "--timesteps", "300",
+              "--lds-alphas", "0.2", "--heldout-masks", "10", "--n-boot", "100", "--no-progress", "--threads", "1"]
+    assert main([*common, "--granularity", "feature", "--sae", str(tmp_path / "sae"), "--out",
+                 str(tmp_path / "run")]) == 0
+    df = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    assert set(df.granularity) == {"feature"} and "tracing" not in set(df.method)
+    assert {"ablation", "cad", "coar", "maskgrad", "ig", "midpoint", "screen"} <= set(df.method)
+    assert df[df.variant == "ablation"].component.nunique() == 32
+    assert "need their sparse autoencoder: pass --sae" in refused(main, [*common, "--granularity", "feature",
+                                                                          "--out", str(tmp_path / "x")])
+    assert "holds no sae.safetensors" in refused(main, [*common, "--granularity", "feature", "--sae",
+                                                        str(tmp_path), "--out", str(tmp_path / "x")])
+    assert "do not attribute SAE features" in refused(main, [*common, "--granularity", "feature", "--sae",
+                                                             str(tmp_path / "sae"), "--methods", "ablation",
+                                                             "tracing", "--out", str(tmp_path / "x")])
