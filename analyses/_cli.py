@@ -30,7 +30,7 @@ GROUPS = (
     ("components", "the parts of the model that are scored, addressed by module path: a family (ff: feed-forward, "
      "attn1: self-attention, attn2: cross-attention, resnet, block, text_attn, text_mlp, text_layer), a module kind "
      "within it, and a UNet stage",
-     ("granularity", "families", "kinds", "blocks", "components")),
+     ("granularity", "sae", "families", "kinds", "blocks", "components")),
     ("methods and budgets", "which methods or edits run, and how many masks or steps each may spend; alpha is the "
      "share of the components a random mask ablates",
      ("methods", "edits", "k", "ratios", "compare", "rankings", "contrast", "ablation", "random_rankings")),

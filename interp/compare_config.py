@@ -38,7 +38,12 @@ class CompareConfig:
     methods: tuple[str, ...] = opt((), "methods to run, by registered name (a plugin's too, with --plugin); the "
                                         "reference, true ablation, is always needed; empty: every method the "
                                         "registry runs by default", cli_default=_default_methods)
-    granularity: str = opt("neuron", "component granularity", choices=GRANULARITIES)
+    granularity: str = opt("neuron", "component granularity (feature: the latents of the --sae dictionaries)",
+                           choices=GRANULARITIES + ("feature",))
+    sae: tuple[str, ...] = opt((), "folders of sparse autoencoders (written by analyses.train_sae) attached to the "
+                                   "model: their latents are the components of --granularity feature (families and "
+                                   "kinds are then not used), or name some with --components SITE#fI", nargs="*",
+                               metavar="FOLDER")
     families: tuple[str, ...] = opt(("ff",), "component families: ff attn1 attn2 resnet text_attn text_mlp ...",
                                     nargs="*", metavar="FAMILY")
     kinds: tuple[str, ...] = opt(("ff.net.2",), "module kinds within the families, e.g. ff.net.0 (hidden units) or "
@@ -103,15 +108,22 @@ class CompareConfig:
         if alone:
             raise ValueError(f"alternatives (--alternatives) {list(self.alternatives)} leave {alone[0]!r} nothing to "
                              f"be weighed against: name phrases other than the concept")
-        from .methods import REGISTRY, default_methods, reference  # here, not at module level: importing the config
-        # must not load torch
+        from .methods import REGISTRY, default_methods, get, reference  # here, not at module level: importing the
+        # config must not load torch
 
-        if not self.methods:
-            object.__setattr__(self, "methods", default_methods())
+        check_saes(self)
+        features = self.granularity == "feature" or any("#f" in a for a in self.components)
+        if not self.methods or (features and tuple(self.methods) == default_methods()):
+            # features: the default methods that attribute them (not causal tracing)
+            object.__setattr__(self, "methods", tuple(m for m in default_methods() if not features
+                                                      or "feature" in get(m).capabilities.granularities))
         unknown = [m for m in self.methods if m not in REGISTRY]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; registered methods are {sorted(REGISTRY)} (a method of "
                              f"your own: --plugin FILE.py)")
+        blind = [m for m in self.methods if features and "feature" not in get(m).capabilities.granularities]
+        if blind:
+            raise ValueError(f"method(s) {blind} do not attribute SAE features: leave them out of --methods")
         if reference() not in self.methods:
             raise ValueError(f"the comparison needs {reference()!r} (the reference of every table): add it to "
                              f"--methods")
@@ -183,9 +195,42 @@ class CompareConfig:
         return get(method).compare_options(self, n)
 
 
+def check_saes(cfg) -> None:
+    """``--sae`` folders exist and hold an SAE, and feature components have one (no model needed).
+
+    Raises:
+        ValueError: naming the folder or the missing option.
+    """
+    from pathlib import Path
+
+    saes = getattr(cfg, "sae", ())
+    for folder in saes:
+        if not (Path(folder).expanduser() / "sae.safetensors").is_file():
+            raise ValueError(f"--sae {folder} holds no sae.safetensors: pass a folder written by "
+                             f"python -m analyses.train_sae --out FOLDER")
+    if len(set(saes)) != len(saes):
+        raise ValueError(f"duplicate --sae folders in {list(saes)}")
+    wants = cfg.granularity == "feature" and not cfg.components or any("#f" in a for a in cfg.components)
+    if wants and not saes:
+        raise ValueError("feature components need their sparse autoencoder: pass --sae FOLDER (written by "
+                         "python -m analyses.train_sae)")
+    if saes and not wants:
+        raise ValueError("--sae is used with --granularity feature (or feature --components SITE#fI): add it or "
+                         "drop --sae")
+
+
+def attach_saes(model, cfg) -> None:
+    """Attach the sparse autoencoders of ``cfg.sae`` (folders) to ``model`` (:func:`interp.features.attach`)."""
+    from .features import attach, load_sae
+
+    for folder in getattr(cfg, "sae", ()):
+        attach(model, load_sae(folder))
+
+
 def select_components(model, cfg: CompareConfig):
     """The components a comparison attributes: ``cfg.components`` by address, else the model's components of
-    ``cfg.granularity`` filtered by ``cfg.families``, ``cfg.kinds`` and ``cfg.blocks``.
+    ``cfg.granularity`` filtered by ``cfg.families``, ``cfg.kinds`` and ``cfg.blocks`` (features: the latents of
+    the ``cfg.sae`` dictionaries, which are attached to ``model`` first, filtered by ``cfg.blocks``).
 
     Args:
         model: the loaded model.
@@ -197,10 +242,13 @@ def select_components(model, cfg: CompareConfig):
     Raises:
         interp.components.UnknownComponentError: an address names no component (with the nearest valid ones).
     """
+    attach_saes(model, cfg)  # (its features' addresses parse once attached)
     if getattr(cfg, "components", ()):  # named addresses (unknown ones fail with the nearest valid ones)
         from .components import ComponentSet  # (this module loads no torch)
 
         return ComponentSet([model.space.parse(a) for a in cfg.components])
+    if cfg.granularity == "feature":  # every latent of the attached dictionaries, in the chosen UNet stages
+        return model.components("feature", **({"block": list(cfg.blocks)} if cfg.blocks else {}))
     filters = {"family": list(cfg.families) or None, "kind": list(cfg.kinds) or None,
                "block": list(cfg.blocks) or None}
     return model.components(cfg.granularity, **{k: v for k, v in filters.items() if v})

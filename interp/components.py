@@ -7,6 +7,12 @@ index in brackets::
     unet.mid_block.attentions.0.transformer_blocks.0.ff.net.0[17]       neuron  (output feature 17 / conv channel 17)
     unet.mid_block.attentions.0.transformer_blocks.0.attn2[3]           head    (head 3 of an attention module)
     unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2.weight[5,17]  weight (one scalar parameter, CAD's unit)
+    unet.mid_block.attentions.0.transformer_blocks.0.ff#f12             feature (latent 12 of a sparse autoencoder
+                                                                                 attached at that module's output)
+
+Feature addresses exist once a sparse autoencoder is attached at the module (:func:`interp.features.attach`): the
+space then holds its site (:meth:`ComponentSpace.add_feature_site`), any module whose output the suite can reach,
+whether or not the family tables list it.
 
 Addresses parse into the frozen :class:`Component` and print back identically. Which modules are components, and
 of which family, comes from a per-architecture table (:data:`FAMILY_TABLES`) keyed by the model class, matched on
@@ -24,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-GRANULARITIES = ("layer", "neuron", "head", "weight")
+GRANULARITIES = ("layer", "neuron", "head", "weight", "feature")
 
 
 @dataclass(frozen=True)
@@ -118,11 +124,31 @@ FAMILY_TABLES: dict[str, tuple[FamilyRule, ...]] = {
 _ADDRESS = re.compile(r"^(?P<path>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)(?:\[(?P<idx>\d+(?:,\d+)*)\])?$")
 
 
+_FEATURE = re.compile(r"^(?P<path>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)#f(?P<idx>\d+)$")
+
+
 class UnknownComponentError(KeyError):
     """An address that names no component of the model."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class UnknownFeatureError(UnknownComponentError, ValueError):
+    """A feature address that names no latent of an attached sparse autoencoder (also a ValueError: bad input)."""
+
+
+@dataclass(frozen=True)
+class FeatureSite:
+    """A module with a sparse autoencoder attached at its output: the module's place in the model and the
+    dictionary (:class:`interp.features.FeatureDictionary`) whose latents are its feature components."""
+
+    info: "ModuleInfo"
+    dictionary: object = field(repr=False, compare=False)
+
+    @property
+    def n_features(self) -> int:
+        return self.dictionary.n_features
 
 
 @dataclass(frozen=True, order=True)
@@ -272,8 +298,11 @@ class ComponentSpace:
     def __init__(self, models: dict[str, nn.Module], order: dict[str, int] | None = None):
         self.models = models
         self.modules: dict[str, ModuleInfo] = {}
+        #: Modules with a sparse autoencoder attached (:meth:`add_feature_site`), by path.
+        self.features: dict[str, FeatureSite] = {}
         layer_order: dict[tuple[str, str], int] = {}
         order = order or {}
+        self.order = order
         for prefix, root in models.items():
             table = FAMILY_TABLES.get(type(root).__name__)
             if table is None:
@@ -303,6 +332,8 @@ class ComponentSpace:
         """Parse and validate an address; unknown ones raise :class:`UnknownComponentError` with suggestions."""
         if isinstance(address, Component):
             return address
+        if isinstance(address, str) and "#" in address:
+            return self._parse_feature(address.strip())
         m = _ADDRESS.match(address.strip()) if isinstance(address, str) else None
         if not m:
             raise UnknownComponentError(
@@ -347,6 +378,46 @@ class ComponentSpace:
             info.depth, info.kind, granularity,
         )
 
+    def _parse_feature(self, address: str) -> Component:
+        m = _FEATURE.match(address)
+        if not m:
+            raise UnknownFeatureError(f"{address!r} is not a feature address: write a module path, '#f' and a "
+                                      f"latent index, e.g. 'unet.mid_block.attentions.0.transformer_blocks.0.ff#f12'")
+        path, i = m.group("path"), int(m.group("idx"))
+        site = self.features.get(path)
+        if site is None:
+            attached = ", ".join(sorted(self.features)) or "none"
+            raise UnknownFeatureError(f"{address!r}: no sparse autoencoder is attached at {path} (attached: "
+                                      f"{attached}); attach one with interp.features.attach(model, "
+                                      f"interp.features.load_sae(FOLDER))")
+        if not 0 <= i < site.n_features:
+            raise UnknownFeatureError(f"{address!r}: the sparse autoencoder at {path} has {site.n_features} "
+                                      f"features, indices 0..{site.n_features - 1}")
+        info = site.info
+        return Component(f"{path}#f{i}", info.model, path, None, (i,), info.rule.family, info.block,
+                         short_layer(info.layer, info.model), info.depth, info.kind, "feature")
+
+    def add_feature_site(self, path: str, dictionary, module: nn.Module) -> FeatureSite:
+        """Make the latents of ``dictionary`` (``n_features`` of them) the feature components ``path#f<i>``.
+
+        A module of the family tables keeps its family, kind, block and layer (so ``family="ff"`` filters its
+        features too); any other module (a UNet attention stage, ``up_blocks.1.attentions.1``, SAeUron's site) is of
+        family ``sae``, its kind its class name. Replaces a dictionary attached there before."""
+        prefix, _, rel = path.partition(".")
+        info = self.modules.get(path)
+        if info is None:
+            rule = FamilyRule("sae", "", type(module).__name__, ("feature",), "features")
+            mine = self.order.get(path, 0)
+            # depth: after every layer of its part that starts before it (its own, when it is inside one)
+            before = [i.depth for i in self.modules.values() if i.model == prefix and self.order.get(i.path, -1) <= mine]
+            info = ModuleInfo(path, prefix, rule, rule.kind, rel, _stage(rel, prefix), max(before, default=0), module)
+        site = self.features[path] = FeatureSite(info, dictionary)
+        return site
+
+    def remove_feature_site(self, path: str) -> None:
+        """Forget the dictionary attached at ``path`` (its feature addresses no longer parse)."""
+        self.features.pop(path, None)
+
     def _unknown_message(self, path: str) -> str:
         near = difflib.get_close_matches(path, list(self.modules), n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(near)}?" if near else ""
@@ -370,6 +441,13 @@ class ComponentSpace:
         sets = {k: ({v} if isinstance(v, str) else set(v)) for k, v in filters.items() if v is not None}
         layer_set = None if layer is None else ({layer} if isinstance(layer, str) else set(layer))
         self._check_filters(sets, layer_set)
+        if granularity == "feature":  # the latents of the attached dictionaries, site by site in execution order
+            for path in sorted(self.features, key=lambda p: (part_rank(p.split(".", 1)[0]), self.order.get(p, 0))):
+                site = self.features[path]
+                if self._matches(site.info, {**filters, "layer": layer}):
+                    for i in range(site.n_features):
+                        yield self._parse_feature(f"{path}#f{i}")
+            return
         infos = sorted(self.modules.values(), key=lambda i: (part_rank(i.model), i.depth, i.path))
         for info in infos:
             if any(getattr(info, k) not in v for k, v in sets.items() if k != "family") or (
@@ -424,10 +502,11 @@ class ComponentSpace:
         return True
 
     def _check_filters(self, sets: dict, layer_set: set | None) -> None:
+        every = [*self.modules.values(), *(f.info for f in self.features.values())]
         known = {
-            "family": {i.rule.family for i in self.modules.values()},
-            "kind": {i.kind for i in self.modules.values()},
-            "block": {i.block for i in self.modules.values()},
+            "family": {i.rule.family for i in every},
+            "kind": {i.kind for i in every},
+            "block": {i.block for i in every},
             "model": set(self.models),
         }
         for k, vals in sets.items():
@@ -435,7 +514,7 @@ class ComponentSpace:
             if bad:
                 raise ValueError(f"unknown {k} {sorted(bad)}; this model's {k}s are {sorted(known[k])}")
         if layer_set is not None:
-            layers = {short_layer(i.layer, i.model) for i in self.modules.values()} | {i.layer for i in self.modules.values()}
+            layers = {short_layer(i.layer, i.model) for i in every} | {i.layer for i in every}
             bad = layer_set - layers
             if bad:
                 raise ValueError(f"unknown layer {sorted(bad)}; layers are {sorted(layers)}")

@@ -9,6 +9,12 @@ outputs (neurons, layers) or on the input of an attention module's output projec
 scalar-weight ablation for ground truth at weight granularity, runs in :func:`weights_ablated`, which restores the
 weights bitwise in ``finally``.
 
+A **feature** (a latent of a sparse autoencoder attached at a module's output, :mod:`interp.features`) has a
+multiplier too: the output ``h`` becomes ``h + sum_i (m_i - 1) (f_i(h) - mu_i) W_dec[i]``, where ``f(h)`` is the
+autoencoder's top-k encoding of ``h`` and ``W_dec[i]`` the feature's decoder direction. Only the feature's own
+decoded contribution moves; the autoencoder's reconstruction error stays in ``h``, so ``m = 1`` is the intact
+output exactly, and ``dJ/dm_i`` at ``m = 1`` is the feature's activation times the gradient along its direction.
+
 Patching replaces a module's output with a saved clean one at chosen rows (and, for the text encoder, chosen token
 positions); the denoising loop decides at which timesteps a patch applies.
 """
@@ -37,6 +43,8 @@ class Site:
     columns: torch.Tensor  # column of the multiplier matrix for each touched feature
     whole: bool = False  # layer granularity: one multiplier scales the whole output
     streams: int = 1  # tensors of the output tuple the multiplier scales (a joint block's image and context streams)
+    #: feature granularity: the sparse autoencoder whose latents ``features`` are (:mod:`interp.features`)
+    sae: object = None
 
 
 @dataclass
@@ -85,11 +93,21 @@ def compile_plan(model, components: ComponentSet | Sequence[Component | str]) ->
                 g = groups.setdefault((c.module + suffix, event), {"axis": -1, "n": n, "f": [], "c": [], "whole": False})
                 g["f"].extend(range(c.index * d, (c.index + 1) * d))
                 g["c"].extend([col] * d)
+        elif c.granularity == "feature":
+            site = model.space.features[c.module]
+            g = groups.setdefault((c.module, "out"), {"axis": site.dictionary.axis, "n": site.n_features, "f": [],
+                                                      "c": [], "whole": False, "sae": site.dictionary})
+            if g.get("sae") is not site.dictionary:
+                raise ValueError(f"{c.module} appears both through its SAE features and as a layer or neurons in one "
+                                 f"component set: attribute them in separate sets")
+            g["f"].append(c.index)
+            g["c"].append(col)
         elif c.granularity == "neuron":
             axis = 1 if isinstance(mod, torch.nn.Conv2d) else -1
             n = neuron_count(mod)
-            if groups.get((c.module, "out"), {}).get("whole"):
-                raise ValueError(f"{c.module} appears both as a layer and through its units in one component set")
+            if groups.get((c.module, "out"), {}).get("whole") or groups.get((c.module, "out"), {}).get("sae"):
+                raise ValueError(f"{c.module} appears both as a layer or SAE features and through its units in one "
+                                 f"component set")
             g = groups.setdefault((c.module, "out"), {"axis": axis, "n": n, "f": [], "c": [], "whole": False})
             g["f"].append(c.index)
             g["c"].append(col)
@@ -102,7 +120,7 @@ def compile_plan(model, components: ComponentSet | Sequence[Component | str]) ->
     plan = Plan(components, {p: [] for p in model.modules()}, model.denoiser_part)
     for (path, event), g in sorted(groups.items(), key=lambda kv: model.events[(kv[0][1], kv[0][0])]):
         site = Site(path, event, g["axis"], g["n"], torch.tensor(g["f"]), torch.tensor(g["c"]), g["whole"],
-                    g.get("streams", 1))
+                    g.get("streams", 1), g.get("sae"))
         plan.sites[path.split(".", 1)[0]].append(site)
     return plan
 
@@ -138,11 +156,16 @@ def _site_scale(site: Site, mult: torch.Tensor, h: torch.Tensor) -> torch.Tensor
 
 
 def apply_site(site: Site, h: torch.Tensor, mult: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
-    """``m * h + (1 - m) * mu`` for the units of ``site``; other features pass through unchanged."""
+    """``m * h + (1 - m) * mu`` for the units of ``site``; other features pass through unchanged. At a feature
+    site (an attached sparse autoencoder), ``h + sum_i (m_i - 1) (f_i(h) - mu_i) W_dec[i]`` instead."""
     if mult.shape[0] != h.shape[0]:
         if h.shape[0] % mult.shape[0]:
             raise ValueError(f"{mult.shape[0]} multiplier rows do not divide a batch of {h.shape[0]} at {site.path}")
         mult = mult.repeat_interleave(h.shape[0] // mult.shape[0], dim=0)
+    if site.sae is not None:
+        from .features import apply_features
+
+        return apply_features(site.sae, h, mult[:, site.columns], site.features, mean)
     s = _site_scale(site, mult, h)
     out = h * s
     if mean is not None:
@@ -340,7 +363,8 @@ def unit_means(model, plan: Plan, ids: torch.Tensor, x: torch.Tensor, t: torch.T
                max_rows: int | None = None) -> dict[str, torch.Tensor]:
     """Mean activation of every site over a reference batch, for mean-ablation.
 
-    Units (neurons, head features) get their mean over rows and positions; whole layers their mean over rows.
+    Units (neurons, head features) get their mean over rows and positions; whole layers their mean over rows; the
+    features of a sparse autoencoder their mean activation over rows and positions.
     A batch of more than ``max_rows`` rows (one per prompt ``ids`` and latent ``x``) runs in passes of at most that
     many, whose means are combined weighted by their rows.
     """
@@ -360,7 +384,11 @@ def unit_means(model, plan: Plan, ids: torch.Tensor, x: torch.Tensor, t: torch.T
     means = {}
     for s in plan.text + plan.denoiser:
         h = saved.get(s.path)
-        if s.whole:
+        if s.sae is not None:  # a feature's mean activation (its top-k encoding, 0 where inactive)
+            from .features import feature_means
+
+            means[s.path] = feature_means(s.sae, h)
+        elif s.whole:
             for k in range(s.streams):
                 if stream_key(s.path, k) in saved:
                     means[stream_key(s.path, k)] = saved[stream_key(s.path, k)].mean(0, keepdim=True)

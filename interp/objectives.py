@@ -543,10 +543,13 @@ def as_dtype(model, dtype: torch.dtype):
             torch.nn.Module.to(v, dtype)  # diffusers' own .to() warns about fp32-pinned modules; none here
     sched = model.scheduler.__class__.from_config(model.scheduler.config)
     first = model.encoders[0].part
-    return DiffusionModel(model.name, parts["unet"], texts[first], model.tokenizer, sched, parts["vae"],
-                          parts["classifier"], world=model.world, pipeline=model.pipeline,
-                          default_guidance=model.default_guidance, source=model.source, family=model.family,
-                          text_encoders=texts, tokenizers=model.tokenizers)
+    copy_ = DiffusionModel(model.name, parts["unet"], texts[first], model.tokenizer, sched, parts["vae"],
+                           parts["classifier"], world=model.world, pipeline=model.pipeline,
+                           default_guidance=model.default_guidance, source=model.source, family=model.family,
+                           text_encoders=texts, tokenizers=model.tokenizers)
+    for path, site in model.space.features.items():  # attached SAEs come along (their weights cast where used)
+        copy_.space.add_feature_site(path, site.dictionary, copy_.module(path))
+    return copy_
 
 
 def _sample_rows(means: dict | None, pos: torch.Tensor, S: int, B: int) -> dict | None:

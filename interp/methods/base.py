@@ -43,7 +43,8 @@ class Capabilities:
     """What a method can do, so callers can choose methods without trying them.
 
     Attributes:
-        granularities: the component granularities it handles (``layer``, ``neuron``, ``head``, ``weight``).
+        granularities: the component granularities it handles (``layer``, ``neuron``, ``head``, ``weight``,
+            ``feature``: latents of an attached sparse autoencoder, :mod:`interp.features`).
         gradients: whether it takes gradients (it then needs a differentiable objective and more memory per row).
         exact: whether its scores are measured ablation effects rather than estimates.
         text_encoder: whether it attributes text-encoder components.
@@ -247,6 +248,10 @@ class Method:
         store = store if isinstance(store, Store) else Store(store)
         key = {"method": self.name, "method_config": self.config.to_dict(), **obj.identity(),
                "components": components_hash(comps), "schema": SCHEMA}
+        if "feature" in comps.granularities:  # the same addresses under another SAE are other components
+            from ..features import identity
+
+            key["features"] = identity(obj.model, comps)
         entry = store.entry(f"{self.name}-{obj.concept.name}", key)
         last = getattr(self, "_last", None)
         if last is None or last[0] != entry.hash:

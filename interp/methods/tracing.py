@@ -23,7 +23,8 @@ J removed (in the run's metadata, ``corruption_removed`` and ``corruption_valid`
 raises J or barely moves it warns; the comparison tables and report flag such concepts
 (:func:`interp.evaluation.corruption_table`).
 
-Scope: components at layer or neuron granularity (restoring a head's state needs the input of the output
+Scope: components at layer or neuron granularity (not SAE features: restoring a feature's clean activation alone is
+not implemented) (restoring a head's state needs the input of the output
 projection; not done here). The restored state of a component is its clean value on the same sample; the scores'
 standard error is over noise draws.
 """

@@ -1,0 +1,449 @@
+"""Learned features as components (issue 40): SAE training, attaching, the feature intervention and every
+activation-based method on features, on the tiny concept world."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+SITE = "unet.mid_block.attentions.0.transformer_blocks.0.ff"  # (B, tokens, 16) on the tiny world
+STAGE = "unet.mid_block.attentions.0"  # a Transformer2DModel: channel-first (B, 16, 4, 4)
+FEATURE_METHODS = ("ablation", "cad", "coar", "maskgrad", "ig", "midpoint", "screen")
+
+
+@pytest.fixture(scope="module")
+def acts(tiny_world_model):
+    from interp.features import collect_activations
+
+    return collect_activations(tiny_world_model, SITE, ["a red circle", "a blue square"], seeds=(0, 1), steps=3)
+
+
+@pytest.fixture(scope="module")
+def sae(acts):
+    from interp.features import train_sae
+
+    return train_sae(acts, k=4, expansion=4, steps=60, batch=64, site=SITE)
+
+
+@pytest.fixture
+def world(tiny_world_model, sae):
+    """The shared tiny model with ``sae`` attached at SITE, detached again afterwards."""
+    from interp.features import attach, detach
+
+    attach(tiny_world_model, sae)
+    yield tiny_world_model
+    detach(tiny_world_model, SITE)
+
+
+def _eps(model, obj, plan=None, mult=None, means=None):
+    from interp.interventions import run_unet
+
+    x, t = obj.x_t, obj.t
+    ctx = obj.ctx_target[obj.image_index]
+    with torch.no_grad():
+        return run_unet(model, x, t, ctx, plan, mult, means)[0]
+
+
+def _planted_sae(model, site, d, n=None, k=None, seed=0):
+    """An SAE whose features are exact: orthonormal directions (a random rotation's rows)."""
+    from interp.features import planted
+
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed)))
+    return planted(site, q[: n or d], k=k)
+
+
+def test_collect_gives_token_rows_over_trajectories(tiny_world_model, acts):
+    # 2 prompts x 2 seeds x 3 steps, unguided (one branch), 4x4 = 16 tokens each, width 16
+    assert acts.shape == (2 * 2 * 3 * 16, 16) and acts.dtype == torch.float32
+    from interp.features import collect_activations
+
+    rows = collect_activations(tiny_world_model, STAGE, ["a red circle"], seeds=(0,), steps=2)
+    assert rows.shape == (2 * 16, 16)  # channel-first: spatial positions are rows, channels their width
+    guided = collect_activations(tiny_world_model, SITE, ["a red circle"], seeds=(0,), steps=2, guidance=3.0)
+    assert guided.shape == (2 * 2 * 16, 16)  # both guidance branches
+
+
+def test_training_is_deterministic_and_records_its_data(acts, sae):
+    from interp.features import data_hash, train_sae
+
+    again = train_sae(acts, k=4, expansion=4, steps=60, batch=64, site=SITE)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(sae, name), getattr(again, name)), name
+    assert sae.data_hash == data_hash(acts) and len(sae.data_hash) == 64
+    assert sae.n_features == 64 and sae.d_in == 16 and sae.k == 4
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))  # unit-norm decoder rows
+    q = sae.quality
+    assert 0 < q["fvu"] < 1 and 0 < q["l0"] <= 4 and 0 <= q["dead"] < 64 and 0 <= q["dense"] <= 64
+    other = train_sae(acts, k=4, expansion=4, steps=60, batch=64, site=SITE, seed=1)
+    assert not torch.equal(other.W_enc, sae.W_enc)
+
+
+def test_encoding_equals_sparsify(acts, sae):
+    from interp.features import _quiet
+
+    with _quiet():
+        from sparsify import SparseCoder, SparseCoderConfig
+    coder = SparseCoder(16, SparseCoderConfig(k=4, num_latents=64))
+    with torch.no_grad():
+        coder.encoder.weight.copy_(sae.W_enc)
+        coder.encoder.bias.copy_(sae.b_enc)
+        coder.W_dec.copy_(sae.W_dec)
+        coder.b_dec.copy_(sae.b_dec)
+        a, i, _ = coder.encode(acts)
+        dense = torch.zeros(len(acts), 64).scatter(1, i, a)
+        torch.testing.assert_close(sae.dense(acts), dense, rtol=0, atol=0)
+        torch.testing.assert_close(sae.reconstruct(acts), coder.decode(a, i), rtol=1e-6, atol=1e-6)
+
+
+def test_training_resumes_to_the_same_sae(acts, tmp_path):
+    from interp.features import train_sae
+
+    whole = train_sae(acts, k=4, expansion=4, steps=30, batch=64, site=SITE)
+    ckpt = tmp_path / "ckpt.pt"
+    train_sae(acts, k=4, expansion=4, steps=30, batch=64, site=SITE, checkpoint=ckpt, checkpoint_every=10)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 30
+    # an interrupted run: keep the checkpoint of step 10, then run again
+    part = tmp_path / "part.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _interrupted(acts, part)
+    assert torch.load(part, weights_only=True)["step"] == 10
+    resumed = train_sae(acts, k=4, expansion=4, steps=30, batch=64, site=SITE, checkpoint=part, checkpoint_every=10)
+    assert torch.equal(resumed.W_enc, whole.W_enc) and torch.equal(resumed.W_dec, whole.W_dec)
+    with pytest.raises(ValueError, match="other data or arguments"):
+        train_sae(acts, k=2, expansion=4, steps=30, batch=64, site=SITE, checkpoint=part)
+
+
+def _interrupted(acts, ckpt):
+    """train_sae stopped by a KeyboardInterrupt after step 15 (its checkpoint at step 10 written)."""
+    import interp.features as F
+
+    real = F._batch
+    calls = {"n": 0}
+
+    def batch(*a):
+        calls["n"] += 1
+        if calls["n"] > 15:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    F._batch = batch
+    try:
+        F.train_sae(acts, k=4, expansion=4, steps=30, batch=64, site=SITE, checkpoint=ckpt, checkpoint_every=10)
+    finally:
+        F._batch = real
+
+
+def test_save_and_load_round_trip(sae, tmp_path):
+    from interp.features import _quiet, load_sae, save_sae
+
+    save_sae(sae, tmp_path / "s")
+    back = load_sae(tmp_path / "s")
+    assert back.site == SITE and back.k == sae.k and back.digest() == sae.digest()
+    assert back.quality == sae.quality and back.data_hash == sae.data_hash
+    with _quiet():
+        from sparsify import SparseCoder
+    coder = SparseCoder.load_from_disk(tmp_path / "s")  # sparsify reads the same folder
+    assert torch.equal(coder.W_dec, sae.W_dec) and coder.cfg.k == sae.k
+    with pytest.raises(ValueError, match="no sae.safetensors"):
+        load_sae(tmp_path)
+
+
+def test_addresses_and_selection(world, sae):
+    c = world.space.parse(f"{SITE}#f12")
+    assert str(c) == f"{SITE}#f12" and c.granularity == "feature" and c.index == 12 and c.module == SITE
+    assert c.family == "ff" and c.block == "mid_block"
+    comps = world.components("feature")
+    assert len(comps) == 64 and comps[0].address == f"{SITE}#f0"
+    assert len(world.components("feature", family="ff", block="mid_block")) == 64
+    frame = comps.frame()
+    assert set(frame.granularity) == {"feature"} and frame.unit.tolist() == list(range(64))
+    assert len(world.components("neuron")) == 2992  # other granularities unchanged
+
+
+def test_several_saes_and_a_stage_site(tiny_world_model, sae):
+    from interp.features import attach, detach
+
+    stage = _planted_sae(tiny_world_model, STAGE, 16, n=8, k=2)
+    attached = attach(tiny_world_model, stage)
+    attach(tiny_world_model, sae)
+    try:
+        assert attached.axis == 1  # a channel-first output
+        c = tiny_world_model.space.parse(f"{STAGE}#f3")
+        assert c.family == "sae" and c.kind == "Transformer2DModel" and c.block == "mid_block"
+        comps = tiny_world_model.components("feature")
+        assert len(comps) == 8 + 64 and comps[0].module == STAGE  # in execution order: the stage starts first
+    finally:
+        detach(tiny_world_model, STAGE)
+        detach(tiny_world_model, SITE)
+
+
+def test_attached_model_is_bitwise_the_original(tiny_world_model, tiny_red_objective, sae):
+    from interp.features import attach, detach
+    from interp.interventions import compile_plan
+
+    obj = tiny_red_objective
+    before = tiny_world_model.state_fingerprint()
+    plain = _eps(tiny_world_model, obj)
+    attach(tiny_world_model, sae)
+    try:
+        assert torch.equal(_eps(tiny_world_model, obj), plain)  # attaching changes no output
+        comps = tiny_world_model.components("feature")
+        plan = compile_plan(tiny_world_model, comps)
+        ones = torch.ones(len(obj.x_t), len(comps))
+        assert torch.equal(_eps(tiny_world_model, obj, plan, ones), plain)  # every m = 1: exactly h
+        J = obj.values(plan, torch.ones(1, len(comps)))
+        assert torch.equal(J[0], obj.intact)
+    finally:
+        detach(tiny_world_model, SITE)
+    after = tiny_world_model.state_fingerprint()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_feature_ablation_is_removing_its_decoder_contribution(world, sae, tiny_red_objective):
+    """A known answer in plain torch: J with feature i zero-ablated equals J with ``f_i(h) W_dec[i]`` subtracted
+    from the site's output by a forward hook, no intervention code involved."""
+    from interp.interventions import compile_plan
+
+    obj = tiny_red_objective
+    comps = world.components("feature")
+    plan = compile_plan(world, comps)
+    with torch.no_grad():
+        acts = sae.dense(_site_rows(world, obj))
+    i = int(acts.abs().sum(0).argmax())  # a feature that is active
+    mask = torch.ones(1, len(comps))
+    mask[0, i] = 0
+    with torch.no_grad():
+        J = obj.values(plan, mask)[0]
+
+    def hook(mod, args, out):
+        f = sae.dense(out.reshape(-1, 16))[:, i]
+        return out - (f[:, None] * sae.W_dec[i]).reshape(out.shape)
+
+    obj.replay_prefix = False
+    handle = world.module(SITE).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            J_hand = obj.values()[0]
+    finally:
+        handle.remove()
+        obj.replay_prefix = True
+    torch.testing.assert_close(J, J_hand, rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(J, obj.intact)
+
+
+def _site_rows(model, obj):
+    from interp.interventions import run_unet
+
+    x, t, ctx = obj.x_t, obj.t, obj.ctx_target[obj.image_index]
+    with torch.no_grad():
+        h = run_unet(model, x, t, ctx, saves=[SITE])[1][SITE]
+    return h.reshape(-1, h.shape[-1])
+
+
+def test_mean_ablation_uses_feature_means(world, sae, tiny_red_objective):
+    from interp.features import feature_means
+    from interp.interventions import compile_plan
+    from interp.objectives import reference_means
+
+    obj = tiny_red_objective
+    comps = world.components("feature")
+    means = reference_means(obj, compile_plan(world, comps))
+    rows = _site_rows(world, obj)
+    torch.testing.assert_close(means[SITE], feature_means(sae, rows.reshape(len(obj.x_t), -1, 16)))
+    df = pytest.importorskip("interp").attribute("ablation", world, "red", comps[:4], objective=obj, mode="mean")
+    assert len(df) == 4 and df.score.notna().all()
+
+
+def _linear_objective(model, config):
+    """The erase objective's evaluation set with J = mean over pixels of ``<c, eps>`` on the target branch: linear
+    in the denoiser's output, so linear in the multipliers of features at its last layer (``conv_out``)."""
+    from interp.interventions import run_unet
+    from interp.objectives import Objective
+
+    class LinearReadout(Objective):
+        def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False,
+                   record=None, intervene_anchor=True, replay=False):
+            sel = torch.arange(self.n_samples) if samples is None else torch.as_tensor(samples)
+            r = 1 if mult is None else mult.shape[0]
+            x, t = self.x_t[sel].repeat(r, 1, 1, 1), self.t[sel].repeat(r)
+            ctx = self.ctx_target[self.image_index[sel]].repeat(r, 1, 1)
+            rows = None if mult is None else mult.repeat_interleave(len(sel), 0)
+            eps = run_unet(self.model, x, t, ctx, plan, rows, means)[0].to(self.dtype)
+            return (eps * self.readout).flatten(1).mean(1).reshape(r, len(sel))
+
+    LinearReadout.readout = torch.tensor([1.0, -2.0, 0.5]).reshape(1, 3, 1, 1)
+    obj = LinearReadout(model, "red", config)
+    obj.replay_prefix = False  # (its _chunk runs whole passes)
+    return obj
+
+
+def test_planted_features_true_ablation_equals_cad_where_j_is_linear(tiny_world_model, tiny_objective_config):
+    """A known-answer model: exact planted features (an orthonormal basis of the 3 output channels) at the UNet's
+    last layer and a J linear in its output. J is then linear in every feature multiplier, so true ablation,
+    CAD (activation x gradient) and every gradient variant give the same scores, and a feature's effect is
+    ``-mean f_i <W_dec[i], c>``, computed here by hand."""
+    import interp
+    from interp.features import attach, detach, planted
+
+    model = tiny_world_model
+    site = "unet.conv_out"
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0)))
+    attach(model, planted(site, q, k=3))
+    try:
+        obj = _linear_objective(model, tiny_objective_config)
+        comps = model.components("feature")
+        assert comps.addresses == [f"{site}#f{i}" for i in range(3)]
+        scores = {m: interp.attribute(m, model, "red", comps, objective=obj, **o).set_index("component").score
+                  for m, o in (("ablation", {}), ("cad", {"n_groups": 1}), ("midpoint", {}), ("ig", {"steps": 2}))}
+        truth = torch.tensor(scores["ablation"][comps.addresses].to_numpy())
+        assert truth.abs().max() > 1e-4  # the features matter
+        for m in ("cad", "midpoint", "ig"):
+            torch.testing.assert_close(torch.tensor(scores[m][comps.addresses].to_numpy()), truth, rtol=1e-4,
+                                       atol=1e-7, msg=m)
+        # by hand: eps at the intact model, each feature's activation and its direction's readout
+        from interp.interventions import run_unet
+
+        with torch.no_grad():
+            eps = run_unet(model, obj.x_t, obj.t, obj.ctx_target[obj.image_index], saves=[site])[1][site]
+        f = torch.relu(torch.einsum("nchw,fc->nfhw", eps, q))  # planted: W_enc = W_dec = q, no biases, k = all
+        by_hand = (f * (q @ obj.readout.flatten())[None, :, None, None]).mean((0, 2, 3)) / 3  # mean over 3 channels
+        torch.testing.assert_close(by_hand.double(), truth, rtol=1e-4, atol=1e-7)
+    finally:
+        detach(model, site)
+
+
+@pytest.mark.parametrize("method", FEATURE_METHODS)
+def test_every_feature_method_returns_the_tidy_frame(world, tiny_red_objective, method):
+    import interp
+    from interp.methods import get
+    from interp.results import SCHEMA  # noqa: F401  (the frame's columns)
+
+    assert "feature" in get(method).capabilities.granularities
+    comps = world.components("feature")[:12]
+    opts = {"coar": {"n_masks": 24}, "maskgrad": {"n_masks": 4}, "ig": {"steps": 4}}.get(method, {})
+    before = world.state_fingerprint()
+    df = interp.attribute(method, world, "red", comps, objective=tiny_red_objective, **opts)
+    main = df[df.variant == method] if "variant" in df and (df.variant == method).any() else df
+    assert len(main) == 12 and set(main.granularity) == {"feature"} and main.score.notna().all()
+    assert main.component.tolist() == comps.addresses
+    after = world.state_fingerprint()
+    assert all(torch.equal(before[n], after[n]) for n in before)  # a method never changes the model
+
+
+def test_cad_on_features_is_the_multiplier_gradient(world, tiny_red_objective):
+    """CAD falls back to dJ/dm at m = 1 for features (no weight slice): the midpoint gradient at alpha -> 0."""
+    import interp
+    from interp.engine import multiplier_gradients
+
+    comps = world.components("feature")[:8]
+    cad = interp.attribute("cad", world, "red", comps, objective=tiny_red_objective, n_groups=1)
+    g = multiplier_gradients(tiny_red_objective, comps, torch.ones(1, 8, dtype=torch.float64))[0]
+    torch.testing.assert_close(torch.tensor(cad.score.to_numpy()), g, rtol=1e-5, atol=1e-12)
+
+
+def test_tracing_refuses_features(world, tiny_red_objective):
+    import interp
+
+    with pytest.raises(ValueError, match="does not handle"):
+        interp.attribute("tracing", world, "red", world.components("feature")[:2], objective=tiny_red_objective)
+
+
+def test_bad_input_names_the_problem_and_the_fix(world, tiny_world_model):
+    from interp.components import UnknownComponentError
+    from interp.features import FeatureDictionary, attach
+
+    with pytest.raises(ValueError, match=r"has 64 features, indices 0..63") as e:
+        world.space.parse(f"{SITE}#f64")
+    assert "\n" not in str(e.value) and isinstance(e.value, UnknownComponentError)
+    with pytest.raises(ValueError, match="no sparse autoencoder is attached at .*attach one with"):
+        world.space.parse("unet.mid_block.attentions.0.transformer_blocks.0.attn2#f0")
+    wrong = FeatureDictionary(SITE, torch.randn(8, 12), torch.zeros(8), torch.randn(8, 12), torch.zeros(12), 2)
+    with pytest.raises(ValueError, match=r"d_in=12 but that module's output has width 16: train one on this site") as e:
+        attach(tiny_world_model, wrong)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="is no module of this model"):
+        attach(tiny_world_model, FeatureDictionary("unet.nowhere", torch.randn(8, 16), torch.zeros(8),
+                                                   torch.randn(8, 16), torch.zeros(16), 2))
+    with pytest.raises(ValueError, match="k must be in 1..8"):
+        FeatureDictionary(SITE, torch.randn(8, 16), torch.zeros(8), torch.randn(8, 16), torch.zeros(16), 9)
+    from interp.interventions import compile_plan
+
+    with pytest.raises(ValueError, match="appears both as a layer"):
+        compile_plan(world, [f"{SITE}#f0", SITE])
+
+
+def test_results_on_features_are_keyed_by_the_sae(tiny_world_model, tiny_red_objective, sae, tmp_path):
+    """Another SAE at the same site gives the same addresses: a cached result must not be read for it."""
+    import interp
+    from interp.features import attach, detach
+
+    comps = [f"{SITE}#f{i}" for i in range(4)]
+    attach(tiny_world_model, sae)
+    try:
+        a = interp.attribute("cad", tiny_world_model, "red", comps, objective=tiny_red_objective, store=tmp_path)
+        attach(tiny_world_model, _planted_sae(tiny_world_model, SITE, 16, n=64, k=4))
+        b = interp.attribute("cad", tiny_world_model, "red", comps, objective=tiny_red_objective, store=tmp_path)
+        assert a.config_hash[0] != b.config_hash[0]
+    finally:
+        detach(tiny_world_model, SITE)
+
+
+def test_float64_objective_keeps_the_attached_sae(world, tiny_objective_config):
+    import dataclasses
+
+    import interp
+    from interp.objectives import Objective
+
+    obj = Objective(world, "red", dataclasses.replace(tiny_objective_config, dtype="float64"))
+    df = interp.attribute("ablation", world, "red", world.components("feature")[:3], objective=obj)
+    assert len(df) == 3
+
+
+def test_train_sae_command(tmp_path, refused):
+    import json
+
+    from analyses import train_sae
+
+    out = tmp_path / "sae"
+    argv = ["--site", SITE, "--k", "4", "--expansion", "2", "--steps", "20", "--batch", "64", "--seeds", "0",
+            "--gen-steps", "2", "--prompts", "a red circle", "a blue square", "--out", str(out), "--no-progress",
+            "--threads", "1"]
+    train_sae.main(argv)
+    q = json.loads((out / "quality.json").read_text())
+    from interp.features import load_sae
+
+    sae = load_sae(out)
+    assert sae.site == SITE and q["n_features"] == 2 * sae.d_in == sae.n_features and 0 < q["fvu"] and q["l0"] <= 4
+    first = (out / "sae.safetensors").read_bytes()
+    train_sae.main(argv)  # resumed from its folder: the same SAE
+    assert (out / "sae.safetensors").read_bytes() == first
+    assert "--k must be >= 1" in refused(train_sae.main, ["--k", "0", "--out", str(out)])
+    assert "is no module of this model" in refused(train_sae.main, [*argv[2:], "--site", "unet.nowhere"])
+
+
+def test_compare_methods_on_features_end_to_end(tiny_world_folder, tmp_path, refused, no_figures):
+    """``compare_methods --granularity feature --sae FOLDER`` on the tiny world: every default method that
+    attributes features (not causal tracing) runs, and the tables hold one row per feature."""
+    import pandas as pd
+
+    from analyses.compare_methods import main
+    from interp.features import planted, save_sae
+
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    save_sae(planted(SITE, torch.cat([q, -q]), k=4), tmp_path / "sae")
+    common = ["--model", str(tiny_world_folder), "--concepts", "red", "--images", "1", "--timesteps", "300",
+              "--lds-alphas", "0.2", "--heldout-masks", "10", "--n-boot", "100", "--no-progress", "--threads", "1"]
+    assert main([*common, "--granularity", "feature", "--sae", str(tmp_path / "sae"), "--out",
+                 str(tmp_path / "run")]) == 0
+    df = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    assert set(df.granularity) == {"feature"} and "tracing" not in set(df.method)
+    assert {"ablation", "cad", "coar", "maskgrad", "ig", "midpoint", "screen"} <= set(df.method)
+    assert df[df.variant == "ablation"].component.nunique() == 32
+    assert "need their sparse autoencoder: pass --sae" in refused(main, [*common, "--granularity", "feature",
+                                                                          "--out", str(tmp_path / "x")])
+    assert "holds no sae.safetensors" in refused(main, [*common, "--granularity", "feature", "--sae",
+                                                        str(tmp_path), "--out", str(tmp_path / "x")])
+    assert "do not attribute SAE features" in refused(main, [*common, "--granularity", "feature", "--sae",
+                                                             str(tmp_path / "sae"), "--methods", "ablation",
+                                                             "tracing", "--out", str(tmp_path / "x")])
