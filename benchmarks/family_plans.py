@@ -11,7 +11,7 @@ on a GPU: run ``--plan`` there.
 
 The comparison: one concept, the feed-forward output neurons of one block in the middle of the denoiser (1,152 to
 3,072 of them), true ablation, CAD,
-the mask-averaged gradient and the midpoint estimator, the default evaluation set (8 images x 5 timesteps, erase
+the mask-averaged gradient and the midpoint estimator, the default evaluation set (4 images x 2 timesteps, erase
 objective with a shared anchor) and 256 held-out masks at two ablation rates. Tokenizers are small offline ones
 (interp.testing) padded to the published lengths (CLIP 77, T5 as each pipeline encodes it), so the text encoders
 run at their real size.
