@@ -12,6 +12,27 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Make ``--dist loadgroup`` group the tests by their ``xdist_group`` mark.
+
+    pytest-xdist's worker names each item ``<nodeid>@<group>`` so that its scheduler sends a group to one worker. It
+    does so by writing ``item._nodeid``, which pytest 9.2 no longer reads (a node's id is ``item._id``, a
+    ``NodeId``): the marks were ignored, and every module "on one worker" (its run folder made once, one Ray cluster
+    at a time) ran on both. This hook, after xdist's, gives each marked item the name xdist meant to give it; when
+    xdist's own renaming works (the id already ends in ``@<group>``) it does nothing."""
+    if not getattr(config.option, "loadgroup", False):  # set on xdist's workers under --dist loadgroup only
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        names = {str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                 for m in item.iter_markers("xdist_group")}
+        suffix = "@" + "_".join(sorted(names))
+        if names and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)
+
+
 @pytest.fixture
 def refused(capsys):
     """``refused(main, argv)`` runs a command that must refuse its arguments before any work: exit code 2, no

@@ -147,6 +147,7 @@ print(json.dumps({"edited": edited, "code": code, "undone": undone, "unrelated":
 """
 
 
+@pytest.mark.slow  # a fresh interpreter on a copy of the package, rerunning the comparison (~10-15 s)
 def test_changed_table_code_remakes_tables_not_methods(run_dir, tiny_world, tmp_path):
     """Cached tables and figures are keyed by the source of the code that makes them: a copy of the package whose
     figure code is edited remakes them (one new derived entry, the same tables) while every method result still comes

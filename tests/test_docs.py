@@ -93,6 +93,8 @@ def test_readme_example_and_recipe_are_the_pages_own():
 
 
 # -- the site --------------------------------------------------------------------------------------------------------
+# The site tests are ``slow`` (a ``mkdocs build`` of every page and the API reference, ~10 s, then a browser), and on
+# one xdist worker (their group), so that the module's site is built once.
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     """The site built with ``mkdocs build --strict`` into a temporary folder, notebooks not executed."""
@@ -110,6 +112,8 @@ def site(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("docs-site")
 def test_site_builds_strict_with_every_page(site):
     for page in ("index.html", "getting-started.html", "your-model.html", "concepts.html", "methods/index.html",
                  "results.html", "cli.html", "api/index.html", "api/methods.html", "notebooks/01_quickstart.html"):
@@ -132,6 +136,8 @@ def _screenshot_is_not_blank(png: Path) -> None:
     assert 0.005 < dark < 0.95, f"{png.name}: {dark:.1%} of the pixels are dark"  # text on a page, not one colour
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("docs-site")
 @pytest.mark.parametrize("page, title", [("index.html", SITE_NAME), ("api/methods.html", "Methods")])
 def test_site_opens_in_a_browser(site, tmp_path, page, title):
     require_chromium()
@@ -190,13 +196,20 @@ def test_your_model_python_runs_on_a_tiny_sd_folder(tmp_path, tiny_sd):
     assert (tmp_path / "cache").is_dir()  # store="cache/" kept the results
 
 
-def test_your_model_recipe_runs_on_a_tiny_sd_folder(tmp_path, tiny_sd, capsys):
-    """``--plan`` first, then the small run, as the page and the README write them."""
+@pytest.mark.parametrize("step", [
+    "plan",
+    # the small run: the page's own configuration (default timesteps and bootstrap) on SD-shaped passes, ~20 s
+    pytest.param("run", marks=pytest.mark.slow),
+])
+def test_your_model_recipe_runs_on_a_tiny_sd_folder(tmp_path, tiny_sd, capsys, step):
+    """``--plan`` first, then the small run, as the page and the README write them; each its own case, the plan in
+    the fast tier, the run in the slow one."""
     from analyses import compare_methods
 
     commands = [c for b in fenced_blocks((DOCS / "your-model.md").read_text(), "bash") for c in shell_commands(b)
                 if c.startswith("python -m analyses.compare_methods")]
     assert len(commands) >= 2 and "--plan" in commands[0], commands
+    commands = commands[:1] if step == "plan" else commands[1:]
     old = Path.cwd()
     os.chdir(tmp_path)
     try:

@@ -2,6 +2,9 @@
 for bit, a killed worker costs only its items, and workers that cannot be placed fail instead of waiting (the whole
 comparison, and a killed driver, are in test_ray_slow.py).
 
+Every test that uses the cluster is ``slow`` (CI runs the slow tier too): starting the cluster and its workers, which
+load the model, is most of their ~70 s on two cores. The executor's option checks, which start nothing, stay fast.
+
 Ray is an optional extra (``pip install -e '.[ray]'``, which ``.ci/run`` installs): without it these tests skip,
 except under ``CI=true``, where a skip would hide that the executor was never tested.
 """
@@ -59,6 +62,7 @@ def _objective(model):
     return Objective(model, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_sweep_gives_the_local_result_bit_for_bit(method, tiny_loaded, ray_executor, tmp_path):
     import interp
@@ -84,6 +88,7 @@ def test_every_sweep_gives_the_local_result_bit_for_bit(method, tiny_loaded, ray
     pd.testing.assert_frame_equal(local, again)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("style", ["sd1", "sd2"])  # PNDM + epsilon; DDIM + v-prediction
 def test_stable_diffusion_folders_give_the_local_result_on_ray(style, ray_executor, tmp_path):
     """On a Stable Diffusion folder the workers rebuild the evaluation set by sampling with the folder's scheduler:
@@ -102,6 +107,7 @@ def test_stable_diffusion_folders_give_the_local_result_on_ray(style, ray_execut
         assert local.attrs["meta"]["cost"]["forward_evals"] == remote.attrs["meta"]["cost"]["forward_evals"]
 
 
+@pytest.mark.slow
 def test_a_killed_worker_costs_only_its_items(tiny_loaded, ray_executor, tmp_path, monkeypatch):
     """SIGKILL one worker while a sweep runs: Ray restarts it (it loads the model again) and retries its items; the
     result is the uninterrupted one and every item is stored once."""
@@ -138,6 +144,7 @@ def test_a_killed_worker_costs_only_its_items(tiny_loaded, ray_executor, tmp_pat
     assert pids[0] not in new_pids and pids[1] in new_pids, "the killed worker was restarted, the other kept"
 
 
+@pytest.mark.slow
 def test_the_ray_executor_refuses_a_model_it_cannot_reload(tiny_world_model, ray_executor):
     import interp
 
@@ -147,6 +154,7 @@ def test_the_ray_executor_refuses_a_model_it_cannot_reload(tiny_world_model, ray
                          executor=ray_executor)
 
 
+@pytest.mark.slow
 def test_workers_that_cannot_be_placed_fail_instead_of_waiting(tiny_loaded, ray_executor):
     """The module's executor holds both CPUs of the local cluster: a second one asking for two more workers gets a
     one-line error naming the fix, not a hang."""

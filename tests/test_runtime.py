@@ -46,6 +46,7 @@ def _run(passes: bool = True, **env) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # three fresh interpreters that load the shipped model (~20 s): an integration test
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
 def test_load_model_tunes_the_allocator_so_passes_stop_faulting_in_memory():
     tuned, default = _run(), _run(INTERP_TUNE_MALLOC="0")
