@@ -62,6 +62,7 @@ def test_without_the_plugin_its_name_and_flag_are_unknown(capsys):
     assert "unrecognized arguments: --tangent-at" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~30 s: a comparison with erasure curves, then the erasure command
 def test_it_runs_in_the_plan_tables_figures_report_and_erasure_curves(tiny_world_folder, plugin, tmp_path, capsys):
     from analyses import compare_methods, erasure_curves
 

@@ -209,6 +209,7 @@ def test_tracing_end_to_end_score_uses_the_judge(sd):
     assert all(torch.equal(p, before[n]) for n, p in sd.parameters())
 
 
+@pytest.mark.slow  # ~15 s: tracing through generation on the judge
 def test_tracing_on_the_judge_holds_max_batch(monkeypatch):
     """Causal tracing through generation (clean states patched in at every step) splits its mask rows and images
     into generation calls within max_batch, each with the patches of its own rows, to the scores and maps of one
@@ -280,6 +281,7 @@ def test_sd_evaluation_with_a_clip_judge(sd, clip):
     assert not any(p.startswith(("a photo of", "an image of")) for p in prompts)  # held-out templates only
 
 
+@pytest.mark.slow  # ~15 s: a comparison on a Stable Diffusion folder with the CLIP judge
 @pytest.mark.usefixtures("needs_clip")
 def test_compare_on_stable_diffusion_weighs_concepts_against_alternatives(sd_folder, tmp_path, refused, no_figures):
     """compare_methods --objective classifier on an SD folder: --alternatives are what the judge weighs each concept

@@ -152,6 +152,7 @@ def test_replayed_fraction_is_the_flops_a_replayed_pass_saves(tiny_world_model, 
         assert 0 < 1 - flops["always"] / flops[False] == pytest.approx(replayed_fraction(model, [comp]), abs=0.01)
 
 
+@pytest.mark.slow  # ~16 s: every restoration of a traced run, replayed and in full
 def test_causal_tracing_replays_its_corrupted_run_exactly(tiny_world_model):
     """Restorations in the corrupted run replay that run's own upstream (one cached context per noise draw): the
     scores and maps equal full passes', at fewer FLOPs."""
