@@ -131,6 +131,16 @@ class FeatureDictionary:
         """The autoencoder's reconstruction of rows ``x``."""
         return self.decode(*self.encode(x))
 
+    # What the intervention layer calls at a feature site (it imports nothing of this module).
+    def apply(self, h: torch.Tensor, mult: torch.Tensor, features: torch.Tensor,
+              mean: torch.Tensor | None = None) -> torch.Tensor:
+        """:func:`apply_features` with this dictionary."""
+        return apply_features(self, h, mult, features, mean)
+
+    def means(self, h: torch.Tensor) -> torch.Tensor:
+        """:func:`feature_means` with this dictionary."""
+        return feature_means(self, h)
+
 
 # -- the intervention -------------------------------------------------------------------------------------------------
 def rows_of(h: torch.Tensor, axis: int) -> torch.Tensor:

@@ -162,10 +162,8 @@ def apply_site(site: Site, h: torch.Tensor, mult: torch.Tensor, mean: torch.Tens
         if h.shape[0] % mult.shape[0]:
             raise ValueError(f"{mult.shape[0]} multiplier rows do not divide a batch of {h.shape[0]} at {site.path}")
         mult = mult.repeat_interleave(h.shape[0] // mult.shape[0], dim=0)
-    if site.sae is not None:
-        from .features import apply_features
-
-        return apply_features(site.sae, h, mult[:, site.columns], site.features, mean)
+    if site.sae is not None:  # an attached sparse autoencoder (interp.features.FeatureDictionary)
+        return site.sae.apply(h, mult[:, site.columns], site.features, mean)
     s = _site_scale(site, mult, h)
     out = h * s
     if mean is not None:
@@ -385,9 +383,7 @@ def unit_means(model, plan: Plan, ids: torch.Tensor, x: torch.Tensor, t: torch.T
     for s in plan.text + plan.denoiser:
         h = saved.get(s.path)
         if s.sae is not None:  # a feature's mean activation (its top-k encoding, 0 where inactive)
-            from .features import feature_means
-
-            means[s.path] = feature_means(s.sae, h)
+            means[s.path] = s.sae.means(h)
         elif s.whole:
             for k in range(s.streams):
                 if stream_key(s.path, k) in saved:

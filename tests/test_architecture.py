@@ -86,3 +86,65 @@ def test_importing_the_core_loads_no_world_module():
             "print(json.dumps(sorted(k for k in sys.modules if k == 'interp.world' or k.startswith('interp.world.'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every import between ``interp`` modules, at module level or inside a function (``from .x import y`` and
+    ``from . import x`` both count)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    mods = {}
+    for p in (root / "interp").rglob("*.py"):
+        name = ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        mods[name] = p
+    graph = {m: set() for m in mods}
+    for m, p in mods.items():
+        pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                found = [f"{target}.{a.name}" if f"{target}.{a.name}" in mods else target for a in node.names]
+            elif isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            else:
+                continue
+            graph[m] |= {t for t in found if t in mods and t != m and not m.startswith(t + ".")}
+    return graph
+
+
+def test_no_import_circle_among_interp_modules():
+    """No module of interp imports, directly or through others, a module that imports it: the layers read one way
+    (a package's ``__init__`` importing its own modules aside)."""
+    graph = _import_graph()
+    index, low, stack, on, circles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                circles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not circles, circles
