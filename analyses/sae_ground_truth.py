@@ -22,7 +22,6 @@ with code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
