@@ -6,7 +6,8 @@
 The concept world knows what every image shows. --images held-out images (the world plugin's held-out scenes, every
 attribute named in the caption, the 16 values taking turns as the pinned value; scenes and noises of the evaluation
 seed stream, which no SAE or attribution saw) are generated, and at every denoising step the SAE's site is read:
-each feature's activation and each of the site's output channels (its neurons), averaged over positions, then over
+each feature's activation and each of the site's output channels (its neurons), averaged over positions (--pool max:
+their largest value over the positions), then over
 the steps and over three timestep bands (high, mid, low noise). For each of the 16 attribute values the AUROC of
 every feature against "the prompt names the value" is computed (interp.features.value_auroc); the table gives the
 best feature, the best single neuron of the same site (either sign), their AUROCs and whether the value has a
@@ -42,6 +43,9 @@ class GroundTruthConfig:
     images: int = opt(256, "held-out images generated (the 16 values take turns as each scene's pinned value)")
     steps: int = opt(10, "denoising steps per image (each step's activations are recorded)")
     guidance: float | None = opt(None, "classifier-free guidance scale (default: the model's)")
+    pool: str = opt("mean", "how a step's activations are pooled over the site's positions: mean, or max (a feature "
+                            "that fires on the shape's positions only is not diluted by the background's)",
+                    choices=("mean", "max"))
     top: int = opt(8, "top-activating images per feature in the gallery")
     max_batch: int = opt(64, "images per generation call")
     seed: int = opt(0, "added to the held-out seed stream (scenes and noises)")
@@ -109,7 +113,8 @@ def _run(cfg: GroundTruthConfig, r, progress: bool, log) -> dict:
     judge = load_judge("classifier", model=model) if getattr(model, "classifier", None) is not None else None
     before = model.state_fingerprint()
     gt = features.value_auroc(model, sae, n_images=cfg.images, steps=cfg.steps, seed=cfg.seed,
-                              guidance=cfg.guidance, batch=cfg.max_batch, judge=judge, progress=progress)
+                              guidance=cfg.guidance, batch=cfg.max_batch, judge=judge, pool=cfg.pool,
+                              progress=progress)
     changed = [n for n, p in model.parameters() if not (p == before[n]).all()]
     if changed:
         raise RuntimeError(f"weights changed while reading the site: {changed[:3]}")
@@ -142,7 +147,8 @@ def _run(cfg: GroundTruthConfig, r, progress: bool, log) -> dict:
     sections = [
         {"title": "Best feature and best neuron per value",
          "text": "Label: the image's prompt names the value (every caption names all four attributes). Activation: "
-                 "the feature's (or the output channel's) value averaged over the site's positions and the "
+                 f"the feature's (or the output channel's) value pooled ({cfg.pool}) over the site's positions, "
+                 "averaged over the "
                  "denoising steps, conditional branch. AUROC: the probability that an image with the value scores "
                  "above one without it (ties half); a feature's as is, a neuron's the better of either sign. Band "
                  f"columns: the same on the steps of one timestep band only: {bands}; feature_<band> is the best "

@@ -541,14 +541,20 @@ MONOSEMANTIC = 0.95
 BANDS = (("high", 2 / 3, 1.0), ("mid", 1 / 3, 2 / 3), ("low", 0.0, 1 / 3))
 
 
-def site_means(sae: FeatureDictionary, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def site_means(sae: FeatureDictionary, h: torch.Tensor, pool: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """One site output ``h`` (a batch) summarized per batch row: every feature's activation and every output
-    channel's value (the site's neurons), each averaged over the row's positions: ``(N, n_features)``, ``(N, d)``."""
+    channel's value (the site's neurons), each averaged over the row's positions (``pool="max"``: the largest over
+    the positions, for a feature that fires on a few positions only, e.g. the shape's, and is diluted by the mean
+    over a mostly-background image): ``(N, n_features)``, ``(N, d)``."""
+    if pool not in ("mean", "max"):
+        raise ValueError(f"pool must be 'mean' or 'max', got {pool!r}")
     x = rows_of(h.detach(), sae.axis)  # (N, P, d)
     if x.shape[-1] != sae.d_in:
         raise ValueError(f"the SAE at {sae.site} encodes rows of width {sae.d_in} but that output has width "
                          f"{x.shape[-1]}: pass an SAE trained on this site")
     f = sae.dense(x.reshape(-1, x.shape[-1]).float()).reshape(x.shape[0], x.shape[1], -1)
+    if pool == "max":
+        return f.amax(1), x.float().amax(1)
     return f.mean(1), x.float().mean(1)
 
 
@@ -651,13 +657,15 @@ def heldout_scenes(model, n_images: int, seed: int) -> tuple[list[dict], tuple]:
 
 
 def value_auroc(model, sae: FeatureDictionary, n_images: int = 256, steps: int = 10, seed: int | None = None,
-                guidance: float | None = None, batch: int = 64, judge=None, progress: bool = False) -> GroundTruth:
+                guidance: float | None = None, batch: int = 64, judge=None, pool: str = "mean",
+                progress: bool = False) -> GroundTruth:
     """Ground truth for the features of ``sae`` on a concept world: which feature detects which attribute value.
 
     ``n_images`` held-out images with known attributes (:func:`heldout_scenes`, the seed stream of the edit
     evaluation, :data:`interp.editing.evaluate.EVAL_SEED` + ``seed``: scenes and noises no SAE or attribution saw)
     are generated; at every denoising step the site's output is encoded (conditional branch) and each feature's
-    activation and each output channel (neuron) averaged over the positions (:func:`site_means`). Averaged over the
+    activation and each output channel (neuron) averaged over the positions (``pool="max"``: their largest value;
+    :func:`site_means`). Averaged over the
     steps (and over each band of :data:`BANDS`), they are scored against the labels "the prompt names value v" by
     AUROC (:func:`ground_truth_table`). ``judge`` (a :class:`~interp.judges.Judge`, optional): its verdicts on the
     images are kept in ``images`` (``pred_<attribute>``). Nothing is changed in the model: the site is only read.
@@ -675,6 +683,8 @@ def value_auroc(model, sae: FeatureDictionary, n_images: int = 256, steps: int =
     if model.world is None:
         raise ValueError(f"{getattr(model, 'name', 'this model')} has no concept world: the ground truth needs "
                          f"images with known attributes (use a concept-world model)")
+    if pool not in ("mean", "max"):
+        raise ValueError(f"value_auroc: pool must be 'mean' or 'max', got {pool!r}")
     if n_images < 2 or steps < 1 or batch < 1:
         raise ValueError(f"value_auroc: n_images must be >= 2, steps and batch >= 1, got {n_images}, {steps}, {batch}")
     sae = attach(model, sae)  # checks the site and width, sets the layout (no weight or output changes)
@@ -692,7 +702,7 @@ def value_auroc(model, sae: FeatureDictionary, n_images: int = 256, steps: int =
             pixels.append(generate(model, prompts[s : s + batch], steps=steps, guidance=guidance,
                                    latents=latents[s : s + batch], record=[sae.site], recorded=recorded,
                                    max_rows=2 * batch, noise_ids=range(s, s + len(latents[s : s + batch]))).float().cpu())
-            per_step = [site_means(sae, recorded[i][sae.site]) for i in sorted(recorded)]
+            per_step = [site_means(sae, recorded[i][sae.site], pool) for i in sorted(recorded)]
             feats.append(torch.stack([f for f, _ in per_step], 1).cpu())
             neurons.append(torch.stack([n for _, n in per_step], 1).cpu())
     F, Nn, px = torch.cat(feats), torch.cat(neurons), torch.cat(pixels)
@@ -717,7 +727,7 @@ def value_auroc(model, sae: FeatureDictionary, n_images: int = 256, steps: int =
         for a, vals in model.world.attributes.items():
             images[f"pred_{a}"] = [vals[i] for i in probs[a].argmax(-1).tolist()]
     fa = table["feature_auroc"].to_numpy(float)
-    summary = {"site": sae.site, "sae_digest": sae.digest(), "n_features": sae.n_features, "d": sae.d_in,
+    summary = {"site": sae.site, "sae_digest": sae.digest(), "n_features": sae.n_features, "d": sae.d_in, "pool": pool,
                "n_images": len(images), "steps": steps, "seed": seed, "timesteps": list(timesteps),
                "bands": {n: [lo * T, hi * T] for n, lo, hi in BANDS if n in bands},
                "monosemantic_threshold": MONOSEMANTIC,

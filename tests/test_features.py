@@ -491,6 +491,7 @@ def test_planted_indicator_feature_has_auroc_one():
     sae = planted(SITE, q, k=d)
     f, neurons = site_means(sae, h)
     assert torch.allclose(f[:, 0], red * 3.0, atol=1e-5)
+    assert torch.allclose(site_means(sae, h, pool="max")[0][:, 0], red * 3.0, atol=1e-5)
     table = ground_truth_table(f.numpy(), neurons.numpy(), _labels(images)).set_index("value")
     assert table.loc["red", "feature"] == 0 and table.loc["red", "feature_auroc"] == 1.0
     assert table.loc["red", "monosemantic"]
@@ -530,3 +531,5 @@ def test_sae_ground_truth_command(tiny_world_folder, tmp_path, refused):
     assert "--sae is required" in refused(main, ["--out", str(tmp_path / "x")])
     assert "holds no sae.safetensors" in refused(main, ["--sae", str(tmp_path), "--out", str(tmp_path / "x")])
     assert "--images must be >= 16" in refused(main, [*argv, "--images", "4"])
+    assert main([*argv, "--pool", "max", "--out", str(tmp_path / "gt-max")]) == 0
+    assert json.loads((tmp_path / "gt-max" / "summary.json").read_text())["pool"] == "max"
