@@ -4,12 +4,15 @@
     python -m analyses.erasure_curves --compare reports/default --concepts red circle striped --k 1 4 16 64 224
     python -m analyses.erasure_curves --model <sd-folder> --judge <clip-folder> --concepts "van gogh" \\
         --alternatives monet picasso --kinds ff.net.0 --blocks mid_block
+    python -m analyses.erasure_curves --granularity feature --sae runs/sae-mid-ff --methods ablation cad
 
 For every method's ranking and concept (interp.erasure): the top k components are zero-ablated together, k on a log
 grid up to half the component set (or --k), and on held-out prompts and seeds the command measures the one-step J,
 the judge's concept rate of the generated images and the retained rate of every other attribute value; bootstrap
 bands over images, the area under the concept-rate and retained curves, a random-ranking baseline (--random-rankings
-seeded orders), and how well each method's own prediction of a joint ablation (the sum of its scores) ranks the
+seeded orders), the artifact rate (the share of held-out images in which the judge cannot read some attribute: its
+probability of that attribute's top class is below 0.5, interp.erasure.ARTIFACT_THRESHOLD), and how well each
+method's own prediction of a joint ablation (the sum of its scores) ranks the
 measured drop of the concept rate across its top-k sets and --random-masks random joint masks (Spearman with a
 bootstrap interval).
 
@@ -65,7 +68,12 @@ class ErasureCurvesConfig:
                                     "are then not used)")
     store: str | None = opt(None, "cache folder of the attributions (default: <out>/cache; a comparison's cache "
                                   "folder reuses its results when components, objective and options match)")
-    granularity: str = opt("neuron", "component granularity", choices=GRANULARITIES)
+    granularity: str = opt("neuron", "component granularity (feature: the latents of the --sae dictionaries)",
+                           choices=GRANULARITIES + ("feature",))
+    sae: tuple[str, ...] = opt((), "folders of sparse autoencoders (written by analyses.train_sae) attached to the "
+                                   "model before the components are selected: their latents are the components of "
+                                   "--granularity feature (families and kinds are then not used)", nargs="*",
+                               metavar="FOLDER")
     families: tuple[str, ...] = opt(("ff",), "component families", nargs="*")
     kinds: tuple[str, ...] = opt(("ff.net.2",), "module kinds", nargs="*")
     blocks: tuple[str, ...] = opt((), "UNet stages to include (empty: all)", nargs="*")
@@ -116,6 +124,7 @@ class ErasureCurvesConfig:
 
     def __post_init__(self):
         check_fields(self)
+        from interp.compare_config import check_saes
         from interp.methods import REGISTRY
         from interp.objectives import MAX_SEED
 
@@ -130,6 +139,12 @@ class ErasureCurvesConfig:
                              f"your own: --plugin FILE.py)")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"duplicate methods in {list(self.methods)}")
+        from interp.methods import get
+
+        blind = [m for m in self.methods if self.granularity == "feature"
+                 and "feature" not in get(m).capabilities.granularities]
+        if blind:
+            raise ValueError(f"method(s) {blind} do not attribute SAE features: leave them out of --methods")
         if self.k is not None and (not self.k or any(k < 1 for k in self.k) or len(set(self.k)) != len(self.k)):
             raise ValueError(f"--k values must be distinct integers >= 1, got {list(self.k)}")
         if self.random_rankings < 0 or self.random_masks < 0:
@@ -150,6 +165,8 @@ class ErasureCurvesConfig:
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"--seed must be between 0 and {MAX_SEED} (2**62), got {self.seed}")
         object.__setattr__(self, "options", check_method_options(self.options, self.methods))
+        if self.compare is None:  # (a comparison brings its own SAEs)
+            check_saes(self)
 
     def to_dict(self) -> dict:
         """The fields as a dict: what the run folder's hash and ``meta.json`` are made of."""
@@ -241,7 +258,7 @@ def ranking_config(args, compare: dict | None):
     methods = tuple(dict.fromkeys((reference(), *args.methods)))
     return CompareConfig(model=args.model, concepts=tuple(args.concepts), methods=methods, objective=args.objective,
                          anchor=args.anchor, judge=(args.judge or "classifier") if args.objective == "classifier" else "classifier",
-                         options=args.options, granularity=args.granularity,
+                         options=args.options, granularity=args.granularity, sae=tuple(args.sae),
                          families=tuple(args.families), kinds=tuple(args.kinds), blocks=tuple(args.blocks),
                          n_images=args.attr_images, timesteps=tuple(args.timesteps), gen_steps=args.gen_steps,
                          guidance=args.guidance, max_batch=args.max_batch, dtype=args.dtype,

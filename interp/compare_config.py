@@ -210,7 +210,8 @@ def check_saes(cfg) -> None:
                              f"python -m analyses.train_sae --out FOLDER")
     if len(set(saes)) != len(saes):
         raise ValueError(f"duplicate --sae folders in {list(saes)}")
-    wants = cfg.granularity == "feature" and not cfg.components or any("#f" in a for a in cfg.components)
+    components = getattr(cfg, "components", ())  # (an erasure-curves config has none)
+    wants = cfg.granularity == "feature" and not components or any("#f" in a for a in components)
     if wants and not saes:
         raise ValueError("feature components need their sparse autoencoder: pass --sae FOLDER (written by "
                          "python -m analyses.train_sae)")

@@ -21,6 +21,13 @@ attribution):
 ``retained_rate``
     the mean over every other attribute value of (its rate after / before) on the ``other`` images that ask for it
     (:func:`~interp.editing.evaluate.per_value_table`'s ``other`` rows; 1 = untouched).
+``artifact_rate``
+    the share of all held-out images (target, alone and other) in which the judge cannot read some attribute: the
+    judge's probability of its own verdict (the top class of that attribute's values) is below
+    :data:`ARTIFACT_THRESHOLD` (0.5) for at least one attribute. With 2 to 5 values per attribute a top class under
+    0.5 means no value holds a majority: the image shows no clear color (or shape, texture, background), the kind
+    of damage an ablation can do without "erasing" anything; a concept rate that falls while this rises is
+    destruction, not erasure. The unedited model's own rate is the curve's k = 0 point.
 ``j_ratio``
     the one-step objective J after / before (:func:`interp.engine.masked_values`; the points table keeps J itself)
     on an evaluation set drawn from the held-out seed stream (the attribution objective's configuration with
@@ -79,11 +86,13 @@ from .engine import masked_values, random_masks
 from .objectives import Objective, ObjectiveConfig
 
 #: Metrics of the curves, in the order of the figure's rows.
-METRICS = ("concept_rate", "alone_rate", "retained_rate", "j_ratio")
+METRICS = ("concept_rate", "alone_rate", "retained_rate", "artifact_rate", "j_ratio")
+#: An image is an artifact when, for some attribute, the judge's probability of its top class is below this.
+ARTIFACT_THRESHOLD = 0.5
 RANDOM = "random"
 CURVE_COLUMNS = ["concept", "method", "k", "n_ablated", "metric", "value", "lo", "hi"]
 POINT_COLUMNS = ["concept", "method", "ranking", "kind", "k", "alpha", "n_ablated", "set_id", "concept_rate",
-                 "alone_rate", "retained_rate", "j", "j_intact"]
+                 "alone_rate", "retained_rate", "artifact_rate", "j", "j_intact"]
 
 
 @dataclass(frozen=True)
@@ -226,6 +235,7 @@ class ConceptErasure:
     j: np.ndarray  # (U, S) J per set and held-out sample
     scores: Mapping[str, Mapping[str, float]]  # method -> component -> score (for the predictions)
     per_value: pd.DataFrame  # per_value_table of every distinct set (set_id column)
+    artifact_hits: np.ndarray  # (U, n_images) 1.0 where some attribute's top class is below ARTIFACT_THRESHOLD
 
 
 def _set_key(mask: np.ndarray) -> str:
@@ -233,12 +243,22 @@ def _set_key(mask: np.ndarray) -> str:
 
 
 def _judged_codes(judged: Judged, held) -> dict[str, torch.Tensor]:
-    """The judge's verdicts as value indices (cacheable tensors)."""
+    """The judge's verdicts as value indices and the probabilities of those verdicts (``top_<attribute>``; for the
+    artifact rate), as cacheable tensors."""
     out = {}
     for a, values in held.values.items():
         values = list(values)
         out[a] = torch.tensor([values.index(v) for v in judged.table[f"pred_{a}"]], dtype=torch.int64)
+        out[f"top_{a}"] = torch.tensor(judged.table[f"top_{a}"].to_numpy(np.float64))
     return out
+
+
+def _artifacts(codes: Mapping[str, torch.Tensor], held, threshold: float = ARTIFACT_THRESHOLD) -> np.ndarray:
+    """``(n_images,)`` 1.0 where the judge's top class of some attribute has a probability below ``threshold``."""
+    low = np.zeros(len(held.prompts), bool)
+    for a in held.values:
+        low |= codes[f"top_{a}"].numpy() < threshold
+    return low.astype(float)
 
 
 def _table_from_codes(codes: Mapping[str, torch.Tensor], held) -> pd.DataFrame:
@@ -313,6 +333,7 @@ def measure(model, concept: str, comps, rankings: Mapping[str, Ranking], base: B
         "prompts": pd.util.hash_pandas_object(held.prompts.astype(str), index=False).sum().item(),
         "judge": None if judge is None else [judge.name, module_digest(judge.weights())],
         **({} if means is None else {"means": _means_digest(means)}),  # zero-ablation keys stay as they were
+        **_feature_key(model, comps),  # features: the SAEs' digests (another SAE at the site never reads these)
     })
     say(f"{concept}: {len(S) - 1} distinct ablated sets to generate and judge ({len(rows)} curve points)")
     codes = []
@@ -324,14 +345,14 @@ def measure(model, concept: str, comps, rankings: Mapping[str, Ranking], base: B
                             means=means)
         key = f"set-{_set_key(mask)}"
         got = entry.cached_chunk(key)
-        if got is None:
+        if got is None or any(f"top_{a}" not in got for a in held.values):  # (a chunk cached before artifacts)
             got = _judged_codes(judge_images(model, edit, held, cfg, judge), held)
             entry.put_chunk(key, got, {})
         codes.append(got)
     # J under every set at once (one mask per row), on the held-out samples; the empty set is the intact model
     sets_hash = hashlib.sha256(np.packbits(S).tobytes() + str(S.shape).encode()).hexdigest()[:16]
     j_entry = store.entry(f"erasure-j-{concept}", {**j_objective.identity(), "components": components_hash(comps),
-                                                   "sets": sets_hash,
+                                                   "sets": sets_hash, **_feature_key(model, comps),
                                                    **({} if means is None else {"means": _means_digest(means)})})
     J = masked_values(j_objective, comps, torch.from_numpy(S), entry=j_entry, chunk=64,
                       tag="j" if means is None else "j-mean",
@@ -353,7 +374,18 @@ def measure(model, concept: str, comps, rankings: Mapping[str, Ranking], base: B
                    .assign(concept=concept, set_id=u) for u, t in enumerate(tables)], ignore_index=True)
     points = pd.DataFrame(rows)
     points.insert(0, "concept", concept)
-    return ConceptErasure(concept, addresses, points, S, th, ah, ph * pm[None], pm, tuple(pairs), J, scores, pv)
+    art = np.stack([_artifacts(c, held) for c in codes])
+    return ConceptErasure(concept, addresses, points, S, th, ah, ph * pm[None], pm, tuple(pairs), J, scores, pv, art)
+
+
+def _feature_key(model, comps) -> dict:
+    """The cache-key part of SAE features: the digests of their dictionaries (nothing for other granularities, so
+    their keys stay as they were)."""
+    if not any(c.granularity == "feature" for c in comps):
+        return {}
+    from .features import identity
+
+    return {"features": identity(model, comps)}
 
 
 # -- statistics ---------------------------------------------------------------------------------------------------
@@ -396,17 +428,21 @@ class Resampled:
     retained_rate: np.ndarray
     j: np.ndarray  # mean J over the (resampled) held-out samples
     j_ratio: np.ndarray  # J after / J of the intact model on the same resample (paired)
+    artifact_rate: np.ndarray  # share of all held-out images with an attribute the judge cannot read
 
 
 def resample(e: ConceptErasure, n_boot: int = 1000, seed: int = 0) -> Resampled:
-    """Bootstrap over images (target, alone and other images resampled separately) and over J's samples."""
+    """Bootstrap over images (target, alone and other images resampled separately; all of them together for the
+    artifact rate) and over J's samples."""
     rng = np.random.default_rng([seed, 4_243])
     ct = _counts(e.target_hits.shape[1], n_boot, rng)
     ca = _counts(e.alone_hits.shape[1], n_boot, rng)
     co = _counts(e.pair_masks.shape[1], n_boot, rng)
     cj = _counts(e.j.shape[1], n_boot, rng)
     j = e.j @ cj.T / cj.sum(1)
-    return Resampled(_rates(e.target_hits, ct), _rates(e.alone_hits, ca), _retained(e, co), j, j / j[:1])
+    cx = _counts(e.artifact_hits.shape[1], n_boot, np.random.default_rng([seed, 4_244]))  # (the others' draws kept)
+    return Resampled(_rates(e.target_hits, ct), _rates(e.alone_hits, ca), _retained(e, co), j, j / j[:1],
+                     _rates(e.artifact_hits, cx))
 
 
 def _band(x: np.ndarray) -> tuple[float, float, float]:
@@ -470,7 +506,7 @@ def point_table(erasures: Sequence[ConceptErasure], resampled: Mapping[str, Resa
     for e in erasures:
         res = resampled[e.concept]
         p = e.points.copy()
-        for m in ("concept_rate", "alone_rate", "retained_rate"):
+        for m in ("concept_rate", "alone_rate", "retained_rate", "artifact_rate"):
             p[m] = getattr(res, m)[p["set_id"].to_numpy(), 0]
         p["j"] = e.j.mean(1)[p["set_id"].to_numpy()]
         p["j_intact"] = float(e.j[0].mean())
@@ -515,7 +551,7 @@ def prediction_table(erasures: Sequence[ConceptErasure], resampled: Mapping[str,
 
 # -- figure -------------------------------------------------------------------------------------------------------
 def erasure_figure(curves: pd.DataFrame,
-                   metrics: Sequence[str] = ("concept_rate", "retained_rate", "j_ratio")) -> Figure:
+                   metrics: Sequence[str] = ("concept_rate", "retained_rate", "artifact_rate", "j_ratio")) -> Figure:
     """Erasure curves: one column per concept, one row per metric; each method's curve with its bootstrap band over
     k (symmetric-log axis, so k = 0, the unedited model, is on it), the random baseline dashed in grey."""
     import seaborn as sns
@@ -531,7 +567,8 @@ def erasure_figure(curves: pd.DataFrame,
     fig = Figure(figsize=(4.3 * len(concepts) + 1.8, 3.0 * len(metrics) + 0.6), layout="constrained")
     axes = fig.subplots(len(metrics), len(concepts), squeeze=False)
     labels = {"concept_rate": "concept rate (target images)", "alone_rate": "concept rate (concept alone)",
-              "retained_rate": "retained rate of other values", "j_ratio": "one-step J, share of intact"}
+              "retained_rate": "retained rate of other values", "j_ratio": "one-step J, share of intact",
+              "artifact_rate": f"artifact rate (a top class < {ARTIFACT_THRESHOLD:g})"}
     for j, c in enumerate(concepts):
         for i, m in enumerate(metrics):
             ax = axes[i][j]
@@ -577,6 +614,9 @@ def findings(tables: Mapping[str, pd.DataFrame]) -> list[str]:
         end = c[c["k"] == kmax].set_index("method")["value"]
         ret = curves[(curves["concept"] == concept) & (curves["metric"] == "retained_rate") & (curves["k"] == kmax)]
         ret = ret.set_index("method")["value"]
+        art = curves[(curves["concept"] == concept) & (curves["metric"] == "artifact_rate")]
+        art0 = float(art.loc[art["k"] == 0, "value"].iloc[0]) if len(art) else np.nan
+        art = art[art["k"] == kmax].set_index("method")["value"]
         start = float(c.loc[c["k"] == 0, "value"].iloc[0])
         rnd = g[g["method"] == RANDOM]
         m = best["method"]
@@ -584,7 +624,7 @@ def findings(tables: Mapping[str, pd.DataFrame]) -> list[str]:
              f"{best['auc']:.2f} [{best['lo']:.2f}, {best['hi']:.2f}]"
              + (f"; random orders {rnd['auc'].iat[0]:.2f}" if len(rnd) else "") + f"); at k = {kmax} the concept "
              f"rate goes from {start:.2f} to {end.get(m, np.nan):.2f} with {ret.get(m, np.nan):.2f} of the other "
-             "values retained"
+             f"values retained and an artifact rate of {art.get(m, np.nan):.2f} (unedited {art0:.2f})"
              + (f" (random: {end[RANDOM]:.2f}, retained {ret.get(RANDOM, np.nan):.2f})" if RANDOM in end else "")
              + ".")
         out.append(s)
@@ -612,7 +652,10 @@ def report_sections(tables: Mapping[str, pd.DataFrame], figure_uri: str, eval_co
                  f"concept, {eval_config.n_alone} naming it alone, {eval_config.n_other} asking for other values), "
                  f"{eval_config.steps} denoising steps, the same prompts and initial noises at every k. Concept rate: "
                  "share of target images the judge assigns to the concept. Retained rate: mean over the other values "
-                 "of their rate after / before. J ratio: the one-step objective on held-out samples, after / "
+                 "of their rate after / before. Artifact rate: share of all held-out images in which the judge "
+                 "cannot read some attribute, i.e. its probability of that attribute's top class is below "
+                 f"{ARTIFACT_THRESHOLD:g} (no value holds a majority). "
+                 "J ratio: the one-step objective on held-out samples, after / "
                  "before. Bands: bootstrap 95% over images (J: over samples, paired with the intact model). Areas: "
                  "trapezoid over log(1 + k) / log(1 + k_max), k = 0 included (lower concept rate and higher "
                  "retained rate are better).",

@@ -42,8 +42,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # (numpy and pandas are imported where they are used)
+    import numpy as np
+    import pandas as pd
 
 #: Version of the ``features.json`` :func:`save_sae` writes.
 FORMAT = 1
@@ -537,3 +542,253 @@ def planted(site: str, directions: torch.Tensor, k: int | None = None, axis: int
     n, d = W.shape
     return FeatureDictionary(site, W, torch.zeros(n), W, torch.zeros(d), k or n, axis=axis,
                              config={"planted": True})
+
+
+# -- ground truth: which features detect which attribute value --------------------------------------------------------
+#: AUROC from which a feature counts as a monosemantic detector of a value (issue 40's target).
+MONOSEMANTIC = 0.95
+#: Timestep bands of the ground truth, as fractions of the training schedule: (name, low, high], high noise first.
+BANDS = (("high", 2 / 3, 1.0), ("mid", 1 / 3, 2 / 3), ("low", 0.0, 1 / 3))
+
+
+def site_means(sae: FeatureDictionary, h: torch.Tensor, pool: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """One site output ``h`` (a batch) summarized per batch row: every feature's activation and every output
+    channel's value (the site's neurons), each averaged over the row's positions (``pool="max"``: the largest over
+    the positions, for a feature that fires on a few positions only, e.g. the shape's, and is diluted by the mean
+    over a mostly-background image): ``(N, n_features)``, ``(N, d)``."""
+    if pool not in ("mean", "max"):
+        raise ValueError(f"pool must be 'mean' or 'max', got {pool!r}")
+    x = rows_of(h.detach(), sae.axis)  # (N, P, d)
+    if x.shape[-1] != sae.d_in:
+        raise ValueError(f"the SAE at {sae.site} encodes rows of width {sae.d_in} but that output has width "
+                         f"{x.shape[-1]}: pass an SAE trained on this site")
+    f = sae.dense(x.reshape(-1, x.shape[-1]).float()).reshape(x.shape[0], x.shape[1], -1)
+    if pool == "max":
+        return f.amax(1), x.float().amax(1)
+    return f.mean(1), x.float().mean(1)
+
+
+def auroc(scores, labels) -> "np.ndarray":
+    """AUROC of every score column for every label column: ``scores`` ``(N, F)``, ``labels`` ``(N, V)`` booleans;
+    returns ``(V, F)``. The Mann-Whitney statistic with average ranks for ties (what
+    ``sklearn.metrics.roc_auc_score`` gives, vectorized over columns): the probability that an image with the label
+    scores above one without it, ties counting half. A column whose label is always or never present is NaN."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    if s.ndim != 2 or y.ndim != 2 or len(s) != len(y):
+        raise ValueError(f"auroc: scores (N, F) and labels (N, V) must have the same N, got {s.shape} and {y.shape}")
+    ranks = rankdata(s, axis=0)  # (N, F), average ranks
+    n_pos = y.sum(0).astype(np.float64)  # (V,)
+    n_neg = len(y) - n_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (y.T.astype(np.float64) @ ranks - (n_pos * (n_pos + 1) / 2)[:, None]) / (n_pos * n_neg)[:, None]
+    out[(n_pos == 0) | (n_neg == 0)] = np.nan
+    return out
+
+
+def ground_truth_table(features, neurons, labels: "pd.DataFrame", bands: dict | None = None) -> "pd.DataFrame":
+    """Per attribute value, the feature and the neuron that detect it best.
+
+    ``features`` ``(N, n_features)`` and ``neurons`` ``(N, d)``: each image's activations (mean over positions and
+    timesteps); ``labels``: one boolean column per value (``<attribute>:<value>``), True where the image's prompt
+    names it; ``bands``: band name -> ``(N, n_features)`` features averaged over that band's timesteps only.
+
+    A feature detects a value when it fires more on images of it: its AUROC is of its activation as is (an SAE
+    latent is non-negative, and a latent that is *off* for a value is no detector of it), and the best feature is
+    the one of highest AUROC (``>= 0.5`` whenever some feature is uninformative). A neuron's sign is arbitrary (the
+    next layer may read it negated), so a neuron's AUROC is the better of its value and its negation's
+    (``neuron_sign`` -1 for the negation): the comparison favours the neurons, not the features. ``monosemantic``:
+    the best feature's AUROC is at least :data:`MONOSEMANTIC`.
+    """
+    import numpy as np
+    import pandas as pd
+
+    names = list(labels.columns)
+    y = labels.to_numpy(bool)
+    fa = auroc(features, y)  # (V, F)
+    na = auroc(neurons, y)  # (V, d)
+    signed = np.where(na >= 1 - na, na, 1 - na)
+    rows = []
+    for v, name in enumerate(names):
+        attribute, value = name.split(":", 1)
+        row = {"attribute": attribute, "value": value, "n_pos": int(y[:, v].sum()), "n_neg": int((~y[:, v]).sum())}
+        if np.isnan(fa[v]).all():
+            rows.append({**row, "feature": -1, "feature_auroc": np.nan, "neuron": -1, "neuron_auroc": np.nan,
+                         "neuron_sign": 0, "monosemantic": False})
+            continue
+        f = int(np.nanargmax(fa[v]))
+        n = int(np.nanargmax(signed[v]))
+        row.update({"feature": f, "feature_auroc": float(fa[v, f]),
+                    "neuron": n, "neuron_auroc": float(signed[v, n]), "neuron_sign": 1 if na[v, n] >= 0.5 else -1,
+                    "monosemantic": bool(fa[v, f] >= MONOSEMANTIC)})
+        for band, acts in (bands or {}).items():
+            ba = auroc(acts, y[:, [v]])[0]
+            b = int(np.nanargmax(ba)) if not np.isnan(ba).all() else -1
+            row[f"feature_{band}"] = b
+            row[f"auroc_{band}"] = float(ba[b]) if b >= 0 else np.nan
+            row[f"best_feature_auroc_{band}"] = float(ba[f]) if b >= 0 else np.nan  # the overall best, in this band
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True, eq=False)
+class GroundTruth:
+    """What :func:`value_auroc` measured: the table (one row per attribute value), the images' prompts and labels,
+    their activations and the generated images (for galleries)."""
+
+    table: "pd.DataFrame"  # ground_truth_table's columns
+    images: "pd.DataFrame"  # one row per image: prompt, the value asked for per attribute, the judge's verdicts
+    features: torch.Tensor  # (N, S, n_features) activation per image and denoising step (mean over positions)
+    neurons: torch.Tensor  # (N, S, d) the site's output channels per image and step (mean over positions)
+    timesteps: tuple[int, ...]  # (S,) the denoising steps' timesteps
+    pixels: torch.Tensor  # (N, 3, H, W) generated images in [0, 1]
+    summary: dict = field(default_factory=dict)
+
+
+def heldout_scenes(model, n_images: int, seed: int) -> tuple[list[dict], tuple]:
+    """``n_images`` held-out captions with known attributes from the world plugin (``model.world``): the 16 values
+    take turns as the pinned value of a scene (so every value has about ``n_images / 16`` images that surely show
+    it, besides the random draws of the others), each value's scenes from its own stream of the held-out seed
+    ``seed``; every caption names all four attributes. Returns the rows (prompt and the value per attribute) and
+    the scenes."""
+    values = [v for vals in model.world.attributes.values() for v in vals]
+    per = [n_images // len(values) + (1 if i < n_images % len(values) else 0) for i in range(len(values))]
+    rows, scenes = [], []
+    for i, (value, n) in enumerate(zip(values, per)):
+        if n == 0:
+            continue
+        _, r, s = model.world.heldout_prompts(value, n, 0, 0, seed + 101 * i)
+        rows += [{k: v for k, v in row.items() if k != "set"} for row in r]
+        scenes += list(s)
+    return rows, tuple(scenes)
+
+
+def value_auroc(model, sae: FeatureDictionary, n_images: int = 256, steps: int = 10, seed: int | None = None,
+                guidance: float | None = None, batch: int = 64, judge=None, pool: str = "mean",
+                progress: bool = False) -> GroundTruth:
+    """Ground truth for the features of ``sae`` on a concept world: which feature detects which attribute value.
+
+    ``n_images`` held-out images with known attributes (:func:`heldout_scenes`, the seed stream of the edit
+    evaluation, :data:`interp.editing.evaluate.EVAL_SEED` + ``seed``: scenes and noises no SAE or attribution saw)
+    are generated; at every denoising step the site's output is encoded (conditional branch) and each feature's
+    activation and each output channel (neuron) averaged over the positions (``pool="max"``: their largest value;
+    :func:`site_means`). Averaged over the
+    steps (and over each band of :data:`BANDS`), they are scored against the labels "the prompt names value v" by
+    AUROC (:func:`ground_truth_table`). ``judge`` (a :class:`~interp.judges.Judge`, optional): its verdicts on the
+    images are kept in ``images`` (``pred_<attribute>``). Nothing is changed in the model: the site is only read.
+
+    Raises:
+        ValueError: the model has no concept world, or the SAE's site is not attached-compatible.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from . import diffusion
+    from .editing.evaluate import EVAL_SEED
+    from .generation import generate
+
+    if model.world is None:
+        raise ValueError(f"{getattr(model, 'name', 'this model')} has no concept world: the ground truth needs "
+                         f"images with known attributes (use a concept-world model)")
+    if pool not in ("mean", "max"):
+        raise ValueError(f"value_auroc: pool must be 'mean' or 'max', got {pool!r}")
+    if n_images < 2 or steps < 1 or batch < 1:
+        raise ValueError(f"value_auroc: n_images must be >= 2, steps and batch >= 1, got {n_images}, {steps}, {batch}")
+    sae = attach(model, sae)  # checks the site and width, sets the layout (no weight or output changes)
+    seed = EVAL_SEED + (seed or 0)
+    rows, _ = heldout_scenes(model, n_images, seed)
+    prompts = [r["prompt"] for r in rows]
+    latents = diffusion.initial_noise(model, len(prompts), torch.Generator().manual_seed(seed), model.dtype,
+                                      model.device)
+    feats, neurons, pixels = [], [], []
+    from tqdm.auto import tqdm
+
+    with torch.no_grad():
+        for s in tqdm(range(0, len(prompts), batch), desc="ground truth", disable=not progress):
+            recorded: dict = {}
+            pixels.append(generate(model, prompts[s : s + batch], steps=steps, guidance=guidance,
+                                   latents=latents[s : s + batch], record=[sae.site], recorded=recorded,
+                                   max_rows=2 * batch, noise_ids=range(s, s + len(latents[s : s + batch]))).float().cpu())
+            per_step = [site_means(sae, recorded[i][sae.site], pool) for i in sorted(recorded)]
+            feats.append(torch.stack([f for f, _ in per_step], 1).cpu())
+            neurons.append(torch.stack([n for _, n in per_step], 1).cpu())
+    F, Nn, px = torch.cat(feats), torch.cat(neurons), torch.cat(pixels)
+    sched = diffusion.fresh_scheduler(model.scheduler)
+    if model.family.set_timesteps is not None:
+        model.family.set_timesteps(sched, steps, model.device, latents[:1].shape)
+    else:
+        sched.set_timesteps(steps)
+    timesteps = tuple(int(t) for t in sched.timesteps)
+    T = diffusion.num_train_timesteps(model.scheduler)
+    images = pd.DataFrame(rows)
+    labels = pd.DataFrame({f"{a}:{v}": (images[a] == v).to_numpy() for a, vals in model.world.attributes.items()
+                           for v in vals})
+    bands = {}
+    for name, lo, hi in BANDS:
+        idx = [i for i, t in enumerate(timesteps) if lo * T < t <= hi * T or (lo == 0 and t == 0)]
+        if idx:
+            bands[name] = F[:, idx].mean(1).numpy()
+    table = ground_truth_table(F.mean(1).numpy(), Nn.mean(1).numpy(), labels, bands)
+    if judge is not None:
+        probs = judge.predict(px, model.world.attributes)
+        for a, vals in model.world.attributes.items():
+            images[f"pred_{a}"] = [vals[i] for i in probs[a].argmax(-1).tolist()]
+    fa = table["feature_auroc"].to_numpy(float)
+    summary = {"site": sae.site, "sae_digest": sae.digest(), "n_features": sae.n_features, "d": sae.d_in, "pool": pool,
+               "n_images": len(images), "steps": steps, "seed": seed, "timesteps": list(timesteps),
+               "bands": {n: [lo * T, hi * T] for n, lo, hi in BANDS if n in bands},
+               "monosemantic_threshold": MONOSEMANTIC,
+               "n_values": int(np.isfinite(fa).sum()), "n_monosemantic": int(table["monosemantic"].sum()),
+               "fraction_monosemantic": float(table["monosemantic"].mean()),
+               "mean_best_feature_auroc": float(np.nanmean(fa)),
+               "mean_best_neuron_auroc": float(np.nanmean(table["neuron_auroc"].to_numpy(float))),
+               "values_feature_beats_neuron": int((table["feature_auroc"] > table["neuron_auroc"]).sum()),
+               "distinct_best_features": int(table.loc[table["feature"] >= 0, "feature"].nunique())}
+    return GroundTruth(table, images, F, Nn, timesteps, px, summary)
+
+
+def gallery_figure(gt: GroundTruth, n_top: int = 8, cols: int = 4):
+    """The feature gallery: for each value, its best feature's ``n_top`` top-activating generated images (titled
+    with the activation; a green frame where the prompt names the value, red where it does not) and the feature's
+    mean activation by timestep on images with and without the value. A matplotlib Figure (no pyplot)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    t = gt.table[gt.table["feature"] >= 0].reset_index(drop=True)
+    n_top = max(1, min(n_top, len(gt.images)))
+    grid_rows = -(-n_top // cols)
+    fig = Figure(figsize=(2.9 * 4, 1.0 + 2.2 * -(-len(t) // 4) * (grid_rows * 0.55 + 0.8)), layout="constrained")
+    outer = fig.add_gridspec(-(-len(t) // 4) if len(t) else 1, 4)
+    ts = np.array(gt.timesteps)
+    for i, r in t.iterrows():
+        sub = outer[i // 4, i % 4].subgridspec(grid_rows + 1, cols, height_ratios=[1] * grid_rows + [1.3])
+        f = int(r["feature"])
+        act = gt.features[:, :, f].mean(1).numpy()
+        top = np.argsort(-act, kind="stable")[:n_top]
+        pos = (gt.images[r["attribute"]] == r["value"]).to_numpy()
+        for j, idx in enumerate(top):
+            ax = fig.add_subplot(sub[j // cols, j % cols])
+            ax.imshow(gt.pixels[idx].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_edgecolor("tab:green" if pos[idx] else "tab:red")
+                side.set_linewidth(2)
+            ax.set_title(f"{act[idx]:.2g}", fontsize=6, pad=1)
+            if j == 0:
+                ax.set_ylabel(f"{r['value']}\nf{f} AUROC {r['feature_auroc']:.2f}", fontsize=7)
+        ax = fig.add_subplot(sub[grid_rows, :])
+        per_t = gt.features[:, :, f].numpy()
+        ax.plot(ts, per_t[pos].mean(0) if pos.any() else np.zeros(len(ts)), "o-", ms=2, color="tab:green",
+                label=r["value"])
+        ax.plot(ts, per_t[~pos].mean(0) if (~pos).any() else np.zeros(len(ts)), "o-", ms=2, color="0.5",
+                label="others")
+        ax.invert_xaxis()
+        ax.tick_params(labelsize=6)
+        ax.set_xlabel("timestep (noise high to low)", fontsize=6)
+        ax.legend(fontsize=5, frameon=False)
+    fig.suptitle("feature gallery: each value's best feature, its top-activating held-out images (green frame: the "
+                 "prompt names the value) and its mean activation by timestep")
+    return fig

@@ -355,3 +355,43 @@ def test_cli_ranks_with_an_objective_through_generation_or_a_timestep_band(tiny_
         ranking = meta["ranking_config"]
         assert ranking["objective"] == objective and ranking["timesteps"] == [int(t) for t in timesteps]
         assert "cad" in set(pd.read_parquet(out / "results.parquet")["method"])
+
+
+# -- erasure with SAE features and the artifact rate (issue 40, item 3) ---------------------------------------------
+def test_cli_erases_sae_features_and_reports_the_artifact_rate(tiny_world_folder, tmp_path, refused, no_figures):
+    """``--granularity feature --sae FOLDER``: a tiny SAE trained here (seconds) is attached before the components
+    are selected, its latents are ranked and ablated, and every point has an artifact rate in [0, 1]."""
+    from analyses.erasure_curves import main
+    from interp.features import collect_activations, save_sae, train_sae
+
+    site = "unet.mid_block.attentions.0.transformer_blocks.0.ff"
+    model = interp.load_model(str(tiny_world_folder))
+    acts = collect_activations(model, site, ["a red circle", "a blue square"], seeds=(0,), steps=2)
+    save_sae(train_sae(acts, k=4, expansion=2, steps=20, batch=32, site=site), tmp_path / "sae")
+    out = tmp_path / "run"
+    assert main([*cli_args(tiny_world_folder, out), "--granularity", "feature", "--sae", str(tmp_path / "sae"),
+                 "--no-progress", "--threads", "1"]) == 0
+    curves = pd.read_parquet(out / "results.parquet")
+    assert "artifact_rate" in set(curves["metric"]) and set(curves["method"]) == {"cad", "maskgrad", er.RANDOM}
+    pts = pd.read_csv(out / "tables" / "points.csv")
+    assert "artifact_rate" in pts and pts["artifact_rate"].between(0, 1).all()
+    art = curves[curves["metric"] == "artifact_rate"]["value"]
+    assert art.between(0, 1).all()
+    assert json.loads((out / "meta.json").read_text())["ranking_config"]["sae"] == [str(tmp_path / "sae")]
+    assert "Artifact rate" in (out / "index.html").read_text()
+    assert "need their sparse autoencoder" in refused(main, [*cli_args(tiny_world_folder, tmp_path / "x"),
+                                                             "--granularity", "feature"])
+    assert "do not attribute SAE features" in refused(main, [*cli_args(tiny_world_folder, tmp_path / "x"),
+                                                             "--granularity", "feature", "--sae",
+                                                             str(tmp_path / "sae"), "--methods", "tracing"])
+
+
+def test_artifact_rate_counts_images_with_an_unreadable_attribute():
+    """An image is an artifact when some attribute's top class is below the threshold (0.5)."""
+    import types
+
+    held = types.SimpleNamespace(prompts=pd.DataFrame({"prompt": ["a", "b", "c"]}),
+                                 values={"color": ("red", "blue"), "shape": ("circle", "square", "star")})
+    codes = {"top_color": torch.tensor([0.9, 0.49, 0.6]), "top_shape": torch.tensor([0.5, 0.9, 0.34])}
+    assert er.ARTIFACT_THRESHOLD == 0.5
+    assert er._artifacts(codes, held).tolist() == [0.0, 1.0, 1.0]

@@ -447,3 +447,89 @@ def test_compare_methods_on_features_end_to_end(tiny_world_folder, tmp_path, ref
     assert "do not attribute SAE features" in refused(main, [*common, "--granularity", "feature", "--sae",
                                                              str(tmp_path / "sae"), "--methods", "ablation",
                                                              "tracing", "--out", str(tmp_path / "x")])
+
+
+# -- ground truth: which features detect which attribute value (issue 40, item 4) -------------------------------------
+def _labels(images):
+    import pandas as pd
+
+    from interp.world.vocab import ATTRIBUTES
+
+    return pd.DataFrame({f"{a}:{v}": (images[a] == v).to_numpy() for a, vals in ATTRIBUTES.items() for v in vals})
+
+
+def test_auroc_is_the_roc_auc_score():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.normal(size=(40, 5)), 1)  # ties included
+    labels = rng.random((40, 3)) < 0.4
+    got = __import__("interp.features", fromlist=["auroc"]).auroc(scores, labels)
+    sklearn = pytest.importorskip("sklearn.metrics")
+    want = np.array([[sklearn.roc_auc_score(labels[:, v], scores[:, f]) for f in range(5)] for v in range(3)])
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_planted_indicator_feature_has_auroc_one():
+    """Known answer: planted site activations where one direction is exactly the indicator of "red" (and the other
+    directions carry random non-negative amounts), and a hand-built SAE whose feature 0's encoder and decoder are
+    that direction: feature 0 detects red with AUROC 1, and it is red's best feature."""
+    import numpy as np
+    import pandas as pd
+
+    from interp.features import ground_truth_table, planted, site_means
+    from interp.world.vocab import ATTRIBUTES
+
+    rng = np.random.default_rng(0)
+    n, positions, d = 48, 5, 16
+    images = pd.DataFrame({a: [vals[i] for i in rng.integers(0, len(vals), n)] for a, vals in ATTRIBUTES.items()})
+    red = torch.tensor((images["color"] == "red").to_numpy(), dtype=torch.float32)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(1)))
+    coef = torch.rand(n, positions, d, generator=torch.Generator().manual_seed(2))
+    coef[:, :, 0] = red[:, None] * 3.0  # direction 0 is on exactly where the prompt names red
+    h = coef @ q  # (N, P, d): non-negative sums of the orthonormal directions: the planted SAE encodes them exactly
+    sae = planted(SITE, q, k=d)
+    f, neurons = site_means(sae, h)
+    assert torch.allclose(f[:, 0], red * 3.0, atol=1e-5)
+    assert torch.allclose(site_means(sae, h, pool="max")[0][:, 0], red * 3.0, atol=1e-5)
+    table = ground_truth_table(f.numpy(), neurons.numpy(), _labels(images)).set_index("value")
+    assert table.loc["red", "feature"] == 0 and table.loc["red", "feature_auroc"] == 1.0
+    assert table.loc["red", "monosemantic"]
+    assert len(table) == 16 and table["feature_auroc"].between(0, 1).all()
+
+
+def test_sae_ground_truth_command(tiny_world_folder, tmp_path, refused):
+    """``python -m analyses.sae_ground_truth`` on the tiny world with a tiny SAE trained here: 16 rows with AUROCs
+    in [0, 1], each value's best feature at least 0.5, the summary, the gallery and the report."""
+    import json
+
+    import pandas as pd
+
+    import interp
+    from analyses.sae_ground_truth import main
+    from interp.features import collect_activations, save_sae, train_sae
+
+    model = interp.load_model(str(tiny_world_folder))
+    acts = collect_activations(model, SITE, ["a red circle", "a blue square"], seeds=(0,), steps=2)
+    save_sae(train_sae(acts, k=4, expansion=2, steps=20, batch=32, site=SITE), tmp_path / "sae")
+    out = tmp_path / "gt"
+    argv = ["--model", str(tiny_world_folder), "--sae", str(tmp_path / "sae"), "--images", "32", "--steps", "3",
+            "--top", "2", "--device", "cpu", "--out", str(out), "--no-progress", "--threads", "1"]
+    assert main(argv) == 0
+    table = pd.read_csv(out / "table.csv")
+    assert len(table) == 16 and table["value"].nunique() == 16
+    for c in ("feature_auroc", "neuron_auroc", "auroc_high", "auroc_low"):
+        assert table[c].between(0, 1).all(), c
+    assert (table["feature_auroc"] >= 0.5).all()
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n_values"] == 16 and 0 <= s["fraction_monosemantic"] <= 1 and s["n_images"] == 32
+    images = pd.read_csv(out / "images.csv")
+    assert len(images) == 32 and "pred_color" in images
+    assert (out / "figures" / "gallery.png").stat().st_size > 1000
+    assert "Feature gallery" in (out / "index.html").read_text()
+    assert json.loads((out / "status.json").read_text())["status"] == "complete"
+    assert "--sae is required" in refused(main, ["--out", str(tmp_path / "x")])
+    assert "holds no sae.safetensors" in refused(main, ["--sae", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert "--images must be >= 16" in refused(main, [*argv, "--images", "4"])
+    assert main([*argv, "--pool", "max", "--out", str(tmp_path / "gt-max")]) == 0
+    assert json.loads((tmp_path / "gt-max" / "summary.json").read_text())["pool"] == "max"

@@ -184,7 +184,8 @@ def _text_heldout_set(model, concept: str, config: EvalConfig, alternatives) -> 
 class Judged:
     """Images generated for a held-out set (under an edit or not) and the judge's verdicts."""
 
-    table: pd.DataFrame  # the prompt frame + pred_<attribute> and p_<attribute> (probability of the asked value)
+    table: pd.DataFrame  # the prompt frame + pred_<attribute>, p_<attribute> (probability of the asked value) and
+    #                      top_<attribute> (the judge's probability of its own verdict: the top class's)
     images: torch.Tensor
     features: np.ndarray  # the judge's image features, one row per image
     seconds: float
@@ -235,6 +236,7 @@ def judge_images(model, edit, held: HeldoutSet, config: EvalConfig = EvalConfig(
         asked = table[a].to_numpy()
         table[f"p_{a}"] = [float(probs[a][j, values.index(v)]) if isinstance(v, str) else np.nan
                            for j, v in enumerate(asked)]
+        table[f"top_{a}"] = probs[a].max(-1).values.double().cpu().numpy()
     return Judged(table, images, judge.features(images), time.perf_counter() - t0)
 
 
