@@ -44,6 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from .diffusion import latent_shape
+from .interventions import call_denoiser, encode_prompts
+from . import diffusion
+from .generation import step_generators
+from .interventions import run_text, run_unet
 
 #: Version of the ``features.json`` :func:`save_sae` writes.
 FORMAT = 1
@@ -184,8 +189,6 @@ def site_layout(model, site: str) -> tuple[int, int]:
 
     Found with a forward hook in one intact pass of the empty prompt (the text encoders and one denoiser call, as
     :class:`interp.models.DiffusionModel` does to order its modules): no weight or output changes."""
-    from .diffusion import latent_shape
-    from .interventions import call_denoiser, encode_prompts
 
     if ("out", site) not in model.events:
         prefixes = ", ".join(f"'{p}.'" for p in model.modules())
@@ -269,9 +272,6 @@ def collect_activations(model, site: str, prompts: Sequence[str], seeds: Sequenc
     """
     from tqdm.auto import tqdm
 
-    from . import diffusion
-    from .generation import step_generators
-    from .interventions import run_text, run_unet
 
     prompts = model.check_prompts(prompts)
     if not seeds:

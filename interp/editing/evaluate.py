@@ -60,6 +60,7 @@ from matplotlib.figure import Figure
 
 from .. import diffusion
 from ..judges import Judge, load_judge
+from ..generation import generate
 
 #: Before-rate from which a value counts as drawn by the model (for ``retained_drawn``).
 DRAWN = 0.5
@@ -206,7 +207,6 @@ def images_per_call(max_rows: int) -> int:
 def judge_images(model, edit, held: HeldoutSet, config: EvalConfig = EvalConfig(),
                  judge: Judge | str | None = None) -> Judged:
     """Generate every held-out image with ``edit`` applied (None: the unedited model) and let the judge name them."""
-    from ..generation import generate
 
     judge = resolve_judge(model, judge)
     t0 = time.perf_counter()

@@ -34,6 +34,7 @@ from ..components import ComponentSet, is_text_part
 from ..objectives import Objective, ObjectiveConfig
 from ..results import SCHEMA, Cost, empty_maps, make_frame, make_map_frame
 from ..store import Store
+from ..features import identity
 
 REGISTRY: dict[str, type["Method"]] = {}
 
@@ -249,7 +250,6 @@ class Method:
         key = {"method": self.name, "method_config": self.config.to_dict(), **obj.identity(),
                "components": components_hash(comps), "schema": SCHEMA}
         if "feature" in comps.granularities:  # the same addresses under another SAE are other components
-            from ..features import identity
 
             key["features"] = identity(obj.model, comps)
         entry = store.entry(f"{self.name}-{obj.concept.name}", key)

@@ -45,6 +45,7 @@ from ..executors import Job
 from ..generation import generate
 from ..interventions import Patch, compile_plan, run_text, run_unet_in_passes, stream_key
 from .base import Capabilities, Method, MethodConfig, option, register, stderr_over
+from ..objectives import Objective, ObjectiveConfig
 
 
 @dataclass(frozen=True)
@@ -414,7 +415,6 @@ def text_restoration(model, concept, objective=None, positions=RESTORE_POSITIONS
     ``(x - corrupted) / (clean - corrupted)`` of both, each the mean over the ``n_noise`` draws (``*_se`` their
     standard errors)."""
 
-    from ..objectives import Objective, ObjectiveConfig
 
     objective = objective or ObjectiveConfig(kind="classifier")
     if objective.kind != "classifier":
