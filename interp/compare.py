@@ -22,27 +22,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import compare_outputs, evaluation, plots
+from . import compare_outputs, evaluation, plots, results
+from . import erasure as er
 from .compare_config import CompareConfig, check_concept_words, select_components  # noqa: F401  (re-exported)
 from .compare_outputs import _without_attrs, build_figures, build_tables
+from .concepts import judged_concept, weighed_against
+from .diffusion import latent_shape
+from .editing.edits import Ranking
+from .editing.evaluate import EVAL_SEED, EvalConfig, images_per_call, resolve_judge
 from .engine import masked_values, random_masks
+from .methods import REGISTRY
 from .methods.base import components_hash, get
+from .models import load_model
 from .objectives import Objective
 from .plan import preflight_run
+from .report import findings
 from .report.comparison import write_outputs
 from .results import concat, empty_maps
 from .runs import Run, check_finite_weights, check_memory
 from .store import Store, frame_to_parquet_bytes
-from .diffusion import latent_shape
-from .models import load_model
-from . import results
-from .methods import REGISTRY
-from .report import findings
-from .concepts import judged_concept
-from . import erasure as er
-from .editing.evaluate import EVAL_SEED, EvalConfig, images_per_call, resolve_judge
-from .concepts import weighed_against
-from .editing.edits import Ranking
 
 
 def heldout_ablations(obj, comps, alpha: float, n_masks: int, seed: int, store: Store, progress=False,

@@ -74,17 +74,22 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from .editing.edits import AblationEdit, Ranking
-from .editing.evaluate import EVAL_SEED, Baseline, EvalConfig, Judged, judge_images, per_value_table
+from .editing.evaluate import (
+    EVAL_SEED,
+    Baseline,
+    EvalConfig,
+    Judged,
+    baseline,
+    judge_images,
+    per_value_table,
+)
 from .engine import masked_values, random_masks
-from .objectives import Objective, ObjectiveConfig
 from .interventions import compile_plan
-from .objectives import reference_means
 from .methods.base import components_hash
 from .models import model_fingerprint, module_digest
+from .objectives import Objective, ObjectiveConfig, reference_means
+from .plots import _empty, fig_to_png, png_to_data_uri
 from .store import Store
-from .plots import _empty
-from .editing.evaluate import baseline
-from .plots import fig_to_png, png_to_data_uri
 
 #: Metrics of the curves, in the order of the figure's rows.
 METRICS = ("concept_rate", "alone_rate", "retained_rate", "j_ratio")

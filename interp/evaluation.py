@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .results import costs, is_main, meta_key
 from . import methods
 from .methods.tracing import corruption_check
+from .results import costs, is_main, meta_key
 
 #: Keys of a correlation table's rows; the statistics follow them (:data:`CORR_COLUMNS`).
 CORR_KEYS = ["concept", "method", "variant"]

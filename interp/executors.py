@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+
 from .models import model_fingerprint
 from .objectives import Objective
 from .store import config_hash, tensor_digest

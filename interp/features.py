@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from .diffusion import latent_shape
-from .interventions import call_denoiser, encode_prompts
+
 from . import diffusion
+from .diffusion import latent_shape
 from .generation import step_generators
-from .interventions import run_text, run_unet
+from .interventions import call_denoiser, encode_prompts, run_text, run_unet
 
 #: Version of the ``features.json`` :func:`save_sae` writes.
 FORMAT = 1

@@ -17,9 +17,9 @@ import hashlib
 import json
 import os
 import re
-from contextlib import contextmanager
 from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +28,10 @@ import torch.nn as nn
 from nnsight import NNsight
 
 from .components import ComponentSpace
+from .diffusion import latent_shape, tokenize
 from .families import FAMILIES, Family, family_of
+from .interventions import call_denoiser, encode_prompts
 from .runtime import tune_cpu_allocator
-from .diffusion import latent_shape
-from .interventions import encode_prompts, call_denoiser
-from .diffusion import tokenize
 
 
 @dataclass(frozen=True)

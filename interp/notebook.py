@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+
 from .runtime import hide_library_progress_bars
 
 

@@ -29,8 +29,8 @@ positive when ablating it lowers J.
 from __future__ import annotations
 
 import hashlib
-import warnings
 import json
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -40,15 +40,25 @@ from . import diffusion
 from .components import is_text_part
 from .concepts import Concept, resolve
 from .generation import generate
-from .interventions import Plan, run_text, run_unet, run_unet_in_passes
-from .models import DiffusionModel
-from .interventions import parameters_requiring_grad
-from .interventions import unit_means
+from .interventions import (
+    Plan,
+    parameters_requiring_grad,
+    run_text,
+    run_unet,
+    run_unet_in_passes,
+    unit_means,
+)
 from .judges import load_judge
-from .prefix import module_bytes, module_flops, skippable
-from .prefix import earliest_active_event, frontier
-from .prefix import fill_bytes, replay_pays
-from .models import module_digest, model_fingerprint
+from .models import DiffusionModel, model_fingerprint, module_digest
+from .prefix import (
+    earliest_active_event,
+    fill_bytes,
+    frontier,
+    module_bytes,
+    module_flops,
+    replay_pays,
+    skippable,
+)
 
 KINDS = ("erase", "amplify", "classifier")
 #: Precision of the forward passes. Objective values, gradients with respect to multipliers and statistics are

@@ -38,20 +38,20 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from .compare_config import select_components
 from .components import is_text_part
 from .diffusion import fresh_scheduler, latent_shape
+from .interventions import compile_plan, run_text, run_unet
 from .methods import get
-from .interventions import compile_plan
-from .prefix import frontier, upstream_share
-from .objectives import REPLAY_BUDGET
-from .prefix import meta_call, meta_unet
-from .interventions import run_text, run_unet
-from .runs import is_out_of_memory
-from .objectives import checkpoints_generation
-from .compare_config import select_components
-from .objectives import DTYPES
 from .models import load_model
-from .objectives import masks_per_grad_pass
+from .objectives import (
+    DTYPES,
+    REPLAY_BUDGET,
+    checkpoints_generation,
+    masks_per_grad_pass,
+)
+from .prefix import frontier, meta_call, meta_unet, upstream_share
+from .runs import is_out_of_memory
 
 #: FLOPs one measured pass may cost (a fraction of a second on an idle 2-core CPU).
 FLOP_BUDGET = 5e10

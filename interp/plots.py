@@ -24,9 +24,9 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from scipy import stats
 
+from . import methods
 from .components import short_layer
 from .evaluation import reference_method
-from . import methods
 
 _PART_ORDER = {"text_encoder": 0, "unet": 1}
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 from torch.utils._pytree import tree_map
+
 from .diffusion import latent_shape
 from .families import context_rows
 

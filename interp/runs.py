@@ -24,9 +24,14 @@ import time
 import traceback
 from pathlib import Path
 
-from .store import atomic_write_bytes, atomic_write_text, canonical, config_hash
-from .store import frame_to_parquet_bytes
 from .methods.base import versions
+from .store import (
+    atomic_write_bytes,
+    atomic_write_text,
+    canonical,
+    config_hash,
+    frame_to_parquet_bytes,
+)
 
 STATUS = "status.json"
 #: Everything a run writes besides its cache; removed when a run starts, so no earlier run's output survives.

@@ -71,15 +71,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import diffusion
 from ..components import ComponentSet
 from ..concepts import DEFAULT_TEMPLATES
 from ..generation import generate
 from ..interventions import Plan, compile_plan
-from ..objectives import Objective, ObjectiveConfig
-from ..results import is_main
 from ..methods import attribute
 from ..methods.cad import weight_scores
-from .. import diffusion
+from ..objectives import Objective, ObjectiveConfig
+from ..results import is_main
 
 #: CAD-Erase's ratio on the concept world (the paper's 0.001 zeroes nothing when in_features < 1000; see above).
 CAD_DEFAULT_RATIO = 0.1

@@ -59,8 +59,8 @@ import torch
 from matplotlib.figure import Figure
 
 from .. import diffusion
-from ..judges import Judge, load_judge
 from ..generation import generate
+from ..judges import Judge, load_judge
 
 #: Before-rate from which a value counts as drawn by the model (for ``retained_drawn``).
 DRAWN = 0.5

@@ -59,12 +59,20 @@ from dataclasses import dataclass
 
 import torch
 
-from .edits import (EDIT_SEED, WeightEdit, WeightUpdate, preserve_prompts, aligned_positions, attended_mask,
-                    quickfix_prompts, reads_whole_prompt, subject_forms)
-from ..families import FAMILIES
-from ..families import unpack
-from ..interventions import run_text
 from .. import diffusion
+from ..families import FAMILIES, unpack
+from ..interventions import run_text
+from .edits import (
+    EDIT_SEED,
+    WeightEdit,
+    WeightUpdate,
+    aligned_positions,
+    attended_mask,
+    preserve_prompts,
+    quickfix_prompts,
+    reads_whole_prompt,
+    subject_forms,
+)
 
 UCE_LAMBDA = 0.1
 UCE_ERASE_SCALE = 1.0

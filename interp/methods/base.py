@@ -31,10 +31,10 @@ import pandas as pd
 import torch
 
 from ..components import ComponentSet, is_text_part
+from ..features import identity
 from ..objectives import Objective, ObjectiveConfig
 from ..results import SCHEMA, Cost, empty_maps, make_frame, make_map_frame
 from ..store import Store
-from ..features import identity
 
 REGISTRY: dict[str, type["Method"]] = {}
 
@@ -395,10 +395,10 @@ def components_hash(comps: ComponentSet) -> str:
 
 
 def versions() -> dict:
+    from importlib.metadata import version
+
     import diffusers
     import transformers
-
-    from importlib.metadata import version
 
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "nnsight": version("nnsight"), "python": platform.python_version()}

@@ -43,9 +43,15 @@ from ..components import ComponentSet, is_text_part
 from ..engine import sweep
 from ..executors import Job
 from ..generation import generate
-from ..interventions import Patch, compile_plan, run_text, run_unet_in_passes, stream_key
-from .base import Capabilities, Method, MethodConfig, option, register, stderr_over
+from ..interventions import (
+    Patch,
+    compile_plan,
+    run_text,
+    run_unet_in_passes,
+    stream_key,
+)
 from ..objectives import Objective, ObjectiveConfig
+from .base import Capabilities, Method, MethodConfig, option, register, stderr_over
 
 
 @dataclass(frozen=True)

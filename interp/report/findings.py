@@ -22,9 +22,9 @@ import math
 
 import pandas as pd
 
+from .. import methods as registry
 from ..evaluation import method_labels, reference_method, reference_users
 from ..results import is_main
-from .. import methods as registry
 
 
 def label(variant: str, labels: dict | None = None, method: str | None = None) -> str:

@@ -29,12 +29,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .render import ConceptWorld, random_scene, render
-from .fitting import Recipe, fit
-from .vocab import ATTRIBUTES, BOS, EOS, MAX_LENGTH, PAD, TEMPLATES, build_tokenizer, caption, vocabulary
 from ..generation import generate
 from .classifier import _augment
-from .render import random_caption
+from .fitting import Recipe, fit
+from .render import ConceptWorld, random_caption, random_scene, render
+from .vocab import (
+    ATTRIBUTES,
+    BOS,
+    EOS,
+    MAX_LENGTH,
+    PAD,
+    TEMPLATES,
+    build_tokenizer,
+    caption,
+    vocabulary,
+)
 
 #: Seed-stream tag of the training batches (``default_rng([seed, TRAIN_STREAM])``).
 TRAIN_STREAM = 31

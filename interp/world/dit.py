@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import diffusion
-from .fitting import Recipe, fit
 from ..testing import t5_tokenizer
-from .vocab import vocabulary
-from .plugin import ASSETS
+from .fitting import Recipe, fit
 from .latent import encode
+from .plugin import ASSETS
 from .render import render_batch
 from .train import save_model
+from .vocab import vocabulary
 
 #: The shipped model whose VAE and text tower the DiT reuses (frozen).
 BASE = "concept-world-latent"

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import diffusion
+from ..generation import generate
+from .judge import ClassifierJudge
 from .render import ConceptWorld, random_caption
 from .vocab import ATTRIBUTES
-from ..generation import generate
-from .. import diffusion
-from .judge import ClassifierJudge
 
 HELDOUT_SEED = 10_000
 

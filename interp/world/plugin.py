@@ -19,17 +19,15 @@ import json
 from pathlib import Path
 
 import torch
-from ..models import ModelKind, register_kind
+
 from ..judges import JudgeKind, register_judge_kind
+from ..models import ModelKind, register_kind
 from .classifier import ConceptClassifier
-from .model import ConceptWorldPipeline
-from .judge import ClassifierJudge
-from .vocab import check_prompts
 from .concepts import world_concept
-from .vocab import attribute_of
-from .vocab import ATTRIBUTES
-from .render import ConceptWorld, random_caption, random_scene
-from .render import render
+from .judge import ClassifierJudge
+from .model import ConceptWorldPipeline
+from .render import ConceptWorld, random_caption, random_scene, render
+from .vocab import ATTRIBUTES, attribute_of, check_prompts
 
 ASSETS = Path(__file__).parent / "assets"
 

@@ -32,16 +32,19 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 
 from .. import diffusion
+from ..judges import CLIPJudge, shipped_judges
 from ..store import config_hash
-from .clip import CLIPTrainConfig, train_clip
+from .clip import (
+    CLIPTrainConfig,
+    heldout_renders,
+    train_clip,
+    world_templates,
+    zero_shot_accuracy,
+)
 from .fitting import Recipe, fit
 from .latent import LatentModelConfig, build_latent_pipeline, build_vae, encode
-from .model import ModelConfig, build_pipeline, train_scheduler
+from .model import ModelConfig, build_pipeline, build_text_encoder, train_scheduler
 from .render import render_batch
-from ..judges import shipped_judges
-from ..judges import CLIPJudge
-from .model import build_text_encoder
-from .clip import heldout_renders, world_templates, zero_shot_accuracy
 
 
 @dataclass(frozen=True)
