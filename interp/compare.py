@@ -22,13 +22,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import compare_outputs, evaluation, plots
+from . import compare_outputs, evaluation, plots, results
+from . import erasure as er
 from .compare_config import CompareConfig, check_concept_words, select_components  # noqa: F401  (re-exported)
 from .compare_outputs import _without_attrs, build_figures, build_tables
+from .concepts import judged_concept, weighed_against
+from .diffusion import latent_shape
+from .editing.edits import Ranking
+from .editing.evaluate import EVAL_SEED, EvalConfig, images_per_call, resolve_judge
 from .engine import masked_values, random_masks
+from .methods import REGISTRY
 from .methods.base import components_hash, get
+from .models import load_model
 from .objectives import Objective
 from .plan import preflight_run
+from .report import findings
 from .report.comparison import write_outputs
 from .results import concat, empty_maps
 from .runs import Run, check_finite_weights, check_memory
@@ -74,8 +82,6 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
     Everything that can be checked before work is: the config on construction, the concept words before the model
     loads, then the weights (finite), the component selection (non-empty), the memory the configuration needs, every
     method's options and the objective (timesteps in the scheduler's range) before any method runs."""
-    from .diffusion import latent_shape
-    from .models import load_model
 
     say = log or (lambda msg: None)
     check_concept_words(cfg.model, cfg.concepts)
@@ -147,9 +153,6 @@ def derived_code_digest() -> str:
     registered method's module, whose labels, capabilities and checks (causal tracing's corruption check) the tables
     and figures apply): cached tables and figures are reused only when the code that made them is unchanged, with no
     version number to remember to bump."""
-    from . import results
-    from .methods import REGISTRY
-    from .report import findings
 
     modules = [sys.modules[__name__], compare_outputs, evaluation, plots, findings, results]
     modules += [sys.modules[m] for m in sorted({cls.__module__ for cls in REGISTRY.values()})]
@@ -196,7 +199,6 @@ def concept_spec(model, concept: str, cfg: CompareConfig):
     """The concept a run's objective is built on: the word itself (the concept world's own concepts, or a phrase
     with the judge's generic alternatives), or on other models with ``--alternatives`` a text concept weighed
     against them."""
-    from .concepts import judged_concept
 
     return judged_concept(model, concept, cfg.alternatives, n=cfg.n_images)
 
@@ -204,10 +206,7 @@ def concept_spec(model, concept: str, cfg: CompareConfig):
 def erasure_setup(model, comps, cfg: CompareConfig) -> dict:
     """What the erasure curves need, checked before any method runs: the k grid against the component set, the
     judge, the values each concept is weighed against and the held-out image set."""
-    from . import erasure as er
-    from .editing.evaluate import EVAL_SEED, EvalConfig, images_per_call, resolve_judge
 
-    from .concepts import weighed_against
 
     er.k_grid(len(comps), cfg.erasure_k)
     alternatives = {c: weighed_against(model, c, cfg.alternatives, cfg.concepts) for c in cfg.concepts}
@@ -219,8 +218,6 @@ def erasure_setup(model, comps, cfg: CompareConfig) -> dict:
 
 def erasure_curves(model, comps, results: pd.DataFrame, cfg: CompareConfig, setup: dict, store: Store, say) -> dict:
     """Erasure curves (:mod:`interp.erasure`) of every method's main estimate in this run, per concept."""
-    from . import erasure as er
-    from .editing.edits import Ranking
 
     rows = _without_attrs(results)
     rankings = {c: {m: Ranking.from_frame(rows[(rows["method"] == m) & (rows["concept"] == c)], name=m)

@@ -81,9 +81,22 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from .editing.edits import AblationEdit, Ranking
-from .editing.evaluate import EVAL_SEED, Baseline, EvalConfig, Judged, judge_images, per_value_table
+from .editing.evaluate import (
+    EVAL_SEED,
+    Baseline,
+    EvalConfig,
+    Judged,
+    baseline,
+    judge_images,
+    per_value_table,
+)
 from .engine import masked_values, random_masks
-from .objectives import Objective, ObjectiveConfig
+from .interventions import compile_plan
+from .methods.base import components_hash
+from .models import model_fingerprint, module_digest
+from .objectives import Objective, ObjectiveConfig, reference_means
+from .plots import _empty, fig_to_png, png_to_data_uri
+from .store import Store
 
 #: Metrics of the curves, in the order of the figure's rows.
 METRICS = ("concept_rate", "alone_rate", "retained_rate", "artifact_rate", "j_ratio")
@@ -203,8 +216,6 @@ def ablation_means(objective: Objective, comps) -> dict[str, torch.Tensor]:
     """Mean-ablation values of every site of ``comps``: each unit's mean over the objective's anchor prompts (the
     concept word left out) at its samples' noisy inputs and timesteps: what the unit does without the concept. Keyed
     by module path over all its features, so any subset of ``comps`` can be ablated with them."""
-    from .interventions import compile_plan
-    from .objectives import reference_means
 
     return reference_means(objective, compile_plan(objective.model, comps), branch="anchor")
 
@@ -279,9 +290,6 @@ def measure(model, concept: str, comps, rankings: Mapping[str, Ranking], base: B
     :func:`heldout_objective_config`); ``store``: a :class:`interp.store.Store` (or None) caching each set's verdicts;
     ``means``: mean-ablate with these values (:func:`ablation_means`) instead of zero-ablating, images and J alike.
     """
-    from .methods.base import components_hash
-    from .models import model_fingerprint, module_digest
-    from .store import Store
 
     say = log or (lambda msg: None)
     addresses = tuple(comps.addresses)
@@ -558,7 +566,6 @@ def erasure_figure(curves: pd.DataFrame,
 
     concepts = list(dict.fromkeys(curves["concept"]))
     if not concepts:
-        from .plots import _empty
 
         return _empty("no erasure curves")
     methods = [m for m in dict.fromkeys(curves["method"]) if m != RANDOM]
@@ -687,8 +694,6 @@ def erasure_study(model, comps, rankings: Mapping[str, Mapping[str, Ranking]], o
     switches to mean-ablation; ``concepts[concept]``: what J's objective is built on, when not the word itself
     (a text concept with the judge's alternatives, as the attribution's objective was). Returns ``tables``, the figure (PNG bytes ``figure_png`` and a data URI ``figure``),
     the report ``sections`` and ``findings`` sentences. The weights are checked bitwise unchanged afterwards (ablations are multipliers)."""
-    from .editing.evaluate import baseline
-    from .plots import fig_to_png, png_to_data_uri
 
     before = model.state_fingerprint()
     erasures = []

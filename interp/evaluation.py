@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from . import methods
+from .methods.tracing import corruption_check
 from .results import costs, is_main, meta_key
 
 #: Keys of a correlation table's rows; the statistics follow them (:data:`CORR_COLUMNS`).
@@ -41,14 +43,12 @@ CORR_COLUMNS = CORR_KEYS + [
 
 def method_labels() -> dict[str, str]:
     """Display names of the registered methods (each method's ``label``); other names are shown as they are."""
-    from . import methods  # the registry loads torch; a table of scores does not need it until it asks
 
     return {n: m.label or n for n, m in methods.REGISTRY.items()}
 
 
 def reference_method(reference: str | None = None) -> str:
     """``reference``, or the registry's reference method (:func:`interp.methods.reference`)."""
-    from . import methods
 
     return reference or methods.reference()
 
@@ -56,7 +56,6 @@ def reference_method(reference: str | None = None) -> str:
 def reference_users() -> tuple[str, ...]:
     """Methods whose scores are partly the reference's measurements (``Capabilities.uses_reference``): they do not
     compete in "which method agrees best", their agreement being partly by construction."""
-    from . import methods
 
     return tuple(n for n, m in methods.REGISTRY.items() if m.capabilities.uses_reference)
 
@@ -371,7 +370,6 @@ def lds_versus(df: pd.DataFrame, heldout: dict, baseline: str | None = None, *, 
     this many masks. ``baseline`` defaults to the registry's (:func:`interp.methods.baseline`: COAR).
     """
     if baseline is None:
-        from . import methods
 
         baseline = methods.baseline()
     rng = np.random.default_rng(seed)
@@ -454,7 +452,6 @@ def corruption_table(df: pd.DataFrame) -> pd.DataFrame:
     draw removes, and whether the concept's corruption is valid (every draw removes at least
     :data:`interp.methods.tracing.WEAK_CORRUPTION`; see :func:`interp.methods.tracing.corruption_check`). Empty
     (with the columns) when no run corrupts."""
-    from .methods.tracing import corruption_check
 
     cols = ["concept", "method", "noise", "j_clean", "j_corrupted", "removed", "valid"]
     records = []

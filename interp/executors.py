@@ -30,6 +30,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .models import model_fingerprint
+from .objectives import Objective
+from .store import config_hash, tensor_digest
+
 Span = tuple[int, int]
 
 
@@ -99,7 +103,6 @@ class ObjectiveRecipe:
         Raises:
             ValueError: the model was built in memory (no folder or name a worker could load it from).
         """
-        from .models import model_fingerprint
 
         m = obj.model
         if m.source is None:
@@ -140,7 +143,6 @@ class _Worker:
         return os.getpid()
 
     def run(self, recipe: ObjectiveRecipe, job_key: str, job: Job, start: int, stop: int):
-        from .objectives import Objective
 
         okey = (recipe.concept, recipe.config)
         if okey not in self.objectives:
@@ -258,7 +260,6 @@ class RayExecutor:
     def map(self, obj, job: Job, spans: Iterable[Span]) -> Iterator[tuple[Span, dict, dict]]:
         """Yield ``(span, result, counters)`` as items finish (in any order); the worker's counted passes are added
         to ``obj.model.counters``."""
-        from .store import config_hash, tensor_digest
 
         spans = list(spans)
         if not spans:

@@ -46,6 +46,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import diffusion
+from .diffusion import latent_shape
+from .generation import step_generators
+from .interventions import call_denoiser, encode_prompts, run_text, run_unet
+
 if TYPE_CHECKING:  # (numpy and pandas are imported where they are used)
     import numpy as np
     import pandas as pd
@@ -189,8 +194,6 @@ def site_layout(model, site: str) -> tuple[int, int]:
 
     Found with a forward hook in one intact pass of the empty prompt (the text encoders and one denoiser call, as
     :class:`interp.models.DiffusionModel` does to order its modules): no weight or output changes."""
-    from .diffusion import latent_shape
-    from .interventions import call_denoiser, encode_prompts
 
     if ("out", site) not in model.events:
         prefixes = ", ".join(f"'{p}.'" for p in model.modules())
@@ -274,9 +277,6 @@ def collect_activations(model, site: str, prompts: Sequence[str], seeds: Sequenc
     """
     from tqdm.auto import tqdm
 
-    from . import diffusion
-    from .generation import step_generators
-    from .interventions import run_text, run_unet
 
     prompts = model.check_prompts(prompts)
     if not seeds:

@@ -48,6 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .models import load_plugins
+
 
 def _no_folder(folder: Path) -> bool:
     """A judge kind that loads no folders (it only ships judges by name)."""
@@ -77,7 +79,6 @@ def register_judge_kind(kind: JudgeKind) -> None:
 
 def shipped_judges() -> dict[str, Path]:
     """Every judge a registered kind ships, by name (``"concept-world-clip"``) -> its folder."""
-    from .models import load_plugins
 
     load_plugins()
     return {name: path for kind in JUDGE_KINDS.values() for name, path in kind.shipped.items()}

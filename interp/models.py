@@ -17,9 +17,9 @@ import hashlib
 import json
 import os
 import re
-from contextlib import contextmanager
 from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,9 @@ import torch.nn as nn
 from nnsight import NNsight
 
 from .components import ComponentSpace
+from .diffusion import latent_shape, tokenize
 from .families import FAMILIES, Family, family_of
+from .interventions import call_denoiser, encode_prompts
 from .runtime import tune_cpu_allocator
 
 
@@ -217,7 +219,6 @@ class DiffusionModel:
     def tokenize(self, prompts, device=None) -> torch.Tensor:
         """Token ids of ``prompts`` for every text encoder, side by side: ``(len(prompts), sum of lengths)``, each
         tokenizer's ids padded to the length its pipeline uses (Stable Diffusion 1.x/2.x: CLIP's 77)."""
-        from .diffusion import tokenize
 
         ids = [tokenize(self.tokenizers[e.part], prompts, max_length=e.length) for e in self.encoders]
         ids = ids[0] if len(ids) == 1 else torch.cat(ids, 1)
@@ -292,8 +293,6 @@ def _event_order(models: dict[str, nn.Module], owner: DiffusionModel) -> tuple[d
     its mid block, but the mid block runs first). A module called more than once per pass (a resnet's shared
     ``nonlinearity``) can never be skipped with a cached output (:mod:`interp.prefix`).
     """
-    from .diffusion import latent_shape
-    from .interventions import encode_prompts, call_denoiser
 
     events: dict[tuple[str, str], int] = {}
     calls: Counter = Counter()

@@ -29,8 +29,8 @@ positive when ablating it lowers J.
 from __future__ import annotations
 
 import hashlib
-import warnings
 import json
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -40,7 +40,25 @@ from . import diffusion
 from .components import is_text_part
 from .concepts import Concept, resolve
 from .generation import generate
-from .interventions import Plan, run_text, run_unet, run_unet_in_passes
+from .interventions import (
+    Plan,
+    parameters_requiring_grad,
+    run_text,
+    run_unet,
+    run_unet_in_passes,
+    unit_means,
+)
+from .judges import load_judge
+from .models import DiffusionModel, model_fingerprint, module_digest
+from .prefix import (
+    earliest_active_event,
+    fill_bytes,
+    frontier,
+    module_bytes,
+    module_flops,
+    replay_pays,
+    skippable,
+)
 
 KINDS = ("erase", "amplify", "classifier")
 #: Precision of the forward passes. Objective values, gradients with respect to multipliers and statistics are
@@ -139,7 +157,6 @@ class Objective:
         #: The image judge (classifier objective only): ``judge`` (a Judge or a spec) overrides ``cfg.judge``.
         self.judge = None
         if cfg.kind == "classifier":
-            from .judges import load_judge
 
             self.judge = load_judge(cfg.judge if judge is None else judge, model=model)
             if self.judge.name != cfg.judge:  # the config names the judge used, so caches and metadata see it
@@ -163,7 +180,6 @@ class Objective:
         self._replay_context = None  # the target context those outputs were computed with (None: the objective's)
         self._build()
         if cfg.kind != "classifier":  # the FLOP shares and output sizes replay decisions read, counted now (on a
-            from .prefix import module_bytes, module_flops, skippable  # meta-device copy) rather than inside a
                                                                        # later call a caller may be measuring
             module_flops(self.model)
             module_bytes(self.model)
@@ -293,7 +309,6 @@ class Objective:
             recompute_text = True
         replay = self._replayable(plan, mult, recompute_text, target_context, unet_patches, record)
         if replay:  # rows that start at the same point run together (interp.prefix), where that saves FLOPs
-            from .prefix import earliest_active_event, frontier
 
             # Replayed rows share one target context (or the objective's own): its one block serves any rows.
             shared = self._shared_context(target_context)
@@ -469,7 +484,6 @@ class Objective:
         ``replay_prefix="always"`` replays whatever it costs in FLOPs. Never when the outputs to cache are more than
         ``replay_budget`` bytes (from per-module output sizes counted on the meta device: a function of the call
         and the model, like the rest)."""
-        from .prefix import fill_bytes, replay_pays
 
         need = dict.fromkeys(p for f in fronts for p in f)
         if fill_bytes(self.model, need, self.n_samples * self.branches) > self.replay_budget:
@@ -518,7 +532,6 @@ class Objective:
         """Everything J's values depend on, for cache keys: the objective and its evaluation set (config and concept),
         the model's weights, the device it runs on (results differ by rounding across devices) and, for the
         classifier objective, the judge's weights. The one place cached results are keyed by what J is."""
-        from .models import module_digest, model_fingerprint
 
         return {"objective": self.config.to_dict(), "concept": asdict(self.concept),
                 "model": model_fingerprint(self.model), "device": str(self.model.device),
@@ -534,7 +547,6 @@ def as_dtype(model, dtype: torch.dtype):
     """A copy of ``model`` in another dtype (float64 ground truth); the user's model is untouched."""
     import copy
 
-    from .models import DiffusionModel
 
     parts = {k: copy.deepcopy(getattr(model, k)) for k in ("unet", "vae", "classifier")}
     texts = {p: copy.deepcopy(m) for p, m in model.text_encoders.items()}
@@ -660,7 +672,6 @@ def gradients(obj: Objective, params: dict[str, torch.nn.Parameter] | None = Non
     gradients have the batch layout of the evaluation (branch, sample). Gradients are in the objective's dtype
     (float32, or float64 with ``ObjectiveConfig(dtype="float64")``); weights are left as they were.
     """
-    from .interventions import parameters_requiring_grad
 
     params = dict(params or {})
     record = {p: None for p in (activations or [])}
@@ -688,7 +699,6 @@ def reference_means(obj: Objective, plan: Plan, branch: str = "target") -> dict[
     ``branch="anchor"`` takes them over the anchor prompts instead (the concept word left out or replaced): a
     concept-free reference, which an erasure by mean-ablation needs (over the target prompts, a unit that carries
     the concept has the concept's value as its mean, and replacing it by that erases nothing)."""
-    from .interventions import unit_means
 
     if obj.config.kind == "classifier":
         raise ValueError("mean-ablation needs a denoising objective's evaluation set (erase or amplify)")

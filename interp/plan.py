@@ -38,7 +38,20 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from .compare_config import select_components
 from .components import is_text_part
+from .diffusion import fresh_scheduler, latent_shape
+from .interventions import compile_plan, run_text, run_unet
+from .methods import get
+from .models import load_model
+from .objectives import (
+    DTYPES,
+    REPLAY_BUDGET,
+    checkpoints_generation,
+    masks_per_grad_pass,
+)
+from .prefix import frontier, meta_call, meta_unet, upstream_share
+from .runs import is_out_of_memory
 
 #: FLOPs one measured pass may cost (a fraction of a second on an idle 2-core CPU).
 FLOP_BUDGET = 5e10
@@ -112,7 +125,6 @@ class EvalShape:
 
     def grad_masks(self, masks: int) -> int:
         """Mask rows per backward pass for a chunk of ``masks`` (``objectives.masks_per_grad_pass``)."""
-        from .objectives import masks_per_grad_pass
 
         return masks_per_grad_pass(masks, self.cfg_factor if self.kind == "classifier" else self.branches,
                                    self.max_batch)
@@ -129,7 +141,6 @@ class EvalShape:
             rows = self.generation(masks * self.n_samples, grad)
             if not grad:
                 return rows
-            from .objectives import checkpoints_generation
 
             chunks = [c for chunk in _split(masks, per_pass) for c in _split(chunk, self.grad_masks(chunk))]
             again = sum(self.generation(c * self.n_samples).total for c in chunks
@@ -169,7 +180,6 @@ class EvalShape:
 
 def eval_shape(model, ocfg) -> EvalShape:
     """The :class:`EvalShape` of ``ObjectiveConfig`` ``ocfg`` on ``model``, without a forward pass."""
-    from .diffusion import fresh_scheduler, latent_shape
 
     sched = fresh_scheduler(model.scheduler)
     model.family.set_timesteps(sched, ocfg.gen_steps, "cpu", latent_shape(model, 1))
@@ -194,7 +204,6 @@ def eval_shape(model, ocfg) -> EvalShape:
 
 def planned_rows(method: str, options: dict, comps, shape: EvalShape) -> Rows:
     """The UNet rows ``method`` with ``options`` will run on ``comps``: its class's ``planned_rows``."""
-    from .methods import get
 
     cls = get(method)
     if not hasattr(cls, "planned_rows"):
@@ -232,8 +241,6 @@ def _min_size(unet) -> int:
 def replayed_fraction(model, comps) -> float:
     """The mean fraction of a UNet pass's FLOPs that a single ablation of each of ``comps`` replays instead of
     running (:mod:`interp.prefix`; text-encoder components replay nothing), counted on the meta-device copy."""
-    from .interventions import compile_plan
-    from .prefix import frontier, upstream_share
 
     in_unet = [c for c in comps if not is_text_part(c.model)]
     if not in_unet:
@@ -253,8 +260,6 @@ def replay_reserve(model, comps, shape: EvalShape) -> int:
     """Bytes an objective's replay cache may hold during a run over ``comps``: the intact outputs of every module
     upstream of a component's unit over the evaluation set, at most the cache's budget (nothing through generation,
     which never replays). The preflight holds as much of the device while it tries the largest passes."""
-    from .interventions import compile_plan
-    from .objectives import REPLAY_BUDGET
     from .prefix import fill_bytes, frontier
 
     in_unet = [c for c in comps if not is_text_part(c.model)]
@@ -270,8 +275,6 @@ def _meta_flops(model, comps, rows: int = 1) -> tuple[float, float]:
     components' sites, weights frozen) for ``rows`` rows, counted on a meta-device copy of the UNet."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .interventions import compile_plan
-    from .prefix import meta_call, meta_unet
 
     meta, x, t, ctx0 = meta_unet(model, rows)
     sites = compile_plan(model, comps).denoiser if len(comps) else []
@@ -305,8 +308,6 @@ def _meta_grad_bytes(model, comps, rows: int = 1) -> int:
     components' sites), counted on a meta-device copy of the denoiser: what a gradient pass holds besides the
     weights, without running it. Attention runs PyTorch's math kernel on the meta device, which keeps every
     attention matrix: an upper bound where a GPU's flash or memory-efficient kernel keeps none."""
-    from .interventions import compile_plan
-    from .prefix import meta_call, meta_unet
 
     meta, x, t, ctx = meta_unet(model, rows)
     sites = compile_plan(model, comps).denoiser if len(comps) else []
@@ -359,7 +360,6 @@ def _sync(device):
 def _timed_pass(model, plan, rows: int, grad: bool, size: int | None = None) -> dict:
     """One batched UNet pass through the engine (nnsight, multipliers at every site), timed."""
     from .diffusion import latent_shape
-    from .interventions import run_text, run_unet
 
     dev, dt = model.device, model.dtype
     # CUDA's allocator says what tensors hold: before the pass's inputs exist (weights, caches) and at its peak
@@ -425,7 +425,6 @@ def _steady_pass(model, plan, rows: int, grad: bool) -> dict:
 def _fitting_pass(model, plan, rows: int, engine_rows: int, grad: bool) -> dict:
     """:func:`_steady_pass` at ``rows``, grown toward ``engine_rows`` while a pass is shorter than :data:`GROW_BELOW`
     and halved while one does not fit in memory; ``oom_rows``: the batch that did not fit (None if all did)."""
-    from .runs import is_out_of_memory
 
     oom = None
     while True:
@@ -469,7 +468,6 @@ def engine_batches(shape: EvalShape, masks: int | None = None) -> tuple[int, int
         per_sample = shape.grad_masks(GRAD_MASKS) * shape.branches
         engine_grad = per_sample * min(shape.n_samples, max(1, shape.max_batch // per_sample))
     else:
-        from .objectives import checkpoints_generation
 
         # the rows whose graph one backward pass holds: every call's, unless each call is re-run in the backward
         per_call = shape.grad_masks(GRAD_MASKS) * shape.cfg_factor
@@ -484,7 +482,6 @@ def preflight(model, comps, shape: EvalShape, grad: bool, masks: int | None = No
     in seconds, naming the ``--max-batch`` that fits, instead of hours into the run (``max_batch`` is part of every
     cache key, so a run restarted with another one starts over). Raises
     :class:`interp.runs.InsufficientMemoryError`; the model's counters are left as they were."""
-    from .interventions import compile_plan
     from .runs import InsufficientMemoryError, is_out_of_memory
 
     unet_comps = _unet_components(comps)
@@ -532,7 +529,6 @@ def preflight_run(model, comps, objective_config, methods, masks: int, log=None)
     method: gradients are tried when one of ``methods`` takes them, forward sweeps of up to ``masks`` masks."""
     if not memory_bounded(model):
         return
-    from .methods import get
 
     t0 = time.perf_counter()
     preflight(model, comps, eval_shape(model, objective_config), any(get(m).capabilities.gradients for m in methods),
@@ -545,7 +541,6 @@ def measure_passes(model, comps, shape: EvalShape, budget: float = FLOP_BUDGET) 
     """Time, peak memory and FLOPs of one batched forward pass and one forward+backward pass at the engine's batch
     (capped by ``budget`` FLOPs); per-row figures for the projection. The model's counters are left as they were."""
     from .diffusion import latent_shape
-    from .interventions import compile_plan
 
     if model.device.type == "meta":  # a published architecture without weights: counted, not timed
         return measure_meta(model, comps)
@@ -691,11 +686,8 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
         ValueError: the component selection is empty, or the configuration is invalid for the model.
         interp.models.ModelLoadError: ``cfg.model`` cannot be loaded.
     """
-    from .compare_config import select_components
-    from .objectives import DTYPES
 
     if model is None:
-        from .models import load_model
 
         kwargs = {"dtype": DTYPES[cfg.dtype]}
         if getattr(cfg, "device", None):
@@ -708,7 +700,6 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
     n = len(comps)
     # (name, rows the result records as its cost, rows this run executes): they differ where a method reuses
     # another's cached result (screen-then-verify screens with the run's own mask-averaged gradient).
-    from .methods import get
 
     work: list[tuple[str, Rows, Rows]] = [("(evaluation set)", shape.setup(), shape.setup())]
     done: set[tuple[str, str]] = set()
@@ -738,7 +729,6 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
             rows.append({"method": name, "concept": concept, "forward_evals": rec.total / shape.rows_per_eval,
                          "backward_evals": rec.grad / shape.rows_per_eval, "unet_rows": r.total,
                          "unet_rows_grad": r.grad, "flops": flops, "seconds": secs})
-    from .objectives import REPLAY_BUDGET
 
     notes = ["'(evaluation set)': building each concept's objective (its J of the intact model, and generated "
              "samples on models other than the concept world); projected time covers UNet passes only."]

@@ -24,7 +24,9 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from scipy import stats
 
+from . import methods
 from .components import short_layer
+from .evaluation import reference_method
 
 _PART_ORDER = {"text_encoder": 0, "unet": 1}
 
@@ -155,7 +157,6 @@ def scatter_vs_reference(df: pd.DataFrame, concept: str, reference: str | None =
     Spearman rho and the line y = x. The x axis (the reference) is shared; each y axis keeps its own range, so that
     one method on another scale (causal tracing's restored fractions) does not flatten the others. ``methods`` picks
     the panels (default every method sharing components with the reference)."""
-    from .evaluation import reference_method
 
     reference = reference_method(reference)
     rows = df[df["concept"] == concept]
@@ -202,7 +203,6 @@ def _map_method(maps: pd.DataFrame, method: str | None) -> tuple[str, str, str]:
         if len(found) > 1:
             raise ValueError(f"the maps hold several methods {found}: pass method=")
         method = found[0] if found else ""  # no maps: an empty figure
-    from . import methods  # the registry loads torch; a frame of maps alone does not need it until drawn
 
     cls = methods.REGISTRY.get(method)
     return method, (cls.label if cls is not None and cls.label else method), (cls.map_score if cls else "score")

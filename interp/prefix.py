@@ -31,6 +31,9 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_map
 
+from .diffusion import latent_shape
+from .families import context_rows
+
 
 def skippable(model) -> list[tuple[str, int, int]]:
     """``(path, in_event, out_event)`` of every UNet module that runs exactly once per pass, in execution order."""
@@ -60,8 +63,6 @@ def frontier(model, event: int) -> tuple[str, ...]:
 def meta_unet(model, rows: int = 1):
     """A copy of the model's denoiser on the ``meta`` device (no memory, no compute) and inputs of ``rows`` rows:
     ``(denoiser, x, t, context)``, for counting FLOPs; call it through :func:`meta_call`."""
-    from .diffusion import latent_shape
-    from .families import context_rows
 
     unet = model.unet
     with torch.device("meta"):

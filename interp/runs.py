@@ -24,7 +24,14 @@ import time
 import traceback
 from pathlib import Path
 
-from .store import atomic_write_bytes, atomic_write_text, canonical, config_hash
+from .methods.base import versions
+from .store import (
+    atomic_write_bytes,
+    atomic_write_text,
+    canonical,
+    config_hash,
+    frame_to_parquet_bytes,
+)
 
 STATUS = "status.json"
 #: Everything a run writes besides its cache; removed when a run starts, so no earlier run's output survives.
@@ -129,7 +136,6 @@ class Run:
 
     def write_parquet(self, rel: str, df) -> Path:
         """Write the frame ``df`` as Parquet to ``rel`` under the run folder, atomically; returns the path."""
-        from .store import frame_to_parquet_bytes
 
         return self.write_bytes(rel, frame_to_parquet_bytes(df))
 
@@ -137,7 +143,6 @@ class Run:
         """What every run records: its config and hash, library versions, machine, wall time so far."""
         import torch
 
-        from .methods.base import versions
 
         return {"job": self.job, "config": self.config, "config_hash": config_hash(self.config),
                 "versions": versions(),

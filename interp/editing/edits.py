@@ -71,10 +71,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import diffusion
 from ..components import ComponentSet
 from ..concepts import DEFAULT_TEMPLATES
 from ..generation import generate
 from ..interventions import Plan, compile_plan
+from ..methods import attribute
+from ..methods.cad import weight_scores
 from ..objectives import Objective, ObjectiveConfig
 from ..results import is_main
 
@@ -355,7 +358,6 @@ def rank_components(model, concept, method: str, components=None, *,
                     objective: ObjectiveConfig | Objective | None = None, side: str = "positive",
                     name: str | None = None, **options) -> Ranking:
     """Rank ``components`` by a registry method's scores for ``concept`` (default: the UNet's GEGLU units)."""
-    from ..methods import attribute
 
     comps = default_edit_components(model) if components is None else components
     t0 = time.perf_counter()
@@ -416,7 +418,6 @@ def welch_t(target: pd.DataFrame, references: Sequence[pd.DataFrame]) -> pd.Seri
 def coar_edit_ranking(model, concept: str, references: Sequence[str] | None = None, method: str = "cad",
                       components=None, objective: ObjectiveConfig | None = None, **options) -> Ranking:
     """COAR-Edit's ranking: components ordered by Welch t (target vs references) of ``method``'s attributions."""
-    from ..methods import attribute
 
     objective = objective or ObjectiveConfig(kind="erase")
     if references is None and not model.is_concept_world:  # the world's colour words mean nothing to another model
@@ -588,7 +589,6 @@ def cad_weight_scores(model, concept, kind: str = "erase", objective: ObjectiveC
                       kinds: Sequence[str] = CAD_KINDS) -> WeightScores:
     """Score every weight of the denoiser's feed-forward matrices (a UNet's or a transformer's, image stream) with
     CAD on the erase or amplify objective."""
-    from ..methods.cad import weight_scores
 
     objective = objective or ObjectiveConfig(kind=kind)
     if objective.kind != kind:
@@ -805,7 +805,6 @@ def quickfix_keys_values(model, pairs: Sequence[tuple[str, str]], concept: str, 
     it matched to the same position of the anchor prompt. Positions its pipeline masks (PixArt's T5 padding, which
     neither T5 nor the transformer reads) are left out, for the concept, anchor and preserved prompts alike.
     """
-    from .. import diffusion
 
     part = part or model.text_parts[0]
     paths = quickfix_module_paths(model, layer)

@@ -59,6 +59,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .. import diffusion
+from ..generation import generate
 from ..judges import Judge, load_judge
 
 #: Before-rate from which a value counts as drawn by the model (for ``retained_drawn``).
@@ -207,7 +208,6 @@ def images_per_call(max_rows: int) -> int:
 def judge_images(model, edit, held: HeldoutSet, config: EvalConfig = EvalConfig(),
                  judge: Judge | str | None = None) -> Judged:
     """Generate every held-out image with ``edit`` applied (None: the unedited model) and let the judge name them."""
-    from ..generation import generate
 
     judge = resolve_judge(model, judge)
     t0 = time.perf_counter()

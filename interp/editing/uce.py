@@ -59,8 +59,20 @@ from dataclasses import dataclass
 
 import torch
 
-from .edits import (EDIT_SEED, WeightEdit, WeightUpdate, preserve_prompts, aligned_positions, attended_mask,
-                    quickfix_prompts, reads_whole_prompt, subject_forms)
+from .. import diffusion
+from ..families import FAMILIES, unpack
+from ..interventions import run_text
+from .edits import (
+    EDIT_SEED,
+    WeightEdit,
+    WeightUpdate,
+    aligned_positions,
+    attended_mask,
+    preserve_prompts,
+    quickfix_prompts,
+    reads_whole_prompt,
+    subject_forms,
+)
 
 UCE_LAMBDA = 0.1
 UCE_ERASE_SCALE = 1.0
@@ -148,7 +160,6 @@ def text_reader(model, edit: str = "UCE") -> str:
     """How the model's denoiser reads the text (:data:`READERS`); a family without an entry is refused by name."""
     kind = READERS.get(model.family.name)
     if kind is None:
-        from ..families import FAMILIES
 
         known = ", ".join(FAMILIES[f].label for f in READERS if f in FAMILIES)
         raise ValueError(f"{edit} does not know through which projections the {model.family.label} denoiser "
@@ -240,8 +251,6 @@ def seen_rows(model, prompts: Sequence[str]) -> list[list[int]]:
 
 def _token_states(model, prompts) -> torch.Tensor:
     """The text encoders' token states of ``prompts`` as the denoiser's context holds them, float64 on the CPU."""
-    from ..families import unpack
-    from ..interventions import run_text
 
     with torch.no_grad():
         ctx = run_text(model, model.tokenize(prompts, model.device))[0]
@@ -275,7 +284,6 @@ def record_latents(model, n: int, seed: int, steps: int = RECORD_STEPS) -> tuple
     """Latents and timestep of the first step of sampling, where the inputs are recorded: ``n`` seeded Gaussian
     latents, scaled as the scheduler scales its first input, and the first timestep of the model's ``steps``-step
     schedule (flow matching: sigma = 1)."""
-    from .. import diffusion
 
     sched = diffusion.fresh_scheduler(model.scheduler)
     shape = diffusion.latent_shape(model, n)

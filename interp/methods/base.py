@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from ..components import ComponentSet, is_text_part
+from ..features import identity
 from ..objectives import Objective, ObjectiveConfig
 from ..results import SCHEMA, Cost, empty_maps, make_frame, make_map_frame
 from ..store import Store
@@ -249,7 +250,6 @@ class Method:
         key = {"method": self.name, "method_config": self.config.to_dict(), **obj.identity(),
                "components": components_hash(comps), "schema": SCHEMA}
         if "feature" in comps.granularities:  # the same addresses under another SAE are other components
-            from ..features import identity
 
             key["features"] = identity(obj.model, comps)
         entry = store.entry(f"{self.name}-{obj.concept.name}", key)
@@ -395,10 +395,10 @@ def components_hash(comps: ComponentSet) -> str:
 
 
 def versions() -> dict:
+    from importlib.metadata import version
+
     import diffusers
     import transformers
-
-    from importlib.metadata import version
 
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "nnsight": version("nnsight"), "python": platform.python_version()}

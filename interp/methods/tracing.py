@@ -43,7 +43,14 @@ from ..components import ComponentSet, is_text_part
 from ..engine import sweep
 from ..executors import Job
 from ..generation import generate
-from ..interventions import Patch, compile_plan, run_text, run_unet_in_passes, stream_key
+from ..interventions import (
+    Patch,
+    compile_plan,
+    run_text,
+    run_unet_in_passes,
+    stream_key,
+)
+from ..objectives import Objective, ObjectiveConfig
 from .base import Capabilities, Method, MethodConfig, option, register, stderr_over
 
 
@@ -414,7 +421,6 @@ def text_restoration(model, concept, objective=None, positions=RESTORE_POSITIONS
     ``(x - corrupted) / (clean - corrupted)`` of both, each the mean over the ``n_noise`` draws (``*_se`` their
     standard errors)."""
 
-    from ..objectives import Objective, ObjectiveConfig
 
     objective = objective or ObjectiveConfig(kind="classifier")
     if objective.kind != "classifier":

@@ -22,6 +22,7 @@ import math
 
 import pandas as pd
 
+from .. import methods as registry
 from ..evaluation import method_labels, reference_method, reference_users
 from ..results import is_main
 
@@ -110,9 +111,8 @@ def compare_findings(tables: dict, reference: str | None = None, labels: dict | 
     ``forward_equivalents``), ``accuracy_vs_cost`` (LDS with cost per method, concept and rate) and
     ``lds_vs_<baseline>`` (:func:`interp.evaluation.lds_versus` against the LDS baseline, COAR by default).
     """
-    from .. import methods
 
-    reference, baseline = reference_method(reference), baseline or methods.baseline()
+    reference, baseline = reference_method(reference), baseline or registry.baseline()
     cost = tables.get("cost")
     methods = {}  # the method of each variant, to name a variant after its method
     for table in (tables.get("accuracy_vs_cost"), cost):

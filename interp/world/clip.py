@@ -29,9 +29,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .render import ConceptWorld, random_scene, render
+from ..generation import generate
+from .classifier import _augment
 from .fitting import Recipe, fit
-from .vocab import ATTRIBUTES, BOS, EOS, MAX_LENGTH, PAD, TEMPLATES, build_tokenizer, caption, vocabulary
+from .render import ConceptWorld, random_caption, random_scene, render
+from .vocab import (
+    ATTRIBUTES,
+    BOS,
+    EOS,
+    MAX_LENGTH,
+    PAD,
+    TEMPLATES,
+    build_tokenizer,
+    caption,
+    vocabulary,
+)
 
 #: Seed-stream tag of the training batches (``default_rng([seed, TRAIN_STREAM])``).
 TRAIN_STREAM = 31
@@ -118,7 +130,6 @@ def train_clip(cfg: CLIPTrainConfig = CLIPTrainConfig(), progress: bool = True, 
     """Train the concept-world CLIP; returns ``(model, tokenizer, loss history)`` (model in eval mode, float32).
     History records are the mean loss of every ``log_every`` steps. With ``state_path`` the training resumes from
     that state, writes it every ``save_every`` steps and once done, so a finished training is loaded, not rerun."""
-    from .classifier import _augment
 
     model = build_clip(cfg)
     tok = build_tokenizer()
@@ -184,8 +195,6 @@ def agreement_on_generated(model, judges: dict, n: int = 240, steps: int = 25, s
     """
     import pandas as pd
 
-    from ..generation import generate
-    from .render import random_caption
 
     world = ConceptWorld(n, seed=seed)
     rng = np.random.default_rng([seed, 1])

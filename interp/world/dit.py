@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import diffusion
+from ..testing import t5_tokenizer
 from .fitting import Recipe, fit
+from .latent import encode
+from .plugin import ASSETS
+from .render import render_batch
+from .train import save_model
+from .vocab import vocabulary
 
 #: The shipped model whose VAE and text tower the DiT reuses (frozen).
 BASE = "concept-world-latent"
@@ -146,8 +152,6 @@ def zero_t5(width: int, max_length: int):
     length from its tokenizer (16) and conditions on 16 zero rows, as in training. Returns ``(encoder, tokenizer)``."""
     from transformers import T5Config, T5EncoderModel
 
-    from ..testing import t5_tokenizer
-    from .vocab import vocabulary
 
     tokenizer = t5_tokenizer([w for w in vocabulary() if w.isalpha()], max_length=max_length)
     encoder = T5EncoderModel(T5Config(
@@ -165,7 +169,6 @@ def base_parts(base: str | Path | None = None):
     """The reused frozen parts, float32: ``(vae, text tower, tokenizer, digest of their weights)``."""
     from diffusers import StableDiffusionPipeline
 
-    from .plugin import ASSETS
 
     folder = Path(base) if base is not None else ASSETS / BASE
     pipe = StableDiffusionPipeline.from_pretrained(folder / "pipeline", dtype=torch.float32, local_files_only=True)
@@ -224,7 +227,6 @@ def flow_loss(pipe, cfg: DiTTrainConfig, images: torch.Tensor, captions: list[st
               generator: torch.Generator) -> torch.Tensor:
     """Per-sample flow-matching loss on clean images in [0, 1], through the suite's own definitions
     (:func:`interp.diffusion.add_noise` / :func:`~interp.diffusion.denoising_target`)."""
-    from .latent import encode
 
     with torch.no_grad():
         x0 = encode(pipe.vae, images, generator)  # a posterior sample, as SD's training encodes
@@ -248,7 +250,6 @@ def train_dit(cfg: DiTTrainConfig, out_dir: str | Path, progress: bool = True, b
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
-    from .render import render_batch
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -283,6 +284,5 @@ def train_dit(cfg: DiTTrainConfig, out_dir: str | Path, progress: bool = True, b
 def save_dit(pipe, out_dir: str | Path, cfg: DiTTrainConfig, history: list[dict], records: dict) -> Path:
     """Write the pipeline (float16 safetensors, a plain ``StableDiffusion3Pipeline`` folder in ``pipeline/``) and
     ``train_config.json`` (with ``records``), as :func:`.train.save_model` does for the other world models."""
-    from .train import save_model
 
     return save_model(pipe, out_dir, cfg, history, extra=records)

@@ -11,6 +11,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import diffusion
+from ..generation import generate
+from .judge import ClassifierJudge
 from .render import ConceptWorld, random_caption
 from .vocab import ATTRIBUTES
 
@@ -23,11 +26,9 @@ def measure_fidelity(model, n: int = 360, seed: int = HELDOUT_SEED, steps: int =
     """Generate ``n`` images of held-out scenes with full captions; returns (summary dict, per-image frame)."""
     from tqdm.auto import tqdm
 
-    from ..generation import generate
 
     if model.classifier is None:
         raise ValueError("fidelity needs the concept classifier: load the model with load_model('concept-world')")
-    from .judge import ClassifierJudge
 
     judge = ClassifierJudge(model.classifier)
     world = ConceptWorld(n, seed=seed)
@@ -60,8 +61,6 @@ def measure_fidelity(model, n: int = 360, seed: int = HELDOUT_SEED, steps: int =
 def reconstruction_accuracy(model, size: int, n: int = 2000, seed: int = HELDOUT_SEED, batch: int = 250) -> dict:
     """The classifier's per-attribute accuracy on VAE reconstructions (posterior mean, decoded) of ``n`` held-out
     renders at ``size``: what the latent model loses before its UNet is involved."""
-    from .. import diffusion
-    from .judge import ClassifierJudge
 
     judge = ClassifierJudge(model.classifier)
     world = ConceptWorld(n, seed=seed, size=size)
@@ -83,10 +82,8 @@ def sample_grid(model, prompts: list[str], n_seeds: int = 6, seed: int = HELDOUT
     """A matplotlib figure: one row per prompt, ``n_seeds`` samples each, the prompt written beside the row."""
     from matplotlib.figure import Figure
 
-    from ..generation import generate
 
     rep = [p for p in prompts for _ in range(n_seeds)]
-    from .. import diffusion
 
     latents = diffusion.initial_noise(model.unet, len(rep), torch.Generator().manual_seed(seed))
     images = generate(model, rep, steps=steps, guidance=guidance, latents=latents.to(model.dtype))

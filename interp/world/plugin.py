@@ -20,6 +20,15 @@ from pathlib import Path
 
 import torch
 
+from ..judges import JudgeKind, register_judge_kind
+from ..models import ModelKind, register_kind
+from .classifier import ConceptClassifier
+from .concepts import world_concept
+from .judge import ClassifierJudge
+from .model import ConceptWorldPipeline
+from .render import ConceptWorld, random_caption, random_scene, render
+from .vocab import ATTRIBUTES, attribute_of, check_prompts
+
 ASSETS = Path(__file__).parent / "assets"
 
 
@@ -33,31 +42,26 @@ class ConceptWorldProvider:
         self.name, self.image_size = name, image_size
 
     def check_prompts(self, prompts, tokenizer) -> list[str]:
-        from .vocab import check_prompts
 
         return check_prompts(prompts, tokenizer.get_vocab())
 
     def concept(self, word: str, n: int, seed: int):
-        from .concepts import world_concept
 
         return world_concept(word, n=n, seed=seed)
 
     def check_concept_words(self, words) -> None:
-        from .vocab import attribute_of
 
         for w in words:
             attribute_of(w)  # a KeyError naming the word and listing the known ones
 
     def classifier_judge(self, classifier):
         """The judge a model of this world carries: its concept classifier (:class:`interp.world.judge.ClassifierJudge`)."""
-        from .judge import ClassifierJudge
 
         return ClassifierJudge(classifier)
 
     @property
     def attributes(self) -> dict:
         """Attribute -> its values: what a judge of this world chooses among."""
-        from .vocab import ATTRIBUTES
 
         return dict(ATTRIBUTES)
 
@@ -68,7 +72,6 @@ class ConceptWorldProvider:
         templates) and ``other`` (scenes without it), each from its own stream of ``seed``."""
         import numpy as np
 
-        from .render import ConceptWorld, random_caption, random_scene
         from .vocab import ATTRIBUTES, TEMPLATES, attribute_of, caption
 
         attribute = attribute_of(concept)  # a clear error for a word that is no concept-world value
@@ -124,7 +127,6 @@ class ConceptWorldProvider:
         import numpy as np
 
         from .render import random_caption, random_scene
-        from .vocab import attribute_of
 
         attribute = attribute_of(concept)
         out = []
@@ -140,7 +142,6 @@ class ConceptWorldProvider:
         """Ground-truth renders of ``scenes`` (``(N, 3, size, size)`` in [0, 1]; default size: the model's)."""
         import numpy as np
 
-        from .render import render
 
         return torch.from_numpy(np.stack([render(s, size or self.image_size) for s in scenes]))
 
@@ -185,8 +186,6 @@ def is_world_folder(path: Path) -> bool:
 
 
 def load_world_folder(path: Path, dtype) -> tuple[object, dict]:
-    from .classifier import ConceptClassifier
-    from .model import ConceptWorldPipeline
 
     if (path / "pipeline" / "model_index.json").exists():
         pipe = ConceptWorldPipeline.from_pretrained(path / "pipeline", dtype=dtype)
@@ -227,7 +226,6 @@ def load_latent_world_folder(path: Path, dtype) -> tuple[object, dict]:
     shipped model is sampled at guidance 2, as SD is sampled guided)."""
     from diffusers import DiffusionPipeline
 
-    from .classifier import ConceptClassifier
 
     # an SD3 folder saved without its T5 loads as diffusers documents it (text_encoder_3=None, tokenizer_3=None)
     index = json.loads((path / "pipeline" / "model_index.json").read_text())
@@ -242,14 +240,12 @@ def load_latent_world_folder(path: Path, dtype) -> tuple[object, dict]:
 
 
 def is_world_pipeline(pipe) -> bool:
-    from .model import ConceptWorldPipeline
 
     return isinstance(pipe, ConceptWorldPipeline)
 
 
 def register() -> None:
     """Entry point ``interp.plugins``: register the concept world with the core."""
-    from ..models import ModelKind, register_kind
 
     register_kind(ModelKind(
         name="concept-world", shipped={"concept-world": ASSETS / "concept-world"}, matches_folder=is_world_folder,
@@ -271,7 +267,6 @@ def register() -> None:
     ))
     # Its judges: the concept classifier (a folder with classifier.safetensors; "classifier" without a model means
     # the pixel world's) and, by name, the small CLIP trained on its renders (a plain CLIPModel folder).
-    from ..judges import JudgeKind, register_judge_kind
 
     register_judge_kind(JudgeKind(
         name="concept-world", shipped={"concept-world-clip": ASSETS / "concept-world-clip"},
@@ -281,7 +276,5 @@ def register() -> None:
 
 
 def _load_classifier_judge(folder: Path, name: str):
-    from .classifier import ConceptClassifier
-    from .judge import ClassifierJudge
 
     return ClassifierJudge(ConceptClassifier.load(folder), name=name)

@@ -32,11 +32,18 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 
 from .. import diffusion
+from ..judges import CLIPJudge, shipped_judges
 from ..store import config_hash
-from .clip import CLIPTrainConfig, train_clip
+from .clip import (
+    CLIPTrainConfig,
+    heldout_renders,
+    train_clip,
+    world_templates,
+    zero_shot_accuracy,
+)
 from .fitting import Recipe, fit
 from .latent import LatentModelConfig, build_latent_pipeline, build_vae, encode
-from .model import ModelConfig, build_pipeline, train_scheduler
+from .model import ModelConfig, build_pipeline, build_text_encoder, train_scheduler
 from .render import render_batch
 
 
@@ -243,7 +250,6 @@ def train_vae(cfg: VAETrainConfig, model_cfg: LatentModelConfig, out_dir: str | 
 def _text_tower(clip, model_cfg: LatentModelConfig, what: str):
     """``clip``'s text tower as a frozen, float16-rounded float32 ``CLIPTextModel`` of ``model_cfg``'s text
     dimensions (the UNet learns the contexts of the encoder that ships), and the digest of its weights."""
-    from .model import build_text_encoder
 
     tc = clip.config.text_config
     want = (model_cfg.text_hidden, model_cfg.text_layers, model_cfg.text_heads, model_cfg.text_intermediate)
@@ -268,7 +274,6 @@ def pretrained_text_encoder(spec: str, model_cfg: LatentModelConfig):
     digest of its weights."""
     from transformers import CLIPModel
 
-    from ..judges import shipped_judges
 
     folder = Path(shipped_judges().get(spec, spec))
     if not (folder / "config.json").is_file():
@@ -284,8 +289,6 @@ def trained_text_encoder(cfg: CLIPTrainConfig, model_cfg: LatentModelConfig, out
     ``out_dir/clip_state.pt``) and keep its text tower, as :func:`pretrained_text_encoder` does. Returns
     ``(encoder, digest, record)``, the record holding the CLIP's history, seconds and zero-shot accuracy on
     ``heldout`` held-out renders (its text tower is what reads the captions)."""
-    from ..judges import CLIPJudge
-    from .clip import heldout_renders, world_templates, zero_shot_accuracy
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
