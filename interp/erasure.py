@@ -91,6 +91,7 @@ from .editing.evaluate import (
     per_value_table,
 )
 from .engine import masked_values, random_masks
+from .features import identity
 from .interventions import compile_plan
 from .methods.base import components_hash
 from .models import model_fingerprint, module_digest
@@ -391,7 +392,6 @@ def _feature_key(model, comps) -> dict:
     their keys stay as they were)."""
     if not any(c.granularity == "feature" for c in comps):
         return {}
-    from .features import identity
 
     return {"features": identity(model, comps)}
 

@@ -48,7 +48,7 @@ import torch
 
 from . import diffusion
 from .diffusion import latent_shape
-from .generation import step_generators
+from .generation import generate, step_generators
 from .interventions import call_denoiser, encode_prompts, run_text, run_unet
 
 if TYPE_CHECKING:  # (numpy and pandas are imported where they are used)
@@ -686,9 +686,7 @@ def value_auroc(model, sae: FeatureDictionary, n_images: int = 256, steps: int =
     import numpy as np
     import pandas as pd
 
-    from . import diffusion
     from .editing.evaluate import EVAL_SEED
-    from .generation import generate
 
     if model.world is None:
         raise ValueError(f"{getattr(model, 'name', 'this model')} has no concept world: the ground truth needs "
