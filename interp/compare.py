@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import compare_outputs, evaluation, plots, results
+from . import compare_outputs, evaluation, models, plots, results
 from . import erasure as er
 from .compare_config import CompareConfig, check_concept_words, select_components  # noqa: F401  (re-exported)
 from .compare_outputs import _without_attrs, build_figures, build_tables
@@ -33,7 +33,6 @@ from .editing.evaluate import EVAL_SEED, EvalConfig, images_per_call, resolve_ju
 from .engine import masked_values, random_masks
 from .methods import REGISTRY
 from .methods.base import components_hash, get
-from .models import load_model
 from .objectives import Objective
 from .plan import preflight_run
 from .report import findings
@@ -88,7 +87,7 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
     with Run(out_dir, cfg.to_dict(), "compare") as run:
         store = Store(run.cache)
         t0 = time.perf_counter()
-        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        model = models.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)  # (replaceable, as a module attribute)
         say(f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f} s ({model.device}, {model.dtype})")
         check_finite_weights(model, cfg.model)
         comps = select_components(model, cfg)

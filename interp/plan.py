@@ -38,12 +38,12 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from . import models
 from .compare_config import select_components
 from .components import is_text_part
 from .diffusion import fresh_scheduler, latent_shape
 from .interventions import compile_plan, run_text, run_unet
 from .methods import get
-from .models import load_model
 from .objectives import (
     DTYPES,
     REPLAY_BUDGET,
@@ -692,7 +692,7 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
         kwargs = {"dtype": DTYPES[cfg.dtype]}
         if getattr(cfg, "device", None):
             kwargs["device"] = cfg.device
-        model = load_model(cfg.model, **kwargs)
+        model = models.load_model(cfg.model, **kwargs)  # (replaceable, as a module attribute)
     comps = select_components(model, cfg)
     if not len(comps):
         raise ValueError("the component selection is empty: widen --families/--kinds/--blocks")

@@ -36,10 +36,10 @@ import torch.nn.functional as F
 
 from .. import diffusion
 from ..testing import t5_tokenizer
+from . import render
 from .fitting import Recipe, fit
 from .latent import encode
 from .plugin import ASSETS
-from .render import render_batch
 from .train import save_model
 from .vocab import vocabulary
 
@@ -264,7 +264,7 @@ def train_dit(cfg: DiTTrainConfig, out_dir: str | Path, progress: bool = True, b
     parts = {"transformer": pipe.transformer, "opt": opt, "sched": sched, "ema": ema}
 
     def batch_loss(step):
-        images, captions, _ = render_batch(rng, cfg.batch_size, cfg.model.image_size, p_omit=cfg.p_omit)
+        images, captions, _ = render.render_batch(rng, cfg.batch_size, cfg.model.image_size, p_omit=cfg.p_omit)
         drop = rng.random(len(captions)) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop)]
         return flow_loss(pipe, cfg, images, captions, gen).mean()
