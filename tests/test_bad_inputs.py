@@ -428,6 +428,7 @@ def test_foreign_folder_is_refused(world, tmp_path, refused):
     assert (out / "notes.txt").read_text() == "a user's file"
 
 
+@pytest.mark.slow  # several seconds: two comparison runs
 def test_rerun_with_another_concept_clears_the_old_outputs(world, tmp_path, no_figures):
     from analyses.compare_methods import main
 
@@ -442,6 +443,7 @@ def test_rerun_with_another_concept_clears_the_old_outputs(world, tmp_path, no_f
     assert json.loads((out / "status.json").read_text())["status"] == "complete"
 
 
+@pytest.mark.slow  # several seconds: two comparison runs
 def test_reused_out_with_other_blocks_matches_a_fresh_folder(world, tmp_path, no_figures):
     """Issue 16's stale held-out reuse, end to end: blocks {down_blocks.1, mid_block}, then {down_blocks.1,
     down_blocks.2} into the same folder; the second run's tables equal a fresh folder's (same count, same first
@@ -481,6 +483,7 @@ def test_cache_keys_name_the_device_and_the_judges_weights(tiny_world_folder):
     assert erase.identity()["judge"] is None
 
 
+@pytest.mark.slow  # several seconds: a run behind a simulated accelerator
 def test_on_an_accelerator_the_largest_passes_are_tried_before_any_method(world, tmp_path, refused, monkeypatch,
                                                                           no_figures):
     """On a GPU the run first tries one forward and one forward+backward pass at the largest batches it will make:

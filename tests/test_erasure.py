@@ -341,6 +341,7 @@ def test_cli_targeted_rankings_and_mean_ablation(tiny_world_folder, tmp_path, no
     assert json.loads((out / "meta.json").read_text())["model_unchanged"] is True
 
 
+@pytest.mark.slow  # several seconds: two erasure runs
 def test_cli_ranks_with_an_objective_through_generation_or_a_timestep_band(tiny_world_folder, tmp_path, no_figures):
     """The rankings' objective is an option: the classifier objective (the judge through generation) and J averaged
     over a high-noise band of timesteps both rank, and the run records which."""

@@ -498,6 +498,7 @@ def test_planted_indicator_feature_has_auroc_one():
     assert len(table) == 16 and table["feature_auroc"].between(0, 1).all()
 
 
+@pytest.mark.slow  # several seconds: the ground-truth command end to end
 def test_sae_ground_truth_command(tiny_world_folder, tmp_path, refused):
     """``python -m analyses.sae_ground_truth`` on the tiny world with a tiny SAE trained here: 16 rows with AUROCs
     in [0, 1], each value's best feature at least 0.5, the summary, the gallery and the report."""

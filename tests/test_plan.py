@@ -84,6 +84,7 @@ def test_plan_prints_in_seconds_on_the_shipped_world():
     assert "replay the UNet upstream" in text  # true ablation and tracing run below their full-pass projection
 
 
+@pytest.mark.slow  # several seconds: plans from the command line
 def test_plan_projects_onto_ray_workers_from_the_command_line(capsys):
     from analyses.compare_methods import main
 
@@ -167,6 +168,7 @@ def test_a_fast_measured_pass_grows_toward_the_engine_batch(monkeypatch):
     assert plan_mod._fitting_pass(None, None, 1, 256, True)["rows"] == 1 and set(tried) == {1}
 
 
+@pytest.mark.slow  # several seconds: repeated measured passes
 def test_a_pass_that_does_not_fit_is_halved_and_the_plan_names_the_batch(monkeypatch, capsys):
     """A GPU user's plan at the engine's 256 rows: the pass that does not fit is halved until one does, the plan
     projects at that batch and says which --max-batch to run with; a pass of one row that does not fit raises."""

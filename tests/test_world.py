@@ -238,6 +238,7 @@ def test_short_training_lowers_the_loss(tmp_path):
     assert w.dtype == torch.float32 and torch.equal(w, w.half().float())
 
 
+@pytest.mark.slow  # several seconds: a kill-and-resume training
 def test_interrupted_training_resumes_where_it_stopped(tmp_path, monkeypatch):
     import interp.world.train as train_mod
 
