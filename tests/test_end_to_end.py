@@ -1,0 +1,50 @@
+"""The end-to-end matrix (analyses.end_to_end): component kinds x objectives, each cell an erasure run, on the tiny
+world."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+
+def _args(folder, out, *extra):
+    return ["--model", str(folder), "--concepts", "red", "--kinds", "ff-out", "attn2-value", "--objectives",
+            "one-step", "high-band", "--methods", "cad", "ablation", "--blocks", "mid_block", "--k", "1", "4",
+            "--images", "6", "--steps", "2", "--attr-images", "1", "--random-masks", "2", "--n-boot", "100",
+            "--device", "cpu", "--no-progress", "--threads", "1", "--out", str(out), *extra]
+
+
+@pytest.mark.slow  # four erasure runs
+def test_matrix_of_kinds_and_objectives(tiny_world_folder, tmp_path, no_figures):
+    from analyses.end_to_end import main
+
+    out = tmp_path / "e2e"
+    assert main(_args(tiny_world_folder, out)) == 0
+    m = pd.read_csv(out / "matrix.csv")
+    assert len(m) == 2 * 2 * 2  # kinds x objectives x methods, one concept
+    assert set(m["kind"]) == {"ff-out", "attn2-value"} and set(m["objective"]) == {"one-step", "high-band"}
+    s = m["prediction_spearman"].dropna()
+    assert ((s >= -1) & (s <= 1)).all()
+    assert ((m["retained"].dropna() >= 0.9) & (m["artifacts"].dropna() <= 1)).all()
+    for kind in ("ff-out", "attn2-value"):
+        for objective in ("one-step", "high-band"):
+            cell = out / "cells" / f"{kind}__{objective}"
+            ranking = json.loads((cell / "meta.json").read_text())["ranking_config"]
+            assert ranking["kinds"] == {"ff-out": ["ff.net.2"], "attn2-value": ["attn2.to_v"]}[kind]
+            assert ranking["timesteps"] == {"one-step": [250, 600], "high-band": [700, 800, 900]}[objective]
+    assert (out / "figures" / "matrix.png").exists() and "From one step to the image" in (out / "index.html").read_text()
+    assert np.isfinite(m["auc"]).all()
+
+
+def test_bad_cells_are_refused_before_anything_loads(tmp_path, refused, capsys):
+    from analyses.end_to_end import main
+
+    with pytest.raises(SystemExit) as e:  # argparse's own check of the choices
+        main(["--kinds", "ff-out", "nope", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "--kinds: invalid choice: 'nope'" in capsys.readouterr().err
+    assert "--methods must be non-empty and distinct" in refused(main, ["--methods", "cad", "cad"])
+    assert "unknown method" in refused(main, ["--methods", "nope"])
+    assert not (tmp_path / "x").exists()
