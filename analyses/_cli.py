@@ -210,6 +210,35 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     _finish(parser)
 
 
+def config_parser(name: str, doc: str, cls, out_help: str, *, out_required: bool = False,
+                  methods: bool = False) -> argparse.ArgumentParser:
+    """THE parser of a command whose options are the frozen config dataclass ``cls``: its fields (grouped, typed and
+    documented from the field), with ``methods`` the registered methods' options and ``--plugin``, then ``--out``
+    (``out_help``; required or not), ``--threads`` and ``--no-progress``.
+
+    Args:
+        name: the command's module name under ``analyses`` (``erasure_curves``).
+        doc: its module docstring, the description.
+        cls: the config dataclass.
+        out_help: the help of ``--out``.
+        out_required: whether ``--out`` must be given.
+        methods: add ``--plugin`` and every registered method's ``--<method>-<option>`` flags.
+
+    Returns:
+        The parser.
+    """
+    p = argparse.ArgumentParser(prog=f"python -m analyses.{name}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p, cls)
+    if methods:
+        add_plugin_argument(p)
+        add_method_arguments(p)
+    p.add_argument("--out", type=Path, default=None, required=out_required, help=out_help)
+    add_threads_argument(p)
+    add_no_progress_argument(p)
+    return p
+
+
 def config_from_args(cls, args: argparse.Namespace):
     """An instance of config dataclass ``cls`` from parsed options (lists become tuples; None keeps the default);
     a dict field ``options`` gathers the methods' flags (:func:`add_method_arguments`) given on the command line."""

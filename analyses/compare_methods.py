@@ -20,21 +20,15 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     """The options are CompareConfig's fields (typed and documented there), each registered method's options (its
-    file declares them), plus how to run: --out, --threads, --plan, --no-progress."""
-    from analyses._cli import (add_config_arguments, add_executor_arguments, add_method_arguments,
-                               add_no_progress_argument, add_plugin_argument, add_threads_argument)
+    file declares them), plus how to run: --out, --threads, --plan, --no-progress and the executor's."""
+    from analyses._cli import add_executor_arguments, config_parser, option_group
     from interp.compare_config import CompareConfig
 
-    p = argparse.ArgumentParser(prog="python -m analyses.compare_methods", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p, CompareConfig)
-    add_plugin_argument(p)
-    add_method_arguments(p)
-    p.add_argument("--out", type=Path, default=None, help="run folder (default reports/compare-<config hash>)")
-    add_threads_argument(p)
-    p.add_argument("--plan", action="store_true",
-                   help="print the run's cost plan (counts and projected time) and exit without running it")
-    add_no_progress_argument(p)
+    p = config_parser("compare_methods", __doc__, CompareConfig, "run folder (default reports/compare-<config hash>)",
+                      methods=True)
+    option_group(p, "outputs and execution").add_argument(
+        "--plan", action="store_true",
+        help="print the run's cost plan (counts and projected time) and exit without running it")
     add_executor_arguments(p)
     return p
 

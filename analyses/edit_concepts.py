@@ -94,15 +94,9 @@ class EditConfig:
 def build_parser() -> argparse.ArgumentParser:
     """The options are EditConfig's fields, plus how to run: --out, --threads, --no-progress. Imports nothing heavy,
     so --help is fast."""
-    from analyses._cli import add_config_arguments, add_no_progress_argument, add_threads_argument
+    from analyses._cli import config_parser
 
-    p = argparse.ArgumentParser(prog="python -m analyses.edit_concepts", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p, EditConfig)
-    p.add_argument("--out", type=Path, default=None, help="run folder (default reports/edit-<config hash>)")
-    add_threads_argument(p)
-    add_no_progress_argument(p)
-    return p
+    return config_parser("edit_concepts", __doc__, EditConfig, "run folder (default reports/edit-<config hash>)")
 
 
 def check_config(config: EditConfig) -> None:
@@ -139,10 +133,6 @@ def check_config(config: EditConfig) -> None:
         raise ValueError("--images must be >= 3, --steps, --attr-images and --attr-steps >= 1")
     if config.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {config.max_batch}")
-    if config.guidance is not None and not 0 <= config.guidance < 1e4:
-        raise ValueError(f"--guidance must be a scale >= 0 (1: unguided), got {config.guidance}")
-    if config.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {config.seed}")
 
 
 def make_edits(model, concept: str, spec: str, config, objective, comps):

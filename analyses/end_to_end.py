@@ -190,15 +190,11 @@ def run(cfg: EndToEndConfig, out: Path, log) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from analyses._cli import add_config_arguments, add_no_progress_argument, add_threads_argument
+    """EndToEndConfig's fields, plus --out, --threads and --no-progress."""
+    from analyses._cli import config_parser
 
-    p = argparse.ArgumentParser(prog="python -m analyses.end_to_end", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p, EndToEndConfig)
-    p.add_argument("--out", type=Path, default=None, help="run folder (default reports/end-to-end-<config hash>)")
-    add_threads_argument(p)
-    add_no_progress_argument(p)
-    return p
+    return config_parser("end_to_end", __doc__, EndToEndConfig,
+                         "run folder (default reports/end-to-end-<config hash>)")
 
 
 def main(argv=None) -> int:

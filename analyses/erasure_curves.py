@@ -126,7 +126,6 @@ class ErasureCurvesConfig:
         check_fields(self)
         from interp.compare_config import check_saes
         from interp.methods import REGISTRY
-        from interp.objectives import MAX_SEED
 
         if not self.methods:
             object.__setattr__(self, "methods", tuple(_erasure_methods()))
@@ -154,16 +153,10 @@ class ErasureCurvesConfig:
             raise ValueError(f"--mask-rates must lie in (0, 1), got {list(self.mask_rates)}")
         if self.images < 3 or self.steps < 1 or self.attr_images < 1 or self.gen_steps < 1 or self.max_batch < 1:
             raise ValueError("--images must be >= 3, --steps, --attr-images, --gen-steps and --max-batch >= 1")
-        if self.guidance is not None and not 0 <= self.guidance < 1e4:
-            raise ValueError(f"--guidance must be a scale >= 0 (1: unguided), got {self.guidance}")
-        if self.n_boot < 100:
-            raise ValueError(f"--n-boot must be >= 100 for a 95% interval, got {self.n_boot}")
         if len(set(self.rankings)) != len(self.rankings):
             raise ValueError(f"duplicate --rankings in {list(self.rankings)}")
         if self.contrast is not None and any(c in self.concepts for c in self.contrast) and len(self.concepts) == 1:
             raise ValueError(f"--contrast {list(self.contrast)} lists the concept being erased")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"--seed must be between 0 and {MAX_SEED} (2**62), got {self.seed}")
         object.__setattr__(self, "options", check_method_options(self.options, self.methods))
         if self.compare is None:  # (a comparison brings its own SAEs)
             check_saes(self)
@@ -176,18 +169,10 @@ class ErasureCurvesConfig:
 def build_parser() -> argparse.ArgumentParser:
     """The options are ErasureCurvesConfig's fields, each registered method's options, plus how to run: --out,
     --threads, --no-progress, --plugin."""
-    from analyses._cli import (add_config_arguments, add_method_arguments, add_no_progress_argument,
-                               add_plugin_argument, add_threads_argument)
+    from analyses._cli import config_parser
 
-    p = argparse.ArgumentParser(prog="python -m analyses.erasure_curves", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p, ErasureCurvesConfig)
-    add_plugin_argument(p)
-    add_method_arguments(p)
-    p.add_argument("--out", type=Path, default=None, help="run folder (default reports/erasure-<config hash>)")
-    add_threads_argument(p)
-    add_no_progress_argument(p)
-    return p
+    return config_parser("erasure_curves", __doc__, ErasureCurvesConfig,
+                         "run folder (default reports/erasure-<config hash>)", methods=True)
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> tuple[ErasureCurvesConfig, dict | None]:

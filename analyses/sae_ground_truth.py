@@ -64,10 +64,6 @@ class GroundTruthConfig:
         for name in ("steps", "top", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.guidance is not None and not 0 <= self.guidance < 1e4:
-            raise ValueError(f"--guidance must be a scale >= 0, got {self.guidance}")
-        if not 0 <= self.seed <= 2**62:
-            raise ValueError(f"--seed must be between 0 and 2**62, got {self.seed}")
 
     def to_dict(self) -> dict:
         """The fields as a dict (the run folder's hash and ``meta.json``)."""
@@ -76,15 +72,9 @@ class GroundTruthConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """GroundTruthConfig's fields, plus --out, --threads and --no-progress."""
-    from analyses._cli import add_config_arguments, add_no_progress_argument, add_threads_argument
+    from analyses._cli import config_parser
 
-    p = argparse.ArgumentParser(prog="python -m analyses.sae_ground_truth", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p, GroundTruthConfig)
-    p.add_argument("--out", type=Path, default=None, help="run folder (default reports/sae-gt-<config hash>)")
-    add_threads_argument(p)
-    add_no_progress_argument(p)
-    return p
+    return config_parser("sae_ground_truth", __doc__, GroundTruthConfig, "run folder (default reports/sae-gt-<config hash>)")
 
 
 def run(cfg: GroundTruthConfig, out: Path, progress: bool = True, log=lambda msg: None) -> dict:

@@ -75,10 +75,6 @@ class TrainSAEConfig:
             raise ValueError(f"--lr must be in (0, 1), got {self.lr}")
         if self.auxk_alpha < 0:
             raise ValueError(f"--auxk-alpha must be >= 0, got {self.auxk_alpha}")
-        if not 0 <= self.seed <= 2**62:
-            raise ValueError(f"--seed must be between 0 and 2**62, got {self.seed}")
-        if self.guidance is not None and not 0 <= self.guidance < 1e4:
-            raise ValueError(f"--guidance must be a scale >= 0, got {self.guidance}")
 
     def to_dict(self) -> dict:
         """The fields as a dict (recorded in features.json and keying the resumable state)."""
@@ -87,15 +83,10 @@ class TrainSAEConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """TrainSAEConfig's fields, plus --out, --threads and --no-progress."""
-    from analyses._cli import add_config_arguments, add_no_progress_argument, add_threads_argument
+    from analyses._cli import config_parser
 
-    p = argparse.ArgumentParser(prog="python -m analyses.train_sae", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p, TrainSAEConfig)
-    p.add_argument("--out", type=Path, required=True, help="folder of the SAE (created; a run killed there resumes)")
-    add_threads_argument(p)
-    add_no_progress_argument(p)
-    return p
+    return config_parser("train_sae", __doc__, TrainSAEConfig,
+                         "folder of the SAE (created; a run killed there resumes)", out_required=True)
 
 
 def default_prompts(model, seed: int) -> list[str]:

@@ -138,8 +138,6 @@ class CompareConfig:
             raise ValueError(f"timesteps must be non-empty and >= 0, got {self.timesteps}")
         if self.gen_steps < 1:
             raise ValueError(f"gen_steps (--gen-steps) must be >= 1, got {self.gen_steps}")
-        if self.guidance is not None and not 0 <= self.guidance < 1e4:
-            raise ValueError(f"guidance (--guidance) must be a scale >= 0 (1: unguided), got {self.guidance}")
         if any(k < 1 for k in self.erasure_k):
             raise ValueError(f"erasure_k values must be >= 1, got {self.erasure_k}")
         if self.erasure_k and self.erasure_images < 3:  # a quarter show the concept, the rest other values
@@ -154,10 +152,6 @@ class CompareConfig:
         if self.heldout_masks < MIN_HELDOUT_MASKS:
             raise ValueError(f"heldout_masks (--heldout-masks) must be >= {MIN_HELDOUT_MASKS} for a meaningful LDS, "
                              f"got {self.heldout_masks}")
-        if self.n_boot < 100:
-            raise ValueError(f"n_boot must be >= 100 for a 95% interval, got {self.n_boot}")
-        if not 0 <= self.seed <= 2**62:  # ObjectiveConfig.seed's bound: seeds are offset into 64-bit generators
-            raise ValueError(f"seed must be between 0 and {2**62} (2**62), got {self.seed}")
 
     def to_dict(self) -> dict:
         """The fields as a dict: what the run's hash, ``meta.json`` and the caches' keys are made of."""
@@ -306,6 +300,14 @@ def check_method_options(options, methods) -> dict:
 # -- field types, which the command line (analyses/_cli.py) is generated from -----------------------------------------
 _SCALARS = {"str": str, "int": int, "float": float}
 
+#: Fields every config may have, checked once here by name (one validation per field): what is wrong, or None.
+COMMON_CHECKS = {
+    # seeds are offset into 64-bit generators (ObjectiveConfig's bound)
+    "seed": lambda v: None if 0 <= v <= 2**62 else f"must be between 0 and 2**62 ({2**62})",
+    "guidance": lambda v: None if 0 <= v < 1e4 else "must be a classifier-free guidance scale >= 0 (1: unguided)",
+    "n_boot": lambda v: None if v >= 100 else "must be >= 100 bootstrap resamples for a 95% interval",
+}
+
 
 def check_fields(cfg) -> None:
     """Check every field of a frozen config dataclass against its annotation (``str``, ``int``, ``float``, a
@@ -325,6 +327,14 @@ def check_fields(cfg) -> None:
             object.__setattr__(cfg, f.name, tuple(float(v) if tp[1] is float else v for v in value))
         else:
             _check_type(f.name, value, tp[1])
+        check = COMMON_CHECKS.get(f.name)
+        if check is not None and (getattr(cfg, f.name) is not None or not optional(f)):
+            problem = check(getattr(cfg, f.name))
+            if problem:
+                flag = (f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),))[0]
+                named = flag if flag.lstrip("-").replace("-", "_") == f.name and "_" not in f.name else \
+                    f"{flag} ({f.name})"
+                raise ValueError(f"{named} {problem}, got {getattr(cfg, f.name)!r}")
         choices = f.metadata.get("choices")
         given = getattr(cfg, f.name)
         bad = [v for v in (given if tp[0] == "tuple" else (given,)) if v not in choices] if choices else []
