@@ -239,6 +239,23 @@ def config_parser(name: str, doc: str, cls, out_help: str, *, out_required: bool
     return p
 
 
+def parse_config(parser: argparse.ArgumentParser, cls, argv=None):
+    """``(args, config)``: the command line parsed, ``--threads`` checked, the config ``cls`` built from it (checked
+    on construction) and ``--out`` checked not to be a file; any of them wrong exits with one line and code 2
+    before anything loads."""
+    args = parser.parse_args(argv)
+    if threads_error(getattr(args, "threads", None)):
+        parser.exit(2, f"error: {threads_error(args.threads)}\n")
+    try:
+        cfg = config_from_args(cls, args)
+    except (ValueError, TypeError) as err:
+        parser.exit(2, f"error: {err}\n")
+    out = getattr(args, "out", None)
+    if out is not None and out.exists() and not out.is_dir():
+        parser.exit(2, f"error: --out {out} is an existing file, not a folder: pass a folder path\n")
+    return args, cfg
+
+
 def config_from_args(cls, args: argparse.Namespace):
     """An instance of config dataclass ``cls`` from parsed options (lists become tuples; None keeps the default);
     a dict field ``options`` gathers the methods' flags (:func:`add_method_arguments`) given on the command line."""

@@ -37,24 +37,12 @@ def main(argv=None) -> int:
     from analyses._cli import load_plugins
 
     load_plugins(sys.argv[1:] if argv is None else argv, "compare_methods")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from analyses._cli import threads_error
-
-    if threads_error(args.threads):  # before the config: a bad value is named even with other bad options
-        parser.exit(2, f"error: {threads_error(args.threads)}\n")
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from analyses._cli import config_from_args
+    from analyses._cli import apply_threads, parse_config, quiet_if_asked
     from interp.compare_config import CompareConfig
 
-    try:
-        cfg = config_from_args(CompareConfig, args)
-    except (ValueError, TypeError) as err:
-        parser.exit(2, f"error: {err}\n")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        parser.exit(2, f"error: --out {args.out} is an existing file, not a folder: pass a folder path\n")
-    from analyses._cli import apply_threads, quiet_if_asked
-
+    parser = build_parser()
+    args, cfg = parse_config(parser, CompareConfig, argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     apply_threads(parser, args.threads)
 
     with quiet_if_asked(args):

@@ -360,21 +360,14 @@ def report_sections(tables, uris, cfg, config) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from analyses._cli import config_from_args
+    from analyses._cli import parse_config
 
+    parser = build_parser()
+    args, config = parse_config(parser, EditConfig, argv)
     try:
-        config = config_from_args(EditConfig, args)
-        check_config(config)
+        check_config(config)  # what needs the registry: the edits and concept words
     except (ValueError, TypeError) as err:
         parser.exit(2, f"error: {err}\n")
-    from analyses._cli import threads_error
-
-    if threads_error(args.threads):
-        parser.exit(2, f"error: {threads_error(args.threads)}\n")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        parser.exit(2, f"error: --out {args.out} is an existing file, not a folder: pass a folder path\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from analyses._cli import apply_threads, quiet_if_asked, run_or_exit
     from interp.store import config_hash

@@ -198,17 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from analyses._cli import apply_threads, config_from_args, quiet_if_asked, run_or_exit
+    from analyses._cli import apply_threads, parse_config, quiet_if_asked, run_or_exit
     from interp.store import config_hash
 
-    try:
-        cfg = config_from_args(EndToEndConfig, args)
-    except (ValueError, TypeError) as err:
-        parser.exit(2, f"error: {err}\n")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        parser.exit(2, f"error: --out {args.out} is an existing file, not a folder: pass a folder path\n")
+    parser = build_parser()
+    args, cfg = parse_config(parser, EndToEndConfig, argv)
     apply_threads(parser, args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     out = args.out or Path("reports") / f"end-to-end-{config_hash(cfg.to_dict())[:10]}"

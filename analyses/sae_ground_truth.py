@@ -156,19 +156,11 @@ def _run(cfg: GroundTruthConfig, r, progress: bool, log) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from analyses._cli import apply_threads, config_from_args, quiet_if_asked, run_or_exit, threads_error
+    from analyses._cli import apply_threads, parse_config, quiet_if_asked, run_or_exit
     from interp.store import config_hash
 
-    if threads_error(args.threads):
-        parser.exit(2, f"error: {threads_error(args.threads)}\n")
-    try:
-        cfg = config_from_args(GroundTruthConfig, args)
-    except (ValueError, TypeError) as err:
-        parser.exit(2, f"error: {err}\n")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        parser.exit(2, f"error: --out {args.out} is an existing file, not a folder: pass a folder path\n")
+    parser = build_parser()
+    args, cfg = parse_config(parser, GroundTruthConfig, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     apply_threads(parser, args.threads)
     out = args.out or Path("reports") / f"sae-gt-{config_hash(cfg.to_dict())[:10]}"

@@ -151,18 +151,10 @@ def run(cfg: TrainSAEConfig, out: Path, progress: bool = True, log=lambda msg: N
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from analyses._cli import apply_threads, config_from_args, quiet_if_asked, run_or_exit, threads_error
+    from analyses._cli import apply_threads, parse_config, quiet_if_asked, run_or_exit
 
-    if threads_error(args.threads):
-        parser.exit(2, f"error: {threads_error(args.threads)}\n")
-    try:
-        cfg = config_from_args(TrainSAEConfig, args)
-    except (ValueError, TypeError) as err:
-        parser.exit(2, f"error: {err}\n")
-    if args.out.exists() and not args.out.is_dir():
-        parser.exit(2, f"error: --out {args.out} is an existing file, not a folder: pass a folder path\n")
+    parser = build_parser()
+    args, cfg = parse_config(parser, TrainSAEConfig, argv)
     import importlib.util
 
     if importlib.util.find_spec("sparsify") is None:  # the trainer's library: a clear line when the extra is missing
