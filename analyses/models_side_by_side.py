@@ -93,12 +93,15 @@ def best_versus_coar(runs: dict[str, dict]) -> pd.DataFrame:
 
 
 def localization(runs: dict[str, dict], method: str = "ablation") -> pd.DataFrame:
-    """Per concept: the UNet block with the largest share of |score| of ``method`` (true ablation), and that share."""
+    """Per concept: the UNet stage (a transformer's block) with the largest share of |score| of ``method`` (true
+    ablation), and that share."""
     cols = {}
     for name, run in runs.items():
         r = run["results"]
         r = r[(r["method"] == method) & (r["variant"] == method)]
-        mass = r.assign(a=r["score"].abs()).groupby(["concept", "block"])["a"].sum()
+        # a UNet's stages, or a transformer's blocks (all of one stage: transformer_blocks.N is the layer)
+        where = "block" if r["block"].nunique() > 1 else "layer"
+        mass = r.assign(a=r["score"].abs()).groupby(["concept", where])["a"].sum()
         share = mass / mass.groupby(level="concept").transform("sum")
         top = share.groupby(level="concept").idxmax().map(lambda k: k[1])
         cols[name] = {c: f"{top[c]} ({share[(c, top[c])]:.0%})" for c in top.index}
