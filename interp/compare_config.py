@@ -304,7 +304,7 @@ _SCALARS = {"str": str, "int": int, "float": float}
 COMMON_CHECKS = {
     # seeds are offset into 64-bit generators (ObjectiveConfig's bound)
     "seed": lambda v: None if 0 <= v <= 2**62 else f"must be between 0 and 2**62 ({2**62})",
-    "guidance": lambda v: None if 0 <= v < 1e4 else "must be a classifier-free guidance scale >= 0 (1: unguided)",
+    "guidance": lambda v: None if 0 <= v < 1e4 else "must be a scale >= 0 (1: unguided)",
     "n_boot": lambda v: None if v >= 100 else "must be >= 100 bootstrap resamples for a 95% interval",
 }
 
