@@ -210,6 +210,7 @@ def test_killed_run_resumes_to_the_same_tables(tiny_world, run_dir, tmp_path):
     assert json.loads((out / "status.json").read_text())["status"] == "complete"
 
 
+@pytest.mark.slow  # several seconds: a comparison with erasure curves (the plugin test also measures them)
 def test_erasure_curves_are_a_section_of_the_comparison(tiny_world, tmp_path, capsys, refused):
     """--erasure-k adds the erasure curves (interp.erasure) of every method's ranking to the run: tables, figure,
     report section and findings; a k beyond the component set is refused before any method runs."""

@@ -162,6 +162,7 @@ def test_shipped_clip_zero_shot_accuracy_matches_its_claim(clip):
     assert size < 2_000_000, f"the shipped CLIP folder is {size} bytes"
 
 
+@pytest.mark.slow  # several seconds: generations judged by the shipped CLIP
 @pytest.mark.usefixtures("needs_clip")
 def test_shipped_clip_agreement_on_generated_images_matches_its_claim(clip):
     """The first 96 of the claimed generated images, regenerated: agreement with the classifier near the claim."""

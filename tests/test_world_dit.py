@@ -130,6 +130,7 @@ def test_training_command_refuses_flags_of_the_reused_parts(tmp_path, flag):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # several seconds: generations of the shipped DiT judged
 def test_shipped_dit_fidelity_is_what_it_claims(shipped_model):
     """24 of the same held-out prompts regenerated; each attribute within a binomial margin of the claim."""
     from scipy.stats import binom

@@ -246,6 +246,7 @@ def test_shipped_latent_model_loads_by_name_offline(monkeypatch):
             assert {st.get_tensor(k).dtype for k in st.keys()} == {torch.float16}, f
 
 
+@pytest.mark.slow  # several seconds: generations of the shipped latent model judged
 def test_shipped_latent_fidelity_is_what_it_claims():
     """24 of the same held-out prompts regenerated; each attribute within a binomial margin of the claim."""
     from scipy.stats import binom
