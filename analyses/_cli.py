@@ -190,12 +190,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
             continue
         flags = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
         default = f.default if f.default is not MISSING else f.default_factory()
-        if "cli_default" in f.metadata:  # a default known once the registry is loaded (shown in --help)
-            default = f.metadata["cli_default"]()
         if kind == "tuple" and default is not None:
             default = list(default)
-        kw = {"dest": f.name, "type": tp, "default": default,  # a None default is explained in the help itself
-              "help": f.metadata.get("help", "") + ("" if default is None else " (default: %(default)s)")}
+        suffix = "" if default is None else " (default: %(default)s)"  # a None default: its help explains it
+        if "cli_default" in f.metadata:  # the config resolves it (from the registry): shown here, not passed
+            suffix, default = f" (default: {f.metadata['cli_default']()})", None
+        kw = {"dest": f.name, "type": tp, "default": default, "help": f.metadata.get("help", "") + suffix}
         if "choices" in f.metadata:
             kw["choices"] = list(f.metadata["choices"])
         if kind == "tuple":

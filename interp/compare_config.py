@@ -113,7 +113,7 @@ class CompareConfig:
 
         check_saes(self)
         features = self.granularity == "feature" or any("#f" in a for a in self.components)
-        if not self.methods or (features and tuple(self.methods) == default_methods()):
+        if not self.methods:
             # features: the default methods that attribute them (not causal tracing)
             object.__setattr__(self, "methods", tuple(m for m in default_methods() if not features
                                                       or "feature" in get(m).capabilities.granularities))
