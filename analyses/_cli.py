@@ -9,7 +9,7 @@ import textwrap
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from interp.compare_config import field_type
+from interp.studies.compare_config import field_type
 
 #: The glossary every command's help points to for its terms (J, anchor, UNet rows, alpha, LDS, ...).
 GLOSSARY = "docs/concepts.md"
@@ -89,9 +89,9 @@ def threads_error(threads: int | None) -> str | None:
 
 
 def run_or_exit(parser, out: Path | None, fn):
-    """``fn()``; an expected failure (:func:`interp.runs.user_message` knows it) becomes one ``error:`` line naming the
+    """``fn()``; an expected failure (:func:`interp.core.runs.user_message` knows it) becomes one ``error:`` line naming the
     cause, and the traceback's file in the run folder, with exit code 2. A bug still shows its traceback."""
-    from interp.runs import user_message
+    from interp.core.runs import user_message
 
     try:
         return fn()
@@ -164,7 +164,7 @@ def quiet_if_asked(args: argparse.Namespace):
 
     if not args.no_progress:
         return nullcontext()
-    from interp.runtime import library_progress_bars
+    from interp.core.runtime import library_progress_bars
 
     return library_progress_bars(False)
 
@@ -334,7 +334,7 @@ def load_plugins(argv, prog: str) -> None:
 
 
 def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where the sweeps run (:mod:`interp.executors`), in the "outputs and execution" group: results and caches do
+    """Where the sweeps run (:mod:`interp.core.executors`), in the "outputs and execution" group: results and caches do
     not depend on it, so a run started on one executor resumes on the other."""
     g = option_group(parser, OUTPUTS[0])
     g.add_argument("--executor", choices=("local", "ray"), default="local",
@@ -354,7 +354,7 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
 
 def executor_from_args(parser, args):
     """The executor the options name; a bad combination or a missing Ray exits with one line."""
-    from interp.executors import make_executor
+    from interp.core.executors import make_executor
 
     options = {"address": args.ray_address, "workers": args.ray_workers, "cpus_per_worker": args.ray_cpus_per_worker,
                "gpus_per_worker": args.ray_gpus_per_worker, "connect_timeout": args.ray_connect_timeout}

@@ -6,7 +6,7 @@
 Writes a run folder (default reports/compare-<hash>/) with results.parquet, meta.json, tables/, figures/, a
 self-contained index.html and status.json (running, complete, or failed with traceback.txt). Re-running the same
 configuration reuses the cache in the folder; an interrupted run resumes where it stopped. Every option below is a
-field of interp.compare_config.CompareConfig, or an option a method's file declares (--plugin FILE.py loads
+field of interp.studies.compare_config.CompareConfig, or an option a method's file declares (--plugin FILE.py loads
 a method of your own). Expected failures print one line and exit with code 2.
 """
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The options are CompareConfig's fields (typed and documented there), each registered method's options (its
     file declares them), plus how to run: --out, --threads, --plan, --no-progress and the executor's."""
     from analyses._cli import add_executor_arguments, config_parser, option_group
-    from interp.compare_config import CompareConfig
+    from interp.studies.compare_config import CompareConfig
 
     p = config_parser("compare_methods", __doc__, CompareConfig, "run folder (default reports/compare-<config hash>)",
                       methods=True)
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
 
     load_plugins(sys.argv[1:] if argv is None else argv, "compare_methods")
     from analyses._cli import apply_threads, parse_config, quiet_if_asked
-    from interp.compare_config import CompareConfig
+    from interp.studies.compare_config import CompareConfig
 
     parser = build_parser()
     args, cfg = parse_config(parser, CompareConfig, argv)
@@ -51,10 +51,10 @@ def main(argv=None) -> int:
 
 def _run(parser, args, cfg) -> int:
     from analyses._cli import executor_from_args, run_or_exit
-    from interp.store import config_hash
+    from interp.core.store import config_hash
 
     if args.plan:
-        from interp.plan import plan_comparison
+        from interp.studies.plan import plan_comparison
 
         # the plan starts no cluster: with --executor ray it projects onto the workers asked for (default: one per
         # CPU of this machine, as a local cluster would have)
@@ -65,7 +65,7 @@ def _run(parser, args, cfg) -> int:
             workers = args.ray_workers or max(1, (os.cpu_count() or 1) // (args.ray_cpus_per_worker or 1))
         print(run_or_exit(parser, None, lambda: plan_comparison(cfg, workers=workers)).format())
         return 0
-    from interp.compare import run_comparison
+    from interp.studies.compare import run_comparison
 
     executor = executor_from_args(parser, args)
     out = args.out or Path("reports") / f"compare-{config_hash(cfg.to_dict())[:10]}"

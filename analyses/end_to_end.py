@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from interp.compare_config import DEVICES, PRECISIONS, check_fields, opt
+from interp.studies.compare_config import DEVICES, PRECISIONS, check_fields, opt
 
 #: Component kinds of the matrix: (granularity, families, kinds).
 KINDS = {
@@ -154,9 +154,9 @@ def run(cfg: EndToEndConfig, out: Path, log) -> dict:
     import pandas as pd
 
     from analyses import erasure_curves
-    from interp.plots import fig_to_png, png_to_data_uri
+    from interp.core.runs import Run
     from interp.report import render_report, settings_rows
-    from interp.runs import Run
+    from interp.report.plots import fig_to_png, png_to_data_uri
 
     with Run(out, cfg.to_dict(), "end-to-end") as r:
         rows, seconds = [], {}
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from analyses._cli import apply_threads, parse_config, quiet_if_asked, run_or_exit
-    from interp.store import config_hash
+    from interp.core.store import config_hash
 
     parser = build_parser()
     args, cfg = parse_config(parser, EndToEndConfig, argv)

@@ -6,12 +6,12 @@
         --alternatives monet picasso --kinds ff.net.0 --blocks mid_block
     python -m analyses.erasure_curves --granularity feature --sae runs/sae-mid-ff --methods ablation cad
 
-For every method's ranking and concept (interp.erasure): the top k components are zero-ablated together, k on a log
+For every method's ranking and concept (interp.studies.erasure): the top k components are zero-ablated together, k on a log
 grid up to half the component set (or --k), and on held-out prompts and seeds the command measures the one-step J,
 the judge's concept rate of the generated images and the retained rate of every other attribute value; bootstrap
 bands over images, the area under the concept-rate and retained curves, a random-ranking baseline (--random-rankings
 seeded orders), the artifact rate (the share of held-out images in which the judge cannot read some attribute: its
-probability of that attribute's top class is below 0.5, interp.erasure.ARTIFACT_THRESHOLD), and how well each
+probability of that attribute's top class is below 0.5, interp.studies.erasure.ARTIFACT_THRESHOLD), and how well each
 method's own prediction of a joint ablation (the sum of its scores) ranks the
 measured drop of the concept rate across its top-k sets and --random-masks random joint masks (Spearman with a
 bootstrap interval).
@@ -39,8 +39,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from interp.compare_config import (DEVICES, GRANULARITIES, OBJECTIVES, PRECISIONS, check_fields, check_method_options,
-                                   opt)
+from interp.studies.compare_config import (
+    DEVICES,
+    GRANULARITIES,
+    OBJECTIVES,
+    PRECISIONS,
+    check_fields,
+    check_method_options,
+    opt,
+)
 
 #: --rankings: the suffix each ranking of a method is named with
 RANKINGS = {"plain": "", "contrastive": "+contrastive", "per-layer": "+per-layer",
@@ -124,8 +131,8 @@ class ErasureCurvesConfig:
 
     def __post_init__(self):
         check_fields(self)
-        from interp.compare_config import check_saes
         from interp.methods import REGISTRY
+        from interp.studies.compare_config import check_saes
 
         if not self.methods:
             object.__setattr__(self, "methods", tuple(_erasure_methods()))
@@ -179,7 +186,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[ErasureCurvesConf
     """The run's config from the options, refused with one line before anything heavy loads when bad; with
     ``--compare``, that comparison's config too."""
     from analyses._cli import config_from_args, threads_error
-    from interp.compare_config import check_concept_words
+    from interp.studies.compare_config import check_concept_words
 
     def fail(msg):
         parser.exit(2, f"error: {msg}\n")
@@ -222,7 +229,7 @@ def read_comparison(folder: Path, args, fail) -> dict:
     if missing:
         fail(f"--compare {folder} has no results for {missing[:4]}: it ranked methods "
              f"{sorted(have['method'].unique())} on concepts {sorted(have['concept'].unique())}")
-    from interp.compare_config import CompareConfig
+    from interp.studies.compare_config import CompareConfig
 
     try:
         CompareConfig.from_dict(body["config"], f"--compare {folder}")
@@ -233,9 +240,8 @@ def read_comparison(folder: Path, args, fail) -> dict:
 
 def ranking_config(args, compare: dict | None):
     """The comparison configuration the rankings come from (its components, objective and method options)."""
-    from interp.compare_config import CompareConfig
-
     from interp.methods import reference
+    from interp.studies.compare_config import CompareConfig
 
     if compare is not None:
         return CompareConfig.from_dict(compare, f"--compare {args.compare}")
@@ -263,7 +269,7 @@ def contrast_concepts(model, concept: str, args, alternatives) -> list[str]:
 
 
 def run(args, out: Path, compare: dict | None, log) -> dict:
-    from interp.runs import Run
+    from interp.core.runs import Run
 
     with Run(out, args.to_dict(), "erasure") as r:
         result = _run(args, r, compare, log)
@@ -277,16 +283,16 @@ def _run(args, r, compare, log) -> dict:
     import numpy as np
 
     import interp
-    from interp import editing as ed
-    from interp import erasure as er
-    from interp.compare import concept_spec, select_components
-    from interp.concepts import weighed_against
-    from interp.diffusion import latent_shape
-    from interp.objectives import Objective
+    from interp.core.concepts import weighed_against
+    from interp.core.diffusion import latent_shape
+    from interp.core.objectives import Objective
+    from interp.core.results import read_results
+    from interp.core.runs import check_finite_weights, check_memory
+    from interp.core.store import Store
     from interp.report import render_report, settings_rows
-    from interp.results import read_results
-    from interp.runs import check_finite_weights, check_memory
-    from interp.store import Store
+    from interp.studies import editing as ed
+    from interp.studies import erasure as er
+    from interp.studies.compare import concept_spec, select_components
 
     t_start = time.perf_counter()
     ccfg = ranking_config(args, compare)
@@ -312,7 +318,7 @@ def _run(args, r, compare, log) -> dict:
                                    guidance=args.guidance, batch=ed.images_per_call(args.max_batch))
     store = Store(r.cache if args.store is None else args.store)
     results = read_results(Path(args.compare) / "results.parquet") if compare is not None else None
-    from interp.plan import preflight_run
+    from interp.studies.plan import preflight_run
 
     # the rankings' methods (when computed here), the erasure's own ablations and generations: largest passes first
     preflight_run(model, comps, ocfg, args.methods if results is None else (), 2 * len(comps), log)
@@ -380,7 +386,7 @@ def main(argv=None) -> int:
     cfg, compare = check_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from analyses._cli import apply_threads, quiet_if_asked, run_or_exit
-    from interp.store import config_hash
+    from interp.core.store import config_hash
 
     apply_threads(parser, args.threads)
     out = args.out or Path("reports") / f"erasure-{config_hash(cfg.to_dict())[:10]}"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from interp.results import read_results
+from interp.core.results import read_results
 
 
 def parse(argv):

@@ -9,7 +9,7 @@ seed stream, which no SAE or attribution saw) are generated, and at every denois
 each feature's activation and each of the site's output channels (its neurons), averaged over positions (--pool max:
 their largest value over the positions), then over
 the steps and over three timestep bands (high, mid, low noise). For each of the 16 attribute values the AUROC of
-every feature against "the prompt names the value" is computed (interp.features.value_auroc); the table gives the
+every feature against "the prompt names the value" is computed (interp.core.features.value_auroc); the table gives the
 best feature, the best single neuron of the same site (either sign), their AUROCs and whether the value has a
 monosemantic feature (AUROC >= 0.95).
 
@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from interp.compare_config import DEVICES, PRECISIONS, check_fields, opt
+from interp.studies.compare_config import DEVICES, PRECISIONS, check_fields, opt
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(cfg: GroundTruthConfig, out: Path, progress: bool = True, log=lambda msg: None) -> dict:
     """Generate, record, score and write the run folder; returns the summary."""
-    from interp.runs import Run
+    from interp.core.runs import Run
 
     with Run(out, cfg.to_dict(), "sae-ground-truth") as r:
         result = _run(cfg, r, progress, log)
@@ -89,10 +89,10 @@ def run(cfg: GroundTruthConfig, out: Path, progress: bool = True, log=lambda msg
 
 def _run(cfg: GroundTruthConfig, r, progress: bool, log) -> dict:
     import interp
-    from interp import features
-    from interp.judges import load_judge
-    from interp.plots import fig_to_png, png_to_data_uri
+    from interp.core import features
+    from interp.core.judges import load_judge
     from interp.report import render_report, settings_rows
+    from interp.report.plots import fig_to_png, png_to_data_uri
 
     t0 = time.perf_counter()
     model = interp.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -157,7 +157,7 @@ def _run(cfg: GroundTruthConfig, r, progress: bool, log) -> dict:
 
 def main(argv=None) -> int:
     from analyses._cli import apply_threads, parse_config, quiet_if_asked, run_or_exit
-    from interp.store import config_hash
+    from interp.core.store import config_hash
 
     parser = build_parser()
     args, cfg = parse_config(parser, GroundTruthConfig, argv)

@@ -70,9 +70,9 @@ def main(argv=None) -> int:
 
     import interp
     from analyses._cli import quiet_if_asked, run_or_exit
-    from interp.concepts import judged_concept
+    from interp.core.concepts import judged_concept
+    from interp.core.objectives import ObjectiveConfig
     from interp.methods.tracing import text_restoration
-    from interp.objectives import ObjectiveConfig
 
     def restore_every_concept() -> list:
         model = interp.load_model(args.model, device=args.device, dtype=args.precision)

@@ -77,10 +77,15 @@ def main(argv=None) -> int:
 
 
 def _train(parser, args) -> int:
-    from interp.judges import CLIPJudge
+    from interp.core.judges import CLIPJudge
+    from interp.world.clip import (
+        CLIPTrainConfig,
+        agreement_on_generated,
+        heldout_renders,
+        train_clip,
+        zero_shot_accuracy,
+    )
     from interp.world.judge import ClassifierJudge
-    from interp.world.clip import (CLIPTrainConfig, agreement_on_generated, heldout_renders, train_clip,
-                                   zero_shot_accuracy)
 
     cfg = CLIPTrainConfig(steps=args.steps, batch_size=args.batch_size, text_layers=args.text_layers, seed=args.seed)
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@
 
 Collects the module's output over --prompts x --seeds generations (every denoising step, both guidance branches
 where the model is guided; on the concept world the default prompts are every concept word's target and anchor
-prompts), trains an SAE on those rows with EleutherAI's sparsify (interp.features.train_sae: Adam, decoder bias at
+prompts), trains an SAE on those rows with EleutherAI's sparsify (interp.core.features.train_sae: Adam, decoder bias at
 the data mean, unit-norm decoder rows, AuxK on dead latents) and writes to --out: sae.safetensors and cfg.json
 (sparsify's layout), features.json (site, training config, data hash, quality) and quality.json. Seeded; a killed
 run resumes from --out (its activations and training checkpoint) to the same SAE. Attribute its features with
@@ -22,7 +22,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from interp.compare_config import DEVICES, PRECISIONS, check_fields, opt
+from interp.studies.compare_config import DEVICES, PRECISIONS, check_fields, opt
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_prompts(model, seed: int) -> list[str]:
     """Every concept word's target and anchor prompts (concept world), de-duplicated in order."""
-    from interp.concepts import resolve
+    from interp.core.concepts import resolve
 
     words = [w for values in model.world.attributes.values() for w in values]
     prompts = []
@@ -105,9 +105,9 @@ def run(cfg: TrainSAEConfig, out: Path, progress: bool = True, log=lambda msg: N
     """Collect (or read back) the activations, train (or resume) the SAE, write it: returns its quality."""
     from safetensors.torch import load_file, save_file
 
-    from interp import features
-    from interp.models import load_model
-    from interp.store import config_hash
+    from interp.core import features
+    from interp.core.models import load_model
+    from interp.core.store import config_hash
 
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     prompts = list(cfg.prompts)

@@ -125,7 +125,8 @@ def train_latent(args, out: Path) -> int:
     The judges are reused, not trained: the pixel world's 16-px classifier, judging 32-px images resized (measured
     100% per attribute on 2,000 resized held-out 32-px renders), and the suite's CLIP judge."""
     from interp.world.plugin import LATENT_KIND
-    from interp.world.train import save_model, train_latent as train_phases
+    from interp.world.train import save_model
+    from interp.world.train import train_latent as train_phases
 
     if args.retrain_classifier:
         raise SystemExit("--retrain-classifier: concept-world-latent reuses the concept-world classifier; retrain "
@@ -166,7 +167,8 @@ def train_dit(args, out: Path) -> int:
     """``concept-world-dit``: an SD3 transformer trained with flow matching on the latents of concept-world-latent's
     shipped VAE, conditioned by its shipped frozen text tower (:func:`interp.world.dit.train_dit`, resumable from
     ``out/train_state.pt``); the judge is the pixel world's classifier, reused as for the latent model."""
-    from interp.world.dit import save_dit, train_dit as train_transformer
+    from interp.world.dit import save_dit
+    from interp.world.dit import train_dit as train_transformer
     from interp.world.plugin import DIT_KIND
 
     for flag in ("vae_steps", "clip_steps", "text_encoder"):
@@ -191,7 +193,7 @@ def train_dit(args, out: Path) -> int:
 def evaluate_checkpoint(out: Path, n_images: int = 360, progress: bool = True, targets: dict | None = None) -> dict:
     """Measure the fidelity of the checkpoint in ``out`` (fidelity.json) and draw its sample grid (samples.png);
     for a model with a VAE also the classifier's accuracy on VAE reconstructions of held-out renders."""
-    from interp.models import load_model
+    from interp.core.models import load_model
     from interp.world.fidelity import GRID_PROMPTS, measure_fidelity, reconstruction_accuracy, sample_grid
     from interp.world.plugin import ASSETS
 

@@ -9,7 +9,7 @@ engine, full passes
     ``interp.attribute("ablation", ...)`` with prefix replay off: multipliers on the neurons' outputs through
     nnsight, many one-hot masks per batched pass, text states computed once per evaluation set.
 engine
-    the same with prefix replay (:mod:`interp.prefix`, the default): a batch of masks replays the intact UNet
+    the same with prefix replay (:mod:`interp.core.prefix`, the default): a batch of masks replays the intact UNet
     upstream of its earliest ablated unit instead of running it, where the FLOPs that skips exceed those of the
     intact pass that fills the replay cache (emptied before every timed run, so each run pays that pass, as a real
     run does); otherwise it runs full passes.
@@ -21,7 +21,7 @@ attention kernel, so attention is counted; the text encoder included where a way
 1024x1024 float32 matmul's FLOP/s measured in the same run.
 
     python benchmarks/bench_ablation.py [--n 0 (all)] [--rounds 3] [--threads 2] [--max-batch 256] [--model concept-world]
-    python benchmarks/bench_ablation.py --allocator default    # glibc's malloc untuned (see interp.runtime)
+    python benchmarks/bench_ablation.py --allocator default    # glibc's malloc untuned (see interp.core.runtime)
     python benchmarks/sd15_sized.py /tmp/sd15-16 --sample-size 16
     python benchmarks/bench_ablation.py --model /tmp/sd15-16 --n 8 --rounds 1 --images 1 --timesteps 500
 """
@@ -72,16 +72,17 @@ def main(argv=None) -> int:
     p.add_argument("--also-batch", type=int, nargs="*", default=[],
                    help="also time the engine at these rows per pass, interleaved with the rest")
     p.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
-                   help="glibc's malloc as load_model tunes it for every way (interp.runtime), or its defaults "
+                   help="glibc's malloc as load_model tunes it for every way (interp.core.runtime), or its defaults "
                         "(INTERP_TUNE_MALLOC=0)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.allocator == "default":
         os.environ["INTERP_TUNE_MALLOC"] = "0"
 
-    import interp
-    from interp.objectives import Objective, ObjectiveConfig
     from torch.utils.flop_counter import FlopCounterMode
+
+    import interp
+    from interp.core.objectives import Objective, ObjectiveConfig
 
     model = interp.load_model(args.model)
     allc = model.components("neuron", kind="ff.net.2")
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
           f"({args.images} images x {len(args.timesteps)} timesteps x 2 erase branches), {args.threads} threads, "
           f"{args.rounds} interleaved rounds, engine max_batch {obj.config.max_batch}; full UNet forward {fc_full.get_total_flops() / rows / 1e6:.1f} MFLOP/row "
           f"(math attention)")
-    from interp.runtime import tune_cpu_allocator
+    from interp.core.runtime import tune_cpu_allocator
 
     print(f"1024x1024 float32 matmul: {mm / 1e9:.1f} GFLOP/s; glibc allocator: "
           f"{'tuned' if tune_cpu_allocator() else 'defaults'}")
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
           f"ablation of these FLOPs reaches here; the engine reaches {bound / eng:.0%} of it)")
     # The floor of any exact ablation: each component re-runs only the UNet after its own unit (the UNet before it
     # replayed for free, no fill pass), whatever the batching.
-    from interp.prefix import frontier, upstream_share
+    from interp.core.prefix import frontier, upstream_share
 
     floor = statistics.mean(1 - upstream_share(model, frontier(model, model.events[("out", c.module)])) for c in comps)
     floor_s = floor * fc_full.get_total_flops() / rate

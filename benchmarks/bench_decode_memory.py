@@ -1,5 +1,5 @@
 """How much memory one image's VAE decoding holds against one UNet row, on a model of Stable Diffusion 1.5's size:
-the basis of ``interp.diffusion.DECODE_ROWS_PER_IMAGE``.
+the basis of ``interp.core.diffusion.DECODE_ROWS_PER_IMAGE``.
 
     .venv/bin/python benchmarks/sd15_sized.py /tmp/sd15-16 --sample-size 16      # random weights, SD 1.5's VAE
     .venv/bin/python benchmarks/bench_decode_memory.py /tmp/sd15-16 [--latent 64] [--threads 2]
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         print(f"{part}: high-water growth {one['grown'] / 2**30:.2f} GiB for 1, {big['grown'] / 2**30:.2f} GiB for "
               f"{args.n} ({one['seconds']:.1f} s, {big['seconds']:.1f} s): {per[part] / 2**30:.2f} GiB per {unit}")
     print(f"one decoded image holds what {per['vae'] / max(per['unet'], 1):.1f} UNet rows do "
-          f"(interp.diffusion.DECODE_ROWS_PER_IMAGE rounds it up)")
+          f"(interp.core.diffusion.DECODE_ROWS_PER_IMAGE rounds it up)")
     return 0
 
 

@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     import interp
-    from interp.interventions import compile_plan, run_unet
-    from interp.objectives import Objective, ObjectiveConfig
+    from interp.core.interventions import compile_plan, run_unet
+    from interp.core.objectives import Objective, ObjectiveConfig
 
     model = interp.load_model(args.model)
     comps = model.components("neuron", kind="ff.net.0")

@@ -1,5 +1,5 @@
 """Memory and time of a gradient through generation (the classifier objective), with every UNet call's activations
-kept until the backward pass against each call re-run in the backward pass (``interp.objectives.checkpoints_generation``,
+kept until the backward pass against each call re-run in the backward pass (``interp.core.objectives.checkpoints_generation``,
 chosen when keeping them would exceed ``max_batch`` rows).
 
     .venv/bin/python benchmarks/bench_generation_grad.py [--model concept-world] [--images 8] [--steps 10]
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import interp
-    from interp.objectives import Objective, ObjectiveConfig
+    from interp.core.objectives import Objective, ObjectiveConfig
 
     model = interp.load_model(args.model)
     comps = model.components("neuron", kind="ff.net.2")

@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import interp
-    from interp.compare import CompareConfig, select_components
-    from interp.objectives import Objective, ObjectiveConfig
+    from interp.core.objectives import Objective, ObjectiveConfig
+    from interp.studies.compare import CompareConfig, select_components
 
     cfg = CompareConfig()
     model = interp.load_model("concept-world", device="cpu")

@@ -25,10 +25,10 @@ def main(argv=None) -> int:
     import torch
 
     import interp
-    from interp.compare_config import CompareConfig
-    from interp.components import ComponentSet
-    from interp.executors import ObjectiveRecipe, RayExecutor
-    from interp.objectives import Objective
+    from interp.core.components import ComponentSet
+    from interp.core.executors import ObjectiveRecipe, RayExecutor
+    from interp.core.objectives import Objective
+    from interp.studies.compare_config import CompareConfig
 
     torch.set_num_threads(2)
     model = interp.load_model("concept-world", device="cpu")

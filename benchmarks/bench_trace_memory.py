@@ -28,8 +28,8 @@ def main(argv=None) -> None:
     import torch
 
     import interp
-    from interp.interventions import compile_plan, run_unet
-    from interp.objectives import Objective, ObjectiveConfig
+    from interp.core.interventions import compile_plan, run_unet
+    from interp.core.objectives import Objective, ObjectiveConfig
 
     torch.set_num_threads(1)
     m = interp.load_model("concept-world", device="cpu")

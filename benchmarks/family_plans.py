@@ -2,7 +2,7 @@
 
 SDXL's, SD3-medium's and FLUX.1's weights do not fit this machine in float32 (FLUX.1's transformer alone is 12 B
 parameters), so each architecture is built from its published configuration on PyTorch's ``meta`` device (shapes, no
-memory, no compute) and planned by the suite's own ``--plan`` code (:func:`interp.plan.plan_comparison`): the passes
+memory, no compute) and planned by the suite's own ``--plan`` code (:func:`interp.studies.plan.plan_comparison`): the passes
 every method runs, their FLOPs, the weights' bytes and the activations a gradient row keeps. Time needs the weights
 on a GPU: run ``--plan`` there.
 
@@ -63,11 +63,11 @@ def _vae(latent_channels: int, **kw):
 
 
 def build(family: str, tmp: Path, dtype: torch.dtype = torch.float16):
-    """The family's published architecture on the meta device, as an :class:`interp.models.DiffusionModel`."""
+    """The family's published architecture on the meta device, as an :class:`interp.core.models.DiffusionModel`."""
     import diffusers
 
-    from interp.families import FAMILIES as ROWS
-    from interp.models import DiffusionModel
+    from interp.core.families import FAMILIES as ROWS
+    from interp.core.models import DiffusionModel
     from interp.testing import clip_tokenizer, t5_tokenizer
 
     clip1 = clip_tokenizer(tmp / "clip1", "sd1", max_length=77)
@@ -135,8 +135,8 @@ def build(family: str, tmp: Path, dtype: torch.dtype = torch.float16):
 
 
 def plan(family: str, dtype: str = "float16"):
-    from interp.compare_config import CompareConfig
-    from interp.plan import plan_comparison
+    from interp.studies.compare_config import CompareConfig
+    from interp.studies.plan import plan_comparison
 
     with tempfile.TemporaryDirectory() as tmp:
         model = build(family, Path(tmp), getattr(torch, dtype))

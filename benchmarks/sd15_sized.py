@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-#: Words the tokenizer merges into single tokens (prompt templates of interp.concepts and a few concepts).
+#: Words the tokenizer merges into single tokens (prompt templates of interp.core.concepts and a few concepts).
 WORDS = ("a", "an", "photo", "image", "picture", "painting", "of", "red", "blue", "green", "circle", "square",
          "striped", "dog", "cat", "style", "van", "gogh", "on", "black", "white")
 

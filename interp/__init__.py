@@ -9,11 +9,17 @@ Quick tour::
 
 This module exports the small core listed in ``__all__``: loading a model, naming its components and concepts,
 the objective J, running a method by name, generating images, the result store, the cost record, image judges and
-the cost plan. Everything else lives in its module and is imported from there: the method registry and the classes
-a new method needs (:mod:`interp.methods`), the concept world's own names (:mod:`interp.world`), the notebook helper
-(:mod:`interp.notebook`), the CPU allocator tuning (:mod:`interp.runtime`), editing (:mod:`interp.editing`),
-erasure curves (:mod:`interp.erasure`), the main job (:mod:`interp.compare`) and the plots (:mod:`interp.plots`).
-Those modules are reachable as attributes too (``interp.plots`` after a plain ``import interp``).
+the cost plan. Everything else lives in its module, one floor per folder, each floor importing only the ones below:
+
+- :mod:`interp.core`: models, components, interventions, the objective, noise models, generation, judges, the
+  engine and executors, the store, results and run folders;
+- :mod:`interp.methods`: the method registry, one file per method;
+- :mod:`interp.studies`: the comparison, erasure curves, editing, the cost plan, the evaluation of attributions;
+- :mod:`interp.report`: plots, tables and the HTML report;
+- :mod:`interp.world`: the concept world, a plugin the other floors never import.
+
+The floors and their modules are reachable as attributes too (``interp.report.plots`` after a plain
+``import interp``).
 
 Public names are imported lazily so that ``import interp`` stays fast.
 """
@@ -24,40 +30,37 @@ import importlib
 
 # The core: each name and the module that defines it (the API reference documents each under "interp").
 _EXPORTS = {
-    "load_model": "interp.models",
-    "DiffusionModel": "interp.models",
-    "ModelLoadError": "interp.models",
-    "Component": "interp.components",
-    "ComponentSet": "interp.components",
-    "UnknownComponentError": "interp.components",
-    "Concept": "interp.concepts",
-    "text_concept": "interp.concepts",
-    "Objective": "interp.objectives",
-    "ObjectiveConfig": "interp.objectives",
-    "NonFiniteObjectiveError": "interp.objectives",
+    "load_model": "interp.core.models",
+    "DiffusionModel": "interp.core.models",
+    "ModelLoadError": "interp.core.models",
+    "Component": "interp.core.components",
+    "ComponentSet": "interp.core.components",
+    "UnknownComponentError": "interp.core.components",
+    "Concept": "interp.core.concepts",
+    "text_concept": "interp.core.concepts",
+    "Objective": "interp.core.objectives",
+    "ObjectiveConfig": "interp.core.objectives",
+    "NonFiniteObjectiveError": "interp.core.objectives",
     "attribute": "interp.methods",
     "maps": "interp.methods",
-    "generate": "interp.generation",
-    "Store": "interp.store",
-    "Cost": "interp.results",
-    "Judge": "interp.judges",
-    "load_judge": "interp.judges",
-    "plan_comparison": "interp.plan",
+    "generate": "interp.core.generation",
+    "Store": "interp.core.store",
+    "Cost": "interp.core.results",
+    "Judge": "interp.core.judges",
+    "load_judge": "interp.core.judges",
+    "plan_comparison": "interp.studies.plan",
 }
 
 __all__ = sorted(_EXPORTS)
 
 # Submodules reachable as attributes after a plain ``import interp`` (imported on first use).
-_SUBMODULES = {"plots", "evaluation", "editing", "erasure", "executors", "methods", "components", "interventions",
-               "objectives", "results", "store", "compare", "concepts", "models", "generation", "diffusion", "report",
-               "world", "notebook", "judges", "engine", "runs", "compare_config", "plan", "prefix", "testing",
-               "runtime"}
+_SUBMODULES = {"core", "methods", "studies", "report", "world", "notebook", "testing"}
 
 
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in _SUBMODULES:  # interp.plots etc. work after a plain ``import interp``
+    if name in _SUBMODULES:  # interp.report.plots etc. work after a plain ``import interp``
         return importlib.import_module(f"interp.{name}")
     raise AttributeError(f"module 'interp' has no attribute {name!r}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 
-from .runtime import hide_library_progress_bars
+from interp.core.runtime import hide_library_progress_bars
 
 
 def notebook_setup() -> bool:

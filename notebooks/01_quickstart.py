@@ -28,7 +28,6 @@
 # %%
 # %matplotlib inline
 import interp
-
 from interp.notebook import notebook_setup
 
 SMALL = notebook_setup()  # quiet library chatter; the tests set a small configuration
@@ -38,8 +37,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-import interp.plots
-from interp.objectives import ObjectiveConfig
+import interp.report.plots
+from interp.core.objectives import ObjectiveConfig
 from interp.world.concepts import world_concept
 from interp.world.render import ConceptWorld
 from interp.world.vocab import ATTRIBUTES, TEMPLATES
@@ -228,11 +227,11 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The same picture, normalized, comes from `interp.plots.localization_heatmap`, which takes any result table
+# The same picture, normalized, comes from `interp.report.plots.localization_heatmap`, which takes any result table
 # (several concepts become columns):
 
 # %%
-interp.plots.localization_heatmap(df, "cad")
+interp.report.plots.localization_heatmap(df, "cad")
 
 # %% [markdown]
 # CAD is a first-order estimate from one backward pass. Whether its ranking matches what ablating each unit really

@@ -36,7 +36,6 @@
 import time
 
 import interp
-
 from interp.notebook import notebook_setup
 
 SMALL = notebook_setup()  # quiet library chatter; the tests set a small configuration
@@ -45,10 +44,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-import interp.editing
-import interp.evaluation
-import interp.plots
-from interp.objectives import ObjectiveConfig
+import interp.report.evaluation
+import interp.report.plots
+import interp.studies.editing
+from interp.core.objectives import ObjectiveConfig
 
 model = interp.load_model("concept-world")
 print("small configuration" if SMALL else "full configuration")
@@ -111,40 +110,40 @@ results.pivot_table(index="component", columns="method", values="score").head()
 # (agreement of values) and Spearman's rho (agreement of the ranking).
 
 # %%
-interp.plots.scatter_vs_reference(results, CONCEPT)
+interp.report.plots.scatter_vs_reference(results, CONCEPT)
 
 # %% [markdown]
 # The same numbers with bootstrap 95% confidence intervals (components resampled), and how many of the true top
 # 5% / 10% components each method puts in its own top 5% / 10% (`chance` = what a random ranking gets):
 
 # %%
-corr = interp.evaluation.correlations(results, reference="ablation", n_boot=200 if SMALL else 1000)
+corr = interp.report.evaluation.correlations(results, reference="ablation", n_boot=200 if SMALL else 1000)
 corr[["method", "n", "pearson", "pearson_lo", "pearson_hi", "spearman", "spearman_lo", "spearman_hi",
       "kendall"]].round(3)
 
 # %%
-for sentence in interp.evaluation.summary_sentences(corr):
+for sentence in interp.report.evaluation.summary_sentences(corr):
     print(sentence)
-topk = interp.evaluation.topk_agreement(results, fractions=(0.05, 0.1))
+topk = interp.report.evaluation.topk_agreement(results, fractions=(0.05, 0.1))
 topk.pivot_table(index=["side", "fraction", "k"], columns="method", values="precision").round(2)
 
 # %% [markdown]
 # ## Where does each method put the concept?
 #
-# `interp.plots.localization_heatmap` shows, per layer, the share of a method's total |score| that is positive
+# `interp.report.plots.localization_heatmap` shows, per layer, the share of a method's total |score| that is positive
 # (supports the concept) and negative (suppresses it). It draws one column per concept; relabelling the tidy
 # table's `concept` column with the method puts the five methods side by side for our one concept.
 
 # %%
 by_method = results.assign(concept=results["variant"], method="all methods", variant="all methods")
-interp.plots.localization_heatmap(by_method, "all methods")
+interp.report.plots.localization_heatmap(by_method, "all methods")
 
 # %% [markdown]
 # And the agreement with true ablation inside each layer (a method can rank layers right and units within a layer
 # wrong, or the reverse):
 
 # %%
-by_layer = interp.evaluation.correlations_by_layer(results, n_boot=0)
+by_layer = interp.report.evaluation.correlations_by_layer(results, n_boot=0)
 by_layer.pivot_table(index=["depth", "layer"], columns="method", values="spearman").round(2)
 
 # %% [markdown]
@@ -163,7 +162,7 @@ j_intact = float(obj.intact.mean())
 truth = frames["ablation"].set_index("component")["score"]
 rows = []
 for method, df in frames.items():
-    edit = interp.editing.Ranking.from_frame(df, side="positive").top(k)  # its k highest-scoring components
+    edit = interp.studies.editing.Ranking.from_frame(df, side="positive").top(k)  # its k highest-scoring components
     with edit.apply(model) as edited:
         j_joint = float(obj.mean(edited.plan, edited.mult)[0])
     chosen = list(edit.components)

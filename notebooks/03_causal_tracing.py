@@ -34,7 +34,6 @@
 # %%
 # %matplotlib inline
 import interp
-
 from interp.notebook import notebook_setup
 
 SMALL = notebook_setup()  # quiet library chatter; the tests set a small configuration
@@ -44,8 +43,8 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
-import interp.plots
-from interp.objectives import ObjectiveConfig
+import interp.report.plots
+from interp.core.objectives import ObjectiveConfig
 from interp.world.concepts import world_concept
 
 model = interp.load_model("concept-world")
@@ -132,7 +131,7 @@ plt.show()
 
 # %%
 for concept in CONCEPTS:
-    display(interp.plots.trace_map_text(maps, concept))
+    display(interp.report.plots.trace_map_text(maps, concept))
 
 # %% [markdown]
 # ## The UNet: layer x timestep
@@ -144,7 +143,7 @@ for concept in CONCEPTS:
 
 # %%
 for concept in CONCEPTS:
-    display(interp.plots.trace_map_unet(maps, concept))
+    display(interp.report.plots.trace_map_unet(maps, concept))
 
 # %% [markdown]
 # ## Where does the concept live?

@@ -15,7 +15,7 @@
 # # 4. Editing: erase and amplify a concept
 #
 # Attributions are only as good as what you can do with them. The most direct use: remove the components that
-# carry a concept and check that the model stops drawing it, **and nothing else**. `interp.editing` builds edits
+# carry a concept and check that the model stops drawing it, **and nothing else**. `interp.studies.editing` builds edits
 # from attributions and judges them on held-out prompts and seeds with the concept classifier:
 #
 # - `cad_erase` / `cad_amplify` (Nguyen et al. 2024): score every weight of the UNet's feed-forward matrices with
@@ -38,7 +38,6 @@
 from dataclasses import replace
 
 import interp
-
 from interp.notebook import notebook_setup
 
 SMALL = notebook_setup()  # quiet library chatter; the tests set a small configuration
@@ -47,8 +46,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-import interp.editing as editing
-from interp.objectives import ObjectiveConfig
+import interp.studies.editing as editing
+from interp.core.objectives import ObjectiveConfig
 from interp.world.vocab import attribute_of
 
 model = interp.load_model("concept-world")

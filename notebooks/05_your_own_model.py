@@ -45,7 +45,6 @@ import json
 import shutil
 
 import interp
-
 from interp.notebook import notebook_setup
 
 SMALL = notebook_setup()  # quiet library chatter; the tests set a small configuration
@@ -54,9 +53,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-import interp.evaluation
-import interp.plots
-from interp.objectives import ObjectiveConfig
+import interp.report.evaluation
+import interp.report.plots
+from interp.core.objectives import ObjectiveConfig
 
 print("small configuration" if SMALL else "full configuration", "- working folder:", WORKDIR)
 
@@ -215,10 +214,10 @@ results = pd.concat(frames, ignore_index=True)
 results.groupby("method")["score"].describe()
 
 # %%
-interp.plots.scatter_vs_reference(results, "van gogh style")
+interp.report.plots.scatter_vs_reference(results, "van gogh style")
 
 # %%
-interp.evaluation.correlations(results, n_boot=200)
+interp.report.evaluation.correlations(results, n_boot=200)
 
 # %% [markdown]
 # ## Causal tracing in the text encoder
@@ -237,7 +236,7 @@ tracing = tracer.attribute(model, concept, text_layers, objective=cfg)
 maps = tracer.maps(model, concept, text_layers, objective=cfg)  # the same run's maps, kept by the method object
 print("end-of-text at offsets", tracing.attrs["meta"]["end_of_text_offsets"], "after the last subject token")
 print("positions in the map:", sorted(maps.loc[maps["axis"] == "token", "position"].unique()))
-interp.plots.trace_map_text(maps, "van gogh style")
+interp.report.plots.trace_map_text(maps, "van gogh style")
 
 # %% [markdown]
 # The loaded models live in memory, so the temporary folder (the saved pipeline and the private hub cache) can go:
@@ -257,8 +256,8 @@ shutil.rmtree(WORKDIR, ignore_errors=True)
 # ```python
 # import pandas as pd
 # import interp
-# import interp.plots
-# from interp.objectives import ObjectiveConfig
+# import interp.report.plots
+# from interp.core.objectives import ObjectiveConfig
 #
 # model = interp.load_model("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cuda", dtype="float16")
 # cfg = ObjectiveConfig(kind="erase", n_images=4, timesteps=(250, 600), gen_steps=25)
@@ -266,7 +265,7 @@ shutil.rmtree(WORKDIR, ignore_errors=True)
 # comps = model.components("neuron", family="ff", kind="ff.net.0", block="mid_block")
 # cad = interp.attribute("cad", model, concept, comps, objective=cfg, store="cache/")        # one backward pass
 # truth = interp.attribute("ablation", model, concept, comps, objective=cfg, store="cache/")  # one pass per unit
-# interp.plots.scatter_vs_reference(pd.concat([cad, truth]), "Van Gogh style")
+# interp.report.plots.scatter_vs_reference(pd.concat([cad, truth]), "Van Gogh style")
 # ```
 #
 # `dtype` sets the precision of the forward passes; objective values, gradients and statistics are accumulated in

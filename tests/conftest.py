@@ -97,7 +97,7 @@ def tiny_world_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_objective_config():
-    from interp.objectives import ObjectiveConfig
+    from interp.core.objectives import ObjectiveConfig
 
     return ObjectiveConfig(n_images=2, timesteps=(300, 700))
 
@@ -105,7 +105,7 @@ def tiny_objective_config():
 @pytest.fixture(scope="session")
 def tiny_red_objective(tiny_world_model, tiny_objective_config):
     """The erase objective of "red" on the tiny model: 2 images x 2 timesteps = 4 samples."""
-    from interp.objectives import Objective
+    from interp.core.objectives import Objective
 
     return Objective(tiny_world_model, "red", tiny_objective_config)
 

@@ -42,7 +42,7 @@ class Killed(Exception):
 def killed_at_second_masked_call(monkeypatch) -> None:
     """Make ``Objective.values`` raise :class:`Killed` on its second call with multipliers (the second chunk of a
     sweep); ``monkeypatch.undo()`` restores it."""
-    from interp.objectives import Objective
+    from interp.core.objectives import Objective
 
     real, calls = Objective.values, {"n": 0}
 
@@ -170,7 +170,7 @@ MID = "unet.mid_block.attentions.0.transformer_blocks.0"
 
 
 def _objective_base():
-    from interp.objectives import Objective
+    from interp.core.objectives import Objective
 
     return Objective
 
@@ -186,7 +186,7 @@ class LinearFF(_objective_base()):
 
     def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False,
                record=None, intervene_anchor=True, replay=False):  # full passes whatever replay says
-        from interp.interventions import run_unet
+        from interp.core.interventions import run_unet
 
         r = 1 if mult is None else mult.shape[0]
         if target_context is not None and target_context.shape[0] != self.config.n_images:  # causal tracing's rows
@@ -238,7 +238,7 @@ class ProductFF(LinearFF):
 
 # -- runs whose figures no test looks at ---------------------------------------------------------------------------
 def placeholder_figures(monkeypatch) -> None:
-    """Every figure :mod:`interp.plots` makes becomes an empty one, and every figure written (by any module, through
+    """Every figure :mod:`interp.report.plots` makes becomes an empty one, and every figure written (by any module, through
     ``plots.fig_to_png``) a 1x1 PNG: for tests of runs that look at tables, caches, counts and files but never at a
     figure's pixels. Drawing is most of a small run's time (seaborn's heatmaps and scatter plots, constrained layout,
     a tight bounding box); the names and number of the figures stay the run's own. ``monkeypatch.undo()`` restores."""
@@ -248,7 +248,7 @@ def placeholder_figures(monkeypatch) -> None:
     from matplotlib.figure import Figure
     from PIL import Image
 
-    import interp.plots as plots
+    import interp.report.plots as plots
 
     buf = io.BytesIO()
     Image.new("RGB", (1, 1), "white").save(buf, format="PNG")

@@ -34,21 +34,19 @@ def test_no_method_imports_another_method():
             continue
         others = {f"interp.methods.{m}" for m in methods - {path.stem}}
         bad = imports_of(path) & others
-        assert not bad, f"{path.name} imports {sorted(bad)}: shared work belongs in interp.engine"
+        assert not bad, f"{path.name} imports {sorted(bad)}: shared work belongs in interp.core.engine"
 
 
 def test_the_engine_imports_no_method():
-    bad = {m for m in imports_of(ROOT / "engine.py") if m.startswith("interp.methods")}
+    bad = {m for m in imports_of(ROOT / "core" / "engine.py") if m.startswith("interp.methods")}
     assert not bad
-
-
-CORE = ("models", "components", "concepts", "objectives", "interventions", "diffusion", "generation", "engine")
 
 
 def test_the_core_does_not_import_the_concept_world():
     """The world registers itself (interp.world.plugin, an ``interp.plugins`` entry point); the core only sees it
     through ``model.world``."""
-    files = [ROOT / f"{m}.py" for m in CORE] + sorted((ROOT / "methods").glob("*.py"))
+    files = [p for floor in ("core", "methods", "report", "studies") for p in sorted((ROOT / floor).rglob("*.py"))]
+    assert len(files) > 40
     for path in files:
         bad = {m for m in imports_of(path) if m == "interp.world" or m.startswith("interp.world.")}
         assert not bad, f"{path.relative_to(ROOT.parent)} imports {sorted(bad)}"
@@ -60,17 +58,14 @@ def test_the_world_is_registered_as_a_plugin():
     import interp
 
     assert "concept-world" in {ep.name for ep in entry_points(group="interp.plugins")}
-    assert "concept-world" in interp.models.shipped_models()
+    assert "concept-world" in interp.core.models.shipped_models()
 
 
-#: Every module of the core, the methods and the studies: importing any of them loads no concept-world module.
-LOADED_WITHOUT_THE_WORLD = (
-    "interp.models", "interp.components", "interp.families", "interp.concepts", "interp.objectives",
-    "interp.judges", "interp.interventions", "interp.diffusion", "interp.generation", "interp.engine",
-    "interp.prefix", "interp.methods", "interp.compare", "interp.compare_config", "interp.plan", "interp.erasure",
-    "interp.editing", "interp.editing.evaluate", "interp.editing.uce", "interp.evaluation", "interp.report",
-    "interp.plots", "interp.runs", "interp.store", "interp.executors",
-)
+#: Every module of the core, the methods, the report and the studies: importing any of them loads no concept-world
+#: module.
+LOADED_WITHOUT_THE_WORLD = tuple(
+    ".".join(p.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__")
+    for floor in ("core", "methods", "report", "studies") for p in sorted((ROOT / floor).rglob("*.py")))
 
 
 def test_importing_the_core_loads_no_world_module():
@@ -148,3 +143,21 @@ def test_no_import_circle_among_interp_modules():
         if v not in index:
             visit(v)
     assert not circles, circles
+
+
+#: The floors, bottom to top: each imports only the floors below it (and itself).
+FLOORS = ("core", "methods", "report", "studies", "world")
+
+
+def test_each_floor_imports_only_the_floors_below():
+    """core < methods < report < studies < world: the folders show the layers, and data flows one way."""
+    graph = _import_graph()
+
+    def floor(module: str) -> int | None:
+        parts = module.split(".")
+        return FLOORS.index(parts[1]) if len(parts) > 1 and parts[1] in FLOORS else None
+
+    assert {floor(m) for m in graph} >= set(range(len(FLOORS)))
+    bad = sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets
+                 if floor(m) is not None and floor(t) is not None and floor(t) > floor(m))
+    assert not bad, bad

@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import Killed, killed_at_second_masked_call
 
 import interp
-from helpers import Killed, killed_at_second_masked_call
-from interp.objectives import Objective, ObjectiveConfig
-from interp.store import CacheWarning, Store
+from interp.core.objectives import Objective, ObjectiveConfig
+from interp.core.store import CacheWarning, Store
 
 MID = "unet.mid_block.attentions.0.transformer_blocks.0"
 
@@ -89,14 +89,14 @@ def test_unknown_concept_is_refused_before_the_model_loads(world, tmp_path, refu
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(interp.models, "load_model", no_loading)
+    monkeypatch.setattr(interp.core.models, "load_model", no_loading)
     line = refused(main, small_args(world, tmp_path / "run", "--concepts", "red", "magenta"))
     assert "magenta" in line
 
 
 def test_coar_with_ten_masks_needs_no_budget_curve():
-    from interp.compare import CompareConfig
     from interp.methods.base import get
+    from interp.studies.compare import CompareConfig
 
     opts = CompareConfig(options={"coar": {"n_masks": 10}}).method_options("coar", 32)
     assert opts["n_masks"] == 10 and opts["curve"] == ()  # 8 training masks: no curve point of >= 10 fits below
@@ -125,7 +125,7 @@ with contextlib.redirect_stdout(out):
         runpy.run_module("analyses.compare_methods", run_name="__main__")
     except SystemExit as e:
         code = e.code
-heavy = ("matplotlib", "seaborn", "interp.world", "interp.compare", "interp.report")
+heavy = ("matplotlib", "seaborn", "interp.world", "interp.studies.compare", "interp.report")
 print(json.dumps({"code": code, "help": out.getvalue(), "imported": [m for m in heavy if m in sys.modules]}))
 """
 
@@ -138,8 +138,8 @@ def test_help_documents_every_field_and_every_methods_option():
     import sys
     from dataclasses import fields
 
-    from interp.compare_config import CompareConfig
     from interp.methods import REGISTRY
+    from interp.studies.compare_config import CompareConfig
 
     got = json.loads(subprocess.run([sys.executable, "-c", HELP], capture_output=True, text=True, check=True,
                                     cwd=Path(__file__).resolve().parents[1]).stdout)
@@ -205,7 +205,7 @@ def test_unwritable_run_folder(code, needle, world, tmp_path, refused, monkeypat
     def failing(path, text):
         raise OSError(code, os.strerror(code), str(path))
 
-    monkeypatch.setattr(interp.runs, "atomic_write_text", failing)
+    monkeypatch.setattr(interp.core.runs, "atomic_write_text", failing)
     out = tmp_path / "run"
     line = refused(main, small_args(world, out))
     assert needle in line and str(out) in line, line
@@ -246,9 +246,9 @@ def test_a_pass_that_does_not_fit_in_memory_names_the_fix(device, world, tmp_pat
 
 # -- the library: values refused on construction -------------------------------------------------------------------
 def test_library_refuses_bad_values(tiny_world_model):
-    from interp.compare import CompareConfig
-    from interp.concepts import Concept
+    from interp.core.concepts import Concept
     from interp.methods.base import get
+    from interp.studies.compare import CompareConfig
 
     bad = {  # the value and what its refusal must say
         "negative timestep": (lambda: ObjectiveConfig(timesteps=(-1,)), "timesteps must be an integer >= 0, got -1"),
@@ -351,8 +351,8 @@ def test_resumed_run_reports_the_whole_cost(tiny_world_model, tiny_red_objective
 def test_heldout_cache_key_uses_every_component_and_the_weights(tiny_world_model, tiny_red_objective, tmp_path,
                                                                  tiny_world_model_factory):
     """Issue 16's stale reuse: two component sets with the same first three addresses and count; a retrained model."""
-    from interp.components import ComponentSet
-    from interp.compare import heldout_ablations
+    from interp.core.components import ComponentSet
+    from interp.studies.compare import heldout_ablations
 
     m, obj = tiny_world_model, tiny_red_objective
     units = m.components("neuron", kind="ff.net.0", layer="mid.a0.tb0")
@@ -392,7 +392,7 @@ def _finished_folder(out: Path) -> None:
 
 
 def test_failed_rerun_leaves_no_earlier_outputs(tmp_path):
-    from interp.runs import Run
+    from interp.core.runs import Run
 
     out = tmp_path / "run"
     _finished_folder(out)
@@ -492,7 +492,7 @@ def test_on_an_accelerator_the_largest_passes_are_tried_before_any_method(world,
     error simulated: every UNet pass of more than 4 rows raises CUDA's error."""
     from diffusers import UNet2DConditionModel
 
-    import interp.plan as plan_mod
+    import interp.studies.plan as plan_mod
     from analyses.compare_methods import main
 
     forward = UNet2DConditionModel.forward
@@ -525,7 +525,7 @@ def test_on_an_accelerator_the_replay_cache_is_held_while_the_largest_passes_are
     """Prefix replay's cache (the intact outputs upstream of the ablated units, up to its budget) lives on the
     device beside the sweeps' passes, so the preflight holds as much while it tries them; a cache that cannot fit
     at all is one line before any method runs. The allocator's error is real: a 40 TB reservation."""
-    import interp.plan as plan_mod
+    import interp.studies.plan as plan_mod
     from analyses.compare_methods import main
 
     asked = []
@@ -555,7 +555,7 @@ def test_the_other_long_commands_try_their_largest_passes_first_on_an_accelerato
 
     from diffusers import UNet2DConditionModel
 
-    import interp.plan as plan_mod
+    import interp.studies.plan as plan_mod
 
     main = importlib.import_module(f"analyses.{command}").main
     forward = UNet2DConditionModel.forward

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import interp
-from interp.interventions import Patch, run_unet
+from interp.core.interventions import Patch, run_unet
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from analyses import compare_methods, edit_concepts, erasure_curves
-from interp.compare_config import CompareConfig
-from interp.objectives import MAX_SEED, ObjectiveConfig
+from interp.core.objectives import MAX_SEED, ObjectiveConfig
+from interp.studies.compare_config import CompareConfig
 
 
 def _closed_port() -> int:

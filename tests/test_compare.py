@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from helpers import assert_same_tables, killed_compare_run
 from helpers import compare_args as args_for
-from interp.results import COLUMNS, Cost
+
+from interp.core.results import COLUMNS, Cost
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,9 @@ def test_rerun_reuses_cache(run_dir, tiny_world):
 #: digest with the edit undone and with an edit of a module that makes no table or figure.
 EDITED_RUN = r"""
 import json, pathlib, sys, types
-from interp import compare, plots, store
+from interp.studies import compare
+from interp.report import plots
+from interp.core import store
 from analyses.compare_methods import main
 
 sys.path.insert(0, sys.argv[3])  # the tests' helpers: no test looks at this run's figures (their code's digest is
@@ -156,7 +158,7 @@ def test_changed_table_code_remakes_tables_not_methods(run_dir, tiny_world, tmp_
     import shutil
     import subprocess
 
-    from interp import compare
+    from interp.studies import compare
 
     digest = compare.derived_code_digest()
     assert digest == compare.derived_code_digest() and len(digest) == 16
@@ -212,7 +214,7 @@ def test_killed_run_resumes_to_the_same_tables(tiny_world, run_dir, tmp_path):
 
 @pytest.mark.slow  # several seconds: a comparison with erasure curves (the plugin test also measures them)
 def test_erasure_curves_are_a_section_of_the_comparison(tiny_world, tmp_path, capsys, refused):
-    """--erasure-k adds the erasure curves (interp.erasure) of every method's ranking to the run: tables, figure,
+    """--erasure-k adds the erasure curves (interp.studies.erasure) of every method's ranking to the run: tables, figure,
     report section and findings; a k beyond the component set is refused before any method runs."""
     from analyses.compare_methods import main
 
@@ -266,7 +268,7 @@ def test_a_registered_method_appears_in_tables_figures_and_report(tiny_world, to
     """Adding a method is one registration: its options come from its own declaration (the seed here), and it and
     its variant reach every table, the figures and the report without an edit to the comparison."""
     from analyses.compare_methods import main
-    from interp.compare_config import CompareConfig
+    from interp.studies.compare_config import CompareConfig
 
     cfg = CompareConfig(methods=("ablation", "toy"), seed=3)
     assert cfg.method_options("toy", 16) == {"seed": 3}
@@ -335,7 +337,7 @@ def test_no_progress_hides_the_libraries_loading_bars_too(tiny_world, tmp_path, 
     when it loads the model, are switched off with the suite's own, and back on after the call (the libraries'
     switch is process-wide: a notebook calling ``main`` keeps its bars)."""
     from analyses.compare_methods import main
-    from interp.runtime import library_progress_bars
+    from interp.core.runtime import library_progress_bars
 
     args = ["--model", str(tiny_world), "--concepts", "red", "--images", "1", "--timesteps", "300", "--blocks",
             "mid_block", "--methods", "ablation", "--lds-alphas", "0.2", "--heldout-masks", "10", "--n-boot", "100",
@@ -357,7 +359,7 @@ def test_every_command_that_loads_a_model_takes_no_progress(command, tiny_world,
     they were after ``main`` returns, also when it fails."""
     import importlib
 
-    from interp.runtime import library_progress_bars
+    from interp.core.runtime import library_progress_bars
 
     main = importlib.import_module(f"analyses.{command}").main
     common = ["--model", str(tiny_world), "--concepts", "red", "--threads", "1", "--no-progress"]
@@ -382,7 +384,7 @@ def test_every_command_that_loads_a_model_takes_no_progress(command, tiny_world,
 
 
 def test_library_progress_bars_restores_the_state_it_found():
-    from interp.runtime import library_progress_bars
+    from interp.core.runtime import library_progress_bars
 
     for start in (True, False):
         with library_progress_bars(start):

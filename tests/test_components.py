@@ -12,7 +12,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
-from interp.components import ComponentSet, UnknownComponentError
+from interp.core.components import ComponentSet, UnknownComponentError
 
 FIELDS = ("model", "module", "param", "unit", "family", "block", "layer", "depth", "kind", "granularity")
 MID = "unet.mid_block.attentions.0.transformer_blocks.0"

@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from browser import inspect_page, require_chromium
 
 ROOT = Path(__file__).resolve().parent.parent

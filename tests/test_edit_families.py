@@ -11,14 +11,14 @@ import json
 import pandas as pd
 import pytest
 import torch
+from helpers import changed_weights
 
 import interp
-from helpers import changed_weights
 from interp import testing
-from interp.editing import edits as ed
-from interp.families import Family
+from interp.core.families import Family
+from interp.studies.editing import edits as ed
 
-U = importlib.import_module("interp.editing.uce")  # the package re-exports the function uce under the same name
+U = importlib.import_module("interp.studies.editing.uce")  # the package re-exports the function uce under the same name
 
 FAMILIES = ("sd1", "sdxl", "pixart", "sd3", "flux")
 NEW = FAMILIES[1:]
@@ -77,7 +77,7 @@ def test_uce_on_every_family(models, fam):
         assert sol.objective(sol.W_star) < sol.objective(sol.W0), path
         assert (sol.W_star @ sol.C - sol.V).norm() < (sol.W0 @ sol.C - sol.V).norm(), path
     assert info["n_concept_states"] > 0 and info["n_preserve_states"] > 0
-    edit = interp.editing.uce(m, "red", preserve=KEEP)
+    edit = interp.studies.editing.uce(m, "red", preserve=KEEP)
     assert {u.param for u in edit.updates} == {f"{p}.weight" for p in paths}
     rec = edit.record()
     assert rec["modules"] == len(paths) and rec["max_normal_equation_residual"] < 1e-10
@@ -126,8 +126,8 @@ def test_uce_inputs_are_what_each_projection_sees(models):
     groups, cols = U.projection_inputs(m, U.cross_attention_projections(m), [c for c, _ in pairs], pos_c, lat, t)
     assert len(groups) == 1
     with torch.no_grad():
-        states = interp.interventions.run_text(m, m.tokenize([c for c, _ in pairs]))[0]
-        proj = m.denoiser.caption_projection(interp.families.unpack(states, m.layout)[0]).double()
+        states = interp.core.interventions.run_text(m, m.tokenize([c for c, _ in pairs]))[0]
+        proj = m.denoiser.caption_projection(interp.core.families.unpack(states, m.layout)[0]).double()
     torch.testing.assert_close(cols[0], torch.cat([proj[i, p] for i, p in enumerate(pos_c)]).T)
     mask = m.tokenize([c for c, _ in pairs]) != m.tokenizer.pad_token_id  # T5 padding is masked: never a column
     assert all(mask[i, p].all() for i, p in enumerate(pos_c))
@@ -191,7 +191,7 @@ def test_quickfix_keys_of_a_t5_encoder_cover_the_whole_prompt(models):
 def test_cad_and_component_sets_on_the_transformers(models):
     """CAD scores the transformers' feed-forward matrices (ff.net.0's input projection and ff.net.2); the edit
     command's component sets resolve per family (SD3's attn2 is its context stream's values)."""
-    from interp.objectives import ObjectiveConfig
+    from interp.core.objectives import ObjectiveConfig
 
     m = models["pixart"]
     ws = ed.cad_weight_scores(m, interp.text_concept("red"), "erase",
@@ -212,7 +212,7 @@ def test_cad_and_component_sets_on_the_transformers(models):
 def test_refusals_name_the_family(folders, monkeypatch):
     """A family whose text-reading projections UCE does not know, a text encoder Diff-QuickFix does not know and a
     component set a family lacks are refused in one line naming the family and why."""
-    from interp.editing.uce import cross_attention_projections, uce
+    from interp.studies.editing.uce import cross_attention_projections, uce
 
     m = interp.load_model(str(folders["pixart"]), device="cpu")
 

@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import changed_weights
 
 import interp
-from helpers import changed_weights
-from interp import editing as ed
-from interp.objectives import ObjectiveConfig
-from interp.results import make_frame
+from interp.core.objectives import ObjectiveConfig
+from interp.core.results import make_frame
+from interp.studies import editing as ed
 from interp.world.classifier import ConceptClassifier
 from interp.world.model import ModelConfig, build_pipeline
 

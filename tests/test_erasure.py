@@ -1,4 +1,4 @@
-"""Erasure curves (interp.erasure, analyses.erasure_curves): a known answer on a planted model where one unit alone
+"""Erasure curves (interp.studies.erasure, analyses.erasure_curves): a known answer on a planted model where one unit alone
 carries the concept, the retained rate as the edit evaluation defines it, and the command line (outputs, bad inputs
 refused in one line before any work)."""
 
@@ -11,16 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-import interp
-from interp import editing as ed
-from interp import erasure as er
-from interp.judges import Judge
-from interp.methods import REGISTRY
-
+from helpers import assert_weights_equal
 from test_methods import LINEAR_CFG, MID, LinearFF, _planted_model
 
-from helpers import assert_weights_equal
+import interp
+from interp.core.judges import Judge
+from interp.methods import REGISTRY
+from interp.studies import editing as ed
+from interp.studies import erasure as er
 
 
 class PlantedJudge(Judge):
@@ -293,8 +291,8 @@ def test_per_layer_ranking_spreads_every_top_k_evenly_over_layers():
 
 
 def test_mean_ablation_edit_replaces_units_by_their_anchor_means(tiny_world_model, tiny_red_objective):
-    from interp.generation import generate
-    from interp.interventions import compile_plan, unit_means
+    from interp.core.generation import generate
+    from interp.core.interventions import compile_plan, unit_means
 
     m, obj = tiny_world_model, tiny_red_objective
     before = m.state_fingerprint()
@@ -363,7 +361,7 @@ def test_cli_erases_sae_features_and_reports_the_artifact_rate(tiny_world_folder
     """``--granularity feature --sae FOLDER``: a tiny SAE trained here (seconds) is attached before the components
     are selected, its latents are ranked and ablated, and every point has an artifact rate in [0, 1]."""
     from analyses.erasure_curves import main
-    from interp.features import collect_activations, save_sae, train_sae
+    from interp.core.features import collect_activations, save_sae, train_sae
 
     site = "unet.mid_block.attentions.0.transformer_blocks.0.ff"
     model = interp.load_model(str(tiny_world_folder))

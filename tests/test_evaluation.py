@@ -1,4 +1,4 @@
-"""Known-answer tests of interp.evaluation on small synthetic result frames (no model)."""
+"""Known-answer tests of interp.report.evaluation on small synthetic result frames (no model)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from interp import evaluation as ev
-from interp.results import concat, make_frame
+from interp.core.results import concat, make_frame
+from interp.report import evaluation as ev
 
 
 def components(n: int, per_layer: int = 10, text_layers: int = 0) -> pd.DataFrame:

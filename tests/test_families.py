@@ -1,5 +1,5 @@
 """SDXL, PixArt-α, SD3 and FLUX: tiny random pipelines of the real diffusers classes, saved with save_pretrained and
-loaded as a user's folder, through every part of the suite (interp.families)."""
+loaded as a user's folder, through every part of the suite (interp.core.families)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import scipy.stats
 import torch
 
 import interp
-from interp import diffusion, testing
-from interp.families import family_of
-from interp.generation import generate
+from interp import testing
+from interp.core import diffusion
+from interp.core.families import family_of
+from interp.core.generation import generate
 from interp.methods import REGISTRY
 
 FAMILIES = ("sdxl", "pixart", "sd3", "flux")
@@ -90,7 +91,7 @@ def _assert_samples_as_its_pipeline(m):
     latents = noise
     packed = m.family.name == "flux"  # the pipeline takes its latents packed in 2x2 patches
     if packed:
-        ctx = interp.interventions.encode_prompts(m, m.tokenize([""]))
+        ctx = interp.core.interventions.encode_prompts(m, m.tokenize([""]))
         latents = m.family.denoiser_inputs(m, noise, torch.zeros(1), ctx, None)["hidden_states"]
     out = m.pipeline("a red circle", num_inference_steps=3, guidance_scale=m.default_guidance, latents=latents,
                      output_type="latent", height=H * m.vae_scale_factor, width=W * m.vae_scale_factor,
@@ -181,9 +182,9 @@ def test_closed_form_edits_act_where_each_family_reads_the_text(models, fam, mon
     import importlib
     import re
 
-    from interp.editing.edits import quickfix_module_paths
+    from interp.studies.editing.edits import quickfix_module_paths
 
-    uce = importlib.import_module("interp.editing.uce")
+    uce = importlib.import_module("interp.studies.editing.uce")
     m = models[fam]
     kinds = {p.rsplit(".", 2)[-2] + "." + p.rsplit(".", 1)[-1] for p in uce.cross_attention_projections(m)}
     assert kinds == ({"attn.add_k_proj", "attn.add_v_proj"} if fam in ("sd3", "flux") else {"attn2.to_k", "attn2.to_v"})
@@ -213,9 +214,9 @@ def test_plan_on_every_family_and_on_the_meta_device(models, folders, fam, capsy
     """`compare_methods --plan` measures a family's passes; the same model moved to the meta device (a published
     architecture without weights) is planned with the same counts and FLOPs, and says that it ran nothing."""
     from analyses import compare_methods
-    from interp.compare_config import CompareConfig
-    from interp.models import DiffusionModel
-    from interp.plan import plan_comparison
+    from interp.core.models import DiffusionModel
+    from interp.studies.compare_config import CompareConfig
+    from interp.studies.plan import plan_comparison
 
     block = "mid_block" if fam == "sdxl" else "transformer_blocks"
     argv = ["--model", str(folders[fam]), "--concepts", "red", "--blocks", block, "--images", "2", "--timesteps",

@@ -13,14 +13,14 @@ FEATURE_METHODS = ("ablation", "cad", "coar", "maskgrad", "ig", "midpoint", "scr
 
 @pytest.fixture(scope="module")
 def acts(tiny_world_model):
-    from interp.features import collect_activations
+    from interp.core.features import collect_activations
 
     return collect_activations(tiny_world_model, SITE, ["a red circle", "a blue square"], seeds=(0, 1), steps=3)
 
 
 @pytest.fixture(scope="module")
 def sae(acts):
-    from interp.features import train_sae
+    from interp.core.features import train_sae
 
     return train_sae(acts, k=4, expansion=4, steps=60, batch=64, site=SITE)
 
@@ -28,7 +28,7 @@ def sae(acts):
 @pytest.fixture
 def world(tiny_world_model, sae):
     """The shared tiny model with ``sae`` attached at SITE, detached again afterwards."""
-    from interp.features import attach, detach
+    from interp.core.features import attach, detach
 
     attach(tiny_world_model, sae)
     yield tiny_world_model
@@ -36,7 +36,7 @@ def world(tiny_world_model, sae):
 
 
 def _eps(model, obj, plan=None, mult=None, means=None):
-    from interp.interventions import run_unet
+    from interp.core.interventions import run_unet
 
     x, t = obj.x_t, obj.t
     ctx = obj.ctx_target[obj.image_index]
@@ -46,7 +46,7 @@ def _eps(model, obj, plan=None, mult=None, means=None):
 
 def _planted_sae(model, site, d, n=None, k=None, seed=0):
     """An SAE whose features are exact: orthonormal directions (a random rotation's rows)."""
-    from interp.features import planted
+    from interp.core.features import planted
 
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed)))
     return planted(site, q[: n or d], k=k)
@@ -55,7 +55,7 @@ def _planted_sae(model, site, d, n=None, k=None, seed=0):
 def test_collect_gives_token_rows_over_trajectories(tiny_world_model, acts):
     # 2 prompts x 2 seeds x 3 steps, unguided (one branch), 4x4 = 16 tokens each, width 16
     assert acts.shape == (2 * 2 * 3 * 16, 16) and acts.dtype == torch.float32
-    from interp.features import collect_activations
+    from interp.core.features import collect_activations
 
     rows = collect_activations(tiny_world_model, STAGE, ["a red circle"], seeds=(0,), steps=2)
     assert rows.shape == (2 * 16, 16)  # channel-first: spatial positions are rows, channels their width
@@ -64,7 +64,7 @@ def test_collect_gives_token_rows_over_trajectories(tiny_world_model, acts):
 
 
 def test_training_is_deterministic_and_records_its_data(acts, sae):
-    from interp.features import data_hash, train_sae
+    from interp.core.features import data_hash, train_sae
 
     again = train_sae(acts, k=4, expansion=4, steps=60, batch=64, site=SITE)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
@@ -79,7 +79,7 @@ def test_training_is_deterministic_and_records_its_data(acts, sae):
 
 
 def test_encoding_equals_sparsify(acts, sae):
-    from interp.features import _quiet
+    from interp.core.features import _quiet
 
     with _quiet():
         from sparsify import SparseCoder, SparseCoderConfig
@@ -96,7 +96,7 @@ def test_encoding_equals_sparsify(acts, sae):
 
 
 def test_training_resumes_to_the_same_sae(acts, tmp_path):
-    from interp.features import train_sae
+    from interp.core.features import train_sae
 
     whole = train_sae(acts, k=4, expansion=4, steps=30, batch=64, site=SITE)
     ckpt = tmp_path / "ckpt.pt"
@@ -116,7 +116,7 @@ def test_training_resumes_to_the_same_sae(acts, tmp_path):
 
 def _interrupted(acts, ckpt):
     """train_sae stopped by a KeyboardInterrupt after step 15 (its checkpoint at step 10 written)."""
-    import interp.features as F
+    import interp.core.features as F
 
     real = F._batch
     calls = {"n": 0}
@@ -135,7 +135,7 @@ def _interrupted(acts, ckpt):
 
 
 def test_save_and_load_round_trip(sae, tmp_path):
-    from interp.features import _quiet, load_sae, save_sae
+    from interp.core.features import _quiet, load_sae, save_sae
 
     save_sae(sae, tmp_path / "s")
     back = load_sae(tmp_path / "s")
@@ -162,7 +162,7 @@ def test_addresses_and_selection(world, sae):
 
 
 def test_several_saes_and_a_stage_site(tiny_world_model, sae):
-    from interp.features import attach, detach
+    from interp.core.features import attach, detach
 
     stage = _planted_sae(tiny_world_model, STAGE, 16, n=8, k=2)
     attached = attach(tiny_world_model, stage)
@@ -179,8 +179,8 @@ def test_several_saes_and_a_stage_site(tiny_world_model, sae):
 
 
 def test_attached_model_is_bitwise_the_original(tiny_world_model, tiny_red_objective, sae):
-    from interp.features import attach, detach
-    from interp.interventions import compile_plan
+    from interp.core.features import attach, detach
+    from interp.core.interventions import compile_plan
 
     obj = tiny_red_objective
     before = tiny_world_model.state_fingerprint()
@@ -203,7 +203,7 @@ def test_attached_model_is_bitwise_the_original(tiny_world_model, tiny_red_objec
 def test_feature_ablation_is_removing_its_decoder_contribution(world, sae, tiny_red_objective):
     """A known answer in plain torch: J with feature i zero-ablated equals J with ``f_i(h) W_dec[i]`` subtracted
     from the site's output by a forward hook, no intervention code involved."""
-    from interp.interventions import compile_plan
+    from interp.core.interventions import compile_plan
 
     obj = tiny_red_objective
     comps = world.components("feature")
@@ -233,7 +233,7 @@ def test_feature_ablation_is_removing_its_decoder_contribution(world, sae, tiny_
 
 
 def _site_rows(model, obj):
-    from interp.interventions import run_unet
+    from interp.core.interventions import run_unet
 
     x, t, ctx = obj.x_t, obj.t, obj.ctx_target[obj.image_index]
     with torch.no_grad():
@@ -242,9 +242,9 @@ def _site_rows(model, obj):
 
 
 def test_mean_ablation_uses_feature_means(world, sae, tiny_red_objective):
-    from interp.features import feature_means
-    from interp.interventions import compile_plan
-    from interp.objectives import reference_means
+    from interp.core.features import feature_means
+    from interp.core.interventions import compile_plan
+    from interp.core.objectives import reference_means
 
     obj = tiny_red_objective
     comps = world.components("feature")
@@ -258,8 +258,8 @@ def test_mean_ablation_uses_feature_means(world, sae, tiny_red_objective):
 def _linear_objective(model, config):
     """The erase objective's evaluation set with J = mean over pixels of ``<c, eps>`` on the target branch: linear
     in the denoiser's output, so linear in the multipliers of features at its last layer (``conv_out``)."""
-    from interp.interventions import run_unet
-    from interp.objectives import Objective
+    from interp.core.interventions import run_unet
+    from interp.core.objectives import Objective
 
     class LinearReadout(Objective):
         def _chunk(self, plan, mult, means, target_context, unet_patches, samples=None, recompute_text=False,
@@ -284,7 +284,7 @@ def test_planted_features_true_ablation_equals_cad_where_j_is_linear(tiny_world_
     CAD (activation x gradient) and every gradient variant give the same scores, and a feature's effect is
     ``-mean f_i <W_dec[i], c>``, computed here by hand."""
     import interp
-    from interp.features import attach, detach, planted
+    from interp.core.features import attach, detach, planted
 
     model = tiny_world_model
     site = "unet.conv_out"
@@ -302,7 +302,7 @@ def test_planted_features_true_ablation_equals_cad_where_j_is_linear(tiny_world_
             torch.testing.assert_close(torch.tensor(scores[m][comps.addresses].to_numpy()), truth, rtol=1e-4,
                                        atol=1e-7, msg=m)
         # by hand: eps at the intact model, each feature's activation and its direction's readout
-        from interp.interventions import run_unet
+        from interp.core.interventions import run_unet
 
         with torch.no_grad():
             eps = run_unet(model, obj.x_t, obj.t, obj.ctx_target[obj.image_index], saves=[site])[1][site]
@@ -316,8 +316,8 @@ def test_planted_features_true_ablation_equals_cad_where_j_is_linear(tiny_world_
 @pytest.mark.parametrize("method", FEATURE_METHODS)
 def test_every_feature_method_returns_the_tidy_frame(world, tiny_red_objective, method):
     import interp
+    from interp.core.results import SCHEMA  # noqa: F401  (the frame's columns)
     from interp.methods import get
-    from interp.results import SCHEMA  # noqa: F401  (the frame's columns)
 
     assert "feature" in get(method).capabilities.granularities
     comps = world.components("feature")[:12]
@@ -334,7 +334,7 @@ def test_every_feature_method_returns_the_tidy_frame(world, tiny_red_objective, 
 def test_cad_on_features_is_the_multiplier_gradient(world, tiny_red_objective):
     """CAD falls back to dJ/dm at m = 1 for features (no weight slice): the midpoint gradient at alpha -> 0."""
     import interp
-    from interp.engine import multiplier_gradients
+    from interp.core.engine import multiplier_gradients
 
     comps = world.components("feature")[:8]
     cad = interp.attribute("cad", world, "red", comps, objective=tiny_red_objective, n_groups=1)
@@ -350,8 +350,8 @@ def test_tracing_refuses_features(world, tiny_red_objective):
 
 
 def test_bad_input_names_the_problem_and_the_fix(world, tiny_world_model):
-    from interp.components import UnknownComponentError
-    from interp.features import FeatureDictionary, attach
+    from interp.core.components import UnknownComponentError
+    from interp.core.features import FeatureDictionary, attach
 
     with pytest.raises(ValueError, match=r"has 64 features, indices 0..63") as e:
         world.space.parse(f"{SITE}#f64")
@@ -367,7 +367,7 @@ def test_bad_input_names_the_problem_and_the_fix(world, tiny_world_model):
                                                    torch.randn(8, 16), torch.zeros(16), 2))
     with pytest.raises(ValueError, match="k must be in 1..8"):
         FeatureDictionary(SITE, torch.randn(8, 16), torch.zeros(8), torch.randn(8, 16), torch.zeros(16), 9)
-    from interp.interventions import compile_plan
+    from interp.core.interventions import compile_plan
 
     with pytest.raises(ValueError, match="appears both as a layer"):
         compile_plan(world, [f"{SITE}#f0", SITE])
@@ -376,7 +376,7 @@ def test_bad_input_names_the_problem_and_the_fix(world, tiny_world_model):
 def test_results_on_features_are_keyed_by_the_sae(tiny_world_model, tiny_red_objective, sae, tmp_path):
     """Another SAE at the same site gives the same addresses: a cached result must not be read for it."""
     import interp
-    from interp.features import attach, detach
+    from interp.core.features import attach, detach
 
     comps = [f"{SITE}#f{i}" for i in range(4)]
     attach(tiny_world_model, sae)
@@ -393,7 +393,7 @@ def test_float64_objective_keeps_the_attached_sae(world, tiny_objective_config):
     import dataclasses
 
     import interp
-    from interp.objectives import Objective
+    from interp.core.objectives import Objective
 
     obj = Objective(world, "red", dataclasses.replace(tiny_objective_config, dtype="float64"))
     df = interp.attribute("ablation", world, "red", world.components("feature")[:3], objective=obj)
@@ -411,7 +411,7 @@ def test_train_sae_command(tmp_path, refused):
             "--threads", "1"]
     train_sae.main(argv)
     q = json.loads((out / "quality.json").read_text())
-    from interp.features import load_sae
+    from interp.core.features import load_sae
 
     sae = load_sae(out)
     assert sae.site == SITE and q["n_features"] == 2 * sae.d_in == sae.n_features and 0 < q["fvu"] and q["l0"] <= 4
@@ -428,7 +428,7 @@ def test_compare_methods_on_features_end_to_end(tiny_world_folder, tmp_path, ref
     import pandas as pd
 
     from analyses.compare_methods import main
-    from interp.features import planted, save_sae
+    from interp.core.features import planted, save_sae
 
     q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
     save_sae(planted(SITE, torch.cat([q, -q]), k=4), tmp_path / "sae")
@@ -464,7 +464,7 @@ def test_auroc_is_the_roc_auc_score():
     rng = np.random.default_rng(0)
     scores = np.round(rng.normal(size=(40, 5)), 1)  # ties included
     labels = rng.random((40, 3)) < 0.4
-    got = __import__("interp.features", fromlist=["auroc"]).auroc(scores, labels)
+    got = __import__("interp.core.features", fromlist=["auroc"]).auroc(scores, labels)
     sklearn = pytest.importorskip("sklearn.metrics")
     want = np.array([[sklearn.roc_auc_score(labels[:, v], scores[:, f]) for f in range(5)] for v in range(3)])
     np.testing.assert_allclose(got, want, atol=1e-12)
@@ -477,7 +477,7 @@ def test_planted_indicator_feature_has_auroc_one():
     import numpy as np
     import pandas as pd
 
-    from interp.features import ground_truth_table, planted, site_means
+    from interp.core.features import ground_truth_table, planted, site_means
     from interp.world.vocab import ATTRIBUTES
 
     rng = np.random.default_rng(0)
@@ -508,7 +508,7 @@ def test_sae_ground_truth_command(tiny_world_folder, tmp_path, refused):
 
     import interp
     from analyses.sae_ground_truth import main
-    from interp.features import collect_activations, save_sae, train_sae
+    from interp.core.features import collect_activations, save_sae, train_sae
 
     model = interp.load_model(str(tiny_world_folder))
     acts = collect_activations(model, SITE, ["a red circle", "a blue square"], seeds=(0,), steps=2)
@@ -550,8 +550,8 @@ def test_every_family_trains_and_attributes_features(family, tmp_path):
     generation at the family's site, a trained SAE attached (the model's output bitwise unchanged), and true ablation
     and CAD on its features; ablating every feature changes the objective."""
     import interp
-    from interp.features import attach, collect_activations, train_sae
-    from interp.objectives import ObjectiveConfig
+    from interp.core.features import attach, collect_activations, train_sae
+    from interp.core.objectives import ObjectiveConfig
     from interp.testing import tiny_pipeline
 
     model = interp.load_model(tiny_pipeline(tmp_path / family, family), device="cpu")

@@ -4,7 +4,7 @@ import contextlib
 
 import torch
 
-from interp.objectives import Objective, ObjectiveConfig, gradients
+from interp.core.objectives import Objective, ObjectiveConfig, gradients
 
 PATH = "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2"
 
@@ -75,7 +75,7 @@ def test_gradient_passes_stay_within_max_batch_and_give_the_same_gradients(tiny_
     UNet rows, each freed before the next (memory bounded at Stable Diffusion's size): every gradient method gives
     the same numbers, up to rounding, as one backward pass over the whole set."""
     import interp
-    from interp.engine import multiplier_gradients
+    from interp.core.engine import multiplier_gradients
     from interp.methods.cad import weight_scores
 
     model = tiny_world_model
@@ -127,8 +127,8 @@ def test_gradient_mask_rows_are_split_when_one_sample_of_each_is_more_than_max_b
     single sample, more than a GPU may hold at Stable Diffusion's size. Below that, the mask rows are split as well
     (each mask's rows are independent): every pass stays within ``max_batch``, down to one mask's branches, with the
     same gradients up to rounding, and the plan's largest gradient batch is the one run."""
-    from interp.engine import multiplier_gradients
-    from interp.plan import engine_batches, eval_shape
+    from interp.core.engine import multiplier_gradients
+    from interp.studies.plan import engine_batches, eval_shape
 
     model = tiny_world_model
     big = ObjectiveConfig(n_images=2, timesteps=(200, 600), dtype="float64")  # 4 samples x 2 branches
@@ -182,8 +182,8 @@ def test_mean_ablation_reference_means_stay_within_max_batch(tiny_world_model):
     """Mean-ablation's reference means are taken in passes of at most ``max_batch`` rows and combined by their rows:
     the same means, and the same mean-ablation scores, up to rounding."""
     import interp
-    from interp.interventions import compile_plan
-    from interp.objectives import reference_means
+    from interp.core.interventions import compile_plan
+    from interp.core.objectives import reference_means
 
     model = tiny_world_model
     big = ObjectiveConfig(n_images=3, timesteps=(200, 600), dtype="float64")
@@ -211,8 +211,8 @@ def test_gradients_through_generation_rerun_unet_calls_beyond_max_batch(tiny_wor
     is re-run in the backward pass instead (checkpointing): the same gradients, the activations of one call held at
     a time instead of one per step, and the plan counts the re-run rows as cost."""
     import interp
-    from interp.engine import multiplier_gradients
-    from interp.plan import engine_batches, eval_shape
+    from interp.core.engine import multiplier_gradients
+    from interp.studies.plan import engine_batches, eval_shape
 
     m = interp.load_model(str(tiny_world_folder))
     big = ObjectiveConfig(kind="classifier", n_images=3, gen_steps=3, dtype="float64")

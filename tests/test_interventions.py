@@ -11,11 +11,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import assert_no_hooks, assert_weights_equal
 
 import interp
-from helpers import assert_no_hooks, assert_weights_equal
-from interp.components import UnknownComponentError
-from interp.interventions import (
+from interp.core.components import UnknownComponentError
+from interp.core.interventions import (
     Patch,
     compile_plan,
     parameters_requiring_grad,
@@ -24,8 +24,8 @@ from interp.interventions import (
     unit_means,
     weights_ablated,
 )
-from interp.objectives import NonFiniteObjectiveError, Objective, ObjectiveConfig
-from interp.results import validate
+from interp.core.objectives import NonFiniteObjectiveError, Objective, ObjectiveConfig
+from interp.core.results import validate
 from interp.world.vocab import OutOfVocabularyError
 
 MID = "unet.mid_block.attentions.0.transformer_blocks.0"

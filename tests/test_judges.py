@@ -13,14 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import skip_unless_ci, unet_rows
 
 import interp
+from interp.core.interventions import compile_plan
+from interp.core.judges import GENERIC_ALTERNATIVES, CLIPJudge, JudgeLoadError, load_judge, shipped_judges
+from interp.core.objectives import Objective, ObjectiveConfig
+from interp.studies import editing as ed
 from interp.testing import tiny_stable_diffusion
-from interp import editing as ed
-from helpers import skip_unless_ci, unet_rows
-from interp.interventions import compile_plan
-from interp.judges import GENERIC_ALTERNATIVES, CLIPJudge, JudgeLoadError, load_judge, shipped_judges
-from interp.objectives import Objective, ObjectiveConfig
 from interp.world.concepts import world_concept
 from interp.world.judge import ClassifierJudge
 from interp.world.model import ModelConfig, build_pipeline

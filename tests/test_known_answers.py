@@ -1,6 +1,6 @@
 """J, the forward noising and the denoising target against the papers' definitions, written out here in plain torch.
 
-Everything below is computed without :mod:`interp.objectives`' or :mod:`interp.diffusion`'s formulas: the model's own
+Everything below is computed without :mod:`interp.core.objectives`' or :mod:`interp.core.diffusion`'s formulas: the model's own
 UNet, text encoder and VAE called directly, the scheduler's ``alphas_cumprod`` (itself checked against the betas'
 definitions), the noising of DDPM (Ho et al. 2020) ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``, the v target of
 progressive distillation (Salimans & Ho 2022) ``v = sqrt(a_t) eps - sqrt(1 - a_t) x_0``, CAD's objectives (Nguyen et
@@ -23,15 +23,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import MID, ProductFF
 
 import interp
-from interp import diffusion
-from interp.concepts import Concept
-from interp.interventions import compile_plan
-from interp.objectives import Objective, ObjectiveConfig
+from interp.core import diffusion
+from interp.core.concepts import Concept
+from interp.core.interventions import compile_plan
+from interp.core.objectives import Objective, ObjectiveConfig
 from interp.testing import make_scheduler, tiny_stable_diffusion
-
-from helpers import MID, ProductFF
 
 pytestmark = pytest.mark.xdist_group("known_answers")
 

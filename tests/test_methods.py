@@ -11,18 +11,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import MID, Killed, LinearFF, ProductFF, assert_untouched, killed_at_second_masked_call
 
 import interp
-import interp.interventions as interventions_mod
+import interp.core.interventions as interventions_mod
+import interp.core.objectives as objectives_mod
 import interp.methods.tracing as tracing_mod
-import interp.objectives as objectives_mod
-from interp.interventions import Patch, compile_plan, run_unet
+from interp.core.interventions import Patch, compile_plan, run_unet
+from interp.core.objectives import Objective, ObjectiveConfig
+from interp.core.results import COLUMNS, DTYPES, MAP_COLUMNS, MAP_DTYPES, Cost, validate
 from interp.methods import REGISTRY
-from interp.results import Cost
-from interp.objectives import Objective, ObjectiveConfig
-from interp.results import COLUMNS, DTYPES, MAP_COLUMNS, MAP_DTYPES, validate
-
-from helpers import MID, Killed, LinearFF, ProductFF, assert_untouched, killed_at_second_masked_call
 
 RES = "unet.down_blocks.1.resnets.0"
 OPTIONS = {"coar": {"n_masks": 60}, "tracing": {"n_noise": 1}, "ablation": {"chunk": 8}, "cad": {}, "ig": {"steps": 4},
@@ -359,7 +357,7 @@ def test_text_restoration_mechanics(tiny_world_folder):
     """Basu et al.'s text-encoder test end to end (tracing.text_restoration): a whole restored layer restores the
     images exactly; a state restored at the subject of layer l changes no earlier position, and at the last layer no
     other position of the context the UNet reads (the encoder is causal; its final layer norm is per position)."""
-    from interp.interventions import run_text
+    from interp.core.interventions import run_text
 
     m = interp.load_model(str(tiny_world_folder))
     cfg = ObjectiveConfig(kind="classifier", n_images=3, gen_steps=2)
@@ -424,7 +422,7 @@ def test_killed_ablation_resumes_from_its_chunks(tiny_world_model, tiny_red_obje
 
 # -- bugs found while writing these tests ---------------------------------------------------------------------------
 def test_cache_distinguishes_models_with_edited_weights(tiny_world_model, tiny_objective_config, tmp_path):
-    from interp.interventions import weights_ablated
+    from interp.core.interventions import weights_ablated
 
     m = tiny_world_model
     comps = [f"{MID}.ff.net.0[{j}]" for j in (3, 30, 31)]

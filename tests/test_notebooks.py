@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import import_or_skip
 
 # the [dev] extra: skipped without it locally, a failure under CI=true

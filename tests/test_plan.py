@@ -1,4 +1,4 @@
-"""The cost plan (interp.plan): its counts equal what a run records, for every registered method, and it prints in
+"""The cost plan (interp.studies.plan): its counts equal what a run records, for every registered method, and it prints in
 seconds."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import interp
-import interp.models
-from interp.compare import CompareConfig, run_comparison
+import interp.core.models
 from interp.methods import REGISTRY
-from interp.plan import plan_comparison
+from interp.studies.compare import CompareConfig, run_comparison
+from interp.studies.plan import plan_comparison
 
 
 def tiny_config(folder: Path, **kw) -> CompareConfig:
@@ -37,14 +37,14 @@ def test_planned_counts_equal_the_runs_recorded_counts(tiny_world_folder, tmp_pa
     plan = plan_comparison(cfg, model=model, measure=True)
     assert model.counters["unet_rows"] == 0, "the plan's measured passes must not count as work"
     # the shape the plan assumes is the objective's
-    from interp.objectives import Objective
+    from interp.core.objectives import Objective
 
     obj = Objective(model, "red", cfg.objective_config())
     assert (plan.shape.rows_per_eval, plan.shape.n_samples, plan.shape.branches) == \
         (obj.rows_per_eval, obj.n_samples, obj.branches)
     model.counters.clear()
 
-    monkeypatch.setattr(interp.models, "load_model", lambda *a, **k: model)  # read the run's counters afterwards
+    monkeypatch.setattr(interp.core.models, "load_model", lambda *a, **k: model)  # read the run's counters afterwards
     result = run_comparison(cfg, tmp_path / "run", progress=False)
     recorded = result["meta"]["methods"]
     t = plan.table.set_index(["method", "concept"])
@@ -101,8 +101,8 @@ def test_meta_flop_count_matches_a_real_pass(tiny_world_model):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from interp.diffusion import latent_shape
-    from interp.plan import _meta_flops
+    from interp.core.diffusion import latent_shape
+    from interp.studies.plan import _meta_flops
 
     m = tiny_world_model
     per_row, _ = _meta_flops(m, m.components("neuron", kind="ff.net.2"))
@@ -115,7 +115,7 @@ def test_meta_flop_count_matches_a_real_pass(tiny_world_model):
 
 def test_a_short_measured_pass_is_timed_twice_and_the_faster_kept(monkeypatch):
     """The first pass at a shape pays one-off costs; a cheap pass is repeated, an expensive one is not."""
-    import interp.plan as plan_mod
+    import interp.studies.plan as plan_mod
 
     runs = []
 
@@ -139,7 +139,7 @@ def test_a_short_measured_pass_is_timed_twice_and_the_faster_kept(monkeypatch):
 def _fake_passes(monkeypatch, seconds_per_row, fits_up_to=None):
     """``_timed_pass`` replaced: a pass of ``rows`` takes ``seconds_per_row(rows)`` and raises CUDA's out-of-memory
     error above ``fits_up_to`` rows. Returns the batches tried."""
-    import interp.plan as plan_mod
+    import interp.studies.plan as plan_mod
 
     tried = []
 
@@ -156,7 +156,7 @@ def _fake_passes(monkeypatch, seconds_per_row, fits_up_to=None):
 def test_a_fast_measured_pass_grows_toward_the_engine_batch(monkeypatch):
     """On a GPU a pass at the FLOP budget takes milliseconds: the measured batch grows (by the time it took) until a
     pass takes GROW_BELOW or reaches the engine's batch; a slow pass (a CPU at SD's size) is not grown."""
-    import interp.plan as plan_mod
+    import interp.studies.plan as plan_mod
 
     tried = _fake_passes(monkeypatch, lambda rows: 0.01 + 0.004 * rows)  # a GPU: batching pays
     q = plan_mod._fitting_pass(None, None, 1, 256, False)
@@ -172,7 +172,7 @@ def test_a_fast_measured_pass_grows_toward_the_engine_batch(monkeypatch):
 def test_a_pass_that_does_not_fit_is_halved_and_the_plan_names_the_batch(monkeypatch, capsys):
     """A GPU user's plan at the engine's 256 rows: the pass that does not fit is halved until one does, the plan
     projects at that batch and says which --max-batch to run with; a pass of one row that does not fit raises."""
-    import interp.plan as plan_mod
+    import interp.studies.plan as plan_mod
     from analyses.compare_methods import main
 
     tried = _fake_passes(monkeypatch, lambda rows: 0.001 * rows, fits_up_to=40)
@@ -190,7 +190,7 @@ def test_the_plan_projects_gpu_memory_to_the_engine_batch_and_names_the_batch_th
     """On CUDA a measured pass that stops short of the engine's batch (a pass took GROW_BELOW) tells what a pass
     holds per row above what was held before it: the plan projects the engine's batch from it and, when that would
     not fit in the device, says which --max-batch would, before anything runs."""
-    import interp.plan as plan_mod
+    import interp.studies.plan as plan_mod
     from analyses.compare_methods import main
 
     GiB = 2**30

@@ -1,4 +1,4 @@
-"""Prefix replay (interp.prefix): ablated passes replay the intact UNet upstream of their earliest ablation.
+"""Prefix replay (interp.core.prefix): ablated passes replay the intact UNet upstream of their earliest ablation.
 
 What must hold: the values equal a full pass's for every kind of component and ablation (single, joint, mean),
 every objective branch layout, on the concept world's and Stable Diffusion's UNet layouts, and for causal tracing's
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import interp
-from interp.components import ComponentSet
-from interp.engine import masked_values, random_masks, single_ablation_deltas
-from interp.objectives import Objective, ObjectiveConfig
-from interp.prefix import frontier
+from interp.core.components import ComponentSet
+from interp.core.engine import masked_values, random_masks, single_ablation_deltas
+from interp.core.objectives import Objective, ObjectiveConfig
+from interp.core.prefix import frontier
 
 
 def _both(obj, fn):
@@ -133,8 +133,8 @@ def test_replayed_fraction_is_the_flops_a_replayed_pass_saves(tiny_world_model, 
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from interp.interventions import compile_plan
-    from interp.plan import replayed_fraction
+    from interp.core.interventions import compile_plan
+    from interp.studies.plan import replayed_fraction
 
     # an objective of its own: this test switches replay and fills the cache (the session's shared one stays as it is)
     model, obj = tiny_world_model, Objective(tiny_world_model, "red", tiny_objective_config)
@@ -184,7 +184,7 @@ def test_causal_tracing_replays_its_corrupted_run_exactly(tiny_world_model):
 
 def test_rows_on_different_contexts_are_not_replayed(tiny_world_model):
     """A call whose rows run on different replaced contexts has no shared upstream: it runs full passes."""
-    from interp.interventions import compile_plan
+    from interp.core.interventions import compile_plan
 
     model = tiny_world_model
     obj = Objective(model, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64"))
@@ -203,7 +203,7 @@ def test_rows_on_different_contexts_are_not_replayed(tiny_world_model):
 def test_rows_group_by_their_first_site_and_small_groups_fill_a_batch():
     from types import SimpleNamespace
 
-    from interp.interventions import Plan
+    from interp.core.interventions import Plan
 
     plan = Plan(None, {"unet": [SimpleNamespace(columns=[0]), SimpleNamespace(columns=[1]),
                                 SimpleNamespace(columns=[2])]}, "unet")
@@ -224,8 +224,8 @@ def test_replay_runs_only_where_it_saves_flops(tiny_world_model):
     ablation runs a full pass, also after the cache is filled; eight replay."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from interp.interventions import compile_plan
-    from interp.prefix import module_flops, replay_pays, upstream_share
+    from interp.core.interventions import compile_plan
+    from interp.core.prefix import module_flops, replay_pays, upstream_share
 
     model = tiny_world_model
     obj = Objective(model, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64"))
@@ -266,9 +266,9 @@ def test_the_replay_cache_stays_within_its_budget(tiny_world_model):
     """The cache holds at most ``replay_budget`` bytes, counted beforehand from per-module output sizes on the meta
     device (equal to the real outputs'): a call whose outputs to cache would be more runs full passes, bitwise as
     with replay off, and a fill drops what the call does not need first."""
-    from interp.interventions import compile_plan
-    from interp.plan import eval_shape, replay_reserve
-    from interp.prefix import fill_bytes, intact_outputs, module_bytes, nbytes
+    from interp.core.interventions import compile_plan
+    from interp.core.prefix import fill_bytes, intact_outputs, module_bytes, nbytes
+    from interp.studies.plan import eval_shape, replay_reserve
 
     model = tiny_world_model
     obj = Objective(model, "red", ObjectiveConfig(n_images=2, timesteps=(300,), dtype="float64"))

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from helpers import require_ray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +40,7 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def ray_executor():
-    from interp.executors import RayExecutor
+    from interp.core.executors import RayExecutor
 
     ex = RayExecutor(workers=2)
     yield ex
@@ -57,7 +56,7 @@ def tiny_loaded(tiny_world_folder):
 
 
 def _objective(model):
-    from interp.objectives import Objective, ObjectiveConfig
+    from interp.core.objectives import Objective, ObjectiveConfig
 
     return Objective(model, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700)))
 
@@ -66,7 +65,7 @@ def _objective(model):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_sweep_gives_the_local_result_bit_for_bit(method, tiny_loaded, ray_executor, tmp_path):
     import interp
-    from interp.store import Store
+    from interp.core.store import Store
 
     comps = tiny_loaded.components("neuron", family="ff", kind="ff.net.2", block="mid_block")
     # A fresh objective for each run: J caches intact states on first use, which the first run would pay for.
@@ -94,7 +93,7 @@ def test_stable_diffusion_folders_give_the_local_result_on_ray(style, ray_execut
     """On a Stable Diffusion folder the workers rebuild the evaluation set by sampling with the folder's scheduler:
     forward and gradient sweeps equal the local ones."""
     import interp
-    from interp.objectives import ObjectiveConfig
+    from interp.core.objectives import ObjectiveConfig
     from interp.testing import tiny_stable_diffusion
 
     model = interp.load_model(tiny_stable_diffusion(tmp_path / style, style), device="cpu")
@@ -112,12 +111,12 @@ def test_a_killed_worker_costs_only_its_items(tiny_loaded, ray_executor, tmp_pat
     """SIGKILL one worker while a sweep runs: Ray restarts it (it loads the model again) and retries its items; the
     result is the uninterrupted one and every item is stored once."""
     import interp
-    from interp.store import Entry, Store
+    from interp.core.store import Entry, Store
 
     comps = tiny_loaded.components("neuron", family="ff", kind="ff.net.2")
     obj = _objective(tiny_loaded)
     local = interp.attribute("ablation", tiny_loaded, "red", comps, objective=obj, chunk=2)
-    ray_executor.actors(__import__("interp.executors", fromlist=["x"]).ObjectiveRecipe.of(obj))
+    ray_executor.actors(__import__("interp.core.executors", fromlist=["x"]).ObjectiveRecipe.of(obj))
     pids = ray_executor.worker_pids()
     killed = {}
     put_chunk = Entry.put_chunk
@@ -158,7 +157,7 @@ def test_the_ray_executor_refuses_a_model_it_cannot_reload(tiny_world_model, ray
 def test_workers_that_cannot_be_placed_fail_instead_of_waiting(tiny_loaded, ray_executor):
     """The module's executor holds both CPUs of the local cluster: a second one asking for two more workers gets a
     one-line error naming the fix, not a hang."""
-    from interp.executors import ObjectiveRecipe, RayExecutor
+    from interp.core.executors import ObjectiveRecipe, RayExecutor
 
     recipe = ObjectiveRecipe.of(_objective(tiny_loaded))
     ray_executor.actors(recipe)

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import assert_same_tables, killed_compare_run, require_ray
 from helpers import compare_args as _args
 

@@ -13,15 +13,14 @@ from html import unescape
 import numpy as np
 import pandas as pd
 import pytest
+from browser import inspect_page, require_chromium  # tests/ is on sys.path (rootdir-less test folder)
 from PIL import Image
 
-from browser import inspect_page, require_chromium  # tests/ is on sys.path (rootdir-less test folder)
-from interp import evaluation as ev
-from interp import plots
-from interp.report import render_report, settings_rows
-from interp.runs import Run
+from interp.core.results import concat, is_main, make_frame, make_map_frame
+from interp.core.runs import Run
+from interp.report import evaluation as ev
+from interp.report import plots, render_report, settings_rows
 from interp.report.findings import compare_findings, edit_findings
-from interp.results import concat, is_main, make_frame, make_map_frame
 
 TEXT_LAYERS, UNET_LAYERS, UNITS = 3, 4, 12
 TOKENS = ["<bos>", "a", "red", "circle", "<eos>"]
@@ -302,7 +301,7 @@ def test_compare_findings_name_the_trusted_methods_with_their_numbers():
 
 
 def test_findings_flag_concepts_whose_corruption_does_not_remove_them():
-    from interp.evaluation import corruption_table
+    from interp.report.evaluation import corruption_table
 
     df = pd.DataFrame({"method": ["tracing"] * 3 + ["cad"], "concept": ["red", "circle", "blue", "red"]})
     df.attrs["meta"] = {"tracing/red": {"j_clean": 1.0, "j_corrupted": [0.1, 0.2]},
@@ -418,8 +417,8 @@ DEFAULT_VARIANTS = {
 def default_shaped_run(tmp_path_factory):
     """Synthetic results with the default run's shape: 5 concepts, 448 feed-forward output neurons in 7 blocks, the
     8 methods with COAR's and the mask-averaged gradient's budget and rate variants, 64 held-out masks at 3 rates."""
-    from interp import compare
-    from interp.compare_config import CompareConfig
+    from interp.studies import compare
+    from interp.studies.compare_config import CompareConfig
 
     rng = np.random.default_rng(1)
     comp = components(units=64, unet_layers=7, text_units=False)
@@ -491,7 +490,7 @@ def test_edit_report_reads_top_to_bottom(tmp_path):
     from types import SimpleNamespace
 
     from analyses.edit_concepts import report_sections, summary_sentences
-    from interp.editing.evaluate import PER_VALUE_COLUMNS, SUMMARY_COLUMNS, EvalConfig, tradeoff_plot
+    from interp.studies.editing.evaluate import PER_VALUE_COLUMNS, SUMMARY_COLUMNS, EvalConfig, tradeoff_plot
 
     rng = np.random.default_rng(0)
     rows = []

@@ -1,4 +1,4 @@
-"""interp.runtime: glibc's allocator tuned by load_model on the CPU keeps activation memory in the process.
+"""interp.core.runtime: glibc's allocator tuned by load_model on the CPU keeps activation memory in the process.
 
 Each case runs in a fresh interpreter: the allocator's settings are per process and cannot be undone."""
 
@@ -14,7 +14,7 @@ import pytest
 
 SCRIPT = r"""
 import hashlib, json, resource, sys, torch, interp
-from interp.runtime import tune_cpu_allocator
+from interp.core.runtime import tune_cpu_allocator
 torch.set_num_threads(1)
 m = interp.load_model("concept-world", device="cpu")
 if sys.argv[1] == "0":  # whether load_model tuned the allocator, nothing else

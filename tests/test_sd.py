@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import interp
-from interp.objectives import Objective, ObjectiveConfig
+from interp.core.objectives import Objective, ObjectiveConfig
 from interp.testing import SCHEDULERS, tiny_stable_diffusion
 
 STYLES = ("sd1", "sd2")
@@ -133,7 +133,7 @@ def test_a_word_split_into_letters_is_warned_about(sd_models):
         Objective(sd_models["sd1"], "zebra", ObjectiveConfig(n_images=2, gen_steps=2, timesteps=(500,)))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        interp.concepts.check_tokenization(sd_models["sd1"].tokenizer, "van gogh style")
+        interp.core.concepts.check_tokenization(sd_models["sd1"].tokenizer, "van gogh style")
 
 
 def test_missing_local_paths_are_reported_as_paths(tmp_path, monkeypatch):
@@ -171,7 +171,7 @@ def test_the_safety_checker_is_never_loaded_and_may_be_missing(sd_folders, tmp_p
     is missing is named."""
     import shutil
 
-    from interp.models import ModelLoadError
+    from interp.core.models import ModelLoadError
 
     def same(a, b):
         wa, wb = a.state_fingerprint(), b.state_fingerprint()
@@ -220,7 +220,7 @@ def test_cuda_results_match_cpu(sd_folders):
 
 
 def test_device_names_are_checked():
-    from interp.models import resolve_device
+    from interp.core.models import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")
@@ -269,9 +269,9 @@ def test_generation_steps_and_guidance_are_options_of_every_command(sd_models, m
     """The objective's generations on Stable Diffusion (its evaluation images; the classifier objective's images)
     run at the steps and guidance a command is given: --gen-steps/--guidance of compare_methods and erasure_curves,
     --attr-steps/--guidance of edit_concepts; bad values are one-line errors before anything loads."""
-    import interp.objectives as objectives_mod
+    import interp.core.objectives as objectives_mod
     from analyses import edit_concepts, erasure_curves
-    from interp.compare_config import CompareConfig
+    from interp.studies.compare_config import CompareConfig
 
     seen = []
     real = objectives_mod.generate
@@ -290,7 +290,7 @@ def test_generation_steps_and_guidance_are_options_of_every_command(sd_models, m
     args = erasure_curves.build_parser().parse_args(["--gen-steps", "4", "--guidance", "3"])
     ranking = erasure_curves.ranking_config(config_from_args(erasure_curves.ErasureCurvesConfig, args), None)
     assert (ranking.objective_config().gen_steps, ranking.objective_config().guidance) == (4, 3.0)
-    from interp.compare import erasure_setup, select_components
+    from interp.studies.compare import erasure_setup, select_components
 
     cfg = CompareConfig(erasure_k=(1,), guidance=2.5, judge="concept-world-clip", concepts=("red", "blue"))
     assert erasure_setup(sd_models["sd1"], select_components(sd_models["sd1"], cfg), cfg)["eval"].guidance == 2.5
@@ -310,14 +310,14 @@ def test_the_evaluation_set_is_generated_within_max_batch(sd_models, style):
     """On Stable Diffusion the objective's evaluation images are generated (two UNet rows per image under guidance):
     in calls of at most max_batch rows, from the noise one call draws, so a deterministic sampler gives the same
     images up to rounding; the default, one call, is bitwise what generate gives."""
-    from interp.generation import generate
+    from interp.core.generation import generate
 
     model = sd_models[style]  # both samplers deterministic
     concept = interp.text_concept("red")
     big = ObjectiveConfig(n_images=3, timesteps=(500,), gen_steps=2)
     one = Objective(model, concept, big)
     x0 = generate(model, one.target_prompts, seed=0, steps=2, decode=False).to(one.dtype)
-    assert torch.equal(one.x_t, interp.diffusion.add_noise(model.scheduler, x0[one.image_index], one.noise, one.t))
+    assert torch.equal(one.x_t, interp.core.diffusion.add_noise(model.scheduler, x0[one.image_index], one.noise, one.t))
     rows = []
     handle = model.unet.conv_in.register_forward_hook(lambda mod, args, out: rows.append(out.shape[0]))
     try:
@@ -332,7 +332,7 @@ def test_the_vae_decodes_in_slices_that_hold_what_a_unet_pass_does(sd_models):
     """A generation call's images are decoded in slices sized like a UNet pass of ``max_rows`` rows (one image's
     decoding at 64x64 latents holds about 6 UNet rows' activations; smaller latents, more images): the same images
     up to rounding, no slice above the bound."""
-    from interp import diffusion
+    from interp.core import diffusion
 
     model = sd_models["sd1"]  # 8x8 latents: 64 / 6 images per UNet row
     assert diffusion.decode_batch((1, 4, 64, 64), 12) == 2 and diffusion.decode_batch((1, 4, 8, 8), 1) == 10

@@ -5,7 +5,7 @@ saved with ``save_pretrained`` and loaded with ``interp.load_model``. The UNet's
 architecture accepts any multiple of 8; SD's own is 64) so the comparison runs in minutes on a CPU: one concept,
 one image, one timestep, six named feed-forward output neurons across the down, mid and up paths, few COAR and
 held-out masks. Causal tracing is left out: its text-encoder map alone is 77 token positions x 12 layers
-evaluation-set passes (``interp.plan`` counts it), far more than every other method together.
+evaluation-set passes (``interp.studies.plan`` counts it), far more than every other method together.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
-from interp.results import meta_key
+from interp.core.results import meta_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,9 +53,9 @@ NEURONS = (
 @pytest.mark.slow
 def test_comparison_on_a_stable_diffusion_15_sized_model(tmp_path, monkeypatch):
     import interp
-    import interp.models
-    from interp.compare import CompareConfig, run_comparison
-    from interp.plan import plan_comparison
+    import interp.core.models
+    from interp.studies.compare import CompareConfig, run_comparison
+    from interp.studies.plan import plan_comparison
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(2)
@@ -76,7 +76,7 @@ def test_comparison_on_a_stable_diffusion_15_sized_model(tmp_path, monkeypatch):
                                  "maskgrad": {"n_masks": 2, "curve": (1,), "alpha": 0.2}})
     plan = plan_comparison(cfg, model=model, measure=False)
     digest = _weights_digest(model)
-    monkeypatch.setattr(interp.models, "load_model", lambda *a, **k: model)  # the loaded model, counters readable
+    monkeypatch.setattr(interp.core.models, "load_model", lambda *a, **k: model)  # the loaded model, counters readable
     out = tmp_path / "run"
     result = run_comparison(cfg, out, progress=False)
     assert _weights_digest(model) == digest, "the comparison changed the model's weights"

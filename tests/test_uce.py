@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interp.editing.uce import cross_attention_projections, text_states, uce, uce_solve
+from interp.studies.editing.uce import cross_attention_projections, text_states, uce, uce_solve
 
 
 def test_closed_form_solves_the_normal_equations():

@@ -8,8 +8,8 @@ import logging
 import numpy as np
 import pytest
 import torch
-
 from helpers import skip_unless_ci
+
 from interp.world import vocab
 from interp.world.classifier import ConceptClassifier, accuracy, train_classifier
 from interp.world.model import ConceptWorldPipeline, ModelConfig, build_pipeline
@@ -348,8 +348,8 @@ def test_shipped_checkpoint_loads_and_its_fidelity_is_what_it_claims():
     import json
 
     import interp
-    from interp.world.plugin import ASSETS
     from interp.world.fidelity import measure_fidelity
+    from interp.world.plugin import ASSETS
 
     folder = ASSETS / "concept-world"
     if not (folder / "fidelity.json").exists():

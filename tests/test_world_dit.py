@@ -11,9 +11,17 @@ import pytest
 import torch
 
 import interp
-from interp.families import unpack
-from interp.world.dit import (BASE, DiTModelConfig, DiTTrainConfig, build_dit_pipeline, encode_captions,
-                              sample_sigmas, save_dit, train_dit)
+from interp.core.families import unpack
+from interp.world.dit import (
+    BASE,
+    DiTModelConfig,
+    DiTTrainConfig,
+    build_dit_pipeline,
+    encode_captions,
+    sample_sigmas,
+    save_dit,
+    train_dit,
+)
 from interp.world.plugin import ASSETS, DIT_WORLD, is_dit_world_folder, is_latent_world_folder, is_world_folder
 
 SHIPPED = ASSETS / "concept-world-dit"
@@ -54,7 +62,7 @@ def test_shipped_dit_is_a_plain_sd3_folder_that_diffusers_loads_offline(monkeypa
     assert image.shape == (1, 3, 32, 32)
     # the diffusers pipeline with max_sequence_length=16 is the suite's generation, exactly
     m = interp.load_model("concept-world-dit", device="cpu")
-    x = interp.diffusion.initial_noise(m.unet, 1, torch.Generator().manual_seed(0))
+    x = interp.core.diffusion.initial_noise(m.unet, 1, torch.Generator().manual_seed(0))
     mine = interp.generate(m, ["a red solid circle on black"], steps=3, guidance=2.0, latents=x)
     theirs = pipe("a red solid circle on black", num_inference_steps=3, guidance_scale=2.0, latents=x,
                   max_sequence_length=16, output_type="pt").images
@@ -74,7 +82,7 @@ def test_shipped_dit_loads_by_name_as_a_concept_world_model(shipped_model):
     assert type(m.pipeline) is StableDiffusion3Pipeline and m.family.name == "sd3" and m.family.noise == "flow"
     assert m.world is DIT_WORLD and m.is_concept_world and m.classifier is not None
     assert m.default_guidance == json.loads((SHIPPED / "world.json").read_text())["default_guidance"]
-    assert m.vae is not None and interp.diffusion.latent_shape(m.unet, 2) == (2, 4, 8, 8)
+    assert m.vae is not None and interp.core.diffusion.latent_shape(m.unet, 2) == (2, 4, 8, 8)
     img = interp.generate(m, ["a red solid circle on black"], seed=0, steps=2)
     assert img.shape == (1, 3, 32, 32)
 
@@ -96,7 +104,7 @@ def test_shipped_text_encoders_are_the_latent_models_tower_with_an_identity_proj
 def test_training_conditions_the_transformer_as_the_suite_does(shipped_model):
     """The context the transformer was trained on (the pipeline's ``encode_prompt``: 16 zero rows from the all-zero
     T5) is the suite's SD3 family's packed context, exactly."""
-    from interp.interventions import encode_prompts
+    from interp.core.interventions import encode_prompts
 
     m = shipped_model
     states, extra = unpack(encode_prompts(m, m.tokenize(PROMPTS)), m.layout)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import interp
-from interp import diffusion
+from interp.core import diffusion
 from interp.world.clip import CLIPTrainConfig, build_clip
 from interp.world.latent import LatentModelConfig, build_latent_pipeline
 from interp.world.plugin import ASSETS, LATENT_WORLD, is_latent_world_folder, is_world_folder
@@ -60,8 +60,8 @@ def test_32px_render_is_the_same_scene_at_twice_the_resolution():
 def test_the_16px_classifier_judges_resized_32px_renders():
     """The latent model reuses the pixel world's classifier through ClassifierJudge's resize (measured 100% on 2,000
     held-out renders per attribute when the latent model was made)."""
-    from interp.world.judge import ClassifierJudge
     from interp.world.classifier import ConceptClassifier
+    from interp.world.judge import ClassifierJudge
     from interp.world.vocab import ATTRIBUTES
 
     if not (ASSETS / "concept-world" / "classifier.safetensors").exists():
@@ -132,9 +132,9 @@ def test_gradients_through_guided_generation_and_the_vae_rerun_beyond_max_batch(
     calls would hold more than ``max_batch`` rows re-runs each UNet call and each image's decoding in the backward
     pass: the same gradients as keeping them, no decoding of more than one image under a gradient, and the re-run
     UNet rows are those the plan counts."""
-    from interp.engine import multiplier_gradients
-    from interp.objectives import Objective, ObjectiveConfig
-    from interp.plan import eval_shape
+    from interp.core.engine import multiplier_gradients
+    from interp.core.objectives import Objective, ObjectiveConfig
+    from interp.studies.plan import eval_shape
 
     m = interp.load_model(str(guided_folder))
     big = ObjectiveConfig(kind="classifier", n_images=3, gen_steps=2, dtype="float64")
@@ -167,7 +167,7 @@ def test_gradients_through_guided_generation_and_the_vae_rerun_beyond_max_batch(
 def test_model_fingerprint_follows_the_default_guidance(guided_folder, tiny_latent_folder):
     """Cached generation-based results depend on the guidance a model samples at by default: two folders with the
     same weights and another world.json guidance are different models to every cache key."""
-    from interp.models import model_fingerprint
+    from interp.core.models import model_fingerprint
 
     same = interp.load_model(str(tiny_latent_folder)), interp.load_model(str(tiny_latent_folder))
     other = interp.load_model(str(guided_folder))
@@ -190,7 +190,7 @@ def test_plain_sd_folder_is_never_the_latent_world(tmp_path, tiny_latent_folder)
 
 
 def test_latent_objective_evaluation_set_is_vae_latents(tiny_latent_folder):
-    from interp.objectives import Objective, ObjectiveConfig
+    from interp.core.objectives import Objective, ObjectiveConfig
 
     m = interp.load_model(str(tiny_latent_folder))
     obj = Objective(m, "red", ObjectiveConfig(kind="amplify", n_images=2, timesteps=(100, 500)))
@@ -206,8 +206,8 @@ def test_latent_objective_evaluation_set_is_vae_latents(tiny_latent_folder):
 def test_edit_evaluation_references_are_rendered_at_the_generated_size(tiny_latent_folder):
     """The Frechet distance of an edit compares generated images with renders of the same scenes: on the latent
     world both are 32 px, so the judge resizes them alike."""
-    from interp.editing.evaluate import EvalConfig, heldout_set, reference_features
-    from interp.judges import load_judge
+    from interp.core.judges import load_judge
+    from interp.studies.editing.evaluate import EvalConfig, heldout_set, reference_features
 
     m = interp.load_model(str(tiny_latent_folder))
     held = heldout_set(m, "red", EvalConfig(n_target=2, n_alone=1, n_other=2, steps=2))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from interp.engine import multiplier_gradients
+from interp.core.engine import multiplier_gradients
 from interp.methods import Capabilities, Method, MethodConfig, option, register
 
 

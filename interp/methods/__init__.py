@@ -9,15 +9,30 @@ entry point group ``interp.methods``. Tables, figures, the report, ``--plan`` an
 registry, so they show it with no other edit (docs/contributing.md walks through one).
 """
 
-from . import ablation, cad, coar, maskgrad, screen, tracing  # noqa: F401  (registration)
-from .ablation import Ablation
-from .base import (REGISTRY, Capabilities, Method, MethodConfig, attribute, baseline, default_methods, get, label,
-                   load_entry_points, load_plugin, maps, option, reference, register)
-from .cad import CAD
-from .coar import COAR
-from .maskgrad import IntegratedGradients, MaskGrad, Midpoint
-from .screen import ScreenThenVerify
-from .tracing import CausalTracing
+from interp.methods import ablation, cad, coar, maskgrad, screen, tracing  # noqa: F401  (registration)
+from interp.methods.ablation import Ablation
+from interp.methods.base import (
+                   REGISTRY,
+                   Capabilities,
+                   Method,
+                   MethodConfig,
+                   attribute,
+                   baseline,
+                   default_methods,
+                   get,
+                   label,
+                   load_entry_points,
+                   load_plugin,
+                   maps,
+                   option,
+                   reference,
+                   register,
+)
+from interp.methods.cad import CAD
+from interp.methods.coar import COAR
+from interp.methods.maskgrad import IntegratedGradients, MaskGrad, Midpoint
+from interp.methods.screen import ScreenThenVerify
+from interp.methods.tracing import CausalTracing
 
 load_entry_points()
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-from ..engine import single_ablation_deltas
-from .base import Capabilities, Method, MethodConfig, register, stderr_over
+from interp.core.engine import single_ablation_deltas
+from interp.methods.base import Capabilities, Method, MethodConfig, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class Ablation(Method):
 
     @classmethod
     def planned_rows(cls, config, comps, shape):
-        """UNet rows of a run (see :mod:`interp.plan`): one evaluation of J per component."""
+        """UNet rows of a run (see :mod:`interp.studies.plan`): one evaluation of J per component."""
         if "weight" in comps.granularities:
             return shape.values(1) * len(comps)
         return shape.means(comps, config.mode) + shape.values(len(comps))

@@ -4,11 +4,11 @@ Like captum's ``attribute``, every method is called the same way and returns the
 
     df = interp.attribute("cad", model, "red", components, objective=ObjectiveConfig(kind="erase"))
 
-and ``df`` is the tidy frame of :mod:`interp.results`: one row per component, ``score > 0`` when the component
+and ``df`` is the tidy frame of :mod:`interp.core.results`: one row per component, ``score > 0`` when the component
 supports the concept. Each method declares capability flags (granularities it handles, whether it uses gradients,
 whether its scores are exact ablation effects, whether it also makes maps) so callers can pick methods without trying
 them. A method with maps (causal tracing) returns them from ``maps(...)``, called as ``attribute``: a frame of their
-own (:data:`interp.results.MAP_COLUMNS`), computed in the same run and cached beside the scores.
+own (:data:`interp.core.results.MAP_COLUMNS`), computed in the same run and cached beside the scores.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..components import ComponentSet, is_text_part
-from ..features import identity
-from ..objectives import Objective, ObjectiveConfig
-from ..results import SCHEMA, Cost, empty_maps, make_frame, make_map_frame
-from ..store import Store
+from interp.core.components import ComponentSet, is_text_part
+from interp.core.features import identity
+from interp.core.objectives import Objective, ObjectiveConfig
+from interp.core.results import SCHEMA, Cost, empty_maps, make_frame, make_map_frame
+from interp.core.runs import versions
+from interp.core.store import Store
 
 REGISTRY: dict[str, type["Method"]] = {}
 
@@ -45,7 +46,7 @@ class Capabilities:
 
     Attributes:
         granularities: the component granularities it handles (``layer``, ``neuron``, ``head``, ``weight``,
-            ``feature``: latents of an attached sparse autoencoder, :mod:`interp.features`).
+            ``feature``: latents of an attached sparse autoencoder, :mod:`interp.core.features`).
         gradients: whether it takes gradients (it then needs a differentiable objective and more memory per row).
         exact: whether its scores are measured ablation effects rather than estimates.
         text_encoder: whether it attributes text-encoder components.
@@ -198,24 +199,24 @@ class Method:
         """Attribute ``concept``'s objective to ``components``.
 
         Args:
-            model: a loaded :class:`~interp.models.DiffusionModel`.
-            concept: a concept word or phrase, or a :class:`~interp.concepts.Concept`.
-            components: a :class:`~interp.components.ComponentSet`, a list of addresses or components, or a dict of
+            model: a loaded :class:`~interp.core.models.DiffusionModel`.
+            concept: a concept word or phrase, or a :class:`~interp.core.concepts.Concept`.
+            components: a :class:`~interp.core.components.ComponentSet`, a list of addresses or components, or a dict of
                 filters for ``model.components``.
-            objective: an :class:`~interp.objectives.ObjectiveConfig` (default: ``ObjectiveConfig()``), or an already built
-                :class:`~interp.objectives.Objective` of this model and concept.
-            store: a :class:`~interp.store.Store` or folder that caches the result and its chunks (None: nothing cached).
+            objective: an :class:`~interp.core.objectives.ObjectiveConfig` (default: ``ObjectiveConfig()``), or an already built
+                :class:`~interp.core.objectives.Objective` of this model and concept.
+            store: a :class:`~interp.core.store.Store` or folder that caches the result and its chunks (None: nothing cached).
             progress: show a progress bar.
-            executor: where the engine's sweeps run (:mod:`interp.executors`: this process by default, or a
+            executor: where the engine's sweeps run (:mod:`interp.core.executors`: this process by default, or a
                 ``RayExecutor``); the result is the same.
 
         Returns:
-            The tidy result frame (:data:`interp.results.SCHEMA`): one row per component and estimate, ``score > 0`` when
+            The tidy result frame (:data:`interp.core.results.SCHEMA`): one row per component and estimate, ``score > 0`` when
             ablating the component lowers J; metadata (config, objective, cost, versions) in ``df.attrs["meta"]``.
 
         Raises:
             ValueError: a granularity or text-encoder component the method does not handle, or an empty selection.
-            interp.components.UnknownComponentError: an address that names no component.
+            interp.core.components.UnknownComponentError: an address that names no component.
         """
         return self._run(model, concept, components, objective, store, progress, executor)[0]
 
@@ -226,7 +227,7 @@ class Method:
         Takes the same arguments as :meth:`attribute`; the run is read from the store, or from this object's last run.
 
         Returns:
-            A frame of :data:`interp.results.MAP_COLUMNS` (``axis``, ``position``, ``score``, ...).
+            A frame of :data:`interp.core.results.MAP_COLUMNS` (``axis``, ``position``, ``score``, ...).
 
         Raises:
             ValueError: the method makes no maps (the message names those that do).
@@ -302,7 +303,7 @@ class Method:
     def _scores(self, obj: Objective, comps: ComponentSet, entry, progress: bool) -> dict:
         """``{"score", "stderr"}`` per component, and optionally ``"estimate"`` (the main estimate's typed
         columns), ``"extra_frames"`` (variants), ``"maps"`` (``{"components", "score", "stderr", "axis",
-        "position"}`` records, one per map column), ``"cost"`` (a :class:`~interp.results.Cost` of the main
+        "position"}`` records, one per map column), ``"cost"`` (a :class:`~interp.core.results.Cost` of the main
         estimate, when it is not simply the passes counted during the call), ``"variant_costs"`` (``{variant:
         Cost}``) and ``"meta"`` (more metadata)."""
         raise NotImplementedError
@@ -326,7 +327,7 @@ class Method:
         whose options derive from the comparison (its component count, its LDS rates) extends this.
 
         Args:
-            cfg: the comparison's :class:`~interp.compare_config.CompareConfig`.
+            cfg: the comparison's :class:`~interp.studies.compare_config.CompareConfig`.
             n_components: how many components it attributes.
 
         Returns:
@@ -337,8 +338,8 @@ class Method:
 
     @classmethod
     def planned_rows(cls, config, comps, shape):
-        """UNet rows a run of this method executes (:class:`interp.plan.Rows`), from its config, the components and
-        the evaluation set's shape (:class:`interp.plan.EvalShape`): what ``--plan`` counts and the run records.
+        """UNet rows a run of this method executes (:class:`interp.studies.plan.Rows`), from its config, the components and
+        the evaluation set's shape (:class:`interp.studies.plan.EvalShape`): what ``--plan`` counts and the run records.
 
         Raises:
             NotImplementedError: a method that does not say (``--plan`` then names it).
@@ -359,15 +360,15 @@ class Method:
 
     @classmethod
     def recorded_rows(cls, config, comps, shape):
-        """The UNet rows the result records as its cost (:mod:`interp.plan`); by default all it runs.
+        """The UNet rows the result records as its cost (:mod:`interp.studies.plan`); by default all it runs.
 
         Args:
             config: the method's config.
             comps: the components.
-            shape: the evaluation set's shape (:class:`interp.plan.EvalShape`).
+            shape: the evaluation set's shape (:class:`interp.studies.plan.EvalShape`).
 
         Returns:
-            The rows, as :class:`interp.plan.Rows`.
+            The rows, as :class:`interp.studies.plan.Rows`.
         """
         return cls.planned_rows(config, comps, shape)
 
@@ -393,15 +394,6 @@ def as_component_set(model, components) -> ComponentSet:
 def components_hash(comps: ComponentSet) -> str:
     return hashlib.sha256("\n".join(comps.addresses).encode()).hexdigest()[:16]
 
-
-def versions() -> dict:
-    from importlib.metadata import version
-
-    import diffusers
-    import transformers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "nnsight": version("nnsight"), "python": platform.python_version()}
 
 
 def stderr_over(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -436,20 +428,20 @@ def attribute(method: str, model, concept, components, *, objective=None, store=
     Args:
         method: a registry name: ``ablation``, ``cad``, ``coar``, ``tracing``, ``maskgrad``, ``ig``, ``midpoint``,
             ``screen`` or one you registered (:data:`REGISTRY`).
-        model: a loaded :class:`~interp.models.DiffusionModel`.
-        concept: a concept word (concept world), a phrase (other models) or a :class:`~interp.concepts.Concept`.
-        components: a :class:`~interp.components.ComponentSet`, a list of addresses, or a dict of filters for
+        model: a loaded :class:`~interp.core.models.DiffusionModel`.
+        concept: a concept word (concept world), a phrase (other models) or a :class:`~interp.core.concepts.Concept`.
+        components: a :class:`~interp.core.components.ComponentSet`, a list of addresses, or a dict of filters for
             ``model.components``.
-        objective: an :class:`~interp.objectives.ObjectiveConfig` (default ``ObjectiveConfig()``: the erase objective)
-            or a built :class:`~interp.objectives.Objective`.
-        store: a :class:`~interp.store.Store` or folder that caches results; an interrupted run resumes there.
+        objective: an :class:`~interp.core.objectives.ObjectiveConfig` (default ``ObjectiveConfig()``: the erase objective)
+            or a built :class:`~interp.core.objectives.Objective`.
+        store: a :class:`~interp.core.store.Store` or folder that caches results; an interrupted run resumes there.
         progress: show a progress bar.
-        executor: where the sweeps run (this process by default, or an :class:`interp.executors.RayExecutor`).
+        executor: where the sweeps run (this process by default, or an :class:`interp.core.executors.RayExecutor`).
         **config: the method's options (its config's fields, e.g. ``n_masks=896`` for COAR; see each method's page).
 
     Returns:
         The tidy result frame: one row per component and estimate (columns ``method``, ``variant``, ``concept``,
-        ``component``, ``block``, ``layer``, ``unit``, ``score``, ``stderr``, ...; :data:`interp.results.SCHEMA`),
+        ``component``, ``block``, ``layer``, ``unit``, ``score``, ``stderr``, ...; :data:`interp.core.results.SCHEMA`),
         ``score > 0`` when ablating the component lowers J. Metadata, the cost included, in ``df.attrs["meta"]``.
 
     Raises:
@@ -468,7 +460,7 @@ def maps(method: str, model, concept, components, *, objective=None, store=None,
     Takes the same arguments as :func:`attribute` and reads the same run (cached in ``store``).
 
     Returns:
-        A frame of :data:`interp.results.MAP_COLUMNS`: per component and position along ``axis`` (``timestep`` or
+        A frame of :data:`interp.core.results.MAP_COLUMNS`: per component and position along ``axis`` (``timestep`` or
         ``token``), the score.
 
     Raises:

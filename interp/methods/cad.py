@@ -10,13 +10,13 @@ column of ``ff.net.2``, an attention head the matching input columns of its outp
 filter and bias, a Linear/attention/feed-forward layer all of its (output) weights. For containers whose output
 is not the output of one weight matrix (a whole transformer block, a ResNet block, a text-encoder layer) the score
 is the gradient with respect to a multiplier on their output, i.e. activation x gradient, the same first-order
-quantity. So is a feature's (a latent of an attached sparse autoencoder, :mod:`interp.features`): ``dJ/dm`` at
+quantity. So is a feature's (a latent of an attached sparse autoencoder, :mod:`interp.core.features`): ``dJ/dm`` at
 ``m = 1`` is its activation times the gradient of J along its decoder direction. Gradients are float32 (float64 with the objective's ``dtype``), never float16.
 
 CAD uses the erase objective for positive components (ablating them erases the concept) and the denoising loss
 on concept images for negative ones (ablating them amplifies it); choose with ``ObjectiveConfig(kind=...)``.
 Differences from the paper: our evaluation set is forward-noised renders at a few timesteps instead of every step
-of 50-step DDIM trajectories, and the anchor branch is a choice of the objective (see :mod:`interp.objectives`).
+of 50-step DDIM trajectories, and the anchor branch is a choice of the objective (see :mod:`interp.core.objectives`).
 The standard error is over ``n_groups`` disjoint groups of evaluation samples.
 """
 
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..components import Component, head_sites, is_text_part
-from ..interventions import compile_plan, parameters_requiring_grad
-from ..objectives import mean_gradient
-from .base import Capabilities, Method, MethodConfig, option, register, stderr_over
+from interp.core.components import Component, head_sites, is_text_part
+from interp.core.interventions import compile_plan, parameters_requiring_grad
+from interp.core.objectives import mean_gradient
+from interp.methods.base import Capabilities, Method, MethodConfig, option, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class CAD(Method):
 
     @classmethod
     def planned_rows(cls, config, comps, shape):
-        """UNet rows of a run (see :mod:`interp.plan`): the evaluation set once, in groups, with gradients."""
+        """UNet rows of a run (see :mod:`interp.studies.plan`): the evaluation set once, in groups, with gradients."""
         return shape.values(1, grad=True)
 
 

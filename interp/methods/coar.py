@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from scipy import stats
 
-from ..engine import masked_values, random_masks
-from ..results import Cost
-from .base import Capabilities, Method, MethodConfig, option, register, stderr_over
+from interp.core.engine import masked_values, random_masks
+from interp.core.results import Cost
+from interp.methods.base import Capabilities, Method, MethodConfig, option, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -163,5 +163,5 @@ class COAR(Method):
 
     @classmethod
     def planned_rows(cls, config, comps, shape):
-        """UNet rows of a run (see :mod:`interp.plan`): one evaluation of J per random mask."""
+        """UNet rows of a run (see :mod:`interp.studies.plan`): one evaluation of J per random mask."""
         return shape.means(comps, config.mode) + shape.values(config.masks_for(len(comps)))

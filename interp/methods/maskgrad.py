@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import multiplier_gradients, random_masks
-from ..results import Cost
-from .base import Capabilities, Method, MethodConfig, option, register, stderr_over
+from interp.core.engine import multiplier_gradients, random_masks
+from interp.core.results import Cost
+from interp.methods.base import Capabilities, Method, MethodConfig, option, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class MaskGrad(Method):
 
     @classmethod
     def planned_rows(cls, config, comps, shape):
-        """UNet rows of a run (see :mod:`interp.plan`): K masks, forward and backward, at every ablation rate."""
+        """UNet rows of a run (see :mod:`interp.studies.plan`): K masks, forward and backward, at every ablation rate."""
         return cls.recorded_rows(config, comps, shape) * (1 + len(config.extra_alphas))
 
     @classmethod
@@ -186,7 +186,7 @@ class IntegratedGradients(Method):
 
     @classmethod
     def planned_rows(cls, config, comps, shape):
-        """UNet rows of a run (see :mod:`interp.plan`): one forward and backward pass per step."""
+        """UNet rows of a run (see :mod:`interp.studies.plan`): one forward and backward pass per step."""
         return shape.means(comps, config.mode) + shape.values(config.steps, grad=True, per_pass=config.batch)
 
 
@@ -218,5 +218,5 @@ class Midpoint(Method):
 
     @classmethod
     def planned_rows(cls, config, comps, shape):
-        """UNet rows of a run (see :mod:`interp.plan`): one forward and backward pass."""
+        """UNet rows of a run (see :mod:`interp.studies.plan`): one forward and backward pass."""
         return shape.means(comps, config.mode) + shape.values(1, grad=True)

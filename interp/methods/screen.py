@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..components import ComponentSet
-from ..engine import single_ablation_deltas
-from ..results import Cost, is_main
-from .base import Capabilities, Method, MethodConfig, get, option, register, stderr_over
+from interp.core.components import ComponentSet
+from interp.core.engine import single_ablation_deltas
+from interp.core.results import Cost, is_main
+from interp.methods.base import Capabilities, Method, MethodConfig, get, option, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class ScreenThenVerify(Method):
 
     @classmethod
     def planned_rows(cls, config, comps, shape):
-        """UNet rows the result records (see :mod:`interp.plan`): the screening method's recorded cost, then one
+        """UNet rows the result records (see :mod:`interp.studies.plan`): the screening method's recorded cost, then one
         evaluation per verified component."""
         k = max(1, int(round(config.fraction * len(comps))))
         verified = ComponentSet(list(comps)[:k])  # only the count and kinds matter here

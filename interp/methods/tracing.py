@@ -7,11 +7,11 @@ much of the concept comes back: ``score = (J_restored - J_corrupted) / (J_clean 
 clean-vs-corrupted difference that the component's clean state recovers (1 = fully restores the concept). With
 the erase or amplify objective J is the single-step denoising objective at every timestep of the evaluation set;
 with the ``classifier`` objective it is the image judge's probability of the concept (the concept classifier, or
-CLIP zero-shot: :mod:`interp.judges`) on images generated end to end, with the state restored at every denoising
+CLIP zero-shot: :mod:`interp.core.judges`) on images generated end to end, with the state restored at every denoising
 step.
 
 Besides one score per component (restored at all timesteps and token positions), the method makes two maps, its
-own frame (``maps(...)``, :data:`interp.results.MAP_COLUMNS`): UNet layers x timestep (axis ``timestep``; the
+own frame (``maps(...)``, :data:`interp.core.results.MAP_COLUMNS`): UNet layers x timestep (axis ``timestep``; the
 position is the training-schedule timestep of the evaluation sample, or the denoising step index for the classifier
 objective) and text-encoder layers x token position (axis ``token``, counted relative to the last subject token: 0
 is that token, -1 the one before, 1 the one after). On Stable Diffusion's CLIP text encoder the paper finds a single causal state: layer 0 at the last subject
@@ -21,7 +21,7 @@ The method is only as good as its corruption: restored fractions divide by ``J_c
 "the concept" only when every noise draw removes part of it. :func:`corruption_check` records, per draw, the share of
 J removed (in the run's metadata, ``corruption_removed`` and ``corruption_valid``), and a run whose corruption
 raises J or barely moves it warns; the comparison tables and report flag such concepts
-(:func:`interp.evaluation.corruption_table`).
+(:func:`interp.report.evaluation.corruption_table`).
 
 Scope: components at layer or neuron granularity (not SAE features: restoring a feature's clean activation alone is
 not implemented) (restoring a head's state needs the input of the output
@@ -38,20 +38,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import diffusion
-from ..components import ComponentSet, is_text_part
-from ..engine import sweep
-from ..executors import Job
-from ..generation import generate
-from ..interventions import (
+from interp.core import diffusion
+from interp.core.components import ComponentSet, is_text_part
+from interp.core.engine import sweep
+from interp.core.executors import Job
+from interp.core.generation import generate
+from interp.core.interventions import (
     Patch,
     compile_plan,
     run_text,
     run_unet_in_passes,
     stream_key,
 )
-from ..objectives import Objective, ObjectiveConfig
-from .base import Capabilities, Method, MethodConfig, option, register, stderr_over
+from interp.core.objectives import Objective, ObjectiveConfig
+from interp.methods.base import Capabilities, Method, MethodConfig, option, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -381,7 +381,7 @@ class CausalTracing(Method):
 
     @classmethod
     def planned_rows(cls, config, comps, shape):
-        """UNet rows of a run (see :mod:`interp.plan`), all without gradients: the clean and corrupted runs, one
+        """UNet rows of a run (see :mod:`interp.studies.plan`), all without gradients: the clean and corrupted runs, one
         restored run per component and noise draw, and the layer x timestep and layer x token maps."""
         from collections import Counter
 
@@ -409,7 +409,7 @@ def text_restoration(model, concept, objective=None, positions=RESTORE_POSITIONS
     """Basu et al.'s text-encoder claim, end to end: corrupt the subject tokens' embeddings (as causal tracing does),
     restore ONE text layer's clean output at some positions, generate the images and ask the judge.
 
-    ``objective``: a ``classifier`` :class:`~interp.objectives.ObjectiveConfig` (its prompts, initial noises,
+    ``objective``: a ``classifier`` :class:`~interp.core.objectives.ObjectiveConfig` (its prompts, initial noises,
     denoising steps and judge); ``positions``: ``subject`` (the last subject token), ``end_of_text`` (from the
     attention mask) and ``all`` (every position: the layer's whole clean output, so the last layer restores the
     clean context exactly). The text encoder is causal: a state restored at position p of layer l reaches the

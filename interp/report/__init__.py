@@ -8,7 +8,7 @@ collapsed. A table of contents stays in view at the side.
 
 Self-contained means it opens from disk with no network: the CSS and a small table script (sort by a column,
 filter rows; ``templates/tables.js``, written for this suite) are inline, figures are embedded as base64 PNG data
-URIs (:func:`interp.plots.fig_to_base64_png`) and tables are pandas HTML. Everything else is escaped by Jinja2's
+URIs (:func:`interp.report.plots.fig_to_base64_png`) and tables are pandas HTML. Everything else is escaped by Jinja2's
 autoescaping. The page is written atomically, so a reader never sees half a report; a run that has not finished
 renders with ``complete=False`` and the page says so in a banner.
 """
@@ -16,6 +16,7 @@ renders with ``complete=False`` and the page says so in a banner.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import json
 import math
 from pathlib import Path
@@ -23,7 +24,10 @@ from pathlib import Path
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from ..store import atomic_write_text
+from interp.core.store import atomic_write_text
+
+# Modules of this floor reachable as attributes (``interp.report.plots``), imported on first use.
+_MODULES = {"evaluation", "findings", "plots", "tables"}
 
 _TEMPLATES = Path(__file__).resolve().parent / "templates"
 _DATA_URI = "data:image/png;base64,"
@@ -84,7 +88,7 @@ def _figures(items, where: str) -> list[dict]:
         # only embedded PNGs: a path or URL would make the page depend on something outside it
         if not str(uri).startswith(_DATA_URI):
             raise ValueError(f"figure {caption!r} of {where} is not a {_DATA_URI}... URI; embed it with "
-                             f"interp.plots.fig_to_base64_png")
+                             f"interp.report.plots.fig_to_base64_png")
         out.append({"caption": caption, "src": uri})
     return out
 
@@ -183,3 +187,9 @@ def render_report(path, *, title: str, summary: list[str], sections: list[dict],
     )
     atomic_write_text(out, html)  # readers see the old page or the whole new one; readable like any file written
     return out
+
+
+def __getattr__(name):
+    if name in _MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

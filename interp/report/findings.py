@@ -3,7 +3,7 @@
 Every sentence is generated from the run's tables (nothing here holds a measured number), by fixed rules stated in
 the docstrings, so a run whose results differ gets different sentences:
 
-- :func:`compare_findings` (the comparison, :mod:`interp.compare`): the method to trust for *single* ablations is
+- :func:`compare_findings` (the comparison, :mod:`interp.studies.compare`): the method to trust for *single* ablations is
   the cheapest whose lowest per-concept Spearman correlation with true ablation is within ``tolerance`` of the best
   method's lowest; the method to trust for *joint* ablations is the one with the highest mean linear datamodeling
   score (LDS) at the largest ablation rate (ties go to the cheaper). Budget and rate variants (rows whose
@@ -13,7 +13,7 @@ the docstrings, so a run whose results differ gets different sentences:
   values keep at least ``retained_min`` of their rate, and the strongest erasure regardless of side effects.
 
 Costs are forward-pass equivalents over the evaluation set (a backward pass counts as two), as in
-:func:`interp.evaluation.cost_table`.
+:func:`interp.report.evaluation.cost_table`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import math
 
 import pandas as pd
 
-from .. import methods as registry
-from ..evaluation import method_labels, reference_method, reference_users
-from ..results import is_main
+from interp import methods as registry
+from interp.core.results import is_main
+from interp.report.evaluation import method_labels, reference_method, reference_users
 
 
 def label(variant: str, labels: dict | None = None, method: str | None = None) -> str:
@@ -107,9 +107,9 @@ def compare_findings(tables: dict, reference: str | None = None, labels: dict | 
                      baseline: str | None = None) -> list[str]:
     """The comparison's findings in a few sentences (see the module docstring for the rules).
 
-    ``tables`` holds :func:`interp.evaluation.correlations` as ``correlations``, and optionally ``cost`` (with
+    ``tables`` holds :func:`interp.report.evaluation.correlations` as ``correlations``, and optionally ``cost`` (with
     ``forward_equivalents``), ``accuracy_vs_cost`` (LDS with cost per method, concept and rate) and
-    ``lds_vs_<baseline>`` (:func:`interp.evaluation.lds_versus` against the LDS baseline, COAR by default).
+    ``lds_vs_<baseline>`` (:func:`interp.report.evaluation.lds_versus` against the LDS baseline, COAR by default).
     """
 
     reference, baseline = reference_method(reference), baseline or registry.baseline()
@@ -189,7 +189,7 @@ def compare_findings(tables: dict, reference: str | None = None, labels: dict | 
 
 def corruption_findings(table: pd.DataFrame | None, labels: dict | None = None) -> list[str]:
     """Per method that corrupts its input (causal tracing), one sentence naming the concepts whose corruption is
-    not valid (some noise draw does not lower J by the required share: :func:`interp.evaluation.corruption_table`),
+    not valid (some noise draw does not lower J by the required share: :func:`interp.report.evaluation.corruption_table`),
     with what each draw did, and the range removed for the others. Nothing when every corruption is valid."""
     if table is None or not len(table):
         return []
@@ -213,7 +213,7 @@ def corruption_findings(table: pd.DataFrame | None, labels: dict | None = None) 
 def edit_findings(table: pd.DataFrame, retained_min: float = 0.9) -> list[str]:
     """Per concept: the edit that lowers the target's rate most while the other values keep at least
     ``retained_min`` of their rate, and the strongest erasure regardless. ``table`` is
-    :func:`interp.editing.sweep_table` (columns concept, label, target_before, target_after, retained_rate)."""
+    :func:`interp.studies.editing.sweep_table` (columns concept, label, target_before, target_after, retained_rate)."""
     out = []
     for concept, g in table.groupby("concept", sort=False):
         g = g.dropna(subset=["target_after", "retained_rate"])

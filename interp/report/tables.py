@@ -1,7 +1,7 @@
 """Compact tables for the top of a report section: one row per method, a column per concept or ablation rate, and
 an estimate with its interval in each cell ("0.98 [0.97, 0.99]"). The tidy tables they are made from (one row per
 concept, method variant and rate, every interval in its own column) go into the collapsed evidence below them. The
-rows are variants (:mod:`interp.results`), shown under the heading "method": a method's main estimate is named as
+rows are variants (:mod:`interp.core.results`), shown under the heading "method": a method's main estimate is named as
 the method.
 
 The cells are text so that estimate and interval read together; the report's table script sorts such a cell by its
@@ -60,7 +60,7 @@ def lds_pivot(acc: pd.DataFrame, methods) -> pd.DataFrame:
 
 
 def versus_pivot(vs: pd.DataFrame, method: str) -> pd.DataFrame:
-    """Concept x ablation rate for one method against the baseline of :func:`interp.evaluation.lds_versus`:
+    """Concept x ablation rate for one method against the baseline of :func:`interp.report.evaluation.lds_versus`:
     'LDS - baseline's [95% interval]'."""
     d = vs[vs["variant"] == method]
     if d.empty:

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .render import ConceptWorld, render_batch
-from .vocab import ATTRIBUTES
+from interp.world.render import ConceptWorld, render_batch
+from interp.world.vocab import ATTRIBUTES
 
 
 class ConceptClassifier(nn.Module):

@@ -2,7 +2,7 @@
 
 Stable Diffusion users judge generated images with CLIP zero-shot scoring (the image against "a photo of {concept}"
 and its alternatives). The suite ships a CLIP of the same classes, trained here on the concept world, so that the
-CLIP path of :mod:`interp.judges` runs on real concepts and can be checked against the concept classifier.
+CLIP path of :mod:`interp.core.judges` runs on real concepts and can be checked against the concept classifier.
 
 Model: a transformers ``CLIPModel`` built from a ``CLIPConfig`` (a small ViT over 16x16 renders with 4x4 patches; a
 small causal text transformer over the world's word-level tokenizer, :func:`~interp.world.vocab.build_tokenizer`),
@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..generation import generate
-from .classifier import _augment
-from .fitting import Recipe, fit
-from .render import ConceptWorld, random_caption, random_scene, render
-from .vocab import (
+from interp.core.generation import generate
+from interp.world.classifier import _augment
+from interp.world.fitting import Recipe, fit
+from interp.world.render import ConceptWorld, random_caption, random_scene, render
+from interp.world.vocab import (
     ATTRIBUTES,
     BOS,
     EOS,

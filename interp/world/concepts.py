@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..concepts import Concept
-from .render import ConceptWorld
-from .vocab import ATTRIBUTES, TEMPLATES, attribute_of, caption
+from interp.core.concepts import Concept
+from interp.world.render import ConceptWorld
+from interp.world.vocab import ATTRIBUTES, TEMPLATES, attribute_of, caption
 
 
 def world_concept(word: str, n: int = 8, seed: int = 0, template: int | None = None) -> Concept:

@@ -34,14 +34,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import diffusion
-from ..testing import t5_tokenizer
-from . import render
-from .fitting import Recipe, fit
-from .latent import encode
-from .plugin import ASSETS
-from .train import save_model
-from .vocab import vocabulary
+from interp.core import diffusion
+from interp.testing import t5_tokenizer
+from interp.world import render
+from interp.world.fitting import Recipe, fit
+from interp.world.latent import encode
+from interp.world.plugin import ASSETS
+from interp.world.train import save_model
+from interp.world.vocab import vocabulary
 
 #: The shipped model whose VAE and text tower the DiT reuses (frozen).
 BASE = "concept-world-latent"
@@ -226,7 +226,7 @@ def sample_sigmas(cfg: DiTTrainConfig, n: int, generator: torch.Generator) -> to
 def flow_loss(pipe, cfg: DiTTrainConfig, images: torch.Tensor, captions: list[str],
               generator: torch.Generator) -> torch.Tensor:
     """Per-sample flow-matching loss on clean images in [0, 1], through the suite's own definitions
-    (:func:`interp.diffusion.add_noise` / :func:`~interp.diffusion.denoising_target`)."""
+    (:func:`interp.core.diffusion.add_noise` / :func:`~interp.core.diffusion.denoising_target`)."""
 
     with torch.no_grad():
         x0 = encode(pipe.vae, images, generator)  # a posterior sample, as SD's training encodes

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import diffusion
-from ..generation import generate
-from .judge import ClassifierJudge
-from .render import ConceptWorld, random_caption
-from .vocab import ATTRIBUTES
+from interp.core import diffusion
+from interp.core.generation import generate
+from interp.world.judge import ClassifierJudge
+from interp.world.render import ConceptWorld, random_caption
+from interp.world.vocab import ATTRIBUTES
 
 HELDOUT_SEED = 10_000
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..store import config_hash
+from interp.core.store import config_hash
 
 log = logging.getLogger(__name__)
 

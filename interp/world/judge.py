@@ -1,12 +1,12 @@
-"""The concept world's concept classifier as an image judge (:class:`interp.judges.Judge`), registered with the
-core by the world plugin (:func:`interp.judges.register_judge_kind`) as the judge its models carry."""
+"""The concept world's concept classifier as an image judge (:class:`interp.core.judges.Judge`), registered with the
+core by the world plugin (:func:`interp.core.judges.register_judge_kind`) as the judge its models carry."""
 
 from __future__ import annotations
 
 import torch
 
-from ..judges import Judge, _resize, concept_target
-from .vocab import ATTRIBUTES, attribute_of
+from interp.core.judges import Judge, _resize, concept_target
+from interp.world.vocab import ATTRIBUTES, attribute_of
 
 
 class ClassifierJudge(Judge):

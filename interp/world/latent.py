@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from .model import ModelConfig, build_text_encoder
-from .vocab import build_tokenizer
+from interp.world.model import ModelConfig, build_text_encoder
+from interp.world.vocab import build_tokenizer
 
 
 @dataclass(frozen=True)

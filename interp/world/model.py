@@ -16,8 +16,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .. import diffusion
-from .vocab import BOS, EOS, MAX_LENGTH, PAD, build_tokenizer, check_prompts, vocabulary
+from interp.core import diffusion
+from interp.world.vocab import BOS, EOS, MAX_LENGTH, PAD, build_tokenizer, check_prompts, vocabulary
 
 
 @dataclass(frozen=True)

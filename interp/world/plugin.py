@@ -3,7 +3,7 @@
 The core (models, components, objectives, methods, engine) knows nothing of the concept world: this module registers
 it as a model kind (its shipped name, its folder layout and pipeline class), a concept provider (concept words,
 their prompts and scenes, the renders an objective's evaluation set is built from, a word-level prompt check) and,
-through the model's ``classifier``, the image judge of :mod:`interp.judges`. The core finds it through the
+through the model's ``classifier``, the image judge of :mod:`interp.core.judges`. The core finds it through the
 ``interp.plugins`` entry point declared in ``pyproject.toml``, the way any other model family would register.
 
 It registers three kinds: ``concept-world`` (the pixel-space ``ConceptWorldPipeline``), ``concept-world-latent``
@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from ..judges import JudgeKind, register_judge_kind
-from ..models import ModelKind, register_kind
-from .classifier import ConceptClassifier
-from .concepts import world_concept
-from .judge import ClassifierJudge
-from .model import ConceptWorldPipeline
-from .render import ConceptWorld, random_caption, random_scene, render
-from .vocab import ATTRIBUTES, attribute_of, check_prompts
+from interp.core.judges import JudgeKind, register_judge_kind
+from interp.core.models import ModelKind, register_kind
+from interp.world.classifier import ConceptClassifier
+from interp.world.concepts import world_concept
+from interp.world.judge import ClassifierJudge
+from interp.world.model import ConceptWorldPipeline
+from interp.world.render import ConceptWorld, random_caption, random_scene, render
+from interp.world.vocab import ATTRIBUTES, attribute_of, check_prompts
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -66,13 +66,13 @@ class ConceptWorldProvider:
         return dict(ATTRIBUTES)
 
     def heldout_prompts(self, concept: str, n_target: int, n_alone: int, n_other: int, seed: int):
-        """The concept world's held-out sets of a concept-world value (:func:`interp.editing.evaluate.heldout_set`):
+        """The concept world's held-out sets of a concept-world value (:func:`interp.studies.editing.evaluate.heldout_set`):
         ``(attribute, rows, scenes)``, one row (set, prompt, the value asked for per attribute) and one scene per
         image: ``target`` (scenes with the value, full captions), ``alone`` (the value named alone, in the caption
         templates) and ``other`` (scenes without it), each from its own stream of ``seed``."""
         import numpy as np
 
-        from .vocab import ATTRIBUTES, TEMPLATES, attribute_of, caption
+        from interp.world.vocab import ATTRIBUTES, TEMPLATES, attribute_of, caption
 
         attribute = attribute_of(concept)  # a clear error for a word that is no concept-world value
         rows, scenes = [], []
@@ -98,7 +98,7 @@ class ConceptWorldProvider:
 
     def references(self, concept: str) -> list[str]:
         """The other values of the concept's attribute: what a specific edit of it must leave alone."""
-        from .vocab import ATTRIBUTES, attribute_of
+        from interp.world.vocab import ATTRIBUTES, attribute_of
 
         return [v for v in ATTRIBUTES[attribute_of(concept)] if v != concept]
 
@@ -107,8 +107,8 @@ class ConceptWorldProvider:
         ``n_per_template`` scenes with the concept's value (the other attributes from ``seed + template``) plus one
         caption naming the concept alone; the anchor caption leaves the word out (``None``) or puts ``anchor``
         (a value of the same attribute) in its place."""
-        from .render import ConceptWorld
-        from .vocab import ATTRIBUTES, TEMPLATES, attribute_of, caption
+        from interp.world.render import ConceptWorld
+        from interp.world.vocab import ATTRIBUTES, TEMPLATES, attribute_of, caption
 
         attribute = attribute_of(concept)
         if anchor is not None and attribute_of(anchor) != attribute:
@@ -126,7 +126,7 @@ class ConceptWorldProvider:
         """Captions of ``n`` random scenes without the concept's value (an edit's preserved prompts)."""
         import numpy as np
 
-        from .render import random_caption, random_scene
+        from interp.world.render import random_caption, random_scene
 
         attribute = attribute_of(concept)
         out = []
@@ -149,7 +149,7 @@ class ConceptWorldProvider:
         """Renders of the scenes behind a concept-world concept, in [-1, 1]; None for any other concept."""
         if concept.scenes_seed is None or concept.attribute is None:
             return None
-        from .render import ConceptWorld
+        from interp.world.render import ConceptWorld
 
         world = ConceptWorld(n, seed=concept.scenes_seed, size=self.image_size, **{concept.attribute: concept.value})
         return torch.stack([world[i]["image"] for i in range(n)]).to(device, dtype) * 2 - 1
@@ -220,7 +220,7 @@ def is_dit_world_folder(path: Path) -> bool:
 
 
 def load_latent_world_folder(path: Path, dtype) -> tuple[object, dict]:
-    """The pipeline exactly as a plain SD folder loads (:func:`interp.models.load_model`), plus the classifier:
+    """The pipeline exactly as a plain SD folder loads (:func:`interp.core.models.load_model`), plus the classifier:
     the folder's own if it ships one, else the pixel world's 16-px classifier (measured 100% on resized 32-px
     renders, see the README); and the guidance scale the model samples at, when ``world.json`` names one (the
     shipped model is sampled at guidance 2, as SD is sampled guided)."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .vocab import ATTRIBUTES, TEMPLATES, caption
+from interp.world.vocab import ATTRIBUTES, TEMPLATES, caption
 
 RGB = {
     "red": (0.90, 0.12, 0.12),

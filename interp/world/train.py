@@ -31,20 +31,20 @@ import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 
-from .. import diffusion
-from ..judges import CLIPJudge, shipped_judges
-from ..store import config_hash
-from .clip import (
+from interp.core import diffusion
+from interp.core.judges import CLIPJudge, shipped_judges
+from interp.core.store import config_hash
+from interp.world.clip import (
     CLIPTrainConfig,
     heldout_renders,
     train_clip,
     world_templates,
     zero_shot_accuracy,
 )
-from .fitting import Recipe, fit
-from .latent import LatentModelConfig, build_latent_pipeline, build_vae, encode
-from .model import ModelConfig, build_pipeline, build_text_encoder, train_scheduler
-from .render import render_batch
+from interp.world.fitting import Recipe, fit
+from interp.world.latent import LatentModelConfig, build_latent_pipeline, build_vae, encode
+from interp.world.model import ModelConfig, build_pipeline, build_text_encoder, train_scheduler
+from interp.world.render import render_batch
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import diffusion
-from .diffusion import latent_shape
-from .generation import generate, step_generators
-from .interventions import call_denoiser, encode_prompts, run_text, run_unet
+from interp.core import diffusion
+from interp.core.diffusion import latent_shape
+from interp.core.generation import generate, step_generators
+from interp.core.interventions import call_denoiser, encode_prompts, run_text, run_unet
+from interp.core.objectives import EVAL_SEED
 
 if TYPE_CHECKING:  # (numpy and pandas are imported where they are used)
     import numpy as np
@@ -193,7 +194,7 @@ def site_layout(model, site: str) -> tuple[int, int]:
     """``(axis, width)`` of a module's output (its first tensor): axis 1 for a 4-D channel-first output, else -1.
 
     Found with a forward hook in one intact pass of the empty prompt (the text encoders and one denoiser call, as
-    :class:`interp.models.DiffusionModel` does to order its modules): no weight or output changes."""
+    :class:`interp.core.models.DiffusionModel` does to order its modules): no weight or output changes."""
 
     if ("out", site) not in model.events:
         prefixes = ", ".join(f"'{p}.'" for p in model.modules())
@@ -379,7 +380,7 @@ def train_sae(acts: torch.Tensor, k: int = 8, expansion: int = 4, steps: int = 2
 
     if acts.dim() != 2 or len(acts) < 2:
         raise ValueError(f"acts must be rows (R, d) with R >= 2, got shape {tuple(acts.shape)}: collect them with "
-                         f"interp.features.collect_activations")
+                         f"interp.core.features.collect_activations")
     for name, v in (("k", k), ("expansion", expansion), ("steps", steps), ("batch", batch),
                     ("checkpoint_every", checkpoint_every)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -672,12 +673,12 @@ def value_auroc(model, sae: FeatureDictionary, n_images: int = 256, steps: int =
     """Ground truth for the features of ``sae`` on a concept world: which feature detects which attribute value.
 
     ``n_images`` held-out images with known attributes (:func:`heldout_scenes`, the seed stream of the edit
-    evaluation, :data:`interp.editing.evaluate.EVAL_SEED` + ``seed``: scenes and noises no SAE or attribution saw)
+    evaluation, :data:`interp.core.objectives.EVAL_SEED` + ``seed``: scenes and noises no SAE or attribution saw)
     are generated; at every denoising step the site's output is encoded (conditional branch) and each feature's
     activation and each output channel (neuron) averaged over the positions (``pool="max"``: their largest value;
     :func:`site_means`). Averaged over the
     steps (and over each band of :data:`BANDS`), they are scored against the labels "the prompt names value v" by
-    AUROC (:func:`ground_truth_table`). ``judge`` (a :class:`~interp.judges.Judge`, optional): its verdicts on the
+    AUROC (:func:`ground_truth_table`). ``judge`` (a :class:`~interp.core.judges.Judge`, optional): its verdicts on the
     images are kept in ``images`` (``pred_<attribute>``). Nothing is changed in the model: the site is only read.
 
     Raises:
@@ -685,8 +686,6 @@ def value_auroc(model, sae: FeatureDictionary, n_images: int = 256, steps: int =
     """
     import numpy as np
     import pandas as pd
-
-    from .editing.evaluate import EVAL_SEED
 
     if model.world is None:
         raise ValueError(f"{getattr(model, 'name', 'this model')} has no concept world: the ground truth needs "

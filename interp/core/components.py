@@ -10,7 +10,7 @@ index in brackets::
     unet.mid_block.attentions.0.transformer_blocks.0.ff#f12             feature (latent 12 of a sparse autoencoder
                                                                                  attached at that module's output)
 
-Feature addresses exist once a sparse autoencoder is attached at the module (:func:`interp.features.attach`): the
+Feature addresses exist once a sparse autoencoder is attached at the module (:func:`interp.core.features.attach`): the
 space then holds its site (:meth:`ComponentSpace.add_feature_site`), any module whose output the suite can reach,
 whether or not the family tables list it.
 
@@ -141,7 +141,7 @@ class UnknownFeatureError(UnknownComponentError, ValueError):
 @dataclass(frozen=True)
 class FeatureSite:
     """A module with a sparse autoencoder attached at its output: the module's place in the model and the
-    dictionary (:class:`interp.features.FeatureDictionary`) whose latents are its feature components."""
+    dictionary (:class:`interp.core.features.FeatureDictionary`) whose latents are its feature components."""
 
     info: "ModuleInfo"
     dictionary: object = field(repr=False, compare=False)
@@ -388,8 +388,8 @@ class ComponentSpace:
         if site is None:
             attached = ", ".join(sorted(self.features)) or "none"
             raise UnknownFeatureError(f"{address!r}: no sparse autoencoder is attached at {path} (attached: "
-                                      f"{attached}); attach one with interp.features.attach(model, "
-                                      f"interp.features.load_sae(FOLDER))")
+                                      f"{attached}); attach one with interp.core.features.attach(model, "
+                                      f"interp.core.features.load_sae(FOLDER))")
         if not 0 <= i < site.n_features:
             raise UnknownFeatureError(f"{address!r}: the sparse autoencoder at {path} has {site.n_features} "
                                       f"features, indices 0..{site.n_features - 1}")

@@ -22,24 +22,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import compare_outputs, evaluation, models, plots, results
-from . import erasure as er
-from .compare_config import CompareConfig, check_concept_words, select_components  # noqa: F401  (re-exported)
-from .compare_outputs import _without_attrs, build_figures, build_tables
-from .concepts import judged_concept, weighed_against
-from .diffusion import latent_shape
-from .editing.edits import Ranking
-from .editing.evaluate import EVAL_SEED, EvalConfig, images_per_call, resolve_judge
-from .engine import masked_values, random_masks
-from .methods import REGISTRY
-from .methods.base import components_hash, get
-from .objectives import Objective
-from .plan import preflight_run
-from .report import findings
-from .report.comparison import write_outputs
-from .results import concat, empty_maps
-from .runs import Run, check_finite_weights, check_memory
-from .store import Store, frame_to_parquet_bytes
+from interp.core import models, results
+from interp.core.concepts import judged_concept, weighed_against
+from interp.core.diffusion import latent_shape
+from interp.core.engine import masked_values, random_masks
+from interp.core.objectives import Objective
+from interp.core.results import concat, empty_maps
+from interp.core.runs import Run, check_finite_weights, check_memory
+from interp.core.store import Store, frame_to_parquet_bytes
+from interp.methods import REGISTRY
+from interp.methods.base import components_hash, get
+from interp.report import evaluation, findings, plots
+from interp.studies import compare_outputs
+from interp.studies import erasure as er
+from interp.studies.compare_config import CompareConfig, check_concept_words, select_components  # noqa: F401  (re-exported)
+from interp.studies.compare_outputs import _without_attrs, build_figures, build_tables
+from interp.studies.compare_report import write_outputs
+from interp.studies.editing.edits import Ranking
+from interp.studies.editing.evaluate import EVAL_SEED, EvalConfig, images_per_call, resolve_judge
+from interp.studies.plan import preflight_run
 
 
 def heldout_ablations(obj, comps, alpha: float, n_masks: int, seed: int, store: Store, progress=False,
@@ -76,7 +77,7 @@ def estimate_memory(cfg: CompareConfig, n: int, sample_numel: int) -> dict[str, 
 
 def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = True, log=None, executor=None) -> dict:
     """Run the comparison and write the run folder; returns the frames and tables. ``executor``: where the sweeps
-    run (:mod:`interp.executors`; default this process); it changes no result, so it is not part of the config.
+    run (:mod:`interp.core.executors`; default this process); it changes no result, so it is not part of the config.
 
     Everything that can be checked before work is: the config on construction, the concept words before the model
     loads, then the weights (finite), the component selection (non-empty), the memory the configuration needs, every
@@ -147,8 +148,8 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
 
 def derived_code_digest() -> str:
     """A digest of the source of the modules that make the tables and figures (this one,
-    :mod:`interp.compare_outputs`, :mod:`interp.evaluation`, :mod:`interp.plots`, :mod:`interp.report.findings`
-    (which estimator the headline figure shows), :mod:`interp.results`, whose costs the tables read, and every
+    :mod:`interp.studies.compare_outputs`, :mod:`interp.report.evaluation`, :mod:`interp.report.plots`, :mod:`interp.report.findings`
+    (which estimator the headline figure shows), :mod:`interp.core.results`, whose costs the tables read, and every
     registered method's module, whose labels, capabilities and checks (causal tracing's corruption check) the tables
     and figures apply): cached tables and figures are reused only when the code that made them is unchanged, with no
     version number to remember to bump."""
@@ -216,7 +217,7 @@ def erasure_setup(model, comps, cfg: CompareConfig) -> dict:
 
 
 def erasure_curves(model, comps, results: pd.DataFrame, cfg: CompareConfig, setup: dict, store: Store, say) -> dict:
-    """Erasure curves (:mod:`interp.erasure`) of every method's main estimate in this run, per concept."""
+    """Erasure curves (:mod:`interp.studies.erasure`) of every method's main estimate in this run, per concept."""
 
     rows = _without_attrs(results)
     rankings = {c: {m: Ranking.from_frame(rows[(rows["method"] == m) & (rows["concept"] == c)], name=m)

@@ -1,6 +1,6 @@
 """The main job's configuration, in a module that imports no torch: the command line is generated from it and its
 ``--help`` stays fast. Every field is validated on construction; what needs the model (timesteps against the
-scheduler, component counts, memory) is checked by :func:`interp.compare.run_comparison` before any method runs.
+scheduler, component counts, memory) is checked by :func:`interp.studies.compare.run_comparison` before any method runs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ MIN_HELDOUT_MASKS = 10  # an LDS (a rank correlation) over fewer held-out masks 
 
 
 def _default_methods() -> list[str]:
-    from .methods import default_methods
+    from interp.methods import default_methods
 
     return list(default_methods())
 
@@ -108,7 +108,7 @@ class CompareConfig:
         if alone:
             raise ValueError(f"alternatives (--alternatives) {list(self.alternatives)} leave {alone[0]!r} nothing to "
                              f"be weighed against: name phrases other than the concept")
-        from .methods import REGISTRY, default_methods, get, reference  # here, not at module level: importing the
+        from interp.methods import REGISTRY, default_methods, get, reference  # here, not at module level: importing the
         # config must not load torch
 
         check_saes(self)
@@ -174,8 +174,8 @@ class CompareConfig:
         return cls(**d)
 
     def objective_config(self):
-        """The :class:`~interp.objectives.ObjectiveConfig` every method of the run attributes."""
-        from .objectives import ObjectiveConfig
+        """The :class:`~interp.core.objectives.ObjectiveConfig` every method of the run attributes."""
+        from interp.core.objectives import ObjectiveConfig
 
         return ObjectiveConfig(kind=self.objective, anchor=self.anchor, n_images=self.n_images,
                                timesteps=self.timesteps, seed=self.seed, gen_steps=self.gen_steps,
@@ -184,7 +184,7 @@ class CompareConfig:
     def method_options(self, method: str, n: int) -> dict:
         """The options ``method`` runs with in this comparison over ``n`` components. Each method declares them
         (:meth:`interp.methods.base.Method.compare_options`), so a new method needs no edit here."""
-        from .methods import get
+        from interp.methods import get
 
         return get(method).compare_options(self, n)
 
@@ -215,8 +215,8 @@ def check_saes(cfg) -> None:
 
 
 def attach_saes(model, cfg) -> None:
-    """Attach the sparse autoencoders of ``cfg.sae`` (folders) to ``model`` (:func:`interp.features.attach`)."""
-    from .features import attach, load_sae
+    """Attach the sparse autoencoders of ``cfg.sae`` (folders) to ``model`` (:func:`interp.core.features.attach`)."""
+    from interp.core.features import attach, load_sae
 
     for folder in getattr(cfg, "sae", ()):
         attach(model, load_sae(folder))
@@ -232,14 +232,14 @@ def select_components(model, cfg: CompareConfig):
         cfg: the comparison's config (or any with those fields).
 
     Returns:
-        A :class:`~interp.components.ComponentSet` (possibly empty: the caller refuses that).
+        A :class:`~interp.core.components.ComponentSet` (possibly empty: the caller refuses that).
 
     Raises:
-        interp.components.UnknownComponentError: an address names no component (with the nearest valid ones).
+        interp.core.components.UnknownComponentError: an address names no component (with the nearest valid ones).
     """
     attach_saes(model, cfg)  # (its features' addresses parse once attached)
     if getattr(cfg, "components", ()):  # named addresses (unknown ones fail with the nearest valid ones)
-        from .components import ComponentSet  # (this module loads no torch)
+        from interp.core.components import ComponentSet  # (this module loads no torch)
 
         return ComponentSet([model.space.parse(a) for a in cfg.components])
     if cfg.granularity == "feature":  # every latent of the attached dictionaries, in the chosen UNet stages
@@ -252,7 +252,7 @@ def select_components(model, cfg: CompareConfig):
 def check_concept_words(model: str, concepts) -> None:
     """On a model kind with its own concepts (the concept world, by name or folder), refuse unknown concept words
     before the model loads."""
-    from .models import model_kind
+    from interp.core.models import model_kind
 
     kind = model_kind(model)
     if kind is not None and hasattr(kind.provider, "check_concept_words"):
@@ -270,7 +270,7 @@ def check_method_options(options, methods) -> dict:
     """
     from dataclasses import fields as dc_fields
 
-    from .methods import REGISTRY, get
+    from interp.methods import REGISTRY, get
 
     if not isinstance(options, dict) or any(not isinstance(v, dict) for v in options.values()):
         raise ValueError(f"options must be a dict of dicts, {{method: {{option: value}}}}, got {options!r}")

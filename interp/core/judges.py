@@ -19,7 +19,7 @@ Judges:
     erasure papers use: each class is the mean of the normalized text embeddings of a few prompt templates
     ("a photo of {value}", ...; CLIP's prompt ensembling), and the probabilities are the softmax of the model's
     logit scale times the cosine similarity between image and class embeddings. ``probability`` weighs the concept
-    against its alternatives (:attr:`interp.concepts.Concept.alternatives`: the other values of a concept-world
+    against its alternatives (:attr:`interp.core.concepts.Concept.alternatives`: the other values of a concept-world
     attribute, or what the user gives for a text concept); without any it uses :data:`GENERIC_ALTERNATIVES`, a
     weak fallback (the number then says "more like the concept than like something else", nothing finer).
     A folder may carry a ``judge.json`` with its own templates per attribute (the shipped concept-world CLIP does:
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models import load_plugins
+from interp.core.models import load_plugins
 
 
 def _no_folder(folder: Path) -> bool:
@@ -97,7 +97,7 @@ class JudgeLoadError(ValueError):
 
 
 def concept_target(concept) -> tuple[str, str | None, tuple[str, ...]]:
-    """``(value, attribute, alternatives)`` of a :class:`~interp.concepts.Concept` or a plain word."""
+    """``(value, attribute, alternatives)`` of a :class:`~interp.core.concepts.Concept` or a plain word."""
     if isinstance(concept, str):
         return concept, None, ()
     value = concept.value or concept.name

@@ -9,7 +9,7 @@ outputs (neurons, layers) or on the input of an attention module's output projec
 scalar-weight ablation for ground truth at weight granularity, runs in :func:`weights_ablated`, which restores the
 weights bitwise in ``finally``.
 
-A **feature** (a latent of a sparse autoencoder attached at a module's output, :mod:`interp.features`) has a
+A **feature** (a latent of a sparse autoencoder attached at a module's output, :mod:`interp.core.features`) has a
 multiplier too: the output ``h`` becomes ``h + sum_i (m_i - 1) (f_i(h) - mu_i) W_dec[i]``, where ``f(h)`` is the
 autoencoder's top-k encoding of ``h`` and ``W_dec[i]`` the feature's decoder direction. Only the feature's own
 decoded contribution moves; the autoencoder's reconstruction error stays in ``h``, so ``m = 1`` is the intact
@@ -29,7 +29,8 @@ import nnsight
 import torch
 import torch.utils.checkpoint
 
-from .components import Component, ComponentSet, head_sites, neuron_count
+from interp.core.components import Component, ComponentSet, head_sites, neuron_count
+
 
 @dataclass
 class Site:
@@ -43,7 +44,7 @@ class Site:
     columns: torch.Tensor  # column of the multiplier matrix for each touched feature
     whole: bool = False  # layer granularity: one multiplier scales the whole output
     streams: int = 1  # tensors of the output tuple the multiplier scales (a joint block's image and context streams)
-    #: feature granularity: the sparse autoencoder whose latents ``features`` are (:mod:`interp.features`)
+    #: feature granularity: the sparse autoencoder whose latents ``features`` are (:mod:`interp.core.features`)
     sae: object = None
 
 
@@ -162,7 +163,7 @@ def apply_site(site: Site, h: torch.Tensor, mult: torch.Tensor, mean: torch.Tens
         if h.shape[0] % mult.shape[0]:
             raise ValueError(f"{mult.shape[0]} multiplier rows do not divide a batch of {h.shape[0]} at {site.path}")
         mult = mult.repeat_interleave(h.shape[0] // mult.shape[0], dim=0)
-    if site.sae is not None:  # an attached sparse autoencoder (interp.features.FeatureDictionary)
+    if site.sae is not None:  # an attached sparse autoencoder (interp.core.features.FeatureDictionary)
         return site.sae.apply(h, mult[:, site.columns], site.features, mean)
     s = _site_scale(site, mult, h)
     out = h * s
@@ -187,7 +188,7 @@ def _intervene(root_envoy, model, sites: Sequence[Site], mult, means, patches, s
 
     At one module, ablation comes first, then patching, then saving: a saved output is the value that flowed
     downstream in this run (after its interventions). ``skips`` (module path -> output) are modules not run at all,
-    their given outputs used instead (:mod:`interp.prefix`)."""
+    their given outputs used instead (:mod:`interp.core.prefix`)."""
     order = {"skip": -1, "save_in": -1, "site": 0, "patch": 1, "save": 2}
     todo = [(model.events[("in", p)], "skip", p) for p in (skips or {})]
     todo += [(model.events[("in", p)], "save_in", p) for p in save_inputs]
@@ -265,7 +266,7 @@ def run_text(model, ids: torch.Tensor, plan: Plan | None = None, mult: torch.Ten
              means: Mapping[str, torch.Tensor] | None = None, patches: Mapping[str, Patch] | None = None,
              saves: Sequence[str] = (), save_inputs: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
     """Every text encoder's forward with interventions, assembled into the denoiser's packed context
-    (:mod:`interp.families`; for Stable Diffusion 1.x/2.x, CLIP's ``last_hidden_state``): ``(context, saved)``.
+    (:mod:`interp.core.families`; for Stable Diffusion 1.x/2.x, CLIP's ``last_hidden_state``): ``(context, saved)``.
     ``ids`` are :meth:`DiffusionModel.tokenize`'s packed ids."""
     patches = dict(patches or {})
     ids = ids.to(model.device)
@@ -312,7 +313,7 @@ def run_unet(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pla
     """Denoiser forward (its prediction, in the latents' layout) with interventions; returns ``(eps, saved)``.
     ``context`` is the packed context of :func:`run_text`; ``guidance`` is FLUX's embedded guidance scale (default:
     the model's), unused by families that guide with two branches. ``skips``: modules replayed
-    from given outputs instead of run (:mod:`interp.prefix`). ``checkpoint``: under gradients, keep only the call's
+    from given outputs instead of run (:mod:`interp.core.prefix`). ``checkpoint``: under gradients, keep only the call's
     inputs and run it again during the backward pass (:func:`torch.utils.checkpoint.checkpoint`), so a loop of many
     calls (a generation) holds one call's activations at a time instead of every call's."""
     sites = plan.denoiser if plan is not None else []

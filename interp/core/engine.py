@@ -5,7 +5,7 @@ Methods describe *what* to evaluate; the engine evaluates it, batched and cached
 - :func:`random_masks`: i.i.d. Bernoulli(alpha) ablation masks, a pure function of their seed (COAR's masks, the
   mask-averaged gradient's, the held-out LDS sets).
 - :func:`sweep`: THE chunked, cached, resumable map over work items. Items are split into chunks, run by an executor
-  (this process, or Ray workers: :mod:`interp.executors`); each finished chunk is stored in the method's cache entry
+  (this process, or Ray workers: :mod:`interp.core.executors`); each finished chunk is stored in the method's cache entry
   (atomically, with its cost), so a killed run resumes from the chunks it finished and reports the cost of an
   uninterrupted run. Every sweep of the suite goes through it.
 - :func:`masked_values`: J under many joint ablations (one mask per row, many rows per forward pass).
@@ -14,21 +14,20 @@ Methods describe *what* to evaluate; the engine evaluates it, batched and cached
   mask-averaged gradient, integrated gradients).
 
 Every ablated pass replays the intact UNet upstream of its earliest ablated unit instead of running it
-(:mod:`interp.prefix`, inside :meth:`Objective.values`): single ablations of late units cost a fraction of a pass.
+(:mod:`interp.core.prefix`, inside :meth:`Objective.values`): single ablations of late units cost a fraction of a pass.
 
 No method imports another method: they share this module.
 """
 
 from __future__ import annotations
 
-
 import torch
 from tqdm.auto import tqdm
 
-from .components import ComponentSet
-from .executors import LOCAL, Job
-from .interventions import compile_plan, weights_ablated
-from .objectives import mean_gradient, reference_means
+from interp.core.components import ComponentSet
+from interp.core.executors import LOCAL, Job
+from interp.core.interventions import compile_plan, weights_ablated
+from interp.core.objectives import mean_gradient, reference_means
 
 
 def random_masks(n_masks: int, n: int, alpha: float, seed: int) -> torch.Tensor:
@@ -64,7 +63,7 @@ def sweep(entry, obj, job: Job, n_items: int, chunk: int, tag: str, progress: bo
     return [got[span] for span in spans]
 
 
-# -- the engine's jobs: module-level functions of data (see interp.executors.Job), so any executor can run them --
+# -- the engine's jobs: module-level functions of data (see interp.core.executors.Job), so any executor can run them --
 def _plan_setup(obj, components: list[str], means=None, **extra) -> dict:
     """Parse the components and compile their intervention plan (no model passes)."""
     comps = ComponentSet([obj.model.space.parse(a) for a in components])
@@ -98,7 +97,7 @@ def masked_values(obj, comps, masks: torch.Tensor, mode="zero", entry=None, chun
     Mean-ablation (``mode="mean"``) uses the objective's reference means unless ``means`` (per site) are given."""
     if means is None and mode == "mean":
         means = reference_means(obj, compile_plan(obj.model, comps))
-    job = Job("interp.engine:_plan_setup", "interp.engine:_values_run",
+    job = Job("interp.core.engine:_plan_setup", "interp.core.engine:_values_run",
               {"components": comps.addresses, "means": means, "masks": masks})
     return torch.cat([r["J"] for r in sweep(entry, obj, job, len(masks), chunk, tag, progress, executor)])
 
@@ -117,7 +116,7 @@ def single_ablation_deltas(obj, comps: ComponentSet, mode="zero", entry=None, ch
                 rows.append(obj.values()[0] - obj.intact)
         return torch.stack(rows)
     means = reference_means(obj, compile_plan(obj.model, comps)) if mode == "mean" else None
-    job = Job("interp.engine:_plan_setup", "interp.engine:_ablate_run",
+    job = Job("interp.core.engine:_plan_setup", "interp.core.engine:_ablate_run",
               {"components": comps.addresses, "means": means, "intact": obj.intact})
     return torch.cat([r["delta"] for r in sweep(entry, obj, job, n, chunk, "ablate", progress, executor)])
 
@@ -127,6 +126,6 @@ def multiplier_gradients(obj, comps, M: torch.Tensor, mode="zero", batch=4, prog
     """``dJ/dm`` at every row of multipliers ``M`` (K, n), J = mean over the evaluation set; returns (K, n) float64.
     Rows are independent, so one backward pass gives every row's gradient; ``batch`` rows per pass."""
     means = reference_means(obj, compile_plan(obj.model, comps)) if mode == "mean" else None
-    job = Job("interp.engine:_plan_setup", "interp.engine:_grad_run",
+    job = Job("interp.core.engine:_plan_setup", "interp.core.engine:_grad_run",
               {"components": comps.addresses, "means": means, "M": M})
     return torch.cat([r["grad"] for r in sweep(entry, obj, job, len(M), batch, desc, progress, executor)]).double()

@@ -6,8 +6,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from . import diffusion
-from .interventions import Patch, Plan, run_text, run_unet
+from interp.core import diffusion
+from interp.core.interventions import Patch, Plan, run_text, run_unet
 
 
 def generate(

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 #: Bump when the layout of cached items or the meaning of their contents changes: older items are then not reused.
-FORMAT_VERSION = 3  # 3: stochastic schedulers draw step noise per image (interp.generation.step_generators)
+FORMAT_VERSION = 3  # 3: stochastic schedulers draw step noise per image (interp.core.generation.step_generators)
 
 
 class CacheWarning(UserWarning):

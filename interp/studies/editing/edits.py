@@ -7,8 +7,8 @@ ranked it. Two mechanisms:
 
 :class:`AblationEdit`
     zero-ablates a set of components (neurons, heads, layers) through the engine's multipliers: a compiled
-    :class:`~interp.interventions.Plan` and one multiplier row of zeros, passed to
-    :func:`~interp.generation.generate` as ``plan``/``mult``. No weight is touched, so there is nothing to restore;
+    :class:`~interp.core.interventions.Plan` and one multiplier row of zeros, passed to
+    :func:`~interp.core.generation.generate` as ``plan``/``mult``. No weight is touched, so there is nothing to restore;
     the edited model is reached through the :class:`EditedModel` handle the context yields.
 :class:`WeightEdit`
     writes new values into weights inside the context and restores the saved originals bitwise in ``finally`` (also
@@ -71,15 +71,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import diffusion
-from ..components import ComponentSet
-from ..concepts import DEFAULT_TEMPLATES
-from ..generation import generate
-from ..interventions import Plan, compile_plan
-from ..methods import attribute
-from ..methods.cad import weight_scores
-from ..objectives import Objective, ObjectiveConfig
-from ..results import is_main
+from interp.core import diffusion
+from interp.core.components import ComponentSet
+from interp.core.concepts import DEFAULT_TEMPLATES
+from interp.core.generation import generate
+from interp.core.interventions import Plan, compile_plan
+from interp.core.objectives import Objective, ObjectiveConfig
+from interp.core.results import is_main
+from interp.methods import attribute
+from interp.methods.cad import weight_scores
 
 #: CAD-Erase's ratio on the concept world (the paper's 0.001 zeroes nothing when in_features < 1000; see above).
 CAD_DEFAULT_RATIO = 0.1
@@ -110,12 +110,12 @@ class EditedModel:
 
     @property
     def intervention(self) -> dict:
-        """Keyword arguments for :func:`interp.generation.generate` and the engine's run functions."""
+        """Keyword arguments for :func:`interp.core.generation.generate` and the engine's run functions."""
         return {"plan": self.plan, "mult": self.mult, "means": self.means}
 
     def generate(self, prompts, seed: int = 0, steps: int = 20, guidance: float | None = None,
                  **kwargs) -> torch.Tensor:
-        """:func:`interp.generation.generate` on the edited model (``guidance=None``: the model's default)."""
+        """:func:`interp.core.generation.generate` on the edited model (``guidance=None``: the model's default)."""
         return generate(self.model, prompts, seed=seed, steps=steps, guidance=guidance, **self.intervention, **kwargs)
 
 
@@ -149,7 +149,7 @@ class Edit:
 @dataclass(frozen=True)
 class AblationEdit(Edit):
     """Ablate ``components`` (addresses) through the multiplier mechanism; weights are never touched. Zero-ablation,
-    or mean-ablation with ``means`` (per module path, as :func:`interp.objectives.reference_means` gives them: each
+    or mean-ablation with ``means`` (per module path, as :func:`interp.core.objectives.reference_means` gives them: each
     ablated unit is replaced by its mean there; other units of the site are untouched whatever their mean)."""
 
     components: tuple[str, ...]

@@ -2,17 +2,18 @@
 COAR-Edit (Shah et al., ICML 2024), Unified Concept Editing (Gandikota et al., WACV 2024) and ablation of any
 method's top components, with a held-out evaluation.
 
-    from interp.editing import cad_erase, diff_quickfix, evaluate_edit
+    from interp.studies.editing import cad_erase, diff_quickfix, evaluate_edit
     edit = cad_erase(model, "red")                    # a frozen record of what to change
     with edit.apply(model) as edited:                 # the user's model is bitwise the same afterwards
         images = edited.generate(["a photo of a red circle"])
     result = evaluate_edit(model, edit)               # target and retained rates on held-out prompts and seeds
 
-See :mod:`interp.editing.edits`, :mod:`interp.editing.uce` and :mod:`interp.editing.evaluate`.
+See :mod:`interp.studies.editing.edits`, :mod:`interp.studies.editing.uce` and :mod:`interp.studies.editing.evaluate`.
 """
 
-from .edits import (
+from interp.studies.editing.edits import (
     CAD_DEFAULT_RATIO,
+    COMPONENT_PRESETS,
     EDIT_SEED,
     QUICKFIX_LAMBDA,
     AblationEdit,
@@ -30,18 +31,17 @@ from .edits import (
     cad_weight_scores,
     coar_edit,
     coar_edit_ranking,
-    COMPONENT_PRESETS,
     default_edit_components,
-    edit_components,
     diff_quickfix,
     diff_quickfix_solution,
+    edit_components,
     per_row_count,
     quickfix_solve,
     rank_components,
     select_per_row,
     welch_t,
 )
-from .evaluate import (
+from interp.studies.editing.evaluate import (
     DRAWN,
     EVAL_SEED,
     PER_VALUE_COLUMNS,
@@ -61,8 +61,7 @@ from .evaluate import (
     sweep_table,
     tradeoff_plot,
 )
-
-from .uce import UCESolution, uce, uce_solve
+from interp.studies.editing.uce import UCESolution, uce, uce_solve
 
 __all__ = [
     "UCESolution", "uce", "uce_solve",

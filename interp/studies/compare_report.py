@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .. import evaluation, plots
-from ..compare_config import CompareConfig
-from ..compare_outputs import _main_and_variants
-from ..methods.base import baseline, get, reference
-from . import render_report, settings_rows
-from . import tables as rt
-from .findings import compare_findings, joint_trust
+from interp.methods.base import baseline, get, reference
+from interp.report import evaluation, plots, render_report, settings_rows
+from interp.report import tables as rt
+from interp.report.findings import compare_findings, joint_trust
+from interp.studies.compare_config import CompareConfig
+from interp.studies.compare_outputs import _main_and_variants
 
 
 def write_outputs(run, results, maps, tables, figures, meta, cfg: CompareConfig, extra_sections=(),
                   extra_findings=()) -> None:
-    """Write the run's files through its :class:`~interp.runs.Run` (atomically), the report last (the run then marks
+    """Write the run's files through its :class:`~interp.core.runs.Run` (atomically), the report last (the run then marks
     itself complete); sections and findings of optional measurements (the erasure curves) follow the comparison's
     own."""
     for name, df in tables.items():

@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_map
 
-from .diffusion import latent_shape
-from .families import context_rows
+from interp.core.diffusion import latent_shape
+from interp.core.families import context_rows
 
 
 def skippable(model) -> list[tuple[str, int, int]]:

@@ -12,10 +12,10 @@ matching positions (``v*_i = W_old c*_i``), while the states ``c_j`` of preserve
 with ``e`` the erase scale, ``p`` the preserve scale and ``lam`` the ridge (the paper's defaults: ``lam = 0.1``,
 ``e = 1``). Solved in float64 through a linear solve, never an explicit inverse. Positions are aligned from the
 concept's last token (the anchor prompt is shifted by the difference of the two prompts' token counts), as in the
-reference implementation and in :mod:`interp.editing.edits`' Diff-QuickFix. The edit is a
-:class:`~interp.editing.edits.WeightEdit`: applied inside a context, the weights are restored bitwise on exit.
+reference implementation and in :mod:`interp.studies.editing.edits`' Diff-QuickFix. The edit is a
+:class:`~interp.studies.editing.edits.WeightEdit`: applied inside a context, the weights are restored bitwise on exit.
 
-**Model families** (:mod:`interp.families`). The edited projections and their inputs ``c`` are, per family:
+**Model families** (:mod:`interp.core.families`). The edited projections and their inputs ``c`` are, per family:
 
 ======== ===================================================== ==================================================
 family   projections                                           inputs ``c``
@@ -59,10 +59,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import diffusion
-from ..families import FAMILIES, unpack
-from ..interventions import run_text
-from .edits import (
+from interp.core import diffusion
+from interp.core.families import FAMILIES, unpack
+from interp.core.interventions import run_text
+from interp.studies.editing.edits import (
     EDIT_SEED,
     WeightEdit,
     WeightUpdate,
@@ -210,7 +210,7 @@ def token_segments(model) -> list[tuple[tuple[str, ...], int]]:
 
 def context_positions(model, concept: str, pairs: Sequence[tuple[str, str]]) -> tuple[list[list[int]], list[list[int]]]:
     """Per (concept prompt, anchor prompt): the context rows the concept's columns are taken at, and the anchor
-    prompt's matching rows (:func:`~interp.editing.edits.aligned_positions` in every run of token rows)."""
+    prompt's matching rows (:func:`~interp.studies.editing.edits.aligned_positions` in every run of token rows)."""
     kind = text_reader(model)
     ids_c = model.split_ids(model.tokenize([c for c, _ in pairs]))
     ids_a = model.split_ids(model.tokenize([a for _, a in pairs]))
@@ -308,7 +308,7 @@ def projection_inputs(model, paths: Sequence[str], prompts: Sequence[str], posit
     PixArt's cross-attentions all read the same context), groups in the order they run, and per group the input at
     each prompt's context rows ``positions`` as columns (in, N), float64 on the CPU. ``first_only``: record the
     first group alone and end each forward there (its inputs do not depend on anything after it)."""
-    from ..interventions import run_text, run_unet
+    from interp.core.interventions import run_text, run_unet
 
     prompts = list(prompts)
     hooked = list(paths[:1]) if first_only else list(paths)

@@ -1,8 +1,8 @@
-"""Judging a concept edit on held-out prompts and seeds with an image judge (:mod:`interp.judges`).
+"""Judging a concept edit on held-out prompts and seeds with an image judge (:mod:`interp.core.judges`).
 
 An edit computed from one set of prompts must be judged on others: every prompt here comes from scenes of a seed
 stream (:data:`EVAL_SEED`) that neither the objectives (seed 0 and up), the edits' own prompts
-(:data:`~interp.editing.edits.EDIT_SEED`) nor the fidelity check (10,000) use, and the initial noises come from their
+(:data:`~interp.studies.editing.edits.EDIT_SEED`) nor the fidelity check (10,000) use, and the initial noises come from their
 own seeded generator, fixed per image: the images before and after an edit differ by the edit alone. Three prompt
 sets (:func:`heldout_set`):
 
@@ -10,7 +10,7 @@ sets (:func:`heldout_set`):
 ``alone``   captions naming only the target ("a photo of a red shape");
 ``other``   full captions of scenes *without* the target value: the specificity set.
 
-The judge is the concept classifier by default (concept world) or any :class:`~interp.judges.Judge`, e.g. CLIP
+The judge is the concept classifier by default (concept world) or any :class:`~interp.core.judges.Judge`, e.g. CLIP
 zero-shot (``judge="concept-world-clip"``, a CLIP folder or hub id). On the concept world every judge is asked the
 same question, each attribute's value among all its values. On another model (Stable Diffusion) there are no scenes:
 the concept is a phrase with ``alternatives`` (the concepts an edit should leave alone, which the judge weighs it
@@ -58,16 +58,15 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from .. import diffusion
-from ..generation import generate
-from ..judges import Judge, load_judge
+from interp.core import diffusion
+from interp.core.generation import generate
+from interp.core.judges import Judge, load_judge
+from interp.core.objectives import EVAL_SEED
 
 #: Before-rate from which a value counts as drawn by the model (for ``retained_drawn``).
 DRAWN = 0.5
-#: Seed stream of the held-out scenes and noises (the attributions use 0.., edits 30,000, fidelity 10,000).
-EVAL_SEED = 20_000
 #: Prompt templates of the held-out sets on a model other than the concept world (none is a template of
-#: :data:`interp.concepts.DEFAULT_TEMPLATES`, which the objectives and edits use).
+#: :data:`interp.core.concepts.DEFAULT_TEMPLATES`, which the objectives and edits use).
 HELDOUT_TEMPLATES = ("a rendering of {}", "a close up photo of {}", "a drawing of {}", "a detailed picture of {}")
 #: The pseudo-attribute of held-out sets on a model other than the concept world.
 TEXT_ATTRIBUTE = "concept"
@@ -193,7 +192,7 @@ class Judged:
 
 
 def resolve_judge(model, judge: Judge | str | None = None) -> Judge:
-    """The judge of an evaluation: ``judge`` (a Judge or a spec for :func:`~interp.judges.load_judge`), by default
+    """The judge of an evaluation: ``judge`` (a Judge or a spec for :func:`~interp.core.judges.load_judge`), by default
     the model's concept classifier (a clear error naming the fix when it has none)."""
     return load_judge("classifier" if judge is None else judge, model=model)
 

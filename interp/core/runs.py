@@ -4,7 +4,7 @@ A run folder holds exactly one run's outputs. :class:`Run` (a context manager) c
 in the folder when it starts (its content-addressed cache in ``cache/`` stays: nothing in it can be mistaken for
 another configuration's), writes ``status.json`` = ``running``, and ends with ``complete`` or, if the body raised,
 ``failed`` with the error, the full traceback in ``traceback.txt``. Every file goes through
-:func:`interp.store.atomic_write_bytes`, so a killed run never leaves a half-written file, and a folder whose status
+:func:`interp.core.store.atomic_write_bytes`, so a killed run never leaves a half-written file, and a folder whose status
 is not ``complete`` never holds a report (``index.html``, ``results.parquet``): those are written last.
 
 :func:`user_message` turns the failures a user can act on (bad values, missing or corrupt files, a read-only or full
@@ -22,10 +22,10 @@ import re
 import shutil
 import time
 import traceback
+from importlib.metadata import version
 from pathlib import Path
 
-from .methods.base import versions
-from .store import (
+from interp.core.store import (
     atomic_write_bytes,
     atomic_write_text,
     canonical,
@@ -226,3 +226,13 @@ def user_message(err: BaseException) -> str | None:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
+
+
+def versions() -> dict:
+    """The versions of the libraries a result depends on, recorded with every run."""
+    import diffusers  # deferred: a second of import time that only a run needs
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "nnsight": version("nnsight"), "python": platform.python_version()}

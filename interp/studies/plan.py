@@ -1,6 +1,6 @@
 """What a comparison will cost, before it runs: passes counted, one batched pass measured, wall time projected.
 
-:func:`plan_comparison` reads a :class:`~interp.compare.CompareConfig`, counts the UNet rows every method and every
+:func:`plan_comparison` reads a :class:`~interp.studies.compare.CompareConfig`, counts the UNet rows every method and every
 held-out LDS set will run (each method declares its cost with a ``planned_rows`` classmethod, written next to the
 loop it describes), measures one batched forward pass and one forward+backward pass on the actual model (time, peak
 resident memory, FLOPs), and projects the wall time of every method. Nothing of the comparison itself runs.
@@ -38,20 +38,20 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from . import models
-from .compare_config import select_components
-from .components import is_text_part
-from .diffusion import fresh_scheduler, latent_shape
-from .interventions import compile_plan, run_text, run_unet
-from .methods import get
-from .objectives import (
+from interp.core import models
+from interp.core.components import is_text_part
+from interp.core.diffusion import fresh_scheduler, latent_shape
+from interp.core.interventions import compile_plan, run_text, run_unet
+from interp.core.objectives import (
     DTYPES,
     REPLAY_BUDGET,
     checkpoints_generation,
     masks_per_grad_pass,
 )
-from .prefix import frontier, meta_call, meta_unet, upstream_share
-from .runs import is_out_of_memory
+from interp.core.prefix import frontier, meta_call, meta_unet, upstream_share
+from interp.core.runs import is_out_of_memory
+from interp.methods import get
+from interp.studies.compare_config import select_components
 
 #: FLOPs one measured pass may cost (a fraction of a second on an idle 2-core CPU).
 FLOP_BUDGET = 5e10
@@ -80,7 +80,7 @@ def _split(n: int, step: int) -> list[int]:
 class Rows:
     """UNet rows a piece of work runs: all of them, those run with gradients (forward + backward), and of those the
     ones whose forward runs again in the backward pass (generation gradients, see
-    :func:`interp.objectives.checkpoints_generation`; not counted by the model's counters, a cost only)."""
+    :func:`interp.core.objectives.checkpoints_generation`; not counted by the model's counters, a cost only)."""
 
     total: int = 0
     grad: int = 0
@@ -102,7 +102,7 @@ class Rows:
 @dataclass(frozen=True)
 class EvalShape:
     """The shape of one objective's evaluation set, known without running the model: what each engine call costs in
-    UNet rows. Mirrors :class:`interp.objectives.Objective` (the test of this module holds the two together)."""
+    UNet rows. Mirrors :class:`interp.core.objectives.Objective` (the test of this module holds the two together)."""
 
     kind: str
     anchor: str
@@ -240,7 +240,7 @@ def _min_size(unet) -> int:
 
 def replayed_fraction(model, comps) -> float:
     """The mean fraction of a UNet pass's FLOPs that a single ablation of each of ``comps`` replays instead of
-    running (:mod:`interp.prefix`; text-encoder components replay nothing), counted on the meta-device copy."""
+    running (:mod:`interp.core.prefix`; text-encoder components replay nothing), counted on the meta-device copy."""
 
     in_unet = [c for c in comps if not is_text_part(c.model)]
     if not in_unet:
@@ -260,7 +260,7 @@ def replay_reserve(model, comps, shape: EvalShape) -> int:
     """Bytes an objective's replay cache may hold during a run over ``comps``: the intact outputs of every module
     upstream of a component's unit over the evaluation set, at most the cache's budget (nothing through generation,
     which never replays). The preflight holds as much of the device while it tries the largest passes."""
-    from .prefix import fill_bytes, frontier
+    from interp.core.prefix import fill_bytes, frontier
 
     in_unet = [c for c in comps if not is_text_part(c.model)]
     if shape.kind == "classifier" or not in_unet:
@@ -340,7 +340,7 @@ def measure_meta(model, comps) -> dict:
     """What the plan can say of a model on the ``meta`` device (a published architecture without its weights):
     FLOPs of a forward and of a forward+backward row, the weights' bytes in the model's dtype and the activation
     bytes a gradient row keeps; no time (nothing runs)."""
-    from .diffusion import latent_shape
+    from interp.core.diffusion import latent_shape
 
     unet_comps = _unet_components(comps)
     f_fwd, f_grad = _meta_flops(model, unet_comps)
@@ -359,7 +359,7 @@ def _sync(device):
 
 def _timed_pass(model, plan, rows: int, grad: bool, size: int | None = None) -> dict:
     """One batched UNet pass through the engine (nnsight, multipliers at every site), timed."""
-    from .diffusion import latent_shape
+    from interp.core.diffusion import latent_shape
 
     dev, dt = model.device, model.dtype
     # CUDA's allocator says what tensors hold: before the pass's inputs exist (weights, caches) and at its peak
@@ -481,8 +481,8 @@ def preflight(model, comps, shape: EvalShape, grad: bool, masks: int | None = No
     (:func:`engine_batches`), before its first method: on an accelerator a batch the device cannot hold then fails
     in seconds, naming the ``--max-batch`` that fits, instead of hours into the run (``max_batch`` is part of every
     cache key, so a run restarted with another one starts over). Raises
-    :class:`interp.runs.InsufficientMemoryError`; the model's counters are left as they were."""
-    from .runs import InsufficientMemoryError, is_out_of_memory
+    :class:`interp.core.runs.InsufficientMemoryError`; the model's counters are left as they were."""
+    from interp.core.runs import InsufficientMemoryError, is_out_of_memory
 
     unet_comps = _unet_components(comps)
     plan = compile_plan(model, unet_comps) if len(unet_comps) else None
@@ -540,7 +540,7 @@ def preflight_run(model, comps, objective_config, methods, masks: int, log=None)
 def measure_passes(model, comps, shape: EvalShape, budget: float = FLOP_BUDGET) -> dict:
     """Time, peak memory and FLOPs of one batched forward pass and one forward+backward pass at the engine's batch
     (capped by ``budget`` FLOPs); per-row figures for the projection. The model's counters are left as they were."""
-    from .diffusion import latent_shape
+    from interp.core.diffusion import latent_shape
 
     if model.device.type == "meta":  # a published architecture without weights: counted, not timed
         return measure_meta(model, comps)
@@ -666,14 +666,14 @@ def _duration(s: float) -> str:
 
 
 def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None = None) -> ComparisonPlan:
-    """The cost plan of :func:`interp.compare.run_comparison` for ``cfg``, before running anything.
+    """The cost plan of :func:`interp.studies.compare.run_comparison` for ``cfg``, before running anything.
 
     Counts the UNet rows every method and held-out set will run (each method's ``planned_rows``, checked against the
     run's own counts by the tests) and, with ``measure``, times one forward and one forward+backward pass on the model
     to project the wall time and the memory a pass holds. ``python -m analyses.compare_methods --plan`` prints it.
 
     Args:
-        cfg: the comparison's :class:`~interp.compare_config.CompareConfig`.
+        cfg: the comparison's :class:`~interp.studies.compare_config.CompareConfig`.
         model: an already loaded model; None loads ``cfg.model`` on ``cfg.device`` in ``cfg.dtype``.
         measure: time the passes (False: counts only, in a fraction of a second).
         workers: the sweeps run on that many executor workers (Ray); the plan also says what its projection becomes
@@ -684,7 +684,7 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
 
     Raises:
         ValueError: the component selection is empty, or the configuration is invalid for the model.
-        interp.models.ModelLoadError: ``cfg.model`` cannot be loaded.
+        interp.core.models.ModelLoadError: ``cfg.model`` cannot be loaded.
     """
 
     if model is None:

@@ -1,5 +1,5 @@
-"""The comparison's tables and figures, made from its tidy results and held-out ablations (:mod:`interp.compare`
-caches them under the source digest of this module and the ones it uses: :func:`interp.compare.derived_code_digest`).
+"""The comparison's tables and figures, made from its tidy results and held-out ablations (:mod:`interp.studies.compare`
+caches them under the source digest of this module and the ones it uses: :func:`interp.studies.compare.derived_code_digest`).
 
 Every table reads the registry for its structure (the reference, the LDS baseline, labels), never a method name.
 """
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from . import evaluation, plots
-from .compare_config import CompareConfig
-from .methods.base import baseline, get, reference
-from .report.findings import joint_trust
-from .results import is_main
+from interp.core.results import is_main
+from interp.methods.base import baseline, get, reference
+from interp.report import evaluation, plots
+from interp.report.findings import joint_trust
+from interp.studies.compare_config import CompareConfig
 
 
 def _without_attrs(df: pd.DataFrame) -> pd.DataFrame:

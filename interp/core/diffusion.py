@@ -46,7 +46,7 @@ def encode_ids(text_encoder, ids: torch.Tensor) -> torch.Tensor:
 
 def latent_shape(model, batch: int) -> tuple[int, ...]:
     """``(batch, channels, height, width)`` of the latents a model denoises (unpacked, for every family: see
-    :mod:`interp.families`); ``model`` is a loaded model, or a bare UNet."""
+    :mod:`interp.core.families`); ``model`` is a loaded model, or a bare UNet."""
     family = getattr(model, "family", None)
     if family is not None:
         return family.latent_shape(model, batch)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-
 DEFAULT_TEMPLATES = ("a photo of {}", "an image of {}", "a picture of {}", "a painting of {}")
 
 
@@ -33,7 +32,7 @@ class Concept:
         scenes_seed: concept world: the seed of the scenes behind the prompts.
         alternatives: what an image judge weighs the concept against (CLIP zero-shot: a softmax over the concept and
             these). Concept world: the other values of its attribute. Text concepts: given by the user, else the judge's
-            generic default (:data:`interp.judges.GENERIC_ALTERNATIVES`), which says little.
+            generic default (:data:`interp.core.judges.GENERIC_ALTERNATIVES`), which says little.
 
     Raises:
         ValueError: an empty name, no or empty target prompts, a string where a sequence of prompts is expected, or
@@ -48,7 +47,7 @@ class Concept:
     scenes_seed: int | None = None  # concept world: the seed of the scenes behind the prompts
     #: What an image judge weighs the concept against (CLIP zero-shot: softmax over the concept and these). Concept
     #: world: the other values of its attribute. Text concepts: given by the user, else the judge uses its generic
-    #: default (:data:`interp.judges.GENERIC_ALTERNATIVES`), which says little: give real alternatives.
+    #: default (:data:`interp.core.judges.GENERIC_ALTERNATIVES`), which says little: give real alternatives.
     alternatives: tuple[str, ...] = ()
 
     def __post_init__(self):

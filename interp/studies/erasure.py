@@ -7,20 +7,20 @@ spirit of the deletion / "remove and retrain"-free perturbation curves of featur
 TNNLS 2017; Petsiuk et al., RISE, BMVC 2018) and of COAR's component-ablation evaluation (Shah, Ilyas, Madry, ICML
 2024), on held-out prompts and seeds.
 
-For one concept and each method's ranking (a :class:`~interp.editing.edits.Ranking`: components ordered by score,
+For one concept and each method's ranking (a :class:`~interp.studies.editing.edits.Ranking`: components ordered by score,
 only positive scores are ever ablated, as every erase edit does), the top ``k`` components are zero-ablated *jointly*
-(:class:`~interp.editing.edits.AblationEdit`, the multiplier mechanism; the weights are never touched) for ``k`` on a
+(:class:`~interp.studies.editing.edits.AblationEdit`, the multiplier mechanism; the weights are never touched) for ``k`` on a
 log grid up to half the component set (:func:`k_grid`), and three things are measured on the held-out set of the
-edit evaluation (:func:`interp.editing.evaluate.heldout_set`, seed stream ``EVAL_SEED``, never seen by an
+edit evaluation (:func:`interp.studies.editing.evaluate.heldout_set`, seed stream ``EVAL_SEED``, never seen by an
 attribution):
 
 ``concept_rate``
     the share of the held-out ``target`` images (full captions with the concept) the image judge assigns to the
-    concept (:func:`~interp.editing.evaluate.judge_images`; the concept classifier or CLIP zero-shot);
+    concept (:func:`~interp.studies.editing.evaluate.judge_images`; the concept classifier or CLIP zero-shot);
     ``alone_rate`` the same on the captions naming the concept alone.
 ``retained_rate``
     the mean over every other attribute value of (its rate after / before) on the ``other`` images that ask for it
-    (:func:`~interp.editing.evaluate.per_value_table`'s ``other`` rows; 1 = untouched).
+    (:func:`~interp.studies.editing.evaluate.per_value_table`'s ``other`` rows; 1 = untouched).
 ``artifact_rate``
     the share of all held-out images (target, alone and other) in which the judge cannot read some attribute: the
     judge's probability of its own verdict (the top class of that attribute's values) is below
@@ -29,7 +29,7 @@ attribution):
     of damage an ablation can do without "erasing" anything; a concept rate that falls while this rises is
     destruction, not erasure. The unedited model's own rate is the curve's k = 0 point.
 ``j_ratio``
-    the one-step objective J after / before (:func:`interp.engine.masked_values`; the points table keeps J itself)
+    the one-step objective J after / before (:func:`interp.core.engine.masked_values`; the points table keeps J itself)
     on an evaluation set drawn from the held-out seed stream (the attribution objective's configuration with
     ``seed + EVAL_SEED``: held-out scenes and noises on the concept world, held-out noises on text concepts, whose
     templates are fixed).
@@ -50,7 +50,7 @@ measured drop of the concept rate (before - after), with a bootstrap interval ov
 same for the drop of J.
 
 **Targeted erasure** (issue 17, item 3): rankings that ask for specificity, not only effect, each a
-:class:`~interp.editing.edits.Ranking` that :func:`measure` ablates like any other. :func:`contrastive_ranking`
+:class:`~interp.studies.editing.edits.Ranking` that :func:`measure` ablates like any other. :func:`contrastive_ranking`
 scores a component by its (L1-normalized) score on the target minus the mean of the same method's normalized scores
 on other concepts (the other values of the same and of the other attributes; in the spirit of COAR-Edit's
 target-vs-reference contrast, Shah et al. ICML 2024, with plain differences of means instead of a t-statistic);
@@ -63,7 +63,7 @@ Each ablated set is generated and judged once per concept (sets shared by severa
 unit of two methods, are measured once) and cached in the store chunk by chunk (keyed by the model's weights, the
 components, the held-out configuration, the judge and the set), so a killed run resumes and a re-run is cheap.
 Nothing here is specific to the concept world: the held-out sets, the judge and the per-value table come from
-:mod:`interp.editing.evaluate`, which handles concept-world attributes and text concepts with alternatives alike.
+:mod:`interp.studies.editing.evaluate`, which handles concept-world attributes and text concepts with alternatives alike.
 """
 
 from __future__ import annotations
@@ -80,9 +80,16 @@ import torch
 from matplotlib.figure import Figure
 from scipy import stats
 
-from . import plots
-from .editing.edits import AblationEdit, Ranking
-from .editing.evaluate import (
+from interp.core.engine import masked_values, random_masks
+from interp.core.features import identity
+from interp.core.interventions import compile_plan
+from interp.core.models import model_fingerprint, module_digest
+from interp.core.objectives import Objective, ObjectiveConfig, reference_means
+from interp.core.store import Store
+from interp.methods.base import components_hash
+from interp.report import plots
+from interp.studies.editing.edits import AblationEdit, Ranking
+from interp.studies.editing.evaluate import (
     EVAL_SEED,
     Baseline,
     EvalConfig,
@@ -91,13 +98,6 @@ from .editing.evaluate import (
     judge_images,
     per_value_table,
 )
-from .engine import masked_values, random_masks
-from .features import identity
-from .interventions import compile_plan
-from .methods.base import components_hash
-from .models import model_fingerprint, module_digest
-from .objectives import Objective, ObjectiveConfig, reference_means
-from .store import Store
 
 #: Metrics of the curves, in the order of the figure's rows.
 METRICS = ("concept_rate", "alone_rate", "retained_rate", "artifact_rate", "j_ratio")
@@ -286,9 +286,9 @@ def measure(model, concept: str, comps, rankings: Mapping[str, Ranking], base: B
     """Ablate every method's top-k, the random baseline's and the random joint masks; judge and evaluate J.
 
     ``comps``: the component set the rankings rank (a ComponentSet); ``rankings``: method name -> Ranking over (a
-    subset of) ``comps``; ``base``: the unedited model on the held-out set (:func:`interp.editing.evaluate.baseline`);
+    subset of) ``comps``; ``base``: the unedited model on the held-out set (:func:`interp.studies.editing.evaluate.baseline`);
     ``j_objective``: the objective whose J is reported (on held-out samples, see
-    :func:`heldout_objective_config`); ``store``: a :class:`interp.store.Store` (or None) caching each set's verdicts;
+    :func:`heldout_objective_config`); ``store``: a :class:`interp.core.store.Store` (or None) caching each set's verdicts;
     ``means``: mean-ablate with these values (:func:`ablation_means`) instead of zero-ablating, images and J alike.
     """
 
@@ -416,7 +416,7 @@ def _rates(hits: np.ndarray, C: np.ndarray) -> np.ndarray:
 
 def _retained(e: ConceptErasure, C: np.ndarray) -> np.ndarray:
     """(U, B+1) retained rate: mean over the other values of after / before (values whose before-rate is 0 left
-    out), as :func:`interp.editing.evaluate.evaluate_edit` defines it, under each resample of the other images."""
+    out), as :func:`interp.studies.editing.evaluate.evaluate_edit` defines it, under each resample of the other images."""
     if not e.pairs:
         return np.full((len(e.sets), C.shape[0]), np.nan)
     n_p = e.pair_masks @ C.T  # (P, B+1) images asking for each value

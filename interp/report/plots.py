@@ -1,12 +1,12 @@
-"""Figures from tidy result frames (:mod:`interp.results`) and evaluation tables (:mod:`interp.evaluation`).
+"""Figures from tidy result frames (:mod:`interp.core.results`) and evaluation tables (:mod:`interp.report.evaluation`).
 
 Every function returns a :class:`matplotlib.figure.Figure` and never shows or saves it. Figures are built as plain
 ``Figure`` objects (not through pyplot's figure manager), so they work under any backend, Agg included, and do not
 pile up in pyplot's state; :func:`fig_to_base64_png` turns one into a data URI for the HTML report.
 
 Layers are ordered by ``depth`` within each ``model_part``: text encoder first, then UNet, and labelled with
-:func:`interp.components.short_layer`. A ``method`` argument names an estimate by its ``variant``
-(:mod:`interp.results`): a method's main estimate is named as the method, so ``"coar"`` is COAR's main estimate and
+:func:`interp.core.components.short_layer`. A ``method`` argument names an estimate by its ``variant``
+(:mod:`interp.core.results`): a method's main estimate is named as the method, so ``"coar"`` is COAR's main estimate and
 ``"coar@179"`` its budget variant.
 """
 
@@ -24,9 +24,9 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from scipy import stats
 
-from . import methods
-from .components import short_layer
-from .evaluation import reference_method
+from interp import methods
+from interp.core.components import short_layer
+from interp.report.evaluation import reference_method
 
 _PART_ORDER = {"text_encoder": 0, "unet": 1}
 

@@ -1,10 +1,10 @@
-"""Evaluation: turns tidy result frames (:mod:`interp.results`) into tables.
+"""Evaluation: turns tidy result frames (:mod:`interp.core.results`) into tables.
 
 Every function compares methods with a *reference* method, named by a parameter; the default is the registry's
 reference (:func:`interp.methods.reference`: true single-component ablation, the ground truth). Rows are matched between a method and the reference on
 ``(concept, component)``. Tables have one row per estimate: ``method`` (the registered method) and
 ``variant`` (its main estimate is named as the method; budget and rate variants have their own names, see
-:mod:`interp.results`); a reference or baseline names a variant.
+:mod:`interp.core.results`); a reference or baseline names a variant.
 
 - :func:`correlations` / :func:`correlations_by_layer`: Pearson, Spearman and Kendall correlation of each method's
   scores with the reference's, with percentile bootstrap 95% confidence intervals (components resampled).
@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from . import methods
-from .methods.tracing import corruption_check
-from .results import costs, is_main, meta_key
+from interp import methods
+from interp.core.results import costs, is_main, meta_key
+from interp.methods.tracing import corruption_check
 
 #: Keys of a correlation table's rows; the statistics follow them (:data:`CORR_COLUMNS`).
 CORR_KEYS = ["concept", "method", "variant"]
@@ -409,7 +409,7 @@ def lds_versus(df: pd.DataFrame, heldout: dict, baseline: str | None = None, *, 
 
 def _run_metas(df: pd.DataFrame) -> dict[tuple[str, str], dict]:
     """``{(method, concept): that run's metadata}`` from ``df.attrs["meta"]``, for the pairs ``df`` holds. The meta
-    of a concatenated frame is keyed by :func:`interp.results.meta_key`; a single method's frame carries its meta
+    of a concatenated frame is keyed by :func:`interp.core.results.meta_key`; a single method's frame carries its meta
     dict directly."""
     meta = df.attrs.get("meta") or {}
     pairs = df[["method", "concept"]].drop_duplicates()
@@ -425,9 +425,9 @@ def _run_metas(df: pd.DataFrame) -> dict[tuple[str, str], dict]:
 # -- cost ----------------------------------------------------------------------------------------------------------
 def cost_table(df: pd.DataFrame) -> pd.DataFrame:
     """Forward passes, backward passes and seconds per (concept, method, variant): the typed
-    :class:`~interp.results.Cost` records of the run metadata in ``df.attrs["meta"]`` (:func:`interp.results.costs`).
+    :class:`~interp.core.results.Cost` records of the run metadata in ``df.attrs["meta"]`` (:func:`interp.core.results.costs`).
 
-    The meta of a concatenated frame is keyed by :func:`interp.results.meta_key` (:func:`interp.results.concat`); a
+    The meta of a concatenated frame is keyed by :func:`interp.core.results.meta_key` (:func:`interp.core.results.concat`); a
     single method's frame carries its meta dict directly. Budget and rate variants have no wall time of their own
     (NaN); a run without a recorded cost gives a row of NaN.
     """

@@ -27,11 +27,11 @@ import torch
 import torch.nn as nn
 from nnsight import NNsight
 
-from .components import ComponentSpace
-from .diffusion import latent_shape, tokenize
-from .families import FAMILIES, Family, family_of
-from .interventions import call_denoiser, encode_prompts
-from .runtime import tune_cpu_allocator
+from interp.core.components import ComponentSpace
+from interp.core.diffusion import latent_shape, tokenize
+from interp.core.families import FAMILIES, Family, family_of
+from interp.core.interventions import call_denoiser, encode_prompts
+from interp.core.runtime import tune_cpu_allocator
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class DiffusionModel:
     components' addresses start with the pipeline's own attribute name for it (``unet.`` or ``transformer.``).
     ``text_encoder``/``tokenizer`` are the first text encoder and its tokenizer; :attr:`text_encoders` holds every
     one (``text_encoder``, ``text_encoder_2``, ``text_encoder_3``) under the pipeline's attribute names, which are
-    their components' address prefixes too. ``family`` (:mod:`interp.families`) says how prompts become the
+    their components' address prefixes too. ``family`` (:mod:`interp.core.families`) says how prompts become the
     denoiser's conditioning and how the denoiser is called.
     """
 
@@ -261,7 +261,7 @@ class DiffusionModel:
                 families this model has.
 
         Returns:
-            A :class:`~interp.components.ComponentSet`.
+            A :class:`~interp.core.components.ComponentSet`.
 
         Raises:
             ValueError: an unknown granularity or filter value, or a selection that is empty.
@@ -287,11 +287,11 @@ class _Parts:
 def _event_order(models: dict[str, nn.Module], owner: DiffusionModel) -> tuple[dict[tuple[str, str], int], Counter]:
     """Execution order of every module's input and output events (its first call), and how often each module is
     called, from one forward pass with plain hooks (the empty prompt through every text encoder, then the
-    denoiser). It also records the model's packed-context layout (:mod:`interp.families`).
+    denoiser). It also records the model's packed-context layout (:mod:`interp.core.families`).
 
     nnsight must be asked for modules in the order they run (``named_modules`` lists the UNet's up blocks before
     its mid block, but the mid block runs first). A module called more than once per pass (a resnet's shared
-    ``nonlinearity``) can never be skipped with a cached output (:mod:`interp.prefix`).
+    ``nonlinearity``) can never be skipped with a cached output (:mod:`interp.core.prefix`).
     """
 
     events: dict[tuple[str, str], int] = {}
@@ -459,11 +459,11 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
 
     ``spec``: ``"concept-world"``; a folder written by the concept-world trainer or by ``save_pretrained`` of a
     diffusers text-to-image pipeline of a known family (Stable Diffusion 1.x/2.x, SDXL, PixArt-α/Σ, SD3, FLUX.1:
-    :mod:`interp.families`); a hub id (``"org/name"``: downloaded into the Hugging Face cache when online, read from
+    :mod:`interp.core.families`); a hub id (``"org/name"``: downloaded into the Hugging Face cache when online, read from
     it otherwise); or a pipeline object. ``device``: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda[:N]"`` or ``"mps"``;
     ``dtype``: the precision of the forward passes (``float32``, ``bfloat16``, ``float16``, or ``float64`` for ground
     truth); objective values and statistics are accumulated in float32 whatever it is. On the CPU it tunes glibc's
-    allocator for the process (:func:`interp.runtime.tune_cpu_allocator`; ``INTERP_TUNE_MALLOC=0`` opts out). Raises
+    allocator for the process (:func:`interp.core.runtime.tune_cpu_allocator`; ``INTERP_TUNE_MALLOC=0`` opts out). Raises
     :class:`FileNotFoundError` for a missing folder and :class:`ModelLoadError` for a name that is neither shipped,
     nor a folder, nor a hub id.
     """

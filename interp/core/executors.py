@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .models import model_fingerprint
-from .objectives import Objective
-from .store import config_hash, tensor_digest
+from interp.core.models import model_fingerprint
+from interp.core.objectives import Objective
+from interp.core.store import config_hash, tensor_digest
 
 Span = tuple[int, int]
 
@@ -92,8 +92,8 @@ class ObjectiveRecipe:
     device: str
     dtype: str
     fingerprint: str
-    concept: object  # interp.concepts.Concept (a frozen dataclass)
-    config: object  # interp.objectives.ObjectiveConfig
+    concept: object  # interp.core.concepts.Concept (a frozen dataclass)
+    config: object  # interp.core.objectives.ObjectiveConfig
 
     @classmethod
     def of(cls, obj) -> "ObjectiveRecipe":
@@ -124,7 +124,7 @@ class _Worker:
     JOBS_KEPT = 4  # states (compiled plans, clean values) of this many recent jobs stay in memory
 
     def __init__(self, model_key: tuple, threads: int | None):
-        from .models import load_model, model_fingerprint
+        from interp.core.models import load_model, model_fingerprint
 
         source, name, device, dtype, fingerprint = model_key
         if threads:

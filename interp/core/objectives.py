@@ -17,7 +17,7 @@ Every method in the suite explains the same function: J of a concept, averaged o
     whichever the model predicts).
 ``classifier``
     End to end: an image judge's probability of the concept on images generated from the target prompts and fixed
-    noises (:mod:`interp.judges`: the concept world's classifier by default, or CLIP zero-shot on any model;
+    noises (:mod:`interp.core.judges`: the concept world's classifier by default, or CLIP zero-shot on any model;
     ``ObjectiveConfig.judge`` or ``Objective(..., judge=...)``).
 
 In the concept world ``z_t`` are forward-noised renders of the target scenes (the images the prompts describe); on
@@ -36,11 +36,11 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from . import diffusion
-from .components import is_text_part
-from .concepts import Concept, resolve
-from .generation import generate
-from .interventions import (
+from interp.core import diffusion
+from interp.core.components import is_text_part
+from interp.core.concepts import Concept, resolve
+from interp.core.generation import generate
+from interp.core.interventions import (
     Plan,
     parameters_requiring_grad,
     run_text,
@@ -48,9 +48,9 @@ from .interventions import (
     run_unet_in_passes,
     unit_means,
 )
-from .judges import load_judge
-from .models import DiffusionModel, model_fingerprint, module_digest
-from .prefix import (
+from interp.core.judges import load_judge
+from interp.core.models import DiffusionModel, model_fingerprint, module_digest
+from interp.core.prefix import (
     earliest_active_event,
     fill_bytes,
     frontier,
@@ -68,8 +68,11 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 #: The largest seed: every seed is offset (and mixed) into torch's 64-bit generator seeds, which overflow beyond.
 MAX_SEED = 2**62
+#: Seed stream of held-out scenes and noises, which no objective sees (the attributions use 0.., edits 30,000,
+#: fidelity 10,000).
+EVAL_SEED = 20_000
 
-#: Bytes an objective's replay cache may hold (:attr:`Objective.replay_budget`; :func:`interp.plan.preflight`
+#: Bytes an objective's replay cache may hold (:attr:`Objective.replay_budget`; :func:`interp.studies.plan.preflight`
 #: holds as much of the device while it tries a run's largest passes).
 REPLAY_BUDGET = 2**31
 
@@ -89,7 +92,7 @@ class ObjectiveConfig:
     #: UNet rows per forward pass: only speed, memory and rounding depend on it. On a 2-core CPU larger batches
     #: outgrow the caches and run slower (README, Benchmarks); a GPU wants more.
     max_batch: int = 256
-    #: The image judge of the ``classifier`` objective (:func:`interp.judges.load_judge`): "classifier" (the concept
+    #: The image judge of the ``classifier`` objective (:func:`interp.core.judges.load_judge`): "classifier" (the concept
     #: world's), "concept-world-clip", a CLIP folder or hub id. Unused by erase and amplify.
     judge: str = "classifier"
 
@@ -170,7 +173,7 @@ class Objective:
         # Image i is generated from prompt i mod k (k prompts), each image from its own noise.
         self.prompt_index = [i % len(self.concept.target_prompts) for i in range(cfg.n_images)]
         #: Replay the UNet upstream of a batch's earliest ablation (or causal tracing's restoration) instead of
-        #: running it (:mod:`interp.prefix`); equal to running it up to the rounding of batch sizes. True: where
+        #: running it (:mod:`interp.core.prefix`); equal to running it up to the rounding of batch sizes. True: where
         #: that saves FLOPs (see :meth:`replay_prefix`); "always"; False only to measure what it saves.
         self.replay_prefix = True
         #: Bytes the replay cache may hold. A call whose outputs to replay would be more runs full passes instead
@@ -308,7 +311,7 @@ class Objective:
         if record is not None and any(is_text_part(k.split(".", 1)[0]) for k in record):
             recompute_text = True
         replay = self._replayable(plan, mult, recompute_text, target_context, unet_patches, record)
-        if replay:  # rows that start at the same point run together (interp.prefix), where that saves FLOPs
+        if replay:  # rows that start at the same point run together (interp.core.prefix), where that saves FLOPs
 
             # Replayed rows share one target context (or the objective's own): its one block serves any rows.
             shared = self._shared_context(target_context)
@@ -423,7 +426,7 @@ class Objective:
         return -(eps[:, 0] - self.target[sel][None]).pow(2).mean(dim=dims)
 
     def _replayable(self, plan, mult, recompute_text, target_context, unet_patches, record) -> bool:
-        """Whether a call may replay the UNet upstream of its interventions (:mod:`interp.prefix`): multipliers
+        """Whether a call may replay the UNet upstream of its interventions (:mod:`interp.core.prefix`): multipliers
         only (ablations, or causal tracing's restorations of clean states) — no gradients, nothing in the text
         encoder, no patches or recorded outputs, every row on the same target context (the objective's own, or one
         replaced context such as causal tracing's corrupted one), and a one-step objective (the classifier
@@ -465,7 +468,7 @@ class Objective:
         """The intact outputs upstream of the rows' earliest ablation, at the batch rows (mask row, branch, sample)
         of ``sel``, and the plan without the sites before it (every row has multiplier 1 there, and they may lie
         inside replayed modules); ``(None, plan)`` when nothing upstream can be replayed."""
-        from .prefix import earliest_active_event, frontier, rows_of
+        from interp.core.prefix import earliest_active_event, frontier, rows_of
 
         event = earliest_active_event(self.model, plan, mult)
         paths = () if event is None else frontier(self.model, event)
@@ -479,7 +482,7 @@ class Objective:
 
     def _replay_pays(self, fronts, rows: list[int]) -> bool:
         """Whether replaying ``fronts`` for batches of ``rows`` UNet rows saves FLOPs, counting the intact pass that
-        fills the cache (:func:`interp.prefix.replay_pays`) whether or not an earlier call filled it: the choice, and
+        fills the cache (:func:`interp.core.prefix.replay_pays`) whether or not an earlier call filled it: the choice, and
         so every value's rounding, is a function of the call alone, the same in a resumed run and on every worker.
         ``replay_prefix="always"`` replays whatever it costs in FLOPs. Never when the outputs to cache are more than
         ``replay_budget`` bytes (from per-module output sizes counted on the meta device: a function of the call
@@ -503,7 +506,7 @@ class Objective:
         One context is cached at a time (causal tracing works through its noise draws one after another). Past
         ``replay_budget`` bytes, outputs not asked for now are dropped first (what a call asks for fits:
         :meth:`_replay_pays`)."""
-        from .prefix import fill_bytes, intact_outputs, nbytes
+        from interp.core.prefix import fill_bytes, intact_outputs, nbytes
 
         if not self._cached_context(context):
             self._replayed, self._replay_context = {}, context
@@ -608,7 +611,7 @@ def _sum_of_means(J: torch.Tensor) -> torch.Tensor:
 def masks_per_grad_pass(masks: int, rows_per_mask: int, max_batch: int) -> int:
     """Mask rows per backward pass of :func:`mean_gradient`: all ``masks``, unless one sample of each (``rows_per_mask``
     UNet rows in a call) is already more than ``max_batch`` (4 masks x 2 erase branches = 8 rows: a GPU at Stable
-    Diffusion's size may hold fewer), then as many as fit (at least one). Shared with :mod:`interp.plan`."""
+    Diffusion's size may hold fewer), then as many as fit (at least one). Shared with :mod:`interp.studies.plan`."""
     return masks if masks * rows_per_mask <= max_batch else max(1, max_batch // rows_per_mask)
 
 
