@@ -4,11 +4,19 @@ and an expected failure turned into one line and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
+from contextlib import nullcontext
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+import torch
+
+from interp.core.executors import make_executor
+from interp.core.runs import user_message
+from interp.core.runtime import library_progress_bars
+from interp.methods import REGISTRY, load_plugin
 from interp.studies.compare_config import field_type
 
 #: The glossary every command's help points to for its terms (J, anchor, UNet rows, alpha, LDS, ...).
@@ -73,7 +81,6 @@ def apply_threads(parser: argparse.ArgumentParser, threads: int | None) -> None:
         return
     if threads_error(threads):
         parser.exit(2, f"error: {threads_error(threads)}\n")
-    import torch
 
     torch.set_num_threads(threads)
 
@@ -81,7 +88,6 @@ def apply_threads(parser: argparse.ArgumentParser, threads: int | None) -> None:
 def threads_error(threads: int | None) -> str | None:
     """The one-line complaint about a ``--threads`` value, or None when it is usable (None: torch's default)."""
     if threads is not None and not 1 <= threads <= MAX_THREADS:
-        import os
 
         return (f"--threads must be between 1 and {MAX_THREADS}, got {threads} (this machine has {os.cpu_count()} "
                 f"CPU cores: use at most that many)")
@@ -89,9 +95,8 @@ def threads_error(threads: int | None) -> str | None:
 
 
 def run_or_exit(parser, out: Path | None, fn):
-    """``fn()``; an expected failure (:func:`interp.core.runs.user_message` knows it) becomes one ``error:`` line naming the
-    cause, and the traceback's file in the run folder, with exit code 2. A bug still shows its traceback."""
-    from interp.core.runs import user_message
+    """``fn()``; an expected failure (:func:`interp.core.runs.user_message` knows it) becomes one ``error:`` line naming
+    the cause, and the traceback's file in the run folder, with exit code 2. A bug still shows its traceback."""
 
     try:
         return fn()
@@ -160,11 +165,9 @@ def _finish(parser: argparse.ArgumentParser) -> None:
 def quiet_if_asked(args: argparse.Namespace):
     """A context in which ``--no-progress`` hides the libraries' loading bars too, restored after it (the suite's own
     bars follow each call's ``progress``)."""
-    from contextlib import nullcontext
 
     if not args.no_progress:
         return nullcontext()
-    from interp.core.runtime import library_progress_bars
 
     return library_progress_bars(False)
 
@@ -274,7 +277,6 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     """The options each registered method declares (:func:`interp.methods.option`): ``--<method>-<flag>``, one
     argument group per method after "methods and budgets". A plugin's methods show once it is loaded
     (:func:`load_plugins`). An option not given keeps the method's comparison default."""
-    from interp.methods import REGISTRY
 
     for name, cls in REGISTRY.items():
         options = cls.command_options()
@@ -323,7 +325,6 @@ def load_plugins(argv, prog: str) -> None:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--plugin", action="append", default=[])
     known, _ = pre.parse_known_args(argv)
-    from interp.methods import load_plugin
 
     for spec in known.plugin:
         try:
@@ -354,7 +355,6 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
 
 def executor_from_args(parser, args):
     """The executor the options name; a bad combination or a missing Ray exits with one line."""
-    from interp.core.executors import make_executor
 
     options = {"address": args.ray_address, "workers": args.ray_workers, "cpus_per_worker": args.ray_cpus_per_worker,
                "gpus_per_worker": args.ray_gpus_per_worker, "connect_timeout": args.ray_connect_timeout}

@@ -14,15 +14,30 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+
+from analyses._cli import (
+    add_executor_arguments,
+    apply_threads,
+    config_parser,
+    executor_from_args,
+    load_plugins,
+    option_group,
+    parse_config,
+    quiet_if_asked,
+    run_or_exit,
+)
+from interp.core.store import config_hash
+from interp.studies.compare import run_comparison
+from interp.studies.compare_config import CompareConfig
+from interp.studies.plan import plan_comparison
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The options are CompareConfig's fields (typed and documented there), each registered method's options (its
     file declares them), plus how to run: --out, --threads, --plan, --no-progress and the executor's."""
-    from analyses._cli import add_executor_arguments, config_parser, option_group
-    from interp.studies.compare_config import CompareConfig
 
     p = config_parser("compare_methods", __doc__, CompareConfig, "run folder (default reports/compare-<config hash>)",
                       methods=True)
@@ -34,11 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from analyses._cli import load_plugins
 
     load_plugins(sys.argv[1:] if argv is None else argv, "compare_methods")
-    from analyses._cli import apply_threads, parse_config, quiet_if_asked
-    from interp.studies.compare_config import CompareConfig
 
     parser = build_parser()
     args, cfg = parse_config(parser, CompareConfig, argv)
@@ -50,22 +62,17 @@ def main(argv=None) -> int:
 
 
 def _run(parser, args, cfg) -> int:
-    from analyses._cli import executor_from_args, run_or_exit
-    from interp.core.store import config_hash
 
     if args.plan:
-        from interp.studies.plan import plan_comparison
 
         # the plan starts no cluster: with --executor ray it projects onto the workers asked for (default: one per
         # CPU of this machine, as a local cluster would have)
         workers = None
         if args.executor == "ray":
-            import os
 
             workers = args.ray_workers or max(1, (os.cpu_count() or 1) // (args.ray_cpus_per_worker or 1))
         print(run_or_exit(parser, None, lambda: plan_comparison(cfg, workers=workers)).format())
         return 0
-    from interp.studies.compare import run_comparison
 
     executor = executor_from_args(parser, args)
     out = args.out or Path("reports") / f"compare-{config_hash(cfg.to_dict())[:10]}"

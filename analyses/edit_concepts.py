@@ -29,10 +29,30 @@ import logging
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from interp.studies.compare_config import DEVICES, PRECISIONS, check_fields, opt
+import numpy as np
+import pandas as pd
+import torch
+
+import interp
+from analyses._cli import apply_threads, config_parser, parse_config, quiet_if_asked, run_or_exit
+from interp.core.concepts import weighed_against
+from interp.core.diffusion import latent_shape
+from interp.core.objectives import ObjectiveConfig
+from interp.core.runs import Run, check_finite_weights, check_memory, versions
+from interp.core.store import config_hash
+from interp.methods import REGISTRY
+from interp.report import render_report, settings_rows
+from interp.report.findings import edit_findings
+from interp.report.plots import fig_to_base64_png
+from interp.studies import editing as ed
+from interp.studies.compare_config import DEVICES, PRECISIONS, check_concept_words, check_fields, opt
+from interp.studies.editing import COMPONENT_PRESETS
+from interp.studies.editing.edits import quickfix_module_paths
+from interp.studies.editing.uce import cross_attention_projections, uce
+from interp.studies.plan import preflight_run
 
 EDIT_CHOICES = ("cad-erase", "cad-amplify", "cad-erase-neurons", "cad-amplify-neurons", "diff-quickfix",
                 "diff-quickfix-preserve", "coar-edit", "uce")
@@ -94,7 +114,6 @@ class EditConfig:
 def build_parser() -> argparse.ArgumentParser:
     """The options are EditConfig's fields, plus how to run: --out, --threads, --no-progress. Imports nothing heavy,
     so --help is fast."""
-    from analyses._cli import config_parser
 
     return config_parser("edit_concepts", __doc__, EditConfig, "run folder (default reports/edit-<config hash>)")
 
@@ -102,8 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
 def check_config(config: EditConfig) -> None:
     """Refuse a bad configuration before anything loads (ValueError naming the option): unknown concept words or
     edits, empty or invalid sweeps."""
-    from interp.methods import REGISTRY
-    from interp.studies.compare_config import check_concept_words
 
     if any(not c.strip() for c in config.concepts):
         raise ValueError(f"concept words must be non-empty, got {list(config.concepts)}")
@@ -120,7 +137,6 @@ def check_config(config: EditConfig) -> None:
         elif e not in EDIT_CHOICES:
             raise ValueError(f"unknown edit {e!r}; edits are {', '.join(EDIT_CHOICES)} or ablate:<method> with a "
                              f"method of {sorted(REGISTRY)}")
-    from interp.studies.editing import COMPONENT_PRESETS
 
     bad = [c for c in config.components if c not in COMPONENT_PRESETS]
     if bad:
@@ -137,9 +153,7 @@ def check_config(config: EditConfig) -> None:
 
 def make_edits(model, concept: str, spec: str, config, objective, comps):
     """The edits of one spec for one concept, one per budget of its sweep."""
-    from dataclasses import replace
 
-    from interp.studies import editing as ed
 
     if spec == "cad-erase":
         ws = ed.cad_weight_scores(model, concept, "erase", objective)
@@ -152,7 +166,6 @@ def make_edits(model, concept: str, spec: str, config, objective, comps):
         edit = ed.diff_quickfix(model, concept, preserve=preserve, seed=ed.EDIT_SEED + config.seed)
         return [replace(edit, name=spec)]
     if spec == "uce":  # Unified Concept Editing: cross-attention keys/values, 32 preserved prompts
-        from interp.studies.editing.uce import uce
 
         return [uce(model, concept, preserve=PRESERVE_PROMPTS, seed=ed.EDIT_SEED + config.seed)]
     if spec == "cad-erase-neurons":
@@ -161,7 +174,6 @@ def make_edits(model, concept: str, spec: str, config, objective, comps):
         ranking = ed.rank_components(model, concept, "cad", comps, objective=replace(objective, kind="amplify"),
                                      side="negative", name=spec)
     elif spec == "coar-edit":
-        from interp.core.concepts import weighed_against
 
         refs = weighed_against(model, concept, config.alternatives or (), config.concepts)
         ranking = ed.coar_edit_ranking(model, concept, refs, components=comps,
@@ -174,7 +186,6 @@ def make_edits(model, concept: str, spec: str, config, objective, comps):
 
 def run(config: EditConfig, out: Path, log) -> dict:
     """The edit job in its run folder (:class:`interp.core.runs.Run`: status, traceback on failure, atomic writes)."""
-    from interp.core.runs import Run
 
     with Run(out, config.to_dict(), "edit") as r:
         result = _run(config, r, log)
@@ -183,17 +194,7 @@ def run(config: EditConfig, out: Path, log) -> dict:
 
 
 def _run(config, r, log) -> dict:
-    import numpy as np
-    import pandas as pd
-    import torch
 
-    import interp
-    from interp.core.diffusion import latent_shape
-    from interp.core.objectives import ObjectiveConfig
-    from interp.core.runs import check_finite_weights, check_memory, versions
-    from interp.report import render_report
-    from interp.report.plots import fig_to_base64_png
-    from interp.studies import editing as ed
 
     t_start = time.perf_counter()
     out = r.out
@@ -213,21 +214,17 @@ def _run(config, r, log) -> dict:
     # the closed-form edits' projections: where one does not apply to the model's family, refused before any work
     for spec in config.edits:
         if spec == "uce":
-            from interp.studies.editing.uce import cross_attention_projections
 
             cross_attention_projections(model)
         elif spec.startswith("diff-quickfix"):
-            from interp.studies.editing.edits import quickfix_module_paths
 
             quickfix_module_paths(model)
-    from interp.studies.plan import preflight_run
 
     # the methods behind the edits (CAD's weight scores take gradients), then the largest passes, before any work
     methods = {m for spec in config.edits for m in (
         ["cad"] if spec.startswith("cad-") else ["coar"] if spec == "coar-edit" else
         [spec.split(":", 1)[1]] if spec.startswith("ablate:") else [])}
     preflight_run(model, comps, objective, sorted(methods), 2 * len(comps), log)
-    from interp.core.concepts import weighed_against
 
     evaluations, records, grids = [], [], {}
     for concept in config.concepts:
@@ -279,8 +276,6 @@ def _run(config, r, log) -> dict:
             "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
             "wall_seconds": wall, "model_unchanged": not changed}
     r.write_json("meta.json", meta)
-    from interp.report import settings_rows
-    from interp.report.findings import edit_findings
 
     summary = edit_findings(table) + [
         f"{len(evaluations)} edits evaluated on {len(config.concepts)} concept(s) in {wall:.0f} s of wall time "
@@ -359,7 +354,6 @@ def report_sections(tables, uris, cfg, config) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from analyses._cli import parse_config
 
     parser = build_parser()
     args, config = parse_config(parser, EditConfig, argv)
@@ -368,8 +362,6 @@ def main(argv=None) -> int:
     except (ValueError, TypeError) as err:
         parser.exit(2, f"error: {err}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from analyses._cli import apply_threads, quiet_if_asked, run_or_exit
-    from interp.core.store import config_hash
 
     apply_threads(parser, args.threads)
     out = args.out or Path("reports") / f"edit-{config_hash(config.to_dict())[:10]}"

@@ -29,6 +29,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from analyses import erasure_curves
+from analyses._cli import apply_threads, config_parser, parse_config, quiet_if_asked, run_or_exit
+from analyses.erasure_curves import ErasureCurvesConfig
+from interp.core.runs import Run
+from interp.core.store import config_hash
+from interp.report import render_report, settings_rows
+from interp.report.plots import fig_to_png, png_to_data_uri
 from interp.studies.compare_config import DEVICES, PRECISIONS, check_fields, opt
 
 #: Component kinds of the matrix: (granularity, families, kinds).
@@ -89,7 +100,6 @@ class EndToEndConfig:
 
     def cell(self, kind: str, objective: str, store: Path):
         """The erasure-curves config of one cell (every cell shares the cache ``store``)."""
-        from analyses.erasure_curves import ErasureCurvesConfig
 
         granularity, families, kinds = KINDS[kind]
         obj, timesteps = OBJECTIVES[objective]
@@ -132,8 +142,6 @@ def cell_rows(kind: str, objective: str, tables: dict) -> list[dict]:
 def matrix_figure(matrix):
     """Heatmaps kind x objective: the best end-to-end prediction (Spearman, the best method, mean over concepts)
     and the most points erased at >= 90% retained (the best method, mean over concepts)."""
-    import seaborn as sns
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 0.6 * matrix["kind"].nunique() + 2.2), layout="constrained")
     axes = fig.subplots(1, 2)
@@ -151,12 +159,7 @@ def matrix_figure(matrix):
 
 def run(cfg: EndToEndConfig, out: Path, log) -> dict:
     """Every cell's erasure run, then the matrix, its figure and the report."""
-    import pandas as pd
 
-    from analyses import erasure_curves
-    from interp.core.runs import Run
-    from interp.report import render_report, settings_rows
-    from interp.report.plots import fig_to_png, png_to_data_uri
 
     with Run(out, cfg.to_dict(), "end-to-end") as r:
         rows, seconds = [], {}
@@ -191,15 +194,12 @@ def run(cfg: EndToEndConfig, out: Path, log) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """EndToEndConfig's fields, plus --out, --threads and --no-progress."""
-    from analyses._cli import config_parser
 
     return config_parser("end_to_end", __doc__, EndToEndConfig,
                          "run folder (default reports/end-to-end-<config hash>)")
 
 
 def main(argv=None) -> int:
-    from analyses._cli import apply_threads, parse_config, quiet_if_asked, run_or_exit
-    from interp.core.store import config_hash
 
     parser = build_parser()
     args, cfg = parse_config(parser, EndToEndConfig, argv)

@@ -6,8 +6,8 @@
         --alternatives monet picasso --kinds ff.net.0 --blocks mid_block
     python -m analyses.erasure_curves --granularity feature --sae runs/sae-mid-ff --methods ablation cad
 
-For every method's ranking and concept (interp.studies.erasure): the top k components are zero-ablated together, k on a log
-grid up to half the component set (or --k), and on held-out prompts and seeds the command measures the one-step J,
+For every method's ranking and concept (interp.studies.erasure): the top k components are zero-ablated together, k on a
+log grid up to half the component set (or --k), and on held-out prompts and seeds the command measures the one-step J,
 the judge's concept rate of the generated images and the retained rate of every other attribute value; bootstrap
 bands over images, the area under the concept-rate and retained curves, a random-ranking baseline (--random-rankings
 seeded orders), the artifact rate (the share of held-out images in which the judge cannot read some attribute: its
@@ -36,18 +36,46 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
+import interp
+from analyses._cli import (
+    apply_threads,
+    config_from_args,
+    config_parser,
+    load_plugins,
+    quiet_if_asked,
+    run_or_exit,
+    threads_error,
+)
+from interp.core.concepts import weighed_against
+from interp.core.diffusion import latent_shape
+from interp.core.objectives import Objective
+from interp.core.results import read_results
+from interp.core.runs import Run, check_finite_weights, check_memory
+from interp.core.store import Store, config_hash
+from interp.methods import REGISTRY, get, reference
+from interp.report import render_report, settings_rows
+from interp.studies import editing as ed
+from interp.studies import erasure as er
+from interp.studies.compare import concept_spec, select_components
 from interp.studies.compare_config import (
     DEVICES,
     GRANULARITIES,
     OBJECTIVES,
     PRECISIONS,
+    CompareConfig,
+    check_concept_words,
     check_fields,
     check_method_options,
+    check_saes,
     opt,
 )
+from interp.studies.plan import preflight_run
 
 #: --rankings: the suffix each ranking of a method is named with
 RANKINGS = {"plain": "", "contrastive": "+contrastive", "per-layer": "+per-layer",
@@ -55,7 +83,6 @@ RANKINGS = {"plain": "", "contrastive": "+contrastive", "per-layer": "+per-layer
 
 
 def _erasure_methods() -> list[str]:
-    from interp.methods import REGISTRY
 
     return [n for n, m in REGISTRY.items() if m.default_erasure]
 
@@ -131,8 +158,6 @@ class ErasureCurvesConfig:
 
     def __post_init__(self):
         check_fields(self)
-        from interp.methods import REGISTRY
-        from interp.studies.compare_config import check_saes
 
         if not self.methods:
             object.__setattr__(self, "methods", tuple(_erasure_methods()))
@@ -145,7 +170,6 @@ class ErasureCurvesConfig:
                              f"your own: --plugin FILE.py)")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"duplicate methods in {list(self.methods)}")
-        from interp.methods import get
 
         blind = [m for m in self.methods if self.granularity == "feature"
                  and "feature" not in get(m).capabilities.granularities]
@@ -176,7 +200,6 @@ class ErasureCurvesConfig:
 def build_parser() -> argparse.ArgumentParser:
     """The options are ErasureCurvesConfig's fields, each registered method's options, plus how to run: --out,
     --threads, --no-progress, --plugin."""
-    from analyses._cli import config_parser
 
     return config_parser("erasure_curves", __doc__, ErasureCurvesConfig,
                          "run folder (default reports/erasure-<config hash>)", methods=True)
@@ -185,8 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(parser: argparse.ArgumentParser, args) -> tuple[ErasureCurvesConfig, dict | None]:
     """The run's config from the options, refused with one line before anything heavy loads when bad; with
     ``--compare``, that comparison's config too."""
-    from analyses._cli import config_from_args, threads_error
-    from interp.studies.compare_config import check_concept_words
 
     def fail(msg):
         parser.exit(2, f"error: {msg}\n")
@@ -211,7 +232,6 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[ErasureCurvesConf
 
 def read_comparison(folder: Path, args, fail) -> dict:
     """The configuration of a finished comparison run, after checking that it ranked every method and concept."""
-    import pandas as pd
 
     status, results = folder / "status.json", folder / "results.parquet"
     if not status.is_file() or not results.is_file():
@@ -229,7 +249,6 @@ def read_comparison(folder: Path, args, fail) -> dict:
     if missing:
         fail(f"--compare {folder} has no results for {missing[:4]}: it ranked methods "
              f"{sorted(have['method'].unique())} on concepts {sorted(have['concept'].unique())}")
-    from interp.studies.compare_config import CompareConfig
 
     try:
         CompareConfig.from_dict(body["config"], f"--compare {folder}")
@@ -240,8 +259,6 @@ def read_comparison(folder: Path, args, fail) -> dict:
 
 def ranking_config(args, compare: dict | None):
     """The comparison configuration the rankings come from (its components, objective and method options)."""
-    from interp.methods import reference
-    from interp.studies.compare_config import CompareConfig
 
     if compare is not None:
         return CompareConfig.from_dict(compare, f"--compare {args.compare}")
@@ -269,7 +286,6 @@ def contrast_concepts(model, concept: str, args, alternatives) -> list[str]:
 
 
 def run(args, out: Path, compare: dict | None, log) -> dict:
-    from interp.core.runs import Run
 
     with Run(out, args.to_dict(), "erasure") as r:
         result = _run(args, r, compare, log)
@@ -278,21 +294,8 @@ def run(args, out: Path, compare: dict | None, log) -> dict:
 
 
 def _run(args, r, compare, log) -> dict:
-    from dataclasses import replace
 
-    import numpy as np
 
-    import interp
-    from interp.core.concepts import weighed_against
-    from interp.core.diffusion import latent_shape
-    from interp.core.objectives import Objective
-    from interp.core.results import read_results
-    from interp.core.runs import check_finite_weights, check_memory
-    from interp.core.store import Store
-    from interp.report import render_report, settings_rows
-    from interp.studies import editing as ed
-    from interp.studies import erasure as er
-    from interp.studies.compare import concept_spec, select_components
 
     t_start = time.perf_counter()
     ccfg = ranking_config(args, compare)
@@ -318,7 +321,6 @@ def _run(args, r, compare, log) -> dict:
                                    guidance=args.guidance, batch=ed.images_per_call(args.max_batch))
     store = Store(r.cache if args.store is None else args.store)
     results = read_results(Path(args.compare) / "results.parquet") if compare is not None else None
-    from interp.studies.plan import preflight_run
 
     # the rankings' methods (when computed here), the erasure's own ablations and generations: largest passes first
     preflight_run(model, comps, ocfg, args.methods if results is None else (), 2 * len(comps), log)
@@ -378,15 +380,12 @@ def _run(args, r, compare, log) -> dict:
 
 
 def main(argv=None) -> int:
-    from analyses._cli import load_plugins
 
     load_plugins(sys.argv[1:] if argv is None else argv, "erasure_curves")
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg, compare = check_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from analyses._cli import apply_threads, quiet_if_asked, run_or_exit
-    from interp.core.store import config_hash
 
     apply_threads(parser, args.threads)
     out = args.out or Path("reports") / f"erasure-{config_hash(cfg.to_dict())[:10]}"

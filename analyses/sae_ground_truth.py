@@ -29,6 +29,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import interp
+from analyses._cli import apply_threads, config_parser, parse_config, quiet_if_asked, run_or_exit
+from interp.core import features
+from interp.core.judges import load_judge
+from interp.core.runs import Run
+from interp.core.store import config_hash
+from interp.report import render_report, settings_rows
+from interp.report.plots import fig_to_png, png_to_data_uri
 from interp.studies.compare_config import DEVICES, PRECISIONS, check_fields, opt
 
 
@@ -72,14 +80,12 @@ class GroundTruthConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """GroundTruthConfig's fields, plus --out, --threads and --no-progress."""
-    from analyses._cli import config_parser
 
     return config_parser("sae_ground_truth", __doc__, GroundTruthConfig, "run folder (default reports/sae-gt-<config hash>)")
 
 
 def run(cfg: GroundTruthConfig, out: Path, progress: bool = True, log=lambda msg: None) -> dict:
     """Generate, record, score and write the run folder; returns the summary."""
-    from interp.core.runs import Run
 
     with Run(out, cfg.to_dict(), "sae-ground-truth") as r:
         result = _run(cfg, r, progress, log)
@@ -88,11 +94,6 @@ def run(cfg: GroundTruthConfig, out: Path, progress: bool = True, log=lambda msg
 
 
 def _run(cfg: GroundTruthConfig, r, progress: bool, log) -> dict:
-    import interp
-    from interp.core import features
-    from interp.core.judges import load_judge
-    from interp.report import render_report, settings_rows
-    from interp.report.plots import fig_to_png, png_to_data_uri
 
     t0 = time.perf_counter()
     model = interp.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -156,8 +157,6 @@ def _run(cfg: GroundTruthConfig, r, progress: bool, log) -> dict:
 
 
 def main(argv=None) -> int:
-    from analyses._cli import apply_threads, parse_config, quiet_if_asked, run_or_exit
-    from interp.core.store import config_hash
 
     parser = build_parser()
     args, cfg = parse_config(parser, GroundTruthConfig, argv)

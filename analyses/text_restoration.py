@@ -20,9 +20,23 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
+import interp
+from analyses._cli import (
+    add_no_progress_argument,
+    add_threads_argument,
+    apply_threads,
+    quiet_if_asked,
+    run_or_exit,
+    threads_error,
+)
+from interp.core.concepts import judged_concept
+from interp.core.objectives import ObjectiveConfig
+from interp.methods.tracing import text_restoration
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from analyses._cli import add_no_progress_argument, add_threads_argument
 
     p = argparse.ArgumentParser(prog="python -m analyses.text_restoration", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,20 +73,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.images < 1 or args.steps < 1 or args.noise < 1 or args.noise_scale < 0 or args.max_batch < 1:
         parser.exit(2, "error: --images, --steps, --noise, --max-batch must be >= 1 and --noise-scale >= 0\n")
-    from analyses._cli import threads_error
 
     if threads_error(args.threads):
         parser.exit(2, f"error: {threads_error(args.threads)}\n")
     if args.guidance is not None and not 0 <= args.guidance < 1e4:
         parser.exit(2, f"error: --guidance must be a scale >= 0 (1: unguided), got {args.guidance}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    import pandas as pd
 
-    import interp
-    from analyses._cli import quiet_if_asked, run_or_exit
-    from interp.core.concepts import judged_concept
-    from interp.core.objectives import ObjectiveConfig
-    from interp.methods.tracing import text_restoration
 
     def restore_every_concept() -> list:
         model = interp.load_model(args.model, device=args.device, dtype=args.precision)
@@ -88,7 +95,6 @@ def main(argv=None) -> int:
             logging.info("%s: %.1f s", c, time.perf_counter() - t1)
         return frames
 
-    from analyses._cli import apply_threads
 
     apply_threads(parser, args.threads)
     t0 = time.perf_counter()

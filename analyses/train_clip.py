@@ -12,17 +12,33 @@ judge's and the classifier's accuracy against the prompt and their agreement wit
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
 import time
 from pathlib import Path
 
+import torch
+from transformers import CLIPImageProcessor
+
+import interp
+from analyses._cli import add_no_progress_argument, quiet_if_asked
+from interp.core.judges import CLIPJudge
+from interp.world.clip import (
+    CLIPTrainConfig,
+    agreement_on_generated,
+    heldout_renders,
+    train_clip,
+    world_templates,
+    zero_shot_accuracy,
+)
+from interp.world.judge import ClassifierJudge
+
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "interp" / "world" / "assets" / "concept-world-clip"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from analyses._cli import add_no_progress_argument
 
     p = argparse.ArgumentParser(prog="python -m analyses.train_clip", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,12 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def save(model, tokenizer, out: Path) -> None:
     """Model (float16 safetensors), tokenizer, preprocessing and zero-shot templates, loadable by load_judge."""
-    import copy
 
-    import torch
-    from transformers import CLIPImageProcessor
 
-    from interp.world.clip import world_templates
 
     out.mkdir(parents=True, exist_ok=True)
     half = copy.deepcopy(model).to(torch.float16)
@@ -67,25 +79,14 @@ def main(argv=None) -> int:
         parser.exit(2, "error: --steps >= 1, --batch-size >= 2, --heldout >= 1, --generated >= 0 and "
                        "--text-layers >= 1 are needed\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    import torch
 
     torch.set_num_threads(args.threads)
-    from analyses._cli import quiet_if_asked
 
     with quiet_if_asked(args):
         return _train(parser, args)
 
 
 def _train(parser, args) -> int:
-    from interp.core.judges import CLIPJudge
-    from interp.world.clip import (
-        CLIPTrainConfig,
-        agreement_on_generated,
-        heldout_renders,
-        train_clip,
-        zero_shot_accuracy,
-    )
-    from interp.world.judge import ClassifierJudge
 
     cfg = CLIPTrainConfig(steps=args.steps, batch_size=args.batch_size, text_layers=args.text_layers, seed=args.seed)
     t0 = time.perf_counter()
@@ -102,7 +103,6 @@ def _train(parser, args) -> int:
                "zero_shot_heldout": {"accuracy": acc, "n_images": args.heldout, "seed": args.seed,
                                      "stream": "ConceptWorld(n, seed=HELDOUT_SEED + seed)"}}
     if args.generated:
-        import interp
 
         world = interp.load_model(args.model)
         if world.classifier is None:

@@ -16,12 +16,20 @@ with code 2. Needs the `sae` extra (pip install -e '.[sae]').
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
+
+from analyses._cli import apply_threads, config_parser, parse_config, quiet_if_asked, run_or_exit
+from interp.core import features
+from interp.core.concepts import resolve
+from interp.core.models import load_model
+from interp.core.store import config_hash
 from interp.studies.compare_config import DEVICES, PRECISIONS, check_fields, opt
 
 
@@ -83,7 +91,6 @@ class TrainSAEConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """TrainSAEConfig's fields, plus --out, --threads and --no-progress."""
-    from analyses._cli import config_parser
 
     return config_parser("train_sae", __doc__, TrainSAEConfig,
                          "folder of the SAE (created; a run killed there resumes)", out_required=True)
@@ -91,7 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_prompts(model, seed: int) -> list[str]:
     """Every concept word's target and anchor prompts (concept world), de-duplicated in order."""
-    from interp.core.concepts import resolve
 
     words = [w for values in model.world.attributes.values() for w in values]
     prompts = []
@@ -103,11 +109,7 @@ def default_prompts(model, seed: int) -> list[str]:
 
 def run(cfg: TrainSAEConfig, out: Path, progress: bool = True, log=lambda msg: None) -> dict:
     """Collect (or read back) the activations, train (or resume) the SAE, write it: returns its quality."""
-    from safetensors.torch import load_file, save_file
 
-    from interp.core import features
-    from interp.core.models import load_model
-    from interp.core.store import config_hash
 
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     prompts = list(cfg.prompts)
@@ -142,7 +144,6 @@ def run(cfg: TrainSAEConfig, out: Path, progress: bool = True, log=lambda msg: N
     sae = features.train_sae(acts, k=cfg.k, expansion=cfg.expansion, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
                              batch=cfg.batch, site=cfg.site, auxk_alpha=cfg.auxk_alpha,
                              checkpoint=out / "checkpoint.pt", progress=progress)
-    from dataclasses import replace
 
     sae = features.attach(model, replace(sae, config={**sae.config, "command": cfg.to_dict()}))  # its layout
     features.save_sae(sae, out)
@@ -151,11 +152,9 @@ def run(cfg: TrainSAEConfig, out: Path, progress: bool = True, log=lambda msg: N
 
 
 def main(argv=None) -> int:
-    from analyses._cli import apply_threads, parse_config, quiet_if_asked, run_or_exit
 
     parser = build_parser()
     args, cfg = parse_config(parser, TrainSAEConfig, argv)
-    import importlib.util
 
     if importlib.util.find_spec("sparsify") is None:  # the trainer's library: a clear line when the extra is missing
         parser.exit(2, "error: training an SAE needs eai-sparsify: pip install -e '.[sae]'\n")

@@ -18,14 +18,22 @@ from pathlib import Path
 
 import torch
 
-from interp.world.plugin import ASSETS
+from analyses._cli import add_no_progress_argument, quiet_if_asked
+from interp.core.models import load_model
+from interp.world.classifier import train_classifier
+from interp.world.dit import DiTTrainConfig, save_dit
+from interp.world.dit import train_dit as train_transformer
+from interp.world.fidelity import GRID_PROMPTS, measure_fidelity, reconstruction_accuracy, sample_grid
+from interp.world.model import ModelConfig
+from interp.world.plugin import ASSETS, DIT_KIND, LATENT_KIND
+from interp.world.train import LatentTrainConfig, TrainConfig, VAETrainConfig, save_model, train
+from interp.world.train import train_latent as train_phases
 
 #: The guidance scale concept-world-dit samples at by default (its world.json), chosen by the scan in its model card.
 DIT_GUIDANCE = 2.0
 
 
 def parse(argv):
-    from analyses._cli import add_no_progress_argument
 
     p = argparse.ArgumentParser(prog="python -m analyses.train_world", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,16 +78,12 @@ def main(argv=None) -> int:
         args.guidance = DIT_GUIDANCE if args.model == "concept-world-dit" else 2.0
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
-    from analyses._cli import quiet_if_asked
 
     with quiet_if_asked(args):
         return _train(args)
 
 
 def _train(args) -> int:
-    from interp.world.classifier import train_classifier
-    from interp.world.model import ModelConfig
-    from interp.world.train import TrainConfig, save_model, train
 
     if args.timesteps is not None and args.model != "concept-world-dit":
         raise SystemExit("--timesteps: only concept-world-dit is trained with flow matching")
@@ -104,7 +108,6 @@ def _train(args) -> int:
 def latent_config(args):
     """The latent model's training config from the command line: ``LatentTrainConfig()`` where no flag is given, so
     the command without flags reproduces the shipped model."""
-    from interp.world.train import LatentTrainConfig, VAETrainConfig
 
     defaults = LatentTrainConfig()
     if args.text_encoder == "joint":
@@ -124,9 +127,6 @@ def train_latent(args, out: Path) -> int:
     VAE's latents (:func:`interp.world.train.train_latent`); every phase resumes from its saved state in ``out``.
     The judges are reused, not trained: the pixel world's 16-px classifier, judging 32-px images resized (measured
     100% per attribute on 2,000 resized held-out 32-px renders), and the suite's CLIP judge."""
-    from interp.world.plugin import LATENT_KIND
-    from interp.world.train import save_model
-    from interp.world.train import train_latent as train_phases
 
     if args.retrain_classifier:
         raise SystemExit("--retrain-classifier: concept-world-latent reuses the concept-world classifier; retrain "
@@ -156,7 +156,6 @@ def train_latent(args, out: Path) -> int:
 def dit_config(args):
     """The DiT's training config from the command line: ``DiTTrainConfig()`` where no flag is given, so the command
     without flags reproduces the shipped model."""
-    from interp.world.dit import DiTTrainConfig
 
     defaults = DiTTrainConfig()
     return DiTTrainConfig(steps=args.steps or defaults.steps, batch_size=args.batch_size or defaults.batch_size,
@@ -167,9 +166,6 @@ def train_dit(args, out: Path) -> int:
     """``concept-world-dit``: an SD3 transformer trained with flow matching on the latents of concept-world-latent's
     shipped VAE, conditioned by its shipped frozen text tower (:func:`interp.world.dit.train_dit`, resumable from
     ``out/train_state.pt``); the judge is the pixel world's classifier, reused as for the latent model."""
-    from interp.world.dit import save_dit
-    from interp.world.dit import train_dit as train_transformer
-    from interp.world.plugin import DIT_KIND
 
     for flag in ("vae_steps", "clip_steps", "text_encoder"):
         if getattr(args, flag) is not None:
@@ -193,9 +189,6 @@ def train_dit(args, out: Path) -> int:
 def evaluate_checkpoint(out: Path, n_images: int = 360, progress: bool = True, targets: dict | None = None) -> dict:
     """Measure the fidelity of the checkpoint in ``out`` (fidelity.json) and draw its sample grid (samples.png);
     for a model with a VAE also the classifier's accuracy on VAE reconstructions of held-out renders."""
-    from interp.core.models import load_model
-    from interp.world.fidelity import GRID_PROMPTS, measure_fidelity, reconstruction_accuracy, sample_grid
-    from interp.world.plugin import ASSETS
 
     model = load_model(out)
     summary, per_image = measure_fidelity(model, n=n_images, progress=progress)

@@ -1,6 +1,6 @@
 """Memory and time of a gradient through generation (the classifier objective), with every UNet call's activations
-kept until the backward pass against each call re-run in the backward pass (``interp.core.objectives.checkpoints_generation``,
-chosen when keeping them would exceed ``max_batch`` rows).
+kept until the backward pass against each call re-run in the backward pass
+(``interp.core.objectives.checkpoints_generation``, chosen when keeping them would exceed ``max_batch`` rows).
 
     .venv/bin/python benchmarks/bench_generation_grad.py [--model concept-world] [--images 8] [--steps 10]
         [--max-batch 256 8] [--rounds 2] [--threads 2]

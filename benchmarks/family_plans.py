@@ -2,8 +2,9 @@
 
 SDXL's, SD3-medium's and FLUX.1's weights do not fit this machine in float32 (FLUX.1's transformer alone is 12 B
 parameters), so each architecture is built from its published configuration on PyTorch's ``meta`` device (shapes, no
-memory, no compute) and planned by the suite's own ``--plan`` code (:func:`interp.studies.plan.plan_comparison`): the passes
-every method runs, their FLOPs, the weights' bytes and the activations a gradient row keeps. Time needs the weights
+memory, no compute) and planned by the suite's own ``--plan`` code (:func:`interp.studies.plan.plan_comparison`): the
+passes every method runs, their FLOPs, the weights' bytes and the activations a gradient row keeps. Time needs the
+weights
 on a GPU: run ``--plan`` there.
 
     python benchmarks/family_plans.py                       # every family, the comparison below

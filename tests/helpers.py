@@ -238,8 +238,9 @@ class ProductFF(LinearFF):
 
 # -- runs whose figures no test looks at ---------------------------------------------------------------------------
 def placeholder_figures(monkeypatch) -> None:
-    """Every figure :mod:`interp.report.plots` makes becomes an empty one, and every figure written (by any module, through
-    ``plots.fig_to_png``) a 1x1 PNG: for tests of runs that look at tables, caches, counts and files but never at a
+    """Every figure :mod:`interp.report.plots` makes becomes an empty one, and every figure written (by any module,
+    through ``plots.fig_to_png``) a 1x1 PNG: for tests of runs that look at tables, caches, counts and files but never
+    at a
     figure's pixels. Drawing is most of a small run's time (seaborn's heatmaps and scatter plots, constrained layout,
     a tight bounding box); the names and number of the figures stay the run's own. ``monkeypatch.undo()`` restores."""
     import inspect

@@ -214,8 +214,8 @@ def test_killed_run_resumes_to_the_same_tables(tiny_world, run_dir, tmp_path):
 
 @pytest.mark.slow  # several seconds: a comparison with erasure curves (the plugin test also measures them)
 def test_erasure_curves_are_a_section_of_the_comparison(tiny_world, tmp_path, capsys, refused):
-    """--erasure-k adds the erasure curves (interp.studies.erasure) of every method's ranking to the run: tables, figure,
-    report section and findings; a k beyond the component set is refused before any method runs."""
+    """--erasure-k adds the erasure curves (interp.studies.erasure) of every method's ranking to the run: tables,
+    figure, report section and findings; a k beyond the component set is refused before any method runs."""
     from analyses.compare_methods import main
 
     small = ["--methods", "ablation", "cad", "--erasure-images", "12", "--erasure-steps", "2"]

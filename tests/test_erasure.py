@@ -1,5 +1,6 @@
-"""Erasure curves (interp.studies.erasure, analyses.erasure_curves): a known answer on a planted model where one unit alone
-carries the concept, the retained rate as the edit evaluation defines it, and the command line (outputs, bad inputs
+"""Erasure curves (interp.studies.erasure, analyses.erasure_curves): a known answer on a planted model where one unit
+alone carries the concept, the retained rate as the edit evaluation defines it, and the command line (outputs, bad
+inputs
 refused in one line before any work)."""
 
 from __future__ import annotations

@@ -96,7 +96,8 @@ def test_it_runs_in_the_plan_tables_figures_report_and_erasure_curves(tiny_world
 
 #: Method names that may appear as string literals outside interp/methods/, and why.
 ALLOWED = {
-    ("interp/studies/editing/edits.py", "cad"): "CAD-Erase, CAD-Amplify and COAR-Edit are defined on CAD's scores (their "
+    ("interp/studies/editing/edits.py", "cad"): "CAD-Erase, CAD-Amplify and COAR-Edit are defined on CAD's scores "
+                                                "(their "
                                         "papers'); the method is a parameter",
     ("interp/core/engine.py", "ablation"): "a progress bar's text",
     ("interp/testing.py", "midpoint"): "a DPM-Solver option, not the method",

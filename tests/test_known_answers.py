@@ -1,7 +1,8 @@
 """J, the forward noising and the denoising target against the papers' definitions, written out here in plain torch.
 
-Everything below is computed without :mod:`interp.core.objectives`' or :mod:`interp.core.diffusion`'s formulas: the model's own
-UNet, text encoder and VAE called directly, the scheduler's ``alphas_cumprod`` (itself checked against the betas'
+Everything below is computed without :mod:`interp.core.objectives`' or :mod:`interp.core.diffusion`'s formulas: the
+model's own UNet, text encoder and VAE called directly, the scheduler's ``alphas_cumprod`` (itself checked against the
+betas'
 definitions), the noising of DDPM (Ho et al. 2020) ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``, the v target of
 progressive distillation (Salimans & Ho 2022) ``v = sqrt(a_t) eps - sqrt(1 - a_t) x_0``, CAD's objectives (Nguyen et
 al. 2024: erase ``mean (eps(x_t, c) - eps(x_t, c_anchor))^2``, amplify ``-mean (eps(x_t, c) - target)^2``, means over

@@ -1,5 +1,5 @@
-"""The cost plan (interp.studies.plan): its counts equal what a run records, for every registered method, and it prints in
-seconds."""
+"""The cost plan (interp.studies.plan): its counts equal what a run records, for every registered method, and it prints
+in seconds."""
 
 from __future__ import annotations
 

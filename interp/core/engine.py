@@ -5,8 +5,8 @@ Methods describe *what* to evaluate; the engine evaluates it, batched and cached
 - :func:`random_masks`: i.i.d. Bernoulli(alpha) ablation masks, a pure function of their seed (COAR's masks, the
   mask-averaged gradient's, the held-out LDS sets).
 - :func:`sweep`: THE chunked, cached, resumable map over work items. Items are split into chunks, run by an executor
-  (this process, or Ray workers: :mod:`interp.core.executors`); each finished chunk is stored in the method's cache entry
-  (atomically, with its cost), so a killed run resumes from the chunks it finished and reports the cost of an
+  (this process, or Ray workers: :mod:`interp.core.executors`); each finished chunk is stored in the method's cache
+  entry (atomically, with its cost), so a killed run resumes from the chunks it finished and reports the cost of an
   uninterrupted run. Every sweep of the suite goes through it.
 - :func:`masked_values`: J under many joint ablations (one mask per row, many rows per forward pass).
 - :func:`single_ablation_deltas`: ``J(ablated) - J(intact)`` for each component alone (true ablation).

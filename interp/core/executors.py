@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from interp.core.models import model_fingerprint
+from interp.core.models import load_model, model_fingerprint
 from interp.core.objectives import Objective
 from interp.core.store import config_hash, tensor_digest
 
@@ -124,7 +125,6 @@ class _Worker:
     JOBS_KEPT = 4  # states (compiled plans, clean values) of this many recent jobs stay in memory
 
     def __init__(self, model_key: tuple, threads: int | None):
-        from interp.core.models import load_model, model_fingerprint
 
         source, name, device, dtype, fingerprint = model_key
         if threads:
@@ -311,7 +311,6 @@ class RayExecutor:
 def _check_reachable(address: str, timeout: float) -> None:
     """A one-line ConnectionError when nothing accepts a TCP connection at a Ray address (``host:port`` or
     ``ray://host:port``) within ``timeout`` seconds."""
-    import socket
 
     hostport = address.split("://", 1)[-1]
     host, sep, port = hostport.rpartition(":")

@@ -459,12 +459,14 @@ def load_model(spec="concept-world", device: str | torch.device | None = "auto",
 
     ``spec``: ``"concept-world"``; a folder written by the concept-world trainer or by ``save_pretrained`` of a
     diffusers text-to-image pipeline of a known family (Stable Diffusion 1.x/2.x, SDXL, PixArt-α/Σ, SD3, FLUX.1:
-    :mod:`interp.core.families`); a hub id (``"org/name"``: downloaded into the Hugging Face cache when online, read from
-    it otherwise); or a pipeline object. ``device``: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda[:N]"`` or ``"mps"``;
+    :mod:`interp.core.families`); a hub id (``"org/name"``: downloaded into the Hugging Face cache when online, read
+    from it otherwise); or a pipeline object. ``device``: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``,
+    ``"cuda[:N]"`` or ``"mps"``;
     ``dtype``: the precision of the forward passes (``float32``, ``bfloat16``, ``float16``, or ``float64`` for ground
     truth); objective values and statistics are accumulated in float32 whatever it is. On the CPU it tunes glibc's
-    allocator for the process (:func:`interp.core.runtime.tune_cpu_allocator`; ``INTERP_TUNE_MALLOC=0`` opts out). Raises
-    :class:`FileNotFoundError` for a missing folder and :class:`ModelLoadError` for a name that is neither shipped,
+    allocator for the process (:func:`interp.core.runtime.tune_cpu_allocator`; ``INTERP_TUNE_MALLOC=0`` opts out).
+    Raises :class:`FileNotFoundError` for a missing folder and :class:`ModelLoadError` for a name that is neither
+    shipped,
     nor a folder, nor a hub id.
     """
     from diffusers import DiffusionPipeline

@@ -28,6 +28,7 @@ positive when ablating it lowers J.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import warnings
@@ -54,9 +55,12 @@ from interp.core.prefix import (
     earliest_active_event,
     fill_bytes,
     frontier,
+    intact_outputs,
     module_bytes,
     module_flops,
+    nbytes,
     replay_pays,
+    rows_of,
     skippable,
 )
 
@@ -92,8 +96,8 @@ class ObjectiveConfig:
     #: UNet rows per forward pass: only speed, memory and rounding depend on it. On a 2-core CPU larger batches
     #: outgrow the caches and run slower (README, Benchmarks); a GPU wants more.
     max_batch: int = 256
-    #: The image judge of the ``classifier`` objective (:func:`interp.core.judges.load_judge`): "classifier" (the concept
-    #: world's), "concept-world-clip", a CLIP folder or hub id. Unused by erase and amplify.
+    #: The image judge of the ``classifier`` objective (:func:`interp.core.judges.load_judge`): "classifier" (the
+    #: concept world's), "concept-world-clip", a CLIP folder or hub id. Unused by erase and amplify.
     judge: str = "classifier"
 
     def __post_init__(self):
@@ -468,7 +472,6 @@ class Objective:
         """The intact outputs upstream of the rows' earliest ablation, at the batch rows (mask row, branch, sample)
         of ``sel``, and the plan without the sites before it (every row has multiplier 1 there, and they may lie
         inside replayed modules); ``(None, plan)`` when nothing upstream can be replayed."""
-        from interp.core.prefix import earliest_active_event, frontier, rows_of
 
         event = earliest_active_event(self.model, plan, mult)
         paths = () if event is None else frontier(self.model, event)
@@ -482,8 +485,8 @@ class Objective:
 
     def _replay_pays(self, fronts, rows: list[int]) -> bool:
         """Whether replaying ``fronts`` for batches of ``rows`` UNet rows saves FLOPs, counting the intact pass that
-        fills the cache (:func:`interp.core.prefix.replay_pays`) whether or not an earlier call filled it: the choice, and
-        so every value's rounding, is a function of the call alone, the same in a resumed run and on every worker.
+        fills the cache (:func:`interp.core.prefix.replay_pays`) whether or not an earlier call filled it: the choice,
+        and so every value's rounding, is a function of the call alone, the same in a resumed run and on every worker.
         ``replay_prefix="always"`` replays whatever it costs in FLOPs. Never when the outputs to cache are more than
         ``replay_budget`` bytes (from per-module output sizes counted on the meta device: a function of the call
         and the model, like the rest)."""
@@ -506,7 +509,6 @@ class Objective:
         One context is cached at a time (causal tracing works through its noise draws one after another). Past
         ``replay_budget`` bytes, outputs not asked for now are dropped first (what a call asks for fits:
         :meth:`_replay_pays`)."""
-        from interp.core.prefix import fill_bytes, intact_outputs, nbytes
 
         if not self._cached_context(context):
             self._replayed, self._replay_context = {}, context
@@ -548,7 +550,6 @@ class Objective:
 
 def as_dtype(model, dtype: torch.dtype):
     """A copy of ``model`` in another dtype (float64 ground truth); the user's model is untouched."""
-    import copy
 
 
     parts = {k: copy.deepcopy(getattr(model, k)) for k in ("unet", "vae", "classifier")}

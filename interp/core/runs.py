@@ -4,8 +4,8 @@ A run folder holds exactly one run's outputs. :class:`Run` (a context manager) c
 in the folder when it starts (its content-addressed cache in ``cache/`` stays: nothing in it can be mistaken for
 another configuration's), writes ``status.json`` = ``running``, and ends with ``complete`` or, if the body raised,
 ``failed`` with the error, the full traceback in ``traceback.txt``. Every file goes through
-:func:`interp.core.store.atomic_write_bytes`, so a killed run never leaves a half-written file, and a folder whose status
-is not ``complete`` never holds a report (``index.html``, ``results.parquet``): those are written last.
+:func:`interp.core.store.atomic_write_bytes`, so a killed run never leaves a half-written file, and a folder whose
+status is not ``complete`` never holds a report (``index.html``, ``results.parquet``): those are written last.
 
 :func:`user_message` turns the failures a user can act on (bad values, missing or corrupt files, a read-only or full
 disk, too little memory, non-finite weights) into one line naming the file or option and the fix; the CLIs print it

@@ -203,16 +203,18 @@ class Method:
             concept: a concept word or phrase, or a :class:`~interp.core.concepts.Concept`.
             components: a :class:`~interp.core.components.ComponentSet`, a list of addresses or components, or a dict of
                 filters for ``model.components``.
-            objective: an :class:`~interp.core.objectives.ObjectiveConfig` (default: ``ObjectiveConfig()``), or an already built
-                :class:`~interp.core.objectives.Objective` of this model and concept.
-            store: a :class:`~interp.core.store.Store` or folder that caches the result and its chunks (None: nothing cached).
+            objective: an :class:`~interp.core.objectives.ObjectiveConfig` (default: ``ObjectiveConfig()``), or an
+                already built :class:`~interp.core.objectives.Objective` of this model and concept.
+            store: a :class:`~interp.core.store.Store` or folder that caches the result and its chunks (None: nothing
+                cached).
             progress: show a progress bar.
             executor: where the engine's sweeps run (:mod:`interp.core.executors`: this process by default, or a
                 ``RayExecutor``); the result is the same.
 
         Returns:
-            The tidy result frame (:data:`interp.core.results.SCHEMA`): one row per component and estimate, ``score > 0`` when
-            ablating the component lowers J; metadata (config, objective, cost, versions) in ``df.attrs["meta"]``.
+            The tidy result frame (:data:`interp.core.results.SCHEMA`): one row per component and estimate, ``score >
+            0`` when ablating the component lowers J; metadata (config, objective, cost, versions) in
+            ``df.attrs["meta"]``.
 
         Raises:
             ValueError: a granularity or text-encoder component the method does not handle, or an empty selection.
@@ -338,8 +340,9 @@ class Method:
 
     @classmethod
     def planned_rows(cls, config, comps, shape):
-        """UNet rows a run of this method executes (:class:`interp.studies.plan.Rows`), from its config, the components and
-        the evaluation set's shape (:class:`interp.studies.plan.EvalShape`): what ``--plan`` counts and the run records.
+        """UNet rows a run of this method executes (:class:`interp.studies.plan.Rows`), from its config, the components
+        and the evaluation set's shape (:class:`interp.studies.plan.EvalShape`): what ``--plan`` counts and the run
+        records.
 
         Raises:
             NotImplementedError: a method that does not say (``--plan`` then names it).
@@ -432,8 +435,8 @@ def attribute(method: str, model, concept, components, *, objective=None, store=
         concept: a concept word (concept world), a phrase (other models) or a :class:`~interp.core.concepts.Concept`.
         components: a :class:`~interp.core.components.ComponentSet`, a list of addresses, or a dict of filters for
             ``model.components``.
-        objective: an :class:`~interp.core.objectives.ObjectiveConfig` (default ``ObjectiveConfig()``: the erase objective)
-            or a built :class:`~interp.core.objectives.Objective`.
+        objective: an :class:`~interp.core.objectives.ObjectiveConfig` (default ``ObjectiveConfig()``: the erase
+            objective) or a built :class:`~interp.core.objectives.Objective`.
         store: a :class:`~interp.core.store.Store` or folder that caches results; an interrupted run resumes there.
         progress: show a progress bar.
         executor: where the sweeps run (this process by default, or an :class:`interp.core.executors.RayExecutor`).

@@ -156,7 +156,8 @@ class MaskGrad(Method):
 
     @classmethod
     def planned_rows(cls, config, comps, shape):
-        """UNet rows of a run (see :mod:`interp.studies.plan`): K masks, forward and backward, at every ablation rate."""
+        """UNet rows of a run (see :mod:`interp.studies.plan`): K masks, forward and backward, at every ablation
+        rate."""
         return cls.recorded_rows(config, comps, shape) * (1 + len(config.extra_alphas))
 
     @classmethod

@@ -425,10 +425,12 @@ def _run_metas(df: pd.DataFrame) -> dict[tuple[str, str], dict]:
 # -- cost ----------------------------------------------------------------------------------------------------------
 def cost_table(df: pd.DataFrame) -> pd.DataFrame:
     """Forward passes, backward passes and seconds per (concept, method, variant): the typed
-    :class:`~interp.core.results.Cost` records of the run metadata in ``df.attrs["meta"]`` (:func:`interp.core.results.costs`).
+    :class:`~interp.core.results.Cost` records of the run metadata in ``df.attrs["meta"]``
+    (:func:`interp.core.results.costs`).
 
-    The meta of a concatenated frame is keyed by :func:`interp.core.results.meta_key` (:func:`interp.core.results.concat`); a
-    single method's frame carries its meta dict directly. Budget and rate variants have no wall time of their own
+    The meta of a concatenated frame is keyed by :func:`interp.core.results.meta_key`
+    (:func:`interp.core.results.concat`); a single method's frame carries its meta dict directly. Budget and rate
+    variants have no wall time of their own
     (NaN); a run without a recorded cost gives a row of NaN.
     """
     records = []

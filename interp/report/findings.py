@@ -3,8 +3,8 @@
 Every sentence is generated from the run's tables (nothing here holds a measured number), by fixed rules stated in
 the docstrings, so a run whose results differ gets different sentences:
 
-- :func:`compare_findings` (the comparison, :mod:`interp.studies.compare`): the method to trust for *single* ablations is
-  the cheapest whose lowest per-concept Spearman correlation with true ablation is within ``tolerance`` of the best
+- :func:`compare_findings` (the comparison, :mod:`interp.studies.compare`): the method to trust for *single* ablations
+  is the cheapest whose lowest per-concept Spearman correlation with true ablation is within ``tolerance`` of the best
   method's lowest; the method to trust for *joint* ablations is the one with the highest mean linear datamodeling
   score (LDS) at the largest ablation rate (ties go to the cheaper). Budget and rate variants (rows whose
   ``variant`` is not the method's main estimate, e.g. ``coar@179``, ``maskgrad@0.2-K4``) compete for joint
@@ -189,8 +189,9 @@ def compare_findings(tables: dict, reference: str | None = None, labels: dict | 
 
 def corruption_findings(table: pd.DataFrame | None, labels: dict | None = None) -> list[str]:
     """Per method that corrupts its input (causal tracing), one sentence naming the concepts whose corruption is
-    not valid (some noise draw does not lower J by the required share: :func:`interp.report.evaluation.corruption_table`),
-    with what each draw did, and the range removed for the others. Nothing when every corruption is valid."""
+    not valid (some noise draw does not lower J by the required share:
+    :func:`interp.report.evaluation.corruption_table`), with what each draw did, and the range removed for the others.
+    Nothing when every corruption is valid."""
     if table is None or not len(table):
         return []
     out = []

@@ -35,7 +35,11 @@ from interp.methods.base import components_hash, get
 from interp.report import evaluation, findings, plots
 from interp.studies import compare_outputs
 from interp.studies import erasure as er
-from interp.studies.compare_config import CompareConfig, check_concept_words, select_components  # noqa: F401  (re-exported)
+from interp.studies.compare_config import (  # noqa: F401  (re-exported)
+    CompareConfig,
+    check_concept_words,
+    select_components,
+)
 from interp.studies.compare_outputs import _without_attrs, build_figures, build_tables
 from interp.studies.compare_report import write_outputs
 from interp.studies.editing.edits import Ranking
@@ -148,8 +152,9 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, progress: bool = Tru
 
 def derived_code_digest() -> str:
     """A digest of the source of the modules that make the tables and figures (this one,
-    :mod:`interp.studies.compare_outputs`, :mod:`interp.report.evaluation`, :mod:`interp.report.plots`, :mod:`interp.report.findings`
-    (which estimator the headline figure shows), :mod:`interp.core.results`, whose costs the tables read, and every
+    :mod:`interp.studies.compare_outputs`, :mod:`interp.report.evaluation`, :mod:`interp.report.plots`,
+    :mod:`interp.report.findings` (which estimator the headline figure shows), :mod:`interp.core.results`, whose costs
+    the tables read, and every
     registered method's module, whose labels, capabilities and checks (causal tracing's corruption check) the tables
     and figures apply): cached tables and figures are reused only when the code that made them is unchanged, with no
     version number to remember to bump."""

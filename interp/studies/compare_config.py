@@ -1,6 +1,6 @@
-"""The main job's configuration, in a module that imports no torch: the command line is generated from it and its
-``--help`` stays fast. Every field is validated on construction; what needs the model (timesteps against the
-scheduler, component counts, memory) is checked by :func:`interp.studies.compare.run_comparison` before any method runs.
+"""The main job's configuration: the command line is generated from it (:mod:`analyses._cli`). Every field is
+validated on construction; what needs the model (timesteps against the scheduler, component counts, memory) is checked
+by :func:`interp.studies.compare.run_comparison` before any method runs.
 """
 
 from __future__ import annotations
@@ -8,6 +8,13 @@ from __future__ import annotations
 import numbers
 import typing
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from interp.core.components import ComponentSet
+from interp.core.features import attach, load_sae
+from interp.core.models import model_kind
+from interp.core.objectives import ObjectiveConfig
+from interp.methods import REGISTRY, default_methods, get, reference
 
 OBJECTIVES = ("erase", "amplify", "classifier")
 GRANULARITIES = ("layer", "neuron", "head")
@@ -17,7 +24,6 @@ MIN_HELDOUT_MASKS = 10  # an LDS (a rank correlation) over fewer held-out masks 
 
 
 def _default_methods() -> list[str]:
-    from interp.methods import default_methods
 
     return list(default_methods())
 
@@ -108,9 +114,6 @@ class CompareConfig:
         if alone:
             raise ValueError(f"alternatives (--alternatives) {list(self.alternatives)} leave {alone[0]!r} nothing to "
                              f"be weighed against: name phrases other than the concept")
-        from interp.methods import REGISTRY, default_methods, get, reference  # here, not at module level: importing the
-        # config must not load torch
-
         check_saes(self)
         features = self.granularity == "feature" or any("#f" in a for a in self.components)
         if not self.methods:
@@ -175,7 +178,6 @@ class CompareConfig:
 
     def objective_config(self):
         """The :class:`~interp.core.objectives.ObjectiveConfig` every method of the run attributes."""
-        from interp.core.objectives import ObjectiveConfig
 
         return ObjectiveConfig(kind=self.objective, anchor=self.anchor, n_images=self.n_images,
                                timesteps=self.timesteps, seed=self.seed, gen_steps=self.gen_steps,
@@ -184,7 +186,6 @@ class CompareConfig:
     def method_options(self, method: str, n: int) -> dict:
         """The options ``method`` runs with in this comparison over ``n`` components. Each method declares them
         (:meth:`interp.methods.base.Method.compare_options`), so a new method needs no edit here."""
-        from interp.methods import get
 
         return get(method).compare_options(self, n)
 
@@ -195,7 +196,6 @@ def check_saes(cfg) -> None:
     Raises:
         ValueError: naming the folder or the missing option.
     """
-    from pathlib import Path
 
     saes = getattr(cfg, "sae", ())
     for folder in saes:
@@ -216,7 +216,6 @@ def check_saes(cfg) -> None:
 
 def attach_saes(model, cfg) -> None:
     """Attach the sparse autoencoders of ``cfg.sae`` (folders) to ``model`` (:func:`interp.core.features.attach`)."""
-    from interp.core.features import attach, load_sae
 
     for folder in getattr(cfg, "sae", ()):
         attach(model, load_sae(folder))
@@ -239,7 +238,6 @@ def select_components(model, cfg: CompareConfig):
     """
     attach_saes(model, cfg)  # (its features' addresses parse once attached)
     if getattr(cfg, "components", ()):  # named addresses (unknown ones fail with the nearest valid ones)
-        from interp.core.components import ComponentSet  # (this module loads no torch)
 
         return ComponentSet([model.space.parse(a) for a in cfg.components])
     if cfg.granularity == "feature":  # every latent of the attached dictionaries, in the chosen UNet stages
@@ -252,7 +250,6 @@ def select_components(model, cfg: CompareConfig):
 def check_concept_words(model: str, concepts) -> None:
     """On a model kind with its own concepts (the concept world, by name or folder), refuse unknown concept words
     before the model loads."""
-    from interp.core.models import model_kind
 
     kind = model_kind(model)
     if kind is not None and hasattr(kind.provider, "check_concept_words"):
@@ -268,9 +265,7 @@ def check_method_options(options, methods) -> dict:
     Raises:
         ValueError: not a dict of dicts, an unknown method or option, or a bad value, naming the method's flag.
     """
-    from dataclasses import fields as dc_fields
 
-    from interp.methods import REGISTRY, get
 
     if not isinstance(options, dict) or any(not isinstance(v, dict) for v in options.values()):
         raise ValueError(f"options must be a dict of dicts, {{method: {{option: value}}}}, got {options!r}")
@@ -283,7 +278,7 @@ def check_method_options(options, methods) -> dict:
             raise ValueError(f"options are given for {method!r}, which is no registered method; registered methods "
                              f"are {sorted(REGISTRY)}")
         cls = get(method)  # (a method not run may still set another's options: screen screens with maskgrad's)
-        names = [f.name for f in dc_fields(cls.Config) if f.name != "seed"]
+        names = [f.name for f in fields(cls.Config) if f.name != "seed"]
         unknown = [k for k in given if k not in names]
         if unknown:
             raise ValueError(f"{method} has no option {unknown[0]!r}; its options are {names}")

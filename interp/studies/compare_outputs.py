@@ -1,5 +1,6 @@
 """The comparison's tables and figures, made from its tidy results and held-out ablations (:mod:`interp.studies.compare`
-caches them under the source digest of this module and the ones it uses: :func:`interp.studies.compare.derived_code_digest`).
+caches them under the source digest of this module and the ones it uses:
+:func:`interp.studies.compare.derived_code_digest`).
 
 Every table reads the registry for its structure (the reference, the LDS baseline, labels), never a method name.
 """

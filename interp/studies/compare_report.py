@@ -16,8 +16,8 @@ from interp.studies.compare_outputs import _main_and_variants
 
 def write_outputs(run, results, maps, tables, figures, meta, cfg: CompareConfig, extra_sections=(),
                   extra_findings=()) -> None:
-    """Write the run's files through its :class:`~interp.core.runs.Run` (atomically), the report last (the run then marks
-    itself complete); sections and findings of optional measurements (the erasure curves) follow the comparison's
+    """Write the run's files through its :class:`~interp.core.runs.Run` (atomically), the report last (the run then
+    marks itself complete); sections and findings of optional measurements (the erasure curves) follow the comparison's
     own."""
     for name, df in tables.items():
         run.write_csv(f"tables/{name}.csv", df)

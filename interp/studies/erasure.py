@@ -7,10 +7,11 @@ spirit of the deletion / "remove and retrain"-free perturbation curves of featur
 TNNLS 2017; Petsiuk et al., RISE, BMVC 2018) and of COAR's component-ablation evaluation (Shah, Ilyas, Madry, ICML
 2024), on held-out prompts and seeds.
 
-For one concept and each method's ranking (a :class:`~interp.studies.editing.edits.Ranking`: components ordered by score,
-only positive scores are ever ablated, as every erase edit does), the top ``k`` components are zero-ablated *jointly*
-(:class:`~interp.studies.editing.edits.AblationEdit`, the multiplier mechanism; the weights are never touched) for ``k`` on a
-log grid up to half the component set (:func:`k_grid`), and three things are measured on the held-out set of the
+For one concept and each method's ranking (a :class:`~interp.studies.editing.edits.Ranking`: components ordered by
+score, only positive scores are ever ablated, as every erase edit does), the top ``k`` components are zero-ablated
+*jointly*
+(:class:`~interp.studies.editing.edits.AblationEdit`, the multiplier mechanism; the weights are never touched) for ``k``
+on a log grid up to half the component set (:func:`k_grid`), and three things are measured on the held-out set of the
 edit evaluation (:func:`interp.studies.editing.evaluate.heldout_set`, seed stream ``EVAL_SEED``, never seen by an
 attribution):
 
@@ -63,7 +64,8 @@ Each ablated set is generated and judged once per concept (sets shared by severa
 unit of two methods, are measured once) and cached in the store chunk by chunk (keyed by the model's weights, the
 components, the held-out configuration, the judge and the set), so a killed run resumes and a re-run is cheap.
 Nothing here is specific to the concept world: the held-out sets, the judge and the per-value table come from
-:mod:`interp.studies.editing.evaluate`, which handles concept-world attributes and text concepts with alternatives alike.
+:mod:`interp.studies.editing.evaluate`, which handles concept-world attributes and text concepts with alternatives
+alike.
 """
 
 from __future__ import annotations
@@ -286,10 +288,12 @@ def measure(model, concept: str, comps, rankings: Mapping[str, Ranking], base: B
     """Ablate every method's top-k, the random baseline's and the random joint masks; judge and evaluate J.
 
     ``comps``: the component set the rankings rank (a ComponentSet); ``rankings``: method name -> Ranking over (a
-    subset of) ``comps``; ``base``: the unedited model on the held-out set (:func:`interp.studies.editing.evaluate.baseline`);
-    ``j_objective``: the objective whose J is reported (on held-out samples, see
-    :func:`heldout_objective_config`); ``store``: a :class:`interp.core.store.Store` (or None) caching each set's verdicts;
-    ``means``: mean-ablate with these values (:func:`ablation_means`) instead of zero-ablating, images and J alike.
+    subset of) ``comps``; ``base``: the unedited model on the held-out set
+    (:func:`interp.studies.editing.evaluate.baseline`); ``j_objective``: the objective whose J is reported (on held-out
+    samples, see
+    :func:`heldout_objective_config`); ``store``: a :class:`interp.core.store.Store` (or None) caching each set's
+    verdicts; ``means``: mean-ablate with these values (:func:`ablation_means`) instead of zero-ablating, images and J
+    alike.
     """
 
     say = log or (lambda msg: None)
@@ -416,7 +420,8 @@ def _rates(hits: np.ndarray, C: np.ndarray) -> np.ndarray:
 
 def _retained(e: ConceptErasure, C: np.ndarray) -> np.ndarray:
     """(U, B+1) retained rate: mean over the other values of after / before (values whose before-rate is 0 left
-    out), as :func:`interp.studies.editing.evaluate.evaluate_edit` defines it, under each resample of the other images."""
+    out), as :func:`interp.studies.editing.evaluate.evaluate_edit` defines it, under each resample of the other
+    images."""
     if not e.pairs:
         return np.full((len(e.sets), C.shape[0]), np.nan)
     n_p = e.pair_masks @ C.T  # (P, B+1) images asking for each value

@@ -1,7 +1,7 @@
 """What a comparison will cost, before it runs: passes counted, one batched pass measured, wall time projected.
 
-:func:`plan_comparison` reads a :class:`~interp.studies.compare.CompareConfig`, counts the UNet rows every method and every
-held-out LDS set will run (each method declares its cost with a ``planned_rows`` classmethod, written next to the
+:func:`plan_comparison` reads a :class:`~interp.studies.compare.CompareConfig`, counts the UNet rows every method and
+every held-out LDS set will run (each method declares its cost with a ``planned_rows`` classmethod, written next to the
 loop it describes), measures one batched forward pass and one forward+backward pass on the actual model (time, peak
 resident memory, FLOPs), and projects the wall time of every method. Nothing of the comparison itself runs.
 
@@ -31,12 +31,14 @@ one pass of each kind at the largest batches the run will make (:func:`engine_ba
 
 from __future__ import annotations
 
+import gc
 import re
 import time
 from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from interp.core import models
 from interp.core.components import is_text_part
@@ -48,8 +50,8 @@ from interp.core.objectives import (
     checkpoints_generation,
     masks_per_grad_pass,
 )
-from interp.core.prefix import frontier, meta_call, meta_unet, upstream_share
-from interp.core.runs import is_out_of_memory
+from interp.core.prefix import fill_bytes, frontier, meta_call, meta_unet, upstream_share
+from interp.core.runs import InsufficientMemoryError, is_out_of_memory
 from interp.methods import get
 from interp.studies.compare_config import select_components
 
@@ -260,7 +262,6 @@ def replay_reserve(model, comps, shape: EvalShape) -> int:
     """Bytes an objective's replay cache may hold during a run over ``comps``: the intact outputs of every module
     upstream of a component's unit over the evaluation set, at most the cache's budget (nothing through generation,
     which never replays). The preflight holds as much of the device while it tries the largest passes."""
-    from interp.core.prefix import fill_bytes, frontier
 
     in_unet = [c for c in comps if not is_text_part(c.model)]
     if shape.kind == "classifier" or not in_unet:
@@ -273,7 +274,6 @@ def replay_reserve(model, comps, shape: EvalShape) -> int:
 def _meta_flops(model, comps, rows: int = 1) -> tuple[float, float]:
     """FLOPs of a forward pass and of a forward+backward pass (gradients with respect to multipliers at the
     components' sites, weights frozen) for ``rows`` rows, counted on a meta-device copy of the UNet."""
-    from torch.utils.flop_counter import FlopCounterMode
 
 
     meta, x, t, ctx0 = meta_unet(model, rows)
@@ -340,7 +340,6 @@ def measure_meta(model, comps) -> dict:
     """What the plan can say of a model on the ``meta`` device (a published architecture without its weights):
     FLOPs of a forward and of a forward+backward row, the weights' bytes in the model's dtype and the activation
     bytes a gradient row keeps; no time (nothing runs)."""
-    from interp.core.diffusion import latent_shape
 
     unet_comps = _unet_components(comps)
     f_fwd, f_grad = _meta_flops(model, unet_comps)
@@ -359,7 +358,6 @@ def _sync(device):
 
 def _timed_pass(model, plan, rows: int, grad: bool, size: int | None = None) -> dict:
     """One batched UNet pass through the engine (nnsight, multipliers at every site), timed."""
-    from interp.core.diffusion import latent_shape
 
     dev, dt = model.device, model.dtype
     # CUDA's allocator says what tensors hold: before the pass's inputs exist (weights, caches) and at its peak
@@ -435,7 +433,6 @@ def _fitting_pass(model, plan, rows: int, engine_rows: int, grad: bool) -> dict:
                 raise
             q = None
         if q is None:  # outside the handler: its traceback no longer holds the failed pass's tensors
-            import gc
 
             gc.collect()
             if model is not None and model.device.type == "cuda":
@@ -482,7 +479,6 @@ def preflight(model, comps, shape: EvalShape, grad: bool, masks: int | None = No
     in seconds, naming the ``--max-batch`` that fits, instead of hours into the run (``max_batch`` is part of every
     cache key, so a run restarted with another one starts over). Raises
     :class:`interp.core.runs.InsufficientMemoryError`; the model's counters are left as they were."""
-    from interp.core.runs import InsufficientMemoryError, is_out_of_memory
 
     unet_comps = _unet_components(comps)
     plan = compile_plan(model, unet_comps) if len(unet_comps) else None
@@ -540,7 +536,6 @@ def preflight_run(model, comps, objective_config, methods, masks: int, log=None)
 def measure_passes(model, comps, shape: EvalShape, budget: float = FLOP_BUDGET) -> dict:
     """Time, peak memory and FLOPs of one batched forward pass and one forward+backward pass at the engine's batch
     (capped by ``budget`` FLOPs); per-row figures for the projection. The model's counters are left as they were."""
-    from interp.core.diffusion import latent_shape
 
     if model.device.type == "meta":  # a published architecture without weights: counted, not timed
         return measure_meta(model, comps)

@@ -66,8 +66,9 @@ class ConceptWorldProvider:
         return dict(ATTRIBUTES)
 
     def heldout_prompts(self, concept: str, n_target: int, n_alone: int, n_other: int, seed: int):
-        """The concept world's held-out sets of a concept-world value (:func:`interp.studies.editing.evaluate.heldout_set`):
-        ``(attribute, rows, scenes)``, one row (set, prompt, the value asked for per attribute) and one scene per
+        """The concept world's held-out sets of a concept-world value
+        (:func:`interp.studies.editing.evaluate.heldout_set`): ``(attribute, rows, scenes)``, one row (set, prompt, the
+        value asked for per attribute) and one scene per
         image: ``target`` (scenes with the value, full captions), ``alone`` (the value named alone, in the caption
         templates) and ``other`` (scenes without it), each from its own stream of ``seed``."""
         import numpy as np

@@ -2,8 +2,8 @@
 
 An edit computed from one set of prompts must be judged on others: every prompt here comes from scenes of a seed
 stream (:data:`EVAL_SEED`) that neither the objectives (seed 0 and up), the edits' own prompts
-(:data:`~interp.studies.editing.edits.EDIT_SEED`) nor the fidelity check (10,000) use, and the initial noises come from their
-own seeded generator, fixed per image: the images before and after an edit differ by the edit alone. Three prompt
+(:data:`~interp.studies.editing.edits.EDIT_SEED`) nor the fidelity check (10,000) use, and the initial noises come from
+their own seeded generator, fixed per image: the images before and after an edit differ by the edit alone. Three prompt
 sets (:func:`heldout_set`):
 
 ``target``  full captions of scenes with the target value (the target mentioned together with other attributes);

@@ -61,7 +61,7 @@ import torch
 
 from interp.core import diffusion
 from interp.core.families import FAMILIES, unpack
-from interp.core.interventions import run_text
+from interp.core.interventions import run_text, run_unet
 from interp.studies.editing.edits import (
     EDIT_SEED,
     WeightEdit,
@@ -308,7 +308,6 @@ def projection_inputs(model, paths: Sequence[str], prompts: Sequence[str], posit
     PixArt's cross-attentions all read the same context), groups in the order they run, and per group the input at
     each prompt's context rows ``positions`` as columns (in, N), float64 on the CPU. ``first_only``: record the
     first group alone and end each forward there (its inputs do not depend on anything after it)."""
-    from interp.core.interventions import run_text, run_unet
 
     prompts = list(prompts)
     hooked = list(paths[:1]) if first_only else list(paths)
