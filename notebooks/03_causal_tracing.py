@@ -75,8 +75,8 @@ print(len(layers), "layers:", [c.layer for c in layers])
 tracing = interp.methods.get("tracing")(n_noise=1 if SMALL else 3)
 frames, maps = {}, {}
 for concept in CONCEPTS:
-    frames[concept] = tracing.attribute(model, concept, layers, objective=cfg)  # one score per layer
-    maps[concept] = tracing.maps(model, concept, layers, objective=cfg)  # the same run's maps: no second run
+    run = tracing.run(model, concept, layers, objective=cfg)  # one run: its scores and its maps
+    frames[concept], maps[concept] = run.scores, run.maps  # one score per layer; layer x timestep and token maps
     meta = frames[concept].attrs["meta"]
     print(f"{concept!r}: J clean {meta['j_clean']:.5f}, J corrupted {np.mean(meta['j_corrupted']):.5f} "
           f"({meta['cost']['seconds']:.0f} s)")

@@ -232,8 +232,8 @@ interp.report.evaluation.correlations(results, n_boot=200)
 # %%
 text_layers = model.components("layer", family="text_layer")
 tracer = interp.methods.get("tracing")(n_noise=1 if SMALL else 3)
-tracing = tracer.attribute(model, concept, text_layers, objective=cfg)
-maps = tracer.maps(model, concept, text_layers, objective=cfg)  # the same run's maps, kept by the method object
+run = tracer.run(model, concept, text_layers, objective=cfg)  # one run: its scores and its maps
+tracing, maps = run.scores, run.maps
 print("end-of-text at offsets", tracing.attrs["meta"]["end_of_text_offsets"], "after the last subject token")
 print("positions in the map:", sorted(maps.loc[maps["axis"] == "token", "position"].unique()))
 interp.report.plots.trace_map_text(maps, "van gogh style")

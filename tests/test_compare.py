@@ -239,7 +239,7 @@ def toy_method():
     """A method registered the way a user's own module would: a seeded random guess (no model passes) with one
     budget variant, and a map of its UNet components along the timestep axis. It is unregistered afterwards, so no
     other test sees it."""
-    from interp.methods import REGISTRY, Capabilities, Method, MethodConfig, register
+    from interp.methods import REGISTRY, Capabilities, Estimate, Map, Method, MethodConfig, Scores, register
 
     @dataclass(frozen=True)
     class ToyConfig(MethodConfig):
@@ -251,14 +251,13 @@ def toy_method():
         Config = ToyConfig
         capabilities = Capabilities(maps=True)
 
-        def _scores(self, obj, comps, entry, progress):
+        def _scores(self, obj, comps, run):
             guesses = np.random.default_rng(self.config.seed).normal(0, self.config.spread, (2, len(comps)))
-            return {"score": guesses.mean(0), "estimate": {"budget": 2},
-                    "maps": [{"components": comps, "score": guesses[i], "stderr": np.zeros(len(comps)),
-                              "axis": "timestep", "position": t} for i, t in enumerate((700, 300))],
-                    "extra_frames": [{"components": comps, "score": guesses[0],
-                                      "estimate": {"variant": "toy@1", "estimator": "toy", "budget": 1}}],
-                    "cost": Cost(2.0), "variant_costs": {"toy@1": Cost(1.0)}}
+            return Scores(guesses.mean(0), columns={"budget": 2},
+                          maps=[Map(comps, guesses[i], np.zeros(len(comps)), "timestep", t)
+                                for i, t in enumerate((700, 300))],
+                          variants=[Estimate(guesses[0], columns={"variant": "toy@1", "estimator": "toy", "budget": 1})],
+                          cost=Cost(2.0), variant_costs={"toy@1": Cost(1.0)})
 
     yield Toy
     REGISTRY.pop("toy")

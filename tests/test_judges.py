@@ -223,7 +223,8 @@ def test_tracing_on_the_judge_holds_max_batch(monkeypatch):
         comps = world.components("neuron", kind="ff.net.2")[:3]
         method = interp.methods.get("tracing")(n_noise=1)
         cfg = ObjectiveConfig(kind="classifier", n_images=2, gen_steps=2, timesteps=(500,), max_batch=mb)
-        out[mb] = method.attribute(world, "red", comps, objective=cfg), method.maps(world, "red", comps, objective=cfg)
+        run = method.run(world, "red", comps, objective=cfg)
+        out[mb] = run.scores, run.maps
         assert max(rows) <= mb, (mb, max(rows))
         monkeypatch.undo()
     assert max(rows) == 2

@@ -98,18 +98,23 @@ def test_schema_and_cost_metadata(method, tiny_conformance_frames, tiny_red_obje
 
 @pytest.mark.parametrize("method", METHODS)
 def test_maps_are_a_frame_of_their_own(method, tiny_world_model, tiny_red_objective):
-    """A method with the ``maps`` capability returns them from ``maps(...)`` (the same run: no second pass), in their
-    own schema; the others refuse by name."""
+    """A method with the ``maps`` capability returns them from ``maps(...)``, in their own schema, and ``run(...)``
+    gives both frames of one run; the method object keeps no run (a second ``maps`` reads the store, or computes
+    again without one); the others refuse by name."""
     comps = conformance_components(tiny_world_model)
     m = REGISTRY[method](**OPTIONS.get(method, {}))
     if not m.capabilities.maps:
         with pytest.raises(ValueError, match="makes no maps"):
             m.maps(tiny_world_model, "red", comps, objective=tiny_red_objective)
         return
-    df = m.attribute(tiny_world_model, "red", comps, objective=tiny_red_objective)
     before = dict(tiny_world_model.counters)
-    maps = m.maps(tiny_world_model, "red", comps, objective=tiny_red_objective)
-    assert dict(tiny_world_model.counters) == before  # read from the run attribute made
+    run = m.run(tiny_world_model, "red", comps, objective=tiny_red_objective)
+    assert dict(tiny_world_model.counters) != before  # computed: nothing is kept on the object
+    df, maps = run.scores, run.maps
+    assert vars(m) == {"config": m.config}
+    again = dict(tiny_world_model.counters)
+    pd.testing.assert_frame_equal(m.maps(tiny_world_model, "red", comps, objective=tiny_red_objective), maps)
+    assert dict(tiny_world_model.counters) != again  # no store: the same run, computed again
     assert list(maps.columns) == MAP_COLUMNS and {c: str(maps[c].dtype) for c in MAP_COLUMNS} == MAP_DTYPES
     assert set(maps["axis"]) == {"timestep", "token"} and len(df) == len(comps)
     assert set(maps.loc[maps["axis"] == "timestep", "position"]) == {300, 700}
@@ -132,8 +137,10 @@ def test_deterministic_under_a_fixed_seed(method, tiny_conformance_frames, tiny_
 def test_state_untouched_after_a_run(method, tiny_conformance_frames, tiny_world_model, tiny_red_objective):
     _, comps, before, _ = tiny_conformance_frames
     assert_untouched(tiny_world_model, before)  # after the shared runs of every method
-    run(method, tiny_world_model, tiny_red_objective, comps[:4], seed=7)  # and after this method's own fresh run
-    assert_untouched(tiny_world_model, before)
+    m = REGISTRY[method](**{**OPTIONS.get(method, {}), "seed": 7})
+    m.attribute(tiny_world_model, tiny_red_objective.concept, comps[:4], objective=tiny_red_objective)
+    assert_untouched(tiny_world_model, before)  # and after this method's own fresh run
+    assert vars(m) == {"config": m.config}  # nor is the method object changed: it keeps no run state
 
 
 @pytest.mark.parametrize("method", METHODS)

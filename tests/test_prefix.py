@@ -8,6 +8,8 @@ not run; modules run twice per pass are never replayed; counted cost does not ch
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -169,8 +171,7 @@ def test_causal_tracing_replays_its_corrupted_run_exactly(tiny_world_model):
             obj.replay_prefix = replay
             method = interp.methods.REGISTRY["tracing"](n_noise=2, chunk=8)
             with FlopCounterMode(display=False) as fc:
-                df = method.attribute(model, "red", comps, objective=obj)
-            maps = method.maps(model, "red", comps, objective=obj)  # the same run's
+                df, maps = dataclasses.astuple(method.run(model, "red", comps, objective=obj))
             runs.append(torch.tensor([*df["score"], *maps["score"]], dtype=torch.float64))
             flops.append(fc.get_total_flops())
     finally:

@@ -117,8 +117,8 @@ def test_text_tracing_map_covers_positions_after_the_subject(sd_models, style):
     tracing = interp.methods.get("tracing")(n_noise=1)
     args = (model, interp.text_concept("red"), comps)
     objective = ObjectiveConfig(n_images=2, gen_steps=2, timesteps=(500,))
-    df = tracing.attribute(*args, objective=objective)
-    maps = tracing.maps(*args, objective=objective)
+    run = tracing.run(*args, objective=objective)
+    df, maps = run.scores, run.maps
     tokens = maps.loc[maps["axis"] == "token", "position"]
     L = model.tokenizer.model_max_length
     eot = df.attrs["meta"]["end_of_text_offsets"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from interp.core.engine import multiplier_gradients
-from interp.methods import Capabilities, Method, MethodConfig, option, register
+from interp.methods import Capabilities, Method, MethodConfig, Scores, option, register
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,13 @@ class Tangent(Method):
     Config = TangentConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head"), gradients=True)
 
-    def _scores(self, obj, comps, entry, progress):
+    def _scores(self, obj, comps, run):
         cfg = self.config
         M = torch.full((1, len(comps)), cfg.at, dtype=torch.float64)
         # the engine's sweep: batched, cached in ``entry`` (a killed run resumes), on the run's executor
-        G = multiplier_gradients(obj, comps, M, cfg.mode, 1, progress, "tangent", entry, self.executor)
+        G = multiplier_gradients(obj, comps, M, cfg.mode, 1, run.progress, "tangent", run.entry, run.executor)
         # score > 0 when ablating the component lowers J: J(m = 1) - J(m = 0) ~ dJ/dm
-        return {"score": G[0], "stderr": None, "meta": {"at": cfg.at}}
+        return Scores(G[0], meta={"at": cfg.at})
 
     @classmethod
     def planned_rows(cls, config, comps, shape):

@@ -12,21 +12,26 @@ registry, so they show it with no other edit (docs/contributing.md walks through
 from interp.methods import ablation, cad, coar, maskgrad, screen, tracing  # noqa: F401  (registration)
 from interp.methods.ablation import Ablation
 from interp.methods.base import (
-                   REGISTRY,
-                   Capabilities,
-                   Method,
-                   MethodConfig,
-                   attribute,
-                   baseline,
-                   default_methods,
-                   get,
-                   label,
-                   load_entry_points,
-                   load_plugin,
-                   maps,
-                   option,
-                   reference,
-                   register,
+    REGISTRY,
+    Attribution,
+    Capabilities,
+    Estimate,
+    Map,
+    Method,
+    MethodConfig,
+    RunContext,
+    Scores,
+    attribute,
+    baseline,
+    default_methods,
+    get,
+    label,
+    load_entry_points,
+    load_plugin,
+    maps,
+    option,
+    reference,
+    register,
 )
 from interp.methods.cad import CAD
 from interp.methods.coar import COAR
@@ -36,6 +41,7 @@ from interp.methods.tracing import CausalTracing
 
 load_entry_points()
 
-__all__ = ["REGISTRY", "Capabilities", "Method", "MethodConfig", "attribute", "baseline", "default_methods", "get",
+__all__ = ["REGISTRY", "Attribution", "Capabilities", "Estimate", "Map", "Method", "MethodConfig", "RunContext", "Scores",
+           "attribute", "baseline", "default_methods", "get",
            "label", "load_plugin", "maps", "option", "reference", "register", "Ablation", "CAD", "COAR",
            "CausalTracing", "IntegratedGradients", "MaskGrad", "Midpoint", "ScreenThenVerify"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from interp.core.engine import single_ablation_deltas
-from interp.methods.base import Capabilities, Method, MethodConfig, register, stderr_over
+from interp.methods.base import Capabilities, Method, MethodConfig, Scores, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,11 @@ class Ablation(Method):
     capabilities = Capabilities(granularities=("layer", "neuron", "head", "weight", "feature"), exact=True, reference=True,
                                 single_changes=True)
 
-    def _scores(self, obj, comps, entry, progress):
-        delta = single_ablation_deltas(obj, comps, self.config.mode, entry, self.config.chunk, progress,
-                                       executor=self.executor)
-        return {"score": -delta.double().mean(1), "stderr": stderr_over(delta.double(), 1),
-                "meta": {"mode": self.config.mode, "j_intact": float(obj.intact.mean())}}
+    def _scores(self, obj, comps, run):
+        delta = single_ablation_deltas(obj, comps, self.config.mode, run.entry, self.config.chunk, run.progress,
+                                       executor=run.executor)
+        return Scores(-delta.double().mean(1), stderr_over(delta.double(), 1),
+                      meta={"mode": self.config.mode, "j_intact": float(obj.intact.mean())})
 
     @classmethod
     def planned_rows(cls, config, comps, shape):

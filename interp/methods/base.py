@@ -154,6 +154,90 @@ def register(cls):
     return cls
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """Where one run of a method computes, what :meth:`Method._scores` receives: the method object keeps none of it,
+    so one object can run on several models, concepts and stores.
+
+    Attributes:
+        entry: the run's cache entry (:meth:`interp.core.store.Store.entry`): the engine's sweeps store their chunks
+            there, so a killed run resumes.
+        store: the store of the run (a method that builds on another method's result asks it for that result).
+        executor: where the engine's sweeps run (:mod:`interp.core.executors`); None: this process.
+        progress: show progress bars.
+    """
+
+    entry: object
+    store: Store
+    executor: object = None
+    progress: bool = False
+
+
+@dataclass
+class Estimate:
+    """One estimate besides a run's main one (a variant: another mask rate, budget or fit), as rows of the result.
+
+    Attributes:
+        score: one score per component (``> 0``: ablating the component lowers J).
+        stderr: its standard errors, or None.
+        columns: its typed columns of :data:`interp.core.results.SCHEMA` (``variant``, ``estimator``, ``budget``,
+            ``mask_alpha``).
+        components: the components it scores (None: the run's).
+    """
+
+    score: object
+    stderr: object = None
+    columns: dict = field(default_factory=dict)
+    components: ComponentSet | None = None
+
+
+@dataclass
+class Map:
+    """One map column of a method with the ``maps`` capability: a score per component at one ``position`` along
+    ``axis`` (``timestep`` or ``token``)."""
+
+    components: object
+    score: object
+    stderr: object
+    axis: str
+    position: object
+
+
+@dataclass
+class Scores:
+    """What :meth:`Method._scores` returns: the main estimate and what else the run made.
+
+    Attributes:
+        score: one score per component (``> 0``: ablating the component lowers J).
+        stderr: its standard errors, or None (one evaluation: no spread to report).
+        columns: the main estimate's typed columns (``budget``, ``mask_alpha``).
+        variants: other estimates of the same run (:class:`Estimate`), rows with a ``variant`` of their own.
+        maps: map columns (:class:`Map`), for a method with the ``maps`` capability.
+        cost: the main estimate's :class:`~interp.core.results.Cost`, when it is not simply the passes counted while
+            the run computed (the mask-averaged gradient also paid for its extra rates).
+        variant_costs: ``{variant: Cost}`` of the variants.
+        meta: more metadata for ``df.attrs["meta"]``.
+    """
+
+    score: object
+    stderr: object = None
+    columns: dict = field(default_factory=dict)
+    variants: list[Estimate] = field(default_factory=list)
+    maps: list[Map] = field(default_factory=list)
+    cost: Cost | None = None
+    variant_costs: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """One run's result frames: ``scores`` (:data:`interp.core.results.SCHEMA`) and ``maps``
+    (:data:`interp.core.results.MAP_COLUMNS`, empty for a method without maps)."""
+
+    scores: pd.DataFrame
+    maps: pd.DataFrame
+
+
 class Method:
     """Base class of the attribution methods: subclasses set ``name``, ``label``, ``Config``, ``capabilities`` and
     implement :meth:`_scores` and :meth:`planned_rows` (what ``--plan`` counts). Everything else about a method (its
@@ -182,7 +266,6 @@ class Method:
     map_score: ClassVar[str] = "score"
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     capabilities: ClassVar[Capabilities] = Capabilities()
-    executor = None  # where the engine's sweeps run (set by attribute); None: this process
 
     def __init__(self, config: MethodConfig | None = None, **overrides):
         if config is not None and overrides:
@@ -220,13 +303,15 @@ class Method:
             ValueError: a granularity or text-encoder component the method does not handle, or an empty selection.
             interp.core.components.UnknownComponentError: an address that names no component.
         """
-        return self._run(model, concept, components, objective, store, progress, executor)[0]
+        return self.run(model, concept, components, objective=objective, store=store, progress=progress,
+                        executor=executor).scores
 
     def maps(self, model, concept, components, *, objective: ObjectiveConfig | Objective | None = None,
              store: Store | str | None = None, progress: bool = False, executor=None) -> pd.DataFrame:
         """The maps of a method with the ``maps`` capability, from the same run as :meth:`attribute`.
 
-        Takes the same arguments as :meth:`attribute`; the run is read from the store, or from this object's last run.
+        Takes the same arguments as :meth:`attribute`; with the same ``store``, the run is read from it (without
+        one, the run is computed again: :meth:`run` gives both frames of one run).
 
         Returns:
             A frame of :data:`interp.core.results.MAP_COLUMNS` (``axis``, ``position``, ``score``, ...).
@@ -237,10 +322,16 @@ class Method:
         if not self.capabilities.maps:
             makers = sorted(n for n, m in REGISTRY.items() if m.capabilities.maps)
             raise ValueError(f"{self.name} makes no maps; methods that do: {makers}")
-        return self._run(model, concept, components, objective, store, progress, executor)[1]
+        return self.run(model, concept, components, objective=objective, store=store, progress=progress,
+                        executor=executor).maps
 
-    def _run(self, model, concept, components, objective, store, progress, executor):
-        """``(scores, maps)`` of one run: cached in ``store``, and the last one kept on this object."""
+    def run(self, model, concept, components, *, objective: ObjectiveConfig | Objective | None = None,
+            store: Store | str | None = None, progress: bool = False, executor=None) -> Attribution:
+        """One run's scores and maps (:class:`Attribution`); takes the arguments of :meth:`attribute`.
+
+        The run is cached in ``store`` under everything it depends on (the method and its config, the objective's
+        identity, the components), so asking again, for either frame, reads it back.
+        """
         obj = objective if isinstance(objective, Objective) else Objective(model, concept, objective)
         comps = as_component_set(model, components)
         bad = comps.granularities - set(self.capabilities.granularities)
@@ -256,58 +347,50 @@ class Method:
 
             key["features"] = identity(obj.model, comps)
         entry = store.entry(f"{self.name}-{obj.concept.name}", key)
-        last = getattr(self, "_last", None)
-        if last is None or last[0] != entry.hash:
-            if entry.complete:
-                maps = entry.load_maps()
-                last = (entry.load(), empty_maps() if maps is None else maps)
-            else:
-                last = self._compute(obj, comps, store, entry, progress, executor)
-            self._last = last = (entry.hash, last)
-        scores, maps = last[1]
-        return scores.copy(), maps.copy()  # callers may change what they get; the kept run stays as made
+        if entry.complete:
+            maps = entry.load_maps()
+            return Attribution(entry.load(), empty_maps() if maps is None else maps)
+        return Attribution(*self._compute(obj, comps, RunContext(entry, store, executor, progress)))
 
-    def _compute(self, obj, comps, store, entry, progress, executor):
-        """Run :meth:`_scores` and save ``(scores, maps)`` with the run's metadata into ``entry``."""
+    def _compute(self, obj, comps, run: RunContext):
+        """Run :meth:`_scores` and save ``(scores, maps)`` with the run's metadata into its entry."""
+        entry = run.entry
         counters_before = Counter(obj.model.counters)
-        self.store = store  # a method that builds on another method's result asks the same store for it
-        self.executor = executor  # the engine's sweeps run there; chunks record their cost, wherever they ran
         t0 = time.perf_counter()
-        out = self._scores(obj, comps, entry, progress)
+        out = self._scores(obj, comps, run)
+        if not isinstance(out, Scores):
+            raise TypeError(f"{type(self).__name__}._scores must return a Scores, got {type(out).__name__}")
         seconds = time.perf_counter() - t0
         used = Counter(obj.model.counters)
         used.subtract(counters_before)
         used.update(entry.replayed)
         # The passes counted while it ran, unless the method states the cost of its main estimate itself (the
         # mask-averaged gradient also paid for its extra rates; screen-then-verify for its screener's run).
-        cost = out.get("cost") or Cost(used["unet_rows"] / obj.rows_per_eval, used["unet_rows_grad"] / obj.rows_per_eval)
+        cost = out.cost or Cost(used["unet_rows"] / obj.rows_per_eval, used["unet_rows_grad"] / obj.rows_per_eval)
         meta = {
             "method": self.name, "config": self.config.to_dict(), "objective": obj.describe(),
             "capabilities": asdict(self.capabilities),
             "cost": dataclasses.replace(cost, seconds=seconds).to_dict(),
-            "variant_costs": {v: c.to_dict() for v, c in out.get("variant_costs", {}).items()},
+            "variant_costs": {v: c.to_dict() for v, c in out.variant_costs.items()},
             "n_components": len(comps), "versions": versions(), "machine": platform.machine(),
-            "threads": torch.get_num_threads(), **out.get("meta", {}),
+            "threads": torch.get_num_threads(), **out.meta,
         }
         common = dict(method=self.name, model=obj.model.name, concept=obj.concept.name, objective=obj.config.kind,
                       n_samples=obj.n_samples, seed=self.config.seed, config_hash=entry.hash)
-        # "estimate": the main estimate's budget and mask rate; an extra frame may name its own (a variant)
-        frames = [make_frame(comps, out["score"], out.get("stderr"), **common, **out.get("estimate", {}))]
-        for extra in out.get("extra_frames", []):
-            frames.append(make_frame(extra["components"], extra["score"], extra.get("stderr"), **common,
-                                     **extra.get("estimate", {})))
+        # the main estimate's typed columns (budget, mask rate); a variant names its own
+        frames = [make_frame(comps, out.score, out.stderr, **common, **out.columns)]
+        for v in out.variants:
+            frames.append(make_frame(comps if v.components is None else v.components, v.score, v.stderr, **common,
+                                     **v.columns))
         df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-        maps = [make_map_frame(m["components"], m["score"], m["stderr"], axis=m["axis"], position=m["position"],
-                               **common) for m in out.get("maps", [])]
+        maps = [make_map_frame(m.components, m.score, m.stderr, axis=m.axis, position=m.position, **common)
+                for m in out.maps]
         maps = pd.concat(maps, ignore_index=True) if maps else empty_maps()
         return entry.save(df, meta, maps), maps
 
-    def _scores(self, obj: Objective, comps: ComponentSet, entry, progress: bool) -> dict:
-        """``{"score", "stderr"}`` per component, and optionally ``"estimate"`` (the main estimate's typed
-        columns), ``"extra_frames"`` (variants), ``"maps"`` (``{"components", "score", "stderr", "axis",
-        "position"}`` records, one per map column), ``"cost"`` (a :class:`~interp.core.results.Cost` of the main
-        estimate, when it is not simply the passes counted during the call), ``"variant_costs"`` (``{variant:
-        Cost}``) and ``"meta"`` (more metadata)."""
+    def _scores(self, obj: Objective, comps: ComponentSet, run: RunContext) -> Scores:
+        """The method itself: a score per component of ``comps`` for ``obj``'s J (:class:`Scores`), computed through
+        the engine with ``run``'s cache entry and executor."""
         raise NotImplementedError
 
     @classmethod

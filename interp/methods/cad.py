@@ -29,7 +29,7 @@ import torch
 from interp.core.components import Component, head_sites, is_text_part
 from interp.core.interventions import compile_plan, parameters_requiring_grad
 from interp.core.objectives import mean_gradient
-from interp.methods.base import Capabilities, Method, MethodConfig, option, register, stderr_over
+from interp.methods.base import Capabilities, Method, MethodConfig, Scores, option, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class CAD(Method):
     Config = CADConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head", "weight", "feature"), gradients=True)
 
-    def _scores(self, obj, comps, entry, progress):
+    def _scores(self, obj, comps, run):
         slices = [weight_slices(obj.model, c) for c in comps]
         fallback = [i for i, s in enumerate(slices) if s is None]
         params = list({id(p): p for s in slices if s for p, _ in s}.values())
@@ -111,9 +111,9 @@ class CAD(Method):
                 per_group.append(scores)
         # Groups are equal-sized up to one sample: the mean of group means is the full-set mean.
         G = torch.stack(per_group, dim=1)
-        return {"score": G.mean(1), "stderr": stderr_over(G, 1),
-                "meta": {"n_groups": len(groups), "n_params": sum(p.numel() for p in params),
-                         "multiplier_gradient_components": len(fallback)}}
+        return Scores(G.mean(1), stderr_over(G, 1),
+                      meta={"n_groups": len(groups), "n_params": sum(p.numel() for p in params),
+                            "multiplier_gradient_components": len(fallback)})
 
     @classmethod
     def planned_rows(cls, config, comps, shape):

@@ -26,7 +26,7 @@ from scipy import stats
 
 from interp.core.engine import masked_values, random_masks
 from interp.core.results import Cost
-from interp.methods.base import Capabilities, Method, MethodConfig, option, register, stderr_over
+from interp.methods.base import Capabilities, Estimate, Method, MethodConfig, Scores, option, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -105,12 +105,12 @@ class COAR(Method):
     Config = COARConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head", "feature"), baseline=True)
 
-    def _scores(self, obj, comps, entry, progress):
+    def _scores(self, obj, comps, run):
         cfg = self.config
         n_masks = cfg.masks_for(len(comps))
         masks = random_masks(n_masks, len(comps), cfg.alpha, cfg.seed)
-        J = masked_values(obj, comps, masks, cfg.mode, entry, cfg.chunk, progress, tag="coar",
-                          executor=self.executor).double().numpy()
+        J = masked_values(obj, comps, masks, cfg.mode, run.entry, cfg.chunk, run.progress, tag="coar",
+                          executor=run.executor).double().numpy()
         n_test = max(1, int(round(cfg.heldout * n_masks)))
         Z = masks.numpy().astype(np.float64)
         Ztr, Zte, Jtr, Jte = Z[:-n_test], Z[-n_test:], J[:-n_test], J[-n_test:]
@@ -124,21 +124,19 @@ class COAR(Method):
             if not 10 <= m < len(Ztr):
                 raise ValueError(f"curve point {m} must be at least 10 and below the {len(Ztr)} training masks")
             b0m, cm = fit_linear(Ztr[:m], Jtr[:m], cfg.ridge)
-            extra.append({"components": comps, "score": -cm.mean(1), "stderr": stderr_over(torch.from_numpy(-cm), 1).numpy(),
-                          "estimate": {"variant": f"coar@{m}", "estimator": "coar", "budget": m,
-                                       "mask_alpha": cfg.alpha}})
+            extra.append(Estimate(-cm.mean(1), stderr_over(torch.from_numpy(-cm), 1).numpy(),
+                                  {"variant": f"coar@{m}", "estimator": "coar", "budget": m, "mask_alpha": cfg.alpha}))
             curve[f"coar@{m}"] = {"n_masks": m, **lds(b0m.mean() + Zte @ cm.mean(1), Jte.mean(1))}
-        return {
-            "extra_frames": extra, "estimate": {"budget": n_masks, "mask_alpha": cfg.alpha},
-            "variant_costs": {v: Cost(float(p["n_masks"])) for v, p in curve.items()},  # its first m masks
-            "score": score, "stderr": stderr_over(torch.from_numpy(-coef), 1).numpy(),
-            "meta": {"alpha": cfg.alpha, "n_train": len(Ztr), "n_test": n_test,
-                     "underdetermined": len(Ztr) <= len(comps), "lds_spearman": held["spearman"],
-                     "lds_pearson": held["pearson"],
-                     "lds_spearman_per_sample": float(np.nanmean([d["spearman"] for d in per_sample])),
-                     "lds_pearson_per_sample": float(np.nanmean([d["pearson"] for d in per_sample])),
-                     "j_intact": float(obj.intact.mean()), "curve": curve},
-        }
+        return Scores(
+            score, stderr_over(torch.from_numpy(-coef), 1).numpy(), {"budget": n_masks, "mask_alpha": cfg.alpha},
+            variants=extra, variant_costs={v: Cost(float(p["n_masks"])) for v, p in curve.items()},  # first m masks
+            meta={"alpha": cfg.alpha, "n_train": len(Ztr), "n_test": n_test,
+                  "underdetermined": len(Ztr) <= len(comps), "lds_spearman": held["spearman"],
+                  "lds_pearson": held["pearson"],
+                  "lds_spearman_per_sample": float(np.nanmean([d["spearman"] for d in per_sample])),
+                  "lds_pearson_per_sample": float(np.nanmean([d["pearson"] for d in per_sample])),
+                  "j_intact": float(obj.intact.mean()), "curve": curve},
+        )
 
     @classmethod
     def compare_options(cls, cfg, n_components):

@@ -31,7 +31,7 @@ import torch
 
 from interp.core.engine import multiplier_gradients, random_masks
 from interp.core.results import Cost
-from interp.methods.base import Capabilities, Method, MethodConfig, option, register, stderr_over
+from interp.methods.base import Capabilities, Estimate, Method, MethodConfig, Scores, option, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -111,29 +111,26 @@ class MaskGrad(Method):
     Config = MaskGradConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head", "feature"), gradients=True)
 
-    def _scores(self, obj, comps, entry, progress):
+    def _scores(self, obj, comps, run):
         cfg = self.config
         out = {}
         for alpha in (cfg.alpha, *cfg.extra_alphas):
             Z = random_masks(cfg.n_masks, len(comps), alpha, cfg.seed + 777)
-            out[alpha] = multiplier_gradients(obj, comps, (~Z).double(), cfg.mode, cfg.batch, progress,
-                                              f"maskgrad-a{alpha:g}", entry, self.executor)
+            out[alpha] = multiplier_gradients(obj, comps, (~Z).double(), cfg.mode, cfg.batch, run.progress,
+                                              f"maskgrad-a{alpha:g}", run.entry, run.executor)
         G = out[cfg.alpha]
-        extra = [{"components": comps, "score": out[a].mean(0), "stderr": stderr_over(out[a], 0),
-                  "estimate": self.estimate(a)} for a in cfg.extra_alphas]
+        extra = [Estimate(out[a].mean(0), stderr_over(out[a], 0), self.estimate(a)) for a in cfg.extra_alphas]
         per = float(cfg.n_masks)  # each estimate: n_masks forward + n_masks backward passes over the evaluation set
         costs = {self.estimate(a)["variant"]: Cost(per, per) for a in cfg.extra_alphas}
         for a in (cfg.alpha, *cfg.extra_alphas):
             for k in sorted(cfg.curve):  # the masks are i.i.d., so the first k of them are a K = k estimate
-                extra.append({"components": comps, "score": out[a][:k].mean(0), "stderr": stderr_over(out[a][:k], 0),
-                              "estimate": self.estimate(a, k)})
+                extra.append(Estimate(out[a][:k].mean(0), stderr_over(out[a][:k], 0), self.estimate(a, k)))
                 costs[self.estimate(a, k)["variant"]] = Cost(float(k), float(k))
-        return {"score": G.mean(0), "stderr": stderr_over(G, 0), "extra_frames": extra,
-                "estimate": {"budget": cfg.n_masks, "mask_alpha": cfg.alpha},
-                # the cost of this estimate alone; the run also paid for the extra alphas' estimates
-                "cost": Cost(per, per), "variant_costs": costs,
-                "meta": {"alpha": cfg.alpha, "n_masks": cfg.n_masks,
-                         "forward_evals_all_alphas": per * (1 + len(cfg.extra_alphas))}}
+        return Scores(G.mean(0), stderr_over(G, 0), {"budget": cfg.n_masks, "mask_alpha": cfg.alpha}, variants=extra,
+                      # the cost of this estimate alone; the run also paid for the extra alphas' estimates
+                      cost=Cost(per, per), variant_costs=costs,
+                      meta={"alpha": cfg.alpha, "n_masks": cfg.n_masks,
+                            "forward_evals_all_alphas": per * (1 + len(cfg.extra_alphas))})
 
     def estimate(self, alpha: float, k: int | None = None) -> dict:
         """The typed columns of the estimate at ablation rate ``alpha`` from the first ``k`` masks (all when None),
@@ -177,13 +174,14 @@ class IntegratedGradients(Method):
     Config = IGConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head", "feature"), gradients=True)
 
-    def _scores(self, obj, comps, entry, progress):
+    def _scores(self, obj, comps, run):
         cfg = self.config
         s = (torch.arange(cfg.steps, dtype=torch.float64) + 0.5) / cfg.steps
         levels = 1 - s * (1 - cfg.path_end)
         M = levels[:, None].expand(-1, len(comps))
-        G = multiplier_gradients(obj, comps, M, cfg.mode, cfg.batch, progress, "ig", entry, self.executor) * (1 - cfg.path_end)
-        return {"score": G.mean(0), "stderr": stderr_over(G, 0), "meta": {"steps": cfg.steps, "path_end": cfg.path_end}}
+        G = multiplier_gradients(obj, comps, M, cfg.mode, cfg.batch, run.progress, "ig", run.entry, run.executor)
+        G = G * (1 - cfg.path_end)
+        return Scores(G.mean(0), stderr_over(G, 0), meta={"steps": cfg.steps, "path_end": cfg.path_end})
 
     @classmethod
     def planned_rows(cls, config, comps, shape):
@@ -202,11 +200,11 @@ class Midpoint(Method):
     Config = MidpointConfig
     capabilities = Capabilities(granularities=("layer", "neuron", "head", "feature"), gradients=True)
 
-    def _scores(self, obj, comps, entry, progress):
+    def _scores(self, obj, comps, run):
         cfg = self.config
         M = torch.full((1, len(comps)), 1 - cfg.alpha / 2, dtype=torch.float64)
-        G = multiplier_gradients(obj, comps, M, cfg.mode, 1, progress, "midpoint", entry, self.executor)
-        return {"score": G[0], "stderr": None, "meta": {"alpha": cfg.alpha}}
+        G = multiplier_gradients(obj, comps, M, cfg.mode, 1, run.progress, "midpoint", run.entry, run.executor)
+        return Scores(G[0], meta={"alpha": cfg.alpha})
 
     @classmethod
     def compare_options(cls, cfg, n_components):

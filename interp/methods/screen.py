@@ -15,7 +15,7 @@ import numpy as np
 from interp.core.components import ComponentSet
 from interp.core.engine import single_ablation_deltas
 from interp.core.results import Cost, is_main
-from interp.methods.base import Capabilities, Method, MethodConfig, get, option, register, stderr_over
+from interp.methods.base import Capabilities, Method, MethodConfig, Scores, get, option, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -56,13 +56,13 @@ class ScreenThenVerify(Method):
     capabilities = Capabilities(granularities=("layer", "neuron", "head", "feature"), gradients=True, uses_reference=True,
                                 single_changes=True)
 
-    def _scores(self, obj, comps, entry, progress):
+    def _scores(self, obj, comps, run):
         cfg = self.config
         # The screening method's result comes from the same store: a run that also reports that method (the
         # default comparison) computes it once.
         screener = get(cfg.screen)(**dict(cfg.screen_options), seed=cfg.seed)
-        est = screener.attribute(obj.model, obj.concept, comps, objective=obj, store=self.store, progress=progress,
-                                 executor=self.executor)
+        est = screener.attribute(obj.model, obj.concept, comps, objective=obj, store=run.store, progress=run.progress,
+                                 executor=run.executor)
         screened = est.attrs["meta"]
         rows = est[is_main(est)].set_index("component")["score"]  # its main estimate, not its variants
         score = rows.loc[comps.addresses].to_numpy(dtype=np.float64).copy()
@@ -70,20 +70,20 @@ class ScreenThenVerify(Method):
         k = max(1, int(round(cfg.fraction * len(comps))))
         top = np.argsort(-key, kind="stable")[:k]
         before = Counter(obj.model.counters)
-        delta = single_ablation_deltas(obj, ComponentSet([comps[i] for i in top]), cfg.mode, entry, 64, progress,
-                                       executor=self.executor)
+        delta = single_ablation_deltas(obj, ComponentSet([comps[i] for i in top]), cfg.mode, run.entry, 64,
+                                       run.progress, executor=run.executor)
         verified = Counter(obj.model.counters)
         verified.subtract(before)
-        verified.update(entry.replayed)
+        verified.update(run.entry.replayed)
         stderr = np.full(len(comps), np.nan)
         score[top] = (-delta.double().mean(1)).numpy()
         stderr[top] = stderr_over(delta.double(), 1).numpy()
         # Cost: the screening method's (as it recorded it, computed now or earlier) plus the verification.
         screened_cost = Cost.from_dict(screened["cost"])
-        return {"score": score, "stderr": stderr,
-                "cost": Cost(screened_cost.forward_evals + verified["unet_rows"] / obj.rows_per_eval,
-                             screened_cost.backward_evals + verified["unet_rows_grad"] / obj.rows_per_eval),
-                "meta": {"screen": cfg.screen, "fraction": cfg.fraction, "verified": [comps[i].address for i in top]}}
+        return Scores(score, stderr,
+                      cost=Cost(screened_cost.forward_evals + verified["unet_rows"] / obj.rows_per_eval,
+                                screened_cost.backward_evals + verified["unet_rows_grad"] / obj.rows_per_eval),
+                      meta={"screen": cfg.screen, "fraction": cfg.fraction, "verified": [comps[i].address for i in top]})
 
     @classmethod
     def compare_options(cls, cfg, n_components):

@@ -51,7 +51,7 @@ from interp.core.interventions import (
     stream_key,
 )
 from interp.core.objectives import Objective, ObjectiveConfig
-from interp.methods.base import Capabilities, Method, MethodConfig, option, register, stderr_over
+from interp.methods.base import Capabilities, Map, Method, MethodConfig, Scores, option, register, stderr_over
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,7 @@ class CausalTracing(Method):
     Config = TracingConfig
     capabilities = Capabilities(granularities=("layer", "neuron"), maps=True, single_changes=True)
 
-    def _scores(self, obj, comps, entry, progress):
+    def _scores(self, obj, comps, run):
         cfg, m = self.config, obj.model
         tr = _Tracer(obj, cfg)
         with torch.no_grad():
@@ -247,14 +247,14 @@ class CausalTracing(Method):
             check = corruption_check(float(j_clean.mean()), [float(j.mean()) for j in j_corr])
             if not check["corruption_valid"]:
                 warnings.warn(_corruption_message(obj.concept.name, check), RuntimeWarning, stacklevel=2)
-            scores = self._components(tr, comps, j_clean, j_corr, ctx_corr, entry, progress)
+            scores = self._components(tr, comps, j_clean, j_corr, ctx_corr, run)
             maps = self._maps(tr, j_clean, j_corr, ctx_corr) if cfg.maps else []
         meta = {"j_clean": float(j_clean.mean()), "j_corrupted": [float(j.mean()) for j in j_corr],
                 "subject_positions": tr.subj, "noise_scale": cfg.noise_scale,
                 "end_of_text_offsets": end_of_text_offsets(m, obj, tr.subj), **check}
-        return {"score": scores.mean(1), "stderr": stderr_over(scores, 1), "maps": maps, "meta": meta}
+        return Scores(scores.mean(1), stderr_over(scores, 1), maps=maps, meta=meta)
 
-    def _components(self, tr, comps, j_clean, j_corr, ctx_corr, entry, progress):
+    def _components(self, tr, comps, j_clean, j_corr, ctx_corr, run):
         obj, m, cfg = tr.obj, tr.model, self.config
         n = len(comps)
         text_idx = [i for i, c in enumerate(comps) if is_text_part(c.model)]
@@ -271,7 +271,7 @@ class CausalTracing(Method):
                 job = Job("interp.methods.tracing:_restore_setup", "interp.methods.tracing:_restore_run",
                           {"components": sub.addresses, "config": cfg, "part": part, "k": k, "clean": clean,
                            "ctx_corr": ctx_corr[k], "j_corr": j_corr[k], "j_clean": j_clean})
-                fracs = sweep(entry, obj, job, len(sub), cfg.chunk, f"trace-{part}-{k}", progress, self.executor)
+                fracs = sweep(run.entry, obj, job, len(sub), cfg.chunk, f"trace-{part}-{k}", run.progress, run.executor)
                 out[idx, k] = torch.cat([f["frac"] for f in fracs]).double()
         return out
 
@@ -324,8 +324,7 @@ class CausalTracing(Method):
                 vals[:, :, k] = _frac(J, j_corr[k], j_clean, groups).double()
             labels = ts
         for j, lab in enumerate(labels):
-            frames.append({"components": layers, "score": vals[:, j].mean(1).numpy(),
-                           "stderr": stderr_over(vals[:, j], 1).numpy(), "axis": "timestep", "position": lab})
+            frames.append(Map(layers, vals[:, j].mean(1).numpy(), stderr_over(vals[:, j], 1).numpy(), "timestep", lab))
         # Text-encoder layers x token position (relative to the last subject token).
         tlayers = m.components("layer", family="text_layer")
         paths = [c.module for c in tlayers]
@@ -375,8 +374,7 @@ class CausalTracing(Method):
             errs = np.array([np.std(table.get((li, off), [np.nan])) / np.sqrt(max(1, len(table.get((li, off), [])) - 0))
                              for li in range(len(paths))])
             if np.isfinite(vals_t).any():
-                frames.append({"components": tlayers, "score": np.nan_to_num(vals_t), "stderr": errs, "axis": "token",
-                               "position": off})
+                frames.append(Map(tlayers, np.nan_to_num(vals_t), errs, "token", off))
         return frames
 
     @classmethod
