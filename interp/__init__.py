@@ -26,7 +26,7 @@ Public names are imported lazily so that ``import interp`` stays fast.
 
 from __future__ import annotations
 
-import importlib
+from interp._lazy import lazy_submodules
 
 # The core: each name and the module that defines it (the API reference documents each under "interp").
 _EXPORTS = {
@@ -56,15 +56,4 @@ __all__ = sorted(_EXPORTS)
 # Submodules reachable as attributes after a plain ``import interp`` (imported on first use).
 _SUBMODULES = {"core", "methods", "studies", "report", "world", "notebook", "testing"}
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in _SUBMODULES:  # interp.report.plots etc. work after a plain ``import interp``
-        return importlib.import_module(f"interp.{name}")
-    raise AttributeError(f"module 'interp' has no attribute {name!r}")
-
-
-def __dir__():
-    """The core names and the submodules, what ``dir(interp)`` and tab completion show."""
-    return sorted({*__all__, *_SUBMODULES, "__doc__", "__name__", "__file__", "__path__"})
+__getattr__, __dir__ = lazy_submodules("interp", _SUBMODULES, _EXPORTS)

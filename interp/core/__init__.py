@@ -7,17 +7,9 @@ Each module is reachable as an attribute (``interp.core.models``), imported on f
 
 from __future__ import annotations
 
-import importlib
+from interp._lazy import lazy_submodules
 
 _MODULES = {"components", "concepts", "diffusion", "engine", "executors", "families", "features", "generation",
             "interventions", "judges", "models", "objectives", "prefix", "results", "runs", "runtime", "store"}
 
-
-def __getattr__(name):
-    if name in _MODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted({*_MODULES, "__doc__", "__name__", "__file__", "__path__"})
+__getattr__, __dir__ = lazy_submodules(__name__, _MODULES)

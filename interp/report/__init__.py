@@ -16,7 +16,6 @@ renders with ``complete=False`` and the page says so in a banner.
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
 import json
 import math
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from interp._lazy import lazy_submodules
 from interp.core.store import atomic_write_text
 
 # Modules of this floor reachable as attributes (``interp.report.plots``), imported on first use.
@@ -189,7 +189,4 @@ def render_report(path, *, title: str, summary: list[str], sections: list[dict],
     return out
 
 
-def __getattr__(name):
-    if name in _MODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_submodules(__name__, _MODULES)

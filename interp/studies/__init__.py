@@ -7,16 +7,8 @@ Each module is reachable as an attribute (``interp.studies.erasure``), imported 
 
 from __future__ import annotations
 
-import importlib
+from interp._lazy import lazy_submodules
 
 _MODULES = {"compare", "compare_config", "compare_outputs", "compare_report", "editing", "erasure", "plan"}
 
-
-def __getattr__(name):
-    if name in _MODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted({*_MODULES, "__doc__", "__name__", "__file__", "__path__"})
+__getattr__, __dir__ = lazy_submodules(__name__, _MODULES)
