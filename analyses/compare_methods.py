@@ -49,7 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-
     load_plugins(sys.argv[1:] if argv is None else argv, "compare_methods")
 
     parser = build_parser()
@@ -62,7 +61,6 @@ def main(argv=None) -> int:
 
 
 def _run(parser, args, cfg) -> int:
-
     if args.plan:
 
         # the plan starts no cluster: with --executor ray it projects onto the workers asked for (default: one per

@@ -154,7 +154,6 @@ def check_config(config: EditConfig) -> None:
 def make_edits(model, concept: str, spec: str, config, objective, comps):
     """The edits of one spec for one concept, one per budget of its sweep."""
 
-
     if spec == "cad-erase":
         ws = ed.cad_weight_scores(model, concept, "erase", objective)
         return [ws.edit(r) for r in config.ratios]
@@ -194,7 +193,6 @@ def run(config: EditConfig, out: Path, log) -> dict:
 
 
 def _run(config, r, log) -> dict:
-
 
     t_start = time.perf_counter()
     out = r.out
@@ -354,7 +352,6 @@ def report_sections(tables, uris, cfg, config) -> list[dict]:
 
 
 def main(argv=None) -> int:
-
     parser = build_parser()
     args, config = parse_config(parser, EditConfig, argv)
     try:

@@ -160,7 +160,6 @@ def matrix_figure(matrix):
 def run(cfg: EndToEndConfig, out: Path, log) -> dict:
     """Every cell's erasure run, then the matrix, its figure and the report."""
 
-
     with Run(out, cfg.to_dict(), "end-to-end") as r:
         rows, seconds = [], {}
         for kind in cfg.kinds:
@@ -200,7 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-
     parser = build_parser()
     args, cfg = parse_config(parser, EndToEndConfig, argv)
     apply_threads(parser, args.threads)

@@ -83,7 +83,6 @@ RANKINGS = {"plain": "", "contrastive": "+contrastive", "per-layer": "+per-layer
 
 
 def _erasure_methods() -> list[str]:
-
     return [n for n, m in REGISTRY.items() if m.default_erasure]
 
 
@@ -286,7 +285,6 @@ def contrast_concepts(model, concept: str, args, alternatives) -> list[str]:
 
 
 def run(args, out: Path, compare: dict | None, log) -> dict:
-
     with Run(out, args.to_dict(), "erasure") as r:
         result = _run(args, r, compare, log)
         r.complete()
@@ -294,8 +292,6 @@ def run(args, out: Path, compare: dict | None, log) -> dict:
 
 
 def _run(args, r, compare, log) -> dict:
-
-
 
     t_start = time.perf_counter()
     ccfg = ranking_config(args, compare)
@@ -380,7 +376,6 @@ def _run(args, r, compare, log) -> dict:
 
 
 def main(argv=None) -> int:
-
     load_plugins(sys.argv[1:] if argv is None else argv, "erasure_curves")
     parser = build_parser()
     args = parser.parse_args(argv)

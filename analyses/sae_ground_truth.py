@@ -94,7 +94,6 @@ def run(cfg: GroundTruthConfig, out: Path, progress: bool = True, log=lambda msg
 
 
 def _run(cfg: GroundTruthConfig, r, progress: bool, log) -> dict:
-
     t0 = time.perf_counter()
     model = interp.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     if model.world is None:
@@ -157,7 +156,6 @@ def _run(cfg: GroundTruthConfig, r, progress: bool, log) -> dict:
 
 
 def main(argv=None) -> int:
-
     parser = build_parser()
     args, cfg = parse_config(parser, GroundTruthConfig, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

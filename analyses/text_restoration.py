@@ -37,7 +37,6 @@ from interp.methods.tracing import text_restoration
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     p = argparse.ArgumentParser(prog="python -m analyses.text_restoration", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="concept-world", help="model name or folder (default %(default)s)")
@@ -80,7 +79,6 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: --guidance must be a scale >= 0 (1: unguided), got {args.guidance}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
-
     def restore_every_concept() -> list:
         model = interp.load_model(args.model, device=args.device, dtype=args.precision)
         cfg = ObjectiveConfig(kind="classifier", n_images=args.images, gen_steps=args.steps, seed=args.seed,
@@ -94,7 +92,6 @@ def main(argv=None) -> int:
                                            seed=args.seed))
             logging.info("%s: %.1f s", c, time.perf_counter() - t1)
         return frames
-
 
     apply_threads(parser, args.threads)
     t0 = time.perf_counter()

@@ -39,7 +39,6 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "interp" / "world" / "ass
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     p = argparse.ArgumentParser(prog="python -m analyses.train_clip", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: the shipped judge's)")
@@ -59,8 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def save(model, tokenizer, out: Path) -> None:
     """Model (float16 safetensors), tokenizer, preprocessing and zero-shot templates, loadable by load_judge."""
-
-
 
     out.mkdir(parents=True, exist_ok=True)
     half = copy.deepcopy(model).to(torch.float16)
@@ -87,7 +84,6 @@ def main(argv=None) -> int:
 
 
 def _train(parser, args) -> int:
-
     cfg = CLIPTrainConfig(steps=args.steps, batch_size=args.batch_size, text_layers=args.text_layers, seed=args.seed)
     t0 = time.perf_counter()
     model, tokenizer, history = train_clip(cfg, progress=not args.no_progress)

@@ -110,7 +110,6 @@ def default_prompts(model, seed: int) -> list[str]:
 def run(cfg: TrainSAEConfig, out: Path, progress: bool = True, log=lambda msg: None) -> dict:
     """Collect (or read back) the activations, train (or resume) the SAE, write it: returns its quality."""
 
-
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     prompts = list(cfg.prompts)
     if not prompts:
@@ -152,7 +151,6 @@ def run(cfg: TrainSAEConfig, out: Path, progress: bool = True, log=lambda msg: N
 
 
 def main(argv=None) -> int:
-
     parser = build_parser()
     args, cfg = parse_config(parser, TrainSAEConfig, argv)
 

@@ -34,7 +34,6 @@ DIT_GUIDANCE = 2.0
 
 
 def parse(argv):
-
     p = argparse.ArgumentParser(prog="python -m analyses.train_world", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("concept-world", "concept-world-latent", "concept-world-dit"), default="concept-world",
@@ -84,7 +83,6 @@ def main(argv=None) -> int:
 
 
 def _train(args) -> int:
-
     if args.timesteps is not None and args.model != "concept-world-dit":
         raise SystemExit("--timesteps: only concept-world-dit is trained with flow matching")
     out: Path = args.out or ASSETS / args.model

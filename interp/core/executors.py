@@ -125,7 +125,6 @@ class _Worker:
     JOBS_KEPT = 4  # states (compiled plans, clean values) of this many recent jobs stay in memory
 
     def __init__(self, model_key: tuple, threads: int | None):
-
         source, name, device, dtype, fingerprint = model_key
         if threads:
             torch.set_num_threads(threads)
@@ -143,7 +142,6 @@ class _Worker:
         return os.getpid()
 
     def run(self, recipe: ObjectiveRecipe, job_key: str, job: Job, start: int, stop: int):
-
         okey = (recipe.concept, recipe.config)
         if okey not in self.objectives:
             self.objectives[okey] = Objective(self.model, recipe.concept, recipe.config).warm()

@@ -278,7 +278,6 @@ def collect_activations(model, site: str, prompts: Sequence[str], seeds: Sequenc
     """
     from tqdm.auto import tqdm
 
-
     prompts = model.check_prompts(prompts)
     if not seeds:
         raise ValueError("no seeds given: pass at least one seed for the generations' initial noise")

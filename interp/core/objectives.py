@@ -551,7 +551,6 @@ class Objective:
 def as_dtype(model, dtype: torch.dtype):
     """A copy of ``model`` in another dtype (float64 ground truth); the user's model is untouched."""
 
-
     parts = {k: copy.deepcopy(getattr(model, k)) for k in ("unet", "vae", "classifier")}
     texts = {p: copy.deepcopy(m) for p, m in model.text_encoders.items()}
     for v in [*parts.values(), *texts.values()]:

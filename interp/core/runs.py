@@ -143,7 +143,6 @@ class Run:
         """What every run records: its config and hash, library versions, machine, wall time so far."""
         import torch
 
-
         return {"job": self.job, "config": self.config, "config_hash": config_hash(self.config),
                 "versions": versions(),
                 "machine": {"platform": platform.platform(), "processor": platform.machine(),

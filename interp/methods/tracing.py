@@ -419,7 +419,6 @@ def text_restoration(model, concept, objective=None, positions=RESTORE_POSITIONS
     ``(x - corrupted) / (clean - corrupted)`` of both, each the mean over the ``n_noise`` draws (``*_se`` their
     standard errors)."""
 
-
     objective = objective or ObjectiveConfig(kind="classifier")
     if objective.kind != "classifier":
         raise ValueError("text_restoration judges generated images: pass a 'classifier' objective")

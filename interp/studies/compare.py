@@ -212,7 +212,6 @@ def erasure_setup(model, comps, cfg: CompareConfig) -> dict:
     """What the erasure curves need, checked before any method runs: the k grid against the component set, the
     judge, the values each concept is weighed against and the held-out image set."""
 
-
     er.k_grid(len(comps), cfg.erasure_k)
     alternatives = {c: weighed_against(model, c, cfg.alternatives, cfg.concepts) for c in cfg.concepts}
     return {"judge": resolve_judge(model, cfg.judge), "alternatives": alternatives,

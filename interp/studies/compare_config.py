@@ -24,7 +24,6 @@ MIN_HELDOUT_MASKS = 10  # an LDS (a rank correlation) over fewer held-out masks 
 
 
 def _default_methods() -> list[str]:
-
     return list(default_methods())
 
 
@@ -265,7 +264,6 @@ def check_method_options(options, methods) -> dict:
     Raises:
         ValueError: not a dict of dicts, an unknown method or option, or a bad value, naming the method's flag.
     """
-
 
     if not isinstance(options, dict) or any(not isinstance(v, dict) for v in options.values()):
         raise ValueError(f"options must be a dict of dicts, {{method: {{option: value}}}}, got {options!r}")

@@ -275,7 +275,6 @@ def _meta_flops(model, comps, rows: int = 1) -> tuple[float, float]:
     """FLOPs of a forward pass and of a forward+backward pass (gradients with respect to multipliers at the
     components' sites, weights frozen) for ``rows`` rows, counted on a meta-device copy of the UNet."""
 
-
     meta, x, t, ctx0 = meta_unet(model, rows)
     sites = compile_plan(model, comps).denoiser if len(comps) else []
     out = []

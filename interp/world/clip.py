@@ -195,7 +195,6 @@ def agreement_on_generated(model, judges: dict, n: int = 240, steps: int = 25, s
     """
     import pandas as pd
 
-
     world = ConceptWorld(n, seed=seed)
     rng = np.random.default_rng([seed, 1])
     scenes = [world.scene(i) for i in range(n)]

@@ -152,7 +152,6 @@ def zero_t5(width: int, max_length: int):
     length from its tokenizer (16) and conditions on 16 zero rows, as in training. Returns ``(encoder, tokenizer)``."""
     from transformers import T5Config, T5EncoderModel
 
-
     tokenizer = t5_tokenizer([w for w in vocabulary() if w.isalpha()], max_length=max_length)
     encoder = T5EncoderModel(T5Config(
         vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=8, num_layers=1, num_heads=1,
@@ -168,7 +167,6 @@ def zero_t5(width: int, max_length: int):
 def base_parts(base: str | Path | None = None):
     """The reused frozen parts, float32: ``(vae, text tower, tokenizer, digest of their weights)``."""
     from diffusers import StableDiffusionPipeline
-
 
     folder = Path(base) if base is not None else ASSETS / BASE
     pipe = StableDiffusionPipeline.from_pretrained(folder / "pipeline", dtype=torch.float32, local_files_only=True)
@@ -249,7 +247,6 @@ def train_dit(cfg: DiTTrainConfig, out_dir: str | Path, progress: bool = True, b
     """
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
-
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

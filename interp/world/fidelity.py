@@ -26,7 +26,6 @@ def measure_fidelity(model, n: int = 360, seed: int = HELDOUT_SEED, steps: int =
     """Generate ``n`` images of held-out scenes with full captions; returns (summary dict, per-image frame)."""
     from tqdm.auto import tqdm
 
-
     if model.classifier is None:
         raise ValueError("fidelity needs the concept classifier: load the model with load_model('concept-world')")
 
@@ -81,7 +80,6 @@ def sample_grid(model, prompts: list[str], n_seeds: int = 6, seed: int = HELDOUT
                 guidance: float | None = None):
     """A matplotlib figure: one row per prompt, ``n_seeds`` samples each, the prompt written beside the row."""
     from matplotlib.figure import Figure
-
 
     rep = [p for p in prompts for _ in range(n_seeds)]
 

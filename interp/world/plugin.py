@@ -42,15 +42,12 @@ class ConceptWorldProvider:
         self.name, self.image_size = name, image_size
 
     def check_prompts(self, prompts, tokenizer) -> list[str]:
-
         return check_prompts(prompts, tokenizer.get_vocab())
 
     def concept(self, word: str, n: int, seed: int):
-
         return world_concept(word, n=n, seed=seed)
 
     def check_concept_words(self, words) -> None:
-
         for w in words:
             attribute_of(w)  # a KeyError naming the word and listing the known ones
 
@@ -143,7 +140,6 @@ class ConceptWorldProvider:
         """Ground-truth renders of ``scenes`` (``(N, 3, size, size)`` in [0, 1]; default size: the model's)."""
         import numpy as np
 
-
         return torch.from_numpy(np.stack([render(s, size or self.image_size) for s in scenes]))
 
     def evaluation_images(self, concept, n: int, device, dtype) -> torch.Tensor | None:
@@ -187,7 +183,6 @@ def is_world_folder(path: Path) -> bool:
 
 
 def load_world_folder(path: Path, dtype) -> tuple[object, dict]:
-
     if (path / "pipeline" / "model_index.json").exists():
         pipe = ConceptWorldPipeline.from_pretrained(path / "pipeline", dtype=dtype)
     else:
@@ -227,7 +222,6 @@ def load_latent_world_folder(path: Path, dtype) -> tuple[object, dict]:
     shipped model is sampled at guidance 2, as SD is sampled guided)."""
     from diffusers import DiffusionPipeline
 
-
     # an SD3 folder saved without its T5 loads as diffusers documents it (text_encoder_3=None, tokenizer_3=None)
     index = json.loads((path / "pipeline" / "model_index.json").read_text())
     absent = {k: None for k in ("text_encoder_3", "tokenizer_3") if k in index and index[k][0] is None}
@@ -241,7 +235,6 @@ def load_latent_world_folder(path: Path, dtype) -> tuple[object, dict]:
 
 
 def is_world_pipeline(pipe) -> bool:
-
     return isinstance(pipe, ConceptWorldPipeline)
 
 
@@ -277,5 +270,4 @@ def register() -> None:
 
 
 def _load_classifier_judge(folder: Path, name: str):
-
     return ClassifierJudge(ConceptClassifier.load(folder), name=name)

@@ -274,7 +274,6 @@ def pretrained_text_encoder(spec: str, model_cfg: LatentModelConfig):
     digest of its weights."""
     from transformers import CLIPModel
 
-
     folder = Path(shipped_judges().get(spec, spec))
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"text encoder {spec!r}: no CLIPModel folder at {folder}; give a CLIPModel folder or "
