@@ -107,6 +107,36 @@ def test_stable_diffusion_folders_give_the_local_result_on_ray(style, ray_execut
 
 
 @pytest.mark.slow
+def test_features_give_the_local_result_on_ray(tiny_loaded, ray_executor):
+    """Feature components on Ray: the workers attach the driver's sparse autoencoders, so ablation and the
+    mask-averaged gradient of features equal the local runs; another SAE at the same site is another job (a worker
+    never reuses the first one's state)."""
+    import torch
+
+    import interp
+    from interp.core.features import attach, detach, planted
+
+    site = "unet.mid_block.attentions.0.transformer_blocks.0.ff"  # (B, tokens, 16) on the tiny world
+    d = 16
+    results = []
+    try:
+        for seed in (0, 1):
+            q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed)))
+            attach(tiny_loaded, planted(site, torch.cat([q, -q])[:12], k=4))
+            comps = tiny_loaded.components("feature")
+            for method, options in (("ablation", {"chunk": 4}), ("maskgrad", {"n_masks": 4, "batch": 2})):
+                local = interp.attribute(method, tiny_loaded, "red", comps, objective=_objective(tiny_loaded),
+                                         **options)
+                remote = interp.attribute(method, tiny_loaded, "red", comps, objective=_objective(tiny_loaded),
+                                          executor=ray_executor, **options)
+                pd.testing.assert_frame_equal(local, remote)
+                results.append(remote["score"].to_numpy())
+    finally:
+        detach(tiny_loaded, site)
+    assert not (results[0] == results[2]).all()  # the second SAE's features are other components
+
+
+@pytest.mark.slow
 def test_a_killed_worker_costs_only_its_items(tiny_loaded, ray_executor, tmp_path, monkeypatch):
     """SIGKILL one worker while a sweep runs: Ray restarts it (it loads the model again) and retries its items; the
     result is the uninterrupted one and every item is stored once."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from interp.core.features import attach, attached, detach
 from interp.core.models import load_model, model_fingerprint
 from interp.core.objectives import Objective
 from interp.core.store import config_hash, tensor_digest
@@ -95,6 +96,9 @@ class ObjectiveRecipe:
     fingerprint: str
     concept: object  # interp.core.concepts.Concept (a frozen dataclass)
     config: object  # interp.core.objectives.ObjectiveConfig
+    #: The sparse autoencoders attached to the driver's model (interp.core.features.FeatureDictionary): a worker
+    #: attaches the same ones, so feature components parse and act there as in the driver.
+    features: tuple = ()
 
     @classmethod
     def of(cls, obj) -> "ObjectiveRecipe":
@@ -111,7 +115,12 @@ class ObjectiveRecipe:
                              "workers load it again); save_pretrained this pipeline to a folder and load that, or use "
                              "the local executor")
         return cls(source=m.source, name=m.name, device=str(m.device), dtype=str(m.dtype).replace("torch.", ""),
-                   fingerprint=model_fingerprint(m), concept=obj.concept, config=obj.config)
+                   fingerprint=model_fingerprint(m), concept=obj.concept, config=obj.config,
+                   features=tuple(attached(m).values()))
+
+    def feature_digests(self) -> dict[str, str]:
+        """The attached dictionaries' digests by site (part of a job's identity: another SAE is another job)."""
+        return {sae.site: sae.digest() for sae in self.features}
 
     @property
     def model_key(self) -> tuple:
@@ -141,7 +150,17 @@ class _Worker:
     def pid(self) -> int:
         return os.getpid()
 
+    def attach_features(self, saes: tuple) -> None:
+        """Attach exactly the driver's dictionaries (replacing others at the same sites, detaching the rest)."""
+        want, have = {s.site: s for s in saes}, attached(self.model)
+        for site in set(have) - set(want):
+            detach(self.model, site)
+        for site, sae in want.items():
+            if site not in have or have[site].digest() != sae.digest():
+                attach(self.model, sae)
+
     def run(self, recipe: ObjectiveRecipe, job_key: str, job: Job, start: int, stop: int):
+        self.attach_features(recipe.features)
         okey = (recipe.concept, recipe.config)
         if okey not in self.objectives:
             self.objectives[okey] = Objective(self.model, recipe.concept, recipe.config).warm()
@@ -267,7 +286,8 @@ class RayExecutor:
         ray = self._connect()
         recipe_ref, job_ref = ray.put(recipe), ray.put(job)
         job_key = config_hash({"setup": job.setup, "run": job.run, "concept": repr(recipe.concept),
-                               "objective": repr(recipe.config), "args": tensor_digest(job.args)})
+                               "objective": repr(recipe.config), "args": tensor_digest(job.args),
+                               "features": recipe.feature_digests()})
         todo = list(reversed(spans))
         pending: dict = {}
 
