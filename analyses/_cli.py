@@ -88,7 +88,6 @@ def apply_threads(parser: argparse.ArgumentParser, threads: int | None) -> None:
 def threads_error(threads: int | None) -> str | None:
     """The one-line complaint about a ``--threads`` value, or None when it is usable (None: torch's default)."""
     if threads is not None and not 1 <= threads <= MAX_THREADS:
-
         return (f"--threads must be between 1 and {MAX_THREADS}, got {threads} (this machine has {os.cpu_count()} "
                 f"CPU cores: use at most that many)")
     return None

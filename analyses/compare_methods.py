@@ -62,12 +62,10 @@ def main(argv=None) -> int:
 
 def _run(parser, args, cfg) -> int:
     if args.plan:
-
         # the plan starts no cluster: with --executor ray it projects onto the workers asked for (default: one per
         # CPU of this machine, as a local cluster would have)
         workers = None
         if args.executor == "ray":
-
             workers = args.ray_workers or max(1, (os.cpu_count() or 1) // (args.ray_cpus_per_worker or 1))
         print(run_or_exit(parser, None, lambda: plan_comparison(cfg, workers=workers)).format())
         return 0

@@ -165,7 +165,6 @@ def make_edits(model, concept: str, spec: str, config, objective, comps):
         edit = ed.diff_quickfix(model, concept, preserve=preserve, seed=ed.EDIT_SEED + config.seed)
         return [replace(edit, name=spec)]
     if spec == "uce":  # Unified Concept Editing: cross-attention keys/values, 32 preserved prompts
-
         return [uce(model, concept, preserve=PRESERVE_PROMPTS, seed=ed.EDIT_SEED + config.seed)]
     if spec == "cad-erase-neurons":
         ranking = ed.rank_components(model, concept, "cad", comps, objective=objective, name=spec)
@@ -173,7 +172,6 @@ def make_edits(model, concept: str, spec: str, config, objective, comps):
         ranking = ed.rank_components(model, concept, "cad", comps, objective=replace(objective, kind="amplify"),
                                      side="negative", name=spec)
     elif spec == "coar-edit":
-
         refs = weighed_against(model, concept, config.alternatives or (), config.concepts)
         ranking = ed.coar_edit_ranking(model, concept, refs, components=comps,
                                        objective=objective)
@@ -193,7 +191,6 @@ def run(config: EditConfig, out: Path, log) -> dict:
 
 
 def _run(config, r, log) -> dict:
-
     t_start = time.perf_counter()
     out = r.out
     model = interp.load_model(config.model, device=config.device, dtype=config.dtype)
@@ -212,10 +209,8 @@ def _run(config, r, log) -> dict:
     # the closed-form edits' projections: where one does not apply to the model's family, refused before any work
     for spec in config.edits:
         if spec == "uce":
-
             cross_attention_projections(model)
         elif spec.startswith("diff-quickfix"):
-
             quickfix_module_paths(model)
 
     # the methods behind the edits (CAD's weight scores take gradients), then the largest passes, before any work

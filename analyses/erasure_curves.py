@@ -292,7 +292,6 @@ def run(args, out: Path, compare: dict | None, log) -> dict:
 
 
 def _run(args, r, compare, log) -> dict:
-
     t_start = time.perf_counter()
     ccfg = ranking_config(args, compare)
     t0 = time.perf_counter()

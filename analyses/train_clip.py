@@ -99,7 +99,6 @@ def _train(parser, args) -> int:
                "zero_shot_heldout": {"accuracy": acc, "n_images": args.heldout, "seed": args.seed,
                                      "stream": "ConceptWorld(n, seed=HELDOUT_SEED + seed)"}}
     if args.generated:
-
         world = interp.load_model(args.model)
         if world.classifier is None:
             parser.exit(2, f"error: model {args.model!r} has no concept classifier to compare with\n")

@@ -164,7 +164,6 @@ class Objective:
         #: The image judge (classifier objective only): ``judge`` (a Judge or a spec) overrides ``cfg.judge``.
         self.judge = None
         if cfg.kind == "classifier":
-
             self.judge = load_judge(cfg.judge if judge is None else judge, model=model)
             if self.judge.name != cfg.judge:  # the config names the judge used, so caches and metadata see it
                 self.config = cfg = replace(cfg, judge=self.judge.name)
@@ -316,7 +315,6 @@ class Objective:
             recompute_text = True
         replay = self._replayable(plan, mult, recompute_text, target_context, unet_patches, record)
         if replay:  # rows that start at the same point run together (interp.core.prefix), where that saves FLOPs
-
             # Replayed rows share one target context (or the objective's own): its one block serves any rows.
             shared = self._shared_context(target_context)
             groups = self._replay_groups(plan, mult, chunk) or [torch.arange(R)]

@@ -344,7 +344,6 @@ class Method:
         key = {"method": self.name, "method_config": self.config.to_dict(), **obj.identity(),
                "components": components_hash(comps), "schema": SCHEMA}
         if "feature" in comps.granularities:  # the same addresses under another SAE are other components
-
             key["features"] = identity(obj.model, comps)
         entry = store.entry(f"{self.name}-{obj.concept.name}", key)
         if entry.complete:

@@ -370,7 +370,6 @@ def lds_versus(df: pd.DataFrame, heldout: dict, baseline: str | None = None, *, 
     this many masks. ``baseline`` defaults to the registry's (:func:`interp.methods.baseline`: COAR).
     """
     if baseline is None:
-
         baseline = methods.baseline()
     rng = np.random.default_rng(seed)
     records = []

@@ -237,7 +237,6 @@ def select_components(model, cfg: CompareConfig):
     """
     attach_saes(model, cfg)  # (its features' addresses parse once attached)
     if getattr(cfg, "components", ()):  # named addresses (unknown ones fail with the nearest valid ones)
-
         return ComponentSet([model.space.parse(a) for a in cfg.components])
     if cfg.granularity == "feature":  # every latent of the attached dictionaries, in the chosen UNet stages
         return model.components("feature", **({"block": list(cfg.blocks)} if cfg.blocks else {}))

@@ -571,7 +571,6 @@ def erasure_figure(curves: pd.DataFrame,
 
     concepts = list(dict.fromkeys(curves["concept"]))
     if not concepts:
-
         return plots._empty("no erasure curves")
     methods = [m for m in dict.fromkeys(curves["method"]) if m != RANDOM]
     palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))

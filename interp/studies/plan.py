@@ -432,7 +432,6 @@ def _fitting_pass(model, plan, rows: int, engine_rows: int, grad: bool) -> dict:
                 raise
             q = None
         if q is None:  # outside the handler: its traceback no longer holds the failed pass's tensors
-
             gc.collect()
             if model is not None and model.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -464,7 +463,6 @@ def engine_batches(shape: EvalShape, masks: int | None = None) -> tuple[int, int
         per_sample = shape.grad_masks(GRAD_MASKS) * shape.branches
         engine_grad = per_sample * min(shape.n_samples, max(1, shape.max_batch // per_sample))
     else:
-
         # the rows whose graph one backward pass holds: every call's, unless each call is re-run in the backward
         per_call = shape.grad_masks(GRAD_MASKS) * shape.cfg_factor
         held = per_call if checkpoints_generation(per_call, shape.unet_calls, shape.max_batch) else per_call * shape.unet_calls
@@ -682,7 +680,6 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
     """
 
     if model is None:
-
         kwargs = {"dtype": DTYPES[cfg.dtype]}
         if getattr(cfg, "device", None):
             kwargs["device"] = cfg.device

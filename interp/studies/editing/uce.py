@@ -160,7 +160,6 @@ def text_reader(model, edit: str = "UCE") -> str:
     """How the model's denoiser reads the text (:data:`READERS`); a family without an entry is refused by name."""
     kind = READERS.get(model.family.name)
     if kind is None:
-
         known = ", ".join(FAMILIES[f].label for f in READERS if f in FAMILIES)
         raise ValueError(f"{edit} does not know through which projections the {model.family.label} denoiser "
                          f"({type(model.denoiser).__name__}) reads the text, so it has nothing to edit; it is "
