@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import base64
 import logging
+import math
 import platform
 import sys
 import time
@@ -48,7 +49,15 @@ from interp.report import render_report, settings_rows
 from interp.report.findings import edit_findings
 from interp.report.plots import fig_to_base64_png
 from interp.studies import editing as ed
-from interp.studies.compare_config import DEVICES, PRECISIONS, check_concept_words, check_fields, opt
+from interp.studies.compare_config import (
+    DEVICES,
+    PRECISIONS,
+    attach_saes,
+    check_concept_words,
+    check_fields,
+    check_sae_folders,
+    opt,
+)
 from interp.studies.editing import COMPONENT_PRESETS
 from interp.studies.editing.edits import quickfix_module_paths
 from interp.studies.editing.uce import cross_attention_projections, uce
@@ -85,7 +94,14 @@ class EditConfig:
                                                           "denoiser's feed-forward hidden units), attn2 "
                                                           "(cross-attention value neurons; SD3/FLUX: the context "
                                                           "stream's, attn.add_v_proj), attn2-heads, text-mlp (every "
-                                                          "text encoder's MLP units)")
+                                                          "text encoder's MLP units), features (the latents of the "
+                                                          "--sae dictionaries)")
+    sae: tuple[str, ...] = opt((), "folders of sparse autoencoders (written by analyses.train_sae) attached to the "
+                                   "model: their latents are the component set 'features'", nargs="*",
+                               metavar="FOLDER")
+    multiplier: float = opt(0.0, "what the ablation edits multiply their top components by: 0 ablates them, a "
+                                 "negative value steers against them (a feature's contribution reversed), above 1 "
+                                 "amplifies them")
     ratios: tuple[float, ...] = opt(DEFAULT_RATIOS, "CAD per-row ratios swept by cad-erase / cad-amplify",
                                     metavar="RATIO")
     images: int = opt(96, "held-out images per evaluation: 1/4 target prompts, 1/12 target alone, the rest other "
@@ -141,6 +157,15 @@ def check_config(config: EditConfig) -> None:
     bad = [c for c in config.components if c not in COMPONENT_PRESETS]
     if bad:
         raise ValueError(f"unknown component set(s) {bad}; choose from {sorted(COMPONENT_PRESETS)}")
+    check_sae_folders(config.sae)
+    if "features" in config.components and not config.sae:
+        raise ValueError("--components features needs the sparse autoencoders: pass --sae FOLDER (written by "
+                         "python -m analyses.train_sae)")
+    if config.sae and "features" not in config.components:
+        raise ValueError("--sae is used with --components features: add it or drop --sae")
+    if not math.isfinite(config.multiplier) or config.multiplier == 1:
+        raise ValueError(f"--multiplier must be finite and not 1 (1 leaves the components as they are), got "
+                         f"{config.multiplier}")
     if any(k < 0 for k in config.k) or not config.k:
         raise ValueError(f"--k values must be non-negative integers, got {list(config.k)}")
     if any(not 0 <= r <= 1 for r in config.ratios) or not config.ratios:
@@ -178,7 +203,7 @@ def make_edits(model, concept: str, spec: str, config, objective, comps):
     else:
         ranking = ed.rank_components(model, concept, spec.split(":", 1)[1], comps, objective=objective, name=spec,
                                      seed=config.seed)
-    return [ranking.top(k) for k in config.k]
+    return [ranking.top(k, config.multiplier) for k in config.k]
 
 
 def run(config: EditConfig, out: Path, log) -> dict:
@@ -195,6 +220,7 @@ def _run(config, r, log) -> dict:
     out = r.out
     model = interp.load_model(config.model, device=config.device, dtype=config.dtype)
     check_finite_weights(model, config.model)
+    attach_saes(model, config)  # their latents: the component set 'features'
     judge = ed.resolve_judge(model, config.judge)  # a clear error (naming --judge) when the model has no classifier
     # held-out images of one evaluation (generated, judged, kept with their features) and the attribution samples
     per_image = int(np.prod(latent_shape(model, 1))) * 4 * 8

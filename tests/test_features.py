@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import interp
+
 SITE = "unet.mid_block.attentions.0.transformer_blocks.0.ff"  # (B, tokens, 16) on the tiny world
 STAGE = "unet.mid_block.attentions.0"  # a Transformer2DModel: channel-first (B, 16, 4, 4)
 FEATURE_METHODS = ("ablation", "cad", "coar", "maskgrad", "ig", "midpoint", "screen")
@@ -232,6 +234,39 @@ def test_feature_ablation_is_removing_its_decoder_contribution(world, sae, tiny_
     assert not torch.allclose(J, obj.intact)
 
 
+def test_steering_a_feature_reverses_its_decoder_contribution(world, sae, tiny_red_objective):
+    """An ablation edit with multiplier -1 (feature steering) on a planted feature: the plan and multipliers it
+    applies give J with ``2 f_i(h) W_dec[i]`` subtracted from the site's output, as a plain-torch hook computes it."""
+    from interp.studies.editing.edits import AblationEdit
+
+    obj = tiny_red_objective
+    with torch.no_grad():
+        acts = sae.dense(_site_rows(world, obj))
+    i = int(acts.abs().sum(0).argmax())
+    edit = AblationEdit(components=(f"{SITE}#f{i}",), multiplier=-1.0)
+    with edit.apply(world) as edited:
+        iv = edited.intervention
+        assert iv["mult"].tolist() == [[-1.0]] and "x-1" in edit.label and edit.record()["mechanism"].startswith("steer")
+        with torch.no_grad():
+            J = obj.values(iv["plan"], iv["mult"])[0]
+
+    def hook(mod, args, out):
+        f = sae.dense(out.reshape(-1, 16))[:, i]
+        return out - 2 * (f[:, None] * sae.W_dec[i]).reshape(out.shape)
+
+    obj.replay_prefix = False
+    handle = world.module(SITE).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            J_hand = obj.values()[0]
+    finally:
+        handle.remove()
+        obj.replay_prefix = True
+    torch.testing.assert_close(J, J_hand, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="multiplier must be finite and not 1"):
+        AblationEdit(components=(f"{SITE}#f{i}",), multiplier=1.0)
+
+
 def _site_rows(model, obj):
     from interp.core.interventions import run_unet
 
@@ -251,7 +286,7 @@ def test_mean_ablation_uses_feature_means(world, sae, tiny_red_objective):
     means = reference_means(obj, compile_plan(world, comps))
     rows = _site_rows(world, obj)
     torch.testing.assert_close(means[SITE], feature_means(sae, rows.reshape(len(obj.x_t), -1, 16)))
-    df = pytest.importorskip("interp").attribute("ablation", world, "red", comps[:4], objective=obj, mode="mean")
+    df = interp.attribute("ablation", world, "red", comps[:4], objective=obj, mode="mean")
     assert len(df) == 4 and df.score.notna().all()
 
 
@@ -449,6 +484,34 @@ def test_compare_methods_on_features_end_to_end(tiny_world_folder, tmp_path, ref
                                                              "tracing", "--out", str(tmp_path / "x")])
 
 
+@pytest.mark.slow
+def test_edit_concepts_ablates_and_steers_features(tiny_world_folder, tmp_path, refused):
+    """``edit_concepts --components features --sae FOLDER``: the ablation edits rank the SAE's latents, and
+    ``--multiplier -1`` steers against them; bad combinations are refused by name before any work."""
+    import json
+
+    from analyses.edit_concepts import main
+    from interp.core.features import planted, save_sae
+
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    save_sae(planted(SITE, torch.cat([q, -q]), k=4), tmp_path / "sae")
+    common = ["--model", str(tiny_world_folder), "--concepts", "red", "--images", "3", "--steps", "1",
+              "--attr-images", "1", "--no-progress", "--threads", "1"]
+    for multiplier in ("0", "-1"):
+        out = tmp_path / f"run{multiplier}"
+        assert main([*common, "--edits", "ablate:ablation", "--k", "2", "--components", "features", "--sae",
+                     str(tmp_path / "sae"), "--multiplier", multiplier, "--out", str(out)]) == 0
+        records = json.loads((out / "edits.json").read_text())
+        record = next(r for r in (records if isinstance(records, list) else records["edits"]) if r["budget"] == 2)
+        assert record["components"] and all("#f" in c for c in record["components"])
+        assert record["mechanism"].startswith("ablation" if multiplier == "0" else "steering")
+    assert "pass --sae FOLDER" in refused(main, [*common, "--components", "features", "--out", str(tmp_path / "x")])
+    assert "is used with --components features" in refused(main, [*common, "--sae", str(tmp_path / "sae"),
+                                                                  "--out", str(tmp_path / "x")])
+    assert "--multiplier must be finite and not 1" in refused(main, [*common, "--multiplier", "1", "--out",
+                                                                     str(tmp_path / "x")])
+
+
 # -- ground truth: which features detect which attribute value (issue 40, item 4) -------------------------------------
 def _labels(images):
     import pandas as pd
@@ -464,9 +527,12 @@ def test_auroc_is_the_roc_auc_score():
     rng = np.random.default_rng(0)
     scores = np.round(rng.normal(size=(40, 5)), 1)  # ties included
     labels = rng.random((40, 3)) < 0.4
+    from scipy.stats import mannwhitneyu
+
     got = __import__("interp.core.features", fromlist=["auroc"]).auroc(scores, labels)
-    sklearn = pytest.importorskip("sklearn.metrics")
-    want = np.array([[sklearn.roc_auc_score(labels[:, v], scores[:, f]) for f in range(5)] for v in range(3)])
+    # ROC AUC is the Mann-Whitney U of the positives against the negatives over their product (ties count half)
+    want = np.array([[mannwhitneyu(scores[labels[:, v], f], scores[~labels[:, v], f]).statistic
+                      / (labels[:, v].sum() * (~labels[:, v]).sum()) for f in range(5)] for v in range(3)])
     np.testing.assert_allclose(got, want, atol=1e-12)
 
 

@@ -189,6 +189,20 @@ class CompareConfig:
         return get(method).compare_options(self, n)
 
 
+def check_sae_folders(saes) -> None:
+    """Each ``--sae`` folder holds an SAE, and none is given twice (no model needed).
+
+    Raises:
+        ValueError: naming the folder.
+    """
+    for folder in saes:
+        if not (Path(folder).expanduser() / "sae.safetensors").is_file():
+            raise ValueError(f"--sae {folder} holds no sae.safetensors: pass a folder written by "
+                             f"python -m analyses.train_sae --out FOLDER")
+    if len(set(saes)) != len(saes):
+        raise ValueError(f"duplicate --sae folders in {list(saes)}")
+
+
 def check_saes(cfg) -> None:
     """``--sae`` folders exist and hold an SAE, and feature components have one (no model needed).
 
@@ -197,12 +211,7 @@ def check_saes(cfg) -> None:
     """
 
     saes = getattr(cfg, "sae", ())
-    for folder in saes:
-        if not (Path(folder).expanduser() / "sae.safetensors").is_file():
-            raise ValueError(f"--sae {folder} holds no sae.safetensors: pass a folder written by "
-                             f"python -m analyses.train_sae --out FOLDER")
-    if len(set(saes)) != len(saes):
-        raise ValueError(f"duplicate --sae folders in {list(saes)}")
+    check_sae_folders(saes)
     components = getattr(cfg, "components", ())  # (an erasure-curves config has none)
     wants = cfg.granularity == "feature" and not components or any("#f" in a for a in components)
     if wants and not saes:

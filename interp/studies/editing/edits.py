@@ -150,7 +150,11 @@ class Edit:
 class AblationEdit(Edit):
     """Ablate ``components`` (addresses) through the multiplier mechanism; weights are never touched. Zero-ablation,
     or mean-ablation with ``means`` (per module path, as :func:`interp.core.objectives.reference_means` gives them: each
-    ablated unit is replaced by its mean there; other units of the site are untouched whatever their mean)."""
+    ablated unit is replaced by its mean there; other units of the site are untouched whatever their mean).
+
+    ``multiplier`` (default 0: ablated) is what each component is multiplied by around its mean: a negative one
+    steers against it (a feature's decoded contribution reversed, as feature steering does), one above 1 amplifies
+    it."""
 
     components: tuple[str, ...]
     name: str = "ablation-edit"
@@ -162,9 +166,13 @@ class AblationEdit(Edit):
     seconds: float = 0.0  # wall time of computing the edit (attribution + selection)
     budget: float | None = None  # the swept quantity (k)
     means: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    multiplier: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "components", tuple(str(c) for c in self.components))
+        if not math.isfinite(self.multiplier) or self.multiplier == 1:
+            raise ValueError(f"an ablation edit's multiplier must be finite and not 1 (1 leaves the components as "
+                             f"they are), got {self.multiplier}")
         if len(set(self.components)) != len(self.components):
             raise ValueError("an ablation edit lists a component twice")
         if self.side not in SIDES:
@@ -177,8 +185,8 @@ class AblationEdit(Edit):
 
     @property
     def label(self) -> str:
-        """The edit's name and ``k``."""
-        return f"{self.name} (k={self.k})"
+        """The edit's name and ``k`` (and its multiplier, when it steers rather than ablates)."""
+        return f"{self.name} (k={self.k})" if self.multiplier == 0 else f"{self.name} (k={self.k}, x{self.multiplier:g})"
 
     @contextlib.contextmanager
     def apply(self, model) -> Iterator[EditedModel]:
@@ -201,8 +209,8 @@ class AblationEdit(Edit):
             missing = sorted({s.path for part in plan.sites.values() for s in part} - set(self.means))
             if missing:
                 raise ValueError(f"mean-ablation has no means for {missing[:2]}: compute them for these components")
-        yield EditedModel(model, self, plan, torch.zeros(1, len(self.components), dtype=model.dtype,
-                                                        device=model.device), self.means)
+        yield EditedModel(model, self, plan, torch.full((1, len(self.components)), float(self.multiplier),
+                                                        dtype=model.dtype, device=model.device), self.means)
 
     @property
     def mode(self) -> str:
@@ -212,7 +220,8 @@ class AblationEdit(Edit):
     def record(self) -> dict:
         """What the edit ablates, as a JSON-ready dict: components, their scores, the method and budget."""
         return {
-            "edit": self.name, "mechanism": f"ablation (multipliers, {self.mode})", "method": self.method,
+            "edit": self.name, "mechanism": f"ablation (multipliers, {self.mode})" if self.multiplier == 0 else
+            f"steering (multipliers x{self.multiplier:g}, {self.mode})", "method": self.method,
             "concept": self.concept, "side": self.side, "objective": self.objective, "budget": self.budget,
             "n_components": self.k, "n_weights": None, "components": list(self.components),
             "scores": list(self.scores), "seconds": self.seconds,
@@ -276,16 +285,17 @@ class Ranking:
             seconds=float(meta.get("seconds", 0.0) if seconds is None else seconds),
         )
 
-    def top(self, k: int) -> AblationEdit:
+    def top(self, k: int, multiplier: float = 0.0) -> AblationEdit:
         """Ablate the first ``k`` components (only those on the ranking's side: a positive ranking never ablates a
-        component with a negative score, just as CAD never erases one)."""
+        component with a negative score, just as CAD never erases one); ``multiplier``: what they are multiplied by
+        (0: ablated; negative: steered against)."""
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         on_side = [i for i, s in enumerate(self.scores[:k]) if (s > 0 if self.side == "positive" else s < 0)]
         return AblationEdit(
             components=tuple(self.components[i] for i in on_side), name=self.name, method=self.method,
             concept=self.concept, side=self.side, scores=tuple(self.scores[i] for i in on_side),
-            objective=self.objective, seconds=self.seconds, budget=k,
+            objective=self.objective, seconds=self.seconds, budget=k, multiplier=multiplier,
         )
 
     def frame(self) -> pd.DataFrame:
@@ -300,6 +310,7 @@ COMPONENT_PRESETS: dict[str, dict] = {
     "attn2": {"granularity": "neuron", "family": "attn2", "kind": "attn2.to_v", "model": "unet"},  # cross-attn values
     "attn2-heads": {"granularity": "head", "family": "attn2", "model": "unet"},
     "text-mlp": {"granularity": "neuron", "family": "text_mlp", "kind": "mlp.fc1", "model": "text_encoder"},
+    "features": {"granularity": "feature"},  # the latents of the attached sparse autoencoders
 }
 
 
@@ -308,13 +319,19 @@ def preset_filters(model, name: str) -> list[dict]:
     feed-forward hidden units (``ff``); the value neurons of the projections that read the text (``attn2``: every
     cross-attention's ``to_v``, or the joint blocks' context values ``attn.add_v_proj`` on SD3 and FLUX); the
     cross-attention heads (``attn2-heads``, refused where there is no cross-attention); every text encoder's MLP
-    hidden units (``text-mlp``: CLIP's ``mlp.fc1``, T5's ``DenseReluDense.wi`` or, gated, ``wi_0``)."""
+    hidden units (``text-mlp``: CLIP's ``mlp.fc1``, T5's ``DenseReluDense.wi`` or, gated, ``wi_0``); the latents of
+    the attached sparse autoencoders (``features``: :func:`interp.core.features.attach`)."""
     if name not in COMPONENT_PRESETS:
         raise ValueError(f"unknown component set {name!r}; choose from {sorted(COMPONENT_PRESETS)}")
     f, den = dict(COMPONENT_PRESETS[name]), model.denoiser_part
     families = set(model.space.families())
     if name == "ff":
         return [{**f, "model": den}]
+    if name == "features":
+        if not model.space.features:
+            raise ValueError("component set features: no sparse autoencoder is attached to the model; pass --sae "
+                             "FOLDER (written by python -m analyses.train_sae)")
+        return [f]
     if name in ("attn2", "attn2-heads"):
         if "attn2" in families:
             return [{**f, "model": den}]
