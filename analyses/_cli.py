@@ -213,7 +213,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def config_parser(name: str, doc: str, cls, out_help: str, *, out_required: bool = False,
-                  methods: bool = False) -> argparse.ArgumentParser:
+                  methods: bool = False, plan: bool = False) -> argparse.ArgumentParser:
     """THE parser of a command whose options are the frozen config dataclass ``cls``: its fields (grouped, typed and
     documented from the field), with ``methods`` the registered methods' options and ``--plugin``, then ``--out``
     (``out_help``; required or not), ``--threads`` and ``--no-progress``.
@@ -225,6 +225,7 @@ def config_parser(name: str, doc: str, cls, out_help: str, *, out_required: bool
         out_help: the help of ``--out``.
         out_required: whether ``--out`` must be given.
         methods: add ``--plugin`` and every registered method's ``--<method>-<option>`` flags.
+        plan: add ``--plan`` (print the run's cost plan and exit).
 
     Returns:
         The parser.
@@ -236,6 +237,9 @@ def config_parser(name: str, doc: str, cls, out_help: str, *, out_required: bool
         add_plugin_argument(p)
         add_method_arguments(p)
     p.add_argument("--out", type=Path, default=None, required=out_required, help=out_help)
+    if plan:
+        p.add_argument("--plan", action="store_true",
+                       help="print the run's cost plan (counts and projected time) and exit without running it")
     add_threads_argument(p)
     add_no_progress_argument(p)
     return p

@@ -24,7 +24,6 @@ from analyses._cli import (
     config_parser,
     executor_from_args,
     load_plugins,
-    option_group,
     parse_config,
     quiet_if_asked,
     run_or_exit,
@@ -40,10 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     file declares them), plus how to run: --out, --threads, --plan, --no-progress and the executor's."""
 
     p = config_parser("compare_methods", __doc__, CompareConfig, "run folder (default reports/compare-<config hash>)",
-                      methods=True)
-    option_group(p, "outputs and execution").add_argument(
-        "--plan", action="store_true",
-        help="print the run's cost plan (counts and projected time) and exit without running it")
+                      methods=True, plan=True)
     add_executor_arguments(p)
     return p
 

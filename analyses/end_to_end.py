@@ -33,6 +33,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+import interp
 from analyses import erasure_curves
 from analyses._cli import apply_threads, config_parser, parse_config, quiet_if_asked, run_or_exit
 from analyses.erasure_curves import ErasureCurvesConfig
@@ -40,7 +41,8 @@ from interp.core.runs import Run
 from interp.core.store import config_hash
 from interp.report import render_report, settings_rows
 from interp.report.plots import fig_to_png, png_to_data_uri
-from interp.studies.compare_config import DEVICES, PRECISIONS, check_fields, opt
+from interp.studies.compare_config import DEVICES, PRECISIONS, check_fields, opt, select_components
+from interp.studies.plan import format_duration
 
 #: Component kinds of the matrix: (granularity, families, kinds).
 KINDS = {
@@ -98,8 +100,10 @@ class EndToEndConfig:
         """The fields as a dict: what the run folder's hash and ``meta.json`` are made of."""
         return asdict(self)
 
-    def cell(self, kind: str, objective: str, store: Path):
-        """The erasure-curves config of one cell (every cell shares the cache ``store``)."""
+    def cell(self, kind: str, objective: str, store: Path, n_components: int | None = None):
+        """The erasure-curves config of one cell (every cell shares the cache ``store``); with the cell's component
+        count, the k values beyond it are left out (kinds differ in size: 28 heads, 1792 hidden units), and a cell
+        with none left gets the default grid."""
 
         granularity, families, kinds = KINDS[kind]
         obj, timesteps = OBJECTIVES[objective]
@@ -107,8 +111,20 @@ class EndToEndConfig:
             model=self.model, concepts=self.concepts, methods=self.methods, store=str(store),
             granularity=granularity, families=families, kinds=kinds, blocks=self.blocks, objective=obj,
             attr_images=self.attr_images, timesteps=timesteps, gen_steps=self.gen_steps, max_batch=self.max_batch,
-            k=self.k, random_rankings=self.random_rankings, random_masks=self.random_masks, images=self.images,
+            k=self.cell_k(n_components), random_rankings=self.random_rankings, random_masks=self.random_masks, images=self.images,
             steps=self.steps, n_boot=self.n_boot, seed=self.seed, device=self.device, dtype=self.dtype)
+
+
+    def cell_k(self, n_components: int | None) -> tuple[int, ...] | None:
+        """``k`` without the values beyond ``n_components`` (None: all of them; none left: the default grid)."""
+        if self.k is None or n_components is None:
+            return self.k
+        return tuple(k for k in self.k if k <= n_components) or None
+
+
+def cell_size(cfg: EndToEndConfig, kind: str, objective: str, model) -> int:
+    """How many components a cell ranks on ``model`` (its kind's selection)."""
+    return len(select_components(model, erasure_curves.ranking_config(cfg.cell(kind, objective, Path(".")), None)))
 
 
 def cell_rows(kind: str, objective: str, tables: dict) -> list[dict]:
@@ -157,15 +173,46 @@ def matrix_figure(matrix):
     return fig
 
 
-def run(cfg: EndToEndConfig, out: Path, log) -> dict:
-    """Every cell's erasure run, then the matrix, its figure and the report."""
+def plan(cfg: EndToEndConfig, model=None) -> tuple[str, pd.DataFrame]:
+    """The matrix's cost plan: each cell's erasure plan (:func:`analyses.erasure_curves.plan`: its rankings' methods,
+    then its ablation sets' generations and J), the first cell's measured passes reused for the others. Returns the
+    text ``--plan`` prints and the table (one row per cell)."""
+    if model is None:
+        model = interp.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    rows, passes, first = [], None, None
+    for kind in cfg.kinds:
+        for objective in cfg.objectives:
+            ecfg = cfg.cell(kind, objective, Path("."), cell_size(cfg, kind, objective, model))
+            p = erasure_curves.plan(ecfg, None, model, passes)
+            passes, first = passes or p.passes, first or p
+            total = p.totals().loc["TOTAL"]
+            rows.append({"kind": kind, "objective": objective, "components": p.n_components,
+                         "unet_rows": int(total["unet_rows"]), "seconds": float(total["seconds"])})
+    table = pd.DataFrame(rows)
+    show = table.assign(unet_rows=table["unet_rows"].map("{:,}".format),
+                        projected=table["seconds"].map(format_duration)).drop(columns="seconds")
+    text = "\n".join([
+        f"Plan: the end-to-end matrix on {cfg.model}, {len(rows)} cells x methods {list(cfg.methods)} x concepts "
+        f"{list(cfg.concepts)}", *first.format().splitlines()[1:3],
+        "per cell (the passes above, measured on the first cell, project every cell; each cell: its rankings' "
+        "methods, then at most every ablation set's held-out generation and J):", show.to_string(index=False),
+        f"TOTAL: {table['unet_rows'].sum():,} UNet rows, projected {format_duration(table['seconds'].sum())} "
+        f"(UNet passes only; a top-k set that repeats an earlier one is read from the cache)"])
+    return text, table
 
+
+def run(cfg: EndToEndConfig, out: Path, log) -> dict:
+    """The plan's projection first, then every cell's erasure run, the matrix, its figure and the report."""
+
+    model = interp.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    text, table = plan(cfg, model)
+    log(text)
     with Run(out, cfg.to_dict(), "end-to-end") as r:
         rows, seconds = [], {}
         for kind in cfg.kinds:
             for objective in cfg.objectives:
                 t0 = time.perf_counter()
-                ecfg = cfg.cell(kind, objective, r.cache)
+                ecfg = cfg.cell(kind, objective, r.cache, cell_size(cfg, kind, objective, model))
                 result = erasure_curves.run(ecfg, out / "cells" / f"{kind}__{objective}", None, log)
                 rows += cell_rows(kind, objective, result["tables"])
                 seconds[f"{kind}/{objective}"] = time.perf_counter() - t0
@@ -174,7 +221,8 @@ def run(cfg: EndToEndConfig, out: Path, log) -> dict:
         r.write_csv("matrix.csv", matrix)
         png = fig_to_png(matrix_figure(matrix))
         r.write_bytes("figures/matrix.png", png)
-        meta = r.metadata(seconds=seconds, retained_min=RETAINED_MIN)
+        meta = r.metadata(seconds=seconds, retained_min=RETAINED_MIN,
+                          projected_seconds=dict(zip(table["kind"] + "/" + table["objective"], table["seconds"])))
         r.write_json("meta.json", meta)
         best = matrix.sort_values("prediction_spearman", ascending=False).groupby("concept").head(1)
         summary = [f"'{b.concept}': the best end-to-end prediction is {b.method} on {b.kind} with the {b.objective} "
@@ -195,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     """EndToEndConfig's fields, plus --out, --threads and --no-progress."""
 
     return config_parser("end_to_end", __doc__, EndToEndConfig,
-                         "run folder (default reports/end-to-end-<config hash>)")
+                         "run folder (default reports/end-to-end-<config hash>)", plan=True)
 
 
 def main(argv=None) -> int:
@@ -203,6 +251,10 @@ def main(argv=None) -> int:
     args, cfg = parse_config(parser, EndToEndConfig, argv)
     apply_threads(parser, args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.plan:
+        with quiet_if_asked(args):
+            print(run_or_exit(parser, None, lambda: plan(cfg))[0])
+        return 0
     out = args.out or Path("reports") / f"end-to-end-{config_hash(cfg.to_dict())[:10]}"
     with quiet_if_asked(args):
         result = run_or_exit(parser, out, lambda: run(cfg, out, logging.info))

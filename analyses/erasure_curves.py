@@ -75,7 +75,7 @@ from interp.studies.compare_config import (
     check_saes,
     opt,
 )
-from interp.studies.plan import preflight_run
+from interp.studies.plan import plan_erasure, preflight_run
 
 #: --rankings: the suffix each ranking of a method is named with
 RANKINGS = {"plain": "", "contrastive": "+contrastive", "per-layer": "+per-layer",
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     --threads, --no-progress, --plugin."""
 
     return config_parser("erasure_curves", __doc__, ErasureCurvesConfig,
-                         "run folder (default reports/erasure-<config hash>)", methods=True)
+                         "run folder (default reports/erasure-<config hash>)", methods=True, plan=True)
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> tuple[ErasureCurvesConfig, dict | None]:
@@ -282,6 +282,18 @@ def contrast_concepts(model, concept: str, args, alternatives) -> list[str]:
 
         return [v for values in ATTRIBUTES.values() for v in values if v != concept]
     return [c for c in (alternatives or []) if c != concept]
+
+
+def plan(args, compare: dict | None, model=None, passes: dict | None = None):
+    """The run's cost plan (:func:`interp.studies.plan.plan_erasure`): the rankings' methods, then the ablation sets
+    judged per concept (``passes``: an earlier plan's measured passes on the same model, reused)."""
+    ccfg = ranking_config(args, compare)
+    if model is None:
+        model = interp.load_model(ccfg.model, device=args.device, dtype=args.dtype)
+    return plan_erasure(ccfg, methods=() if compare is not None else args.methods,
+                        rankings=len(args.methods) * len(args.rankings), ks=tuple(args.k or ()),
+                        random_rankings=args.random_rankings, random_masks=args.random_masks, images=args.images,
+                        steps=args.steps, guidance=args.guidance, model=model, passes=passes)
 
 
 def run(args, out: Path, compare: dict | None, log) -> dict:
@@ -382,6 +394,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
     apply_threads(parser, args.threads)
+    if args.plan:
+        with quiet_if_asked(args):
+            print(run_or_exit(parser, None, lambda: plan(cfg, compare)).format())
+        return 0
     out = args.out or Path("reports") / f"erasure-{config_hash(cfg.to_dict())[:10]}"
     t0 = time.perf_counter()
     with quiet_if_asked(args):

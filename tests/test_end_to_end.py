@@ -48,3 +48,24 @@ def test_bad_cells_are_refused_before_anything_loads(tmp_path, refused, capsys):
     assert "--methods must be non-empty and distinct" in refused(main, ["--methods", "cad", "cad"])
     assert "unknown method" in refused(main, ["--methods", "nope"])
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow  # loads the model and measures passes
+def test_the_plan_projects_every_cell_before_running(tiny_world_folder, tmp_path, capsys):
+    """``--plan`` prints each cell's counted UNet rows and projected time (one measured pass, reused) and a total,
+    and runs nothing; a cell's count is its erasure plan's."""
+    from analyses import erasure_curves
+    from analyses.end_to_end import EndToEndConfig, main, plan
+
+    out = tmp_path / "e2e"
+    assert main(_args(tiny_world_folder, out, "--plan")) == 0
+    text = capsys.readouterr().out
+    assert not out.exists()
+    lines = [line for line in text.splitlines() if line.split()[:1] in (["ff-out"], ["attn2-value"])]
+    assert len(lines) == 4 and "TOTAL:" in text and "UNet rows, projected" in text
+    cfg = EndToEndConfig(model=str(tiny_world_folder), concepts=("red",), kinds=("ff-out",), objectives=("one-step",),
+                         methods=("cad", "ablation"), blocks=("mid_block",), k=(1, 4), images=6, steps=2,
+                         attr_images=1, random_masks=2, n_boot=100, device="cpu")
+    _, table = plan(cfg)
+    cell = erasure_curves.plan(cfg.cell("ff-out", "one-step", tmp_path), None)
+    assert table["unet_rows"].tolist() == [int(cell.table["unet_rows"].sum())]

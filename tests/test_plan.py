@@ -209,3 +209,30 @@ def test_the_plan_projects_gpu_memory_to_the_engine_batch_and_names_the_batch_th
     monkeypatch.setattr(plan_mod, "_device_bytes", lambda device: 1024 * GiB)  # fits: nothing to say
     assert main(["--plan", "--concepts", "red", "--methods", "ablation", "cad", "--threads", "1"]) == 0
     assert "at the engine's batch" not in capsys.readouterr().out
+
+
+def test_the_erasure_plan_counts_the_runs_unet_rows(tiny_world_folder, tmp_path, monkeypatch, capsys, no_figures):
+    """``erasure_curves --plan``: the rows it counts (the rankings' methods, then every ablation set's held-out
+    generation and J) equal the UNet rows the run executes, when no set repeats another."""
+    from analyses import erasure_curves
+
+    argv = ["--model", str(tiny_world_folder), "--concepts", "red", "--methods", "ablation", "--families", "ff",
+            "--kinds", "ff.net.2", "--blocks", "mid_block", "--k", "1", "3", "--attr-images", "2", "--timesteps",
+            "300", "--random-rankings", "1", "--random-masks", "2", "--mask-rates", "0.5", "--images", "4", "--steps",
+            "2", "--n-boot", "100", "--no-progress", "--threads", "1"]
+    parser = erasure_curves.build_parser()
+    args = parser.parse_args([*argv, "--out", str(tmp_path / "run")])
+    cfg, compare = erasure_curves.check_args(parser, args)
+    model = interp.load_model(str(tiny_world_folder))
+    plan = erasure_curves.plan(cfg, compare, model)
+    assert model.counters["unet_rows"] == 0, "the plan's measured passes must not count as work"
+    t = plan.table.set_index("method")
+    assert {"ablation", "erasure: generations", "erasure: J"} <= set(t.index) and "heldout@0.2" not in t.index
+    sets = 1 + (1 + 1) * 2 + 2  # the unedited model; ablation's and one random order's top 1 and 3; two masks
+    assert t.loc["erasure: generations", "unet_rows"] == sets * 4 * 2  # images x steps (the tiny world: unguided)
+    assert t.loc["erasure: J", "unet_rows"] == (1 + sets) * plan.shape.rows_per_eval  # its intact J, then the sets
+    monkeypatch.setattr(interp.core.models, "load_model", lambda *a, **k: model)
+    assert erasure_curves.main([*argv, "--out", str(tmp_path / "run")]) == 0
+    assert model.counters["unet_rows"] == plan.table["unet_rows"].sum()  # no two sets alike: the count is exact
+    assert erasure_curves.main([*argv, "--plan"]) == 0  # the command prints it and runs nothing
+    assert "erasure: generations" in capsys.readouterr().out

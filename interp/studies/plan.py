@@ -34,7 +34,8 @@ from __future__ import annotations
 import gc
 import re
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
@@ -54,6 +55,7 @@ from interp.core.prefix import fill_bytes, frontier, meta_call, meta_unet, upstr
 from interp.core.runs import InsufficientMemoryError, is_out_of_memory
 from interp.methods import get
 from interp.studies.compare_config import select_components
+from interp.studies.erasure import k_grid
 
 #: FLOPs one measured pass may cost (a fraction of a second on an idle 2-core CPU).
 FLOP_BUDGET = 5e10
@@ -637,7 +639,7 @@ class ComparisonPlan:
             "bwd evals": t["backward_evals"].map(lambda v: f"{v:,.6g}"),
             "UNet rows": t["unet_rows"].map(lambda v: f"{int(v):,}"),
             "TFLOP": t["flops"].map(lambda v: f"{v / 1e12:,.2f}"),
-            "projected": t["seconds"].map(_duration),
+            "projected": t["seconds"].map(format_duration),
         })
         lines.append("per method, summed over concepts (evals are per concept x concepts):")
         lines.append(show.to_string())
@@ -645,7 +647,8 @@ class ComparisonPlan:
         return "\n".join(lines)
 
 
-def _duration(s: float) -> str:
+def format_duration(s: float) -> str:
+    """Seconds as the plan prints them (``12.3 s``, ``4.5 min``, ``2.0 h``, ``1.5 d``; ``-`` when not measured)."""
     if s != s:  # NaN: not measured
         return "-"
     if s < 120:
@@ -657,7 +660,9 @@ def _duration(s: float) -> str:
     return f"{s / 86400:.1f} d"
 
 
-def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None = None) -> ComparisonPlan:
+def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None = None, *,
+                    methods: Sequence[str] | None = None, heldout: bool = True, extra=None,
+                    passes: dict | None = None) -> ComparisonPlan:
     """The cost plan of :func:`interp.studies.compare.run_comparison` for ``cfg``, before running anything.
 
     Counts the UNet rows every method and held-out set will run (each method's ``planned_rows``, checked against the
@@ -670,6 +675,12 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
         measure: time the passes (False: counts only, in a fraction of a second).
         workers: the sweeps run on that many executor workers (Ray); the plan also says what its projection becomes
             if each worker runs passes at the speed measured here.
+        methods: the methods whose rows are counted (default ``cfg.methods``).
+        heldout: count the held-out LDS sets (``cfg.lds_alphas``); a study that ranks without them says False.
+        extra: ``extra(model, comps, shape)`` -> ``[(name, Rows)]``: a study's own passes per concept (the erasure
+            curves' generations), counted and projected like the methods'.
+        passes: the measured passes of an earlier plan on the same model (``plan.passes``), reused instead of
+            measured again (a study of several runs measures once).
 
     Returns:
         A :class:`ComparisonPlan`; ``plan.format()`` is the text ``--plan`` prints.
@@ -694,7 +705,7 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
 
     work: list[tuple[str, Rows, Rows]] = [("(evaluation set)", shape.setup(), shape.setup())]
     done: set[tuple[str, str]] = set()
-    for method in cfg.methods:
+    for method in cfg.methods if methods is None else methods:
         options = cfg.method_options(method, n)
         recorded = planned_rows(method, options, comps, shape)
         run = recorded
@@ -707,10 +718,12 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
                 run = run + cls.planned_rows(oc, comps, shape)
         done.add((method, repr(sorted(options.items()))))
         work.append((method, recorded, run))
-    for alpha in cfg.lds_alphas:  # compare.heldout_ablations: zero-ablation masks through the same engine
+    for alpha in cfg.lds_alphas if heldout else ():  # compare.heldout_ablations: zero-ablation masks, same engine
         r = shape.values(cfg.heldout_masks)
         work.append((f"heldout@{alpha:g}", r, r))
-    passes = measure_passes(model, comps, shape) if measure else None
+    work += [(name, r, r) for name, r in (extra(model, comps, shape) if extra else [])]
+    if passes is None and measure:
+        passes = measure_passes(model, comps, shape)
     rows = []
     for concept in cfg.concepts:
         for name, rec, r in work:
@@ -723,7 +736,8 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
 
     notes = ["'(evaluation set)': building each concept's objective (its J of the intact model, and generated "
              "samples on models other than the concept world); projected time covers UNet passes only."]
-    if passes and shape.kind != "classifier" and any(get(m).capabilities.single_changes for m in cfg.methods):
+    if passes and shape.kind != "classifier" and any(get(m).capabilities.single_changes
+                                                     for m in (cfg.methods if methods is None else methods)):
         # (a generation has no fixed upstream to replay: Objective._replayable)
         frac = replayed_fraction(model, comps)
         notes.append(f"single ablations (true ablation, screen-then-verify's verification) and causal tracing's "
@@ -743,7 +757,39 @@ def plan_comparison(cfg, model=None, measure: bool = True, workers: int | None =
         # Every sweep's items spread over the workers; the evaluation sets and J of the intact model stay on the driver.
         total = float(table["seconds"].sum())
         driver = float(table.loc[table["method"] == "(evaluation set)", "seconds"].sum())
-        notes.append(f"on {workers} workers passing at the speed measured here, the sweeps' {_duration(total - driver)} "
-                     f"become about {_duration((total - driver) / workers)} (+ {_duration(driver)} on the driver); "
+        notes.append(f"on {workers} workers passing at the speed measured here, the sweeps' "
+                     f"{format_duration(total - driver)} become about {format_duration((total - driver) / workers)} "
+                     f"(+ {format_duration(driver)} on the driver); "
                      f"workers on other hardware (GPUs) run at their own speed, which this plan does not measure.")
     return ComparisonPlan(table, passes, str(cfg.model), n, shape, notes)
+
+
+def plan_erasure(ccfg, *, methods: Sequence[str], rankings: int, ks, random_rankings: int, random_masks: int,
+                 images: int, steps: int, guidance: float | None, model=None, measure: bool = True,
+                 passes: dict | None = None) -> ComparisonPlan:
+    """The cost plan of an erasure-curves run (``analyses.erasure_curves``): the rankings' methods on the comparison
+    config ``ccfg`` (no held-out LDS sets), then per concept the ablation sets it judges, each a generation of
+    ``images`` held-out images in ``steps`` steps and J on the held-out samples.
+
+    Args:
+        ccfg: the :class:`~interp.studies.compare_config.CompareConfig` the rankings come from.
+        methods: the methods computed here (empty: the rankings are read from a finished comparison).
+        rankings: how many rankings are ablated (each method's, contrastive ones included).
+        ks: the k grid given, or empty for the default (:func:`interp.studies.erasure.k_grid` of the component count).
+        random_rankings, random_masks: the baselines' random orders and joint masks.
+        images, steps, guidance: the held-out evaluation.
+        model, measure, passes: as :func:`plan_comparison` takes them.
+
+    Returns:
+        A :class:`ComparisonPlan` whose rows include ``erasure: generations`` and ``erasure: J``, at most (a top-k set
+        that repeats an earlier one is read from the cache).
+    """
+    def extra(model, comps, shape):
+        n_k = len(k_grid(len(comps), tuple(ks)))
+        sets = 1 + (rankings + random_rankings) * n_k + random_masks  # 1: the unedited model
+        gen = eval_shape(model, replace(ccfg.objective_config(), kind="classifier", n_images=images, gen_steps=steps,
+                                        guidance=guidance)).generation(images)
+        # J on the held-out samples: that objective's evaluation set, then every set at once
+        return [("erasure: generations", gen * sets), ("erasure: J", shape.setup() + shape.values(sets))]
+
+    return plan_comparison(ccfg, model, measure, methods=methods, heldout=False, extra=extra, passes=passes)
