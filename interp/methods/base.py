@@ -32,7 +32,9 @@ import torch
 
 from ..components import ComponentSet, is_text_part
 from ..features import identity
+from ..concepts import resolve
 from ..objectives import Objective, ObjectiveConfig
+from ..tokens import check_concept
 from ..results import SCHEMA, Cost, empty_maps, make_frame, make_map_frame
 from ..store import Store
 
@@ -45,7 +47,8 @@ class Capabilities:
 
     Attributes:
         granularities: the component granularities it handles (``layer``, ``neuron``, ``head``, ``weight``,
-            ``feature``: latents of an attached sparse autoencoder, :mod:`interp.features`).
+            ``feature``: latents of an attached sparse autoencoder, :mod:`interp.features`; ``tokenkv``: a
+            cross-attention head's key and value at the concept's tokens, :mod:`interp.tokens`).
         gradients: whether it takes gradients (it then needs a differentiable objective and more memory per row).
         exact: whether its scores are measured ablation effects rather than estimates.
         text_encoder: whether it attributes text-encoder components.
@@ -238,8 +241,12 @@ class Method:
 
     def _run(self, model, concept, components, objective, store, progress, executor):
         """``(scores, maps)`` of one run: cached in ``store``, and the last one kept on this object."""
-        obj = objective if isinstance(objective, Objective) else Objective(model, concept, objective)
         comps = as_component_set(model, components)
+        if "tokenkv" in comps.granularities:  # the concept's tokens, checked before the evaluation set is built
+            cfg = objective.config if isinstance(objective, Objective) else (objective or ObjectiveConfig())
+            check_concept(model, objective.concept if isinstance(objective, Objective)
+                          else resolve(model, concept, n=cfg.n_images, seed=cfg.seed))
+        obj = objective if isinstance(objective, Objective) else Objective(model, concept, objective)
         bad = comps.granularities - set(self.capabilities.granularities)
         if bad:
             raise ValueError(f"{self.name} does not handle {sorted(bad)} granularity; it handles "

@@ -1,0 +1,236 @@
+"""Token-conditioned cross-attention components (issue 41, item 1): a cross-attention head's key and value at the
+concept's tokens (``attn2#kvH``), ablated by the anchor prompt's (interp.tokens)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import interp
+from interp.components import UnknownComponentError
+from interp.interventions import call_denoiser, compile_plan, run_unet
+from interp.objectives import Objective, ObjectiveConfig
+
+MID = "unet.mid_block.attentions.0.transformer_blocks.0.attn2"
+
+
+def _heads(model) -> int:
+    return sum(model.module(p).heads for p, i in model.space.modules.items() if i.kind == "attn2")
+
+
+def test_addresses_parse_print_back_and_enumerate(tiny_world_model):
+    m = tiny_world_model
+    comps = m.components("tokenkv")
+    assert len(comps) == _heads(m) > 0
+    assert {c.granularity for c in comps} == {"tokenkv"} and {c.family for c in comps} == {"attn2"}
+    c = m.space.parse(f"{MID}#kv1")
+    assert str(c) == f"{MID}#kv1" and c.index == 1 and c.module == MID and c.kind == "attn2"
+    assert f"{MID}#kv1" in comps.addresses
+    assert m.components("tokenkv", block="mid_block").addresses == [f"{MID}#kv{h}" for h in range(m.module(MID).heads)]
+    n = m.module(MID).heads
+    with pytest.raises(UnknownComponentError, match=rf"has {n} heads, indices 0..{n - 1}"):
+        m.space.parse(f"{MID}#kv{n}")
+    with pytest.raises(UnknownComponentError, match="no token-KV components; they are cross-attention"):
+        m.space.parse(f"{MID[:-1]}1#kv0")  # attn1: self-attention reads no text
+    with pytest.raises(UnknownComponentError, match="is not a token-KV address"):
+        m.space.parse(f"{MID}#kvx")
+
+
+def _world_rows(obj):
+    """The target rows of an objective's samples, as the UNet sees them, and their token rows."""
+    return obj.x_t, obj.t, obj.ctx_target[obj.image_index], obj.token_binding().rows(obj.image_index)
+
+
+def test_intact_multiplier_is_the_model_bitwise(tiny_world_model, tiny_red_objective):
+    m, obj = tiny_world_model, tiny_red_objective
+    comps = m.components("tokenkv")
+    plan = compile_plan(m, comps)
+    x, t, ctx, rows = _world_rows(obj)
+    with torch.no_grad():
+        plain = call_denoiser(m, x, t, ctx)
+        eps = run_unet(m, x, t, ctx, plan, torch.ones(1, len(comps)), tokens=rows)[0]
+        assert torch.equal(eps, plain)
+        assert torch.equal(obj.values(plan, torch.ones(1, len(comps)))[0], obj.intact)
+
+
+def test_ablation_is_the_anchor_key_and_value_at_the_concept_tokens(tiny_world_model, tiny_red_objective):
+    """Known answer in plain torch: forward hooks on one cross-attention's to_k and to_v write, at the position of
+    "red" in each target prompt, head h's slice of the anchor caption's key and value at the position before it."""
+    m, obj = tiny_world_model, tiny_red_objective
+    h = 1
+    attn = m.module(MID)
+    d = attn.to_k.out_features // attn.heads
+    sl = slice(h * d, (h + 1) * d)
+    # the anchors the unit uses are the world's own anchor captions (the caption without the word)
+    from interp.tokens import anchor_prompt
+
+    assert [anchor_prompt(p, "red") for p in obj.target_prompts] == list(obj.anchor_prompts)
+    red = m.tokenizer("red", add_special_tokens=False).input_ids
+    assert len(red) == 1
+    ids = m.tokenize(obj.target_prompts)
+    pos = [row.tolist().index(red[0]) for row in ids]
+    with torch.no_grad():
+        ka, va = attn.to_k(obj.ctx_anchor), attn.to_v(obj.ctx_anchor)  # (P, L, features): the anchors' keys, values
+
+    def hook(ref):
+        def fn(module, args, out):
+            out = out.clone()
+            for j, i in enumerate(obj.image_index.tolist()):
+                out[j, pos[i], sl] = ref[i, pos[i] - 1, sl]
+            return out
+        return fn
+
+    x, t, ctx, rows = _world_rows(obj)
+    handles = [attn.to_k.register_forward_hook(hook(ka)), attn.to_v.register_forward_hook(hook(va))]
+    try:
+        with torch.no_grad():
+            by_hand = call_denoiser(m, x, t, ctx)
+    finally:
+        for hd in handles:
+            hd.remove()
+    comps = interp.ComponentSet([m.space.parse(f"{MID}#kv0"), m.space.parse(f"{MID}#kv{h}")])
+    with torch.no_grad():
+        eps = run_unet(m, x, t, ctx, compile_plan(m, comps), torch.tensor([[1.0, 0.0]]), tokens=rows)[0]
+        plain = call_denoiser(m, x, t, ctx)
+    torch.testing.assert_close(eps, by_hand, rtol=0, atol=1e-6)
+    assert (eps - plain).abs().max() > 1e-6  # the unit matters: the test can fail
+
+
+def test_anchor_branch_and_prompts_without_the_concept_are_untouched(tiny_world_model, tiny_red_objective):
+    m, obj = tiny_world_model, tiny_red_objective
+    comps = m.components("tokenkv")
+    plan = compile_plan(m, comps)
+    x, t = obj.x_t, obj.t
+    ctx = obj.ctx_anchor[obj.image_index]
+    none = obj.token_binding().rows(torch.full((len(x),), -1))
+    with torch.no_grad():
+        assert torch.equal(run_unet(m, x, t, ctx, plan, torch.zeros(1, len(comps)), tokens=none)[0],
+                           call_denoiser(m, x, t, ctx))
+    from interp.tokens import bind
+
+    b = bind(m, "red", ["a red circle on white", "a blue square on white"], strict=False)
+    assert b.mask[0].sum() == 1 and not b.mask[1].any()
+    with pytest.raises(ValueError, match="does not name the concept 'red'"):
+        bind(m, "red", ["a blue square on white"], strict=True)
+
+
+def test_cad_is_the_multiplier_gradient_and_ablation_the_measured_change(tiny_world_model):
+    """float64: CAD's score of a token-KV unit is dJ/dm at m = 1 (central finite difference), and true ablation's
+    is J(intact) - J(m = 0), both computed here from the objective's values."""
+    m = tiny_world_model
+    obj = Objective(m, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64"))
+    comps = interp.ComponentSet(list(obj.model.components("tokenkv", block=["mid_block", "up_blocks.1"]))[:6])
+    cad = interp.attribute("cad", obj.model, "red", comps, objective=obj, n_groups=1).set_index("component").score
+    truth = interp.attribute("ablation", obj.model, "red", comps, objective=obj).set_index("component").score
+    plan = compile_plan(obj.model, comps)
+    e = 1e-5
+    eye = torch.eye(len(comps), dtype=torch.float64)
+    with torch.no_grad():
+        up = obj.values(plan, 1 + e * eye).mean(1)
+        down = obj.values(plan, 1 - e * eye).mean(1)
+        zero = obj.values(plan, 1 - eye).mean(1)
+    fd = (up - down) / (2 * e)
+    torch.testing.assert_close(torch.tensor(cad[comps.addresses].to_numpy()), fd, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(truth[comps.addresses].to_numpy()), obj.intact.mean() - zero,
+                               rtol=1e-9, atol=1e-15)
+    assert fd.abs().max() > 1e-7 and (zero != obj.intact.mean()).any()
+
+
+def test_mean_ablation_puts_the_units_mean_at_the_concept_tokens(tiny_world_model, tiny_red_objective):
+    from interp.objectives import reference_means
+
+    m, obj = tiny_world_model, tiny_red_objective
+    comps = m.components("tokenkv", block="mid_block")
+    plan = compile_plan(m, comps)
+    means = reference_means(obj, plan, branch="anchor")
+    assert set(means) == {f"{MID}.to_k", f"{MID}.to_v"}
+    assert means[f"{MID}.to_k"].shape == (m.module(MID).to_k.out_features,)
+    with torch.no_grad():
+        J_mean = obj.values(plan, torch.zeros(1, len(comps)), means)
+        J_zero = obj.values(plan, torch.zeros(1, len(comps)))
+    assert not torch.equal(J_mean, J_zero) and not torch.equal(J_mean[0], obj.intact)
+
+
+@pytest.mark.parametrize("method", ["ablation", "cad", "coar", "maskgrad", "midpoint", "ig", "screen"])
+def test_every_method_attributes_token_kv_units(tiny_world_model, tiny_red_objective, method):
+    comps = tiny_world_model.components("tokenkv", block="mid_block")
+    opts = {"coar": {"n_masks": 10}, "maskgrad": {"n_masks": 2}, "ig": {"steps": 2}}.get(method, {})
+    df = interp.attribute(method, tiny_world_model, "red", comps, objective=tiny_red_objective, **opts)
+    main = df[df["variant"] == method] if "variant" in df else df
+    assert list(main["component"]) == comps.addresses and main["score"].notna().all()
+    assert set(main["granularity"]) == {"tokenkv"}
+
+
+def test_tracing_refuses_token_kv_units(tiny_world_model, tiny_red_objective):
+    comps = tiny_world_model.components("tokenkv", block="mid_block")
+    with pytest.raises(ValueError, match="tracing does not handle \\['tokenkv'\\] granularity"):
+        interp.attribute("tracing", tiny_world_model, "red", comps, objective=tiny_red_objective)
+
+
+def test_a_target_prompt_without_the_word_fails_in_one_line_before_any_work(tiny_world_model, monkeypatch):
+    concept = interp.Concept("red", ("a red circle on white", "a blue square on white"),
+                             ("a circle on white", "a square on white"))
+
+    def built(*a, **k):
+        raise AssertionError("the objective was built")
+
+    monkeypatch.setattr(Objective, "_build", built)
+    with pytest.raises(ValueError, match="prompt 'a blue square on white' does not name the concept 'red'") as e:
+        interp.attribute("ablation", tiny_world_model, concept, tiny_world_model.components("tokenkv"),
+                         objective=ObjectiveConfig(n_images=2))
+    assert "\n" not in str(e.value)
+
+
+def test_ablation_edit_generates_with_the_concept_tokens_replaced(tiny_world_model):
+    from interp.editing.edits import AblationEdit
+    from interp.generation import generate
+
+    m = tiny_world_model
+    comps = m.components("tokenkv").addresses
+    prompts = ["a red circle on white", "a blue square on white"]
+    with torch.no_grad():
+        plain = generate(m, prompts, steps=2, decode=False)
+        with AblationEdit(tuple(comps), concept="red").apply(m) as edited:
+            ablated = edited.generate(prompts, steps=2, decode=False)
+    assert not torch.equal(ablated[0], plain[0])  # the prompt that names red changed
+    assert torch.equal(ablated[1], plain[1])  # the one that does not is untouched
+    with pytest.raises(ValueError, match="needs its concept"):
+        with AblationEdit(tuple(comps)).apply(m):
+            pass
+
+
+def test_joint_attention_families_are_refused_by_name(tmp_path):
+    from interp.testing import tiny_pipeline
+
+    m = interp.load_model(str(tiny_pipeline(tmp_path / "sd3", "sd3")), device="cpu")
+    with pytest.raises(ValueError, match="SD3Transformer2DModel reads the text through joint attention.*attn_context") as e:
+        m.components("tokenkv")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UnknownComponentError, match="joint attention"):
+        m.space.parse("transformer.transformer_blocks.0.attn#kv0")
+
+
+@pytest.mark.slow  # a tiny pipeline of each family with cross-attention: ~20 s
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "pixart"])
+def test_every_cross_attention_family(family, tmp_path):
+    """Stable Diffusion 1.x/2.x, SDXL (two CLIPs side by side) and PixArt (T5 after its caption projection): the
+    intact multiplier is the model, ablating every unit moves J, and CAD is the finite-difference gradient."""
+    from interp.testing import tiny_pipeline
+
+    m = interp.load_model(str(tiny_pipeline(tmp_path / family, family)), device="cpu")
+    cfg = ObjectiveConfig(n_images=1, timesteps=(500,), gen_steps=2, dtype="float64")
+    obj = Objective(m, interp.text_concept("red", n=1), cfg)
+    comps = obj.model.components("tokenkv")
+    assert len(comps) == _heads(obj.model) > 0
+    plan = compile_plan(obj.model, comps)
+    with torch.no_grad():
+        assert torch.equal(obj.values(plan, torch.ones(1, len(comps), dtype=torch.float64))[0], obj.intact)
+        assert not torch.equal(obj.values(plan, torch.zeros(1, len(comps), dtype=torch.float64))[0], obj.intact)
+    few = interp.ComponentSet(list(comps)[:3])
+    cad = interp.attribute("cad", obj.model, obj.concept, few, objective=obj, n_groups=1)["score"].to_numpy()
+    e = 1e-5
+    eye = torch.eye(len(few), dtype=torch.float64)
+    plan = compile_plan(obj.model, few)
+    with torch.no_grad():
+        fd = (obj.values(plan, 1 + e * eye).mean(1) - obj.values(plan, 1 - e * eye).mean(1)) / (2 * e)
+    torch.testing.assert_close(torch.tensor(cad), fd, rtol=1e-4, atol=1e-12)
