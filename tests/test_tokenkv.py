@@ -234,3 +234,33 @@ def test_every_cross_attention_family(family, tmp_path):
     with torch.no_grad():
         fd = (obj.values(plan, 1 + e * eye).mean(1) - obj.values(plan, 1 - e * eye).mean(1)) / (2 * e)
     torch.testing.assert_close(torch.tensor(cad), fd, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.slow  # ~14 s: a comparison and an erasure-curve run
+def test_compare_methods_and_erasure_curves_on_token_kv_units(tiny_world_folder, tmp_path, refused, no_figures):
+    """``--granularity tokenkv``: the comparison runs every default method that attributes them (not causal
+    tracing), one row per cross-attention head, and the erasure curves ablate their rankings in generation."""
+    import pandas as pd
+
+    from analyses import compare_methods, erasure_curves
+
+    common = ["--model", str(tiny_world_folder), "--concepts", "red", "--images", "1", "--timesteps", "300",
+              "--no-progress", "--threads", "1"]
+    assert compare_methods.main([*common, "--granularity", "tokenkv", "--lds-alphas", "0.2", "--heldout-masks", "10",
+                                 "--n-boot", "100", "--out", str(tmp_path / "run")]) == 0
+    df = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    assert set(df.granularity) == {"tokenkv"} and "tracing" not in set(df.method)
+    assert {"ablation", "cad", "coar"} <= set(df.method)
+    heads = sum(1 for c in df[df.variant == "ablation"].component.unique())
+    assert heads == 14 and all("#kv" in c for c in df.component)
+    assert "do not attribute token-KV components" in refused(
+        compare_methods.main, [*common, "--granularity", "tokenkv", "--methods", "ablation", "tracing",
+                               "--out", str(tmp_path / "x")])
+    out = tmp_path / "curves"
+    assert erasure_curves.main(["--model", str(tiny_world_folder), "--concepts", "red", "--granularity", "tokenkv",
+                                "--methods", "cad", "ablation", "--k", "1", "4", "--images", "6", "--steps", "2",
+                                "--random-rankings", "1", "--random-masks", "2", "--n-boot", "100",
+                                "--attr-images", "1", "--timesteps", "300", "--no-progress", "--threads", "1",
+                                "--out", str(out)]) == 0
+    curves = pd.read_parquet(out / "results.parquet")
+    assert {"cad", "ablation"} <= set(curves["method"]) and set(curves["k"]) >= {0, 1, 4}
