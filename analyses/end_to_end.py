@@ -15,7 +15,7 @@ cell) and a report, ``index.html``, that leads with the matrix. Expected failure
 
 Component kinds (``--kinds``): ff-out (feed-forward output neurons), ff-hidden (GEGLU hidden units), attn2-value
 (cross-attention value neurons), attn2-heads (cross-attention heads), token-kv (each cross-attention head's key and
-value at the concept's tokens, replaced by the anchor prompt's when ablated: :mod:`interp.tokens`), text-mlp
+value at the concept's tokens, replaced by the anchor prompt's when ablated: interp.tokens), text-mlp
 (text-encoder MLP output units).
 Objectives (``--objectives``): one-step (the erase objective at timesteps 250 and 600), high-band (700, 800, 900:
 the noisy steps where layout and colour are decided), low-band (100, 200, 300) and generation (the judge's

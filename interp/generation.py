@@ -70,12 +70,12 @@ def generate(
         latents = diffusion.initial_noise(model, n, gen, diffusion.accumulation_dtype(model.dtype), model.device)
     scheduler = diffusion.fresh_scheduler(model.scheduler)  # never mutate the model's own
     rows = torch.cat([mult, mult]) if (mult is not None and guided) else mult
-    tokens = None
+    extra = {}
     if plan is not None and plan.has_tokens:  # the prompts' concept tokens; guidance's unconditional rows have none
         if concept is None:
             raise ValueError("token-KV components act at the concept's tokens: pass generate(..., concept=WORD)")
         index = torch.arange(n)
-        tokens = bind_tokens(model, concept, prompts, strict=False).rows(
+        extra["tokens"] = bind_tokens(model, concept, prompts, strict=False).rows(
             torch.cat([index, torch.full((n,), -1)]) if guided else index)
 
     def unet_fn(x, t, ctx, step):
@@ -84,7 +84,7 @@ def generate(
             patches = {k: Patch(torch.cat([p.clean, p.clean]), torch.cat([p.where, torch.zeros_like(p.where)]))
                        for k, p in patches.items()}
         eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=record or (), checkpoint=checkpoint,
-                              guidance=guidance, tokens=tokens)
+                              guidance=guidance, **extra)
         if record:
             recorded[step] = {k: v[:n] for k, v in saved.items()}
         return eps

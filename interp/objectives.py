@@ -413,11 +413,11 @@ class Objective:
         skips = None
         if replay:
             skips, plan = self._replay(plan, mult, sel, r, B, self._shared_context(target_context))
-        tokens = None
+        extra = {}
         if plan is not None and plan.has_tokens:  # the target branch's rows hold the concept; the anchor's do not
             per = torch.cat([idx.cpu(), torch.full((S,), -1, dtype=torch.long)][:B])
-            tokens = self.token_binding().rows(per.repeat(r))
-        eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=upaths, skips=skips, tokens=tokens)
+            extra["tokens"] = self.token_binding().rows(per.repeat(r))
+        eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=upaths, skips=skips, **extra)
         if record is not None:
             record.update(saved)
         eps = eps.to(self.dtype).reshape(r, B, S, *eps.shape[1:])
