@@ -70,7 +70,13 @@ class TokenRows:
 
     def to(self, device) -> "TokenRows":
         """The same rows on ``device``."""
-        return TokenRows(self.index.to(device), self.mask.to(device), {k: v.to(device) for k, v in self.refs.items()})
+        mask = None if self.mask is None else self.mask.to(device)
+        return TokenRows(self.index.to(device), mask, {k: v.to(device) for k, v in self.refs.items()})
+
+    @staticmethod
+    def none(n: int) -> "TokenRows":
+        """``n`` rows without the concept (a timed pass of the plan: the same work, nothing changed)."""
+        return TokenRows(torch.full((n,), -1, dtype=torch.long), None, {})
 
 
 @dataclass
@@ -234,8 +240,11 @@ def apply_token_site(site: Site, h: torch.Tensor, mult: torch.Tensor, mean: torc
         mult = mult.repeat_interleave(h.shape[0] // mult.shape[0], dim=0)
     index = tokens.index.to(h.device)
     rows = index.clamp(min=0)
-    where = tokens.mask.to(h.device)[rows] & (index >= 0)[:, None]  # (N, L)
-    ref = tokens.refs[site.path].to(h.device)[rows] if mean is None else mean
+    if tokens.mask is None:  # no row holds the concept
+        where, ref = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device), h if mean is None else mean
+    else:
+        where = tokens.mask.to(h.device)[rows] & (index >= 0)[:, None]  # (N, L)
+        ref = tokens.refs[site.path].to(h.device)[rows] if mean is None else mean
     s = _site_scale(site, mult, h)
     return torch.where(where[..., None], h * s + (1 - s) * ref.to(h.dtype), h)
 

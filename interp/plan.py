@@ -42,7 +42,7 @@ from . import models
 from .compare_config import select_components
 from .components import is_text_part
 from .diffusion import fresh_scheduler, latent_shape
-from .interventions import compile_plan, run_text, run_unet
+from .interventions import TokenRows, compile_plan, run_text, run_unet
 from .methods import get
 from .objectives import (
     DTYPES,
@@ -382,7 +382,8 @@ def _timed_pass(model, plan, rows: int, grad: bool, size: int | None = None) -> 
     with torch.set_grad_enabled(grad):
         if grad and not n:
             ctx = ctx.detach().requires_grad_(True)  # gradients reach the text states (text-encoder components)
-        eps = run_unet(model, x, t, ctx, plan if n else None, mult)[0]
+        extra = {"tokens": TokenRows.none(rows)} if n and plan.has_tokens else {}  # token-KV sites: timed as they run
+        eps = run_unet(model, x, t, ctx, plan if n else None, mult, **extra)[0]
         if grad:
             loss = eps.float().pow(2).mean()
             torch.autograd.grad(loss, mult if n else ctx)  # gradients with respect to the multipliers, as the engine

@@ -264,3 +264,16 @@ def test_compare_methods_and_erasure_curves_on_token_kv_units(tiny_world_folder,
                                 "--out", str(out)]) == 0
     curves = pd.read_parquet(out / "results.parquet")
     assert {"cad", "ablation"} <= set(curves["method"]) and set(curves["k"]) >= {0, 1, 4}
+
+
+def test_the_plan_times_token_kv_passes(tiny_world_folder):
+    from interp.compare_config import CompareConfig
+    from interp.plan import plan_comparison
+
+    cfg = CompareConfig(model=str(tiny_world_folder), concepts=("red",), methods=("ablation", "cad"),
+                        granularity="tokenkv", n_images=1, timesteps=(300,), heldout_masks=10, lds_alphas=(0.2,),
+                        n_boot=100)
+    plan = plan_comparison(cfg, measure=True)
+    assert plan.n_components == 14
+    t = plan.table.set_index("method")
+    assert t.loc["ablation", "forward_evals"] == 14 and t.loc["cad", "backward_evals"] == 1
