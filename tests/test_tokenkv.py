@@ -277,3 +277,19 @@ def test_the_plan_times_token_kv_passes(tiny_world_folder):
     assert plan.n_components == 14
     t = plan.table.set_index("method")
     assert t.loc["ablation", "forward_evals"] == 14 and t.loc["cad", "backward_evals"] == 1
+
+
+def test_the_generation_objective_ablates_token_kv_units_in_every_step(tiny_world_folder):
+    """The classifier objective (the judge on images generated through the loop): the intact multiplier is J itself,
+    an ablation changes the generated images, and CAD and true ablation give finite scores. (The tiny world's random
+    judge is float32 and nearly flat, so no finite difference resolves its gradient here.)"""
+    m = interp.load_model(str(tiny_world_folder))
+    obj = Objective(m, "red", ObjectiveConfig(kind="classifier", n_images=2, gen_steps=2))
+    comps = interp.ComponentSet(list(m.components("tokenkv", block="mid_block")))
+    plan = compile_plan(m, comps)
+    with torch.no_grad():
+        assert torch.equal(obj.values(plan, torch.ones(1, len(comps)))[0], obj.intact)
+        assert not torch.equal(obj.values(plan, torch.zeros(1, len(comps)))[0], obj.intact)
+    for method in ("cad", "ablation"):
+        df = interp.attribute(method, m, "red", comps, objective=obj)
+        assert df["score"].notna().all() and torch.isfinite(torch.tensor(df["score"].to_numpy())).all()
