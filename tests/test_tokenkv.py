@@ -293,3 +293,17 @@ def test_the_generation_objective_ablates_token_kv_units_in_every_step(tiny_worl
     for method in ("cad", "ablation"):
         df = interp.attribute(method, m, "red", comps, objective=obj)
         assert df["score"].notna().all() and torch.isfinite(torch.tensor(df["score"].to_numpy())).all()
+
+
+def test_replaying_the_unet_upstream_gives_the_same_single_ablations(tiny_world_model, tiny_objective_config):
+    obj = Objective(tiny_world_model, "red", tiny_objective_config)
+    comps = tiny_world_model.components("tokenkv")
+    plan = compile_plan(tiny_world_model, comps)
+    M = 1 - torch.eye(len(comps))
+    with torch.no_grad():
+        obj.replay_prefix = False
+        full = obj.values(plan, M)
+        obj.replay_prefix = "always"
+        replayed = obj.values(plan, M)
+    torch.testing.assert_close(replayed, full, rtol=1e-5, atol=1e-9)
+    assert (full != obj.intact).any()
