@@ -40,6 +40,7 @@ import torch
 
 from . import diffusion
 from .components import no_token_kv_message
+from .concepts import resolve
 from .interventions import TokenRows, run_text, run_unet
 
 #: Families whose denoiser reads the text through cross-attention keys and values that the prompt alone decides.
@@ -89,17 +90,73 @@ def check_concept(model, concept) -> None:
     """Before any work: the family has token-KV components and every target prompt of ``concept`` (a
     :class:`~interp.concepts.Concept`) names the concept word, as a whole word its tokenizer writes as in the prompt."""
     check_family(model)
+    positions(model, concept, list(concept.target_prompts), strict=True)
+
+
+def _replace_last(prompt: str, old: str, new: str) -> str | None:
+    hits = list(re.finditer(rf"(?<!\w){re.escape(old)}(?!\w)", prompt, flags=re.IGNORECASE))
+    if not hits:
+        return None
+    a, b = hits[-1].span()
+    return " ".join((prompt[:a] + " " + new + " " + prompt[b:]).split())
+
+
+def substitution(concept) -> tuple[str, str] | None:
+    """What the concept's anchors do to its prompts, as a rule for other prompts: the words of its first target prompt
+    that its anchor replaces (the concept world: ``circle`` -> ``shape``, ``red`` -> nothing, ``on white`` ->
+    nothing), learned from the words they share before and after; None when they share none (an empty anchor)."""
+    if isinstance(concept, str) or not concept.target_prompts:
+        return None
+    tw, aw = concept.target_prompts[0].split(), concept.anchor_prompts[0].split()
+    k = 0
+    while k < min(len(tw), len(aw)) and tw[k] == aw[k]:
+        k += 1
+    e = 0
+    while e < min(len(tw), len(aw)) - k and tw[-1 - e] == aw[-1 - e]:
+        e += 1
+    old, new = " ".join(tw[k : len(tw) - e]), " ".join(aw[k : len(aw) - e])
+    if k + e == 0 or not old or _replace_last(old, concept_word(concept), "") is None:
+        return None
+    return old, new
+
+
+def anchor_prompts(concept, prompts: Sequence[str]) -> list[str | None]:
+    """The anchor of each prompt: the concept's own anchor for one of its target prompts, else the prompt with the
+    concept's :func:`substitution` made, else the prompt without the concept phrase (:func:`anchor_prompt`); None
+    when the prompt does not name the concept."""
     word = concept_word(concept)
-    positions(model, word, list(concept.target_prompts), strict=True)
+    pairs = {} if isinstance(concept, str) else dict(zip(concept.target_prompts, concept.anchor_prompts))
+    rule = substitution(concept)
+    out = []
+    for p in prompts:
+        if anchor_prompt(p, word) is None:
+            out.append(None)
+        elif p in pairs:
+            out.append(pairs[p])
+        else:
+            made = _replace_last(p, *rule) if rule else None
+            out.append(made if made is not None else anchor_prompt(p, word))
+    return out
 
 
-def positions(model, word: str, prompts: Sequence[str], strict: bool = True):
-    """Per prompt: its anchor prompt, the context positions of the concept's tokens, and the anchor position whose key
-    and value replace them (``(anchor, [], None)`` for a prompt without the concept when not ``strict``)."""
+def _real(tokenizer, prompt: str) -> list[int]:
+    return tokenizer(prompt).input_ids
+
+
+def positions(model, concept, prompts: Sequence[str], strict: bool = True):
+    """Per prompt: its anchor prompt (:func:`anchor_prompts`), the context positions of the concept's tokens, and the
+    anchor positions whose keys and values replace them, one each (``(prompt, [], [])`` for a prompt without the
+    concept when not ``strict``).
+
+    The alignment is the two prompts' token difference: after their common prefix the anchor either puts other tokens
+    (the concept world's ``shape`` for a shape: the concept's ``i``-th token takes the anchor's ``i``-th, or its last)
+    or none (a word left out: every concept token takes the anchor's last token before the difference, the state of
+    the same prefix without the concept; the position UCE aligns the concept's last token to)."""
     part = model.text_parts[0]  # SDXL: both CLIPs' tokenizers place every token alike
     tok = model.tokenizers[part]
+    word = concept_word(concept)
     forms = _forms(tok, word)
-    anchors = [anchor_prompt(p, word) for p in prompts]
+    anchors = anchor_prompts(concept, prompts)
     ids = model.split_ids(model.tokenize(list(prompts)))[part]
     out = []
     for i, (p, a) in enumerate(zip(prompts, anchors)):
@@ -109,10 +166,20 @@ def positions(model, word: str, prompts: Sequence[str], strict: bool = True):
                 raise ValueError(f"prompt {p!r} does not name the concept {word!r} (as a whole word its tokenizer "
                                  f"writes as in the prompt): token-KV components read the concept's tokens, so every "
                                  f"target prompt must contain it")
-            out.append((p, [], None))
+            out.append((p, [], []))
             continue
+        t, r = _real(tok, p), _real(tok, a)
+        k = 0
+        while k < min(len(t), len(r)) and t[k] == r[k]:
+            k += 1
+        e = 0
+        while e < min(len(t), len(r)) - k and t[-1 - e] == r[-1 - e]:
+            e += 1
+        m = len(r) - e - k  # the anchor's own tokens where the prompt has the concept
         first, last = span
-        out.append((a, list(range(first, last + 1)), max(first - 1, 0)))
+        pos = list(range(first, last + 1))
+        apos = [k + min(max(q - k, 0), m - 1) if m > 0 else max(k - 1, 0) for q in pos]
+        out.append((a, pos, apos))
     return out
 
 
@@ -142,8 +209,9 @@ def bind(model, concept, prompts: Sequence[str], strict: bool = True) -> TokenBi
     the anchor prompts reads their keys and values at every cross-attention. ``strict``: a prompt without the concept
     raises ValueError; otherwise it gets no positions (its rows stay untouched)."""
     check_family(model)
-    word = concept_word(concept)
-    found = positions(model, word, prompts, strict)
+    if isinstance(concept, str):  # a word: its concept (the concept world's anchors, or a phrase's templates)
+        concept = resolve(model, concept)
+    found = positions(model, concept, prompts, strict)
     anchors = [a for a, _, _ in found]
     paths = kv_paths(model)
     ctx = run_text(model, model.tokenize(anchors, model.device))[0]
@@ -159,9 +227,10 @@ def bind(model, concept, prompts: Sequence[str], strict: bool = True) -> TokenBi
     mask = torch.zeros(n, L, dtype=torch.bool)
     refs = {p: torch.zeros_like(saved[p]) for p in paths}
     for i, (_, pos, apos) in enumerate(found):
-        pos = [q for q in pos if q < L]
-        if not pos:
+        pairs = [(q, r) for q, r in zip(pos, apos) if q < L and r < L]
+        if not pairs:
             continue
+        pos, apos = [q for q, _ in pairs], [r for _, r in pairs]
         mask[i, pos] = True
         for p in paths:
             refs[p][i, pos] = saved[p][i, apos]
