@@ -14,8 +14,8 @@ index in brackets::
 
 Token-KV addresses (granularity ``tokenkv``) exist for every cross-attention (``attn2``: the UNets' and PixArt's),
 one per head: the key and value rows that head reads at the context positions of the objective's concept word.
-Ablating one replaces them by the anchor prompt's (the prompt without the concept). Joint attention (SD3, FLUX)
-has none (:func:`no_token_kv_message`).
+Ablating one replaces them by the anchor prompt's (:mod:`interp.tokens`). Joint attention (SD3, FLUX) has none
+(:func:`no_token_kv_message`).
 
 Feature addresses exist once a sparse autoencoder is attached at the module (:func:`interp.features.attach`): the
 space then holds its site (:meth:`ComponentSpace.add_feature_site`), any module whose output the suite can reach,

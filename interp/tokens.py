@@ -11,13 +11,18 @@ positions only, between the prompt's own (``m = 1``, the model exactly) and the 
 (the same for ``v``); every other position, head and row is untouched. Mean-ablation (``mode="mean"``) puts the
 unit's mean over a reference set in place of ``k_anchor`` (:func:`interp.objectives.reference_means`).
 
-**The anchor** of a prompt is the prompt with the concept phrase removed (its last whole-word occurrence, whitespace
-collapsed): on the concept world exactly the objective's anchor captions. Its key and value at the position just
-before the removed phrase (the anchor's state of the same prefix without the concept, the position UCE and
-Diff-QuickFix align the concept's last token to, :func:`interp.editing.edits.aligned_positions`) replace those of
-every token of the concept; a concept at the start of a prompt without a start token takes the anchor's first
-position. The anchor's keys and values are those of the intact model, read in one denoiser pass over the anchor
-prompts (a cross-attention's keys and values depend on the prompt only, not on the latents or the timestep).
+**The anchor** of a prompt is the concept's own anchor for one of its target prompts (the objective's: on the concept
+world the caption with the word left out, or ``shape`` for a shape, ``on white`` dropped for a background; the empty
+prompt for a phrase on other models); for any other prompt (an erasure's held-out captions) the substitution the
+concept's anchors make (:func:`substitution`: ``circle`` -> ``shape``), else the prompt with the phrase left out
+(:func:`anchor_prompt`). Positions align by the two prompts' token difference (:func:`positions`): where the anchor
+puts a word in the concept's place, the concept's tokens take that word's keys and values; where it leaves the word
+out, they take those of the anchor's last token before the difference (the state of the same prefix without the
+concept, the position UCE and Diff-QuickFix align the concept's last token to,
+:func:`interp.editing.edits.aligned_positions`; against the empty anchor, its start token). The anchor's keys and
+values are those of the intact model, read in one denoiser pass over the anchor prompts (a cross-attention's keys
+and values depend on the prompt only, not on the latents or the timestep); that pass is not counted among a run's
+UNet rows.
 
 Rows without the concept are never changed: the anchor branch of the erase objective, guidance's unconditional
 branch, and, in generation, prompts that do not name the concept (an erasure's other prompts). An objective's target
@@ -49,7 +54,7 @@ CROSS_FAMILIES = ("sd", "sdxl", "pixart")
 
 def anchor_prompt(prompt: str, phrase: str) -> str | None:
     """``prompt`` without the last whole-word occurrence of ``phrase`` (case-insensitive, whitespace collapsed);
-    None when the phrase does not occur."""
+    None when the phrase does not occur (so also: whether a prompt names the concept)."""
     hits = list(re.finditer(rf"(?<!\w){re.escape(phrase.strip())}(?!\w)", prompt, flags=re.IGNORECASE))
     if not hits:
         return None

@@ -53,22 +53,25 @@ def test_intact_multiplier_is_the_model_bitwise(tiny_world_model, tiny_red_objec
         assert torch.equal(obj.values(plan, torch.ones(1, len(comps)))[0], obj.intact)
 
 
-def test_ablation_is_the_anchor_key_and_value_at_the_concept_tokens(tiny_world_model, tiny_red_objective):
-    """Known answer in plain torch: forward hooks on one cross-attention's to_k and to_v write, at the position of
-    "red" in each target prompt, head h's slice of the anchor caption's key and value at the position before it."""
-    m, obj = tiny_world_model, tiny_red_objective
+@pytest.mark.parametrize("concept,shift", [("red", -1), ("circle", 0)])
+def test_ablation_is_the_anchor_key_and_value_at_the_concept_tokens(tiny_world_model, tiny_objective_config, concept,
+                                                                    shift):
+    """Known answer in plain torch: forward hooks on one cross-attention's to_k and to_v write, at the concept word's
+    position in each target prompt, head h's slice of the anchor caption's key and value: at the position before it
+    when the anchor leaves the word out (a colour), at the same position when it puts another word there (a shape:
+    ``shape``)."""
+    m = tiny_world_model
+    obj = Objective(m, concept, tiny_objective_config)
     h = 1
     attn = m.module(MID)
     d = attn.to_k.out_features // attn.heads
     sl = slice(h * d, (h + 1) * d)
-    # the anchors the unit uses are the world's own anchor captions (the caption without the word)
-    from interp.tokens import anchor_prompt
-
-    assert [anchor_prompt(p, "red") for p in obj.target_prompts] == list(obj.anchor_prompts)
-    red = m.tokenizer("red", add_special_tokens=False).input_ids
-    assert len(red) == 1
-    ids = m.tokenize(obj.target_prompts)
-    pos = [row.tolist().index(red[0]) for row in ids]
+    word = m.tokenizer(concept, add_special_tokens=False).input_ids
+    assert len(word) == 1
+    ids, aids = m.tokenize(obj.target_prompts), m.tokenize(obj.anchor_prompts)
+    pos = [row.tolist().index(word[0]) for row in ids]
+    for i, p in enumerate(pos):  # the anchor's token at the aligned position
+        assert (aids[i, p + shift] != word[0]) and (shift == -1 or m.tokenizer.decode(aids[i, p]).strip() == "shape")
     with torch.no_grad():
         ka, va = attn.to_k(obj.ctx_anchor), attn.to_v(obj.ctx_anchor)  # (P, L, features): the anchors' keys, values
 
@@ -76,7 +79,7 @@ def test_ablation_is_the_anchor_key_and_value_at_the_concept_tokens(tiny_world_m
         def fn(module, args, out):
             out = out.clone()
             for j, i in enumerate(obj.image_index.tolist()):
-                out[j, pos[i], sl] = ref[i, pos[i] - 1, sl]
+                out[j, pos[i], sl] = ref[i, pos[i] + shift, sl]
             return out
         return fn
 
@@ -94,6 +97,22 @@ def test_ablation_is_the_anchor_key_and_value_at_the_concept_tokens(tiny_world_m
         plain = call_denoiser(m, x, t, ctx)
     torch.testing.assert_close(eps, by_hand, rtol=0, atol=1e-6)
     assert (eps - plain).abs().max() > 1e-6  # the unit matters: the test can fail
+
+
+def test_anchors_of_other_prompts_follow_the_concepts_own_substitution(tiny_world_model):
+    from interp.tokens import anchor_prompts, positions, substitution
+
+    m = tiny_world_model
+    circle, white = m.world.concept("circle", n=2, seed=0), m.world.concept("white", n=2, seed=0)
+    assert substitution(circle) == ("circle", "shape") and substitution(white) == ("on white", "")
+    assert substitution(interp.text_concept("red")) is None  # an empty anchor shares no words with its prompt
+    assert anchor_prompts(circle, ["a red circle on black", "a red square on black"]) == ["a red shape on black", None]
+    assert anchor_prompts(white, ["a red circle on white"]) == ["a red circle"]
+    assert anchor_prompts("red", ["a red circle on white"]) == ["a circle on white"]
+    (a, pos, apos), = positions(m, white, ["a red circle on white"])
+    ids = m.tokenize(["a red circle on white"])[0].tolist()
+    assert a == "a red circle" and ids[pos[0]] == m.tokenizer("white", add_special_tokens=False).input_ids[0]
+    assert apos == [pos[0] - 2]  # "on white" left out: the anchor's "circle", the last token before the difference
 
 
 def test_anchor_branch_and_prompts_without_the_concept_are_untouched(tiny_world_model, tiny_red_objective):
