@@ -50,7 +50,6 @@ from .interventions import (
 )
 from .judges import load_judge
 from .models import DiffusionModel, model_fingerprint, module_digest
-from .tokens import bind as bind_tokens
 from .prefix import (
     earliest_active_event,
     fill_bytes,
@@ -60,6 +59,7 @@ from .prefix import (
     replay_pays,
     skippable,
 )
+from .tokens import bind as bind_tokens
 
 KINDS = ("erase", "amplify", "classifier")
 #: Precision of the forward passes. Objective values, gradients with respect to multipliers and statistics are

@@ -31,12 +31,12 @@ import pandas as pd
 import torch
 
 from ..components import ComponentSet, is_text_part
-from ..features import identity
 from ..concepts import resolve
+from ..features import identity
 from ..objectives import Objective, ObjectiveConfig
-from ..tokens import check_concept
 from ..results import SCHEMA, Cost, empty_maps, make_frame, make_map_frame
 from ..store import Store
+from ..tokens import check_concept
 
 REGISTRY: dict[str, type["Method"]] = {}
 
@@ -243,7 +243,8 @@ class Method:
         """``(scores, maps)`` of one run: cached in ``store``, and the last one kept on this object."""
         comps = as_component_set(model, components)
         if "tokenkv" in comps.granularities:  # the concept's tokens, checked before the evaluation set is built
-            cfg = objective.config if isinstance(objective, Objective) else (objective or ObjectiveConfig())
+            cfg = (objective.config if isinstance(objective, Objective) else ObjectiveConfig(kind=objective)
+                   if isinstance(objective, str) else objective or ObjectiveConfig())
             check_concept(model, objective.concept if isinstance(objective, Objective)
                           else resolve(model, concept, n=cfg.n_images, seed=cfg.seed))
         obj = objective if isinstance(objective, Objective) else Objective(model, concept, objective)
