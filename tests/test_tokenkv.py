@@ -326,3 +326,24 @@ def test_replaying_the_unet_upstream_gives_the_same_single_ablations(tiny_world_
         replayed = obj.values(plan, M)
     torch.testing.assert_close(replayed, full, rtol=1e-5, atol=1e-9)
     assert (full != obj.intact).any()
+
+
+@pytest.mark.slow  # one erasure run
+def test_end_to_end_matrix_has_the_token_kv_kind(tiny_world_folder, tmp_path, no_figures):
+    import json
+
+    import pandas as pd
+
+    from analyses.end_to_end import main
+
+    out = tmp_path / "e2e"
+    assert main(["--model", str(tiny_world_folder), "--concepts", "red", "--kinds", "token-kv", "--objectives",
+                 "one-step", "--methods", "cad", "ablation", "--blocks", "mid_block", "--k", "1", "2",
+                 "--images", "6", "--steps", "2", "--attr-images", "1", "--random-masks", "2", "--n-boot", "100",
+                 "--device", "cpu", "--no-progress", "--threads", "1", "--out", str(out)]) == 0
+    m = pd.read_csv(out / "matrix.csv")
+    assert set(m["kind"]) == {"token-kv"} and set(m["method"]) == {"cad", "ablation"}
+    ranking = json.loads((out / "cells" / "token-kv__one-step" / "meta.json").read_text())["ranking_config"]
+    assert ranking["granularity"] == "tokenkv"
+    points = pd.read_parquet(out / "cells" / "token-kv__one-step" / "results.parquet")
+    assert set(points["k"]) >= {0, 1, 2}
