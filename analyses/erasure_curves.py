@@ -101,8 +101,9 @@ class ErasureCurvesConfig:
                                     "are then not used)")
     store: str | None = opt(None, "cache folder of the attributions (default: <out>/cache; a comparison's cache "
                                   "folder reuses its results when components, objective and options match)")
-    granularity: str = opt("neuron", "component granularity (feature: the latents of the --sae dictionaries)",
-                           choices=GRANULARITIES + ("feature",))
+    granularity: str = opt("neuron", "component granularity (feature: the latents of the --sae dictionaries; "
+                                     "tokenkv: each cross-attention head's key and value at the concept's tokens; "
+                                     "families and kinds are then not used)", choices=GRANULARITIES + ("feature", "tokenkv"))
     sae: tuple[str, ...] = opt((), "folders of sparse autoencoders (written by analyses.train_sae) attached to the "
                                    "model before the components are selected: their latents are the components of "
                                    "--granularity feature (families and kinds are then not used)", nargs="*",
@@ -174,6 +175,10 @@ class ErasureCurvesConfig:
                  and "feature" not in get(m).capabilities.granularities]
         if blind:
             raise ValueError(f"method(s) {blind} do not attribute SAE features: leave them out of --methods")
+        blind = [m for m in self.methods if self.granularity == "tokenkv"
+                 and "tokenkv" not in get(m).capabilities.granularities]
+        if blind:
+            raise ValueError(f"method(s) {blind} do not attribute token-KV components: leave them out of --methods")
         if self.k is not None and (not self.k or any(k < 1 for k in self.k) or len(set(self.k)) != len(self.k)):
             raise ValueError(f"--k values must be distinct integers >= 1, got {list(self.k)}")
         if self.random_rankings < 0 or self.random_masks < 0:

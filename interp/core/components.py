@@ -9,6 +9,13 @@ index in brackets::
     unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2.weight[5,17]  weight (one scalar parameter, CAD's unit)
     unet.mid_block.attentions.0.transformer_blocks.0.ff#f12             feature (latent 12 of a sparse autoencoder
                                                                                  attached at that module's output)
+    unet.mid_block.attentions.0.transformer_blocks.0.attn2#kv3          tokenkv (head 3's key and value of the
+                                                                                 concept's tokens, :mod:`interp.core.tokens`)
+
+Token-KV addresses (granularity ``tokenkv``) exist for every cross-attention (``attn2``: the UNets' and PixArt's),
+one per head: the key and value rows that head reads at the context positions of the objective's concept word.
+Ablating one replaces them by the anchor prompt's (:mod:`interp.core.tokens`). Joint attention (SD3, FLUX) has none
+(:func:`no_token_kv_message`).
 
 Feature addresses exist once a sparse autoencoder is attached at the module (:func:`interp.core.features.attach`): the
 space then holds its site (:meth:`ComponentSpace.add_feature_site`), any module whose output the suite can reach,
@@ -30,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-GRANULARITIES = ("layer", "neuron", "head", "weight", "feature")
+GRANULARITIES = ("layer", "neuron", "head", "weight", "feature", "tokenkv")
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,7 @@ def _basic_blocks(layer: str, gelu_proj: bool) -> tuple[FamilyRule, ...]:
         FamilyRule("block", layer + r"$", "transformer_block", ("layer",), "none"),
         FamilyRule("attn1", layer + r"\.attn1$", "attn1", ("layer", "head"), "heads"),
         FamilyRule("attn1", layer + r"\.attn1\.(?P<k>to_q|to_k|to_v|to_out\.0)$", "attn1.{k}", ("layer", "neuron", "weight"), "out_last"),
-        FamilyRule("attn2", layer + r"\.attn2$", "attn2", ("layer", "head"), "heads"),
+        FamilyRule("attn2", layer + r"\.attn2$", "attn2", ("layer", "head", "tokenkv"), "heads"),
         FamilyRule("attn2", layer + r"\.attn2\.(?P<k>to_q|to_k|to_v|to_out\.0)$", "attn2.{k}", ("layer", "neuron", "weight"), "out_last"),
         FamilyRule("ff", layer + r"\.ff$", "ff", ("layer",), "none"),
         FamilyRule("ff", layer + r"\.ff\.net\.0$", "ff.net.0", ("layer", "neuron"), "out_last"),
@@ -125,6 +132,19 @@ _ADDRESS = re.compile(r"^(?P<path>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)(?:
 
 
 _FEATURE = re.compile(r"^(?P<path>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)#f(?P<idx>\d+)$")
+_TOKEN_KV = re.compile(r"^(?P<path>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)#kv(?P<idx>\d+)$")
+
+
+def no_token_kv_message(denoiser) -> str:
+    """Why a denoiser has no token-KV components (no cross-attention reads the text), and what to use instead."""
+    name = type(denoiser).__name__
+    if name in ("SD3Transformer2DModel", "FluxTransformer2DModel"):
+        return (f"token-KV components are cross-attention heads, and the {name} reads the text through joint "
+                f"attention, whose context keys and values depend on the image and the timestep: not supported; "
+                f"attribute the context stream's projections instead (--granularity neuron --families attn_context "
+                f"--kinds attn.add_k_proj attn.add_v_proj)")
+    return (f"token-KV components are cross-attention (attn2) heads, and the {name} has none: use "
+            f"--granularity head or neuron")
 
 
 class UnknownComponentError(KeyError):
@@ -332,6 +352,8 @@ class ComponentSpace:
         """Parse and validate an address; unknown ones raise :class:`UnknownComponentError` with suggestions."""
         if isinstance(address, Component):
             return address
+        if isinstance(address, str) and "#kv" in address:
+            return self._parse_token_kv(address.strip())
         if isinstance(address, str) and "#" in address:
             return self._parse_feature(address.strip())
         m = _ADDRESS.match(address.strip()) if isinstance(address, str) else None
@@ -397,6 +419,27 @@ class ComponentSpace:
         return Component(f"{path}#f{i}", info.model, path, None, (i,), info.rule.family, info.block,
                          short_layer(info.layer, info.model), info.depth, info.kind, "feature")
 
+    def _parse_token_kv(self, address: str) -> Component:
+        m = _TOKEN_KV.match(address)
+        if not m:
+            raise UnknownComponentError(f"{address!r} is not a token-KV address: write a cross-attention's path, "
+                                        f"'#kv' and a head, e.g. 'unet.mid_block.attentions.0.transformer_blocks.0"
+                                        f".attn2#kv3'")
+        path, h = m.group("path"), int(m.group("idx"))
+        info = self.modules.get(path)
+        if info is None:
+            raise UnknownComponentError(self._unknown_message(path))
+        if "tokenkv" not in info.rule.granularities:
+            if not any("tokenkv" in i.rule.granularities for i in self.modules.values()):
+                raise UnknownComponentError(f"{address!r}: " + no_token_kv_message(self.models[info.model]))
+            raise UnknownComponentError(f"{address!r}: {path} ({info.kind}) has no token-KV components; they are "
+                                        f"cross-attention (attn2) heads")
+        n = info.n_units
+        if not 0 <= h < n:
+            raise UnknownComponentError(f"{address!r}: {path} has {n} heads, indices 0..{n - 1}")
+        return Component(f"{path}#kv{h}", info.model, path, None, (h,), info.rule.family, info.block,
+                         short_layer(info.layer, info.model), info.depth, info.kind, "tokenkv")
+
     def add_feature_site(self, path: str, dictionary, module: nn.Module) -> FeatureSite:
         """Make the latents of ``dictionary`` (``n_features`` of them) the feature components ``path#f<i>``.
 
@@ -448,6 +491,9 @@ class ComponentSpace:
                     for i in range(site.n_features):
                         yield self._parse_feature(f"{path}#f{i}")
             return
+        if granularity == "tokenkv" and not any("tokenkv" in i.rule.granularities for i in self.modules.values()):
+            denoiser = [m for p, m in self.models.items() if not is_text_part(p)]
+            raise ValueError(no_token_kv_message(denoiser[0] if denoiser else next(iter(self.models.values()))))
         infos = sorted(self.modules.values(), key=lambda i: (part_rank(i.model), i.depth, i.path))
         for info in infos:
             if any(getattr(info, k) not in v for k, v in sets.items() if k != "family") or (
@@ -465,6 +511,9 @@ class ComponentSpace:
                     continue
                 for u in range(info.n_units):
                     yield self.parse(f"{info.path}[{u}]")
+            elif granularity == "tokenkv":
+                for u in range(info.n_units):
+                    yield self._parse_token_kv(f"{info.path}#kv{u}")
             else:
                 for pname, p in info.module.named_parameters(recurse=False):
                     for flat in range(p.numel()):

@@ -8,6 +8,7 @@ import torch
 
 from interp.core import diffusion
 from interp.core.interventions import Patch, Plan, run_text, run_unet
+from interp.core.tokens import bind as bind_tokens
 
 
 def generate(
@@ -28,6 +29,7 @@ def generate(
     checkpoint: bool = False,
     max_rows: int | None = None,
     noise_ids=None,
+    concept=None,
 ) -> torch.Tensor:
     """Images in [0, 1] (or final latents with ``decode=False``) for ``prompts`` from seeded noise.
 
@@ -40,7 +42,9 @@ def generate(
     ``noise_ids``: one integer per prompt naming its stream of step noise for stochastic schedulers (DDPM, Euler
     ancestral, ...; :func:`step_generators`): an image gets the same noise under every intervention and in every
     call, whatever else the call holds, so callers that split their images into calls, or run one image under
-    many masks, pass each image's index. Default: the prompts' positions in this call.
+    many masks, pass each image's index. Default: the prompts' positions in this call. ``concept`` (a word or a
+    Concept): the concept whose tokens token-KV components act at (:mod:`interp.core.tokens`), needed when ``plan`` has
+    any; prompts that do not name it are left untouched.
     """
     prompts = model.check_prompts(prompts)
     n = len(prompts)
@@ -66,6 +70,13 @@ def generate(
         latents = diffusion.initial_noise(model, n, gen, diffusion.accumulation_dtype(model.dtype), model.device)
     scheduler = diffusion.fresh_scheduler(model.scheduler)  # never mutate the model's own
     rows = torch.cat([mult, mult]) if (mult is not None and guided) else mult
+    extra = {}
+    if plan is not None and plan.has_tokens:  # the prompts' concept tokens; guidance's unconditional rows have none
+        if concept is None:
+            raise ValueError("token-KV components act at the concept's tokens: pass generate(..., concept=WORD)")
+        index = torch.arange(n)
+        extra["tokens"] = bind_tokens(model, concept, prompts, strict=False).rows(
+            torch.cat([index, torch.full((n,), -1)]) if guided else index)
 
     def unet_fn(x, t, ctx, step):
         patches = dict(unet_patches(step)) if unet_patches is not None else None
@@ -73,7 +84,7 @@ def generate(
             patches = {k: Patch(torch.cat([p.clean, p.clean]), torch.cat([p.where, torch.zeros_like(p.where)]))
                        for k, p in patches.items()}
         eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=record or (), checkpoint=checkpoint,
-                              guidance=guidance)
+                              guidance=guidance, **extra)
         if record:
             recorded[step] = {k: v[:n] for k, v in saved.items()}
         return eps

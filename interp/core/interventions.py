@@ -15,6 +15,13 @@ autoencoder's top-k encoding of ``h`` and ``W_dec[i]`` the feature's decoder dir
 decoded contribution moves; the autoencoder's reconstruction error stays in ``h``, so ``m = 1`` is the intact
 output exactly, and ``dJ/dm_i`` at ``m = 1`` is the feature's activation times the gradient along its direction.
 
+A **token-KV** component (head ``h`` of a cross-attention, at the concept's tokens, :mod:`interp.core.tokens`) has a
+multiplier on that head's slice of the ``to_k`` and ``to_v`` outputs at the context positions of the concept word
+only: ``k`` becomes ``m * k + (1 - m) * k_ref`` there (the same for ``v``), where ``k_ref`` is the anchor prompt's
+key (or, with means, the unit's mean), and every other position and row is left as it was. Which positions hold the
+concept, and the anchor's keys and values, are per batch row (:class:`TokenRows`): rows without the concept (the
+anchor branch, the unconditional branch of guidance, prompts without the word) are untouched.
+
 Patching replaces a module's output with a saved clean one at chosen rows (and, for the text encoder, chosen token
 positions); the denoising loop decides at which timesteps a patch applies.
 """
@@ -46,6 +53,31 @@ class Site:
     streams: int = 1  # tensors of the output tuple the multiplier scales (a joint block's image and context streams)
     #: feature granularity: the sparse autoencoder whose latents ``features`` are (:mod:`interp.core.features`)
     sae: object = None
+    #: token-KV granularity: the multiplier acts at the concept's token positions only (a per-row :class:`TokenRows`)
+    tokens: bool = False
+
+
+@dataclass
+class TokenRows:
+    """Where the concept's tokens are, row by row of a denoiser batch, and what an ablated token-KV unit reads there.
+
+    ``index`` (N,): for each batch row, its prompt among the ``P`` rows of ``mask`` and ``refs`` (-1: a row without
+    the concept, left untouched); ``mask`` (P, L) bool: the context positions of the concept's tokens; ``refs``:
+    per ``to_k``/``to_v`` path, (P, L, features), the anchor prompt's keys or values at those positions."""
+
+    index: torch.Tensor
+    mask: torch.Tensor
+    refs: dict
+
+    def to(self, device) -> "TokenRows":
+        """The same rows on ``device``."""
+        mask = None if self.mask is None else self.mask.to(device)
+        return TokenRows(self.index.to(device), mask, {k: v.to(device) for k, v in self.refs.items()})
+
+    @staticmethod
+    def none(n: int) -> "TokenRows":
+        """``n`` rows without the concept (a timed pass of the plan: the same work, nothing changed)."""
+        return TokenRows(torch.full((n,), -1, dtype=torch.long), None, {})
 
 
 @dataclass
@@ -64,6 +96,11 @@ class Plan:
     def denoiser(self) -> list[Site]:
         """The sites in the denoiser, in execution order."""
         return self.sites.get(self.denoiser_part, [])
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether some site is a token-KV unit's (a run then needs :class:`TokenRows`)."""
+        return any(s.tokens for sites in self.sites.values() for s in sites)
 
     @property
     def text(self) -> list[Site]:
@@ -103,10 +140,22 @@ def compile_plan(model, components: ComponentSet | Sequence[Component | str]) ->
                                  f"component set: attribute them in separate sets")
             g["f"].append(c.index)
             g["c"].append(col)
+        elif c.granularity == "tokenkv":  # head h's slice of the key and value projections' outputs
+            for proj in ("to_k", "to_v"):
+                lin = model.module(f"{c.module}.{proj}")
+                d = lin.out_features // mod.heads
+                key = (f"{c.module}.{proj}", "out")
+                if key in groups and not groups[key].get("tokens"):
+                    raise ValueError(f"{key[0]} appears both through token-KV units and as a layer or neurons in one "
+                                     f"component set: attribute them in separate sets")
+                g = groups.setdefault(key, {"axis": -1, "n": lin.out_features, "f": [], "c": [], "whole": False,
+                                            "tokens": True})
+                g["f"].extend(range(c.index * d, (c.index + 1) * d))
+                g["c"].extend([col] * d)
         elif c.granularity == "neuron":
             axis = 1 if isinstance(mod, torch.nn.Conv2d) else -1
             n = neuron_count(mod)
-            if groups.get((c.module, "out"), {}).get("whole") or groups.get((c.module, "out"), {}).get("sae"):
+            if any(groups.get((c.module, "out"), {}).get(k) for k in ("whole", "sae", "tokens")):
                 raise ValueError(f"{c.module} appears both as a layer or SAE features and through its units in one "
                                  f"component set")
             g = groups.setdefault((c.module, "out"), {"axis": axis, "n": n, "f": [], "c": [], "whole": False})
@@ -114,6 +163,8 @@ def compile_plan(model, components: ComponentSet | Sequence[Component | str]) ->
             g["c"].append(col)
         else:  # layer
             key = (c.module, "out")
+            if key in groups and groups[key].get("tokens"):
+                raise ValueError(f"{c.module} appears both as a layer and through token-KV units in one component set")
             if key in groups:
                 raise ValueError(f"{c.module} appears both as a layer and through its units in one component set")
             groups[key] = {"axis": 0, "n": 1, "f": [0], "c": [col], "whole": True,
@@ -121,7 +172,7 @@ def compile_plan(model, components: ComponentSet | Sequence[Component | str]) ->
     plan = Plan(components, {p: [] for p in model.modules()}, model.denoiser_part)
     for (path, event), g in sorted(groups.items(), key=lambda kv: model.events[(kv[0][1], kv[0][0])]):
         site = Site(path, event, g["axis"], g["n"], torch.tensor(g["f"]), torch.tensor(g["c"]), g["whole"],
-                    g.get("streams", 1), g.get("sae"))
+                    g.get("streams", 1), g.get("sae"), g.get("tokens", False))
         plan.sites[path.split(".", 1)[0]].append(site)
     return plan
 
@@ -174,6 +225,31 @@ def apply_site(site: Site, h: torch.Tensor, mult: torch.Tensor, mean: torch.Tens
     return out
 
 
+def apply_token_site(site: Site, h: torch.Tensor, mult: torch.Tensor, mean: torch.Tensor | None,
+                     tokens: TokenRows | None) -> torch.Tensor:
+    """A token-KV site (a ``to_k``/``to_v`` output, (N, L, features)): ``m * h + (1 - m) * ref`` for the heads'
+    features at the rows' concept positions, ``h`` itself everywhere else (so ``m = 1`` is ``h`` exactly). ``ref`` is
+    the anchor prompt's value from ``tokens``, or ``mean`` (mean-ablation: the unit's mean over a reference set)."""
+    if tokens is None:
+        raise ValueError(f"token-KV components at {site.path} need the concept's token positions of every row: run "
+                         f"them through an Objective, or generate(..., concept=WORD)")
+    if tokens.index.shape[0] != h.shape[0]:
+        raise ValueError(f"{tokens.index.shape[0]} token rows for a batch of {h.shape[0]} at {site.path}")
+    if mult.shape[0] != h.shape[0]:
+        if h.shape[0] % mult.shape[0]:
+            raise ValueError(f"{mult.shape[0]} multiplier rows do not divide a batch of {h.shape[0]} at {site.path}")
+        mult = mult.repeat_interleave(h.shape[0] // mult.shape[0], dim=0)
+    index = tokens.index.to(h.device)
+    rows = index.clamp(min=0)
+    if tokens.mask is None:  # no row holds the concept
+        where, ref = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device), h if mean is None else mean
+    else:
+        where = tokens.mask.to(h.device)[rows] & (index >= 0)[:, None]  # (N, L)
+        ref = tokens.refs[site.path].to(h.device)[rows] if mean is None else mean
+    s = _site_scale(site, mult, h)
+    return torch.where(where[..., None], h * s + (1 - s) * ref.to(h.dtype), h)
+
+
 @dataclass
 class Patch:
     """Replace a module's output by ``clean`` where ``where`` is true (broadcast over the output)."""
@@ -183,7 +259,7 @@ class Patch:
 
 
 def _intervene(root_envoy, model, sites: Sequence[Site], mult, means, patches, saves, store, skips=None,
-               save_inputs=()):
+               save_inputs=(), tokens: TokenRows | None = None):
     """The body shared by every trace: visit all touched modules in execution order.
 
     At one module, ablation comes first, then patching, then saving: a saved output is the value that flowed
@@ -202,7 +278,10 @@ def _intervene(root_envoy, model, sites: Sequence[Site], mult, means, patches, s
             store[x] = model.envoy(x).input.save()
         elif what == "site":
             env = model.envoy(x.path)
-            if x.event == "in":
+            if x.tokens:
+                env.output = apply_token_site(x, env.output, mult, None if means is None else means.get(x.path),
+                                              tokens)
+            elif x.event == "in":
                 env.input = apply_site(x, env.input, mult, None if means is None else means.get(x.path))
             elif x.streams == 1:
                 old = env.output
@@ -309,13 +388,15 @@ def run_unet(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pla
              mult: torch.Tensor | None = None, means: Mapping[str, torch.Tensor] | None = None,
              patches: Mapping[str, Patch] | None = None, saves: Sequence[str] = (),
              skips: Mapping[str, object] | None = None, checkpoint: bool = False,
-             guidance: float | None = None, save_inputs: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
+             guidance: float | None = None, save_inputs: Sequence[str] = (),
+             tokens: TokenRows | None = None) -> tuple[torch.Tensor, dict]:
     """Denoiser forward (its prediction, in the latents' layout) with interventions; returns ``(eps, saved)``.
     ``context`` is the packed context of :func:`run_text`; ``guidance`` is FLUX's embedded guidance scale (default:
     the model's), unused by families that guide with two branches. ``skips``: modules replayed
     from given outputs instead of run (:mod:`interp.core.prefix`). ``checkpoint``: under gradients, keep only the call's
     inputs and run it again during the backward pass (:func:`torch.utils.checkpoint.checkpoint`), so a loop of many
-    calls (a generation) holds one call's activations at a time instead of every call's."""
+    calls (a generation) holds one call's activations at a time instead of every call's. ``tokens``: the concept's
+    token positions and anchor keys and values of every row (:class:`TokenRows`), which token-KV sites need."""
     sites = plan.denoiser if plan is not None else []
     patches = dict(patches or {})
     # Forward passes run in the model's dtype on its device, whatever the caller keeps its tensors in.
@@ -335,7 +416,8 @@ def run_unet(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pla
         store: dict = {}
         first = kw.pop(next(iter(kw)))  # the latents go positionally: nnsight's trace takes its input that way
         with model.nn_unet.trace(first, **kw, return_dict=False):
-            _intervene(model.nn_unet, model, sites, mult, means, patches, list(saves), store, skips, save_inputs)
+            _intervene(model.nn_unet, model, sites, mult, means, patches, list(saves), store, skips, save_inputs,
+                       tokens)
             out = model.nn_unet.output[0].save()
         return model.family.prediction(model, out, x), store
 

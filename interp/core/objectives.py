@@ -63,6 +63,7 @@ from interp.core.prefix import (
     rows_of,
     skippable,
 )
+from interp.core.tokens import bind as bind_tokens
 
 KINDS = ("erase", "amplify", "classifier")
 #: Precision of the forward passes. Objective values, gradients with respect to multipliers and statistics are
@@ -390,7 +391,7 @@ class Objective:
             images = generate(model, prompts, seed=cfg.seed, steps=cfg.gen_steps, guidance=cfg.guidance, plan=plan,
                               mult=rows, means=means, context=ctx, latents=self.noise0[sel].repeat(r, 1, 1, 1),
                               unet_patches=unet_patches, checkpoint=checkpoint, max_rows=cfg.max_batch,
-                              noise_ids=sel.tolist() * r)
+                              noise_ids=sel.tolist() * r, concept=self.concept)
             p = self.judge.probability(images, self.concept)
             return p.to(self.dtype).reshape(r, S)  # in the objective's dtype, whatever the judge computes in
         # With intervene_anchor=False the anchor branch is not run here: it is the intact model's (cached).
@@ -417,7 +418,11 @@ class Objective:
         skips = None
         if replay:
             skips, plan = self._replay(plan, mult, sel, r, B, self._shared_context(target_context))
-        eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=upaths, skips=skips)
+        extra = {}
+        if plan is not None and plan.has_tokens:  # the target branch's rows hold the concept; the anchor's do not
+            per = torch.cat([idx.cpu(), torch.full((S,), -1, dtype=torch.long)][:B])
+            extra["tokens"] = self.token_binding().rows(per.repeat(r))
+        eps, saved = run_unet(model, x, t, ctx, plan, rows, means, patches, saves=upaths, skips=skips, **extra)
         if record is not None:
             record.update(saved)
         eps = eps.to(self.dtype).reshape(r, B, S, *eps.shape[1:])
@@ -426,6 +431,13 @@ class Objective:
             anchor = eps[:, 1] if B == 2 else self._intact_anchor()[sel][None]
             return (eps[:, 0] - anchor).pow(2).mean(dim=dims)
         return -(eps[:, 0] - self.target[sel][None]).pow(2).mean(dim=dims)
+
+    def token_binding(self):
+        """The concept's token positions in the target prompts (one per image) and the anchors' keys and values
+        there (:func:`interp.core.tokens.bind`), computed on first use: what token-KV components need."""
+        if getattr(self, "_tokens", None) is None:
+            self._tokens = bind_tokens(self.model, self.concept, self.target_prompts, strict=True)
+        return self._tokens
 
     def _replayable(self, plan, mult, recompute_text, target_context, unet_patches, record) -> bool:
         """Whether a call may replay the UNet upstream of its interventions (:mod:`interp.core.prefix`): multipliers

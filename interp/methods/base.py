@@ -31,11 +31,13 @@ import pandas as pd
 import torch
 
 from interp.core.components import ComponentSet, is_text_part
+from interp.core.concepts import resolve
 from interp.core.features import identity
 from interp.core.objectives import Objective, ObjectiveConfig
 from interp.core.results import SCHEMA, Cost, empty_maps, make_frame, make_map_frame
 from interp.core.runs import versions
 from interp.core.store import Store
+from interp.core.tokens import check_concept
 
 REGISTRY: dict[str, type["Method"]] = {}
 
@@ -46,7 +48,8 @@ class Capabilities:
 
     Attributes:
         granularities: the component granularities it handles (``layer``, ``neuron``, ``head``, ``weight``,
-            ``feature``: latents of an attached sparse autoencoder, :mod:`interp.core.features`).
+            ``feature``: latents of an attached sparse autoencoder, :mod:`interp.core.features`; ``tokenkv``: a
+            cross-attention head's key and value at the concept's tokens, :mod:`interp.core.tokens`).
         gradients: whether it takes gradients (it then needs a differentiable objective and more memory per row).
         exact: whether its scores are measured ablation effects rather than estimates.
         text_encoder: whether it attributes text-encoder components.
@@ -332,8 +335,13 @@ class Method:
         The run is cached in ``store`` under everything it depends on (the method and its config, the objective's
         identity, the components), so asking again, for either frame, reads it back.
         """
-        obj = objective if isinstance(objective, Objective) else Objective(model, concept, objective)
         comps = as_component_set(model, components)
+        if "tokenkv" in comps.granularities:  # the concept's tokens, checked before the evaluation set is built
+            cfg = (objective.config if isinstance(objective, Objective) else ObjectiveConfig(kind=objective)
+                   if isinstance(objective, str) else objective or ObjectiveConfig())
+            check_concept(model, objective.concept if isinstance(objective, Objective)
+                          else resolve(model, concept, n=cfg.n_images, seed=cfg.seed))
+        obj = objective if isinstance(objective, Objective) else Objective(model, concept, objective)
         bad = comps.granularities - set(self.capabilities.granularities)
         if bad:
             raise ValueError(f"{self.name} does not handle {sorted(bad)} granularity; it handles "

@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from interp.core import models
 from interp.core.components import is_text_part
 from interp.core.diffusion import fresh_scheduler, latent_shape
-from interp.core.interventions import compile_plan, run_text, run_unet
+from interp.core.interventions import TokenRows, compile_plan, run_text, run_unet
 from interp.core.objectives import (
     DTYPES,
     REPLAY_BUDGET,
@@ -381,7 +381,8 @@ def _timed_pass(model, plan, rows: int, grad: bool, size: int | None = None) -> 
     with torch.set_grad_enabled(grad):
         if grad and not n:
             ctx = ctx.detach().requires_grad_(True)  # gradients reach the text states (text-encoder components)
-        eps = run_unet(model, x, t, ctx, plan if n else None, mult)[0]
+        extra = {"tokens": TokenRows.none(rows)} if n and plan.has_tokens else {}  # token-KV sites: timed as they run
+        eps = run_unet(model, x, t, ctx, plan if n else None, mult, **extra)[0]
         if grad:
             loss = eps.float().pow(2).mean()
             torch.autograd.grad(loss, mult if n else ctx)  # gradients with respect to the multipliers, as the engine

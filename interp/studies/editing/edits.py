@@ -107,11 +107,14 @@ class EditedModel:
     plan: Plan | None = None
     mult: torch.Tensor | None = None
     means: Mapping[str, torch.Tensor] | None = None  # mean-ablation's values per site (None: zero-ablation)
+    concept: object = None  # the concept whose tokens token-KV components act at (:mod:`interp.core.tokens`)
 
     @property
     def intervention(self) -> dict:
-        """Keyword arguments for :func:`interp.core.generation.generate` and the engine's run functions."""
-        return {"plan": self.plan, "mult": self.mult, "means": self.means}
+        """Keyword arguments for :func:`interp.core.generation.generate` and the engine's run functions (with
+        ``concept`` when token-KV components are ablated)."""
+        extra = {"concept": self.concept} if self.plan is not None and self.plan.has_tokens else {}
+        return {"plan": self.plan, "mult": self.mult, "means": self.means, **extra}
 
     def generate(self, prompts, seed: int = 0, steps: int = 20, guidance: float | None = None,
                  **kwargs) -> torch.Tensor:
@@ -209,8 +212,12 @@ class AblationEdit(Edit):
             missing = sorted({s.path for part in plan.sites.values() for s in part} - set(self.means))
             if missing:
                 raise ValueError(f"mean-ablation has no means for {missing[:2]}: compute them for these components")
+        if plan.has_tokens and self.concept is None:
+            raise ValueError("an ablation edit of token-KV components needs its concept (AblationEdit(concept=...)): "
+                             "they act at the concept's tokens")
         yield EditedModel(model, self, plan, torch.full((1, len(self.components)), float(self.multiplier),
-                                                        dtype=model.dtype, device=model.device), self.means)
+                                                        dtype=model.dtype, device=model.device), self.means,
+                          self.concept)
 
     @property
     def mode(self) -> str:
