@@ -1,5 +1,6 @@
 """From one denoising step to the image: which component kind and which objective predict what the model draws.
 
+    python -m analyses.end_to_end --plan                            # what the whole matrix costs, nothing run
     python -m analyses.end_to_end                                   # the pixel model, red circle striped
     python -m analyses.end_to_end --kinds ff-out attn2-value --objectives one-step high-band --methods cad ablation
 
@@ -74,10 +75,12 @@ class EndToEndConfig:
     concepts: tuple[str, ...] = opt(("red", "circle", "striped"), "concepts to erase")
     kinds: tuple[str, ...] = opt(tuple(KINDS), "component kinds of the matrix", choices=tuple(KINDS))
     objectives: tuple[str, ...] = opt(tuple(OBJECTIVES), "objectives of the matrix", choices=tuple(OBJECTIVES))
-    methods: tuple[str, ...] = opt(("cad", "maskgrad", "ablation"), "methods whose rankings are ablated")
+    methods: tuple[str, ...] = opt(("cad", "maskgrad"), "methods whose rankings are ablated (ablation, true "
+                                                        "ablation's ranking, costs a pass per component: see --plan)")
     blocks: tuple[str, ...] = opt((), "UNet stages to include (empty: all)", nargs="*")
-    k: tuple[int, ...] | None = opt(None, "numbers of jointly ablated components (default: 1, 2, 4, ... up to half "
-                                          "the set)")
+    k: tuple[int, ...] | None = opt((1, 4, 16, 64), "numbers of jointly ablated components (values beyond a "
+                                                    "cell's components are left out; none: 1, 2, 4, ... up to half "
+                                                    "the set)")
     attr_images: int = opt(4, "images of the attribution objective")
     gen_steps: int = opt(10, "denoising steps of the generation objective's images")
     random_rankings: int = opt(1, "seeded random orders of the baseline")
@@ -114,8 +117,8 @@ class EndToEndConfig:
             model=self.model, concepts=self.concepts, methods=self.methods, store=str(store),
             granularity=granularity, families=families, kinds=kinds, blocks=self.blocks, objective=obj,
             attr_images=self.attr_images, timesteps=timesteps, gen_steps=self.gen_steps, max_batch=self.max_batch,
-            k=self.cell_k(n_components), random_rankings=self.random_rankings, random_masks=self.random_masks, images=self.images,
-            steps=self.steps, n_boot=self.n_boot, seed=self.seed, device=self.device, dtype=self.dtype)
+            k=self.cell_k(n_components), random_rankings=self.random_rankings, random_masks=self.random_masks,
+            images=self.images, steps=self.steps, n_boot=self.n_boot, seed=self.seed, device=self.device, dtype=self.dtype)
 
 
     def cell_k(self, n_components: int | None) -> tuple[int, ...] | None:
