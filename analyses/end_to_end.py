@@ -118,7 +118,8 @@ class EndToEndConfig:
             granularity=granularity, families=families, kinds=kinds, blocks=self.blocks, objective=obj,
             attr_images=self.attr_images, timesteps=timesteps, gen_steps=self.gen_steps, max_batch=self.max_batch,
             k=self.cell_k(n_components), random_rankings=self.random_rankings, random_masks=self.random_masks,
-            images=self.images, steps=self.steps, n_boot=self.n_boot, seed=self.seed, device=self.device, dtype=self.dtype)
+            images=self.images, steps=self.steps, n_boot=self.n_boot, seed=self.seed, device=self.device,
+            dtype=self.dtype)
 
 
     def cell_k(self, n_components: int | None) -> tuple[int, ...] | None:
