@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from interp.core.results import read_results
+from interp.core.store import atomic_write_text
 
 
 def parse(argv):
@@ -269,7 +270,7 @@ def main(argv=None) -> int:
     text = report(runs)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        atomic_write_text(args.out, text)
     print(text)
     return 0
 

@@ -25,6 +25,7 @@ from transformers import CLIPImageProcessor
 import interp
 from analyses._cli import add_no_progress_argument, quiet_if_asked
 from interp.core.judges import CLIPJudge
+from interp.core.store import atomic_write_text
 from interp.world.clip import (
     CLIPTrainConfig,
     agreement_on_generated,
@@ -66,7 +67,7 @@ def save(model, tokenizer, out: Path) -> None:
     size = model.config.vision_config.image_size
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True).save_pretrained(out)
-    (out / "judge.json").write_text(json.dumps({"templates": world_templates()}, indent=1))
+    atomic_write_text(out / "judge.json", json.dumps({"templates": world_templates()}, indent=1))
 
 
 def main(argv=None) -> int:
@@ -109,7 +110,7 @@ def _train(parser, args) -> int:
         gen["model"] = args.model
         metrics["generated"] = gen
         logging.info("on %d generated images: agreement %s", args.generated, gen["agreement"])
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    atomic_write_text(args.out / "metrics.json", json.dumps(metrics, indent=1))
     logging.info("wrote %s", args.out)
     return 0
 

@@ -29,7 +29,7 @@ from analyses._cli import apply_threads, config_parser, parse_config, quiet_if_a
 from interp.core import features
 from interp.core.concepts import resolve
 from interp.core.models import load_model
-from interp.core.store import config_hash
+from interp.core.store import atomic_write_text, config_hash
 from interp.studies.compare_config import DEVICES, PRECISIONS, check_fields, opt
 
 
@@ -134,7 +134,7 @@ def run(cfg: TrainSAEConfig, out: Path, progress: bool = True, log=lambda msg: N
                                             guidance=cfg.guidance, positions=cfg.positions, seed=cfg.seed,
                                             progress=progress)
         save_file({"acts": acts.contiguous()}, str(cached))
-        (out / "activations.json").write_text(json.dumps({"key": key, "collect": collect}, indent=1))
+        atomic_write_text(out / "activations.json", json.dumps({"key": key, "collect": collect}, indent=1))
         log(f"{tuple(acts.shape)} activation rows of {cfg.site} from {len(prompts)} prompts x {len(cfg.seeds)} seeds x "
             f"{cfg.gen_steps} steps")
     if cfg.k > cfg.expansion * acts.shape[1]:
@@ -146,7 +146,7 @@ def run(cfg: TrainSAEConfig, out: Path, progress: bool = True, log=lambda msg: N
 
     sae = features.attach(model, replace(sae, config={**sae.config, "command": cfg.to_dict()}))  # its layout
     features.save_sae(sae, out)
-    (out / "quality.json").write_text(json.dumps(sae.quality, indent=1))
+    atomic_write_text(out / "quality.json", json.dumps(sae.quality, indent=1))
     return sae.quality
 
 

@@ -20,6 +20,7 @@ import torch
 
 from analyses._cli import add_no_progress_argument, quiet_if_asked
 from interp.core.models import load_model
+from interp.core.store import atomic_write_text
 from interp.world.classifier import train_classifier
 from interp.world.dit import DiTTrainConfig, save_dit
 from interp.world.dit import train_dit as train_transformer
@@ -141,7 +142,7 @@ def train_latent(args, out: Path) -> int:
         **records, "parameters": {k: sum(p.numel() for p in getattr(pipe, k).parameters())
                                   for k in ("vae", "unet", "text_encoder")},
     })
-    (out / "world.json").write_text(json.dumps({"kind": LATENT_KIND, "image_size": cfg.model.image_size,
+    atomic_write_text(out / "world.json", json.dumps({"kind": LATENT_KIND, "image_size": cfg.model.image_size,
                                                 "default_guidance": args.guidance}, indent=1))
     for state in ("clip_state.pt", "vae_state.pt"):  # finished phases' states, kept until the model is saved
         (out / state).unlink(missing_ok=True)
@@ -176,7 +177,7 @@ def train_dit(args, out: Path) -> int:
     cfg = dit_config(args)
     pipe, history, records = train_transformer(cfg, out, progress=not args.no_progress)
     save_dit(pipe, out, cfg, history, records)
-    (out / "world.json").write_text(json.dumps({"kind": DIT_KIND, "image_size": cfg.model.image_size,
+    atomic_write_text(out / "world.json", json.dumps({"kind": DIT_KIND, "image_size": cfg.model.image_size,
                                                 "default_guidance": args.guidance}, indent=1))
     summary = evaluate_checkpoint(out, args.fidelity_images, progress=not args.no_progress,
                                   targets={"color": 0.95, "shape": 0.95, "texture": 0.90, "background": 0.95})
@@ -196,7 +197,7 @@ def evaluate_checkpoint(out: Path, n_images: int = 360, progress: bool = True, t
         summary["vae_reconstruction_accuracy"] = reconstruction_accuracy(model, model.world.image_size)
     summary["targets"] = targets or {"color": 0.95, "shape": 0.90, "texture": 0.85, "background": 0.95}
     summary["meets_targets"] = all(summary["accuracy"][a] >= t for a, t in summary["targets"].items())
-    (out / "fidelity.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(out / "fidelity.json", json.dumps(summary, indent=1))
     sample_grid(model, GRID_PROMPTS).savefig(out / "samples.png", dpi=100)
     return summary
 
