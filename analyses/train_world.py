@@ -143,7 +143,7 @@ def train_latent(args, out: Path) -> int:
                                   for k in ("vae", "unet", "text_encoder")},
     })
     atomic_write_text(out / "world.json", json.dumps({"kind": LATENT_KIND, "image_size": cfg.model.image_size,
-                                                "default_guidance": args.guidance}, indent=1))
+                                                       "default_guidance": args.guidance}, indent=1))
     for state in ("clip_state.pt", "vae_state.pt"):  # finished phases' states, kept until the model is saved
         (out / state).unlink(missing_ok=True)
     summary = evaluate_checkpoint(out, args.fidelity_images, progress=not args.no_progress,
@@ -178,7 +178,7 @@ def train_dit(args, out: Path) -> int:
     pipe, history, records = train_transformer(cfg, out, progress=not args.no_progress)
     save_dit(pipe, out, cfg, history, records)
     atomic_write_text(out / "world.json", json.dumps({"kind": DIT_KIND, "image_size": cfg.model.image_size,
-                                                "default_guidance": args.guidance}, indent=1))
+                                                       "default_guidance": args.guidance}, indent=1))
     summary = evaluate_checkpoint(out, args.fidelity_images, progress=not args.no_progress,
                                   targets={"color": 0.95, "shape": 0.95, "texture": 0.90, "background": 0.95})
     logging.info("fidelity: %s", summary["accuracy"])
