@@ -73,6 +73,28 @@ def tiny_world_model():
     return _build_tiny_world_model()
 
 
+@pytest.fixture(scope="session")
+def _tiny_world_model_f64_shared(tiny_world_model):
+    from interp.objectives import as_dtype
+
+    return as_dtype(tiny_world_model, torch.float64)
+
+
+@pytest.fixture
+def tiny_world_model_f64(_tiny_world_model_f64_shared):
+    """The tiny model's float64 copy, shared by the session: what ``Objective(tiny_world_model, ...,
+    ObjectiveConfig(dtype="float64"))`` makes for itself (a deep copy, and its FLOP and replay bookkeeping counted
+    again on the meta device: about a second each time), made once. Objectives on it compute the same values;
+    its pass counters are shared, so read their changes, not their totals. A test that leaves its weights, hooks or
+    gradients changed fails at teardown."""
+    from helpers import assert_untouched
+
+    model = _tiny_world_model_f64_shared
+    before = model.state_fingerprint()
+    yield model
+    assert_untouched(model, before)
+
+
 @pytest.fixture
 def tiny_world_model_factory():
     """Build a fresh tiny concept-world model (for tests that edit weights)."""

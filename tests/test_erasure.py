@@ -22,6 +22,9 @@ from test_methods import LINEAR_CFG, MID, LinearFF, _planted_model
 
 from helpers import assert_weights_equal
 
+# One worker runs the module: its module fixtures (the planted model and its held-out images) are built once.
+pytestmark = pytest.mark.xdist_group("erasure")
+
 
 class PlantedJudge(Judge):
     """Names the color "red" exactly when an image is one the planted model draws intact (within ``atol``): on the

@@ -23,6 +23,10 @@ from interp.runs import Run
 from interp.report.findings import compare_findings, edit_findings
 from interp.results import concat, is_main, make_frame, make_map_frame
 
+# One worker runs the module: its module fixtures (the toy report with its figures, the default-shaped run) are built
+# once.
+pytestmark = pytest.mark.xdist_group("report")
+
 TEXT_LAYERS, UNET_LAYERS, UNITS = 3, 4, 12
 TOKENS = ["<bos>", "a", "red", "circle", "<eos>"]
 TIMESTEPS = [900, 600, 300, 100]
