@@ -73,11 +73,17 @@ def tiny_world_model():
     return _build_tiny_world_model()
 
 
+def float64_copy(model):
+    """The float64 copy of ``model`` that a float64 objective on it runs (made through the public API)."""
+    import interp
+
+    config = interp.ObjectiveConfig(n_images=1, timesteps=(300,), gen_steps=1, dtype="float64")
+    return interp.Objective(model, interp.text_concept("red") if model.world is None else "red", config).model
+
+
 @pytest.fixture(scope="session")
 def _tiny_world_model_f64_shared(tiny_world_model):
-    from interp.objectives import as_dtype
-
-    return as_dtype(tiny_world_model, torch.float64)
+    return float64_copy(tiny_world_model)
 
 
 @pytest.fixture

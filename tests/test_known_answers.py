@@ -178,11 +178,11 @@ def known_models(known_sd_folders):
     """The models the J-from-the-definitions tests read, cast once to float64, their objectives' dtype (an objective
     on a float32 model makes a float64 copy of its own, its FLOPs counted again, about a second each time). Read
     only: tests that enable gradients or hooks on them remove them again."""
-    from interp.objectives import as_dtype
+    from conftest import float64_copy
 
     models = {style: interp.load_model(str(folder), device="cpu") for style, folder in known_sd_folders.items()}
     models["world"] = interp.load_model("concept-world", device="cpu")
-    return {name: as_dtype(model, torch.float64) for name, model in models.items()}
+    return {name: float64_copy(model) for name, model in models.items()}
 
 
 def _objective(models, which, kind, anchor="shared", **cfg):
