@@ -78,7 +78,8 @@ def float64_copy(model):
     import interp
 
     config = interp.ObjectiveConfig(n_images=1, timesteps=(300,), gen_steps=1, dtype="float64")
-    return interp.Objective(model, interp.text_concept("red") if model.world is None else "red", config).model
+    return interp.Objective(model, interp.text_concept("red", n=1) if model.world is None else "red",
+                            config).model
 
 
 @pytest.fixture(scope="session")
