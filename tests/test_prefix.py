@@ -55,7 +55,7 @@ def _sample(comps, n, seed=0):
 @pytest.mark.parametrize("anchor", ["shared", "frozen"])
 def test_single_ablations_equal_full_passes(tiny_world_model, tiny_world_model_f64, granularity, anchor):
     obj = Objective(tiny_world_model_f64, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), anchor=anchor,
-                                                                  dtype="float64"))
+                                                                 dtype="float64"))
     comps = ComponentSet([c for c in tiny_world_model.space.select(granularity) if c.model == "unet"])
     comps = _sample(comps, 40) if len(comps) > 40 else comps
     on, off = _both(obj, lambda: single_ablation_deltas(obj, comps, chunk=8))
