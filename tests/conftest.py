@@ -73,6 +73,35 @@ def tiny_world_model():
     return _build_tiny_world_model()
 
 
+def float64_copy(model):
+    """The float64 copy of ``model`` that a float64 objective on it runs (made through the public API)."""
+    import interp
+
+    config = interp.ObjectiveConfig(n_images=1, timesteps=(300,), gen_steps=1, dtype="float64")
+    return interp.Objective(model, interp.text_concept("red", n=1) if model.world is None else "red",
+                            config).model
+
+
+@pytest.fixture(scope="session")
+def _tiny_world_model_f64_shared(tiny_world_model):
+    return float64_copy(tiny_world_model)
+
+
+@pytest.fixture
+def tiny_world_model_f64(_tiny_world_model_f64_shared):
+    """The tiny model's float64 copy, shared by the session: what ``Objective(tiny_world_model, ...,
+    ObjectiveConfig(dtype="float64"))`` makes for itself (a deep copy, and its FLOP and replay bookkeeping counted
+    again on the meta device: about a second each time), made once. Objectives on it compute the same values;
+    its pass counters are shared, so read their changes, not their totals. A test that leaves its weights, hooks or
+    gradients changed fails at teardown."""
+    from helpers import assert_untouched
+
+    model = _tiny_world_model_f64_shared
+    before = model.state_fingerprint()
+    yield model
+    assert_untouched(model, before)
+
+
 @pytest.fixture
 def tiny_world_model_factory():
     """Build a fresh tiny concept-world model (for tests that edit weights)."""

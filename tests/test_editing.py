@@ -19,6 +19,9 @@ from interp.world.model import ModelConfig, build_pipeline
 
 torch.set_num_threads(1)
 
+# One worker runs the module: its module fixtures (the model folder, the model, its attribution scores) are built once.
+pytestmark = pytest.mark.xdist_group("editing")
+
 FAST = ObjectiveConfig(kind="erase", n_images=2, timesteps=(300, 700))
 PROMPTS = ["a red solid circle on black", "a photo of a blue striped square on white"]
 

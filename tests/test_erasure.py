@@ -21,6 +21,9 @@ from interp.methods import REGISTRY
 from interp.studies import editing as ed
 from interp.studies import erasure as er
 
+# One worker runs the module: its module fixtures (the planted model and its held-out images) are built once.
+pytestmark = pytest.mark.xdist_group("erasure")
+
 
 class PlantedJudge(Judge):
     """Names the color "red" exactly when an image is one the planted model draws intact (within ``atol``): on the

@@ -140,7 +140,8 @@ def test_cad_agrees_with_true_ablation_on_a_planted_model(folders, fam):
         w = m.module(last).weight
         for j, c in enumerate(comps):
             w[c.index] *= 0.05 * (j + 1)
-    oc = interp.ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64")
+    # one objective for both methods: each would otherwise make its own float64 copy of the model
+    oc = interp.Objective(m, "red", interp.ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64"))
     true = interp.attribute("ablation", m, "red", comps, objective=oc)["score"]
     cad = interp.attribute("cad", m, "red", comps, objective=oc)["score"]
     assert true.abs().max() > 0

@@ -9,8 +9,8 @@ from interp.core.objectives import Objective, ObjectiveConfig, gradients
 PATH = "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2"
 
 
-def test_activation_and_parameter_gradients(tiny_world_model):
-    obj = Objective(tiny_world_model, "red", ObjectiveConfig(n_images=2, timesteps=(300,), dtype="float64"))
+def test_activation_and_parameter_gradients(tiny_world_model_f64):
+    obj = Objective(tiny_world_model_f64, "red", ObjectiveConfig(n_images=2, timesteps=(300,), dtype="float64"))
     before = obj.model.state_fingerprint()
     w = obj.model.module(PATH).weight
     g = gradients(obj, params={"w": w}, activations=[PATH, "text_encoder.encoder.layers.1"])
@@ -70,7 +70,8 @@ def _rows_per_backward(model, monkeypatch):
         monkeypatch.setattr(torch.autograd, "grad", real)
 
 
-def test_gradient_passes_stay_within_max_batch_and_give_the_same_gradients(tiny_world_model, monkeypatch):
+def test_gradient_passes_stay_within_max_batch_and_give_the_same_gradients(tiny_world_model, tiny_world_model_f64,
+                                                                             monkeypatch):
     """Gradients over an evaluation set larger than one pass are taken in sample groups of at most ``max_batch``
     UNet rows, each freed before the next (memory bounded at Stable Diffusion's size): every gradient method gives
     the same numbers, up to rounding, as one backward pass over the whole set."""
@@ -81,12 +82,12 @@ def test_gradient_passes_stay_within_max_batch_and_give_the_same_gradients(tiny_
     model = tiny_world_model
     big = ObjectiveConfig(n_images=3, timesteps=(200, 600), dtype="float64")  # 6 samples x 2 branches = 12 rows
     small = ObjectiveConfig(**{**big.to_dict(), "max_batch": 4})  # 2 samples a pass; 1 with 2 masks
-    whole, split = Objective(model, "red", big), Objective(model, "red", small)
+    whole, split = Objective(tiny_world_model_f64, "red", big), Objective(tiny_world_model_f64, "red", small)
     comps = model.components("neuron", family="ff", kind="ff.net.2", block="mid_block")
     before = model.state_fingerprint()
 
     M = torch.rand(3, len(comps), generator=torch.Generator().manual_seed(0)).double()
-    rows, remove = _unet_rows_per_call(split.model)  # float64: the objective's own copy of the model
+    rows, remove = _unet_rows_per_call(split.model)  # float64: the objective's model (the shared float64 copy)
     try:
         with _rows_per_backward(split.model, monkeypatch) as held:
             got = multiplier_gradients(split, comps, M, batch=2)
@@ -97,7 +98,7 @@ def test_gradient_passes_stay_within_max_batch_and_give_the_same_gradients(tiny_
     torch.testing.assert_close(got, multiplier_gradients(whole, comps, M, batch=2), rtol=1e-9, atol=1e-12)
 
     w = split.model.module(PATH).weight
-    rows, remove = _unet_rows_per_call(split.model)  # float64: the objective's own copy of the model
+    rows, remove = _unet_rows_per_call(split.model)  # float64: the objective's model (the shared float64 copy)
     try:
         got = weight_scores(split, {"w": w})["w"]
         g = gradients(split, params={"w": w})["w"]
@@ -109,7 +110,7 @@ def test_gradient_passes_stay_within_max_batch_and_give_the_same_gradients(tiny_
     torch.testing.assert_close(g, gradients(whole, params={"w": w_whole})["w"], rtol=1e-9, atol=1e-12)
 
     # CAD: 2 groups of 3 samples (6 rows each), so each group is split in two passes at max_batch 4
-    rows, remove = _unet_rows_per_call(split.model)  # float64: the objective's own copy of the model
+    rows, remove = _unet_rows_per_call(split.model)  # float64: the objective's model (the shared float64 copy)
     try:
         cad_split = interp.attribute("cad", model, "red", comps, objective=split, n_groups=2)
     finally:
@@ -122,7 +123,8 @@ def test_gradient_passes_stay_within_max_batch_and_give_the_same_gradients(tiny_
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_gradient_mask_rows_are_split_when_one_sample_of_each_is_more_than_max_batch(tiny_world_model, monkeypatch):
+def test_gradient_mask_rows_are_split_when_one_sample_of_each_is_more_than_max_batch(tiny_world_model,
+                                                                                     tiny_world_model_f64, monkeypatch):
     """The mask-averaged gradient takes 4 masks per backward pass: with both erase branches that is 8 UNet rows for a
     single sample, more than a GPU may hold at Stable Diffusion's size. Below that, the mask rows are split as well
     (each mask's rows are independent): every pass stays within ``max_batch``, down to one mask's branches, with the
@@ -132,12 +134,12 @@ def test_gradient_mask_rows_are_split_when_one_sample_of_each_is_more_than_max_b
 
     model = tiny_world_model
     big = ObjectiveConfig(n_images=2, timesteps=(200, 600), dtype="float64")  # 4 samples x 2 branches
-    whole = Objective(model, "red", big)
+    whole = Objective(tiny_world_model_f64, "red", big)
     comps = model.components("neuron", family="ff", kind="ff.net.2", block="mid_block")
     M = torch.rand(5, len(comps), generator=torch.Generator().manual_seed(1)).double()
     want = multiplier_gradients(whole, comps, M, batch=4)
     for max_batch in (2, 6):  # one mask per pass; three
-        split = Objective(model, "red", ObjectiveConfig(**{**big.to_dict(), "max_batch": max_batch}))
+        split = Objective(tiny_world_model_f64, "red", ObjectiveConfig(**{**big.to_dict(), "max_batch": max_batch}))
         with _rows_per_backward(split.model, monkeypatch) as held:
             got = multiplier_gradients(split, comps, M, batch=4)
         assert held and max(held) <= max_batch, (max_batch, held)  # UNet rows whose graph one backward pass holds
@@ -145,7 +147,7 @@ def test_gradient_mask_rows_are_split_when_one_sample_of_each_is_more_than_max_b
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
-def test_forward_passes_stay_within_max_batch_even_within_one_mask(tiny_world_model):
+def test_forward_passes_stay_within_max_batch_even_within_one_mask(tiny_world_model, tiny_world_model_f64):
     """``max_batch`` below one mask's evaluation set (SD's default set is 80 UNet rows) splits the set into sample
     groups: every pass stays within it, and J, true ablation and causal tracing's restorations are the same numbers,
     up to rounding, as with one pass per mask."""
@@ -154,7 +156,7 @@ def test_forward_passes_stay_within_max_batch_even_within_one_mask(tiny_world_mo
     model = tiny_world_model
     big = ObjectiveConfig(n_images=3, timesteps=(200, 600), dtype="float64")  # 6 samples x 2 branches = 12 rows
     small = ObjectiveConfig(**{**big.to_dict(), "max_batch": 4})
-    whole, split = Objective(model, "red", big), Objective(model, "red", small)
+    whole, split = Objective(tiny_world_model_f64, "red", big), Objective(tiny_world_model_f64, "red", small)
     torch.testing.assert_close(split.intact, whole.intact, rtol=1e-12, atol=0)
     comps = model.components("neuron", family="ff", kind="ff.net.2", block="mid_block")
     for method, options in (("ablation", {}), ("tracing", {"maps": False, "n_noise": 1})):
@@ -178,7 +180,7 @@ def test_forward_passes_stay_within_max_batch_even_within_one_mask(tiny_world_mo
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
-def test_mean_ablation_reference_means_stay_within_max_batch(tiny_world_model):
+def test_mean_ablation_reference_means_stay_within_max_batch(tiny_world_model, tiny_world_model_f64):
     """Mean-ablation's reference means are taken in passes of at most ``max_batch`` rows and combined by their rows:
     the same means, and the same mean-ablation scores, up to rounding."""
     import interp
@@ -187,8 +189,8 @@ def test_mean_ablation_reference_means_stay_within_max_batch(tiny_world_model):
 
     model = tiny_world_model
     big = ObjectiveConfig(n_images=3, timesteps=(200, 600), dtype="float64")
-    whole, split = Objective(model, "red", big), Objective(model, "red", ObjectiveConfig(**{**big.to_dict(),
-                                                                                          "max_batch": 4}))
+    whole = Objective(tiny_world_model_f64, "red", big)
+    split = Objective(tiny_world_model_f64, "red", ObjectiveConfig(**{**big.to_dict(), "max_batch": 4}))
     comps = model.components("neuron", family="ff", kind="ff.net.2", block="mid_block")[:6]
     rows, remove = _unet_rows_per_call(split.model)
     try:

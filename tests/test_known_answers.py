@@ -175,9 +175,14 @@ def known_sd_folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def known_models(known_sd_folders):
+    """The models the J-from-the-definitions tests read, cast once to float64, their objectives' dtype (an objective
+    on a float32 model makes a float64 copy of its own, its FLOPs counted again, about a second each time). Read
+    only: tests that enable gradients or hooks on them remove them again."""
+    from conftest import float64_copy
+
     models = {style: interp.load_model(str(folder), device="cpu") for style, folder in known_sd_folders.items()}
     models["world"] = interp.load_model("concept-world", device="cpu")
-    return models
+    return {name: float64_copy(model) for name, model in models.items()}
 
 
 def _objective(models, which, kind, anchor="shared", **cfg):
@@ -215,7 +220,7 @@ def test_erase_objective_is_the_squared_difference_of_the_two_predictions(which,
         torch.testing.assert_close(obj.values(plan, zeros)[0], shared, rtol=1e-9, atol=0)
         frozen_obj = _objective(known_models, which, "erase", anchor="frozen")
         torch.testing.assert_close(frozen_obj.intact, want, rtol=1e-9, atol=0)
-        plan, zeros, hooks = _ablation(frozen_obj)  # a float64 objective holds its own copy of the model
+        plan, zeros, hooks = _ablation(frozen_obj)  # on the frozen objective's own model
         frozen = plain_objective(frozen_obj, hooks, frozen_anchor_hooks=True)
         torch.testing.assert_close(frozen_obj.values(plan, zeros)[0], frozen, rtol=1e-9, atol=0)
     assert not torch.allclose(shared, frozen, rtol=1e-6)  # the two anchors are different objectives

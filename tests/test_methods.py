@@ -22,6 +22,9 @@ from interp.core.objectives import Objective, ObjectiveConfig
 from interp.core.results import COLUMNS, DTYPES, MAP_COLUMNS, MAP_DTYPES, Cost, validate
 from interp.methods import REGISTRY
 
+# One worker runs the module: its module fixtures (every method's conformance run, the planted model) are built once.
+pytestmark = pytest.mark.xdist_group("methods")
+
 RES = "unet.down_blocks.1.resnets.0"
 OPTIONS = {"coar": {"n_masks": 60}, "tracing": {"n_noise": 1}, "ablation": {"chunk": 8}, "cad": {}, "ig": {"steps": 4},
            "maskgrad": {"n_masks": 4}, "midpoint": {}, "screen": {"fraction": 0.25, "screen_options": (("n_masks", 4),)}}
@@ -201,10 +204,10 @@ def test_cache_is_reused_without_recomputing(method, tiny_conformance_frames, ti
 
 
 # -- sign convention and independent checks -------------------------------------------------------------------------
-def test_ablation_scores_are_minus_the_measured_change(tiny_conformance_frames, tiny_world_model, tiny_red_objective):
+def test_ablation_scores_are_minus_the_measured_change(tiny_conformance_frames, tiny_world_model_f64):
     _, comps, _, _ = tiny_conformance_frames
     # float64: single-unit effects are ~1e-3 of J, a float32 difference of two J values would be noise
-    obj = Objective(tiny_world_model, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64"))
+    obj = Objective(tiny_world_model_f64, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64"))
     score = run("ablation", obj.model, obj, comps)["score"].to_numpy()
     plan = compile_plan(obj.model, comps)
     for i in (0, 7, len(comps) - 1):
@@ -235,10 +238,10 @@ def test_cad_scores_equal_the_multiplier_gradient(tiny_conformance_frames, tiny_
 LINEAR_CFG = ObjectiveConfig(kind="amplify", n_images=2, timesteps=(300, 700), dtype="float64")
 
 
-def test_linear_objective_known_answers(tiny_world_model):
+def test_linear_objective_known_answers(tiny_world_model_f64):
     gen = torch.Generator().manual_seed(3)
-    v = torch.randn(tiny_world_model.module(f"{MID}.ff.net.2").out_features, generator=gen)
-    obj = LinearFF(tiny_world_model, "red", LINEAR_CFG, MID, v)
+    v = torch.randn(tiny_world_model_f64.module(f"{MID}.ff.net.2").out_features, generator=gen)
+    obj = LinearFF(tiny_world_model_f64, "red", LINEAR_CFG, MID, v)
     comps = obj.model.components("neuron", kind="ff.net.0", layer="mid.a0.tb0")
     n = len(comps)
     assert n == 64
@@ -284,11 +287,21 @@ def _planted_model(factory):
     return m, star, v
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_planted_unit_is_ranked_first(method, tiny_world_model_factory):
-    m, star, v = _planted_model(tiny_world_model_factory)
+@pytest.fixture(scope="module")
+def planted_objective():
+    """The planted model, its objective and components, built once for every method's case: read only (each case
+    checks afterwards that its method left the weights, hooks and gradients as they were)."""
+    from conftest import _build_tiny_world_model
+
+    m, star, v = _planted_model(_build_tiny_world_model)
     obj = LinearFF(m, "red", LINEAR_CFG, MID, v)
     comps = obj.model.components("neuron", kind="ff.net.0", layer="mid.a0.tb0")
+    return obj, comps, star, obj.model.state_fingerprint()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_planted_unit_is_ranked_first(method, planted_objective):
+    obj, comps, star, before = planted_objective
     opts = {"n_masks": 100, "alpha": 0.2} if method == "coar" else {}
     if method == "tracing":  # restoring the planted unit's clean state restores all of J; no other unit reaches J
         opts = {"maps": False}
@@ -303,6 +316,7 @@ def test_planted_unit_is_ranked_first(method, tiny_world_model_factory):
         assert np.abs(others).max() < 1e-6
     else:  # no other unit can reach J at all: exact zeros, measured or by gradient
         assert (others == 0).all()
+    assert_untouched(obj.model, before)  # the shared model is left as it was for the next method's case
 
 
 # -- causal tracing known answers ----------------------------------------------------------------------------------
@@ -451,15 +465,15 @@ def test_mean_ablation_of_weights_is_refused_not_silently_zero_ablation(tiny_wor
         run("ablation", tiny_world_model, tiny_red_objective, weights, mode="mean")
 
 
-def test_maskgrad_equals_its_analytic_expectation_on_an_interaction(tiny_world_model):
+def test_maskgrad_equals_its_analytic_expectation_on_an_interaction(tiny_world_model_f64):
     """With J = L1 * L2 (L linear in the multipliers m), E[dJ/dm_a] over Bernoulli(alpha) masks is
     g1_a E[L2] + g2_a E[L1], E[L_i] = c_i + (1 - alpha) sum_j g_ij: the mask-averaged score must match it within
     its standard error, while CAD (the gradient at m = 1) differs from it."""
     gen = torch.Generator().manual_seed(5)
-    out = tiny_world_model.module(f"{MID}.ff.net.2").out_features
+    out = tiny_world_model_f64.module(f"{MID}.ff.net.2").out_features
     v1, v2 = torch.randn(out, generator=gen), torch.randn(out, generator=gen)
     cfg = ObjectiveConfig(kind="amplify", n_images=1, timesteps=(300,), dtype="float64")  # one sample: J = L1 L2 exactly
-    obj = ProductFF(tiny_world_model, "red", cfg, MID, v1, v2)
+    obj = ProductFF(tiny_world_model_f64, "red", cfg, MID, v1, v2)
     comps = interp.ComponentSet(list(obj.model.components("neuron", kind="ff.net.0", layer="mid.a0.tb0"))[:6])
     plan = compile_plan(obj.model, comps)
     alpha = 0.3

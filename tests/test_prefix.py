@@ -55,9 +55,9 @@ def _sample(comps, n, seed=0):
 
 @pytest.mark.parametrize("granularity", ["neuron", "head", "layer"])
 @pytest.mark.parametrize("anchor", ["shared", "frozen"])
-def test_single_ablations_equal_full_passes(tiny_world_model, granularity, anchor):
-    obj = Objective(tiny_world_model, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), anchor=anchor,
-                                                                  dtype="float64"))
+def test_single_ablations_equal_full_passes(tiny_world_model, tiny_world_model_f64, granularity, anchor):
+    obj = Objective(tiny_world_model_f64, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), anchor=anchor,
+                                                                 dtype="float64"))
     comps = ComponentSet([c for c in tiny_world_model.space.select(granularity) if c.model == "unet"])
     comps = _sample(comps, 40) if len(comps) > 40 else comps
     on, off = _both(obj, lambda: single_ablation_deltas(obj, comps, chunk=8))
@@ -65,8 +65,8 @@ def test_single_ablations_equal_full_passes(tiny_world_model, granularity, ancho
 
 
 @pytest.mark.parametrize("mode", ["zero", "mean"])
-def test_joint_and_mean_ablations_equal_full_passes(tiny_world_model, mode):
-    obj = Objective(tiny_world_model, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64"))
+def test_joint_and_mean_ablations_equal_full_passes(tiny_world_model, tiny_world_model_f64, mode):
+    obj = Objective(tiny_world_model_f64, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64"))
     comps = tiny_world_model.space.select("neuron")  # the text encoder's units too: those passes replay nothing
     comps = _sample(comps, 60, seed=1)
     masks = random_masks(12, len(comps), 0.05, seed=3)
@@ -183,12 +183,12 @@ def test_causal_tracing_replays_its_corrupted_run_exactly(tiny_world_model):
     assert obj._replay_context is not None  # the last cache was a corrupted run's, not the intact model's
 
 
-def test_rows_on_different_contexts_are_not_replayed(tiny_world_model):
+def test_rows_on_different_contexts_are_not_replayed(tiny_world_model, tiny_world_model_f64):
     """A call whose rows run on different replaced contexts has no shared upstream: it runs full passes."""
     from interp.core.interventions import compile_plan
 
     model = tiny_world_model
-    obj = Objective(model, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64"))
+    obj = Objective(tiny_world_model_f64, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64"))
     comps = ComponentSet(list(model.space.select("neuron", block="up_blocks.1"))[:2])
     g = torch.Generator().manual_seed(0)
     ctx = torch.cat([obj.ctx_target, obj.ctx_target + 0.5 * torch.randn(obj.ctx_target.shape, generator=g,
@@ -219,7 +219,7 @@ def test_rows_group_by_their_first_site_and_small_groups_fill_a_batch():
     assert Objective._replay_groups(plan, mult, min_rows=9) is None  # one group: nothing to split
 
 
-def test_replay_runs_only_where_it_saves_flops(tiny_world_model):
+def test_replay_runs_only_where_it_saves_flops(tiny_world_model, tiny_world_model_f64):
     """A call replays only if what it skips outweighs the intact pass that fills the cache, counted whether or not
     an earlier call filled it (so that the choice, and each value's rounding, depends on the call alone): one late
     ablation runs a full pass, also after the cache is filled; eight replay."""
@@ -229,7 +229,7 @@ def test_replay_runs_only_where_it_saves_flops(tiny_world_model):
     from interp.core.prefix import module_flops, replay_pays, upstream_share
 
     model = tiny_world_model
-    obj = Objective(model, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64"))
+    obj = Objective(tiny_world_model_f64, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64"))
     late = ComponentSet(list(model.space.select("neuron", block="up_blocks.2"))[-8:])
     plan = compile_plan(model, late)
 
@@ -263,7 +263,7 @@ def test_replay_runs_only_where_it_saves_flops(tiny_world_model):
         obj.replay_prefix = "yes"
 
 
-def test_the_replay_cache_stays_within_its_budget(tiny_world_model):
+def test_the_replay_cache_stays_within_its_budget(tiny_world_model, tiny_world_model_f64):
     """The cache holds at most ``replay_budget`` bytes, counted beforehand from per-module output sizes on the meta
     device (equal to the real outputs'): a call whose outputs to cache would be more runs full passes, bitwise as
     with replay off, and a fill drops what the call does not need first."""
@@ -272,7 +272,7 @@ def test_the_replay_cache_stays_within_its_budget(tiny_world_model):
     from interp.studies.plan import eval_shape, replay_reserve
 
     model = tiny_world_model
-    obj = Objective(model, "red", ObjectiveConfig(n_images=2, timesteps=(300,), dtype="float64"))
+    obj = Objective(tiny_world_model_f64, "red", ObjectiveConfig(n_images=2, timesteps=(300,), dtype="float64"))
     rows = obj.n_samples * obj.branches
     per = module_bytes(model)
     paths = ["unet.down_blocks.1", "unet.mid_block", "unet.up_blocks.0.attentions.0"]

@@ -22,6 +22,10 @@ from interp.report import evaluation as ev
 from interp.report import plots, render_report, settings_rows
 from interp.report.findings import compare_findings, edit_findings
 
+# One worker runs the module: its module fixtures (the toy report with its figures, the default-shaped run) are built
+# once.
+pytestmark = pytest.mark.xdist_group("report")
+
 TEXT_LAYERS, UNET_LAYERS, UNITS = 3, 4, 12
 TOKENS = ["<bos>", "a", "red", "circle", "<eos>"]
 TIMESTEPS = [900, 600, 300, 100]

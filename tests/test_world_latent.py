@@ -335,8 +335,17 @@ def _run(cfg, out):
     return pipe, records, hist
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_tiny_latent_run(tmp_path_factory):
+    """The uninterrupted tiny training (CLIP, VAE, UNet) that every resume case ends with, run once: ``(pipeline,
+    records, history)``, read only. On one torch thread, as each case's own runs (a module fixture is set up before
+    the per-test one that sets it)."""
+    torch.set_num_threads(1)
+    return _run(_tiny_cfg(_tiny_clip_recipe()), tmp_path_factory.mktemp("latent-ref"))
+
+
 @pytest.mark.parametrize("phase, die_at", [("clip", 5), ("vae", 5), ("unet", 6 + 1 + 5)])
-def test_tiny_latent_training_resumes_identically(tmp_path, monkeypatch, phase, die_at):
+def test_tiny_latent_training_resumes_identically(tmp_path, monkeypatch, phase, die_at, uninterrupted_tiny_latent_run):
     """Killed in any phase, the rerun continues from the saved state and ends with the uninterrupted weights.
 
     The CLIP draws a batch (``clip._batch``) per step; ``render_batch`` is called once per VAE step (6), once for the
@@ -347,7 +356,7 @@ def test_tiny_latent_training_resumes_identically(tmp_path, monkeypatch, phase, 
     import interp.world.train as train_mod
 
     cfg = _tiny_cfg(_tiny_clip_recipe())
-    ref, ref_rec, ref_hist = _run(cfg, tmp_path / "ref")
+    ref, ref_rec, ref_hist = uninterrupted_tiny_latent_run
     assert ref.vae.config.scaling_factor > 0 and ref.vae.config.scaling_factor != 0.18215
     assert [h["step"] for h in ref_hist] == [2, 4, 6] and [h["step"] for h in ref_rec["vae_history"]] == [2, 4, 6]
     assert [h["step"] for h in ref_rec["text_encoder"]["clip_history"]] == [2, 4, 6]
