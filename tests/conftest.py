@@ -146,3 +146,34 @@ def no_figures(monkeypatch):
     from helpers import placeholder_figures
 
     placeholder_figures(monkeypatch)
+
+
+class _Lazy(dict):
+    """A dict that makes a missing entry with ``make(key)`` on first use."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key):
+        self[key] = value = self.make(key)
+        return value
+
+
+@pytest.fixture(scope="session")
+def tiny_family_folders(tmp_path_factory):
+    """A tiny random pipeline folder per family (``interp.testing.FAMILIES``), each built on first use and shared
+    read-only by the session (tests that damage files copy one first)."""
+    from interp import testing
+
+    root = tmp_path_factory.mktemp("families")
+    return _Lazy(lambda f: testing.tiny_pipeline(root / f, f))
+
+
+@pytest.fixture(scope="session")
+def tiny_family_models(tiny_family_folders):
+    """Each family's tiny folder loaded on the CPU on first use, shared by the session: a test leaves it as it found
+    it (every method and edit restores the model; tests that change weights build their own)."""
+    import interp
+
+    return _Lazy(lambda f: interp.load_model(str(tiny_family_folders[f]), device="cpu"))

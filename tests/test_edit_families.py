@@ -14,7 +14,6 @@ import torch
 from helpers import changed_weights
 
 import interp
-from interp import testing
 from interp.core.families import Family
 from interp.studies.editing import edits as ed
 
@@ -42,14 +41,13 @@ QUICKFIX = {
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("edit-families")
-    return {f: testing.tiny_pipeline(root / f, f) for f in FAMILIES}
+def folders(tiny_family_folders):
+    return {f: tiny_family_folders[f] for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")
-def models(folders):
-    return {f: interp.load_model(str(p), device="cpu") for f, p in folders.items()}
+def models(tiny_family_models):
+    return {f: tiny_family_models[f] for f in FAMILIES}
 
 
 def _outputs(model, paths, prompts, positions, latents, t) -> dict[str, torch.Tensor]:

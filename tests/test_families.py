@@ -36,14 +36,13 @@ SMALL = interp.ObjectiveConfig(n_images=2, timesteps=(300, 700), gen_steps=2)
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    return {f: testing.tiny_pipeline(root / f, f) for f in FAMILIES}
+def folders(tiny_family_folders):
+    return {f: tiny_family_folders[f] for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")
-def models(folders):
-    return {f: interp.load_model(str(p), device="cpu") for f, p in folders.items()}
+def models(tiny_family_models):
+    return {f: tiny_family_models[f] for f in FAMILIES}
 
 
 @pytest.mark.parametrize("fam", FAMILIES)

@@ -305,10 +305,8 @@ def test_flow_matching_noising_and_target_follow_the_definitions():
 
 
 @pytest.fixture(scope="module")
-def known_sd3(tmp_path_factory):
-    from interp.testing import tiny_pipeline
-
-    return tiny_pipeline(tmp_path_factory.mktemp("known-sd3") / "sd3", "sd3")
+def known_sd3(tiny_family_folders):
+    return tiny_family_folders["sd3"]
 
 
 @pytest.mark.parametrize("kind", ["erase", "amplify"])

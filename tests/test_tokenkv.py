@@ -218,10 +218,8 @@ def test_ablation_edit_generates_with_the_concept_tokens_replaced(tiny_world_mod
             pass
 
 
-def test_joint_attention_families_are_refused_by_name(tmp_path):
-    from interp.testing import tiny_pipeline
-
-    m = interp.load_model(str(tiny_pipeline(tmp_path / "sd3", "sd3")), device="cpu")
+def test_joint_attention_families_are_refused_by_name(tiny_family_models):
+    m = tiny_family_models["sd3"]
     with pytest.raises(ValueError, match="SD3Transformer2DModel reads the text through joint attention.*attn_context") as e:
         m.components("tokenkv")
     assert "\n" not in str(e.value)
