@@ -198,17 +198,30 @@ def test_tracing_refuses_and_joint_attention_is_refused(tiny_world_model, tiny_r
 
 
 def test_generation_ablates_the_span_only_in_prompts_with_the_concept(tiny_world_model):
+    from interp.core.generation import generate
     from interp.studies.editing.edits import AblationEdit
 
     m = tiny_world_model
     prompts = ["a red circle on white", "a blue square on white"]
-    from interp.core.generation import generate
-
     with torch.no_grad():
         plain = generate(m, prompts, steps=2, decode=False)
         with AblationEdit(tuple(m.components("tokenspan").addresses), concept="red").apply(m) as edited:
             ablated = edited.generate(prompts, steps=2, decode=False)
     assert not torch.equal(ablated[0], plain[0]) and torch.equal(ablated[1], plain[1])
+
+
+def test_replaying_the_unet_upstream_gives_the_same_single_ablations(tiny_world_model, tiny_objective_config):
+    obj = Objective(tiny_world_model, "red", tiny_objective_config)
+    comps = tiny_world_model.components("tokenspan")
+    plan = compile_plan(tiny_world_model, comps)
+    M = 1 - torch.eye(len(comps))
+    with torch.no_grad():
+        obj.replay_prefix = False
+        full = obj.values(plan, M)
+        obj.replay_prefix = "always"
+        replayed = obj.values(plan, M)
+    torch.testing.assert_close(replayed, full, rtol=1e-5, atol=1e-9)
+    assert (full != obj.intact).any()
 
 
 @pytest.mark.slow  # ~15 s: a comparison and an end-to-end cell
