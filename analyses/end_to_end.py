@@ -16,8 +16,9 @@ cell) and a report, ``index.html``, that leads with the matrix. Expected failure
 
 Component kinds (``--kinds``): ff-out (feed-forward output neurons), ff-hidden (GEGLU hidden units), attn2-value
 (cross-attention value neurons), attn2-heads (cross-attention heads), token-kv (each cross-attention head's key and
-value at the concept's tokens, replaced by the anchor prompt's when ablated: interp.core.tokens), text-mlp
-(text-encoder MLP output units).
+value at the concept's tokens, replaced by the anchor prompt's when ablated: interp.core.tokens), token-span (the same
+heads at the concept's tokens and every later context position, each replaced by the anchor's at the aligned
+position), text-mlp (text-encoder MLP output units).
 Objectives (``--objectives``): one-step (the erase objective at timesteps 250 and 600), high-band (700, 800, 900:
 the noisy steps where layout and colour are decided), low-band (100, 200, 300) and generation (the judge's
 probability of the concept on images generated through the whole loop: the classifier objective).
@@ -54,6 +55,7 @@ KINDS = {
     "attn2-value": ("neuron", ("attn2",), ("attn2.to_v",)),
     "attn2-heads": ("head", ("attn2",), ()),
     "token-kv": ("tokenkv", ("attn2",), ()),
+    "token-span": ("tokenspan", ("attn2",), ()),
     "text-mlp": ("neuron", ("text_mlp",), ("mlp.fc2",)),
 }
 #: Objectives of the matrix: (objective, timesteps).

@@ -103,7 +103,8 @@ class ErasureCurvesConfig:
                                   "folder reuses its results when components, objective and options match)")
     granularity: str = opt("neuron", "component granularity (feature: the latents of the --sae dictionaries; "
                                      "tokenkv: each cross-attention head's key and value at the concept's tokens; "
-                                     "families and kinds are then not used)", choices=GRANULARITIES + ("feature", "tokenkv"))
+                                     "tokenspan: at them and every later position; families and kinds are then not "
+                                     "used)", choices=GRANULARITIES + ("feature", "tokenkv", "tokenspan"))
     sae: tuple[str, ...] = opt((), "folders of sparse autoencoders (written by analyses.train_sae) attached to the "
                                    "model before the components are selected: their latents are the components of "
                                    "--granularity feature (families and kinds are then not used)", nargs="*",
@@ -175,8 +176,8 @@ class ErasureCurvesConfig:
                  and "feature" not in get(m).capabilities.granularities]
         if blind:
             raise ValueError(f"method(s) {blind} do not attribute SAE features: leave them out of --methods")
-        blind = [m for m in self.methods if self.granularity == "tokenkv"
-                 and "tokenkv" not in get(m).capabilities.granularities]
+        blind = [m for m in self.methods if self.granularity in ("tokenkv", "tokenspan")
+                 and self.granularity not in get(m).capabilities.granularities]
         if blind:
             raise ValueError(f"method(s) {blind} do not attribute token-KV components: leave them out of --methods")
         if self.k is not None and (not self.k or any(k < 1 for k in self.k) or len(set(self.k)) != len(self.k)):

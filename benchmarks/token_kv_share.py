@@ -1,10 +1,10 @@
 """How much of J the concept's own tokens carry through the cross-attention keys and values, on the shipped model.
 
 For each concept and objective: J of the intact model and J with every token-KV unit ablated (each cross-attention
-head's key and value at the concept word's tokens replaced by the anchor prompt's, :mod:`interp.core.tokens`); then the
-same with the replaced span extended to every position after the concept (UCE's columns: the later tokens, which the
-causal text encoder has let see the concept, aligned to the anchor's by the two prompts' token-count difference).
-The second span is not a component kind of the suite: it is made here by extending :func:`interp.core.tokens.positions`.
+head's key and value at the concept word's tokens replaced by the anchor prompt's, granularity ``tokenkv``,
+:mod:`interp.core.tokens`); then the same with every token-span unit ablated (granularity ``tokenspan``: the replaced
+span extended to every position after the concept, UCE's columns: the later tokens, which the causal text encoder has
+let see the concept, aligned to the anchor's by the two prompts' token-count difference).
 
     python benchmarks/token_kv_share.py                       # concept-world, red circle striped
     python benchmarks/token_kv_share.py --model concept-world-latent --concepts red
@@ -17,26 +17,10 @@ import argparse
 import torch
 
 import interp
-import interp.core.tokens as tokens
 from interp.core.interventions import compile_plan
 from interp.core.objectives import Objective, ObjectiveConfig
 
-CONCEPT_ONLY = tokens.positions
-
-
-def with_later_positions(model, concept, prompts, strict=True):
-    """:func:`interp.core.tokens.positions` with every position after the concept added, aligned to the anchor's by the
-    difference of the two prompts' token counts (positions past either end left out)."""
-    tok = model.tokenizers[model.text_parts[0]]
-    L = model.tokenize(list(prompts[:1])).shape[1]
-    out = []
-    for p, (a, pos, apos) in zip(prompts, CONCEPT_ONLY(model, concept, prompts, strict)):
-        if pos:
-            shift = len(tok(a).input_ids) - len(tok(p).input_ids)
-            later = [q for q in range(pos[-1] + 1, L) if 0 <= q + shift < L]
-            pos, apos = pos + later, apos + [q + shift for q in later]
-        out.append((a, pos, apos))
-    return out
+SPANS = (("concept tokens", "tokenkv"), ("concept tokens and every later position", "tokenspan"))
 
 
 def main(argv=None) -> None:
@@ -47,22 +31,17 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     model = interp.load_model(args.model)
-    comps = model.components("tokenkv")
-    plan = compile_plan(model, comps)
     print(f"{'span':40s} {'concept':8s} {'timesteps':15s} {'J intact':>9s} {'J ablated':>9s} {'removed':>8s}")
-    for span, fn in (("concept tokens", CONCEPT_ONLY), ("concept tokens and every later position",
-                                                         with_later_positions)):
-        tokens.positions = fn
-        try:
-            for concept in args.concepts:
-                for ts in ((250, 600), (700, 800, 900)):
-                    obj = Objective(model, concept, ObjectiveConfig(n_images=args.images, timesteps=ts))
-                    with torch.no_grad():
-                        J = obj.values(plan, torch.zeros(1, len(comps))).mean().item()
-                    J0 = obj.intact.mean().item()
-                    print(f"{span:40s} {concept:8s} {str(ts):15s} {J0:9.5f} {J:9.5f} {1 - J / J0:+8.3f}")
-        finally:
-            tokens.positions = CONCEPT_ONLY
+    for span, granularity in SPANS:
+        comps = model.components(granularity)
+        plan = compile_plan(model, comps)
+        for concept in args.concepts:
+            for ts in ((250, 600), (700, 800, 900)):
+                obj = Objective(model, concept, ObjectiveConfig(n_images=args.images, timesteps=ts))
+                with torch.no_grad():
+                    J = obj.values(plan, torch.zeros(1, len(comps))).mean().item()
+                J0 = obj.intact.mean().item()
+                print(f"{span:40s} {concept:8s} {str(ts):15s} {J0:9.5f} {J:9.5f} {1 - J / J0:+8.3f}")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ index in brackets::
                                                                                  attached at that module's output)
     unet.mid_block.attentions.0.transformer_blocks.0.attn2#kv3          tokenkv (head 3's key and value of the
                                                                                  concept's tokens, :mod:`interp.core.tokens`)
+    unet.mid_block.attentions.0.transformer_blocks.0.attn2#kvs3         tokenspan (the same at the concept's tokens
+                                                                                   and every later position)
 
 Token-KV addresses (granularity ``tokenkv``) exist for every cross-attention (``attn2``: the UNets' and PixArt's),
 one per head: the key and value rows that head reads at the context positions of the objective's concept word.
-Ablating one replaces them by the anchor prompt's (:mod:`interp.core.tokens`). Joint attention (SD3, FLUX) has none
-(:func:`no_token_kv_message`).
+Ablating one replaces them by the anchor prompt's (:mod:`interp.core.tokens`). Token-span addresses (granularity
+``tokenspan``, ``#kvs``) are the same heads at the concept's positions and every later one (which the causal text
+encoder has let see the concept). Joint attention (SD3, FLUX) has neither (:func:`no_token_kv_message`).
 
 Feature addresses exist once a sparse autoencoder is attached at the module (:func:`interp.core.features.attach`): the
 space then holds its site (:meth:`ComponentSpace.add_feature_site`), any module whose output the suite can reach,
@@ -37,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-GRANULARITIES = ("layer", "neuron", "head", "weight", "feature", "tokenkv")
+GRANULARITIES = ("layer", "neuron", "head", "weight", "feature", "tokenkv", "tokenspan")
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ def _basic_blocks(layer: str, gelu_proj: bool) -> tuple[FamilyRule, ...]:
         FamilyRule("block", layer + r"$", "transformer_block", ("layer",), "none"),
         FamilyRule("attn1", layer + r"\.attn1$", "attn1", ("layer", "head"), "heads"),
         FamilyRule("attn1", layer + r"\.attn1\.(?P<k>to_q|to_k|to_v|to_out\.0)$", "attn1.{k}", ("layer", "neuron", "weight"), "out_last"),
-        FamilyRule("attn2", layer + r"\.attn2$", "attn2", ("layer", "head", "tokenkv"), "heads"),
+        FamilyRule("attn2", layer + r"\.attn2$", "attn2", ("layer", "head", "tokenkv", "tokenspan"), "heads"),
         FamilyRule("attn2", layer + r"\.attn2\.(?P<k>to_q|to_k|to_v|to_out\.0)$", "attn2.{k}", ("layer", "neuron", "weight"), "out_last"),
         FamilyRule("ff", layer + r"\.ff$", "ff", ("layer",), "none"),
         FamilyRule("ff", layer + r"\.ff\.net\.0$", "ff.net.0", ("layer", "neuron"), "out_last"),
@@ -132,19 +135,22 @@ _ADDRESS = re.compile(r"^(?P<path>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)(?:
 
 
 _FEATURE = re.compile(r"^(?P<path>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)#f(?P<idx>\d+)$")
-_TOKEN_KV = re.compile(r"^(?P<path>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)#kv(?P<idx>\d+)$")
+_TOKEN_KV = re.compile(r"^(?P<path>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)#kv(?P<span>s?)(?P<idx>\d+)$")
+#: The token granularities: a head's key and value at the concept's tokens (``#kv``), or at them and every later
+#: context position (``#kvs``).
+TOKEN_GRANULARITIES = ("tokenkv", "tokenspan")
 
 
 def no_token_kv_message(denoiser) -> str:
     """Why a denoiser has no token-KV components (no cross-attention reads the text), and what to use instead."""
     name = type(denoiser).__name__
     if name in ("SD3Transformer2DModel", "FluxTransformer2DModel"):
-        return (f"token-KV components are cross-attention heads, and the {name} reads the text through joint "
-                f"attention, whose context keys and values depend on the image and the timestep: not supported; "
-                f"attribute the context stream's projections instead (--granularity neuron --families attn_context "
-                f"--kinds attn.add_k_proj attn.add_v_proj)")
-    return (f"token-KV components are cross-attention (attn2) heads, and the {name} has none: use "
-            f"--granularity head or neuron")
+        return (f"token-KV components (tokenkv, tokenspan) are cross-attention heads, and the {name} reads the "
+                f"text through joint attention, whose context keys and values depend on the image and the timestep: "
+                f"not supported; attribute the context stream's projections instead (--granularity neuron --families "
+                f"attn_context --kinds attn.add_k_proj attn.add_v_proj)")
+    return (f"token-KV components (tokenkv, tokenspan) are cross-attention (attn2) heads, and the {name} has "
+            f"none: use --granularity head or neuron")
 
 
 class UnknownComponentError(KeyError):
@@ -423,9 +429,9 @@ class ComponentSpace:
         m = _TOKEN_KV.match(address)
         if not m:
             raise UnknownComponentError(f"{address!r} is not a token-KV address: write a cross-attention's path, "
-                                        f"'#kv' and a head, e.g. 'unet.mid_block.attentions.0.transformer_blocks.0"
-                                        f".attn2#kv3'")
-        path, h = m.group("path"), int(m.group("idx"))
+                                        f"'#kv' (or '#kvs': the concept's tokens and every later position) and a "
+                                        f"head, e.g. 'unet.mid_block.attentions.0.transformer_blocks.0.attn2#kv3'")
+        path, h, span = m.group("path"), int(m.group("idx")), m.group("span")
         info = self.modules.get(path)
         if info is None:
             raise UnknownComponentError(self._unknown_message(path))
@@ -437,8 +443,9 @@ class ComponentSpace:
         n = info.n_units
         if not 0 <= h < n:
             raise UnknownComponentError(f"{address!r}: {path} has {n} heads, indices 0..{n - 1}")
-        return Component(f"{path}#kv{h}", info.model, path, None, (h,), info.rule.family, info.block,
-                         short_layer(info.layer, info.model), info.depth, info.kind, "tokenkv")
+        return Component(f"{path}#kv{span}{h}", info.model, path, None, (h,), info.rule.family, info.block,
+                         short_layer(info.layer, info.model), info.depth, info.kind,
+                         "tokenspan" if span else "tokenkv")
 
     def add_feature_site(self, path: str, dictionary, module: nn.Module) -> FeatureSite:
         """Make the latents of ``dictionary`` (``n_features`` of them) the feature components ``path#f<i>``.
@@ -491,7 +498,8 @@ class ComponentSpace:
                     for i in range(site.n_features):
                         yield self._parse_feature(f"{path}#f{i}")
             return
-        if granularity == "tokenkv" and not any("tokenkv" in i.rule.granularities for i in self.modules.values()):
+        if granularity in TOKEN_GRANULARITIES and not any(granularity in i.rule.granularities
+                                                          for i in self.modules.values()):
             denoiser = [m for p, m in self.models.items() if not is_text_part(p)]
             raise ValueError(no_token_kv_message(denoiser[0] if denoiser else next(iter(self.models.values()))))
         infos = sorted(self.modules.values(), key=lambda i: (part_rank(i.model), i.depth, i.path))
@@ -511,9 +519,10 @@ class ComponentSpace:
                     continue
                 for u in range(info.n_units):
                     yield self.parse(f"{info.path}[{u}]")
-            elif granularity == "tokenkv":
+            elif granularity in TOKEN_GRANULARITIES:
+                suffix = "#kvs" if granularity == "tokenspan" else "#kv"
                 for u in range(info.n_units):
-                    yield self._parse_token_kv(f"{info.path}#kv{u}")
+                    yield self._parse_token_kv(f"{info.path}{suffix}{u}")
             else:
                 for pname, p in info.module.named_parameters(recurse=False):
                     for flat in range(p.numel()):

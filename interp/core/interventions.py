@@ -20,7 +20,9 @@ multiplier on that head's slice of the ``to_k`` and ``to_v`` outputs at the cont
 only: ``k`` becomes ``m * k + (1 - m) * k_ref`` there (the same for ``v``), where ``k_ref`` is the anchor prompt's
 key (or, with means, the unit's mean), and every other position and row is left as it was. Which positions hold the
 concept, and the anchor's keys and values, are per batch row (:class:`TokenRows`): rows without the concept (the
-anchor branch, the unconditional branch of guidance, prompts without the word) are untouched.
+anchor branch, the unconditional branch of guidance, prompts without the word) are untouched. A **token-span**
+component (``attn2#kvs3``) is the same head at the concept's positions and every later context position (the span
+mask of :class:`TokenRows`), each taking the anchor's key and value at its aligned position.
 
 Patching replaces a module's output with a saved clean one at chosen rows (and, for the text encoder, chosen token
 positions); the denoising loop decides at which timesteps a patch applies.
@@ -55,6 +57,9 @@ class Site:
     sae: object = None
     #: token-KV granularity: the multiplier acts at the concept's token positions only (a per-row :class:`TokenRows`)
     tokens: bool = False
+    #: token-span granularity (with ``tokens``): at the concept's positions and every later one
+    #: (:attr:`TokenRows.span_mask`)
+    span: bool = False
 
 
 @dataclass
@@ -63,16 +68,20 @@ class TokenRows:
 
     ``index`` (N,): for each batch row, its prompt among the ``P`` rows of ``mask`` and ``refs`` (-1: a row without
     the concept, left untouched); ``mask`` (P, L) bool: the context positions of the concept's tokens; ``refs``:
-    per ``to_k``/``to_v`` path, (P, L, features), the anchor prompt's keys or values at those positions."""
+    per ``to_k``/``to_v`` path, (P, L, features), the anchor prompt's keys or values at the aligned positions (at
+    every position of ``span_mask``); ``span_mask`` (P, L) bool: the concept's positions and every later one that
+    has an aligned anchor position, where token-span sites act (None: no token-span site can run)."""
 
     index: torch.Tensor
     mask: torch.Tensor
     refs: dict
+    span_mask: torch.Tensor | None = None
 
     def to(self, device) -> "TokenRows":
         """The same rows on ``device``."""
         mask = None if self.mask is None else self.mask.to(device)
-        return TokenRows(self.index.to(device), mask, {k: v.to(device) for k, v in self.refs.items()})
+        span = None if self.span_mask is None else self.span_mask.to(device)
+        return TokenRows(self.index.to(device), mask, {k: v.to(device) for k, v in self.refs.items()}, span)
 
     @staticmethod
     def none(n: int) -> "TokenRows":
@@ -140,7 +149,8 @@ def compile_plan(model, components: ComponentSet | Sequence[Component | str]) ->
                                  f"component set: attribute them in separate sets")
             g["f"].append(c.index)
             g["c"].append(col)
-        elif c.granularity == "tokenkv":  # head h's slice of the key and value projections' outputs
+        elif c.granularity in ("tokenkv", "tokenspan"):  # head h's slice of the key and value projections' outputs
+            span = c.granularity == "tokenspan"  # at the concept's positions only, or at them and every later one
             for proj in ("to_k", "to_v"):
                 lin = model.module(f"{c.module}.{proj}")
                 d = lin.out_features // mod.heads
@@ -148,8 +158,11 @@ def compile_plan(model, components: ComponentSet | Sequence[Component | str]) ->
                 if key in groups and not groups[key].get("tokens"):
                     raise ValueError(f"{key[0]} appears both through token-KV units and as a layer or neurons in one "
                                      f"component set: attribute them in separate sets")
+                if key in groups and groups[key]["span"] != span:
+                    raise ValueError(f"{c.module} appears both through token-KV (#kv) and token-span (#kvs) units in "
+                                     f"one component set: attribute them in separate sets")
                 g = groups.setdefault(key, {"axis": -1, "n": lin.out_features, "f": [], "c": [], "whole": False,
-                                            "tokens": True})
+                                            "tokens": True, "span": span})
                 g["f"].extend(range(c.index * d, (c.index + 1) * d))
                 g["c"].extend([col] * d)
         elif c.granularity == "neuron":
@@ -172,7 +185,7 @@ def compile_plan(model, components: ComponentSet | Sequence[Component | str]) ->
     plan = Plan(components, {p: [] for p in model.modules()}, model.denoiser_part)
     for (path, event), g in sorted(groups.items(), key=lambda kv: model.events[(kv[0][1], kv[0][0])]):
         site = Site(path, event, g["axis"], g["n"], torch.tensor(g["f"]), torch.tensor(g["c"]), g["whole"],
-                    g.get("streams", 1), g.get("sae"), g.get("tokens", False))
+                    g.get("streams", 1), g.get("sae"), g.get("tokens", False), g.get("span", False))
         plan.sites[path.split(".", 1)[0]].append(site)
     return plan
 
@@ -228,8 +241,10 @@ def apply_site(site: Site, h: torch.Tensor, mult: torch.Tensor, mean: torch.Tens
 def apply_token_site(site: Site, h: torch.Tensor, mult: torch.Tensor, mean: torch.Tensor | None,
                      tokens: TokenRows | None) -> torch.Tensor:
     """A token-KV site (a ``to_k``/``to_v`` output, (N, L, features)): ``m * h + (1 - m) * ref`` for the heads'
-    features at the rows' concept positions, ``h`` itself everywhere else (so ``m = 1`` is ``h`` exactly). ``ref`` is
-    the anchor prompt's value from ``tokens``, or ``mean`` (mean-ablation: the unit's mean over a reference set)."""
+    features at the rows' concept positions (a token-span site: at ``tokens.span_mask``, the concept's positions and
+    every later one), ``h`` itself everywhere else (so ``m = 1`` is ``h`` exactly). ``ref`` is the anchor prompt's
+    value at the aligned position from ``tokens``, or ``mean`` (mean-ablation: the unit's mean over a reference
+    set)."""
     if tokens is None:
         raise ValueError(f"token-KV components at {site.path} need the concept's token positions of every row: run "
                          f"them through an Objective, or generate(..., concept=WORD)")
@@ -241,10 +256,14 @@ def apply_token_site(site: Site, h: torch.Tensor, mult: torch.Tensor, mean: torc
         mult = mult.repeat_interleave(h.shape[0] // mult.shape[0], dim=0)
     index = tokens.index.to(h.device)
     rows = index.clamp(min=0)
-    if tokens.mask is None:  # no row holds the concept
+    mask = tokens.span_mask if site.span else tokens.mask
+    if site.span and mask is None and tokens.mask is not None:
+        raise ValueError(f"token-span components at {site.path} need the span of every row (TokenRows.span_mask): "
+                         f"bind the rows with interp.core.tokens.bind")
+    if mask is None:  # no row holds the concept
         where, ref = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device), h if mean is None else mean
     else:
-        where = tokens.mask.to(h.device)[rows] & (index >= 0)[:, None]  # (N, L)
+        where = mask.to(h.device)[rows] & (index >= 0)[:, None]  # (N, L)
         ref = tokens.refs[site.path].to(h.device)[rows] if mean is None else mean
     s = _site_scale(site, mult, h)
     return torch.where(where[..., None], h * s + (1 - s) * ref.to(h.dtype), h)

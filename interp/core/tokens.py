@@ -11,6 +11,17 @@ positions only, between the prompt's own (``m = 1``, the model exactly) and the 
 (the same for ``v``); every other position, head and row is untouched. Mean-ablation (``mode="mean"``) puts the
 unit's mean over a reference set in place of ``k_anchor`` (:func:`interp.core.objectives.reference_means`).
 
+**Token-span components** (granularity ``tokenspan``, ``unet....attn2#kvs3``) are the same heads over a longer span:
+the concept's tokens **and every later context position**, through the end of the padded context (end-of-text and
+padding states included). The text encoder is causal, so every state after the concept word has seen it, and the
+cross-attention reads the concept there too: on the shipped pixel model the concept's own tokens carry 2-12% of J,
+the span 70-100% (``benchmarks/token_kv_share.py``); UCE edits exactly those columns. Ablated, each position of the
+span takes the anchor's key and value at its aligned position: the concept's own positions as a token-KV unit's, a
+later position ``q`` the anchor's ``q - d``, where ``d`` is the prompt's count of real tokens minus the anchor's (their
+common suffix, end-of-text and padding align); a position whose partner falls outside the context is left out of the
+span (:func:`span_positions`). A component set holds a cross-attention either through ``#kv`` or through ``#kvs``
+units, not both.
+
 **The anchor** of a prompt is the concept's own anchor for one of its target prompts (the objective's: on the concept
 world the caption with the word left out, or ``shape`` for a shape, ``on white`` dropped for a background; the empty
 prompt for a phrase on other models); for any other prompt (an erasure's held-out captions) the substitution the
@@ -188,18 +199,41 @@ def positions(model, concept, prompts: Sequence[str], strict: bool = True):
     return out
 
 
+def _later(tok, prompt: str, anchor: str, pos: list[int], apos: list[int], length: int):
+    """``pos`` and ``apos`` with every position after the concept added, each aligned to the anchor's position
+    shifted by the difference of the two prompts' real token counts; pairs outside ``[0, length)`` left out."""
+    d = len(_real(tok, prompt)) - len(_real(tok, anchor))
+    pairs = list(zip(pos, apos)) + [(q, q - d) for q in range(pos[-1] + 1, length)]
+    pairs = [(q, r) for q, r in pairs if 0 <= q < length and 0 <= r < length]
+    return [q for q, _ in pairs], [r for _, r in pairs]
+
+
+def span_positions(model, concept, prompts: Sequence[str], length: int, strict: bool = True):
+    """:func:`positions` extended to a token-span component's span: per prompt its anchor, the concept's positions and
+    every later position of a context of ``length`` rows, and the anchor position each takes (the concept's own as
+    :func:`positions` aligns them; a later position ``q`` the anchor's ``q - d``, ``d`` the prompt's real token count
+    minus the anchor's, so that their common suffix, end-of-text and padding align). Pairs outside ``[0, length)`` are
+    left out."""
+    tok = model.tokenizers[model.text_parts[0]]
+    return [(a, *_later(tok, p, a, pos, apos, length)) if pos else (a, pos, apos)
+            for p, (a, pos, apos) in zip(prompts, positions(model, concept, prompts, strict))]
+
+
 @dataclass
 class TokenBinding:
-    """The concept's token positions in ``P`` prompts and the anchors' keys and values there: ``mask`` (P, L) and
-    ``refs`` per ``to_k``/``to_v`` path (P, L, features). :meth:`rows` makes the :class:`TokenRows` of a batch."""
+    """The concept's token positions in ``P`` prompts and the anchors' keys and values there: ``mask`` (P, L),
+    ``span_mask`` (P, L: the concept's positions and every later one, where token-span components act) and ``refs``
+    per ``to_k``/``to_v`` path (P, L, features: the anchor's at the aligned position of every span position).
+    :meth:`rows` makes the :class:`TokenRows` of a batch."""
 
     mask: torch.Tensor
     refs: dict
+    span_mask: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor) -> TokenRows:
         """The :class:`~interp.core.interventions.TokenRows` of a batch whose row ``j`` holds prompt ``index[j]`` (-1:
         none)."""
-        return TokenRows(torch.as_tensor(index, dtype=torch.long), self.mask, self.refs)
+        return TokenRows(torch.as_tensor(index, dtype=torch.long), self.mask, self.refs, self.span_mask)
 
 
 def kv_paths(model) -> list[str]:
@@ -230,13 +264,17 @@ def bind(model, concept, prompts: Sequence[str], strict: bool = True) -> TokenBi
         model.counters[k] = before.get(k, 0)
     L = saved[paths[0]].shape[1]
     mask = torch.zeros(n, L, dtype=torch.bool)
+    span = torch.zeros(n, L, dtype=torch.bool)
     refs = {p: torch.zeros_like(saved[p]) for p in paths}
-    for i, (_, pos, apos) in enumerate(found):
+    tok = model.tokenizers[model.text_parts[0]]
+    for i, (a, pos, apos) in enumerate(found):
         pairs = [(q, r) for q, r in zip(pos, apos) if q < L and r < L]
         if not pairs:
             continue
-        pos, apos = [q for q, _ in pairs], [r for _, r in pairs]
-        mask[i, pos] = True
+        mask[i, [q for q, _ in pairs]] = True
+        # the span: the concept's positions (their refs are the token-KV unit's) and every later one, aligned
+        spos, sapos = _later(tok, prompts[i], a, pos, apos, L)
+        span[i, spos] = True
         for p in paths:
-            refs[p][i, pos] = saved[p][i, apos]
-    return TokenBinding(mask.to(model.device), refs)
+            refs[p][i, spos] = saved[p][i, sapos]
+    return TokenBinding(mask.to(model.device), refs, span.to(model.device))

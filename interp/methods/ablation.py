@@ -46,7 +46,7 @@ class Ablation(Method):
     default_run = True
     variants_help = "'ablation' is the sum of single-ablation effects."
     Config = AblationConfig
-    capabilities = Capabilities(granularities=("layer", "neuron", "head", "weight", "feature", "tokenkv"), exact=True, reference=True,
+    capabilities = Capabilities(granularities=("layer", "neuron", "head", "weight", "feature", "tokenkv", "tokenspan"), exact=True, reference=True,
                                 single_changes=True)
 
     def _scores(self, obj, comps, run):

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from interp.core.components import ComponentSet, is_text_part
+from interp.core.components import TOKEN_GRANULARITIES, ComponentSet, is_text_part
 from interp.core.concepts import resolve
 from interp.core.features import identity
 from interp.core.objectives import Objective, ObjectiveConfig
@@ -49,7 +49,8 @@ class Capabilities:
     Attributes:
         granularities: the component granularities it handles (``layer``, ``neuron``, ``head``, ``weight``,
             ``feature``: latents of an attached sparse autoencoder, :mod:`interp.core.features`; ``tokenkv``: a
-            cross-attention head's key and value at the concept's tokens, :mod:`interp.core.tokens`).
+            cross-attention head's key and value at the concept's tokens, ``tokenspan``: at them and every later
+            position, :mod:`interp.core.tokens`).
         gradients: whether it takes gradients (it then needs a differentiable objective and more memory per row).
         exact: whether its scores are measured ablation effects rather than estimates.
         text_encoder: whether it attributes text-encoder components.
@@ -336,7 +337,7 @@ class Method:
         identity, the components), so asking again, for either frame, reads it back.
         """
         comps = as_component_set(model, components)
-        if "tokenkv" in comps.granularities:  # the concept's tokens, checked before the evaluation set is built
+        if comps.granularities & set(TOKEN_GRANULARITIES):  # the concept's tokens, checked before the evaluation set
             cfg = (objective.config if isinstance(objective, Objective) else ObjectiveConfig(kind=objective)
                    if isinstance(objective, str) else objective or ObjectiveConfig())
             check_concept(model, objective.concept if isinstance(objective, Objective)

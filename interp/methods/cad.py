@@ -10,7 +10,8 @@ column of ``ff.net.2``, an attention head the matching input columns of its outp
 filter and bias, a Linear/attention/feed-forward layer all of its (output) weights. For containers whose output
 is not the output of one weight matrix (a whole transformer block, a ResNet block, a text-encoder layer) the score
 is the gradient with respect to a multiplier on their output, i.e. activation x gradient, the same first-order
-quantity. So is a token-KV unit's (a head's key and value at the concept's tokens, :mod:`interp.core.tokens`:
+quantity. So is a token-KV unit's (a head's key and value at the concept's tokens, or a token-span unit's at them
+and every later position, :mod:`interp.core.tokens`:
 ``dJ/dm`` is the gradient along the move from the anchor's keys and values to the prompt's), and a feature's (a latent of an attached sparse autoencoder, :mod:`interp.core.features`): ``dJ/dm`` at
 ``m = 1`` is its activation times the gradient of J along its decoder direction. Gradients are float32 (float64 with the objective's ``dtype``), never float16.
 
@@ -46,8 +47,8 @@ class CADConfig(MethodConfig):
 
 def weight_slices(model, c: Component) -> list[tuple[torch.nn.Parameter, tuple]] | None:
     """The weights that ablating component ``c`` zeroes, as (parameter, index) pairs; None if it is no weight set."""
-    if c.granularity in ("feature", "tokenkv"):  # a decoder direction of an attached SAE is no weight of the
-        return None  # model; a token-KV unit moves a head's keys and values at some positions only
+    if c.granularity in ("feature", "tokenkv", "tokenspan"):  # a decoder direction of an attached SAE is no weight
+        return None  # of the model; a token-KV (or -span) unit moves a head's keys and values at some positions only
     mod = model.module(c.module)
     if c.granularity == "weight":
         return [(getattr(mod, c.param), c.unit)]
@@ -85,7 +86,7 @@ class CAD(Method):
     label = "CAD"
     default_run = True
     Config = CADConfig
-    capabilities = Capabilities(granularities=("layer", "neuron", "head", "weight", "feature", "tokenkv"),
+    capabilities = Capabilities(granularities=("layer", "neuron", "head", "weight", "feature", "tokenkv", "tokenspan"),
                                 gradients=True)
 
     def _scores(self, obj, comps, run):

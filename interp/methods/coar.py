@@ -103,7 +103,7 @@ class COAR(Method):
     default_run = True
     variants_help = "'coar@m' is COAR fitted on its first m masks."
     Config = COARConfig
-    capabilities = Capabilities(granularities=("layer", "neuron", "head", "feature", "tokenkv"), baseline=True)
+    capabilities = Capabilities(granularities=("layer", "neuron", "head", "feature", "tokenkv", "tokenspan"), baseline=True)
 
     def _scores(self, obj, comps, run):
         cfg = self.config

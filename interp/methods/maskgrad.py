@@ -109,7 +109,7 @@ class MaskGrad(Method):
     variants_help = ("'maskgrad@a' averages gradients over masks drawn at ablation rate a, '-K4' over its first 4 "
                      "masks.")
     Config = MaskGradConfig
-    capabilities = Capabilities(granularities=("layer", "neuron", "head", "feature", "tokenkv"), gradients=True)
+    capabilities = Capabilities(granularities=("layer", "neuron", "head", "feature", "tokenkv", "tokenspan"), gradients=True)
 
     def _scores(self, obj, comps, run):
         cfg = self.config
@@ -172,7 +172,7 @@ class IntegratedGradients(Method):
     label = "integrated gradients"
     default_run = True
     Config = IGConfig
-    capabilities = Capabilities(granularities=("layer", "neuron", "head", "feature", "tokenkv"), gradients=True)
+    capabilities = Capabilities(granularities=("layer", "neuron", "head", "feature", "tokenkv", "tokenspan"), gradients=True)
 
     def _scores(self, obj, comps, run):
         cfg = self.config
@@ -198,7 +198,7 @@ class Midpoint(Method):
     label = "the midpoint gradient"
     default_run = True
     Config = MidpointConfig
-    capabilities = Capabilities(granularities=("layer", "neuron", "head", "feature", "tokenkv"), gradients=True)
+    capabilities = Capabilities(granularities=("layer", "neuron", "head", "feature", "tokenkv", "tokenspan"), gradients=True)
 
     def _scores(self, obj, comps, run):
         cfg = self.config

@@ -53,7 +53,7 @@ class ScreenThenVerify(Method):
     label = "screen-then-verify"
     default_run = True
     Config = ScreenConfig
-    capabilities = Capabilities(granularities=("layer", "neuron", "head", "feature", "tokenkv"), gradients=True, uses_reference=True,
+    capabilities = Capabilities(granularities=("layer", "neuron", "head", "feature", "tokenkv", "tokenspan"), gradients=True, uses_reference=True,
                                 single_changes=True)
 
     def _scores(self, obj, comps, run):

@@ -10,7 +10,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from interp.core.components import ComponentSet
+from interp.core.components import TOKEN_GRANULARITIES, ComponentSet
 from interp.core.features import attach, load_sae
 from interp.core.models import model_kind
 from interp.core.objectives import ObjectiveConfig
@@ -45,7 +45,8 @@ class CompareConfig:
                                         "registry runs by default", cli_default=_default_methods)
     granularity: str = opt("neuron", "component granularity (feature: the latents of the --sae dictionaries; "
                                      "tokenkv: each cross-attention head's key and value at the concept's tokens; "
-                                     "families and kinds are then not used)", choices=GRANULARITIES + ("feature", "tokenkv"))
+                                     "tokenspan: at them and every later position; families and kinds are then not "
+                                     "used)", choices=GRANULARITIES + ("feature", "tokenkv", "tokenspan"))
     sae: tuple[str, ...] = opt((), "folders of sparse autoencoders (written by analyses.train_sae) attached to the "
                                    "model: their latents are the components of --granularity feature (families and "
                                    "kinds are then not used), or name some with --components SITE#fI", nargs="*",
@@ -116,12 +117,13 @@ class CompareConfig:
                              f"be weighed against: name phrases other than the concept")
         check_saes(self)
         features = self.granularity == "feature" or any("#f" in a for a in self.components)
-        tokens = self.granularity == "tokenkv" or any("#kv" in a for a in self.components)
-        special = "feature" if features else "tokenkv" if tokens else None
+        tokens = ({self.granularity} & set(TOKEN_GRANULARITIES)
+                  | {"tokenspan" if "#kvs" in a else "tokenkv" for a in self.components if "#kv" in a})
+        needs = tokens | ({"feature"} if features else set())
         if not self.methods:
             # features, token-KV units: the default methods that attribute them (not causal tracing)
-            object.__setattr__(self, "methods", tuple(m for m in default_methods() if special is None
-                                                      or special in get(m).capabilities.granularities))
+            object.__setattr__(self, "methods", tuple(m for m in default_methods()
+                                                      if needs <= set(get(m).capabilities.granularities)))
         unknown = [m for m in self.methods if m not in REGISTRY]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; registered methods are {sorted(REGISTRY)} (a method of "
@@ -129,7 +131,7 @@ class CompareConfig:
         blind = [m for m in self.methods if features and "feature" not in get(m).capabilities.granularities]
         if blind:
             raise ValueError(f"method(s) {blind} do not attribute SAE features: leave them out of --methods")
-        blind = [m for m in self.methods if tokens and "tokenkv" not in get(m).capabilities.granularities]
+        blind = [m for m in self.methods if not tokens <= set(get(m).capabilities.granularities)]
         if blind:
             raise ValueError(f"method(s) {blind} do not attribute token-KV components: leave them out of --methods")
         if reference() not in self.methods:
@@ -253,7 +255,7 @@ def select_components(model, cfg: CompareConfig):
     attach_saes(model, cfg)  # (its features' addresses parse once attached)
     if getattr(cfg, "components", ()):  # named addresses (unknown ones fail with the nearest valid ones)
         return ComponentSet([model.space.parse(a) for a in cfg.components])
-    if cfg.granularity in ("feature", "tokenkv"):  # every latent of the attached dictionaries (every cross-attention
+    if cfg.granularity in ("feature", "tokenkv", "tokenspan"):  # every latent of the attached dictionaries (every cross-attention
         # head at the concept's tokens), in the chosen UNet stages: the families and kinds are not used
         return model.components(cfg.granularity, **({"block": list(cfg.blocks)} if cfg.blocks else {}))
     filters = {"family": list(cfg.families) or None, "kind": list(cfg.kinds) or None,
