@@ -183,13 +183,11 @@ def test_other_methods_attribute_token_span_units(tiny_world_model, tiny_red_obj
     assert set(main["granularity"]) == {"tokenspan"}
 
 
-def test_tracing_refuses_and_joint_attention_is_refused(tiny_world_model, tiny_red_objective, tmp_path):
+def test_tracing_refuses_and_joint_attention_is_refused(tiny_world_model, tiny_red_objective, tiny_family_models):
     comps = tiny_world_model.components("tokenspan", block="mid_block")
     with pytest.raises(ValueError, match="tracing does not handle \\['tokenspan'\\] granularity"):
         interp.attribute("tracing", tiny_world_model, "red", comps, objective=tiny_red_objective)
-    from interp.testing import tiny_pipeline
-
-    m = interp.load_model(str(tiny_pipeline(tmp_path / "sd3", "sd3")), device="cpu")
+    m = tiny_family_models["sd3"]
     with pytest.raises(ValueError, match="tokenspan.*reads the text through joint attention.*attn_context") as e:
         m.components("tokenspan")
     assert "\n" not in str(e.value)
