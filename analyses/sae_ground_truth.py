@@ -55,6 +55,9 @@ class GroundTruthConfig:
                             "that fires on the shape's positions only is not diluted by the background's)",
                     choices=("mean", "max"))
     top: int = opt(8, "top-activating images per feature in the gallery")
+    splice_images: int = opt(64, "held-out images generated with and without the SAE spliced into its site (its "
+                                 "reconstruction in place of the site's output), for the change of the denoising "
+                                 "loss and of the judged fidelity (0: not measured)")
     max_batch: int = opt(64, "images per generation call")
     seed: int = opt(0, "added to the held-out seed stream (scenes and noises)")
     device: str = opt("auto", "device: auto (CUDA, else MPS, else CPU), cpu, cuda or mps", choices=DEVICES)
@@ -69,6 +72,8 @@ class GroundTruthConfig:
                              f"python -m analyses.train_sae --out FOLDER")
         if self.images < 16:
             raise ValueError(f"--images must be >= 16 (one per attribute value at least), got {self.images}")
+        if self.splice_images < 0:
+            raise ValueError(f"--splice-images must be >= 0, got {self.splice_images}")
         for name in ("steps", "top", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -105,11 +110,14 @@ def _run(cfg: GroundTruthConfig, r, progress: bool, log) -> dict:
     gt = features.value_auroc(model, sae, n_images=cfg.images, steps=cfg.steps, seed=cfg.seed,
                               guidance=cfg.guidance, batch=cfg.max_batch, judge=judge, pool=cfg.pool,
                               progress=progress)
+    splice = (features.splice_effect(model, sae, n_images=cfg.splice_images, steps=cfg.steps, seed=cfg.seed,
+                                     guidance=cfg.guidance, batch=cfg.max_batch, judge=judge)
+              if cfg.splice_images else None)
     changed = [n for n, p in model.parameters() if not (p == before[n]).all()]
     if changed:
         raise RuntimeError(f"weights changed while reading the site: {changed[:3]}")
     seconds = time.perf_counter() - t0
-    s = {**gt.summary, "seconds": seconds, "sae": str(cfg.sae), "sae_quality": sae.quality}
+    s = {**gt.summary, "seconds": seconds, "sae": str(cfg.sae), "sae_quality": sae.quality, "splice": splice}
     log(f"{s['n_monosemantic']} of {s['n_values']} values have a feature of AUROC >= {s['monosemantic_threshold']}; "
         f"mean best feature AUROC {s['mean_best_feature_auroc']:.3f}, best neuron {s['mean_best_neuron_auroc']:.3f} "
         f"({seconds:.0f} s)")
@@ -134,6 +142,13 @@ def _run(cfg: GroundTruthConfig, r, progress: bool, log) -> dict:
         f"{s['n_images']} held-out images, {s['steps']} denoising steps, {seconds:.0f} s; the model's weights were "
         "bitwise unchanged afterwards.",
     ]
+    if splice:
+        summary.append(
+            f"Spliced in (its reconstruction in place of the site's output), the SAE multiplies the denoising loss by "
+            f"{splice['loss_ratio']:.3f} ({splice['loss_intact']:.4f} -> {splice['loss_spliced']:.4f})"
+            + (f"; the judge reads the prompted value on {splice['fidelity_intact']:.1%} of (image, attribute) pairs "
+               f"intact and {splice['fidelity_spliced']:.1%} spliced" if "fidelity_intact" in splice else "")
+            + f" ({splice['n_images']} held-out images).")
     sections = [
         {"title": "Best feature and best neuron per value",
          "text": "Label: the image's prompt names the value (every caption names all four attributes). Activation: "

@@ -600,6 +600,53 @@ def test_sae_ground_truth_command(tiny_world_folder, tmp_path, refused):
     assert "--images must be >= 16" in refused(main, [*argv, "--images", "4"])
     assert main([*argv, "--pool", "max", "--out", str(tmp_path / "gt-max")]) == 0
     assert json.loads((tmp_path / "gt-max" / "summary.json").read_text())["pool"] == "max"
+    splice = s["splice"]  # the default --splice-images 64
+    assert splice["n_images"] == 64 and splice["loss_intact"] > 0 and splice["loss_ratio"] > 0
+    assert 0 <= splice["fidelity_spliced"] <= 1 and "fidelity_color_intact" in splice
+    assert "--splice-images must be >= 0" in refused(main, [*argv, "--splice-images", "-1"])
+
+
+def test_splicing_an_exact_sae_changes_nothing_and_a_lossy_one_does(tiny_world_model):
+    """A known answer: spliced in, an SAE that reconstructs exactly (the planted directions +q and -q of an
+    orthonormal basis, every latent active) leaves the denoiser's output as it was, a lossy one (k = 2 of them)
+    changes it, and the hook is gone afterwards, also after an error inside."""
+    from interp.core.features import planted, spliced
+    from interp.core.interventions import call_denoiser, encode_prompts
+
+    model = tiny_world_model
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    exact, lossy = planted(SITE, torch.cat([q, -q]), k=32), planted(SITE, torch.cat([q, -q]), k=2)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([300, 700])
+    with torch.no_grad():
+        ctx = encode_prompts(model, model.tokenize(["a red circle", "a blue square"]))
+        intact = call_denoiser(model, x, t, ctx)
+        with spliced(model, exact):
+            same = call_denoiser(model, x, t, ctx)
+        with spliced(model, lossy):
+            other = call_denoiser(model, x, t, ctx)
+        with pytest.raises(RuntimeError, match="inside"), spliced(model, lossy):
+            raise RuntimeError("inside")
+        after = call_denoiser(model, x, t, ctx)
+    torch.testing.assert_close(same, intact, rtol=1e-4, atol=1e-5)
+    assert (other - intact).abs().max() > 1e-3
+    assert torch.equal(after, intact) and not model.module(SITE)._forward_hooks
+
+
+@pytest.mark.slow  # two generations of 16 images and five denoising-loss passes
+def test_splice_effect_of_an_exact_sae_is_none(tiny_world_folder):
+    from interp.core.features import planted, splice_effect
+    from interp.core.judges import load_judge
+
+    model = interp.load_model(str(tiny_world_folder))  # with its (random) classifier as the judge
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    judge = load_judge("classifier", model=model)
+    exact = splice_effect(model, planted(SITE, torch.cat([q, -q]), k=32), n_images=16, steps=2, judge=judge)
+    assert exact["loss_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert exact["fidelity_spliced"] == exact["fidelity_intact"]
+    lossy = splice_effect(model, planted(SITE, torch.cat([q, -q]), k=1), n_images=16, steps=2, judge=judge)
+    # (the tiny random model's feed-forward is a small part of its output: the lossy splice moves the loss ~1e-4)
+    assert lossy["loss_intact"] == exact["loss_intact"] and abs(lossy["loss_ratio"] - 1) > 2e-5
 
 
 #: A site per family of the tiny pipelines: a UNet attention stage (SAeUron's kind of site: its channel-first output

@@ -746,6 +746,99 @@ def value_auroc(model, sae: FeatureDictionary, n_images: int = 256, steps: int =
     return GroundTruth(table, images, F, Nn, timesteps, px, summary)
 
 
+@contextlib.contextmanager
+def spliced(model, sae: FeatureDictionary):
+    """``model`` with ``sae``'s reconstruction in place of its site's output (the reconstruction error dropped): what
+    the model computes through the dictionary alone, for measuring what the SAE loses. A forward hook on the site,
+    removed on exit, also on an error; no weight changes."""
+    axis, width = site_layout(model, sae.site)
+    if width != sae.d_in:
+        raise ValueError(f"the SAE for {sae.site} has d_in={sae.d_in} but that module's output has width {width}")
+
+    def hook(mod, args, out):
+        first = out[0] if isinstance(out, tuple) else out
+        x = rows_of(first, axis)
+        rec = sae.reconstruct(x.reshape(-1, width).float()).to(first.dtype)
+        new = rec.reshape(first.movedim(1, -1).shape).movedim(-1, 1) if axis == 1 else rec.reshape(first.shape)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    handle = model.module(sae.site).register_forward_hook(hook)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+def splice_effect(model, sae: FeatureDictionary, n_images: int = 64, steps: int = 10, seed: int | None = None,
+                  guidance: float | None = None, batch: int = 64, judge=None,
+                  timesteps: Sequence[int] = (100, 300, 500, 700, 900)) -> dict:
+    """What splicing ``sae`` into its site (:func:`spliced`) costs the model, on the held-out scenes of
+    :func:`heldout_scenes` (seed stream :data:`~interp.core.objectives.EVAL_SEED` + ``seed``):
+
+    - ``loss_intact``, ``loss_spliced``: the denoising loss (mean squared error of the denoiser's prediction against
+      its target, conditional branch) on the intact model's own generated images, noised at ``timesteps`` with
+      seeded noise, and ``loss_ratio`` (spliced / intact);
+    - ``fidelity_intact``, ``fidelity_spliced``: with a ``judge``, the share of (image, attribute) pairs where the
+      judge reads the value the prompt names, on images generated from the same noises with and without the splice
+      (``fidelity_<attribute>_...`` per attribute).
+
+    Raises:
+        ValueError: the model has no concept world, or the SAE does not fit its site.
+    """
+    import numpy as np
+
+    if model.world is None:
+        raise ValueError(f"{getattr(model, 'name', 'this model')} has no concept world: the splice effect is "
+                         f"measured on held-out images with known attributes (use a concept-world model)")
+    seed = EVAL_SEED + (seed or 0)
+    rows, _ = heldout_scenes(model, n_images, seed)
+    prompts = [r["prompt"] for r in rows]
+    noise = diffusion.initial_noise(model, len(prompts), torch.Generator().manual_seed(seed), model.dtype,
+                                    model.device)
+
+    def images():
+        return torch.cat([generate(model, prompts[s : s + batch], steps=steps, guidance=guidance,
+                                   latents=noise[s : s + batch], max_rows=2 * batch,
+                                   noise_ids=range(s, s + len(noise[s : s + batch])))
+                          for s in range(0, len(prompts), batch)])
+
+    with torch.no_grad():
+        intact = images()
+        with spliced(model, sae):
+            edited = images()
+        x0 = diffusion.encode(intact.to(model.device, model.dtype) * 2 - 1, model.vae)  # (pixels: the images)
+        ctx = encode_prompts(model, model.tokenize(prompts, model.device)).to(model.dtype)
+        sched = model.scheduler
+        losses = {"intact": [], "spliced": []}
+        g = torch.Generator().manual_seed(seed + 1)
+        for t in timesteps:
+            eps = diffusion.randn(x0.shape, g, x0.dtype, x0.device)
+            tt = torch.full((len(x0),), int(t), device=model.device)
+            x_t = diffusion.add_noise(sched, x0, eps, tt)
+            target = diffusion.denoising_target(sched, x0, eps, tt)
+            for name, ctxm in (("intact", contextlib.nullcontext()), ("spliced", spliced(model, sae))):
+                with ctxm:
+                    pred = torch.cat([call_denoiser(model, x_t[s : s + batch], tt[s : s + batch], ctx[s : s + batch])
+                                      for s in range(0, len(x0), batch)])
+                losses[name].append(float((pred.float() - target.float()).pow(2).mean()))
+    out = {"site": sae.site, "sae_digest": sae.digest(), "n_images": len(prompts), "steps": steps,
+           "timesteps": list(timesteps), "loss_intact": float(np.mean(losses["intact"])),
+           "loss_spliced": float(np.mean(losses["spliced"]))}
+    out["loss_ratio"] = out["loss_spliced"] / out["loss_intact"]
+    if judge is not None:
+        attrs = model.world.attributes
+        for name, px in (("intact", intact), ("spliced", edited)):
+            probs = judge.predict(px, attrs)
+            hits = []
+            for a, vals in attrs.items():
+                read = [vals[i] for i in probs[a].argmax(-1).tolist()]
+                ok = np.mean([r == row[a] for r, row in zip(read, rows)])
+                out[f"fidelity_{a}_{name}"] = float(ok)
+                hits.append(ok)
+            out[f"fidelity_{name}"] = float(np.mean(hits))
+    return out
+
+
 def gallery_figure(gt: GroundTruth, n_top: int = 8, cols: int = 4):
     """The feature gallery: for each value, its best feature's ``n_top`` top-activating generated images (titled
     with the activation; a green frame where the prompt names the value, red where it does not) and the feature's
