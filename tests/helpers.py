@@ -259,3 +259,43 @@ def placeholder_figures(monkeypatch) -> None:
                 and inspect.signature(fn).return_annotation in ("Figure", Figure)):
             monkeypatch.setattr(plots, name, lambda *args, **kwargs: Figure())
     monkeypatch.setattr(plots, "fig_to_png", lambda fig, dpi=110: png)
+
+
+# -- plain-torch known answers: the model run with forward hooks, removed afterwards ------------------------------------
+def denoise_with_kv_written(model, attn, keys, values, write, x, t, ctx):
+    """The plain denoiser output with forward hooks on cross-attention ``attn``'s ``to_k`` and ``to_v``: each output
+    is cloned and ``write(out, ref)`` changes it in place, ``ref`` being ``keys`` or ``values`` (the hooks are removed
+    afterwards, also on an error)."""
+    import torch
+
+    from interp.core.interventions import call_denoiser
+
+    def hook(ref):
+        def fn(module, args, out):
+            out = out.clone()
+            write(out, ref)
+            return out
+        return fn
+
+    handles = [attn.to_k.register_forward_hook(hook(keys)), attn.to_v.register_forward_hook(hook(values))]
+    try:
+        with torch.no_grad():
+            return call_denoiser(model, x, t, ctx)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def values_with_hook(obj, module, hook):
+    """An objective's J (its first mask row) with a forward ``hook`` on ``module``, computed in full passes (no replay
+    of cached upstream states, which the hook would not see); the hook removed and replay restored afterwards."""
+    import torch
+
+    obj.replay_prefix = False
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return obj.values()[0]
+    finally:
+        handle.remove()
+        obj.replay_prefix = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import values_with_hook
 
 import interp
 
@@ -222,14 +223,7 @@ def test_feature_ablation_is_removing_its_decoder_contribution(world, sae, tiny_
         f = sae.dense(out.reshape(-1, 16))[:, i]
         return out - (f[:, None] * sae.W_dec[i]).reshape(out.shape)
 
-    obj.replay_prefix = False
-    handle = world.module(SITE).register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            J_hand = obj.values()[0]
-    finally:
-        handle.remove()
-        obj.replay_prefix = True
+    J_hand = values_with_hook(obj, world.module(SITE), hook)
     torch.testing.assert_close(J, J_hand, rtol=1e-5, atol=1e-9)
     assert not torch.allclose(J, obj.intact)
 
@@ -254,14 +248,7 @@ def test_steering_a_feature_reverses_its_decoder_contribution(world, sae, tiny_r
         f = sae.dense(out.reshape(-1, 16))[:, i]
         return out - 2 * (f[:, None] * sae.W_dec[i]).reshape(out.shape)
 
-    obj.replay_prefix = False
-    handle = world.module(SITE).register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            J_hand = obj.values()[0]
-    finally:
-        handle.remove()
-        obj.replay_prefix = True
+    J_hand = values_with_hook(obj, world.module(SITE), hook)
     torch.testing.assert_close(J, J_hand, rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="multiplier must be finite and not 1"):
         AblationEdit(components=(f"{SITE}#f{i}",), multiplier=1.0)

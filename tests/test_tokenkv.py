@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import denoise_with_kv_written
 
 import interp
 from interp.core.components import UnknownComponentError
@@ -41,10 +42,12 @@ def _world_rows(obj):
     return obj.x_t, obj.t, obj.ctx_target[obj.image_index], obj.token_binding().rows(obj.image_index)
 
 
-def test_intact_multiplier_is_the_model_bitwise(tiny_world_model, tiny_red_objective):
+@pytest.mark.parametrize("granularity", ["tokenkv", "tokenspan"])
+def test_intact_multiplier_is_the_model_bitwise(tiny_world_model, tiny_red_objective, granularity):
     m, obj = tiny_world_model, tiny_red_objective
-    comps = m.components("tokenkv")
+    comps = m.components(granularity)
     plan = compile_plan(m, comps)
+    assert plan.has_tokens and all(s.span == (granularity == "tokenspan") for s in plan.denoiser)
     x, t, ctx, rows = _world_rows(obj)
     with torch.no_grad():
         plain = call_denoiser(m, x, t, ctx)
@@ -75,22 +78,12 @@ def test_ablation_is_the_anchor_key_and_value_at_the_concept_tokens(tiny_world_m
     with torch.no_grad():
         ka, va = attn.to_k(obj.ctx_anchor), attn.to_v(obj.ctx_anchor)  # (P, L, features): the anchors' keys, values
 
-    def hook(ref):
-        def fn(module, args, out):
-            out = out.clone()
-            for j, i in enumerate(obj.image_index.tolist()):
-                out[j, pos[i], sl] = ref[i, pos[i] + shift, sl]
-            return out
-        return fn
+    def write(out, ref):
+        for j, i in enumerate(obj.image_index.tolist()):
+            out[j, pos[i], sl] = ref[i, pos[i] + shift, sl]
 
     x, t, ctx, rows = _world_rows(obj)
-    handles = [attn.to_k.register_forward_hook(hook(ka)), attn.to_v.register_forward_hook(hook(va))]
-    try:
-        with torch.no_grad():
-            by_hand = call_denoiser(m, x, t, ctx)
-    finally:
-        for hd in handles:
-            hd.remove()
+    by_hand = denoise_with_kv_written(m, attn, ka, va, write, x, t, ctx)
     comps = interp.ComponentSet([m.space.parse(f"{MID}#kv0"), m.space.parse(f"{MID}#kv{h}")])
     with torch.no_grad():
         eps = run_unet(m, x, t, ctx, compile_plan(m, comps), torch.tensor([[1.0, 0.0]]), tokens=rows)[0]
@@ -133,12 +126,13 @@ def test_anchor_branch_and_prompts_without_the_concept_are_untouched(tiny_world_
         bind(m, "red", ["a blue square on white"], strict=True)
 
 
-def test_cad_is_the_multiplier_gradient_and_ablation_the_measured_change(tiny_world_model):
-    """float64: CAD's score of a token-KV unit is dJ/dm at m = 1 (central finite difference), and true ablation's
-    is J(intact) - J(m = 0), both computed here from the objective's values."""
+@pytest.mark.parametrize("granularity", ["tokenkv", "tokenspan"])
+def test_cad_is_the_multiplier_gradient_and_ablation_the_measured_change(tiny_world_model, granularity):
+    """float64: CAD's score of a token-KV (or token-span) unit is dJ/dm at m = 1 (central finite difference), and
+    true ablation's is J(intact) - J(m = 0), both computed here from the objective's values."""
     m = tiny_world_model
     obj = Objective(m, "red", ObjectiveConfig(n_images=2, timesteps=(300, 700), dtype="float64"))
-    comps = interp.ComponentSet(list(obj.model.components("tokenkv", block=["mid_block", "up_blocks.1"]))[:6])
+    comps = interp.ComponentSet(list(obj.model.components(granularity, block=["mid_block", "up_blocks.1"]))[:6])
     cad = interp.attribute("cad", obj.model, "red", comps, objective=obj, n_groups=1).set_index("component").score
     truth = interp.attribute("ablation", obj.model, "red", comps, objective=obj).set_index("component").score
     plan = compile_plan(obj.model, comps)
@@ -312,9 +306,11 @@ def test_the_generation_objective_ablates_token_kv_units_in_every_step(tiny_worl
         assert df["score"].notna().all() and torch.isfinite(torch.tensor(df["score"].to_numpy())).all()
 
 
-def test_replaying_the_unet_upstream_gives_the_same_single_ablations(tiny_world_model, tiny_objective_config):
+@pytest.mark.parametrize("granularity", ["tokenkv", "tokenspan"])
+def test_replaying_the_unet_upstream_gives_the_same_single_ablations(tiny_world_model, tiny_objective_config,
+                                                                     granularity):
     obj = Objective(tiny_world_model, "red", tiny_objective_config)
-    comps = tiny_world_model.components("tokenkv")
+    comps = tiny_world_model.components(granularity)
     plan = compile_plan(tiny_world_model, comps)
     M = 1 - torch.eye(len(comps))
     with torch.no_grad():

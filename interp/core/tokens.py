@@ -73,13 +73,26 @@ def anchor_prompt(prompt: str, phrase: str) -> str | None:
     return " ".join((prompt[:a] + " " + prompt[b:]).split())
 
 
-def _forms(tokenizer, phrase: str) -> list[list[int]]:
+def subject_forms(tokenizer, concept: str) -> list[list[int]]:
+    """The concept's token ids as the tokenizer writes it alone and after a space (a SentencePiece tokenizer, T5's,
+    writes a word differently at the start of a text and mid-prompt); empty and repeated spellings dropped."""
     forms = []
-    for text in (phrase, " " + phrase):
+    for text in (concept, " " + concept):
         ids = tokenizer(text, add_special_tokens=False).input_ids
         if ids and ids not in forms:
             forms.append(ids)
     return forms
+
+
+def _affixes(a: Sequence, b: Sequence) -> tuple[int, int]:
+    """How many leading and (after those) trailing items two sequences share."""
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    e = 0
+    while e < min(len(a), len(b)) - k and a[-1 - e] == b[-1 - e]:
+        e += 1
+    return k, e
 
 
 def _span(row: list[int], forms: list[list[int]]) -> tuple[int, int] | None:
@@ -124,12 +137,7 @@ def substitution(concept) -> tuple[str, str] | None:
     if isinstance(concept, str) or not concept.target_prompts:
         return None
     tw, aw = concept.target_prompts[0].split(), concept.anchor_prompts[0].split()
-    k = 0
-    while k < min(len(tw), len(aw)) and tw[k] == aw[k]:
-        k += 1
-    e = 0
-    while e < min(len(tw), len(aw)) - k and tw[-1 - e] == aw[-1 - e]:
-        e += 1
+    k, e = _affixes(tw, aw)
     old, new = " ".join(tw[k : len(tw) - e]), " ".join(aw[k : len(aw) - e])
     if k + e == 0 or not old or _replace_last(old, concept_word(concept), "") is None:
         return None
@@ -171,7 +179,7 @@ def positions(model, concept, prompts: Sequence[str], strict: bool = True):
     part = model.text_parts[0]  # SDXL: both CLIPs' tokenizers place every token alike
     tok = model.tokenizers[part]
     word = concept_word(concept)
-    forms = _forms(tok, word)
+    forms = subject_forms(tok, word)
     anchors = anchor_prompts(concept, prompts)
     ids = model.split_ids(model.tokenize(list(prompts)))[part]
     out = []
@@ -185,12 +193,7 @@ def positions(model, concept, prompts: Sequence[str], strict: bool = True):
             out.append((p, [], []))
             continue
         t, r = _real(tok, p), _real(tok, a)
-        k = 0
-        while k < min(len(t), len(r)) and t[k] == r[k]:
-            k += 1
-        e = 0
-        while e < min(len(t), len(r)) - k and t[-1 - e] == r[-1 - e]:
-            e += 1
+        k, e = _affixes(t, r)
         m = len(r) - e - k  # the anchor's own tokens where the prompt has the concept
         first, last = span
         pos = list(range(first, last + 1))

@@ -78,6 +78,7 @@ from interp.core.generation import generate
 from interp.core.interventions import Plan, compile_plan
 from interp.core.objectives import Objective, ObjectiveConfig
 from interp.core.results import is_main
+from interp.core.tokens import subject_forms
 from interp.methods import attribute
 from interp.methods.cad import weight_scores
 
@@ -743,17 +744,6 @@ def quickfix_prompts(model, concept: str, anchor: str | None = None, n_per_templ
 
 def _real_length(tokenizer, prompt: str) -> int:
     return len(tokenizer(prompt).input_ids)
-
-
-def subject_forms(tokenizer, concept: str) -> list[list[int]]:
-    """The concept's token ids as the tokenizer writes it alone and after a space (a SentencePiece tokenizer, T5's,
-    writes a word differently at the start of a text and mid-prompt); empty and repeated spellings dropped."""
-    forms = []
-    for text in (concept, " " + concept):
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        if ids and ids not in forms:
-            forms.append(ids)
-    return forms
 
 
 def aligned_positions(tokenizer, row: list[int], subject: list[int] | Sequence[list[int]], concept: str,
