@@ -40,16 +40,6 @@ QUICKFIX = {
 }
 
 
-@pytest.fixture(scope="module")
-def folders(tiny_family_folders):
-    return {f: tiny_family_folders[f] for f in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def models(tiny_family_models):
-    return {f: tiny_family_models[f] for f in FAMILIES}
-
-
 def _outputs(model, paths, prompts, positions, latents, t) -> dict[str, torch.Tensor]:
     """Every projection's output (weight times its recorded input, no bias) at the prompts' positions, float64."""
     groups, cols = U.projection_inputs(model, paths, prompts, positions, latents, t)
@@ -57,11 +47,11 @@ def _outputs(model, paths, prompts, positions, latents, t) -> dict[str, torch.Te
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_uce_on_every_family(models, fam):
+def test_uce_on_every_family(tiny_family_models, fam):
     """UCE edits exactly the projections that read the text, solves each one's normal equations (the closed-form
     objective drops), moves the concept's outputs there towards the anchor's in the edited model (the inputs
     recorded again under the whole edit) and leaves the model bitwise as it was after its context."""
-    m = models[fam]
+    m = tiny_family_models[fam]
     before = m.state_fingerprint()
     paths = U.cross_attention_projections(m)
     assert paths and all(p.split(".", 1)[0] == m.denoiser_part for p in paths)
@@ -103,11 +93,11 @@ def test_uce_on_every_family(models, fam):
     assert not changed_weights(m, before)
 
 
-def test_uce_inputs_are_what_each_projection_sees(models):
+def test_uce_inputs_are_what_each_projection_sees(tiny_family_models):
     """SDXL's cross-attentions read both CLIPs' penultimate states side by side, unchanged: the recorded inputs are
     text_states' bit for bit. PixArt's read T5's states after the caption projection. SD3's joint blocks each read
     their own context stream: one group per block."""
-    m = models["sdxl"]
+    m = tiny_family_models["sdxl"]
     pairs = ed.quickfix_prompts(m, "red")
     C, _, _ = U.text_states(m, pairs, "red")
     assert C.shape[0] == m.denoiser.config.cross_attention_dim == sum(
@@ -117,7 +107,7 @@ def test_uce_inputs_are_what_each_projection_sees(models):
     groups, cols = U.projection_inputs(m, U.cross_attention_projections(m), [c for c, _ in pairs], pos_c, lat, t)
     assert len(groups) == 1 and torch.equal(cols[0], C)
 
-    m = models["pixart"]
+    m = tiny_family_models["pixart"]
     pairs = ed.quickfix_prompts(m, "red")
     pos_c, _ = U.context_positions(m, "red", pairs)
     lat, t = U.record_latents(m, len(pairs), 0)
@@ -130,7 +120,7 @@ def test_uce_inputs_are_what_each_projection_sees(models):
     mask = m.tokenize([c for c, _ in pairs]) != m.tokenizer.pad_token_id  # T5 padding is masked: never a column
     assert all(mask[i, p].all() for i, p in enumerate(pos_c))
 
-    m = models["sd3"]
+    m = tiny_family_models["sd3"]
     groups, _ = U.projection_inputs(m, U.cross_attention_projections(m), ["a red circle"], [[0, 1]],
                                     *U.record_latents(m, 1, 0))
     assert groups == [[f"transformer.transformer_blocks.{b}.attn.add_k_proj",
@@ -138,11 +128,11 @@ def test_uce_inputs_are_what_each_projection_sees(models):
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_diff_quickfix_on_every_family(models, fam):
+def test_diff_quickfix_on_every_family(tiny_family_models, fam):
     """Diff-QuickFix rewrites every text encoder's layer-0 self-attention output projection (CLIP's out_proj, T5's
     SelfAttention.o) so that the concept's keys give the anchor's outputs (the objective drops), and restores the
     model bitwise."""
-    m = models[fam]
+    m = tiny_family_models[fam]
     before = m.state_fingerprint()
     assert ed.quickfix_module_paths(m) == QUICKFIX[fam]
     solutions = ed.diff_quickfix_solutions(m, "red", preserve=2)
@@ -170,15 +160,15 @@ def test_diff_quickfix_on_every_family(models, fam):
     assert not changed_weights(m, before)
 
 
-def test_quickfix_keys_of_a_t5_encoder_cover_the_whole_prompt(models):
+def test_quickfix_keys_of_a_t5_encoder_cover_the_whole_prompt(tiny_family_models):
     """T5 attends both ways, so its keys start before the subject (matched to the same anchor position); PixArt's
     T5 padding, masked in T5 and in the transformer, gives no key."""
-    m = models["pixart"]
+    m = tiny_family_models["pixart"]
     pairs = [("a photo of red", "a photo of")]
     K, V, W0, info = ed.quickfix_keys_values(m, pairs, "red")
     real = len(m.tokenizer("a photo of red").input_ids)  # a, photo, of, red, </s>
     assert info["n_concept_keys"] == real == K.shape[1]
-    m = models["sd3"]
+    m = tiny_family_models["sd3"]
     K, _, _, info = ed.quickfix_keys_values(m, pairs, "red", part="text_encoder_3")
     assert info["n_concept_keys"] == m.encoders[2].length  # SD3 passes no mask: every position, padding too
     K, _, _, info = ed.quickfix_keys_values(m, pairs, "red", part="text_encoder")
@@ -186,33 +176,33 @@ def test_quickfix_keys_of_a_t5_encoder_cover_the_whole_prompt(models):
     assert info["n_concept_keys"] == m.encoders[0].length - bos_a_photo_of
 
 
-def test_cad_and_component_sets_on_the_transformers(models):
+def test_cad_and_component_sets_on_the_transformers(tiny_family_models):
     """CAD scores the transformers' feed-forward matrices (ff.net.0's input projection and ff.net.2); the edit
     command's component sets resolve per family (SD3's attn2 is its context stream's values)."""
     from interp.core.objectives import ObjectiveConfig
 
-    m = models["pixart"]
+    m = tiny_family_models["pixart"]
     ws = ed.cad_weight_scores(m, interp.text_concept("red"), "erase",
                               ObjectiveConfig(kind="erase", n_images=4, timesteps=(500,), gen_steps=2))
     names = set(ws.scores)
     assert names == {f"transformer.transformer_blocks.{b}.ff.net.{k}.weight" for b in range(2)
                      for k in ("0.proj", "2")}
     assert ws.edit(0.1).n_changed > 0
-    sd3 = models["sd3"]
+    sd3 = tiny_family_models["sd3"]
     values = ed.edit_components(sd3, ["attn2"])
     assert len(values) > 0 and all(c.module.endswith(".attn.add_v_proj") for c in values)
     assert len(ed.edit_components(sd3, ["ff"])) > 0
     texts = ed.edit_components(sd3, ["text-mlp"])
     assert {c.address.split(".", 1)[0] for c in texts} == set(sd3.text_parts)
-    assert len(ed.edit_components(models["sd1"], ["attn2", "attn2-heads", "text-mlp", "ff"])) > 0
+    assert len(ed.edit_components(tiny_family_models["sd1"], ["attn2", "attn2-heads", "text-mlp", "ff"])) > 0
 
 
-def test_refusals_name_the_family(folders, monkeypatch):
+def test_refusals_name_the_family(tiny_family_folders, monkeypatch):
     """A family whose text-reading projections UCE does not know, a text encoder Diff-QuickFix does not know and a
     component set a family lacks are refused in one line naming the family and why."""
     from interp.studies.editing.uce import cross_attention_projections, uce
 
-    m = interp.load_model(str(folders["pixart"]), device="cpu")
+    m = interp.load_model(str(tiny_family_folders["pixart"]), device="cpu")
 
     class Sana(Family):
         name, label, denoiser = "sana", "SANA", "transformer"
@@ -224,7 +214,8 @@ def test_refusals_name_the_family(folders, monkeypatch):
     with pytest.raises(ValueError, match="the SANA denoiser"):
         uce(m, "red")
 
-    m = interp.load_model(str(folders["sdxl"]), device="cpu")  # its second encoder made one of no known architecture
+    # its second encoder made one of no known architecture
+    m = interp.load_model(str(tiny_family_folders["sdxl"]), device="cpu")
     m.text_encoders["text_encoder_2"] = torch.nn.Linear(2, 2)
     m.space.modules = {p: i for p, i in m.space.modules.items() if not p.startswith("text_encoder_2.")}
     with pytest.raises(ValueError, match=r"Diff-QuickFix edits the layer-0 self-attention output projection of CLIP "
@@ -232,13 +223,13 @@ def test_refusals_name_the_family(folders, monkeypatch):
                                          r"a Linear"):
         ed.diff_quickfix(m, "red")
 
-    m = interp.load_model(str(folders["sd3"]), device="cpu")
+    m = interp.load_model(str(tiny_family_folders["sd3"]), device="cpu")
     with pytest.raises(ValueError, match=r"component set attn2-heads: the Stable Diffusion 3/3.5 transformer has no "
                                          r"cross-attention; its joint attention's heads"):
         ed.edit_components(m, ["attn2-heads"])
 
 
-def test_edit_concepts_refuses_before_any_work(folders, tmp_path, refused, monkeypatch):
+def test_edit_concepts_refuses_before_any_work(tiny_family_folders, tmp_path, refused, monkeypatch):
     """The edit command refuses an edit the model's family does not take before the baseline is generated."""
     from analyses.edit_concepts import main
 
@@ -246,12 +237,13 @@ def test_edit_concepts_refuses_before_any_work(folders, tmp_path, refused, monke
     base = ["--judge", "concept-world-clip", "--concepts", "red", "--alternatives", "blue", "--images", "3",
             "--steps", "1", "--attr-images", "1", "--threads", "1", "--no-progress"]
     out = tmp_path / "uce"
-    line = refused(main, ["--model", str(folders["pixart"]), "--edits", "cad-erase", "uce", *base, "--out", str(out)])
+    line = refused(main, ["--model", str(tiny_family_folders["pixart"]), "--edits", "cad-erase", "uce", *base,
+                          "--out", str(out)])
     assert "UCE does not know through which projections the PixArt-α/Σ denoiser" in line, line
     assert not (out / "tables").exists()
     out = tmp_path / "heads"
-    line = refused(main, ["--model", str(folders["flux"]), "--edits", "coar-edit", "--components", "attn2-heads",
-                          *base, "--out", str(out)])
+    line = refused(main, ["--model", str(tiny_family_folders["flux"]), "--edits", "coar-edit", "--components",
+                          "attn2-heads", *base, "--out", str(out)])
     assert "component set attn2-heads: the FLUX.1 transformer has no cross-attention" in line, line
     assert not (out / "tables").exists()
 
@@ -259,12 +251,12 @@ def test_edit_concepts_refuses_before_any_work(folders, tmp_path, refused, monke
 # -- slow: the commands end to end on every new family -------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("fam", NEW)
-def test_edit_concepts_runs_on_every_family(folders, tmp_path, fam):
+def test_edit_concepts_runs_on_every_family(tiny_family_folders, tmp_path, fam):
     from analyses.edit_concepts import main
 
     out = tmp_path / "run"
     edits = ["cad-erase", "diff-quickfix", "diff-quickfix-preserve", "uce", "coar-edit", "ablate:maskgrad"]
-    assert main(["--model", str(folders[fam]), "--judge", "concept-world-clip", "--concepts", "red",
+    assert main(["--model", str(tiny_family_folders[fam]), "--judge", "concept-world-clip", "--concepts", "red",
                  "--alternatives", "blue", "green", "--edits", *edits, "--k", "2", "--ratios", "0.1",
                  "--components", "ff", "attn2", "--images", "6", "--steps", "2", "--attr-images", "1",
                  "--attr-steps", "2", "--max-batch", "4", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
@@ -280,12 +272,12 @@ def test_edit_concepts_runs_on_every_family(folders, tmp_path, fam):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fam", NEW)
-def test_erasure_curves_run_on_every_family(folders, tmp_path, fam):
+def test_erasure_curves_run_on_every_family(tiny_family_folders, tmp_path, fam):
     from analyses.erasure_curves import main
 
     out = tmp_path / "run"
     block = "down_blocks.1" if fam == "sdxl" else "transformer_blocks"
-    assert main(["--model", str(folders[fam]), "--judge", "concept-world-clip", "--concepts", "red",
+    assert main(["--model", str(tiny_family_folders[fam]), "--judge", "concept-world-clip", "--concepts", "red",
                  "--alternatives", "blue", "green", "--methods", "cad", "maskgrad", "--blocks", block, "--k", "1", "4",
                  "--images", "6", "--steps", "2", "--random-rankings", "1", "--random-masks", "2", "--n-boot", "100",
                  "--attr-images", "1", "--timesteps", "300", "--max-batch", "4", "--device", "cpu", "--no-progress",

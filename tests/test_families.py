@@ -35,19 +35,9 @@ TEXT_PARTS = {"sdxl": ["text_encoder", "text_encoder_2"], "pixart": ["text_encod
 SMALL = interp.ObjectiveConfig(n_images=2, timesteps=(300, 700), gen_steps=2)
 
 
-@pytest.fixture(scope="module")
-def folders(tiny_family_folders):
-    return {f: tiny_family_folders[f] for f in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def models(tiny_family_models):
-    return {f: tiny_family_models[f] for f in FAMILIES}
-
-
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_family_components_and_addresses(models, fam):
-    m = models[fam]
+def test_family_components_and_addresses(tiny_family_models, fam):
+    m = tiny_family_models[fam]
     assert m.family.name == fam
     assert m.text_parts == TEXT_PARTS[fam]
     assert set(m.space.families()) == EXPECTED[fam]
@@ -72,11 +62,11 @@ def pixart_1024(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fam", FAMILIES + ("pixart-1024",))
-def test_sampling_equals_the_pipelines_own(models, pixart_1024, fam):
+def test_sampling_equals_the_pipelines_own(tiny_family_models, pixart_1024, fam):
     """The suite's loop on the family's conditioning gives the pipeline's own latents for the same noise: the
     prompts are encoded, packed and passed as the pipeline does (pooled embeddings, time ids, masks, FLUX's packing,
     ids and guidance embedding, flow-matching schedules)."""
-    m = pixart_1024 if fam == "pixart-1024" else models[fam]
+    m = pixart_1024 if fam == "pixart-1024" else tiny_family_models[fam]
     assert (fam == "pixart-1024") == (fam.startswith("pixart") and m.denoiser.use_additional_conditions)
     _assert_samples_as_its_pipeline(m)
 
@@ -114,8 +104,8 @@ OPTIONS = {"coar": {"n_masks": 24}, "maskgrad": {"n_masks": 4}, "ig": {"steps": 
 
 @pytest.mark.parametrize("fam", FAMILIES)
 @pytest.mark.parametrize("method", sorted(REGISTRY))
-def test_every_method_on_every_family(models, fam, method):
-    m = models[fam]
+def test_every_method_on_every_family(tiny_family_models, fam, method):
+    m = tiny_family_models[fam]
     comps = _mixed(m, fam)
     before = m.state_fingerprint()
     df = interp.attribute(method, m, "red", comps, objective=SMALL, **OPTIONS.get(method, {}))
@@ -128,10 +118,10 @@ def test_every_method_on_every_family(models, fam, method):
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_cad_agrees_with_true_ablation_on_a_planted_model(folders, fam):
+def test_cad_agrees_with_true_ablation_on_a_planted_model(tiny_family_folders, fam):
     """Eight output neurons of the last feed-forward layer, each scaled to a different small size so that their
     effects are spread and first order: CAD's w·dJ/dw must rank them as exact ablation does (float64 ground truth)."""
-    m = interp.load_model(str(folders[fam]), device="cpu")
+    m = interp.load_model(str(tiny_family_folders[fam]), device="cpu")
     comps = m.components("neuron", kind="ff.net.2")
     last = comps[-1].module
     comps = interp.ComponentSet([c for c in comps if c.module == last][:8])
@@ -156,13 +146,13 @@ def test_an_unknown_denoiser_is_refused_by_name():
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_compare_methods_runs_on_every_family(folders, tmp_path, fam, no_figures):
+def test_compare_methods_runs_on_every_family(tiny_family_folders, tmp_path, fam, no_figures):
     """The whole comparison on each family: its tables (figures are placeholders: no assertion looks at them)."""
     from analyses import compare_methods
 
     out = tmp_path / "run"
     block = {"sdxl": "down_blocks.1"}.get(fam, "transformer_blocks")
-    argv = ["--model", str(folders[fam]), "--concepts", "red", "--blocks", block, "--images", "2",
+    argv = ["--model", str(tiny_family_folders[fam]), "--concepts", "red", "--blocks", block, "--images", "2",
             "--timesteps", "300", "700", "--heldout-masks", "12", "--coar-masks", "48", "--tracing-noise", "1",
             "--lds-alphas", "0.05", "0.2", "--n-boot", "100", "--no-progress", "--threads", "1", "--out", str(out)]
     assert compare_methods.main(argv) == 0
@@ -175,7 +165,7 @@ def test_compare_methods_runs_on_every_family(folders, tmp_path, fam, no_figures
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_closed_form_edits_act_where_each_family_reads_the_text(models, fam, monkeypatch):
+def test_closed_form_edits_act_where_each_family_reads_the_text(tiny_family_models, fam, monkeypatch):
     """UCE edits the projections that read the text (cross-attention K/V; SD3's and FLUX's joint blocks' context
     K/V), Diff-QuickFix every text encoder's layer-0 attention output; a family UCE does not know is refused by
     name (tests/test_edit_families.py runs both edits on every family)."""
@@ -185,7 +175,7 @@ def test_closed_form_edits_act_where_each_family_reads_the_text(models, fam, mon
     from interp.studies.editing.edits import quickfix_module_paths
 
     uce = importlib.import_module("interp.studies.editing.uce")
-    m = models[fam]
+    m = tiny_family_models[fam]
     kinds = {p.rsplit(".", 2)[-2] + "." + p.rsplit(".", 1)[-1] for p in uce.cross_attention_projections(m)}
     assert kinds == ({"attn.add_k_proj", "attn.add_v_proj"} if fam in ("sd3", "flux") else {"attn2.to_k", "attn2.to_v"})
     assert [p.split(".", 1)[0] for p in quickfix_module_paths(m)] == TEXT_PARTS[fam]
@@ -210,7 +200,7 @@ def test_flow_matching_noising_and_target_are_the_papers():
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_plan_on_every_family_and_on_the_meta_device(models, folders, fam, capsys):
+def test_plan_on_every_family_and_on_the_meta_device(tiny_family_models, tiny_family_folders, fam, capsys):
     """`compare_methods --plan` measures a family's passes; the same model moved to the meta device (a published
     architecture without weights) is planned with the same counts and FLOPs, and says that it ran nothing."""
     from analyses import compare_methods
@@ -219,13 +209,14 @@ def test_plan_on_every_family_and_on_the_meta_device(models, folders, fam, capsy
     from interp.studies.plan import plan_comparison
 
     block = "mid_block" if fam == "sdxl" else "transformer_blocks"
-    argv = ["--model", str(folders[fam]), "--concepts", "red", "--blocks", block, "--images", "2", "--timesteps",
-            "300", "700", "--methods", "ablation", "cad", "--lds-alphas", "0.05", "--threads", "1", "--plan"]
+    argv = ["--model", str(tiny_family_folders[fam]), "--concepts", "red", "--blocks", block, "--images", "2",
+            "--timesteps", "300", "700", "--methods", "ablation", "cad", "--lds-alphas", "0.05", "--threads", "1",
+            "--plan"]
     assert compare_methods.main(argv) == 0
     assert "measured forward pass" in capsys.readouterr().out
-    m = models[fam]
-    cfg = CompareConfig(model=str(folders[fam]), concepts=("red",), blocks=(block,), methods=("ablation", "cad"),
-                        n_images=2, timesteps=(300, 700), lds_alphas=(0.05,))
+    m = tiny_family_models[fam]
+    cfg = CompareConfig(model=str(tiny_family_folders[fam]), concepts=("red",), blocks=(block,),
+                        methods=("ablation", "cad"), n_images=2, timesteps=(300, 700), lds_alphas=(0.05,))
     real = plan_comparison(cfg, model=m)
     texts = {p: copy.deepcopy(t).to("meta") for p, t in m.text_encoders.items()}
     meta = DiffusionModel(m.name, torch.nn.Module.to(copy.deepcopy(m.unet), "meta"), texts[m.text_parts[0]],
@@ -239,10 +230,10 @@ def test_plan_on_every_family_and_on_the_meta_device(models, folders, fam, capsy
 
 
 @pytest.mark.parametrize("fam", ("sd3", "flux"))
-def test_tracing_through_generation_restores_both_streams_within_max_batch(models, fam):
+def test_tracing_through_generation_restores_both_streams_within_max_batch(tiny_family_models, fam):
     """Causal tracing under the classifier objective patches both streams of a joint block at every step ("path#1"
     keys for the second), built per generation call: the scores within --max-batch 2 are those of one big call."""
-    m = models[fam]
+    m = tiny_family_models[fam]
     red = interp.text_concept("red", alternatives=("blue", "green"), n=2)
     comps = m.components("layer", family="block")
     out = []
@@ -271,13 +262,13 @@ def _variant(folder, tmp, name):
 
 
 @pytest.mark.parametrize("name", ["sd3-no-t5", "pixart-sigma", "flux-schnell"])
-def test_other_checkpoints_of_the_families_sample_as_their_pipelines(folders, tmp_path, name):
+def test_other_checkpoints_of_the_families_sample_as_their_pipelines(tiny_family_folders, tmp_path, name):
     """SD3 without T5 (diffusers conditions on zeros in its place), PixArt-Σ (300 T5 tokens) and FLUX.1-schnell (no
     guidance embedding, static shift): the suite's sampling equals each pipeline's own."""
     if name == "flux-schnell":
         folder = testing.tiny_flux(tmp_path / name, guidance_embeds=False)
     else:
-        folder = _variant(folders[name.split("-")[0]], tmp_path, name)
+        folder = _variant(tiny_family_folders[name.split("-")[0]], tmp_path, name)
     m = interp.load_model(str(folder), device="cpu")
     if name == "pixart-sigma":
         assert m.encoders[0].length == min(300, m.tokenizer.model_max_length)
