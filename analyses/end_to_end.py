@@ -18,7 +18,8 @@ Component kinds (``--kinds``): ff-out (feed-forward output neurons), ff-hidden (
 (cross-attention value neurons), attn2-heads (cross-attention heads), token-kv (each cross-attention head's key and
 value at the concept's tokens, replaced by the anchor prompt's when ablated: interp.core.tokens), token-span (the same
 heads at the concept's tokens and every later context position, each replaced by the anchor's at the aligned
-position), text-mlp (text-encoder MLP output units).
+position), text-mlp (text-encoder MLP output units), and features (the latents of the sparse autoencoders given with
+--sae; not in the default matrix).
 Objectives (``--objectives``): one-step (the erase objective at timesteps 250 and 600), high-band (700, 800, 900:
 the noisy steps where layout and colour are decided), low-band (100, 200, 300) and generation (the judge's
 probability of the concept on images generated through the whole loop: the classifier objective).
@@ -57,7 +58,10 @@ KINDS = {
     "token-kv": ("tokenkv", ("attn2",), ()),
     "token-span": ("tokenspan", ("attn2",), ()),
     "text-mlp": ("neuron", ("text_mlp",), ("mlp.fc2",)),
+    "features": ("feature", (), ()),  # the latents of the --sae dictionaries
 }
+#: The kinds a matrix has when --kinds is not given (features need their SAEs: --kinds features --sae FOLDER).
+DEFAULT_KINDS = tuple(k for k in KINDS if k != "features")
 #: Objectives of the matrix: (objective, timesteps).
 OBJECTIVES = {
     "one-step": ("erase", (250, 600)),
@@ -75,7 +79,10 @@ class EndToEndConfig:
 
     model: str = opt("concept-world", "'concept-world' (shipped) or a concept-world folder")
     concepts: tuple[str, ...] = opt(("red", "circle", "striped"), "concepts to erase")
-    kinds: tuple[str, ...] = opt(tuple(KINDS), "component kinds of the matrix", choices=tuple(KINDS))
+    kinds: tuple[str, ...] = opt(DEFAULT_KINDS, "component kinds of the matrix (features: with --sae)",
+                                 choices=tuple(KINDS))
+    sae: tuple[str, ...] = opt((), "folders of sparse autoencoders (written by analyses.train_sae): their latents are "
+                                   "the components of the features kind", nargs="*", metavar="FOLDER")
     objectives: tuple[str, ...] = opt(tuple(OBJECTIVES), "objectives of the matrix", choices=tuple(OBJECTIVES))
     methods: tuple[str, ...] = opt(("cad", "maskgrad"), "methods whose rankings are ablated (ablation, true "
                                                         "ablation's ranking, costs a pass per component: see --plan)")
@@ -102,6 +109,10 @@ class EndToEndConfig:
             values = getattr(self, name)
             if not values or len(set(values)) != len(values):
                 raise ValueError(f"--{name} must be non-empty and distinct, got {list(values)}")
+        if ("features" in self.kinds) != bool(self.sae):
+            raise ValueError("--kinds features needs the sparse autoencoders: pass --sae FOLDER (written by python -m "
+                             "analyses.train_sae)" if self.sae == () else
+                             "--sae is used with --kinds features: add it or drop --sae")
         self.cell(self.kinds[0], self.objectives[0], Path("."))  # the erasure config checks the rest now
 
     def to_dict(self) -> dict:
@@ -117,12 +128,12 @@ class EndToEndConfig:
         obj, timesteps = OBJECTIVES[objective]
         return ErasureCurvesConfig(
             model=self.model, concepts=self.concepts, methods=self.methods, store=str(store),
-            granularity=granularity, families=families, kinds=kinds, blocks=self.blocks, objective=obj,
+            granularity=granularity, sae=self.sae if granularity == "feature" else (),
+            families=families or ("ff",), kinds=kinds, blocks=self.blocks, objective=obj,
             attr_images=self.attr_images, timesteps=timesteps, gen_steps=self.gen_steps, max_batch=self.max_batch,
             k=self.cell_k(n_components), random_rankings=self.random_rankings, random_masks=self.random_masks,
             images=self.images, steps=self.steps, n_boot=self.n_boot, seed=self.seed, device=self.device,
             dtype=self.dtype)
-
 
     def cell_k(self, n_components: int | None) -> tuple[int, ...] | None:
         """``k`` without the values beyond ``n_components`` (None: all of them; none left: the default grid)."""

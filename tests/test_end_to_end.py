@@ -47,6 +47,8 @@ def test_bad_cells_are_refused_before_anything_loads(tmp_path, refused, capsys):
     assert e.value.code == 2 and "--kinds: invalid choice: 'nope'" in capsys.readouterr().err
     assert "--methods must be non-empty and distinct" in refused(main, ["--methods", "cad", "cad"])
     assert "unknown method" in refused(main, ["--methods", "nope"])
+    assert "--kinds features needs the sparse autoencoders" in refused(main, ["--kinds", "features"])
+    assert "--sae is used with --kinds features" in refused(main, ["--sae", str(tmp_path)])
     assert not (tmp_path / "x").exists()
 
 
@@ -69,3 +71,24 @@ def test_the_plan_projects_every_cell_before_running(tiny_world_folder, tmp_path
     _, table = plan(cfg)
     cell = erasure_curves.plan(cfg.cell("ff-out", "one-step", tmp_path), None)
     assert table["unet_rows"].tolist() == [int(cell.table["unet_rows"].sum())]
+
+
+@pytest.mark.slow  # one erasure run on features
+def test_the_features_kind_ranks_the_saes_latents(tiny_world_folder, tmp_path, no_figures):
+    import torch
+
+    from analyses.end_to_end import main
+    from interp.core.features import planted, save_sae
+
+    site = "unet.mid_block.attentions.0.transformer_blocks.0.ff"
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    save_sae(planted(site, torch.cat([q, -q]), k=4), tmp_path / "sae")
+    out = tmp_path / "e2e"
+    argv = _args(tiny_world_folder, out)
+    argv[argv.index("--kinds") + 1: argv.index("--objectives")] = ["features"]
+    argv[argv.index("--objectives") + 1: argv.index("--methods")] = ["one-step"]
+    assert main([*argv, "--sae", str(tmp_path / "sae")]) == 0
+    m = pd.read_csv(out / "matrix.csv")
+    assert set(m["kind"]) == {"features"} and len(m) == 2  # two methods, one concept
+    ranking = json.loads((out / "cells" / "features__one-step" / "meta.json").read_text())["ranking_config"]
+    assert ranking["granularity"] == "feature" and ranking["sae"] == [str(tmp_path / "sae")]
