@@ -168,7 +168,7 @@ def test_changed_table_code_remakes_tables_not_methods(run_dir, tiny_world, tmp_
         shutil.copytree(ROOT / pkg, src / pkg, ignore=skip)
     (src / "interp" / "world" / "assets").symlink_to(ROOT / "interp" / "world" / "assets")
     added = "\n\ndef _an_edited_helper():\n    return None\n"
-    plots_py = src / "interp" / "plots.py"
+    plots_py = src / "interp" / "report" / "plots.py"
     plots_py.write_text(plots_py.read_text() + added)
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)  # the shared run folder stays as it was
