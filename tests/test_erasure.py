@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -384,9 +385,11 @@ def test_cli_erases_sae_features_and_reports_the_artifact_rate(tiny_world_folder
     assert "Artifact rate" in (out / "index.html").read_text()
     assert "need their sparse autoencoder" in refused(main, [*cli_args(tiny_world_folder, tmp_path / "x"),
                                                              "--granularity", "feature"])
+    tangent = str(Path(__file__).resolve().parents[1] / "docs" / "examples" / "tangent_method.py")  # no features
     assert "do not attribute SAE features" in refused(main, [*cli_args(tiny_world_folder, tmp_path / "x"),
                                                              "--granularity", "feature", "--sae",
-                                                             str(tmp_path / "sae"), "--methods", "tracing"])
+                                                             str(tmp_path / "sae"), "--plugin", tangent,
+                                                             "--methods", "tangent"])
 
 
 def test_artifact_rate_counts_images_with_an_unreadable_attribute():

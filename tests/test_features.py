@@ -3,6 +3,8 @@ activation-based method on features, on the tiny concept world."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import values_with_hook
@@ -364,11 +366,32 @@ def test_cad_on_features_is_the_multiplier_gradient(world, tiny_red_objective):
     torch.testing.assert_close(torch.tensor(cad.score.to_numpy()), g, rtol=1e-5, atol=1e-12)
 
 
-def test_tracing_refuses_features(world, tiny_red_objective):
+def test_restoring_every_feature_of_an_exact_sae_is_restoring_the_site(tiny_world_model, tiny_red_objective):
+    """Causal tracing's restoration of features, a known answer: with an SAE that reconstructs exactly, putting
+    every feature's clean activation back into a corrupted output gives the clean output (row blocks of the clean
+    output repeated as tracing passes them); m = 1 leaves the corrupted output as it is."""
+    from interp.core.features import apply_features, planted
+
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    sae = planted(SITE, torch.cat([q, -q]), k=32)
+    g = torch.Generator().manual_seed(1)
+    clean, corrupted = torch.randn(2, 5, 16, generator=g), torch.randn(6, 5, 16, generator=g)  # 3 row blocks of 2
+    every = torch.arange(32)
+    restored = apply_features(sae, corrupted, torch.zeros(6, 32), every, mean=clean)
+    torch.testing.assert_close(restored, clean.repeat(3, 1, 1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(apply_features(sae, corrupted, torch.ones(6, 32), every, mean=clean), corrupted)
+    one = apply_features(sae, corrupted, torch.zeros(6, 1), every[:1], mean=clean)  # one feature: only its part
+    f = lambda x: torch.relu(x @ sae.W_enc.T + sae.b_enc)[..., 0]  # noqa: E731  (planted: no top-k cut at k = 32)
+    want = corrupted + (f(clean.repeat(3, 1, 1)) - f(corrupted))[..., None] * sae.W_dec[0]
+    torch.testing.assert_close(one, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tracing_attributes_features_on_one_step_objectives(world, tiny_red_objective):
     import interp
 
-    with pytest.raises(ValueError, match="does not handle"):
-        interp.attribute("tracing", world, "red", world.components("feature")[:2], objective=tiny_red_objective)
+    df = interp.attribute("tracing", world, "red", world.components("feature")[:4], objective=tiny_red_objective,
+                          n_noise=1, maps=False)
+    assert len(df) == 4 and df["score"].notna().all() and set(df["granularity"]) == {"feature"}
 
 
 def test_bad_input_names_the_problem_and_the_fix(world, tiny_world_model):
@@ -459,16 +482,17 @@ def test_compare_methods_on_features_end_to_end(tiny_world_folder, tmp_path, ref
     assert main([*common, "--granularity", "feature", "--sae", str(tmp_path / "sae"), "--out",
                  str(tmp_path / "run")]) == 0
     df = pd.read_parquet(tmp_path / "run" / "results.parquet")
-    assert set(df.granularity) == {"feature"} and "tracing" not in set(df.method)
-    assert {"ablation", "cad", "coar", "maskgrad", "ig", "midpoint", "screen"} <= set(df.method)
+    assert set(df.granularity) == {"feature"}
+    assert {"ablation", "cad", "coar", "maskgrad", "ig", "midpoint", "screen", "tracing"} <= set(df.method)
     assert df[df.variant == "ablation"].component.nunique() == 32
     assert "need their sparse autoencoder: pass --sae" in refused(main, [*common, "--granularity", "feature",
                                                                           "--out", str(tmp_path / "x")])
     assert "holds no sae.safetensors" in refused(main, [*common, "--granularity", "feature", "--sae",
                                                         str(tmp_path), "--out", str(tmp_path / "x")])
+    tangent = str(Path(__file__).resolve().parents[1] / "docs" / "examples" / "tangent_method.py")  # no features
     assert "do not attribute SAE features" in refused(main, [*common, "--granularity", "feature", "--sae",
-                                                             str(tmp_path / "sae"), "--methods", "ablation",
-                                                             "tracing", "--out", str(tmp_path / "x")])
+                                                             str(tmp_path / "sae"), "--plugin", tangent, "--methods",
+                                                             "ablation", "tangent", "--out", str(tmp_path / "x")])
 
 
 @pytest.mark.slow

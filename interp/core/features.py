@@ -165,14 +165,21 @@ def apply_features(sae: FeatureDictionary, h: torch.Tensor, mult: torch.Tensor, 
                    mean: torch.Tensor | None = None) -> torch.Tensor:
     """``h + sum_i (m_i - 1) (f_i(h) - mu_i) W_dec[i]`` over the features ``features`` (multipliers ``mult``,
     ``(N, len(features))``, one row per batch row of ``h``); ``mean`` ``(n_features,)`` are the features' mean
-    activations (None: zero-ablation). The reconstruction error is kept, so ``m = 1`` gives ``h`` exactly."""
+    activations (None: zero-ablation), or a clean output of the site shaped like ``h`` (its row blocks repeated to
+    ``h``'s batch), whose features' activations ``mu_i`` then are (causal tracing: ``m = 0`` restores the features'
+    clean activations in a corrupted run). The reconstruction error is kept, so ``m = 1`` gives ``h`` exactly."""
     x = rows_of(h, sae.axis)  # (N, P, d)
     if x.shape[-1] != sae.d_in:
         raise ValueError(f"the SAE at {sae.site} encodes rows of width {sae.d_in} but that output has width "
                          f"{x.shape[-1]}: attach an SAE trained on this site")
     feats = features.to(h.device)
     f = sae.dense(x.reshape(-1, x.shape[-1]))[:, feats]  # (N*P, n_sel)
-    if mean is not None:
+    if mean is not None and mean.dim() == h.dim():  # the site's clean output per row (causal tracing's restoration):
+        if mean.shape[0] != h.shape[0]:  # its features' clean activations, row block by row block
+            mean = mean.repeat(h.shape[0] // mean.shape[0], *([1] * (h.dim() - 1)))
+        xm = rows_of(mean.to(device=h.device, dtype=h.dtype), sae.axis)
+        f = f - sae.dense(xm.reshape(-1, xm.shape[-1]))[:, feats]
+    elif mean is not None:
         f = f - mean.to(device=h.device, dtype=h.dtype)[feats]
     coef = (mult.to(h.dtype) - 1)[:, None, :]  # (N, 1, n_sel)
     W = sae.W_dec.to(device=h.device, dtype=h.dtype)[feats]  # (n_sel, d)

@@ -23,9 +23,10 @@ J removed (in the run's metadata, ``corruption_removed`` and ``corruption_valid`
 raises J or barely moves it warns; the comparison tables and report flag such concepts
 (:func:`interp.report.evaluation.corruption_table`).
 
-Scope: components at layer or neuron granularity (not SAE features: restoring a feature's clean activation alone is
-not implemented) (restoring a head's state needs the input of the output
-projection; not done here). The restored state of a component is its clean value on the same sample; the scores'
+Scope: components at layer or neuron granularity, and SAE features (:mod:`interp.core.features`): restoring a
+feature puts its clean activation back in the corrupted run, ``h + (f_i(h_clean) - f_i(h)) W_dec[i]``, the rest of the
+site's output (other features, the reconstruction error) staying corrupted; on the one-step objectives only, not
+through generation. Not heads (restoring a head's state needs the input of the output projection; not done here). The restored state of a component is its clean value on the same sample; the scores'
 standard error is over noise draws.
 """
 
@@ -235,7 +236,7 @@ class CausalTracing(Method):
     map_score = "fraction of the concept restored"
     default_run = True
     Config = TracingConfig
-    capabilities = Capabilities(granularities=("layer", "neuron"), maps=True, single_changes=True)
+    capabilities = Capabilities(granularities=("layer", "neuron", "feature"), maps=True, single_changes=True)
 
     def _scores(self, obj, comps, run):
         cfg, m = self.config, obj.model
@@ -256,6 +257,9 @@ class CausalTracing(Method):
 
     def _components(self, tr, comps, j_clean, j_corr, ctx_corr, run):
         obj, m, cfg = tr.obj, tr.model, self.config
+        if tr.kind == "classifier" and "feature" in comps.granularities:
+            raise ValueError("causal tracing restores SAE features on the one-step objectives (erase, amplify), not "
+                             "through generation: choose --objective erase, or leave tracing out of --methods")
         n = len(comps)
         text_idx = [i for i, c in enumerate(comps) if is_text_part(c.model)]
         unet_idx = [i for i, c in enumerate(comps) if not is_text_part(c.model)]

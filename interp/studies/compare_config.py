@@ -121,7 +121,7 @@ class CompareConfig:
                   | {"tokenspan" if "#kvs" in a else "tokenkv" for a in self.components if "#kv" in a})
         needs = tokens | ({"feature"} if features else set())
         if not self.methods:
-            # features, token-KV units: the default methods that attribute them (not causal tracing)
+            # features, token-KV units: the default methods that attribute them
             object.__setattr__(self, "methods", tuple(m for m in default_methods()
                                                       if needs <= set(get(m).capabilities.granularities)))
         unknown = [m for m in self.methods if m not in REGISTRY]
