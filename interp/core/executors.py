@@ -99,6 +99,9 @@ class ObjectiveRecipe:
     #: The sparse autoencoders attached to the driver's model (interp.core.features.FeatureDictionary): a worker
     #: attaches the same ones, so feature components parse and act there as in the driver.
     features: tuple = ()
+    #: ``((site, digest), ...)`` of ``features``, hashed once in the driver: a job's identity, and what a worker
+    #: compares to know whether it holds these dictionaries already.
+    feature_digests: tuple = ()
 
     @classmethod
     def of(cls, obj) -> "ObjectiveRecipe":
@@ -114,13 +117,10 @@ class ObjectiveRecipe:
             raise ValueError("the Ray executor needs a model loaded by interp.load_model from a name or a folder (its "
                              "workers load it again); save_pretrained this pipeline to a folder and load that, or use "
                              "the local executor")
+        saes = tuple(attached(m).values())
         return cls(source=m.source, name=m.name, device=str(m.device), dtype=str(m.dtype).replace("torch.", ""),
-                   fingerprint=model_fingerprint(m), concept=obj.concept, config=obj.config,
-                   features=tuple(attached(m).values()))
-
-    def feature_digests(self) -> dict[str, str]:
-        """The attached dictionaries' digests by site (part of a job's identity: another SAE is another job)."""
-        return {sae.site: sae.digest() for sae in self.features}
+                   fingerprint=model_fingerprint(m), concept=obj.concept, config=obj.config, features=saes,
+                   feature_digests=tuple((sae.site, sae.digest()) for sae in saes))
 
     @property
     def model_key(self) -> tuple:
@@ -146,21 +146,23 @@ class _Worker:
                                f"differs on this node; run on unchanged weights from a folder every node can read")
         self.objectives: dict = {}
         self.states: OrderedDict = OrderedDict()
+        self.feature_digests: tuple = ()  # the recipe's dictionaries this worker's model holds
 
     def pid(self) -> int:
         return os.getpid()
 
-    def attach_features(self, saes: tuple) -> None:
-        """Attach exactly the driver's dictionaries (replacing others at the same sites, detaching the rest)."""
-        want, have = {s.site: s for s in saes}, attached(self.model)
-        for site in set(have) - set(want):
+    def attach_features(self, recipe: ObjectiveRecipe) -> None:
+        """Hold exactly the driver's dictionaries (compared by their digests; a change detaches the old ones)."""
+        if recipe.feature_digests == self.feature_digests:
+            return
+        for site in attached(self.model):
             detach(self.model, site)
-        for site, sae in want.items():
-            if site not in have or have[site].digest() != sae.digest():
-                attach(self.model, sae)
+        for sae in recipe.features:
+            attach(self.model, sae)
+        self.feature_digests = recipe.feature_digests
 
     def run(self, recipe: ObjectiveRecipe, job_key: str, job: Job, start: int, stop: int):
-        self.attach_features(recipe.features)
+        self.attach_features(recipe)
         okey = (recipe.concept, recipe.config)
         if okey not in self.objectives:
             self.objectives[okey] = Objective(self.model, recipe.concept, recipe.config).warm()
@@ -287,7 +289,7 @@ class RayExecutor:
         recipe_ref, job_ref = ray.put(recipe), ray.put(job)
         job_key = config_hash({"setup": job.setup, "run": job.run, "concept": repr(recipe.concept),
                                "objective": repr(recipe.config), "args": tensor_digest(job.args),
-                               "features": recipe.feature_digests()})
+                               "features": dict(recipe.feature_digests)})
         todo = list(reversed(spans))
         pending: dict = {}
 

@@ -815,19 +815,21 @@ def splice_effect(model, sae: FeatureDictionary, n_images: int = 64, steps: int 
             edited = images()
         x0 = diffusion.encode(intact.to(model.device, model.dtype) * 2 - 1, model.vae)  # (pixels: the images)
         ctx = encode_prompts(model, model.tokenize(prompts, model.device)).to(model.dtype)
-        sched = model.scheduler
-        losses = {"intact": [], "spliced": []}
-        g = torch.Generator().manual_seed(seed + 1)
+        sched, g = model.scheduler, torch.Generator().manual_seed(seed + 1)
+        noised = []  # (x_t, t, target) per timestep, the same noise for both runs
         for t in timesteps:
             eps = diffusion.randn(x0.shape, g, x0.dtype, x0.device)
             tt = torch.full((len(x0),), int(t), device=model.device)
-            x_t = diffusion.add_noise(sched, x0, eps, tt)
-            target = diffusion.denoising_target(sched, x0, eps, tt)
-            for name, ctxm in (("intact", contextlib.nullcontext()), ("spliced", spliced(model, sae))):
-                with ctxm:
-                    pred = torch.cat([call_denoiser(model, x_t[s : s + batch], tt[s : s + batch], ctx[s : s + batch])
-                                      for s in range(0, len(x0), batch)])
-                losses[name].append(float((pred.float() - target.float()).pow(2).mean()))
+            noised.append((diffusion.add_noise(sched, x0, eps, tt), tt, diffusion.denoising_target(sched, x0, eps, tt)))
+
+        def loss(x_t, tt, target) -> float:
+            pred = torch.cat([call_denoiser(model, x_t[s : s + batch], tt[s : s + batch], ctx[s : s + batch])
+                              for s in range(0, len(x0), batch)])
+            return float((pred.float() - target.float()).pow(2).mean())
+
+        losses = {"intact": [loss(*n) for n in noised]}
+        with spliced(model, sae):
+            losses["spliced"] = [loss(*n) for n in noised]
     out = {"site": sae.site, "sae_digest": sae.digest(), "n_images": len(prompts), "steps": steps,
            "timesteps": list(timesteps), "loss_intact": float(np.mean(losses["intact"])),
            "loss_spliced": float(np.mean(losses["spliced"]))}
